@@ -1,0 +1,77 @@
+"""What a validated manifest becomes: plain frozen values the pipeline consumes.
+
+Kept apart from the loader so the scheduler, ledger and CLI depend on these types only,
+never on YAML or pydantic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem
+
+
+def canonical_json(value: Any) -> str:
+    """One spelling per value, so equal requests hash equally across runs and machines."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_key(request: Mapping[str, Any]) -> str:
+    """The identity of a request: sha256 of its canonical JSON (model included)."""
+    return hashlib.sha256(canonical_json(dict(request)).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One generation to make: the exact API body plus where it came from."""
+
+    id: str
+    request: Mapping[str, Any]  # the full POST body, "model" included; JSON-serialisable
+    index: int = 0  # 0-based position in the manifest's job list
+    line: int | None = None  # 1-based line of the job in the manifest, when known
+
+    @property
+    def model(self) -> str:
+        return str(self.request["model"])
+
+    @property
+    def key(self) -> str:
+        return request_key(self.request)
+
+    @property
+    def duration_s(self) -> int:
+        from .catalogue import get_model
+
+        value = self.request.get("duration")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        spec = get_model(self.model)
+        return spec.default_duration_s() if spec else 8
+
+
+@dataclass(frozen=True)
+class ManifestSettings:
+    """Run settings a manifest may carry; None means "not set here". CLI flags win."""
+
+    concurrency: int | None = None
+    job_timeout_s: float | None = None
+    download_concurrency: int | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    jobs: tuple[Job, ...]
+    settings: ManifestSettings = field(default_factory=ManifestSettings)
+    warnings: tuple[Problem, ...] = ()
+
+    def job(self, job_id: str) -> Job | None:
+        for j in self.jobs:
+            if j.id == job_id:
+                return j
+        return None
