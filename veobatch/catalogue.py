@@ -140,9 +140,7 @@ MODELS: dict[str, ModelSpec] = {
         *(
             ModelSpec(
                 f"google/veo-3.1-t2v{suffix}",
-                _fields(
-                    _PROMPT, _ASPECT, _DURATION, _RESOLUTION, _AUDIO, *_T2V_EXTRA, _PROVIDER
-                ),
+                _fields(_PROMPT, _ASPECT, _DURATION, _RESOLUTION, _AUDIO, *_T2V_EXTRA, _PROVIDER),
                 price,
             )
             for suffix, price in (("", _STANDARD_USD_S), ("-fast", _FAST_USD_S))

@@ -20,7 +20,7 @@ translated at one boundary each (the client, the manifest loader, the ledger) wi
     │   ├── NotFoundError        404
     │   ├── AuthError            401 or 403: stop submitting (exit 3)
     │   └── ProtocolError        a 2xx whose body is not what the contract says
-    └── DownloadError            fetching a finished video failed; ``retryable`` says if trying again may help
+    └── DownloadError            fetching a video failed; ``retryable`` says if a retry may help
         └── UrlRejectedError     the video URL is not one we are willing to fetch
 """
 

@@ -1,0 +1,235 @@
+"""The command line: `run`, `plan`, `status`, `simulate`.
+
+Thin by design: parse flags into :class:`RunSettings`, call the library, print, and map
+errors to exit codes. Logs go to stderr; stdout carries only results, so cron mails what matters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import anyio
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .errors import (
+    ConfigError,
+    LedgerError,
+    LockedError,
+    ManifestError,
+    VeobatchError,
+)
+from .jobs import Manifest
+from .ledger import current_results, load_states
+from .manifest import load_manifest
+from .runner import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_USAGE, RunReport, run
+from .scheduler import plan_jobs
+from .settings import RunSettings, Secret, resolve_settings
+from .summary import plan_rows, plan_summary, run_summary, status_counts, status_rows
+
+log = logging.getLogger("veobatch")
+T = TypeVar("T")
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("veobatch").setLevel(level)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Turn the error tree into exit codes with one clear line each, never a traceback."""
+    try:
+        return fn()
+    except ManifestError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(EXIT_USAGE)
+    except LockedError as exc:
+        click.echo(f"veobatch: {exc}", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except (ConfigError, LedgerError) as exc:
+        click.echo(f"veobatch: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except VeobatchError as exc:
+        click.echo(f"veobatch: {exc}", err=True)
+        sys.exit(1)
+
+
+def _default_out(manifest_path: Path) -> Path:
+    return Path("output") / manifest_path.stem
+
+
+def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    console = Console(soft_wrap=not sys.stdout.isatty())
+    if not sys.stdout.isatty():
+        for row in rows:
+            click.echo("\t".join(row))
+        return
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="veobatch")
+def main() -> None:
+    """Turn a YAML manifest of Veo 3.1 video jobs into MP4 files, resumably."""
+
+
+@main.command("run")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory (default: output/<manifest stem>).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 10_000),
+    help="Generations in flight at once (overrides settings.concurrency).",
+)
+@click.option(
+    "--job-timeout",
+    "job_timeout_s",
+    type=click.FloatRange(min=1),
+    help="Seconds from submission before a job is given up (default 1800).",
+)
+@click.option(
+    "--simulate",
+    is_flag=True,
+    help="Run against the built-in simulator on loopback: no key, no network.",
+)
+@click.option("--verify", is_flag=True, help="Re-hash finished files instead of trusting mtime.")
+@click.option("-v", "--verbose", count=True, help="More log detail.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+def run_cmd(
+    manifest: Path,
+    out_dir: Path | None,
+    concurrency: int | None,
+    job_timeout_s: float | None,
+    simulate: bool,
+    verify: bool,
+    verbose: int,
+    quiet: bool,
+) -> None:
+    """Validate MANIFEST, then submit, poll and download every job not yet done."""
+    _setup_logging(-1 if quiet else verbose)
+    m = _guard(lambda: load_manifest(manifest))
+    for w in m.warnings:
+        log.warning("%s", w)
+    out = out_dir or _default_out(manifest)
+    cli = {"concurrency": concurrency, "job_timeout_s": job_timeout_s}
+    settings = _guard(lambda: resolve_settings(out, m.settings, cli))
+    report = _guard(lambda: anyio.run(_run_async, m, settings, simulate, verify))
+    for line in run_summary(report, len(m.jobs)):
+        click.echo(line)
+    sys.exit(report.exit_code)
+
+
+async def _run_async(m: Manifest, settings: RunSettings, simulate: bool, verify: bool) -> RunReport:
+    if not simulate:
+        return await run(m, settings, handle_signals=True, verify=verify)
+    from .simulator import SimConfig, Simulator
+
+    key = "sim-" + secrets.token_hex(8)
+    async with Simulator(SimConfig(api_keys=frozenset({key}))) as sim:
+        log.info("simulator listening on %s (videos on %s)", sim.base_url, sim.cdn_url)
+        sim_settings = settings.with_overrides(base_url=sim.base_url, api_key=Secret(key))
+        return await run(m, sim_settings, handle_signals=True, verify=verify)
+
+
+@main.command("plan")
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output directory whose ledger to compare with (default: output/<stem>).",
+)
+def plan_cmd(manifest: Path, out_dir: Path | None) -> None:
+    """Validate MANIFEST and show what a run would do. Sends nothing."""
+    m = _guard(lambda: load_manifest(manifest))
+    for w in m.warnings:
+        click.echo(f"warning: {w}", err=True)
+    out = out_dir or _default_out(manifest)
+    states = _guard(lambda: load_states(out))
+    plans = plan_jobs(m.jobs, states, out)
+    _table(f"plan for {manifest} -> {out}", ("job", "model", "action", "why"), plan_rows(plans))
+    for line in plan_summary(plans):
+        click.echo(line)
+
+
+@main.command("status")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the results document as JSON.")
+def status_cmd(directory: Path, as_json: bool) -> None:
+    """Show the jobs recorded in an output DIRECTORY."""
+    if not directory.is_dir():
+        click.echo(f"veobatch: {directory} is not a directory", err=True)
+        sys.exit(EXIT_USAGE)
+    results: dict[str, Any] = _guard(lambda: current_results(directory))
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    _table(
+        f"jobs in {directory}",
+        ("job", "status", "model", "generation", "file / error"),
+        status_rows(results),
+    )
+    click.echo(status_counts(results))
+
+
+@main.command("simulate")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8750, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--cdn-port",
+    default=0,
+    type=click.IntRange(0, 65535),
+    help="Port of the stand-in video host (default: any free port).",
+)
+@click.option(
+    "--gen-time",
+    "gen_time_s",
+    default=3.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Mean generation time in seconds.",
+)
+@click.option(
+    "--key",
+    "keys",
+    multiple=True,
+    help="Accepted API key (repeatable; default: any non-empty Bearer token).",
+)
+@click.option("--seed", default=0, show_default=True, type=int)
+def simulate_cmd(
+    host: str, port: int, cdn_port: int, gen_time_s: float, keys: tuple[str, ...], seed: int
+) -> None:
+    """Serve the built-in API simulator until interrupted."""
+    _setup_logging(0)
+    from .simulator import SimConfig, serve
+
+    config = SimConfig(api_keys=frozenset(keys) or None, gen_time_mean_s=gen_time_s, seed=seed)
+    click.echo(f"simulator: AIMLAPI_BASE_URL=http://{host}:{port}", err=True)
+    try:
+        anyio.run(serve, config, host, port, cdn_port)
+    except KeyboardInterrupt:
+        pass

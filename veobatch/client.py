@@ -1,0 +1,272 @@
+"""The API client: the two video endpoints, with aiohttp's errors translated in one place.
+
+Pure core: :func:`parse_created`, :func:`parse_generation`, :func:`error_from_response`,
+:func:`parse_retry_after`. Shell: :class:`HttpApiClient`, which only sends and awaits.
+
+The key is attached per request by this client alone, and only to URLs under the API base:
+the downloader uses a session of its own that never carries it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from .errors import (
+    ApiError,
+    AuthError,
+    BadRequestError,
+    NoAnswerError,
+    NotFoundError,
+    NotSentError,
+    ProtocolError,
+    RateLimitedError,
+    ServerError,
+)
+from .settings import Secret
+
+GENERATIONS_PATH = "/v2/video/generations"
+MAX_BODY_BYTES = 4 << 20  # an API answer is small; anything bigger is not what we asked for
+RUNNING_STATUSES = frozenset({"queued", "generating", "waiting", "active"})
+
+
+@dataclass(frozen=True)
+class Created:
+    """The answer to a create: the generation id the job is now tied to."""
+
+    generation_id: str
+    status: str
+    usd_spent: float | None = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One poll's view of a generation."""
+
+    generation_id: str
+    status: str
+    video_url: str | None = None
+    duration_s: float | None = None
+    error_name: str | None = None
+    error_message: str | None = None
+
+    @property
+    def completed(self) -> bool:
+        """Done only with a URL: 'completed' without one is treated as still running."""
+        return self.status == "completed" and bool(self.video_url)
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "error"
+
+
+class ApiClient(Protocol):
+    """What the pipeline needs from the API; tests may pass any object with these methods."""
+
+    async def create(self, body: Mapping[str, Any], *, client_request_id: str) -> Created: ...
+
+    async def fetch(self, generation_id: str) -> Generation: ...
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _error_details(doc: Mapping[str, Any]) -> list[str]:
+    """Validation details, in whichever of the shapes APIs use for them."""
+    out: list[str] = []
+    for key in ("meta", "errors", "details", "issues"):
+        items = doc.get(key)
+        if not isinstance(items, list):
+            continue
+        for item in items[:10]:
+            if isinstance(item, Mapping):
+                path = item.get("path")
+                where = ".".join(str(p) for p in path) if isinstance(path, list) else path
+                msg = item.get("message") or json.dumps(item)[:200]
+                out.append(f"{where}: {msg}" if where else str(msg))
+            else:
+                out.append(str(item)[:200])
+    return out
+
+
+def describe_error_body(text: str) -> str:
+    """A one-line reason from an error body: its message plus any validation details."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return " ".join(text.split())[:300] or "(empty body)"
+    if not isinstance(doc, Mapping):
+        return str(doc)[:300]
+    message = doc.get("message") or doc.get("error") or doc.get("detail") or ""
+    if isinstance(message, Mapping):
+        message = message.get("message") or json.dumps(message)
+    parts = [str(message)] if message else []
+    details = _error_details(doc)
+    if details:
+        parts.append("; ".join(details))
+    return (" - ".join(parts) or json.dumps(doc)[:300])[:1000]
+
+
+def error_from_response(
+    status: int, text: str, headers: Mapping[str, str], *, now: float | None = None
+) -> ApiError:
+    """Map a non-2xx answer to the error type that tells the pipeline what to do next."""
+    reason = f"HTTP {status}: {describe_error_body(text)}"
+    if status == 429:
+        retry = parse_retry_after(headers.get("Retry-After"), now)
+        return RateLimitedError(reason, retry_after_s=retry)
+    if status in (401, 403):
+        return AuthError(reason, status=status)
+    if status == 404:
+        return NotFoundError(reason, status=status)
+    if status >= 500:
+        return ServerError(reason, status=status)
+    return BadRequestError(reason, status=status)
+
+
+def _json_object(text: str, what: str) -> Mapping[str, Any]:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise ProtocolError(f"{what}: answer is not JSON: {text[:200]!r}") from None
+    if not isinstance(doc, Mapping):
+        raise ProtocolError(f"{what}: answer is not a JSON object")
+    return doc
+
+
+def parse_created(text: str, headers: Mapping[str, str]) -> Created:
+    doc = _json_object(text, "create")
+    gen_id = doc.get("id") or headers.get("x-inference-id")
+    if not isinstance(gen_id, str) or not gen_id:
+        raise ProtocolError(f"create: answer has no generation id: {text[:200]!r}")
+    usd: float | None
+    try:
+        usd = float(headers["x-aimlapi-usd-spent"])
+    except (KeyError, ValueError):
+        usd = None
+    return Created(gen_id, str(doc.get("status") or "queued"), usd)
+
+
+def parse_generation(text: str, generation_id: str) -> Generation:
+    doc = _json_object(text, "fetch")
+    status = doc.get("status")
+    status = status.strip().lower() if isinstance(status, str) else "unknown"
+    video = doc.get("video")
+    url = video.get("url") if isinstance(video, Mapping) else None
+    duration = video.get("duration") if isinstance(video, Mapping) else None
+    duration = duration if duration is not None else doc.get("duration")
+    err = doc.get("error")
+    name = message = None
+    if isinstance(err, Mapping):
+        name, message = err.get("name"), err.get("message")
+    elif err:
+        message = str(err)
+    return Generation(
+        generation_id=generation_id,
+        status=status,
+        video_url=url if isinstance(url, str) and url else None,
+        duration_s=float(duration) if isinstance(duration, int | float) else None,
+        error_name=str(name) if name else None,
+        error_message=str(message) if message else None,
+    )
+
+
+class HttpApiClient:
+    """The real client over aiohttp. One instance per run; the session is the caller's."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        api_key: Secret,
+        *,
+        timeout_s: float = 60.0,
+        connect_timeout_s: float = 15.0,
+    ) -> None:
+        self._session = session
+        self._base = base_url.rstrip("/")
+        self._key = api_key
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout_s, connect=connect_timeout_s, sock_read=timeout_s
+        )
+
+    async def create(self, body: Mapping[str, Any], *, client_request_id: str) -> Created:
+        _, text, headers = await self._call(
+            "POST",
+            GENERATIONS_PATH,
+            json_body=body,
+            extra={"X-Client-Request-Id": client_request_id},
+        )
+        return parse_created(text, headers)
+
+    async def fetch(self, generation_id: str) -> Generation:
+        _, text, _ = await self._call(
+            "GET", GENERATIONS_PATH, params={"generation_id": generation_id}
+        )
+        return parse_generation(text, generation_id)
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Mapping[str, Any] | None = None,
+        params: Mapping[str, str] | None = None,
+        extra: Mapping[str, str] | None = None,
+    ) -> tuple[int, str, Mapping[str, str]]:
+        """Send one request; the single place where aiohttp's failures become ours."""
+        headers = {"Authorization": f"Bearer {self._key.reveal()}", **(extra or {})}
+        if json_body is not None:
+            headers["Content-Type"] = "application/json"
+        data = json.dumps(json_body).encode() if json_body is not None else None
+        try:
+            async with self._session.request(
+                method,
+                self._base + path,
+                params=params,
+                data=data,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,  # a redirect could carry the key to another host
+            ) as resp:
+                raw = await resp.content.read(MAX_BODY_BYTES)
+                text = raw.decode("utf-8", "replace")
+                if resp.status >= 300:
+                    raise error_from_response(resp.status, text, resp.headers)
+                return resp.status, text, resp.headers
+        except ApiError:
+            raise
+        except (
+            aiohttp.ClientConnectorError,  # refused, DNS, TLS handshake: nothing was sent
+            aiohttp.ConnectionTimeoutError,
+        ) as exc:
+            raise NotSentError(f"{method} {path}: could not connect: {_brief(exc)}") from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise NoAnswerError(f"{method} {path}: no answer: {_brief(exc)}") from None
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception as one line, with no request headers in it."""
+    text = str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]

@@ -1,0 +1,385 @@
+"""The results ledger: an append-only journal of job state changes, and the summary built from it.
+
+``ledger.jsonl`` is the truth; ``results.json`` is a convenience view rewritten atomically from
+it. Every record passes through :func:`apply_record` both when it is written and when it is
+replayed, so the journal can only ever contain transitions the state machine allows.
+
+Pure core: :class:`JobState`, :func:`apply_record`, :func:`parse_journal`, :func:`replay`,
+:func:`build_results`. Shell: :class:`Ledger` (recovery on open, group-committed appends).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import anyio
+import anyio.to_thread
+
+from .errors import LedgerCorruptError, LedgerError
+from .fsutil import atomic_write_bytes, fsync_dir
+from .jobs import Job
+
+LEDGER_NAME = "ledger.jsonl"
+RESULTS_NAME = "results.json"
+
+Status = Literal["pending", "submitting", "submitted", "completed", "done", "failed", "uncertain"]
+STATUSES: tuple[Status, ...] = get_args(Status)
+
+# event -> the statuses it may follow ("pending" covers a job the ledger has not seen).
+_ALLOWED_FROM: dict[str, frozenset[str]] = {
+    # A new attempt: first try, retry after a certain non-creation, or a deliberate resubmit.
+    "intent": frozenset({"pending", "submitting", "failed", "uncertain", "done"}),
+    # The attempt certainly created nothing (e.g. answered 401): back to pending.
+    "unsent": frozenset({"submitting"}),
+    "submitted": frozenset({"submitting", "uncertain"}),
+    # A later run may re-poll a timed-out job, or fetch a fresh URL for a lost file.
+    "completed": frozenset({"submitted", "completed", "failed", "done"}),
+    "done": frozenset({"completed"}),
+    "failed": frozenset({"submitting", "submitted", "completed", "uncertain", "failed"}),
+    "uncertain": frozenset({"submitting"}),
+}
+EVENTS = frozenset(_ALLOWED_FROM)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    kind: str  # machine-readable: "invalid_request", "generation_error", "timeout", ...
+    message: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"kind": self.kind, "message": self.message}
+
+
+@dataclass(slots=True)
+class JobState:
+    """What the ledger knows of one job."""
+
+    id: str
+    status: Status = "pending"
+    key: str | None = None
+    model: str | None = None
+    attempts: int = 0
+    client_request_id: str | None = None
+    generation_id: str | None = None
+    submitted_at: float | None = None  # wall clock, so deadlines survive restarts
+    video_url: str | None = None
+    file: str | None = None
+    bytes: int | None = None
+    sha256: str | None = None
+    mtime_ns: int | None = None  # of the finished file, so an unchanged file is not re-hashed
+    error: ErrorInfo | None = None
+    updated_at: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("done", "failed")
+
+
+def apply_record(states: dict[str, JobState], rec: Mapping[str, Any]) -> JobState:
+    """Fold one record into the states; raises LedgerError for a transition the machine forbids."""
+    ev = rec.get("ev")
+    job_id = rec.get("job")
+    if ev not in _ALLOWED_FROM or not isinstance(job_id, str):
+        raise LedgerError(f"not a ledger record: {dict(rec)!r}")
+    state = states.get(job_id) or JobState(job_id)
+    if state.status not in _ALLOWED_FROM[ev]:
+        raise LedgerError(f"job {job_id!r}: '{ev}' cannot follow '{state.status}'")
+    _APPLY[ev](state, rec)
+    state.updated_at = rec.get("t")
+    states[job_id] = state
+    return state
+
+
+def _on_intent(s: JobState, r: Mapping[str, Any]) -> None:
+    s.status = "submitting"
+    s.attempts += 1
+    s.client_request_id = r.get("crid")
+    s.key = r.get("key", s.key)
+    s.model = r.get("model", s.model)
+    s.generation_id = s.video_url = s.file = s.sha256 = None
+    s.bytes = None
+    s.error = None
+
+
+def _on_unsent(s: JobState, r: Mapping[str, Any]) -> None:
+    s.status = "pending"
+
+
+def _on_submitted(s: JobState, r: Mapping[str, Any]) -> None:
+    s.status = "submitted"
+    s.generation_id = r["gen"]
+    s.submitted_at = r.get("t")
+    s.error = None
+
+
+def _on_completed(s: JobState, r: Mapping[str, Any]) -> None:
+    s.status = "completed"
+    s.video_url = r.get("url")
+    s.error = None
+
+
+def _on_done(s: JobState, r: Mapping[str, Any]) -> None:
+    s.status = "done"
+    s.file, s.bytes, s.sha256 = r["file"], r["bytes"], r["sha256"]
+    s.mtime_ns = r.get("mtime_ns")
+
+
+def _on_failed(s: JobState, r: Mapping[str, Any]) -> None:
+    s.status = "failed"  # the generation id is kept: a later run may poll it instead of paying
+    s.error = ErrorInfo(str(r.get("kind", "unknown")), str(r.get("message", "")))
+
+
+def _on_uncertain(s: JobState, r: Mapping[str, Any]) -> None:
+    s.status = "uncertain"
+    s.error = ErrorInfo(str(r.get("kind", "no_answer")), str(r.get("message", "")))
+
+
+_APPLY: dict[str, Callable[[JobState, Mapping[str, Any]], None]] = {
+    "intent": _on_intent,
+    "unsent": _on_unsent,
+    "submitted": _on_submitted,
+    "completed": _on_completed,
+    "done": _on_done,
+    "failed": _on_failed,
+    "uncertain": _on_uncertain,
+}
+
+
+@dataclass(frozen=True)
+class Journal:
+    """A parsed ledger file: the good records, and how many bytes of a torn tail follow them."""
+
+    records: list[dict[str, Any]]
+    good_bytes: int  # length of the valid prefix
+    tail: bytes  # what follows it (empty when the file is clean)
+
+
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+    if b"\x00" in line:
+        return None
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and rec.get("ev") in EVENTS else None
+
+
+def parse_journal(data: bytes, *, name: str = LEDGER_NAME) -> Journal:
+    """Split a ledger into good records and a torn tail.
+
+    A bad record with only bad records after it is a torn write from a crash: it is cut.
+    A bad record followed by a good one means damage we cannot explain: refuse.
+    """
+    records: list[dict[str, Any]] = []
+    pos = 0
+    bad_at: int | None = None
+    for raw in data.splitlines(keepends=True):
+        rec = _parse_line(raw.rstrip(b"\r\n")) if raw.strip() else None
+        if rec is None and not raw.strip() and b"\x00" not in raw:
+            pos += len(raw)  # blank lines are harmless
+            continue
+        if rec is None:
+            bad_at = pos if bad_at is None else bad_at
+        elif bad_at is not None:
+            line_no = data[:bad_at].count(b"\n") + 1
+            raise LedgerCorruptError(
+                f"{name}: record at line {line_no} is damaged but later records are valid; "
+                "refusing to guess. Move the file aside or repair that line by hand."
+            )
+        else:
+            records.append(rec)
+        pos += len(raw)
+    good = len(data) if bad_at is None else bad_at
+    return Journal(records, good, data[good:])
+
+
+def replay(records: Iterable[Mapping[str, Any]]) -> dict[str, JobState]:
+    states: dict[str, JobState] = {}
+    for rec in records:
+        try:
+            apply_record(states, rec)
+        except LedgerError as exc:
+            raise LedgerCorruptError(f"{LEDGER_NAME}: {exc.message}") from None
+    return states
+
+
+def job_result(state: JobState, job: Job | None) -> dict[str, Any]:
+    return {
+        "id": state.id,
+        "status": state.status,
+        "model": job.model if job else state.model,
+        "generation_id": state.generation_id,
+        "file": state.file,
+        "bytes": state.bytes,
+        "sha256": state.sha256,
+        "error": state.error.to_json() if state.error else None,
+        "attempts": state.attempts,
+        "key": state.key,
+    }
+
+
+def build_results(states: Mapping[str, JobState], jobs: Iterable[Job] = ()) -> dict[str, Any]:
+    """The results.json document: manifest jobs in manifest order, then any the ledger adds."""
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for job in jobs:
+        rows.append(job_result(states.get(job.id) or JobState(job.id), job))
+        seen.add(job.id)
+    rows.extend(job_result(s, None) for jid, s in states.items() if jid not in seen)
+    counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
+    for row in rows:
+        counts[row["status"]] += 1
+    summary: dict[str, Any] = {"total": len(rows), **counts}
+    return {"version": 1, "summary": summary, "jobs": rows}
+
+
+class Ledger:
+    """The open journal of one output directory. Not thread-safe; one event loop uses it.
+
+    Records are applied in memory at once and written in groups: ``record(..., durable=True)``
+    returns only after its line (and every line before it) is written and fsynced.
+    """
+
+    def __init__(
+        self, directory: Path, states: dict[str, JobState], *, clock: Callable[[], float]
+    ) -> None:
+        self.directory = directory
+        self.path = directory / LEDGER_NAME
+        self.states = states
+        self._clock = clock
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._buf: list[bytes] = []
+        self._seq = 0  # records appended to the buffer
+        self._synced = 0  # records known to be on disk
+        self._flushing: anyio.Event | None = None
+        self.recovered_tail: Path | None = None
+
+    @classmethod
+    def open(cls, directory: Path, *, clock: Callable[[], float] = time.time) -> Ledger:
+        """Recover a torn tail if there is one, replay the journal, and open it for appends."""
+        path = directory / LEDGER_NAME
+        data = path.read_bytes() if path.exists() else b""
+        journal = parse_journal(data)
+        states = replay(journal.records)
+        kept: Path | None = None
+        if journal.tail:
+            kept = _cut_tail(path, journal, clock())
+        elif data and not data.endswith(b"\n"):
+            with open(path, "ab") as f:  # a whole last record whose newline was lost
+                f.write(b"\n")
+                os.fsync(f.fileno())
+        created = not data
+        ledger = cls(directory, states, clock=clock)
+        ledger.recovered_tail = kept
+        if created:
+            fsync_dir(directory)
+        return ledger
+
+    def state(self, job_id: str) -> JobState:
+        return self.states.get(job_id) or JobState(job_id)
+
+    async def record(self, ev: str, job_id: str, *, durable: bool = True, **data: Any) -> JobState:
+        """Apply and append one record; with ``durable``, wait until it is fsynced."""
+        rec: dict[str, Any] = {"t": round(self._clock(), 3), "ev": ev, "job": job_id, **data}
+        state = apply_record(self.states, rec)
+        self._buf.append(
+            json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        )
+        self._seq += 1
+        if durable:
+            await self.sync(self._seq)
+        return state
+
+    async def sync(self, upto: int | None = None) -> None:
+        """Make every record up to ``upto`` (default: all so far) durable, batching writers."""
+        target = self._seq if upto is None else upto
+        while self._synced < target:
+            if self._flushing is not None:
+                await self._flushing.wait()
+                continue
+            self._flushing = done = anyio.Event()
+            lines, seq = self._buf, self._seq
+            self._buf = []
+            try:
+                await anyio.to_thread.run_sync(self._write, lines)
+                self._synced = seq
+            finally:
+                self._flushing = None
+                done.set()
+
+    def _write(self, lines: list[bytes]) -> None:
+        try:
+            os.write(self._fd, b"".join(lines))
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise LedgerError(f"cannot write {self.path}: {exc.strerror}") from exc
+
+    def flush_sync(self) -> None:
+        """Write what is buffered without the event loop: for shutdown paths."""
+        if self._buf:
+            lines, self._buf = self._buf, []
+            self._write(lines)
+            self._synced = self._seq
+
+    def write_results(self, jobs: Iterable[Job]) -> None:
+        doc = build_results(self.states, jobs)
+        atomic_write_bytes(
+            self.directory / RESULTS_NAME, json.dumps(doc, indent=2, ensure_ascii=False).encode()
+        )
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self.flush_sync()
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _cut_tail(path: Path, journal: Journal, now: float) -> Path:
+    """Keep the torn bytes beside the ledger, then cut the ledger back to its good prefix."""
+    kept = path.with_name(f"{path.name}.torn-{int(now)}")
+    n = 1
+    while kept.exists():
+        kept = path.with_name(f"{path.name}.torn-{int(now)}-{n}")
+        n += 1
+    atomic_write_bytes(kept, journal.tail)
+    with open(path, "r+b") as f:
+        f.truncate(journal.good_bytes)
+        os.fsync(f.fileno())
+    fsync_dir(path.parent)
+    return kept
+
+
+def load_states(directory: Path) -> dict[str, JobState]:
+    """Read-only replay, for `status` and `plan`: never cuts or writes anything."""
+    path = directory / LEDGER_NAME
+    if not path.exists():
+        return {}
+    return replay(parse_journal(path.read_bytes()).records)
+
+
+def current_results(directory: Path) -> dict[str, Any]:
+    """results.json brought up to date with the journal (which may be newer after a crash)."""
+    states = load_states(directory)
+    path = directory / RESULTS_NAME
+    rows: list[dict[str, Any]] = []
+    if path.exists():
+        try:
+            rows = list(json.loads(path.read_text(encoding="utf-8")).get("jobs", []))
+        except (ValueError, AttributeError):
+            rows = []
+    known = {str(r.get("id")) for r in rows}
+    merged = []
+    for row in rows:
+        st = states.get(str(row.get("id")))
+        merged.append({**row, **job_result(st, None), "model": row.get("model")} if st else row)
+    merged.extend(job_result(s, None) for jid, s in states.items() if jid not in known)
+    counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
+    for row in merged:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return {"version": 1, "summary": {"total": len(merged), **counts}, "jobs": merged}

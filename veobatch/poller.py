@@ -1,0 +1,212 @@
+"""The shared poller: one loop and one heap of due times for every generation in flight.
+
+One task polls everything, so the cost is one heap operation per poll rather than a sleeping
+coroutine per job. Pure core: :func:`poll_delay_s`, :func:`error_delay_s`, :class:`PollSchedule`.
+Shell: :class:`Poller`, which sends the fetches under a small limiter and hands every final
+answer to the runner through a :class:`PollSink`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import anyio
+
+from .client import ApiClient, Generation
+from .errors import ApiError, AuthError, NotFoundError, RateLimitedError
+from .settings import PollSettings
+
+log = logging.getLogger(__name__)
+
+MAX_NOT_FOUND = 5  # a fresh id can lag behind on a replica; a persistent 404 is final
+
+
+def poll_delay_s(age_s: float, s: PollSettings) -> float:
+    """Wait longer as a generation ages: early polls catch quick ones, later ones cost less."""
+    return min(s.max_interval_s, max(s.min_interval_s, s.growth * age_s))
+
+
+def error_delay_s(
+    errors: int,
+    s: PollSettings,
+    retry_after_s: float | None = None,
+    rng: random.Random | None = None,
+) -> float:
+    """Capped exponential backoff with full jitter, never shorter than the server asked."""
+    cap = min(s.error_backoff_max_s, s.min_interval_s * (2 ** min(errors, 16)))
+    jittered = (rng or random).uniform(s.min_interval_s, max(s.min_interval_s, cap))
+    return max(jittered, retry_after_s or 0.0)
+
+
+class PollSchedule:
+    """Due times keyed by job id; rescheduling leaves stale heap entries that are skipped later."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, str]] = []
+        self._due: dict[str, float] = {}
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._due
+
+    def schedule(self, key: str, due: float) -> None:
+        self._due[key] = due
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, key))
+
+    def remove(self, key: str) -> None:
+        self._due.pop(key, None)
+
+    def next_due(self) -> float | None:
+        self._drop_stale()
+        return self._heap[0][0] if self._heap else None
+
+    def pop_due(self, now: float, limit: int | None = None) -> list[str]:
+        """Keys whose time has come, earliest first; they leave the schedule until rescheduled."""
+        out: list[str] = []
+        while self._heap and (limit is None or len(out) < limit):
+            self._drop_stale()
+            if not self._heap or self._heap[0][0] > now:
+                break
+            _, _, key = heapq.heappop(self._heap)
+            del self._due[key]
+            out.append(key)
+        return out
+
+    def _drop_stale(self) -> None:
+        heap = self._heap
+        while heap and self._due.get(heap[0][2]) != heap[0][0]:
+            heapq.heappop(heap)
+
+
+@dataclass(slots=True)
+class Tracked:
+    job_id: str
+    generation_id: str
+    started: float  # monotonic time the generation was submitted
+    deadline: float  # monotonic time after which the job is given up on
+    errors: int = 0
+    not_found: int = 0
+    polls: int = 0
+
+
+class PollSink(Protocol):
+    """Where the poller reports what it learnt; the runner implements it."""
+
+    async def generation_finished(self, tracked: Tracked, generation: Generation) -> None: ...
+
+    async def generation_timed_out(self, tracked: Tracked) -> None: ...
+
+    async def generation_lost(self, tracked: Tracked, error: ApiError) -> None: ...
+
+
+class Poller:
+    def __init__(
+        self,
+        api: ApiClient,
+        sink: PollSink,
+        settings: PollSettings,
+        *,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._api = api
+        self._sink = sink
+        self._s = settings
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._schedule = PollSchedule()
+        self._tracked: dict[str, Tracked] = {}
+        self._wake = anyio.Event()
+        # A semaphore, not a CapacityLimiter: the loop acquires, the poll task releases.
+        self._in_flight = anyio.Semaphore(settings.max_concurrent)
+        self.polls_sent = 0
+
+    def __len__(self) -> int:
+        return len(self._tracked)
+
+    def track(
+        self, job_id: str, generation_id: str, *, age_s: float, remaining_s: float, first: bool
+    ) -> None:
+        """Start following a generation. ``first`` skips the initial delay (a resumed job)."""
+        now = self._clock()
+        t = Tracked(job_id, generation_id, started=now - age_s, deadline=now + remaining_s)
+        self._tracked[job_id] = t
+        delay = 0.0 if not first else max(0.0, self._s.first_delay_s - age_s)
+        self._schedule.schedule(job_id, min(now + delay, t.deadline))
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Poll forever; the owner cancels this when the run is over."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                now = self._clock()
+                for job_id in self._schedule.pop_due(now):
+                    t = self._tracked.get(job_id)
+                    if t is None:
+                        continue
+                    if now >= t.deadline:
+                        del self._tracked[job_id]
+                        await self._sink.generation_timed_out(t)
+                        continue
+                    await self._in_flight.acquire()
+                    tg.start_soon(self._poll_one, t)
+                await self._sleep_until_due()
+
+    async def _sleep_until_due(self) -> None:
+        nxt = self._schedule.next_due()
+        if self._wake.is_set():
+            self._wake = anyio.Event()
+        if nxt is None:
+            await self._wake.wait()
+            return
+        with anyio.move_on_after(max(0.0, nxt - self._clock())):
+            await self._wake.wait()
+
+    async def _poll_one(self, t: Tracked) -> None:
+        try:
+            t.polls += 1
+            self.polls_sent += 1
+            try:
+                gen = await self._api.fetch(t.generation_id)
+            except AuthError:
+                raise  # the key no longer works: nothing else will, the run must stop
+            except ApiError as exc:
+                await self._on_error(t, exc)
+                return
+            t.errors = 0
+            if gen.completed or gen.failed:
+                self._tracked.pop(t.job_id, None)
+                await self._sink.generation_finished(t, gen)
+                return
+            now = self._clock()
+            self._reschedule(t, now + poll_delay_s(now - t.started, self._s))
+        finally:
+            self._in_flight.release()
+
+    async def _on_error(self, t: Tracked, exc: ApiError) -> None:
+        if isinstance(exc, NotFoundError):
+            t.not_found += 1
+            if t.not_found >= MAX_NOT_FOUND:
+                self._tracked.pop(t.job_id, None)
+                await self._sink.generation_lost(t, exc)
+                return
+        t.errors += 1
+        retry_after = exc.retry_after_s if isinstance(exc, RateLimitedError) else None
+        delay = error_delay_s(t.errors, self._s, retry_after, self._rng)
+        log.warning(
+            "poll failed job=%s attempt=%d retry_in=%.1fs: %s", t.job_id, t.errors, delay, exc
+        )
+        self._reschedule(t, self._clock() + delay)
+
+    def _reschedule(self, t: Tracked, due: float) -> None:
+        if t.job_id in self._tracked:
+            self._schedule.schedule(t.job_id, min(due, t.deadline))

@@ -1,0 +1,416 @@
+"""The runner: one task group owns the submitter, the shared poller and the download workers.
+
+It holds the run's only mutable coordination state: the concurrency slots (one per generation
+submitted and not yet finished), the set of jobs still open, and the stop flags. Every stage
+reports back here, and every state change goes through the ledger before the next step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import anyio
+import anyio.to_thread
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .client import ApiClient, Created, Generation, HttpApiClient
+from .downloader import download
+from .errors import ApiError, AuthError, ConfigError, DownloadError, UrlRejectedError
+from .fsutil import DirLock, ensure_dir
+from .jobs import Job, Manifest
+from .ledger import ErrorInfo, Ledger
+from .poller import Poller, Tracked
+from .scheduler import Action, JobPlan, SubmitOutcome, Submitter, backoff_delay_s, plan_jobs
+from .settings import RunSettings
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
+MAX_URL_REFRESHES = 3
+SLOT_KINDS = frozenset({"timeout", "lost"})  # failed jobs whose generation may still be running
+
+
+@dataclass(frozen=True)
+class RunReport:
+    """What a run achieved; ``exit_code`` is what cron sees."""
+
+    out_dir: Path
+    counts: dict[str, int]
+    failed: list[tuple[str, ErrorInfo]]
+    uncertain: list[str]
+    pending: list[str]
+    interrupted: bool = False
+    auth_error: str | None = None
+    submitted: int = 0
+    polls: int = 0
+    elapsed_s: float = 0.0
+    recovered_tail: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        if self.auth_error:
+            return EXIT_CONFIG
+        if self.failed or self.uncertain or self.pending:
+            return EXIT_FAILED
+        return EXIT_OK
+
+
+@dataclass
+class _Run:
+    """The state of one run in progress; see the module docstring."""
+
+    manifest: Manifest
+    settings: RunSettings
+    ledger: Ledger
+    api: ApiClient
+    cdn: aiohttp.ClientSession
+    clock: Callable[[], float] = time.monotonic
+    rng: random.Random = field(default_factory=random.Random)
+    interrupted: bool = False
+    auth_error: str | None = None
+    submitted: int = 0
+
+    def __post_init__(self) -> None:
+        self.jobs = {j.id: j for j in self.manifest.jobs}
+        self.slots = anyio.CapacityLimiter(self.settings.concurrency)
+        self.holding: set[str] = set()
+        self.open: set[str] = set()
+        self.settled = anyio.Event()
+        self.stop_submitting = False
+        self.refreshes: dict[str, int] = {}
+        self.poller = Poller(self.api, self, self.settings.poll, clock=self.clock, rng=self.rng)
+        self.to_download: MemoryObjectSendStream[tuple[str, str]]
+        self.downloads: MemoryObjectReceiveStream[tuple[str, str]]
+        self.to_download, self.downloads = anyio.create_memory_object_stream[tuple[str, str]](
+            math.inf
+        )
+        self.submitter = Submitter(
+            api=self.api,
+            ledger=self.ledger,
+            retries=self.settings.submit_retries,
+            backoff_base_s=self.settings.backoff_base_s,
+            backoff_max_s=self.settings.backoff_max_s,
+            should_stop=lambda: self.stop_submitting,
+            on_submitted=self._on_submitted,
+            rng=self.rng,
+        )
+
+    # -- orchestration -------------------------------------------------------------------
+
+    async def execute(self, plans: list[JobPlan]) -> None:
+        self.open = {p.job.id for p in plans if p.action not in _IDLE}
+        if not self.open:
+            return
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._poll_loop)
+            for _ in range(self.settings.download_concurrency):
+                tg.start_soon(self._download_worker, self.downloads.clone())
+            tg.start_soon(self._results_loop)
+            self._resume(plans)
+            tg.start_soon(self._submit_all, [p.job for p in plans if p.action is Action.SUBMIT])
+            await self.settled.wait()
+            tg.cancel_scope.cancel()
+
+    async def _poll_loop(self) -> None:
+        try:
+            await self.poller.run()
+        except* AuthError as group:
+            self._stop_on_auth(group.exceptions[0])
+            self.settled.set()  # with no key that works, the in-flight jobs wait for a rerun
+
+    def _stop_on_auth(self, exc: BaseException) -> None:
+        self.auth_error = exc.message if isinstance(exc, AuthError) else str(exc)
+        self.stop_submitting = True
+        log.error("API refused the key: %s; no new submissions", self.auth_error)
+
+    def _close(self, job_id: str) -> None:
+        self.open.discard(job_id)
+        if not self.open:
+            self.settled.set()
+
+    def _release(self, job_id: str) -> None:
+        if job_id in self.holding:
+            self.holding.remove(job_id)
+            self.slots.release_on_behalf_of(job_id)
+
+    def _resume(self, plans: list[JobPlan]) -> None:
+        """Pick up where an earlier run stopped: poll what is in flight, fetch what is finished."""
+        polls = [p for p in plans if p.action in (Action.POLL, Action.REFETCH)]
+        in_flight = [p for p in polls if _holds_slot(p)]
+        # Slots taken over from an earlier run may exceed today's limit: take them all, then
+        # lower the limit again so no new submission starts until enough have finished.
+        self.slots.total_tokens = max(self.settings.concurrency, len(in_flight))
+        for p in in_flight:
+            self.slots.acquire_on_behalf_of_nowait(p.job.id)
+            self.holding.add(p.job.id)
+        self.slots.total_tokens = self.settings.concurrency
+        now = time.time()
+        for p in polls:
+            st = p.state
+            assert st.generation_id is not None
+            age = max(0.0, now - (st.submitted_at or now))
+            remaining = self.settings.job_timeout_s
+            if st.status == "submitted":  # its deadline runs from submission, with a short grace
+                remaining = max(remaining - age, 3 * self.settings.poll.max_interval_s)
+            self.poller.track(
+                p.job.id, st.generation_id, age_s=age, remaining_s=remaining, first=False
+            )
+            log.info("resume job=%s action=%s gen=%s", p.job.id, p.action.value, st.generation_id)
+        for p in plans:
+            if p.action is Action.DOWNLOAD and p.state.video_url:
+                self.to_download.send_nowait((p.job.id, p.state.video_url))
+
+    # -- submission ----------------------------------------------------------------------
+
+    async def _submit_all(self, jobs: list[Job]) -> None:
+        async with anyio.create_task_group() as tg:
+            for i, job in enumerate(jobs):
+                if not self.stop_submitting:
+                    await self.slots.acquire_on_behalf_of(job.id)
+                    self.holding.add(job.id)
+                if self.stop_submitting:
+                    self._release(job.id)
+                    for rest in jobs[i:]:
+                        self._close(rest.id)
+                    return
+                tg.start_soon(self._submit_one, job)
+
+    async def _submit_one(self, job: Job) -> None:
+        try:
+            # A POST once sent is finished even on shutdown: cutting it off would leave a
+            # generation that may exist with no id on record.
+            with anyio.CancelScope(shield=True):
+                outcome = await self.submitter.submit(job)
+        except AuthError as exc:
+            self._stop_on_auth(exc)
+            outcome = SubmitOutcome.AUTH
+        if outcome is not SubmitOutcome.SUBMITTED:
+            self._release(job.id)
+            self._close(job.id)
+
+    async def _on_submitted(self, job: Job, created: Created) -> None:
+        self.submitted += 1
+        log.info("submitted job=%s gen=%s", job.id, created.generation_id)
+        self.poller.track(
+            job.id,
+            created.generation_id,
+            age_s=0.0,
+            remaining_s=self.settings.job_timeout_s,
+            first=True,
+        )
+
+    # -- poll sink -----------------------------------------------------------------------
+
+    async def generation_finished(self, tracked: Tracked, generation: Generation) -> None:
+        self._release(tracked.job_id)
+        if generation.completed and generation.video_url:
+            await self.ledger.record("completed", tracked.job_id, url=generation.video_url)
+            log.info("completed job=%s polls=%d", tracked.job_id, tracked.polls)
+            self.to_download.send_nowait((tracked.job_id, generation.video_url))
+            return
+        name = generation.error_name or "error"
+        message = generation.error_message or "the generation ended in error"
+        await self._fail(tracked.job_id, "generation_error", f"{name}: {message}")
+
+    async def generation_timed_out(self, tracked: Tracked) -> None:
+        self._release(tracked.job_id)
+        await self._fail(
+            tracked.job_id,
+            "timeout",
+            f"not finished after {self.settings.job_timeout_s:.0f}s; generation "
+            f"{tracked.generation_id} is kept and will be polled again on the next run",
+        )
+
+    async def generation_lost(self, tracked: Tracked, error: ApiError) -> None:
+        self._release(tracked.job_id)
+        await self._fail(tracked.job_id, "lost", f"the API no longer knows it: {error.message}")
+
+    async def _fail(self, job_id: str, kind: str, message: str) -> None:
+        await self.ledger.record("failed", job_id, kind=kind, message=message)
+        log.error("failed job=%s kind=%s: %s", job_id, kind, message)
+        self._close(job_id)
+
+    # -- downloads -----------------------------------------------------------------------
+
+    async def _download_worker(self, stream: MemoryObjectReceiveStream[tuple[str, str]]) -> None:
+        async with stream:
+            async for job_id, url in stream:
+                await self._download(job_id, url)
+
+    async def _download(self, job_id: str, url: str) -> None:
+        s = self.settings
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=s.connect_timeout_s, sock_read=s.request_timeout_s
+        )
+        for attempt in range(s.download_retries + 1):
+            try:
+                got = await download(
+                    self.cdn,
+                    url,
+                    s.out_dir,
+                    job_id,
+                    api_base_url=s.base_url,
+                    max_bytes=s.max_video_bytes,
+                    chunk_bytes=s.download_chunk_bytes,
+                    client_timeout=timeout,
+                )
+            except UrlRejectedError as exc:
+                return await self._fail(job_id, "url_rejected", exc.message)
+            except DownloadError as exc:
+                if exc.url_expired:
+                    return await self._refresh_url(job_id, exc)
+                if not exc.retryable or attempt == s.download_retries:
+                    return await self._fail(job_id, "download", exc.message)
+                delay = backoff_delay_s(attempt, s.backoff_base_s, s.backoff_max_s, self.rng)
+                log.warning("download retry job=%s in %.1fs: %s", job_id, delay, exc.message)
+                await anyio.sleep(delay)
+                continue
+            await self.ledger.record(
+                "done",
+                job_id,
+                file=got.file,
+                bytes=got.bytes,
+                sha256=got.sha256,
+                mtime_ns=got.mtime_ns,
+            )
+            log.info("done job=%s file=%s bytes=%d", job_id, got.file, got.bytes)
+            self._close(job_id)
+            return
+
+    async def _refresh_url(self, job_id: str, exc: DownloadError) -> None:
+        """The video host refused an old URL: ask the API for the generation again."""
+        n = self.refreshes[job_id] = self.refreshes.get(job_id, 0) + 1
+        gen = self.ledger.state(job_id).generation_id
+        if n > MAX_URL_REFRESHES or gen is None:
+            await self._fail(job_id, "download", f"{exc.message} (after {n - 1} fresh URLs)")
+            return
+        log.warning("video URL refused job=%s: polling for a fresh one", job_id)
+        self.poller.track(
+            job_id, gen, age_s=0.0, remaining_s=self.settings.job_timeout_s, first=False
+        )
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    async def _results_loop(self) -> None:
+        """Keep results.json near-current during long runs; the final write is in run()."""
+        while True:
+            await anyio.sleep(self.settings.ledger_flush_interval_s)
+            await anyio.to_thread.run_sync(self.ledger.write_results, self.manifest.jobs)
+
+    async def watch_signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for sig in signals:
+                if self.interrupted:
+                    log.error("second signal: exiting now")
+                    self.ledger.flush_sync()
+                    os._exit(EXIT_INTERRUPTED)
+                self.interrupted = True
+                self.stop_submitting = True
+                log.warning("%s: stopping; run again to resume", signal.Signals(sig).name)
+                scope.cancel()
+
+    def report(self, elapsed_s: float) -> RunReport:
+        counts: dict[str, int] = {}
+        failed: list[tuple[str, ErrorInfo]] = []
+        uncertain: list[str] = []
+        pending: list[str] = []
+        for job in self.manifest.jobs:
+            st = self.ledger.state(job.id)
+            counts[st.status] = counts.get(st.status, 0) + 1
+            if st.status == "failed" and st.error:
+                failed.append((job.id, st.error))
+            elif st.status in ("uncertain", "submitting"):
+                uncertain.append(job.id)
+            elif st.status != "done":
+                pending.append(job.id)
+        return RunReport(
+            out_dir=self.settings.out_dir,
+            counts=counts,
+            failed=failed,
+            uncertain=uncertain,
+            pending=pending,
+            interrupted=self.interrupted,
+            auth_error=self.auth_error,
+            submitted=self.submitted,
+            polls=self.poller.polls_sent,
+            elapsed_s=elapsed_s,
+            recovered_tail=self.ledger.recovered_tail,
+        )
+
+
+_IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED, Action.HOLD_UNCERTAIN})
+
+
+def _holds_slot(p: JobPlan) -> bool:
+    st = p.state
+    if st.status == "submitted":
+        return True
+    return st.status == "failed" and st.error is not None and st.error.kind in SLOT_KINDS
+
+
+@contextlib.asynccontextmanager
+async def _http(
+    settings: RunSettings, api: ApiClient | None
+) -> AsyncIterator[tuple[ApiClient, aiohttp.ClientSession]]:
+    """The API client (with the key) and the CDN session (without it): never the same session."""
+    async with aiohttp.ClientSession(headers={"Accept-Encoding": "identity"}) as cdn:
+        if api is not None:
+            yield api, cdn
+            return
+        if settings.api_key is None:
+            raise ConfigError("no API key: set AIMLAPI_KEY (or use --simulate)")
+        async with aiohttp.ClientSession() as session:
+            yield (
+                HttpApiClient(
+                    session,
+                    settings.base_url,
+                    settings.api_key,
+                    timeout_s=settings.request_timeout_s,
+                    connect_timeout_s=settings.connect_timeout_s,
+                ),
+                cdn,
+            )
+
+
+async def run(
+    manifest: Manifest,
+    settings: RunSettings,
+    *,
+    api: ApiClient | None = None,
+    handle_signals: bool = False,
+    verify: bool = False,
+) -> RunReport:
+    """Run a manifest to completion (or interruption) and report; resumes what the ledger holds."""
+    started = time.monotonic()
+    if api is None and settings.api_key is None:
+        raise ConfigError("no API key: set AIMLAPI_KEY (or use --simulate)")
+    out = ensure_dir(settings.out_dir)
+    with DirLock(out):
+        ledger = Ledger.open(out)
+        try:
+            plans = plan_jobs(manifest.jobs, ledger.states, out, verify=verify)
+            async with _http(settings, api) as (client, cdn):
+                r = _Run(manifest, settings, ledger, client, cdn)
+                async with anyio.create_task_group() as outer:
+                    main = anyio.CancelScope()
+                    if handle_signals:
+                        outer.start_soon(r.watch_signals, main)
+                    with main:
+                        await r.execute(plans)
+                    outer.cancel_scope.cancel()
+            return r.report(time.monotonic() - started)
+        finally:
+            ledger.close()
+            ledger.write_results(manifest.jobs)

@@ -1,0 +1,180 @@
+"""The scheduler: decide what each job needs, then submit new ones under the concurrency limit.
+
+Pure core: :func:`plan_jobs` maps (manifest job, ledger state, file on disk) to one
+:class:`Action`; :func:`backoff_delay_s` and :func:`client_request_id` are small pure helpers.
+Shell: :class:`Submitter`, which records the intent durably before every POST and the
+generation id durably before anything else happens to the job.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from .client import ApiClient, Created
+from .downloader import file_matches
+from .errors import (
+    ApiError,
+    AuthError,
+    BadRequestError,
+    NotSentError,
+    RateLimitedError,
+)
+from .jobs import Job
+from .ledger import JobState, Ledger
+
+log = logging.getLogger(__name__)
+
+
+class Action(enum.Enum):
+    """What a run does with a job, decided before anything is sent."""
+
+    SKIP = "done"  # finished and its file is intact
+    SUBMIT = "submit"  # never submitted (or its request changed after it finished)
+    POLL = "poll"  # has a generation id: follow it, never submit again
+    DOWNLOAD = "download"  # completed with a URL not yet fetched
+    REFETCH = "refetch"  # done, but the file is gone or altered: poll for a fresh URL
+    HOLD_FAILED = "failed"  # failed earlier; left alone
+    HOLD_UNCERTAIN = "uncertain"  # may have been created; resubmitting could pay twice
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    job: Job
+    action: Action
+    reason: str
+    state: JobState
+
+
+# Failures whose generation may still deliver: a later run polls instead of paying again.
+REPOLL_KINDS = frozenset({"timeout", "download", "lost"})
+
+
+def plan_job(job: Job, state: JobState, out_dir: Path, *, verify: bool = False) -> JobPlan:
+    """One job's action: the whole resume policy lives in this function."""
+    changed = state.key is not None and state.key != job.key
+
+    def p(action: Action, reason: str) -> JobPlan:
+        return JobPlan(job, action, reason, state)
+
+    st = state.status
+    if st == "pending":
+        return p(Action.SUBMIT, "new")
+    if st == "done":
+        if changed:
+            return p(Action.SUBMIT, "request changed since it was made")
+        if file_matches(
+            out_dir / (state.file or ""), state.bytes, state.sha256, state.mtime_ns, deep=verify
+        ):
+            return p(Action.SKIP, "done")
+        return p(Action.REFETCH, "file missing or altered: fetching it again")
+    if st in ("submitted", "completed"):
+        suffix = " (request changed: finishing the one already paid for)" if changed else ""
+        if st == "completed" and state.video_url:
+            return p(Action.DOWNLOAD, "completed, not yet downloaded" + suffix)
+        return p(Action.POLL, "in flight" + suffix)
+    if st == "failed":
+        kind = state.error.kind if state.error else ""
+        if changed and state.generation_id is None:
+            return p(Action.SUBMIT, "request changed since it failed")
+        if kind in REPOLL_KINDS and state.generation_id:
+            return p(Action.POLL, f"failed ({kind}) earlier: polling its generation again")
+        return p(Action.HOLD_FAILED, f"failed: {state.error.message if state.error else kind}")
+    # "submitting" (a crash between intent and answer) or "uncertain": the POST may have
+    # created a billed generation that we cannot see. Never resubmit blindly.
+    return p(Action.HOLD_UNCERTAIN, "submission outcome unknown")
+
+
+def plan_jobs(
+    jobs: Iterable[Job], states: Mapping[str, JobState], out_dir: Path, *, verify: bool = False
+) -> list[JobPlan]:
+    return [plan_job(j, states.get(j.id) or JobState(j.id), out_dir, verify=verify) for j in jobs]
+
+
+def backoff_delay_s(
+    attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None
+) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2^attempt)]."""
+    return (rng or random).uniform(0.0, min(cap_s, base_s * (2 ** min(attempt, 30))))
+
+
+def client_request_id(job_id: str, attempt: int) -> str:
+    """Unique per job attempt, within the API's 128-char ``A-Za-z0-9._:-`` alphabet."""
+    return f"vb:{job_id}:{attempt}:{uuid.uuid4().hex[:16]}"
+
+
+class SubmitOutcome(enum.Enum):
+    SUBMITTED = "submitted"
+    REJECTED = "rejected"  # the API refused the request: the job failed
+    UNCERTAIN = "uncertain"  # may exist, may not
+    STOPPED = "stopped"  # not sent because the run stops submitting
+    AUTH = "auth"  # 401/403: the run must stop submitting
+
+
+@dataclass
+class Submitter:
+    """Submits one job at a time; the caller owns the slots and the concurrency."""
+
+    api: ApiClient
+    ledger: Ledger
+    retries: int
+    backoff_base_s: float
+    backoff_max_s: float
+    should_stop: Callable[[], bool]
+    on_submitted: Callable[[Job, Created], Awaitable[None]]
+    rng: random.Random | None = None
+
+    async def submit(self, job: Job) -> SubmitOutcome:
+        attempt = 0
+        while True:
+            if self.should_stop():
+                return SubmitOutcome.STOPPED
+            state = self.ledger.state(job.id)
+            crid = client_request_id(job.id, state.attempts + 1)
+            await self.ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model)
+            try:
+                created = await self.api.create(job.request, client_request_id=crid)
+            except (NotSentError, RateLimitedError) as exc:
+                attempt += 1
+                if attempt > self.retries:  # nothing was created: safe to fail outright
+                    await self._fail(job, "submit_failed", f"gave up after {attempt} tries: {exc}")
+                    return SubmitOutcome.REJECTED
+                await self.ledger.record("unsent", job.id)
+                await self._wait(exc, attempt, job)
+                continue
+            except AuthError as exc:
+                await self.ledger.record("unsent", job.id)
+                log.error("submission refused job=%s: %s", job.id, exc.message)
+                raise
+            except BadRequestError as exc:
+                await self._fail(job, "invalid_request", exc.message)
+                return SubmitOutcome.REJECTED
+            except ApiError as exc:  # 5xx, no answer, unreadable 2xx: it may exist
+                await self.ledger.record("uncertain", job.id, kind=_kind(exc), message=exc.message)
+                log.warning("submission outcome unknown job=%s: %s", job.id, exc.message)
+                return SubmitOutcome.UNCERTAIN
+            await self.ledger.record("submitted", job.id, gen=created.generation_id)
+            await self.on_submitted(job, created)
+            return SubmitOutcome.SUBMITTED
+
+    async def _fail(self, job: Job, kind: str, message: str) -> None:
+        await self.ledger.record("failed", job.id, kind=kind, message=message)
+        log.error("job failed job=%s kind=%s: %s", job.id, kind, message)
+
+    async def _wait(self, exc: ApiError, attempt: int, job: Job) -> None:
+        delay = backoff_delay_s(attempt, self.backoff_base_s, self.backoff_max_s, self.rng)
+        if isinstance(exc, RateLimitedError) and exc.retry_after_s is not None:
+            delay = max(delay, exc.retry_after_s)
+        log.info("submit retry job=%s attempt=%d in %.1fs: %s", job.id, attempt, delay, exc.message)
+        await anyio.sleep(delay)
+
+
+def _kind(exc: ApiError) -> str:
+    return type(exc).__name__.removesuffix("Error").lower() or "api"

@@ -1,0 +1,120 @@
+"""Run settings: one frozen value with every default in one place.
+
+CLI flags, manifest ``settings:`` and the environment all map onto :class:`RunSettings`;
+precedence is CLI > manifest > environment > the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .jobs import ManifestSettings
+
+DEFAULT_BASE_URL = "https://api.aimlapi.com"
+ENV_KEY = "AIMLAPI_KEY"
+ENV_BASE_URL = "AIMLAPI_BASE_URL"
+
+
+class Secret:
+    """A string that never shows itself in repr, str, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class PollSettings:
+    """How often the shared poller asks about one generation."""
+
+    first_delay_s: float = 2.0  # after submission, before the first poll
+    min_interval_s: float = 1.0
+    max_interval_s: float = 10.0
+    growth: float = 0.25  # interval = growth * age, clamped to [min, max]
+    max_concurrent: int = 32  # poll requests in flight at once
+    error_backoff_max_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a run needs besides the manifest."""
+
+    out_dir: Path
+    api_key: Secret | None = None
+    base_url: str = DEFAULT_BASE_URL
+    concurrency: int = 4  # generations submitted and not yet finished
+    download_concurrency: int = 4
+    job_timeout_s: float = 1800.0  # from submission to completion
+    request_timeout_s: float = 60.0  # one API call
+    connect_timeout_s: float = 15.0
+    download_chunk_bytes: int = 1 << 20
+    max_video_bytes: int = 4 << 30  # a runaway body is cut off here
+    submit_retries: int = 8  # for requests that certainly did not create anything
+    download_retries: int = 5
+    backoff_base_s: float = 1.0
+    backoff_max_s: float = 60.0
+    poll: PollSettings = field(default_factory=PollSettings)
+    ledger_flush_interval_s: float = 5.0  # results.json rewrite period during a run
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise ConfigError("concurrency must be at least 1")
+        if self.download_concurrency < 1:
+            raise ConfigError("download concurrency must be at least 1")
+        if self.job_timeout_s <= 0:
+            raise ConfigError("job timeout must be positive")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"API base URL must be http(s): {self.base_url!r}")
+
+    def with_overrides(self, **overrides: Any) -> RunSettings:
+        """Apply the values that are not None."""
+        known = {f.name for f in fields(self)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def resolve_settings(
+    out_dir: Path,
+    manifest: ManifestSettings | None = None,
+    cli: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> RunSettings:
+    """Merge the sources in precedence order: CLI > manifest > environment > defaults."""
+    env = os.environ if env is None else env
+    settings = RunSettings(out_dir=out_dir)
+    key = env.get(ENV_KEY, "").strip()
+    settings = settings.with_overrides(
+        api_key=Secret(key) if key else None,
+        base_url=env.get(ENV_BASE_URL, "").strip().rstrip("/") or None,
+    )
+    if manifest is not None:
+        settings = settings.with_overrides(
+            concurrency=manifest.concurrency,
+            job_timeout_s=manifest.job_timeout_s,
+            download_concurrency=manifest.download_concurrency,
+        )
+    if cli:
+        settings = settings.with_overrides(**cli)
+    return settings
