@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -126,6 +127,7 @@ class Poller:
         self._schedule = PollSchedule()
         self._tracked: dict[str, Tracked] = {}
         self._wake = anyio.Event()
+        self._sleeping_until = -math.inf  # -inf while awake: nothing to interrupt
         # A semaphore, not a CapacityLimiter: the loop acquires, the poll task releases.
         self._in_flight = anyio.Semaphore(settings.max_concurrent)
         self.polls_sent = 0
@@ -141,8 +143,7 @@ class Poller:
         t = Tracked(job_id, generation_id, started=now - age_s, deadline=now + remaining_s)
         self._tracked[job_id] = t
         delay = 0.0 if not first else max(0.0, self._s.first_delay_s - age_s)
-        self._schedule.schedule(job_id, min(now + delay, t.deadline))
-        self._wake.set()
+        self._add(job_id, min(now + delay, t.deadline))
 
     async def run(self) -> None:
         """Poll forever; the owner cancels this when the run is over."""
@@ -162,14 +163,17 @@ class Poller:
                 await self._sleep_until_due()
 
     async def _sleep_until_due(self) -> None:
-        nxt = self._schedule.next_due()
+        """Sleep until the earliest due time, or until something due earlier is scheduled."""
         if self._wake.is_set():
             self._wake = anyio.Event()
+        nxt = self._schedule.next_due()
+        self._sleeping_until = math.inf if nxt is None else nxt
         if nxt is None:
             await self._wake.wait()
-            return
-        with anyio.move_on_after(max(0.0, nxt - self._clock())):
-            await self._wake.wait()
+        else:
+            with anyio.move_on_after(max(0.0, nxt - self._clock())):
+                await self._wake.wait()
+        self._sleeping_until = -math.inf
 
     async def _poll_one(self, t: Tracked) -> None:
         try:
@@ -209,4 +213,9 @@ class Poller:
 
     def _reschedule(self, t: Tracked, due: float) -> None:
         if t.job_id in self._tracked:
-            self._schedule.schedule(t.job_id, min(due, t.deadline))
+            self._add(t.job_id, min(due, t.deadline))
+
+    def _add(self, job_id: str, due: float) -> None:
+        self._schedule.schedule(job_id, due)
+        if due < self._sleeping_until:  # the loop would oversleep this one
+            self._wake.set()

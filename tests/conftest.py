@@ -1,0 +1,22 @@
+"""Shared test setup. Coroutine tests run on asyncio (pytest-asyncio, auto mode)."""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import aioresponses.core
+from aiohttp import ClientResponse
+
+
+class _CompatResponse(ClientResponse):
+    """aioresponses 0.7.9 predates aiohttp 3.14's required ``stream_writer`` argument
+    (pnuckowski/aioresponses#289). A finished request's writer only reports its output size."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
+        super().__init__(*args, **kwargs)
+
+
+# Only the mock library sees the subclass; real sessions keep aiohttp's own class.
+aioresponses.core.ClientResponse = _CompatResponse  # type: ignore[misc]

@@ -1,0 +1,229 @@
+"""The API client: pure parsing tables, then the aiohttp shell against aioresponses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aioresponses import CallbackResult, aioresponses
+
+from veobatch.client import (
+    HttpApiClient,
+    describe_error_body,
+    error_from_response,
+    parse_created,
+    parse_generation,
+    parse_retry_after,
+)
+from veobatch.errors import (
+    AuthError,
+    BadRequestError,
+    NoAnswerError,
+    NotFoundError,
+    NotSentError,
+    ProtocolError,
+    RateLimitedError,
+    ServerError,
+)
+from veobatch.settings import Secret
+
+BASE = "https://api.example.test"
+URL = BASE + "/v2/video/generations"
+KEY = "canary-key-123"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("7", 7.0),
+        ("2.5", 2.5),
+        ("-3", 0.0),
+        ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0),  # now is 07:28:00
+        ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # in the past
+        ("soon", None),
+    ],
+)
+def test_retry_after(value: str | None, expected: float | None) -> None:
+    now = 1445412480.0  # 2015-10-21T07:28:00Z
+    assert parse_retry_after(value, now) == expected
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "kind"),
+    [
+        (400, {}, BadRequestError),
+        (422, {}, BadRequestError),
+        (401, {}, AuthError),
+        (403, {}, AuthError),
+        (404, {}, NotFoundError),
+        (429, {"Retry-After": "3"}, RateLimitedError),
+        (500, {}, ServerError),
+        (503, {}, ServerError),
+        (504, {}, ServerError),
+    ],
+)
+def test_error_mapping(status: int, headers: dict[str, str], kind: type) -> None:
+    err = error_from_response(status, '{"message": "nope"}', headers)
+    assert isinstance(err, kind)
+    assert "nope" in err.message and str(status) in err.message
+    if isinstance(err, RateLimitedError):
+        assert err.retry_after_s == 3.0
+
+
+def test_validation_details_are_kept() -> None:
+    body = json.dumps(
+        {
+            "message": "Body validation error",
+            "statusCode": 400,
+            "meta": [{"path": ["duration"], "message": "Expected 4 | 6 | 8, received 5"}],
+        }
+    )
+    assert describe_error_body(body) == (
+        "Body validation error - duration: Expected 4 | 6 | 8, received 5"
+    )
+    assert describe_error_body("<html>Bad   Gateway</html>") == "<html>Bad Gateway</html>"
+
+
+def test_parse_created() -> None:
+    c = parse_created('{"id": "u:google/veo-3.1-t2v", "status": "queued"}', {})
+    assert (c.generation_id, c.status, c.usd_spent) == ("u:google/veo-3.1-t2v", "queued", None)
+    c = parse_created("{}", {"x-inference-id": "g", "x-aimlapi-usd-spent": "0.5"})
+    assert (c.generation_id, c.usd_spent) == ("g", 0.5)
+    with pytest.raises(ProtocolError):
+        parse_created('{"status": "queued"}', {})
+    with pytest.raises(ProtocolError):
+        parse_created("not json", {})
+
+
+@pytest.mark.parametrize(
+    ("body", "completed", "failed", "url"),
+    [
+        ({"id": "g", "status": "queued"}, False, False, None),
+        ({"id": "g", "status": "generating", "video": None}, False, False, None),
+        ({"id": "g", "status": "waiting"}, False, False, None),
+        ({"id": "g", "status": "something-new"}, False, False, None),
+        (
+            {"id": "g", "status": "completed", "video": {"url": "https://c/x.mp4"}},
+            True,
+            False,
+            "https://c/x.mp4",
+        ),
+        ({"id": "g", "status": "completed", "video": None}, False, False, None),  # no URL yet
+        (
+            {"id": "g", "status": "COMPLETED", "video": {"url": "https://c/y"}},
+            True,
+            False,
+            "https://c/y",
+        ),
+        (
+            {"id": "g", "status": "error", "error": {"name": "Safety", "message": "blocked"}},
+            False,
+            True,
+            None,
+        ),
+    ],
+)
+def test_parse_generation(
+    body: dict[str, object], completed: bool, failed: bool, url: str | None
+) -> None:
+    g = parse_generation(json.dumps(body), "g")
+    assert (g.completed, g.failed, g.video_url) == (completed, failed, url)
+
+
+def test_parse_generation_error_shapes() -> None:
+    g = parse_generation('{"status": "error", "error": {"name": "N", "message": "M"}}', "g")
+    assert (g.error_name, g.error_message) == ("N", "M")
+    g = parse_generation('{"status": "error", "error": "plain text"}', "g")
+    assert (g.error_name, g.error_message) == (None, "plain text")
+    g = parse_generation('{"status": "completed", "video": {"url": "u", "duration": 8}}', "g")
+    assert g.duration_s == 8.0
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[HttpApiClient]:
+    async with aiohttp.ClientSession() as session:
+        yield HttpApiClient(session, BASE, Secret(KEY), timeout_s=5)
+
+
+async def test_create_sends_key_body_and_request_id(client: HttpApiClient) -> None:
+    seen: dict[str, object] = {}
+
+    def answer(url: object, **kwargs: object) -> CallbackResult:
+        seen.update(kwargs)
+        return CallbackResult(status=200, payload={"id": "g1", "status": "queued"})
+
+    with aioresponses() as m:
+        m.post(URL, callback=answer)
+        created = await client.create({"model": "m", "prompt": "p"}, client_request_id="vb:a:1:x")
+    assert created.generation_id == "g1"
+    headers = seen["headers"]
+    assert isinstance(headers, dict)
+    assert headers["Authorization"] == f"Bearer {KEY}"
+    assert headers["X-Client-Request-Id"] == "vb:a:1:x"
+    assert json.loads(seen["data"]) == {"model": "m", "prompt": "p"}  # type: ignore[arg-type]
+    assert seen["allow_redirects"] is False
+
+
+async def test_fetch_passes_generation_id(client: HttpApiClient) -> None:
+    with aioresponses() as m:
+        m.get(URL + "?generation_id=g1", payload={"id": "g1", "status": "generating"})
+        g = await client.fetch("g1")
+    assert g.status == "generating" and not g.completed
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (400, BadRequestError),
+        (401, AuthError),
+        (403, AuthError),
+        (429, RateLimitedError),
+        (500, ServerError),
+        (502, ServerError),
+    ],
+)
+async def test_http_errors_are_translated(client: HttpApiClient, status: int, kind: type) -> None:
+    with aioresponses() as m:
+        m.post(URL, status=status, payload={"message": "x"}, headers={"Retry-After": "1"})
+        with pytest.raises(kind):
+            await client.create({"model": "m"}, client_request_id="c")
+
+
+async def test_connection_refused_is_not_sent(client: HttpApiClient) -> None:
+    from aiohttp.client_reqrep import ConnectionKey
+
+    key = ConnectionKey("api.example.test", 443, True, None, None, None, None)
+    with aioresponses() as m:
+        m.post(URL, exception=aiohttp.ClientConnectorError(key, OSError(111, "refused")))
+        with pytest.raises(NotSentError):
+            await client.create({"model": "m"}, client_request_id="c")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [aiohttp.ServerDisconnectedError(), TimeoutError(), aiohttp.ClientPayloadError("cut")],
+)
+async def test_lost_answers_are_no_answer(client: HttpApiClient, exc: Exception) -> None:
+    with aioresponses() as m:
+        m.post(URL, exception=exc)
+        with pytest.raises(NoAnswerError):
+            await client.create({"model": "m"}, client_request_id="c")
+
+
+async def test_errors_never_carry_the_key(client: HttpApiClient) -> None:
+    with aioresponses() as m:
+        m.post(URL, exception=aiohttp.ServerDisconnectedError())
+        with pytest.raises(NoAnswerError) as info:
+            await client.create({"model": "m"}, client_request_id="c")
+    assert KEY not in str(info.value) and KEY not in repr(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_secret_hides_itself() -> None:
+    s = Secret(KEY)
+    assert KEY not in repr(s) and KEY not in str(s) and KEY not in f"{s}"
+    assert s.reveal() == KEY

@@ -1,0 +1,227 @@
+"""The downloader: URL rules and file checks as tables, then streaming against a local server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from veobatch.downloader import (
+    check_video_url,
+    download,
+    file_matches,
+    looks_like_mp4,
+)
+from veobatch.errors import DownloadError, UrlRejectedError
+
+MP4 = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4000  # ~1 MB, starts like an MP4
+
+
+@pytest.mark.parametrize(
+    ("url", "api", "ok"),
+    [
+        ("https://cdn.aimlapi.com/x.mp4", "https://api.aimlapi.com", True),
+        ("http://cdn.aimlapi.com/x.mp4", "https://api.aimlapi.com", False),
+        ("http://127.0.0.1:9/x.mp4", "http://127.0.0.1:8", True),  # the simulator
+        ("http://localhost:9/x.mp4", "http://127.0.0.1:8", True),
+        ("http://127.0.0.1:9/x.mp4", "https://api.aimlapi.com", False),
+        ("http://10.0.0.1/x.mp4", "http://127.0.0.1:8", False),
+        ("file:///etc/passwd", "http://127.0.0.1:8", False),
+        ("ftp://cdn/x.mp4", "https://api.aimlapi.com", False),
+        ("https:///nohost", "https://api.aimlapi.com", False),
+    ],
+)
+def test_url_rules(url: str, api: str, ok: bool) -> None:
+    if ok:
+        check_video_url(url, api)
+    else:
+        with pytest.raises(UrlRejectedError):
+            check_video_url(url, api)
+
+
+def test_url_errors_do_not_show_query_strings() -> None:
+    with pytest.raises(UrlRejectedError) as info:
+        check_video_url("http://cdn/x.mp4?signature=SECRET", "https://api")
+    assert "SECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("head", "ok"),
+    [(MP4[:16], True), (b"\x00\x00\x00\x10styp", True), (b"<html>", False), (b"", False)],
+)
+def test_mp4_sniffing(head: bytes, ok: bool) -> None:
+    assert looks_like_mp4(head) is ok
+
+
+def test_file_matches(tmp_path: Path) -> None:
+    f = tmp_path / "a.mp4"
+    f.write_bytes(b"abc")
+    sha = hashlib.sha256(b"abc").hexdigest()
+    mtime = f.stat().st_mtime_ns
+    assert file_matches(f, 3, sha, mtime)
+    assert file_matches(f, 3, sha, None)
+    assert not file_matches(f, 4, sha, mtime)
+    assert not file_matches(f, 3, "0" * 64, None)
+    assert file_matches(f, 3, "0" * 64, mtime)  # trusted by mtime unless deep
+    assert not file_matches(f, 3, "0" * 64, mtime, deep=True)
+    assert not file_matches(tmp_path / "missing.mp4", 3, sha, None)
+
+
+class Cdn:
+    """A video host with switchable misbehaviour."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.requests: list[dict[str, str]] = []
+        self.base = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(dict(request.headers))
+        if self.mode == "truncate-once":
+            self.mode = "ok"
+            resp = web.StreamResponse(headers={"Content-Length": str(len(MP4))})
+            await resp.prepare(request)
+            third = len(MP4) // 3
+            for i in range(0, third, 64 * 1024):
+                await resp.write(MP4[i : min(i + 64 * 1024, third)])
+                await asyncio.sleep(0.005)  # let the client consume what was sent
+            request.transport.close()  # type: ignore[union-attr]
+            return resp
+        if self.mode == "redirect" and request.path != "/v.mp4":
+            raise web.HTTPFound(self.base + "/v.mp4")
+        if self.mode == "redirect-loop":
+            raise web.HTTPFound(self.base + "/loop.mp4")
+        if self.mode == "redirect-http":
+            raise web.HTTPFound("http://example.com/v.mp4")
+        if self.mode in ("403", "410", "500"):
+            return web.Response(status=int(self.mode))
+        if self.mode == "html":
+            return web.Response(body=b"<html>oops</html>", content_type="text/html")
+        body = MP4
+        rng = request.headers.get("Range")
+        if rng and self.mode == "ok":
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            return web.Response(
+                status=206,
+                body=body[start:],
+                headers={"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"},
+            )
+        return web.Response(body=body, content_type="video/mp4")
+
+
+@pytest.fixture
+async def cdn() -> AsyncIterator[Cdn]:
+    c = Cdn()
+    app = web.Application()
+    app.router.add_get("/{name}", c.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    c.base = f"http://127.0.0.1:{port}"
+    yield c
+    await runner.cleanup()
+
+
+async def _get(cdn: Cdn, out: Path, *, max_bytes: int = 1 << 30) -> object:
+    async with aiohttp.ClientSession() as s:
+        return await download(
+            s,
+            cdn.base + "/v.mp4",
+            out,
+            "job1",
+            api_base_url="http://127.0.0.1:1",
+            max_bytes=max_bytes,
+            chunk_bytes=64 * 1024,
+        )
+
+
+async def test_streams_hashes_and_renames(cdn: Cdn, tmp_path: Path) -> None:
+    got = await _get(cdn, tmp_path)
+    final = tmp_path / "job1.mp4"
+    assert final.read_bytes() == MP4
+    assert got.sha256 == hashlib.sha256(MP4).hexdigest()  # type: ignore[attr-defined]
+    assert got.bytes == len(MP4) and got.file == "job1.mp4"  # type: ignore[attr-defined]
+    assert not (tmp_path / "job1.mp4.part").exists()
+    assert all("Authorization" not in h for h in cdn.requests)
+
+
+async def test_truncated_body_resumes_with_range(cdn: Cdn, tmp_path: Path) -> None:
+    cdn.mode = "truncate-once"
+    with pytest.raises(DownloadError) as info:
+        await _get(cdn, tmp_path)
+    assert info.value.retryable
+    part = tmp_path / "job1.mp4.part"
+    assert 0 < part.stat().st_size < len(MP4)
+    assert not (tmp_path / "job1.mp4").exists()
+    got = await _get(cdn, tmp_path)
+    have = int(cdn.requests[-1]["Range"].removeprefix("bytes=").rstrip("-"))
+    assert 0 < have <= len(MP4) // 3
+    assert (tmp_path / "job1.mp4").read_bytes() == MP4
+    assert got.sha256 == hashlib.sha256(MP4).hexdigest()  # type: ignore[attr-defined]
+
+
+async def test_server_ignoring_range_restarts_cleanly(cdn: Cdn, tmp_path: Path) -> None:
+    (tmp_path / "job1.mp4.part").write_bytes(b"stale bytes from another attempt")
+    cdn.mode = "no-range"
+    got = await _get(cdn, tmp_path)
+    assert (tmp_path / "job1.mp4").read_bytes() == MP4
+    assert got.bytes == len(MP4)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("mode", "expired", "retryable"),
+    [
+        ("403", True, True),
+        ("410", True, True),
+        ("500", False, True),
+        ("html", False, True),
+        ("redirect-loop", False, False),
+    ],
+)
+async def test_failures(
+    cdn: Cdn, tmp_path: Path, mode: str, expired: bool, retryable: bool
+) -> None:
+    cdn.mode = mode
+    with pytest.raises(DownloadError) as info:
+        await _get(cdn, tmp_path)
+    assert info.value.url_expired is expired
+    assert info.value.retryable is retryable
+    assert not (tmp_path / "job1.mp4").exists()
+
+
+async def test_redirects_are_followed_and_rechecked(cdn: Cdn, tmp_path: Path) -> None:
+    async with aiohttp.ClientSession() as s:
+        cdn.mode = "redirect"
+        got = await download(
+            s,
+            cdn.base + "/start.mp4",
+            tmp_path,
+            "r1",
+            api_base_url="http://127.0.0.1:1",
+            max_bytes=1 << 30,
+        )
+        assert got.bytes == len(MP4)
+        cdn.mode = "redirect-http"
+        with pytest.raises(UrlRejectedError):
+            await download(
+                s,
+                cdn.base + "/start.mp4",
+                tmp_path,
+                "r2",
+                api_base_url="http://127.0.0.1:1",
+                max_bytes=1 << 30,
+            )
+
+
+async def test_size_cap_stops_a_runaway_body(cdn: Cdn, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError) as info:
+        await _get(cdn, tmp_path, max_bytes=1000)
+    assert not info.value.retryable
+    assert not (tmp_path / "job1.mp4").exists()

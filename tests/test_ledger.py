@@ -1,0 +1,234 @@
+"""The ledger: the state machine, journal parsing and recovery, group-committed appends."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from veobatch.errors import LedgerCorruptError, LedgerError
+from veobatch.jobs import Job
+from veobatch.ledger import (
+    LEDGER_NAME,
+    RESULTS_NAME,
+    JobState,
+    Ledger,
+    apply_record,
+    build_results,
+    current_results,
+    parse_journal,
+    replay,
+)
+
+
+def rec(ev: str, job: str = "a", **kw: Any) -> dict[str, Any]:
+    return {"t": 1.0, "ev": ev, "job": job, **kw}
+
+
+HAPPY = [
+    rec("intent", crid="c1", key="k", model="m"),
+    rec("submitted", gen="g1"),
+    rec("completed", url="https://cdn/x.mp4"),
+    rec("done", file="a.mp4", bytes=10, sha256="ab", mtime_ns=5),
+]
+
+
+def test_happy_path_walks_every_state() -> None:
+    states: dict[str, JobState] = {}
+    seen = [apply_record(states, r).status for r in HAPPY]
+    assert seen == ["submitting", "submitted", "completed", "done"]
+    s = states["a"]
+    assert (s.generation_id, s.video_url, s.file, s.bytes, s.sha256, s.mtime_ns) == (
+        "g1",
+        "https://cdn/x.mp4",
+        "a.mp4",
+        10,
+        "ab",
+        5,
+    )
+    assert s.attempts == 1 and s.client_request_id == "c1" and s.key == "k"
+
+
+@pytest.mark.parametrize(
+    ("history", "event", "allowed"),
+    [
+        ([], "submitted", False),  # an id without an intent: never
+        ([], "done", False),
+        ([], "intent", True),
+        (HAPPY[:1], "submitted", True),
+        (HAPPY[:1], "uncertain", True),
+        (HAPPY[:1], "unsent", True),
+        (HAPPY[:1], "failed", True),
+        (HAPPY[:1], "intent", True),  # a retry after a request that was certainly not sent
+        (HAPPY[:2], "intent", False),  # has a generation id: must never be submitted again
+        (HAPPY[:2], "completed", True),
+        (HAPPY[:2], "done", False),  # no download without completion
+        (HAPPY[:3], "done", True),
+        (HAPPY[:3], "intent", False),
+        (HAPPY, "completed", True),  # file lost: fetch a fresh URL
+        (HAPPY, "intent", True),  # request changed: a new generation
+        ([*HAPPY[:2], rec("failed", kind="timeout")], "completed", True),
+        ([*HAPPY[:1], rec("uncertain")], "submitted", True),  # adopted from the usage logs
+        ([*HAPPY[:1], rec("uncertain")], "intent", True),  # deliberate resubmission
+    ],
+)
+def test_transitions(history: list[dict[str, Any]], event: str, allowed: bool) -> None:
+    states = replay(history)
+    extra = {"gen": "g2", "url": "u", "file": "f", "bytes": 1, "sha256": "s"}
+    if allowed:
+        apply_record(states, rec(event, **extra))
+    else:
+        with pytest.raises(LedgerError):
+            apply_record(states, rec(event, **extra))
+
+
+def test_failed_keeps_generation_id() -> None:
+    states = replay([*HAPPY[:2], rec("failed", kind="timeout", message="slow")])
+    assert states["a"].status == "failed"
+    assert states["a"].generation_id == "g1"
+    assert states["a"].error is not None and states["a"].error.kind == "timeout"
+
+
+def _lines(records: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def test_parse_clean_journal() -> None:
+    data = _lines(HAPPY)
+    j = parse_journal(data)
+    assert len(j.records) == 4 and j.good_bytes == len(data) and j.tail == b""
+
+
+def test_every_cut_of_the_last_record_recovers() -> None:
+    good = _lines(HAPPY[:3])
+    last = _lines(HAPPY[3:])
+    for cut in range(len(last) + 1):
+        j = parse_journal(good + last[:cut])
+        if cut >= len(last) - 1:  # whole record, with or without its newline
+            assert len(j.records) == 4, cut
+        else:
+            assert len(j.records) == 3, cut
+            assert j.good_bytes == len(good)
+            assert j.tail == last[:cut]
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"\x00" * 64,
+        b"garbage\n",
+        b'{"ev": "nope"}\n',
+        b"[1,2]\n",
+        b'{"t":1,"ev":"done"\x00\x00\n\x00',
+    ],
+)
+def test_garbage_tails_are_cut(tail: bytes) -> None:
+    good = _lines(HAPPY)
+    j = parse_journal(good + tail)
+    assert len(j.records) == 4
+    assert j.tail == tail
+
+
+def test_damage_before_a_valid_record_refuses() -> None:
+    data = _lines(HAPPY[:2]) + b"{broken\n" + _lines(HAPPY[2:])
+    with pytest.raises(LedgerCorruptError, match="line 3"):
+        parse_journal(data)
+
+
+def test_replay_rejects_impossible_history() -> None:
+    with pytest.raises(LedgerCorruptError):
+        replay([rec("submitted", gen="g")])
+
+
+async def test_open_recovers_torn_tail_and_keeps_it(tmp_path: Path) -> None:
+    good = _lines(HAPPY[:2])
+    (tmp_path / LEDGER_NAME).write_bytes(good + b'{"t": 2, "ev": "comp')
+    ledger = Ledger.open(tmp_path)
+    try:
+        assert ledger.states["a"].status == "submitted"
+        assert ledger.recovered_tail is not None
+        assert ledger.recovered_tail.read_bytes() == b'{"t": 2, "ev": "comp'
+        assert (tmp_path / LEDGER_NAME).read_bytes() == good
+        await ledger.record("completed", "a", url="u")
+    finally:
+        ledger.close()
+    assert replay(parse_journal((tmp_path / LEDGER_NAME).read_bytes()).records)["a"].status == (
+        "completed"
+    )
+
+
+async def test_open_terminates_a_last_record_missing_its_newline(tmp_path: Path) -> None:
+    (tmp_path / LEDGER_NAME).write_bytes(_lines(HAPPY[:2]).rstrip(b"\n"))
+    ledger = Ledger.open(tmp_path)
+    await ledger.record("completed", "a", url="u")
+    ledger.close()
+    states = replay(parse_journal((tmp_path / LEDGER_NAME).read_bytes()).records)
+    assert states["a"].status == "completed"
+
+
+def test_open_refuses_mid_file_corruption(tmp_path: Path) -> None:
+    (tmp_path / LEDGER_NAME).write_bytes(_lines(HAPPY[:1]) + b"\x00\x00\n" + _lines(HAPPY[1:2]))
+    with pytest.raises(LedgerCorruptError):
+        Ledger.open(tmp_path)
+
+
+async def test_records_are_durable_and_rejected_records_are_not_written(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path, clock=lambda: 42.0)
+    await ledger.record("intent", "a", crid="c", key="k", model="m")
+    with pytest.raises(LedgerError):
+        await ledger.record("done", "a", file="f", bytes=1, sha256="s")
+    await ledger.record("submitted", "a", gen="g")
+    ledger.close()
+    lines = (tmp_path / LEDGER_NAME).read_text().splitlines()
+    assert [json.loads(x)["ev"] for x in lines] == ["intent", "submitted"]
+    assert json.loads(lines[0])["t"] == 42.0
+
+
+async def test_concurrent_records_share_fsyncs(tmp_path: Path) -> None:
+    import anyio
+
+    ledger = Ledger.open(tmp_path)
+    writes = 0
+    real = ledger._write
+
+    def counting(lines: list[bytes]) -> None:
+        nonlocal writes
+        writes += 1
+        real(lines)
+
+    ledger._write = counting  # type: ignore[method-assign]
+    async with anyio.create_task_group() as tg:
+        for i in range(200):
+            tg.start_soon(lambda i=i: ledger.record("intent", f"j{i}", crid="c", key="k"))
+    ledger.close()
+    assert len(Ledger.open(tmp_path).states) == 200
+    assert writes < 200  # group commit: many records per write+fsync
+
+
+def test_results_document() -> None:
+    states = replay([*HAPPY, rec("intent", job="b"), rec("failed", job="b", kind="x", message="y")])
+    jobs = [
+        Job("c", {"model": "google/veo-3.1-t2v", "prompt": "p"}),
+        Job("a", {"model": "google/veo-3.1-t2v", "prompt": "q"}),
+    ]
+    doc = build_results(states, jobs)
+    assert [j["id"] for j in doc["jobs"]] == ["c", "a", "b"]
+    assert doc["summary"]["total"] == 3
+    assert doc["summary"]["done"] == 1 and doc["summary"]["failed"] == 1
+    assert doc["summary"]["pending"] == 1
+    a = doc["jobs"][1]
+    assert a["file"] == "a.mp4" and a["sha256"] == "ab" and a["error"] is None
+    assert doc["jobs"][2]["error"] == {"kind": "x", "message": "y"}
+
+
+async def test_current_results_prefers_the_newer_journal(tmp_path: Path) -> None:
+    ledger = Ledger.open(tmp_path)
+    await ledger.record("intent", "a", crid="c", key="k", model="m")
+    ledger.write_results([Job("a", {"model": "m", "prompt": "p"}), Job("z", {"model": "m"})])
+    await ledger.record("submitted", "a", gen="g")
+    ledger.close()
+    assert json.loads((tmp_path / RESULTS_NAME).read_text())["jobs"][0]["status"] == "submitting"
+    doc = current_results(tmp_path)
+    assert [(j["id"], j["status"]) for j in doc["jobs"]] == [("a", "submitted"), ("z", "pending")]

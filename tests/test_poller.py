@@ -1,0 +1,175 @@
+"""The shared poller: its schedule and interval rules as tables, then the loop with a fake API."""
+
+from __future__ import annotations
+
+import random
+
+import anyio
+import pytest
+
+from veobatch.client import Generation
+from veobatch.errors import ApiError, AuthError, NotFoundError, RateLimitedError, ServerError
+from veobatch.poller import PollSchedule, Poller, Tracked, error_delay_s, poll_delay_s
+from veobatch.settings import PollSettings
+
+S = PollSettings(first_delay_s=2, min_interval_s=1, max_interval_s=10, growth=0.25)
+
+
+@pytest.mark.parametrize(
+    ("age", "delay"), [(0, 1), (2, 1), (4, 1), (8, 2), (20, 5), (40, 10), (4000, 10)]
+)
+def test_poll_delay_grows_with_age_within_bounds(age: float, delay: float) -> None:
+    assert poll_delay_s(age, S) == delay
+
+
+def test_error_delay_is_bounded_and_honours_retry_after() -> None:
+    rng = random.Random(1)
+    for errors in range(1, 30):
+        d = error_delay_s(errors, S, None, rng)
+        assert S.min_interval_s <= d <= S.error_backoff_max_s
+    assert error_delay_s(1, S, 30.0, rng) >= 30.0
+
+
+def test_schedule_orders_and_reschedules() -> None:
+    s = PollSchedule()
+    s.schedule("a", 5)
+    s.schedule("b", 1)
+    s.schedule("c", 3)
+    s.schedule("a", 2)  # moved earlier: the old entry must not fire
+    assert s.next_due() == 1
+    assert s.pop_due(2.5) == ["b", "a"]
+    assert len(s) == 1 and "c" in s
+    s.schedule("c", 10)
+    assert s.pop_due(5) == []
+    s.remove("c")
+    assert s.next_due() is None and len(s) == 0
+
+
+def test_schedule_pop_limit() -> None:
+    s = PollSchedule()
+    for i in range(10):
+        s.schedule(str(i), i)
+    assert s.pop_due(100, limit=3) == ["0", "1", "2"]
+    assert len(s) == 7
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedApi:
+    """Answers each generation id from a script of statuses or errors."""
+
+    def __init__(self, scripts: dict[str, list[str | ApiError]]) -> None:
+        self.scripts = scripts
+        self.calls: list[str] = []
+
+    async def create(self, body: object, *, client_request_id: str) -> object:
+        raise NotImplementedError
+
+    async def fetch(self, generation_id: str) -> Generation:
+        self.calls.append(generation_id)
+        step = self.scripts[generation_id].pop(0)
+        if isinstance(step, ApiError):
+            raise step
+        url = "https://cdn/x.mp4" if step == "completed" else None
+        return Generation(generation_id, step, video_url=url)
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.finished: list[tuple[str, str]] = []
+        self.timed_out: list[str] = []
+        self.lost: list[str] = []
+        self.done = anyio.Event()
+        self.expect = 0
+
+    def _tick(self) -> None:
+        if len(self.finished) + len(self.timed_out) + len(self.lost) >= self.expect:
+            self.done.set()
+
+    async def generation_finished(self, tracked: Tracked, generation: Generation) -> None:
+        self.finished.append((tracked.job_id, generation.status))
+        self._tick()
+
+    async def generation_timed_out(self, tracked: Tracked) -> None:
+        self.timed_out.append(tracked.job_id)
+        self._tick()
+
+    async def generation_lost(self, tracked: Tracked, error: ApiError) -> None:
+        self.lost.append(tracked.job_id)
+        self._tick()
+
+
+FAST = PollSettings(
+    first_delay_s=0,
+    min_interval_s=0.001,
+    max_interval_s=0.002,
+    growth=0.0,
+    error_backoff_max_s=0.002,
+)
+
+
+async def _drive(api: ScriptedApi, sink: Sink, tracks: list[tuple[str, float]]) -> Poller:
+    poller = Poller(api, sink, FAST, clock=anyio.current_time, rng=random.Random(0))
+    sink.expect = len(tracks)
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poller.run)
+            for job, remaining in tracks:
+                poller.track(job, "g-" + job, age_s=0, remaining_s=remaining, first=True)
+            await sink.done.wait()
+            tg.cancel_scope.cancel()
+    return poller
+
+
+async def test_poller_follows_many_generations_to_their_end() -> None:
+    api = ScriptedApi(
+        {
+            "g-a": ["queued", "generating", "completed"],
+            "g-b": ["generating", "error"],
+            "g-c": [
+                ServerError("boom"),
+                RateLimitedError("slow down"),
+                "unknown-status",
+                "completed",
+            ],
+        }
+    )
+    sink = Sink()
+    poller = await _drive(api, sink, [("a", 60), ("b", 60), ("c", 60)])
+    assert sorted(sink.finished) == [("a", "completed"), ("b", "error"), ("c", "completed")]
+    assert poller.polls_sent == 9 == len(api.calls)
+    assert len(poller) == 0
+
+
+async def test_persistent_404_is_lost_and_deadline_times_out() -> None:
+    api = ScriptedApi({"g-a": [NotFoundError("gone")] * 5, "g-b": ["generating"] * 10_000})
+    sink = Sink()
+    await _drive(api, sink, [("a", 60), ("b", 0.05)])
+    assert sink.lost == ["a"] and sink.timed_out == ["b"]
+
+
+async def test_auth_error_stops_the_poller() -> None:
+    api = ScriptedApi({"g-a": [AuthError("bad key", status=401)]})
+    poller = Poller(api, Sink(), FAST, clock=anyio.current_time)
+    with pytest.raises(ExceptionGroup) as info, anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(poller.run)
+            poller.track("a", "g-a", age_s=0, remaining_s=60, first=True)
+    assert info.group_contains(AuthError)
+
+
+async def test_first_poll_waits_for_first_delay_with_fake_clock() -> None:
+    clock = FakeClock()
+    api = ScriptedApi({"g-a": ["completed"]})
+    poller = Poller(api, Sink(), PollSettings(first_delay_s=2), clock=clock)
+    poller.track("a", "g-a", age_s=0, remaining_s=60, first=True)
+    assert poller._schedule.pop_due(1.9) == []
+    assert poller._schedule.pop_due(2.0) == ["a"]
+    poller.track("b", "g-b", age_s=5, remaining_s=60, first=False)  # resumed: at once
+    assert poller._schedule.pop_due(0.0) == ["b"]

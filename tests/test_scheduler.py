@@ -1,0 +1,222 @@
+"""The scheduler: the resume policy as a table, then the submitter against a scripted API."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from veobatch.client import Created
+from veobatch.errors import (
+    ApiError,
+    AuthError,
+    BadRequestError,
+    NoAnswerError,
+    NotSentError,
+    RateLimitedError,
+    ServerError,
+)
+from veobatch.jobs import Job
+from veobatch.ledger import ErrorInfo, JobState, Ledger, parse_journal
+from veobatch.scheduler import (
+    Action,
+    SubmitOutcome,
+    Submitter,
+    backoff_delay_s,
+    client_request_id,
+    plan_job,
+)
+
+JOB = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "p"})
+
+
+def st(status: str, **kw: Any) -> JobState:
+    s = JobState("a", status=status, key=kw.pop("key", JOB.key), **kw)  # type: ignore[arg-type]
+    return s
+
+
+def _done_file(tmp: Path, content: bytes = b"\x00\x00\x00\x18ftypmp42") -> JobState:
+    (tmp / "a.mp4").write_bytes(content)
+    return st(
+        "done",
+        generation_id="g",
+        file="a.mp4",
+        bytes=len(content),
+        sha256=hashlib.sha256(content).hexdigest(),
+    )
+
+
+@pytest.mark.parametrize(
+    ("state", "action"),
+    [
+        (JobState("a"), Action.SUBMIT),
+        (st("submitting"), Action.HOLD_UNCERTAIN),
+        (st("uncertain"), Action.HOLD_UNCERTAIN),
+        (st("submitted", generation_id="g"), Action.POLL),
+        (st("submitted", generation_id="g", key="old"), Action.POLL),  # never pay twice
+        (st("completed", generation_id="g", video_url="https://c/x"), Action.DOWNLOAD),
+        (st("failed", generation_id="g", error=ErrorInfo("timeout", "slow")), Action.POLL),
+        (st("failed", generation_id="g", error=ErrorInfo("download", "x")), Action.POLL),
+        (
+            st("failed", generation_id="g", error=ErrorInfo("generation_error", "x")),
+            Action.HOLD_FAILED,
+        ),
+        (st("failed", error=ErrorInfo("invalid_request", "x")), Action.HOLD_FAILED),
+        (st("failed", error=ErrorInfo("invalid_request", "x"), key="old"), Action.SUBMIT),
+        (st("done", generation_id="g", file="missing.mp4", bytes=1, sha256="x"), Action.REFETCH),
+    ],
+)
+def test_plan_table(state: JobState, action: Action, tmp_path: Path) -> None:
+    assert plan_job(JOB, state, tmp_path).action is action
+
+
+def test_done_with_intact_file_is_skipped(tmp_path: Path) -> None:
+    assert plan_job(JOB, _done_file(tmp_path), tmp_path).action is Action.SKIP
+
+
+def test_done_with_altered_file_is_fetched_again(tmp_path: Path) -> None:
+    state = _done_file(tmp_path)
+    (tmp_path / "a.mp4").write_bytes(b"\x00\x00\x00\x18ftypXXXX")  # same size, other bytes
+    assert plan_job(JOB, state, tmp_path).action is Action.REFETCH
+
+
+def test_done_but_request_changed_is_submitted(tmp_path: Path) -> None:
+    state = _done_file(tmp_path)
+    state.key = "another"
+    assert plan_job(JOB, state, tmp_path).action is Action.SUBMIT
+
+
+def test_backoff_full_jitter_bounds() -> None:
+    import random
+
+    rng = random.Random(3)
+    for attempt in range(12):
+        d = backoff_delay_s(attempt, 1.0, 30.0, rng)
+        assert 0.0 <= d <= min(30.0, 2.0**attempt)
+
+
+def test_client_request_id_fits_the_api_alphabet() -> None:
+    ids = {client_request_id("job-" + "x" * 96, n) for n in range(100)}
+    assert len(ids) == 100
+    for crid in ids:
+        assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", crid)
+
+
+class ScriptedCreate:
+    def __init__(self, steps: list[str | ApiError]) -> None:
+        self.steps = steps
+        self.sent: list[str] = []
+
+    async def create(self, body: Any, *, client_request_id: str) -> Created:
+        self.sent.append(client_request_id)
+        step = self.steps.pop(0)
+        if isinstance(step, ApiError):
+            raise step
+        return Created(step, "queued")
+
+    async def fetch(self, generation_id: str) -> Any:
+        raise NotImplementedError
+
+
+async def _submit(tmp: Path, steps: list[str | ApiError]) -> tuple[Any, Ledger, ScriptedCreate]:
+    api = ScriptedCreate(steps)
+    ledger = Ledger.open(tmp)
+    submitted: list[str] = []
+
+    async def on_submitted(job: Job, created: Created) -> None:
+        submitted.append(created.generation_id)
+
+    sub = Submitter(
+        api,
+        ledger,
+        retries=3,
+        backoff_base_s=0,
+        backoff_max_s=0,
+        should_stop=lambda: False,
+        on_submitted=on_submitted,
+    )
+    try:
+        outcome = await sub.submit(JOB)
+    except AuthError:
+        outcome = SubmitOutcome.AUTH
+    ledger.close()
+    return outcome, Ledger.open(tmp), api
+
+
+def _events(tmp: Path) -> list[str]:
+    return [r["ev"] for r in parse_journal((tmp / "ledger.jsonl").read_bytes()).records]
+
+
+async def test_intent_is_on_disk_before_the_post(tmp_path: Path) -> None:
+    seen_on_disk: list[list[str]] = []
+
+    class Spy(ScriptedCreate):
+        async def create(self, body: Any, *, client_request_id: str) -> Created:
+            seen_on_disk.append(_events(tmp_path))
+            return await super().create(body, client_request_id=client_request_id)
+
+    ledger = Ledger.open(tmp_path)
+
+    async def noop(job: Job, created: Created) -> None:
+        assert _events(tmp_path)[-1] == "submitted"  # the id is durable before anything else
+
+    sub = Submitter(Spy(["g1"]), ledger, 3, 0, 0, lambda: False, noop)
+    assert await sub.submit(JOB) is SubmitOutcome.SUBMITTED
+    ledger.close()
+    assert seen_on_disk == [["intent"]]
+
+
+@pytest.mark.parametrize(
+    ("steps", "outcome", "events", "status"),
+    [
+        (["g1"], SubmitOutcome.SUBMITTED, ["intent", "submitted"], "submitted"),
+        (
+            [NotSentError("refused"), "g1"],
+            SubmitOutcome.SUBMITTED,
+            ["intent", "unsent", "intent", "submitted"],
+            "submitted",
+        ),
+        (
+            [RateLimitedError("429", retry_after_s=0), "g1"],
+            SubmitOutcome.SUBMITTED,
+            ["intent", "unsent", "intent", "submitted"],
+            "submitted",
+        ),
+        (
+            [NotSentError("x")] * 4,
+            SubmitOutcome.REJECTED,
+            ["intent", "unsent"] * 3 + ["intent", "failed"],
+            "failed",
+        ),
+        (
+            [BadRequestError("Body validation error")],
+            SubmitOutcome.REJECTED,
+            ["intent", "failed"],
+            "failed",
+        ),
+        ([ServerError("502")], SubmitOutcome.UNCERTAIN, ["intent", "uncertain"], "uncertain"),
+        ([NoAnswerError("timeout")], SubmitOutcome.UNCERTAIN, ["intent", "uncertain"], "uncertain"),
+        (
+            [AuthError("no credits", status=403)],
+            SubmitOutcome.AUTH,
+            ["intent", "unsent"],
+            "pending",
+        ),
+    ],
+)
+async def test_submit_outcomes(
+    tmp_path: Path,
+    steps: list[str | ApiError],
+    outcome: SubmitOutcome,
+    events: list[str],
+    status: str,
+) -> None:
+    got, ledger, api = await _submit(tmp_path, steps)
+    assert got is outcome
+    assert _events(tmp_path) == events
+    assert ledger.state("a").status == status
+    assert len(set(api.sent)) == len(api.sent)  # a fresh request id per attempt
+    ledger.close()
