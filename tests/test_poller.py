@@ -9,7 +9,7 @@ import pytest
 
 from veobatch.client import Generation
 from veobatch.errors import ApiError, AuthError, NotFoundError, RateLimitedError, ServerError
-from veobatch.poller import PollSchedule, Poller, Tracked, error_delay_s, poll_delay_s
+from veobatch.poller import Poller, PollSchedule, Tracked, error_delay_s, poll_delay_s
 from veobatch.settings import PollSettings
 
 S = PollSettings(first_delay_s=2, min_interval_s=1, max_interval_s=10, growth=0.25)

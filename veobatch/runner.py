@@ -111,8 +111,11 @@ class _Run:
 
     async def execute(self, plans: list[JobPlan]) -> None:
         self.open = {p.job.id for p in plans if p.action not in _IDLE}
-        if not self.open:
-            return
+        with self.to_download, self.downloads:
+            if self.open:
+                await self._execute(plans)
+
+    async def _execute(self, plans: list[JobPlan]) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._poll_loop)
             for _ in range(self.settings.download_concurrency):

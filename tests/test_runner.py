@@ -1,0 +1,203 @@
+"""The runner with an in-memory API and a local video host: limits, resume, stops, exit codes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from aiohttp import web
+
+from veobatch.client import Created, Generation
+from veobatch.errors import AuthError, ConfigError, LockedError, ServerError
+from veobatch.fsutil import DirLock
+from veobatch.jobs import Job, Manifest
+from veobatch.ledger import parse_journal
+from veobatch.runner import run
+from veobatch.settings import PollSettings, RunSettings
+
+MP4 = b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 5000
+
+
+@pytest.fixture
+async def cdn() -> AsyncIterator[str]:
+    async def video(request: web.Request) -> web.Response:
+        assert "Authorization" not in request.headers
+        return web.Response(body=MP4, content_type="video/mp4")
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+class FakeApi:
+    """Generations finish after a fixed number of polls; tracks how many are in flight."""
+
+    def __init__(self, cdn: str, polls_to_finish: int = 2, fail: set[str] | None = None) -> None:
+        self.cdn = cdn
+        self.polls_to_finish = polls_to_finish
+        self.fail = fail or set()
+        self.created: list[str] = []
+        self.polls: dict[str, int] = {}
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.create_error: Exception | None = None
+
+    async def create(self, body: Any, *, client_request_id: str) -> Created:
+        if self.create_error is not None:
+            raise self.create_error
+        gen = f"g{len(self.created)}-{body['prompt']}"
+        self.created.append(gen)
+        self.polls[gen] = 0
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        return Created(gen, "queued")
+
+    async def fetch(self, generation_id: str) -> Generation:
+        self.polls[generation_id] += 1
+        if self.polls[generation_id] < self.polls_to_finish:
+            return Generation(generation_id, "generating")
+        if self.polls[generation_id] == self.polls_to_finish:
+            self.in_flight -= 1
+        if any(generation_id.endswith("-" + p) for p in self.fail):
+            return Generation(generation_id, "error", error_name="Safety", error_message="no")
+        return Generation(generation_id, "completed", video_url=f"{self.cdn}/v/{generation_id}.mp4")
+
+
+def manifest(n: int, tmp: Path) -> Manifest:
+    jobs = tuple(
+        Job(f"job{i}", {"model": "google/veo-3.1-t2v", "prompt": f"p{i}"}, i) for i in range(n)
+    )
+    return Manifest(tmp / "m.yaml", jobs)
+
+
+def settings(tmp: Path, **kw: Any) -> RunSettings:
+    fast = PollSettings(
+        first_delay_s=0,
+        min_interval_s=0.001,
+        max_interval_s=0.005,
+        growth=0,
+        error_backoff_max_s=0.01,
+    )
+    # A plain-http loopback API base is what lets the loopback video host through.
+    base = RunSettings(
+        out_dir=tmp / "out",
+        base_url="http://127.0.0.1:1",
+        concurrency=3,
+        poll=fast,
+        backoff_base_s=0,
+        backoff_max_s=0,
+    )
+    return replace(base, **kw)
+
+
+async def test_runs_every_job_under_the_concurrency_limit(cdn: str, tmp_path: Path) -> None:
+    api = FakeApi(cdn, polls_to_finish=3)
+    report = await run(manifest(20, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 20}
+    assert len(api.created) == 20
+    assert api.max_in_flight == 3  # saturated, never exceeded
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.mp4")) == sorted(f"job{i}.mp4" for i in range(20))
+    assert not list(out.glob("*.part"))
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["summary"]["done"] == 20 and doc["summary"]["total"] == 20
+    row = doc["jobs"][0]
+    assert row["status"] == "done" and row["file"] == "job0.mp4" and row["bytes"] == len(MP4)
+    assert row["generation_id"].startswith("g") and row["error"] is None
+
+
+async def test_rerun_sends_nothing(cdn: str, tmp_path: Path) -> None:
+    m = manifest(5, tmp_path)
+    await run(m, settings(tmp_path), api=FakeApi(cdn))
+    api = FakeApi(cdn)
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and api.created == [] and api.polls == {}
+
+
+async def test_resume_polls_recorded_generations_instead_of_paying(
+    cdn: str, tmp_path: Path
+) -> None:
+    m = manifest(4, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=10_000)  # nothing finishes: interrupt mid-flight
+    with anyio.move_on_after(0.3):
+        await run(m, settings(tmp_path), api=api)
+    first = list(api.created)
+    assert len(first) == 3  # the limit held
+    api2 = FakeApi(cdn, polls_to_finish=1)
+    api2.polls = dict.fromkeys(first, 0)
+    api2.created = list(first)
+    report = await run(m, settings(tmp_path), api=api2)
+    assert report.exit_code == 0
+    assert len(api2.created) == 4  # only the never-submitted job was paid for
+    assert set(api2.created[:3]) == set(first)
+
+
+async def test_generation_error_fails_the_job_and_exit_1(cdn: str, tmp_path: Path) -> None:
+    report = await run(manifest(3, tmp_path), settings(tmp_path), api=FakeApi(cdn, fail={"p1"}))
+    assert report.exit_code == 1
+    assert [(j, e.kind) for j, e in report.failed] == [("job1", "generation_error")]
+    assert "Safety: no" in report.failed[0][1].message
+    assert report.counts == {"done": 2, "failed": 1}
+
+
+async def test_auth_error_stops_submitting_and_exits_3(cdn: str, tmp_path: Path) -> None:
+    api = FakeApi(cdn)
+    api.create_error = AuthError("HTTP 403: no credits", status=403)
+    report = await run(manifest(10, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 3 and "no credits" in (report.auth_error or "")
+    assert report.counts == {"pending": 10}
+    assert api.created == []
+
+
+async def test_server_error_on_create_leaves_job_uncertain(cdn: str, tmp_path: Path) -> None:
+    api = FakeApi(cdn)
+    api.create_error = ServerError("HTTP 502: bad gateway", status=502)
+    report = await run(manifest(2, tmp_path), settings(tmp_path, concurrency=1), api=api)
+    assert report.exit_code == 1 and sorted(report.uncertain) == ["job0", "job1"]
+    api.create_error = None
+    again = await run(manifest(2, tmp_path), settings(tmp_path), api=api)
+    assert api.created == [] and sorted(again.uncertain) == ["job0", "job1"]
+
+
+async def test_job_timeout_keeps_generation_id(cdn: str, tmp_path: Path) -> None:
+    api = FakeApi(cdn, polls_to_finish=10**9)
+    report = await run(manifest(1, tmp_path), settings(tmp_path, job_timeout_s=0.05), api=api)
+    assert report.failed[0][1].kind == "timeout"
+    recs = parse_journal((tmp_path / "out" / "ledger.jsonl").read_bytes()).records
+    assert recs[-1]["ev"] == "failed" and recs[1]["ev"] == "submitted"
+    api2 = FakeApi(cdn, polls_to_finish=1)
+    api2.polls = dict.fromkeys(api.created, 0)
+    report2 = await run(manifest(1, tmp_path), settings(tmp_path), api=api2)
+    assert report2.exit_code == 0 and api2.created == []
+
+
+async def test_missing_file_is_fetched_again_without_paying(cdn: str, tmp_path: Path) -> None:
+    m = manifest(2, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    (tmp_path / "out" / "job0.mp4").unlink()
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and len(api.created) == 2
+    assert (tmp_path / "out" / "job0.mp4").read_bytes() == MP4
+
+
+async def test_second_run_on_same_directory_is_locked(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    with DirLock(tmp_path / "out"), pytest.raises(LockedError):
+        await run(manifest(1, tmp_path), settings(tmp_path), api=FakeApi("http://x"))
+
+
+async def test_no_key_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="AIMLAPI_KEY"):
+        await run(manifest(1, tmp_path), settings(tmp_path))
