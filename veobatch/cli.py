@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import anyio
 import click
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.table import Table
 
 from .errors import (
@@ -29,7 +30,8 @@ from .errors import (
 from .jobs import Manifest
 from .ledger import current_results, load_states
 from .manifest import load_manifest
-from .runner import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_USAGE, RunReport, run
+from .progress import LiveProgress, LogProgress
+from .runner import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_USAGE, RunReport, Snapshot, run
 from .scheduler import plan_jobs
 from .settings import RunSettings, Secret, resolve_settings
 from .summary import plan_rows, plan_summary, run_summary, status_counts, status_rows
@@ -38,12 +40,20 @@ log = logging.getLogger("veobatch")
 T = TypeVar("T")
 
 
+STDERR = Console(stderr=True)
+
+
 def _setup_logging(verbosity: int) -> None:
+    """Plain timestamped lines off a terminal (cron, files); rich lines above the bar on one."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
+    handler: logging.Handler
+    if STDERR.is_terminal:
+        handler = RichHandler(console=STDERR, show_path=False, markup=False)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -137,22 +147,33 @@ def run_cmd(
     out = out_dir or _default_out(manifest)
     cli = {"concurrency": concurrency, "job_timeout_s": job_timeout_s}
     settings = _guard(lambda: resolve_settings(out, m.settings, cli))
-    report = _guard(lambda: anyio.run(_run_async, m, settings, simulate, verify))
+    if STDERR.is_terminal and not quiet:
+        with LiveProgress(STDERR) as live:
+            report = _guard(lambda: anyio.run(_run_async, m, settings, simulate, verify, live))
+    else:
+        observer = LogProgress() if not quiet else None
+        report = _guard(lambda: anyio.run(_run_async, m, settings, simulate, verify, observer))
     for line in run_summary(report, len(m.jobs)):
         click.echo(line)
     sys.exit(report.exit_code)
 
 
-async def _run_async(m: Manifest, settings: RunSettings, simulate: bool, verify: bool) -> RunReport:
+async def _run_async(
+    m: Manifest,
+    settings: RunSettings,
+    simulate: bool,
+    verify: bool,
+    observer: Callable[[Snapshot], None] | None,
+) -> RunReport:
     if not simulate:
-        return await run(m, settings, handle_signals=True, verify=verify)
+        return await run(m, settings, handle_signals=True, verify=verify, observer=observer)
     from .simulator import SimConfig, Simulator
 
     key = "sim-" + secrets.token_hex(8)
     async with Simulator(SimConfig(api_keys=frozenset({key}))) as sim:
         log.info("simulator listening on %s (videos on %s)", sim.base_url, sim.cdn_url)
         sim_settings = settings.with_overrides(base_url=sim.base_url, api_key=Secret(key))
-        return await run(m, sim_settings, handle_signals=True, verify=verify)
+        return await run(m, sim_settings, handle_signals=True, verify=verify, observer=observer)
 
 
 @main.command("plan")

@@ -67,6 +67,21 @@ class RunReport:
         return EXIT_OK
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """A run in progress, for live displays and periodic log lines."""
+
+    total: int
+    counts: dict[str, int]
+    elapsed_s: float
+    submitted: int
+    polls: int
+
+    @property
+    def finished(self) -> int:
+        return self.counts.get("done", 0) + self.counts.get("failed", 0)
+
+
 @dataclass
 class _Run:
     """The state of one run in progress; see the module docstring."""
@@ -81,6 +96,7 @@ class _Run:
     interrupted: bool = False
     auth_error: str | None = None
     submitted: int = 0
+    observer: Callable[[Snapshot], None] | None = None
 
     def __post_init__(self) -> None:
         self.jobs = {j.id: j for j in self.manifest.jobs}
@@ -121,6 +137,8 @@ class _Run:
             for _ in range(self.settings.download_concurrency):
                 tg.start_soon(self._download_worker, self.downloads.clone())
             tg.start_soon(self._results_loop)
+            if self.observer is not None:
+                tg.start_soon(self._observe_loop, self.observer)
             self._resume(plans)
             tg.start_soon(self._submit_all, [p.job for p in plans if p.action is Action.SUBMIT])
             await self.settled.wait()
@@ -324,6 +342,21 @@ class _Run:
                 log.warning("%s: stopping; run again to resume", signal.Signals(sig).name)
                 scope.cancel()
 
+    async def _observe_loop(self, observer: Callable[[Snapshot], None]) -> None:
+        started = self.clock()
+        while True:
+            observer(self.snapshot(self.clock() - started))
+            await anyio.sleep(self.settings.observe_interval_s)
+
+    def snapshot(self, elapsed_s: float) -> Snapshot:
+        counts: dict[str, int] = {}
+        for job in self.manifest.jobs:
+            status = self.ledger.state(job.id).status
+            counts[status] = counts.get(status, 0) + 1
+        return Snapshot(
+            len(self.manifest.jobs), counts, elapsed_s, self.submitted, self.poller.polls_sent
+        )
+
     def report(self, elapsed_s: float) -> RunReport:
         counts: dict[str, int] = {}
         failed: list[tuple[str, ErrorInfo]] = []
@@ -394,6 +427,7 @@ async def run(
     api: ApiClient | None = None,
     handle_signals: bool = False,
     verify: bool = False,
+    observer: Callable[[Snapshot], None] | None = None,
 ) -> RunReport:
     """Run a manifest to completion (or interruption) and report; resumes what the ledger holds."""
     started = time.monotonic()
@@ -405,7 +439,7 @@ async def run(
         try:
             plans = plan_jobs(manifest.jobs, ledger.states, out, verify=verify)
             async with _http(settings, api) as (client, cdn):
-                r = _Run(manifest, settings, ledger, client, cdn)
+                r = _Run(manifest, settings, ledger, client, cdn, observer=observer)
                 async with anyio.create_task_group() as outer:
                     main = anyio.CancelScope()
                     if handle_signals:
@@ -413,6 +447,8 @@ async def run(
                     with main:
                         await r.execute(plans)
                     outer.cancel_scope.cancel()
+            if observer is not None:
+                observer(r.snapshot(time.monotonic() - started))
             return r.report(time.monotonic() - started)
         finally:
             ledger.close()

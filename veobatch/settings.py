@@ -75,6 +75,7 @@ class RunSettings:
     backoff_max_s: float = 60.0
     poll: PollSettings = field(default_factory=PollSettings)
     ledger_flush_interval_s: float = 5.0  # results.json rewrite period during a run
+    observe_interval_s: float = 0.5  # live display refresh
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
