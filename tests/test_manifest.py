@@ -1,0 +1,1377 @@
+"""The manifest loader: every rule, good and bad, with the exact place each problem points at."""
+
+from __future__ import annotations
+
+import ast
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from veobatch import manifest_checks
+from veobatch.catalogue import MODELS
+from veobatch.errors import ManifestError, Problem
+from veobatch.jobs import ManifestSettings, request_key
+from veobatch.manifest import load_manifest, parse_manifest
+from veobatch.yamlpos import Pos, compose
+
+REPO = Path(__file__).resolve().parent.parent
+SEEDS = Path("/work/shared/seeds")
+
+T2V = "google/veo-3.1-t2v"
+T2V_FAST = "google/veo-3.1-t2v-fast"
+I2V = "google/veo-3.1-i2v"
+FLF = "google/veo-3.1-first-last-image-to-video"
+R2V = "google/veo-3.1-reference-to-video"
+IMG = "https://a.example/1.png"
+IMG2 = "https://a.example/2.png"
+
+
+def doc(*lines: str) -> str:
+    return "\n".join(lines) + "\n"
+
+
+def job_doc(*fields: str) -> str:
+    """version on line 1, jobs on line 2, the job's fields from line 3 (dash at column 3)."""
+    return doc("version: 1", "jobs:", "  - " + fields[0], *("    " + f for f in fields[1:]))
+
+
+def t2v(*extra: str) -> str:
+    return job_doc(f"model: {T2V}", "prompt: a cat", *extra)  # extra fields start on line 5
+
+
+def i2v(image: str, *extra: str) -> str:
+    return job_doc(f"model: {I2V}", "prompt: a cat", f"image_url: {image}", *extra)
+
+
+def r2v(*extra: str) -> str:
+    return job_doc(f"model: {R2V}", "prompt: a cat", *extra)
+
+
+def settings(line: str) -> str:
+    return doc(
+        "version: 1", "settings:", "  " + line, "jobs:", f"  - model: {T2V}", "    prompt: a"
+    )
+
+
+def defaults(line: str) -> str:
+    return doc(
+        "version: 1", "defaults:", "  " + line, "jobs:", f"  - model: {T2V}", "    prompt: a"
+    )
+
+
+def problems_of(text: str) -> list[Problem]:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(text, file="m.yaml")
+    return caught.value.problems
+
+
+def where(p: Problem) -> tuple[int | None, int | None, str | None, str | None]:
+    return (p.line, p.column, p.job, p.field)
+
+
+# (text, line, column, job, field, parts of the message); each text has exactly one problem.
+BAD = [
+    # --- YAML itself
+    pytest.param(
+        t2v("seed: [1"), 6, 1, None, None, ("invalid YAML", "flow sequence"), id="syntax-error"
+    ),
+    pytest.param(
+        job_doc(f"model: {T2V}", "prompt: a: b"),
+        4,
+        14,
+        None,
+        None,
+        ("invalid YAML: mapping values are not allowed here",),
+        id="syntax-error-colon",
+    ),
+    pytest.param(
+        doc("version: 1", "jobs: *nowhere"),
+        2,
+        7,
+        None,
+        None,
+        ("found undefined alias 'nowhere'",),
+        id="undefined-alias",
+    ),
+    pytest.param(
+        "version: 1\x07\n", 1, 11, None, None, ("U+0007 is not allowed",), id="control-char"
+    ),
+    pytest.param(
+        t2v() + "---\nversion: 1\n",
+        5,
+        1,
+        None,
+        None,
+        ("expected a single document", "found another document"),
+        id="two-documents",
+    ),
+    pytest.param(
+        t2v("prompt: a dog"),
+        5,
+        5,
+        "#1",
+        "prompt",
+        ("duplicate key 'prompt' (first at line 4)",),
+        id="duplicate-key",
+    ),
+    pytest.param(
+        job_doc(f"model: {T2V}", "prompt: !foo a cat"),
+        4,
+        13,
+        "#1",
+        "prompt",
+        ("unsupported YAML tag '!foo'",),
+        id="unknown-tag",
+    ),
+    pytest.param(
+        job_doc(f"model: {T2V}", "prompt: !!python/name:os.system x"),
+        4,
+        13,
+        "#1",
+        "prompt",
+        ("unsupported YAML tag 'tag:yaml.org,2002:python/name:os.system'",),
+        id="python-tag",
+    ),
+    # --- top level
+    pytest.param(doc("# nothing here"), 1, 1, None, None, ("the manifest is empty",), id="empty"),
+    pytest.param(
+        doc("- a", "- b"),
+        1,
+        1,
+        None,
+        None,
+        ("expected a mapping with 'version' and 'jobs' at the top, got a list",),
+        id="top-level-list",
+    ),
+    pytest.param(
+        t2v() + "setings: {}\n",
+        5,
+        1,
+        None,
+        "setings",
+        ("unknown top-level key 'setings'; did you mean 'settings'?",),
+        id="unknown-top-key",
+    ),
+    pytest.param(
+        t2v() + "colour: red\n",
+        5,
+        1,
+        None,
+        "colour",
+        ("unknown top-level key 'colour'; expected 'version', 'settings', 'defaults', 'jobs'",),
+        id="unknown-top-key-no-suggestion",
+    ),
+    pytest.param(
+        doc("jobs:", f"  - model: {T2V}", "    prompt: a"),
+        1,
+        1,
+        None,
+        "version",
+        ("missing 'version: 1'",),
+        id="version-missing",
+    ),
+    pytest.param(
+        t2v().replace("version: 1", 'version: "1"'),
+        1,
+        10,
+        None,
+        "version",
+        ("expected the integer 1, got the string '1' (remove the quotes)",),
+        id="version-string",
+    ),
+    pytest.param(
+        t2v().replace("version: 1", "version: 2"),
+        1,
+        10,
+        None,
+        "version",
+        ("unsupported manifest version 2; this veobatch reads version 1",),
+        id="version-2",
+    ),
+    pytest.param(doc("version: 1"), 1, 1, None, "jobs", ("missing 'jobs'",), id="jobs-missing"),
+    pytest.param(
+        doc("version: 1", "jobs: []"),
+        2,
+        7,
+        None,
+        "jobs",
+        ("expected a non-empty list of jobs, got an empty list",),
+        id="jobs-empty",
+    ),
+    pytest.param(
+        doc("version: 1", "jobs:", "  a: 1"),
+        3,
+        3,
+        None,
+        "jobs",
+        ("expected a non-empty list of jobs, got a mapping",),
+        id="jobs-mapping",
+    ),
+    pytest.param(
+        doc("version: 1", "jobs:", "  - just text"),
+        3,
+        3,
+        "#1",
+        None,
+        ("expected a job (a mapping of request fields), got the string 'just text'",),
+        id="job-not-mapping",
+    ),
+    # --- settings
+    pytest.param(
+        settings("concurrency: 0"),
+        3,
+        16,
+        None,
+        "settings.concurrency",
+        ("expected an integer from 1 to 10000, got 0",),
+        id="concurrency-zero",
+    ),
+    pytest.param(
+        settings("concurrency: 10001"),
+        3,
+        16,
+        None,
+        "settings.concurrency",
+        ("expected an integer from 1 to 10000, got 10001",),
+        id="concurrency-too-big",
+    ),
+    pytest.param(
+        settings("concurrency: true"),
+        3,
+        16,
+        None,
+        "settings.concurrency",
+        ("got the boolean true",),
+        id="concurrency-bool",
+    ),
+    pytest.param(
+        settings('concurrency: "4"'),
+        3,
+        16,
+        None,
+        "settings.concurrency",
+        ("got the string '4' (remove the quotes)",),
+        id="concurrency-string",
+    ),
+    pytest.param(
+        settings("concurrency: 2.5"),
+        3,
+        16,
+        None,
+        "settings.concurrency",
+        ("got the number 2.5",),
+        id="concurrency-float",
+    ),
+    pytest.param(
+        settings("download_concurrency: 65"),
+        3,
+        25,
+        None,
+        "settings.download_concurrency",
+        ("expected an integer from 1 to 64, got 65",),
+        id="download-concurrency-too-big",
+    ),
+    pytest.param(
+        settings("job_timeout_s: 0"),
+        3,
+        18,
+        None,
+        "settings.job_timeout_s",
+        ("expected a number of seconds greater than 0, got 0",),
+        id="timeout-zero",
+    ),
+    pytest.param(
+        settings("job_timeout_s: .inf"),
+        3,
+        18,
+        None,
+        "settings.job_timeout_s",
+        ("greater than 0, got inf",),
+        id="timeout-inf",
+    ),
+    pytest.param(
+        settings('job_timeout_s: "30"'),
+        3,
+        18,
+        None,
+        "settings.job_timeout_s",
+        ("got the string '30'",),
+        id="timeout-string",
+    ),
+    pytest.param(
+        settings("concurency: 3"),
+        3,
+        3,
+        None,
+        "settings.concurency",
+        ("unknown setting 'concurency'; did you mean 'concurrency'?",),
+        id="setting-unknown",
+    ),
+    pytest.param(
+        t2v().replace("jobs:", "settings: [1]\njobs:"),
+        2,
+        11,
+        None,
+        "settings",
+        ("expected a mapping of run settings, got a list",),
+        id="settings-list",
+    ),
+    # --- defaults
+    pytest.param(
+        defaults("id: shared"),
+        3,
+        3,
+        None,
+        "defaults.id",
+        ("'id' cannot be a default",),
+        id="default-id",
+    ),
+    pytest.param(
+        defaults("resolutoin: 720p"),
+        3,
+        3,
+        None,
+        "defaults.resolutoin",
+        ("unknown default 'resolutoin'; did you mean 'resolution'?",),
+        id="default-unknown",
+    ),
+    pytest.param(
+        defaults("resolution: 4k"),
+        3,
+        15,
+        None,
+        "defaults.resolution",
+        ("expected one of '720p', '1080p', got '4k'",),
+        id="default-bad-value",
+    ),
+    pytest.param(
+        doc("version: 1", "defaults:", "  model: veo-3.1-t2v-fastt", "jobs:", "  - prompt: a"),
+        3,
+        10,
+        None,
+        "defaults.model",
+        ("unknown model 'veo-3.1-t2v-fastt'; did you mean 'google/veo-3.1-t2v-fast'?",),
+        id="default-model-unknown",
+    ),
+    pytest.param(
+        t2v().replace("jobs:", "defaults: [720p]\njobs:"),
+        2,
+        11,
+        None,
+        "defaults",
+        ("expected a mapping of request fields, got a list",),
+        id="defaults-list",
+    ),
+    # --- the job's model and fields
+    pytest.param(
+        job_doc("prompt: a cat"),
+        3,
+        3,
+        "#1",
+        "model",
+        ("missing 'model': set it in the job or in defaults",),
+        id="model-missing",
+    ),
+    pytest.param(
+        job_doc("model: google/veo-3.1-t2v-fastt", "prompt: a"),
+        3,
+        12,
+        "#1",
+        "model",
+        ("unknown model 'google/veo-3.1-t2v-fastt'; did you mean 'google/veo-3.1-t2v-fast'?",),
+        id="model-typo",
+    ),
+    pytest.param(
+        job_doc("model: google/veo-3.1-text-to-video", "prompt: a"),
+        3,
+        12,
+        "#1",
+        "model",
+        ("did you mean 'google/veo-3.1-t2v'?",),
+        id="model-synonym",
+    ),
+    pytest.param(
+        job_doc("model: sora-2", "prompt: a"),
+        3,
+        12,
+        "#1",
+        "model",
+        ("unknown model 'sora-2'; expected one of 'google/veo-3.1-reference-to-video'",),
+        id="model-foreign",
+    ),
+    pytest.param(
+        job_doc("model: 3", "prompt: a"),
+        3,
+        12,
+        "#1",
+        "model",
+        ("expected a model name such as 'google/veo-3.1-t2v', got the integer 3",),
+        id="model-not-string",
+    ),
+    pytest.param(
+        t2v("promt: a dog"),
+        5,
+        5,
+        "#1",
+        "promt",
+        ("unknown field 'promt'; did you mean 'prompt'?",),
+        id="field-typo",
+    ),
+    pytest.param(
+        t2v("colour: red"),
+        5,
+        5,
+        "#1",
+        "colour",
+        ("unknown field 'colour'; a job takes 'id', 'model' and the API's request fields",),
+        id="field-unknown",
+    ),
+    pytest.param(
+        r2v(f"image_urls: [{IMG}]", 'aspect_ratio: "16:9"'),
+        6,
+        5,
+        "#1",
+        "aspect_ratio",
+        ("google/veo-3.1-reference-to-video does not accept 'aspect_ratio'",),
+        id="field-not-accepted",
+    ),
+    pytest.param(
+        r2v(f"image_urls: [{IMG}]", f"image_url: {IMG}"),
+        6,
+        5,
+        "#1",
+        "image_url",
+        ("does not accept 'image_url'; did you mean 'image_urls'?",),
+        id="field-not-accepted-suggestion",
+    ),
+    pytest.param(
+        i2v(IMG, "seed: 3"),
+        6,
+        5,
+        "#1",
+        "seed",
+        (
+            "google/veo-3.1-i2v does not accept 'seed'; "
+            "only google/veo-3.1-t2v and google/veo-3.1-t2v-fast do",
+        ),
+        id="field-t2v-only",
+    ),
+    pytest.param(
+        job_doc(f"model: {I2V}", "prompt: a cat"),
+        3,
+        3,
+        "#1",
+        "image_url",
+        ("google/veo-3.1-i2v requires 'image_url', which is missing",),
+        id="required-missing",
+    ),
+    pytest.param(
+        job_doc(f"model: {FLF}", "prompt: a cat", f"image_url: {IMG}"),
+        3,
+        3,
+        "#1",
+        "last_image_url",
+        ("requires 'last_image_url'",),
+        id="required-last-image",
+    ),
+    pytest.param(
+        job_doc(f"model: {T2V}", "seed: 1"),
+        3,
+        3,
+        "#1",
+        "prompt",
+        ("google/veo-3.1-t2v requires 'prompt', which is missing",),
+        id="prompt-missing",
+    ),
+    # --- field values
+    pytest.param(
+        t2v('duration: "8"'),
+        5,
+        15,
+        "#1",
+        "duration",
+        ("expected an integer (one of 4, 6, 8), got the string '8' (remove the quotes)",),
+        id="duration-string",
+    ),
+    pytest.param(
+        t2v("duration: 8.0"),
+        5,
+        15,
+        "#1",
+        "duration",
+        ("got the number 8.0",),
+        id="duration-float",
+    ),
+    pytest.param(
+        t2v("duration: true"),
+        5,
+        15,
+        "#1",
+        "duration",
+        ("got the boolean true",),
+        id="duration-bool",
+    ),
+    pytest.param(
+        t2v("duration: 5"),
+        5,
+        15,
+        "#1",
+        "duration",
+        ("expected one of 4, 6, 8, got 5",),
+        id="duration-enum",
+    ),
+    pytest.param(
+        r2v(f"image_urls: [{IMG}]", "duration: 4"),
+        6,
+        15,
+        "#1",
+        "duration",
+        ("expected 8, got 4",),
+        id="duration-r2v",
+    ),
+    pytest.param(
+        t2v('seed: "42"'),
+        5,
+        11,
+        "#1",
+        "seed",
+        ("expected an integer, got the string '42' (remove the quotes)",),
+        id="seed-string",
+    ),
+    pytest.param(
+        t2v("seed: 1.5"),
+        5,
+        11,
+        "#1",
+        "seed",
+        ("expected an integer, got the number 1.5",),
+        id="seed-float",
+    ),
+    pytest.param(
+        t2v('generate_audio: "true"'),
+        5,
+        21,
+        "#1",
+        "generate_audio",
+        ("expected true or false, got the string 'true' (remove the quotes)",),
+        id="bool-string",
+    ),
+    pytest.param(
+        t2v("generate_audio: yes"),
+        5,
+        21,
+        "#1",
+        "generate_audio",
+        ("expected true or false, got yes (YAML 1.1 reads it as true; write true)",),
+        id="bool-yes",
+    ),
+    pytest.param(
+        t2v("generate_audio: 1"),
+        5,
+        21,
+        "#1",
+        "generate_audio",
+        ("expected true or false, got the integer 1",),
+        id="bool-int",
+    ),
+    pytest.param(
+        t2v("resolution: 4k"),
+        5,
+        17,
+        "#1",
+        "resolution",
+        ("expected one of '720p', '1080p', got '4k'",),
+        id="resolution-enum",
+    ),
+    pytest.param(
+        t2v("resolution: 1080"),
+        5,
+        17,
+        "#1",
+        "resolution",
+        ("got the integer 1080; did you mean '1080p'?",),
+        id="resolution-number",
+    ),
+    pytest.param(
+        t2v("aspect_ratio: 16:9"),
+        5,
+        19,
+        "#1",
+        "aspect_ratio",
+        (
+            "expected one of '16:9', '9:16', got the integer 969 "
+            '(YAML reads the unquoted 16:9 as a number; write "16:9" in quotes)',
+        ),
+        id="aspect-unquoted",
+    ),
+    pytest.param(
+        t2v('aspect_ratio: "4:3"'),
+        5,
+        19,
+        "#1",
+        "aspect_ratio",
+        ("expected one of '16:9', '9:16', got '4:3'",),
+        id="aspect-enum",
+    ),
+    pytest.param(
+        job_doc(f"model: {T2V}", "prompt: 123"),
+        4,
+        13,
+        "#1",
+        "prompt",
+        ("expected a string, got the integer 123 (YAML reads the unquoted 123 as a number",),
+        id="prompt-number",
+    ),
+    pytest.param(
+        job_doc(f"model: {T2V}", 'prompt: "   "'),
+        4,
+        13,
+        "#1",
+        "prompt",
+        ("the prompt is empty",),
+        id="prompt-blank",
+    ),
+    pytest.param(
+        job_doc(f"model: {T2V}", "prompt:", "seed: 1"),
+        4,
+        12,
+        "#1",
+        "prompt",
+        ("expected a string, got nothing (an empty value)",),
+        id="prompt-null",
+    ),
+    pytest.param(
+        t2v("negative_prompt: no"),
+        5,
+        22,
+        "#1",
+        "negative_prompt",
+        ('got the boolean false (YAML reads the unquoted no as a boolean; write "no" in quotes)',),
+        id="string-norway",
+    ),
+    pytest.param(
+        t2v("negative_prompt: 2024-01-31"),
+        5,
+        22,
+        "#1",
+        "negative_prompt",
+        ("got the date 2024-01-31 (YAML reads the unquoted 2024-01-31 as a date",),
+        id="string-date",
+    ),
+    pytest.param(
+        t2v("provider: gogle"),
+        5,
+        15,
+        "#1",
+        "provider",
+        ("expected one of 'auto', 'google', 'fal' (any case), got 'gogle'; did you mean",),
+        id="provider-enum",
+    ),
+    pytest.param(
+        t2v('enhance_prompt: "false"'),
+        5,
+        21,
+        "#1",
+        "enhance_prompt",
+        ("got the string 'false' (remove the quotes)",),
+        id="enhance-string",
+    ),
+    # --- images
+    pytest.param(
+        i2v("5"),
+        5,
+        16,
+        "#1",
+        "image_url",
+        ("expected an https:// image URL or a data:image/...;base64,... URI, got the integer 5",),
+        id="image-number",
+    ),
+    pytest.param(
+        i2v("photo.jpg"),
+        5,
+        16,
+        "#1",
+        "image_url",
+        ("got 'photo.jpg' (local files must be inlined as data: URIs)",),
+        id="image-local-file",
+    ),
+    pytest.param(
+        i2v("ftp://a.example/x.png"),
+        5,
+        16,
+        "#1",
+        "image_url",
+        ("expected an https:// image URL", "got 'ftp://a.example/x.png'"),
+        id="image-ftp",
+    ),
+    pytest.param(i2v('"https://"'), 5, 16, "#1", "image_url", ("has no host",), id="image-no-host"),
+    pytest.param(
+        i2v('"https://a.example/my photo.png"'),
+        5,
+        16,
+        "#1",
+        "image_url",
+        ("contains spaces or control characters",),
+        id="image-space",
+    ),
+    pytest.param(
+        i2v("https://a.example:99999/x.png"),
+        5,
+        16,
+        "#1",
+        "image_url",
+        ("has an invalid port",),
+        id="image-port",
+    ),
+    pytest.param(
+        i2v("data:text/plain;base64,aGk="),
+        5,
+        16,
+        "#1",
+        "image_url",
+        ("a data: URI must look like data:image/<type>;base64,<data>",),
+        id="data-uri-not-image",
+    ),
+    pytest.param(
+        i2v("data:image/png;base64,***"),
+        5,
+        16,
+        "#1",
+        "image_url",
+        ("does not carry valid base64 data",),
+        id="data-uri-bad-base64",
+    ),
+    pytest.param(
+        job_doc(f"model: {FLF}", "prompt: a", f"image_url: {IMG}", "last_image_url: []"),
+        6,
+        21,
+        "#1",
+        "last_image_url",
+        ("got a list",),
+        id="last-image-list",
+    ),
+    pytest.param(
+        r2v("image_urls: []"),
+        5,
+        17,
+        "#1",
+        "image_urls",
+        ("expected a non-empty list of image URLs, got an empty list",),
+        id="image-list-empty",
+    ),
+    pytest.param(
+        r2v(f"image_urls: {IMG}"),
+        5,
+        17,
+        "#1",
+        "image_urls",
+        ("got the string 'https://a.example/1.png' (write it as a list",),
+        id="image-list-string",
+    ),
+    pytest.param(
+        r2v(f"image_urls: [{IMG}, 5]"),
+        5,
+        43,
+        "#1",
+        "image_urls.1",
+        ("got the integer 5",),
+        id="image-list-flow-item",
+    ),
+    pytest.param(
+        r2v("image_urls:", f"  - {IMG}", "  - photo.jpg"),
+        7,
+        9,
+        "#1",
+        "image_urls.1",
+        ("got 'photo.jpg'",),
+        id="image-list-block-item",
+    ),
+    # --- ids
+    pytest.param(
+        t2v("id: ../x"),
+        5,
+        9,
+        "#1",
+        "id",
+        ("the id '../x' contains '/'", "ids name the output files"),
+        id="id-traversal",
+    ),
+    pytest.param(
+        t2v("id: /abs"), 5, 9, "#1", "id", ("the id '/abs' contains '/'",), id="id-absolute"
+    ),
+    pytest.param(t2v('id: "a\\0b"'), 5, 9, "#1", "id", ("contains '\\x00'",), id="id-nul"),
+    pytest.param(t2v('id: "a b"'), 5, 9, "#1", "id", ("contains ' '",), id="id-space"),
+    pytest.param(
+        t2v("id: " + "x" * 101),
+        5,
+        9,
+        "#1",
+        "id",
+        ("the id is 101 characters long; at most 100 are allowed",),
+        id="id-too-long",
+    ),
+    pytest.param(
+        t2v("id: .hidden"),
+        5,
+        9,
+        "#1",
+        "id",
+        ("the id '.hidden' must not start with '.'",),
+        id="id-hidden",
+    ),
+    pytest.param(t2v('id: ".."'), 5, 9, "#1", "id", ("must not start with '.'",), id="id-dotdot"),
+    pytest.param(t2v('id: "."'), 5, 9, "#1", "id", ("must not start with '.'",), id="id-dot"),
+    pytest.param(
+        t2v("id: 123"),
+        5,
+        9,
+        "#1",
+        "id",
+        (
+            "expected an id made of letters, digits, '.', '_' or '-', got the integer 123 "
+            '(YAML reads the unquoted 123 as a number; write "123" in quotes)',
+        ),
+        id="id-number",
+    ),
+    pytest.param(t2v('id: ""'), 5, 9, "#1", "id", ("the id is empty",), id="id-empty"),
+    pytest.param(t2v("id: [a]"), 5, 9, "#1", "id", ("got a list",), id="id-list"),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "column", "job", "field", "parts"), BAD)
+def test_bad_manifest_reports_one_located_problem(
+    text: str,
+    line: int,
+    column: int,
+    job: str | None,
+    field: str | None,
+    parts: tuple[str, ...],
+) -> None:
+    problems = problems_of(text)
+    assert len(problems) == 1, problems
+    problem = problems[0]
+    assert where(problem) == (line, column, job, field), problem
+    for part in parts:
+        assert part in problem.message, problem.message
+    assert problem.file == "m.yaml"
+
+
+GOOD_REQUESTS = [
+    pytest.param(t2v(), {"model": T2V, "prompt": "a cat"}, id="t2v-minimal"),
+    pytest.param(
+        job_doc(
+            f"model: {T2V_FAST}",
+            "prompt: a cat",
+            'aspect_ratio: "9:16"',
+            "duration: 4",
+            "resolution: 720p",
+            "generate_audio: false",
+            "seed: 42",
+            "negative_prompt: dogs",
+            "enhance_prompt: true",
+            "auto_fix: false",
+            "provider: auto",
+        ),
+        {
+            "model": T2V_FAST,
+            "prompt": "a cat",
+            "aspect_ratio": "9:16",
+            "duration": 4,
+            "resolution": "720p",
+            "generate_audio": False,
+            "seed": 42,
+            "negative_prompt": "dogs",
+            "enhance_prompt": True,
+            "auto_fix": False,
+            "provider": "auto",
+        },
+        id="t2v-fast-every-field",
+    ),
+    pytest.param(
+        t2v("provider: Google"),
+        {"model": T2V, "prompt": "a cat", "provider": "Google"},
+        id="provider-any-case-sent-as-written",
+    ),
+    pytest.param(
+        t2v("generate_audio: True"),
+        {"model": T2V, "prompt": "a cat", "generate_audio": True},
+        id="bool-capitalised",
+    ),
+    pytest.param(
+        i2v("data:image/png;base64,iVBORw0KGgo="),
+        {"model": I2V, "prompt": "a cat", "image_url": "data:image/png;base64,iVBORw0KGgo="},
+        id="data-uri",
+    ),
+    pytest.param(
+        job_doc(
+            f"model: {FLF}-fast",
+            "prompt: a cat",
+            f"image_url: {IMG}",
+            f"last_image_url: {IMG2}",
+            "duration: 6",
+        ),
+        {
+            "model": f"{FLF}-fast",
+            "prompt": "a cat",
+            "image_url": IMG,
+            "last_image_url": IMG2,
+            "duration": 6,
+        },
+        id="first-last-fast",
+    ),
+    pytest.param(
+        r2v(f"image_urls: [{IMG}, {IMG2}]", "duration: 8", "id: r"),
+        {"model": R2V, "prompt": "a cat", "image_urls": [IMG, IMG2], "duration": 8},
+        id="r2v-without-id-in-body",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "request_body"), GOOD_REQUESTS)
+def test_good_job_becomes_the_exact_request(text: str, request_body: dict[str, Any]) -> None:
+    manifest = parse_manifest(text)
+    assert [dict(j.request) for j in manifest.jobs] == [request_body]
+    assert list(manifest.jobs[0].request)[:2] == ["model", "prompt"]
+    assert manifest.warnings == ()
+
+
+@pytest.mark.parametrize("value", ["8.0", "true", "1e3"])
+def test_quoting_is_only_advised_for_text_fields(value: str) -> None:
+    (problem,) = problems_of(t2v(f"duration: {value}"))
+    assert "quotes" not in problem.message
+
+
+def test_every_problem_is_reported_at_once_in_line_order() -> None:
+    text = doc(
+        "version: 1",  # 1
+        "settings:",  # 2
+        "  concurrency: 0",  # 3
+        "defaults:",  # 4
+        "  resolution: 4k",  # 5
+        "jobs:",  # 6
+        "  - id: a",  # 7
+        f"    model: {R2V}",  # 8
+        "    prompt: x",  # 9
+        '    aspect_ratio: "16:9"',  # 10
+        "  - model: google/veo-3.1-t2v-fastt",  # 11
+        "    prompt: y",  # 12
+        f"  - model: {T2V}",  # 13
+        "    prompt: z",  # 14
+        '    duration: "8"',  # 15
+        "extra: 1",  # 16
+    )
+    problems = problems_of(text)
+    assert [(p.line, p.job, p.field) for p in problems] == [
+        (3, None, "settings.concurrency"),
+        (5, None, "defaults.resolution"),
+        (7, "'a'", "image_urls"),
+        (10, "'a'", "aspect_ratio"),
+        (11, "#2", "model"),
+        (15, "#3", "duration"),
+        (16, None, "extra"),
+    ]
+    error = ManifestError(problems)
+    assert str(error).startswith("7 problems in manifest:\n  m.yaml:3:16: ")
+
+
+def test_problem_prints_file_line_column_job_field_and_message() -> None:
+    (problem,) = problems_of(t2v('duration: "8"', "id: clip"))
+    assert str(problem) == (
+        "m.yaml:5:15: job 'clip': field 'duration': "
+        "expected an integer (one of 4, 6, 8), got the string '8' (remove the quotes)"
+    )
+
+
+def test_job_line_is_the_dash_and_index_is_zero_based() -> None:
+    text = doc(
+        "version: 1",
+        "jobs:",
+        "  # a comment before the first job",
+        "  - model: google/veo-3.1-t2v",
+        "    prompt: a",
+        "  -",
+        "    # the dash stands alone",
+        "    model: google/veo-3.1-t2v",
+        "    prompt: b",
+    )
+    manifest = parse_manifest(text)
+    assert [(j.index, j.line) for j in manifest.jobs] == [(0, 4), (1, 6)]
+
+
+def test_missing_field_points_at_the_dash_even_when_alone_on_its_line() -> None:
+    (problem,) = problems_of(
+        doc("version: 1", "jobs:", "  -", f"    model: {I2V}", "    prompt: a")
+    )
+    assert where(problem) == (3, 3, "#1", "image_url")
+
+
+def test_flow_style_jobs_are_located_too() -> None:
+    text = doc("version: 1", f"jobs: [{{model: {T2V}, prompt: a, duration: 5}}]")
+    (problem,) = problems_of(text)
+    assert where(problem) == (2, 57, "#1", "duration")
+    assert (
+        parse_manifest(doc("version: 1", f"jobs: [{{model: {T2V}, prompt: a}}]")).jobs[0].line == 2
+    )
+
+
+# --- ids -----------------------------------------------------------------------------------
+
+
+def test_duplicate_ids_name_both_lines() -> None:
+    text = doc(
+        "version: 1",
+        "jobs:",
+        f"  - model: {T2V}",
+        "    prompt: a",
+        "    id: same",
+        f"  - model: {T2V}",
+        "    prompt: b",
+        "    id: same",
+    )
+    (problem,) = problems_of(text)
+    assert where(problem) == (8, 9, "'same'", "id")
+    assert problem.message == "duplicate id 'same' (lines 5 and 8)"
+
+
+def test_ids_differing_only_in_case_collide() -> None:
+    text = doc(
+        "version: 1",
+        "jobs:",
+        f"  - {{id: Ballerina, model: {T2V}, prompt: a}}",
+        f"  - {{id: ballerina, model: {T2V}, prompt: b}}",
+    )
+    (problem,) = problems_of(text)
+    assert where(problem) == (4, 10, "'ballerina'", "id")
+    assert "clashes with 'Ballerina' (lines 3 and 4)" in problem.message
+    assert "letter case" in problem.message
+
+
+def test_identical_jobs_without_ids_collide() -> None:
+    text = doc(
+        "version: 1",
+        "jobs:",
+        f"  - {{model: {T2V}, prompt: same}}",
+        f"  - {{model: {T2V}, prompt: b}}",
+        f"  - {{prompt: same, model: {T2V}}}",
+    )
+    (problem,) = problems_of(text)
+    assert where(problem) == (5, 3, "#3", None)
+    assert "identical to job #1 (line 3)" in problem.message
+
+
+def test_derived_id_is_short_model_plus_request_hash() -> None:
+    manifest = parse_manifest(job_doc(f"model: {T2V_FAST}", "prompt: a cat", "seed: 7"))
+    job = manifest.jobs[0]
+    key = request_key({"model": T2V_FAST, "prompt": "a cat", "seed": 7})
+    assert job.id == f"t2v-fast-{key[:10]}"
+    assert re.fullmatch(r"t2v-fast-[0-9a-f]{10}", job.id)
+
+
+def test_derived_id_is_stable_across_layout_and_differs_with_content() -> None:
+    block = parse_manifest(job_doc(f"model: {R2V}", "prompt: a cat", f"image_urls: [{IMG}]"))
+    flow = parse_manifest(
+        doc("version: 1", "jobs:", "", f"- {{image_urls: ['{IMG}'], prompt: a cat, model: {R2V}}}")
+    )
+    other = parse_manifest(job_doc(f"model: {R2V}", "prompt: a dog", f"image_urls: [{IMG}]"))
+    assert block.jobs[0].id == flow.jobs[0].id
+    assert block.jobs[0].id.startswith("reference-to-video-")
+    assert other.jobs[0].id != block.jobs[0].id
+
+
+def test_derived_id_includes_applied_defaults() -> None:
+    plain = parse_manifest(t2v()).jobs[0]
+    defaulted = parse_manifest(t2v().replace("jobs:", "defaults: {resolution: 720p}\njobs:"))
+    assert defaulted.jobs[0].request["resolution"] == "720p"
+    assert defaulted.jobs[0].id != plain.id
+
+
+def test_valid_ids_are_kept() -> None:
+    manifest = parse_manifest(t2v("id: My_clip-2.v1"))
+    assert manifest.jobs[0].id == "My_clip-2.v1"
+    assert manifest.job("My_clip-2.v1") is manifest.jobs[0]
+
+
+# --- defaults ------------------------------------------------------------------------------
+
+
+def test_defaults_apply_only_to_models_that_accept_them_and_never_override() -> None:
+    text = doc(
+        "version: 1",
+        "defaults:",
+        "  seed: 7",
+        '  aspect_ratio: "9:16"',
+        "  resolution: 720p",
+        "jobs:",
+        f"  - {{id: t, model: {T2V}, prompt: a}}",
+        f"  - {{id: i, model: {I2V}, prompt: a, image_url: '{IMG}', resolution: 1080p}}",
+        f"  - {{id: r, model: {R2V}, prompt: a, image_urls: ['{IMG}']}}",
+    )
+    jobs = {j.id: dict(j.request) for j in parse_manifest(text).jobs}
+    assert jobs["t"] == {
+        "model": T2V,
+        "prompt": "a",
+        "seed": 7,
+        "aspect_ratio": "9:16",
+        "resolution": "720p",
+    }
+    assert jobs["i"] == {
+        "model": I2V,
+        "prompt": "a",
+        "image_url": IMG,
+        "resolution": "1080p",
+        "aspect_ratio": "9:16",
+    }
+    assert jobs["r"] == {"model": R2V, "prompt": "a", "image_urls": [IMG], "resolution": "720p"}
+
+
+def test_default_model_is_used_when_a_job_has_none() -> None:
+    text = doc(
+        "version: 1",
+        f"defaults: {{model: {T2V_FAST}, seed: 4}}",
+        "jobs:",
+        "  - prompt: a",
+        f"  - {{model: {R2V}, prompt: b, image_urls: ['{IMG}']}}",
+    )
+    first, second = parse_manifest(text).jobs
+    assert dict(first.request) == {"model": T2V_FAST, "prompt": "a", "seed": 4}
+    assert first.id.startswith("t2v-fast-")
+    assert dict(second.request) == {"model": R2V, "prompt": "b", "image_urls": [IMG]}
+
+
+def test_a_bad_default_is_reported_once_at_the_defaults_line() -> None:
+    text = doc(
+        "version: 1",
+        "defaults:",
+        "  resolution: 4k",
+        "jobs:",
+        *(f"  - {{model: {T2V}, prompt: p{i}}}" for i in range(3)),
+    )
+    assert [where(p) for p in problems_of(text)] == [(3, 15, None, "defaults.resolution")]
+
+
+def test_a_default_invalid_for_one_model_names_that_model() -> None:
+    text = doc(
+        "version: 1",
+        "defaults: {duration: 4}",
+        "jobs:",
+        f"  - {{model: {T2V}, prompt: a}}",
+        f"  - {{model: {R2V}, prompt: b, image_urls: ['{IMG}']}}",
+    )
+    (problem,) = problems_of(text)
+    assert where(problem) == (2, 22, None, "defaults.duration")
+    assert problem.message == "expected 8, got 4 (for google/veo-3.1-reference-to-video jobs)"
+    assert (
+        parse_manifest(text.replace(f"  - {{model: {R2V}", "  # ")).jobs[0].request["duration"] == 4
+    )
+
+
+def test_unused_defaults_warn_and_are_still_checked() -> None:
+    unused = defaults("image_url: https://a.example/x.png")
+    manifest = parse_manifest(unused)
+    assert [(where(w), w.message) for w in manifest.warnings] == [
+        (
+            (3, 3, None, "defaults.image_url"),
+            "this default is never used: no job's model accepts 'image_url'",
+        )
+    ]
+    overridden = parse_manifest(t2v("seed: 1").replace("jobs:", "defaults: {seed: 2}\njobs:"))
+    assert "every job whose model accepts 'seed' sets it itself" in overridden.warnings[0].message
+    (problem,) = problems_of(defaults('seed: "x"'))
+    assert where(problem) == (3, 9, None, "defaults.seed")
+
+
+# --- warnings ------------------------------------------------------------------------------
+
+
+def test_plain_http_image_is_a_warning() -> None:
+    manifest = parse_manifest(i2v("http://a.example/1.png"))
+    (warning,) = manifest.warnings
+    assert where(warning) == (5, 16, "#1", "image_url")
+    assert "the API may refuse plain http" in warning.message
+    assert manifest.jobs[0].request["image_url"] == "http://a.example/1.png"
+
+
+def test_data_uri_size_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert manifest_checks.DATA_URI_WARN_BYTES == 7_000_000
+    assert manifest_checks.DATA_URI_MAX_BYTES == 20_000_000
+    monkeypatch.setattr(manifest_checks, "DATA_URI_WARN_BYTES", 100)
+    monkeypatch.setattr(manifest_checks, "DATA_URI_MAX_BYTES", 200)
+    prefix = "data:image/png;base64,"
+    (warning,) = parse_manifest(i2v(prefix + "A" * 120)).warnings
+    assert "inline images above a few MB are reported to fail" in warning.message
+    (problem,) = problems_of(i2v(prefix + "A" * 240))
+    assert where(problem) == (5, 16, "#1", "image_url")
+    assert "above the 0 MB limit" in problem.message
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+def test_settings_map_to_manifest_settings() -> None:
+    text = t2v().replace(
+        "jobs:",
+        "settings:\n  concurrency: 4\n  job_timeout_s: 1800\n  download_concurrency: 2\njobs:",
+    )
+    assert parse_manifest(text).settings == ManifestSettings(4, 1800.0, 2)
+    assert isinstance(parse_manifest(text).settings.job_timeout_s, float)
+    assert parse_manifest(t2v()).settings == ManifestSettings()
+
+
+# --- YAML features -------------------------------------------------------------------------
+
+
+def test_anchors_and_merge_keys_work_and_jobs_do_not_share_values() -> None:
+    text = doc(
+        "version: 1",
+        "jobs:",
+        f"  - &base {{id: one, model: {R2V}, prompt: a, image_urls: ['{IMG}']}}",
+        "  - <<: *base",
+        "    id: two",
+        "    prompt: b",
+    )
+    one, two = parse_manifest(text).jobs
+    assert dict(two.request) == {"model": R2V, "prompt": "b", "image_urls": [IMG]}
+    one.request["image_urls"].append("x")
+    assert two.request["image_urls"] == [IMG]
+
+
+def test_alias_bombs_are_refused() -> None:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i > 1 else "*a"] * 10) + "]")
+    (problem,) = problems_of(doc(*lines))
+    assert "aliases expand to more than" in problem.message
+
+
+def test_source_map_finds_positions_by_path() -> None:
+    source = compose(doc("jobs:", "  - a: 1", "  -", "    duration: 8")).source
+    assert source.value(("jobs", 1, "duration")) == Pos(4, 15)
+    assert source.key(("jobs", 1, "duration")) == Pos(4, 5)
+    assert source.item(("jobs", 1)) == Pos(3, 3)
+    assert source.value(("jobs", 1, "missing")) == Pos(4, 5)
+
+
+# --- files ---------------------------------------------------------------------------------
+
+
+def test_load_manifest_reports_unreadable_files(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(missing)
+    (problem,) = caught.value.problems
+    assert problem.file == str(missing)
+    assert problem.line is None
+    assert "cannot read the manifest" in problem.message
+    with pytest.raises(ManifestError):
+        load_manifest(tmp_path)
+
+
+def test_load_manifest_reports_non_utf8_with_position(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"version: 1\njobs:\n  - prompt: caf\xe9\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(str(path))
+    (problem,) = caught.value.problems
+    assert (problem.file, problem.line, problem.column) == (str(path), 3, 16)
+    assert "not UTF-8" in problem.message
+
+
+def test_load_manifest_accepts_a_bom_and_keeps_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + t2v().encode())
+    manifest = load_manifest(path)
+    assert manifest.path == path
+    assert len(manifest.jobs) == 1
+
+
+def test_parse_manifest_path_defaults_to_file() -> None:
+    assert parse_manifest(t2v(), file="x.yaml").path == Path("x.yaml")
+    assert parse_manifest(t2v(), path=Path("/a/b.yaml")).path == Path("/a/b.yaml")
+
+
+# --- the shipped manifests -----------------------------------------------------------------
+
+SEED_REQUESTS = {
+    "ballerina": {
+        "model": "google/veo-3.1-reference-to-video",
+        "prompt": (
+            "A graceful ballerina dancing outside a circus tent on green grass, with colorful "
+            "wildflowers swaying around her as she twirls and poses in the meadow."
+        ),
+        "image_urls": [
+            "https://storage.googleapis.com/falserverless/example_inputs/veo31-r2v-input-1.png",
+            "https://storage.googleapis.com/falserverless/example_inputs/veo31-r2v-input-2.png",
+            "https://storage.googleapis.com/falserverless/example_inputs/veo31-r2v-input-3.png",
+        ],
+    },
+    "hello-world": {
+        "model": "google/veo-3.1-first-last-image-to-video",
+        "prompt": (
+            "A woman looks into the camera, breathes in, then exclaims energetically, "
+            "'Hello world!'"
+        ),
+        "image_url": (
+            "https://storage.googleapis.com/falserverless/example_inputs/veo31-flf2v-input-1.jpeg"
+        ),
+        "last_image_url": (
+            "https://storage.googleapis.com/falserverless/example_inputs/veo31-flf2v-input-2.jpeg"
+        ),
+    },
+}
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a manifest must never reach out, whatever its URLs."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the manifest loader touched the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.mark.usefixtures("no_network")
+def test_example_manifest_is_the_two_seed_requests() -> None:
+    manifest = load_manifest(REPO / "jobs" / "example.yaml")
+    assert manifest.warnings == ()
+    assert {j.id: dict(j.request) for j in manifest.jobs} == SEED_REQUESTS
+
+
+def _seed_request(page: Path) -> dict[str, Any]:
+    """The ``data = {...}`` body of the Python example in one of the API's doc pages."""
+    match = re.search(r"^    data = (\{.*?^    \})", page.read_text(), re.MULTILINE | re.DOTALL)
+    assert match is not None
+    value = ast.literal_eval(match.group(1))
+    assert isinstance(value, dict)
+    return value
+
+
+@pytest.mark.skipif(not SEEDS.is_dir(), reason="the API's doc pages are not beside the repository")
+def test_seed_requests_match_the_api_documentation() -> None:
+    documented = {
+        "ballerina": _seed_request(SEEDS / "veo-3.1-reference-to-video.md"),
+        "hello-world": _seed_request(SEEDS / "veo-3.1-first-last-image-to-video.md"),
+    }
+    assert documented == SEED_REQUESTS
+
+
+@pytest.mark.usefixtures("no_network")
+def test_demo_manifest_loads_cleanly() -> None:
+    manifest = load_manifest(REPO / "jobs" / "demo.yaml")
+    assert manifest.warnings == ()
+    assert manifest.settings == ManifestSettings(concurrency=3)
+    assert 5 <= len(manifest.jobs) <= 6
+    models = {j.model for j in manifest.jobs}
+    assert {T2V, T2V_FAST, R2V} <= models
+    assert any("i2v" in m for m in models) and any("first-last" in m for m in models)
+    for job in manifest.jobs:
+        assert job.request["resolution"] in ("720p", "1080p")
+        accepts_4 = 4 in (MODELS[job.model].fields["duration"].enum or ())
+        assert job.duration_s == (4 if accepts_4 else 8)
+    fast = next(j for j in manifest.jobs if j.model == T2V_FAST)
+    assert {"seed", "negative_prompt"} <= set(fast.request)

@@ -1,0 +1,422 @@
+"""Checks of manifest values, and the reporting that turns them into located problems.
+
+Split from :mod:`veobatch.manifest` to keep each module readable: these are the pure rules
+(what a field, an image reference, a model name or an id must look like, and how to say what
+is wrong in terms a user recognises), while the manifest module walks the document.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date
+from difflib import get_close_matches
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from .catalogue import ALL_FIELDS, MODELS, FieldSpec, ModelSpec
+from .errors import Problem
+from .jobs import request_key
+from .yamlpos import Path as KeyPath
+from .yamlpos import Pos, SourceMap
+
+MODEL_PREFIX = "google/veo-3.1-"
+ID_MAX_LEN = 100
+_ID_CHAR = re.compile(r"[A-Za-z0-9._-]")
+
+# No size limit is published; users report inline images failing above a few MB.
+DATA_URI_WARN_BYTES = 7_000_000
+DATA_URI_MAX_BYTES = 20_000_000
+_DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+IMAGE_EXPECTED = "an https:// image URL or a data:image/...;base64,... URI"
+
+# Names people reach for that difflib alone would match to the wrong model.
+_MODEL_SYNONYMS = (("text-to-video", "t2v"), ("image-to-video", "i2v"))
+
+
+def show(value: Any) -> str:
+    """A value as the user would recognise it, kept short (data: URIs can be megabytes)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and len(value) > 60:
+        return repr(value[:50] + "…")
+    return repr(value)
+
+
+def describe(value: Any) -> str:
+    if value is None:
+        return "nothing (an empty value)"
+    if isinstance(value, bool):
+        return f"the boolean {show(value)}"
+    if isinstance(value, int):
+        return f"the integer {value}"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the string {show(value)}"
+    if isinstance(value, date):
+        return f"the date {value.isoformat()}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return "binary data" if isinstance(value, bytes) else f"a {type(value).__name__}"
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def quote_hint(value: Any, plain: str | None) -> str:
+    """Explain YAML's reading of an unquoted scalar that was meant as text (16:9, no, 1.0)."""
+    if isinstance(value, str) or not plain:
+        return ""
+    kind = "a boolean" if isinstance(value, bool) else "a date" if isinstance(value, date) else ""
+    kind = kind or ("a number" if isinstance(value, int | float) else "")
+    if not kind:
+        return ""
+    return f' (YAML reads the unquoted {plain} as {kind}; write "{plain}" in quotes)'
+
+
+def unquote_hint(kind: str, value: Any) -> str:
+    if not isinstance(value, str):
+        return ""
+    looks_right = {
+        "integer": re.fullmatch(r"\s*[-+]?\d+\s*", value) is not None,
+        "boolean": value.strip().lower() in ("true", "false"),
+    }
+    return " (remove the quotes)" if looks_right.get(kind) else ""
+
+
+def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
+    match = get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _one_of(options: tuple[Any, ...]) -> str:
+    shown = ", ".join(show(o) for o in options)
+    return shown if len(options) == 1 else f"one of {shown}"
+
+
+# --- checking values -----------------------------------------------------------------------
+
+
+def _expected(spec: FieldSpec) -> str:
+    """What a field takes; the type comes first for non-strings so '8' vs 8 is obvious."""
+    kind = {"integer": "an integer", "boolean": "true or false"}.get(spec.type, "a string")
+    if spec.enum is None:
+        return kind
+    options = _one_of(spec.enum) + (" (any case)" if spec.name == "provider" else "")
+    return options if spec.type == "string" else f"{kind} ({options})"
+
+
+def _in_enum(spec: FieldSpec, value: Any) -> bool:
+    assert spec.enum is not None
+    if spec.name == "provider" and isinstance(value, str):
+        return value.lower() in {str(o).lower() for o in spec.enum}
+    return any(value == o and type(value) is type(o) for o in spec.enum)
+
+
+def _type_hint(spec: FieldSpec, value: Any, plain: str | None) -> str:
+    """Advice for a value of the wrong type; quoting is only advised when it would help."""
+    if spec.type != "string":
+        return unquote_hint(spec.type, value)
+    options = [str(o) for o in spec.enum or ()]
+    if options and plain and plain not in options:
+        return suggest(plain, options)
+    return quote_hint(value, plain)
+
+
+def scalar_problem(spec: FieldSpec, value: Any, plain: str | None) -> str | None:
+    """What is wrong with a string, integer or boolean field value, if anything."""
+    right_type = {
+        "integer": is_int(value),
+        "boolean": isinstance(value, bool),
+        "string": isinstance(value, str),
+    }[spec.type]
+    if not right_type:
+        return f"expected {_expected(spec)}, got {describe(value)}{_type_hint(spec, value, plain)}"
+    if spec.type == "boolean" and plain is not None and plain.lower() not in ("true", "false"):
+        word = show(value)
+        return f"expected true or false, got {plain} (YAML 1.1 reads it as {word}; write {word})"
+    if spec.enum is not None and not _in_enum(spec, value):
+        options = [str(o) for o in spec.enum]
+        suggestion = suggest(value, options) if isinstance(value, str) else ""
+        expected = _expected(spec) if spec.type == "string" else _one_of(spec.enum)
+        return f"expected {expected}, got {show(value)}{suggestion}"
+    if spec.name == "prompt" and not value.strip():
+        return "the prompt is empty"
+    return None
+
+
+def image_problem(value: str) -> tuple[str | None, str | None]:
+    """(error, warning) for one image reference."""
+    if value[:5].lower() == "data:":
+        return _data_uri_problem(value)
+    if any(c.isspace() or ord(c) < 32 for c in value):
+        return "the URL contains spaces or control characters; encode spaces as %20", None
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https"):
+        local = "" if "://" in value else " (local files must be inlined as data: URIs)"
+        return f"expected {IMAGE_EXPECTED}, got {show(value)}{local}", None
+    try:
+        host, _ = parts.hostname, parts.port
+    except ValueError:
+        return f"the URL {show(value)} has an invalid port", None
+    if not host:
+        return f"the URL {show(value)} has no host", None
+    if parts.scheme.lower() == "http":
+        return None, "plain http image URL: the API may refuse plain http; use https if you can"
+    return None, None
+
+
+def _data_uri_problem(value: str) -> tuple[str | None, str | None]:
+    head = _DATA_URI.match(value)
+    if head is None:
+        return (
+            f"a data: URI must look like data:image/<type>;base64,<data>, got {show(value)}",
+            None,
+        )
+    size_mb = len(value) / 1_000_000
+    if len(value) > DATA_URI_MAX_BYTES:
+        limit = DATA_URI_MAX_BYTES // 1_000_000
+        return (
+            f"the inline image is {size_mb:.1f} MB, above the {limit} MB limit: "
+            "inline images above a few MB are reported to fail; host it and use an https URL",
+            None,
+        )
+    payload = value[head.end() :]
+    if not payload or len(payload) % 4 or _BASE64.fullmatch(payload) is None:
+        return "the data: URI does not carry valid base64 data", None
+    if len(value) > DATA_URI_WARN_BYTES:
+        return None, (
+            f"the inline image is {size_mb:.1f} MB: inline images above a few MB are reported "
+            "to fail; consider hosting it and using an https URL"
+        )
+    return None, None
+
+
+def model_problem(value: Any) -> str | None:
+    """Unknown models get the nearest catalogue name, or the whole (short) catalogue."""
+    if not isinstance(value, str):
+        return f"expected a model name such as 'google/veo-3.1-t2v', got {describe(value)}"
+    if value in MODELS:
+        return None
+    probe = value
+    for long, short in _MODEL_SYNONYMS:
+        probe = probe.replace(long, short)
+    suggestion = suggest(probe, list(MODELS))
+    if not suggestion:
+        suggestion = "; expected one of " + ", ".join(repr(m) for m in MODELS)
+    return f"unknown model {value!r}{suggestion}"
+
+
+def not_accepted(model: ModelSpec, name: str) -> str:
+    """A real request field, but not this model's: say which models take it, or what this takes."""
+    message = f"{model.name} does not accept {name!r}"
+    suggestion = suggest(name, list(model.fields))
+    if suggestion:
+        return message + suggestion
+    others = [m.name for m in MODELS.values() if name in m.fields]
+    if len(others) <= 2:
+        return message + "; only " + " and ".join(others) + " do"
+    return message + "; it takes " + ", ".join(model.fields)
+
+
+def id_problem(value: Any, plain: str | None) -> str | None:
+    """Ids name output files, so only a safe, portable file name is accepted."""
+    if not isinstance(value, str):
+        hint = quote_hint(value, plain)
+        return (
+            f"expected an id made of letters, digits, '.', '_' or '-', got {describe(value)}{hint}"
+        )
+    if not value:
+        return "the id is empty"
+    if len(value) > ID_MAX_LEN:
+        return f"the id is {len(value)} characters long; at most {ID_MAX_LEN} are allowed"
+    bad = next((c for c in value if not _ID_CHAR.fullmatch(c)), None)
+    if bad is not None:
+        return (
+            f"the id {show(value)} contains {bad!r}; use only letters, digits, '.', '_' "
+            "and '-' (ids name the output files)"
+        )
+    if value.startswith("."):
+        return f"the id {show(value)} must not start with '.' (ids name the output files)"
+    return None
+
+
+def derived_id(request: dict[str, Any]) -> str:
+    """Stable across runs and machines: the same request always gets the same id."""
+    short = str(request["model"]).removeprefix(MODEL_PREFIX)
+    return f"{short}-{request_key(request)[:10]}"
+
+
+# --- collecting problems -------------------------------------------------------------------
+
+At = Literal["value", "key", "item"]
+
+
+class Report:
+    """Collects errors and warnings, turning value paths into file positions and job labels."""
+
+    def __init__(self, file: str, source: SourceMap, labels: dict[int, str]) -> None:
+        self.file = file
+        self.source = source
+        self.labels = labels
+        self.errors: list[Problem] = []
+        self.warnings: list[Problem] = []
+
+    def error(
+        self, path: KeyPath, message: str, *, at: At = "value", pos: Pos | None = None
+    ) -> None:
+        self._add(self.errors, path, message, at, pos)
+
+    def warn(
+        self, path: KeyPath, message: str, *, at: At = "value", pos: Pos | None = None
+    ) -> None:
+        self._add(self.warnings, path, message, at, pos)
+
+    def unknown(self, path: KeyPath, what: str, choices: tuple[str, ...], tail: str) -> None:
+        """An unknown key, reported at the key with the closest valid name when one is close."""
+        name = path[-1]
+        suggestion = suggest(str(name), choices) or tail
+        self.error(path, f"unknown {what} {show(name)}{suggestion}", at="key")
+
+    def _add(
+        self, bucket: list[Problem], path: KeyPath, message: str, at: At, pos: Pos | None
+    ) -> None:
+        where = pos or {
+            "value": self.source.value,
+            "key": self.source.key,
+            "item": self.source.item,
+        }[at](path)
+        job, field = None, ".".join(str(p) for p in path) or None
+        if len(path) >= 2 and path[0] == "jobs" and isinstance(path[1], int):
+            job = self.labels.get(path[1], f"#{path[1] + 1}")
+            field = ".".join(str(p) for p in path[2:]) or None
+        problem = Problem(self.file, message, where.line, where.column, job, field)
+        if problem not in bucket:
+            bucket.append(problem)
+
+    def field(self, spec: FieldSpec, value: Any, path: KeyPath, context: str = "") -> bool:
+        """Check one request field value; report what is wrong; True when it is fine."""
+        if path in self.source.bad:
+            return False
+        if spec.type == "image_list":
+            return self._image_list(value, path, context)
+        if spec.type == "image":
+            return self._image(value, path, context)
+        message = scalar_problem(spec, value, self.source.plain.get(path))
+        if message is not None:
+            self.error(path, message + context)
+        return message is None
+
+    def _image(self, value: Any, path: KeyPath, context: str) -> bool:
+        if path in self.source.bad:
+            return False
+        if not isinstance(value, str):
+            self.error(path, f"expected {IMAGE_EXPECTED}, got {describe(value)}{context}")
+            return False
+        error, warning = image_problem(value)
+        if error is not None:
+            self.error(path, error + context)
+        if warning is not None:
+            self.warn(path, warning)
+        return error is None
+
+    def _image_list(self, value: Any, path: KeyPath, context: str) -> bool:
+        if not isinstance(value, list) or not value:
+            got = "an empty list" if value == [] else describe(value)
+            hint = " (write it as a list: [url, ...])" if isinstance(value, str) else ""
+            self.error(path, f"expected a non-empty list of image URLs, got {got}{hint}{context}")
+            return False
+        results = [self._image(item, (*path, i), context) for i, item in enumerate(value)]
+        return all(results)
+
+
+# --- defaults ------------------------------------------------------------------------------
+
+
+class Defaults:
+    """The manifest's defaults, checked once each, whatever the number of jobs using them."""
+
+    def __init__(self, raw: Any, report: Report) -> None:
+        self.report = report
+        self.values: dict[str, Any] = {}
+        self.model: ModelSpec | None = None
+        self.model_broken = False  # a model default exists but is invalid (already reported)
+        self.used: set[str] = set()
+        self.accepted_by_a_job: set[str] = set()
+        self._verdicts: dict[tuple[str, FieldSpec], bool] = {}
+        if raw is None:
+            return
+        if not isinstance(raw, dict):
+            report.error(
+                ("defaults",), f"expected a mapping of request fields, got {describe(raw)}"
+            )
+            return
+        for name, value in raw.items():
+            self._add(name, value)
+
+    def _add(self, name: Any, value: Any) -> None:
+        path: KeyPath = ("defaults", name)
+        if name == "id":
+            self.report.error(
+                path, "'id' cannot be a default: every job's id must be unique", at="key"
+            )
+        elif name not in ALL_FIELDS and name != "model":
+            tail = "; defaults take 'model' and the API's request fields"
+            self.report.unknown(path, "default", ("model", *sorted(ALL_FIELDS)), tail)
+        elif name == "model":
+            problem = model_problem(value)
+            if problem is not None:
+                self.report.error(path, problem)
+            self.model = MODELS.get(value) if problem is None else None
+            self.model_broken = problem is not None
+            self.values[name] = value
+        else:
+            self.values[name] = value
+
+    def take(self, model: ModelSpec, job: dict[Any, Any]) -> tuple[dict[str, Any], bool]:
+        """The defaults a job of ``model`` takes, and whether they are all valid for it."""
+        taken: dict[str, Any] = {}
+        ok = True
+        for name, value in self.values.items():
+            if name == "model" or name not in model.fields:
+                continue
+            self.accepted_by_a_job.add(name)
+            if name in job:
+                continue
+            self.used.add(name)
+            ok = self._valid_for(name, model) and ok
+            taken[name] = value
+        return taken, ok
+
+    def _valid_for(self, name: str, model: ModelSpec) -> bool:
+        spec = model.fields[name]
+        verdict = self._verdicts.get((name, spec))
+        if verdict is None:
+            uniform = len({m.fields[name] for m in MODELS.values() if name in m.fields}) == 1
+            context = "" if uniform else f" (for {model.name} jobs)"
+            verdict = self.report.field(spec, self.values[name], ("defaults", name), context)
+            self._verdicts[(name, spec)] = verdict
+        return verdict
+
+    def warn_unused(self) -> None:
+        for name in self.values:
+            if name in self.used:
+                continue
+            if name == "model":
+                reason = "every job sets its own model"
+            elif name in self.accepted_by_a_job:
+                reason = f"every job whose model accepts {name!r} sets it itself"
+            else:
+                reason = f"no job's model accepts {name!r}"
+            self.report.warn(("defaults", name), f"this default is never used: {reason}", at="key")
+            self._check_unused(name)
+
+    def _check_unused(self, name: str) -> None:
+        """An unused default is still checked, when one spec of it serves every model."""
+        specs = {m.fields[name] for m in MODELS.values() if name in m.fields}
+        if len(specs) == 1:
+            self.report.field(specs.pop(), self.values[name], ("defaults", name))

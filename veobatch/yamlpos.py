@@ -1,0 +1,296 @@
+"""Compose YAML into plain Python values while remembering where each one was written.
+
+PyYAML's constructors drop positions and silently keep the last of two duplicate keys. The
+manifest loader needs positions to point at the line a user must fix, and must refuse duplicates,
+so values are built here from the composed node tree (safe tags only) with a map from each
+value's path, like ``("jobs", 3, "duration")``, to its 1-based line and column.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yaml.error import Mark
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.tokens import BlockEntryToken
+
+Path = tuple[Hashable, ...]
+
+# Aliases may expand exponentially ("billion laughs"); values built beyond the document's own
+# nodes are capped so a hostile manifest cannot exhaust memory.
+MAX_ALIAS_EXPANSION = 100_000
+
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_SKIP = object()  # a mapping key that could not be used
+
+
+@dataclass(frozen=True, order=True)
+class Pos:
+    """A 1-based line and column."""
+
+    line: int
+    column: int
+
+
+START = Pos(1, 1)
+
+
+def _pos(mark: Mark | None) -> Pos:
+    return Pos(mark.line + 1, mark.column + 1) if mark is not None else START
+
+
+@dataclass(frozen=True)
+class Issue:
+    """Something wrong in the YAML structure itself (duplicate key, unsupported tag...)."""
+
+    path: Path
+    pos: Pos
+    message: str
+
+
+class YamlSyntaxError(Exception):
+    """The text is not one YAML document: nothing can be built from it."""
+
+    def __init__(self, message: str, pos: Pos | None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.pos = pos
+
+
+@dataclass
+class SourceMap:
+    """Where each value, mapping key and block-sequence dash of a document was written."""
+
+    values: dict[Path, Pos] = field(default_factory=dict)
+    keys: dict[Path, Pos] = field(default_factory=dict)
+    items: dict[Path, Pos] = field(default_factory=dict)  # the "- " of a block sequence item
+    plain: dict[Path, str] = field(default_factory=dict)  # source text of unquoted scalars
+    bad: set[Path] = field(default_factory=set)  # values already reported as issues
+
+    def value(self, path: Path) -> Pos:
+        """The value at ``path``, else its key, else the nearest enclosing value."""
+        for end in range(len(path), -1, -1):
+            hit = self.values.get(path[:end]) or self.keys.get(path[:end])
+            if hit is not None:
+                return hit
+        return START
+
+    def key(self, path: Path) -> Pos:
+        return self.keys.get(path) or self.value(path)
+
+    def item(self, path: Path) -> Pos:
+        return self.items.get(path) or self.value(path)
+
+
+@dataclass(frozen=True)
+class Document:
+    data: Any  # None for an empty document
+    source: SourceMap
+    issues: tuple[Issue, ...]
+    empty: bool
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also remembers the dash of each block-sequence item.
+
+    The composed node of an item starts at its content, which may sit on a later line than the
+    dash; a job is "at" its dash.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.dashes: dict[tuple[int, int], Mark] = {}  # (id(sequence node), index) -> mark
+
+    def parse_block_sequence_entry(self) -> Any:
+        return self._note_dash(super().parse_block_sequence_entry)
+
+    def parse_indentless_sequence_entry(self) -> Any:
+        return self._note_dash(super().parse_indentless_sequence_entry)
+
+    def _note_dash(self, parse: Callable[[], Any]) -> Any:
+        # PyYAML's stubs leave the parser's token API untyped.
+        at_dash = self.check_token(BlockEntryToken)
+        token = self.peek_token() if at_dash else None  # type: ignore[no-untyped-call]
+        event = parse()
+        if token is not None:
+            event.dash_mark = token.start_mark
+        return event
+
+    def compose_node(self, parent: Node | None, index: int) -> Node | None:
+        dash = getattr(self.peek_event(), "dash_mark", None)  # type: ignore[no-untyped-call]
+        node = super().compose_node(parent, index)
+        if dash is not None and parent is not None:
+            self.dashes[(id(parent), index)] = dash
+        return node
+
+
+def compose(text: str) -> Document:
+    """Build plain values from one YAML document, with positions; raise on a syntax error."""
+    try:
+        loader = _Loader(text)
+    except yaml.reader.ReaderError as exc:
+        raise YamlSyntaxError(_reader_message(exc), _offset_pos(text, exc.position)) from exc
+    try:
+        root = loader.get_single_node()
+        builder = _Builder(loader)
+        data = builder.build(root, ()) if root is not None else None
+    except yaml.MarkedYAMLError as exc:
+        raise YamlSyntaxError(_syntax_message(exc), _syntax_pos(exc)) from exc
+    except yaml.YAMLError as exc:
+        raise YamlSyntaxError(f"invalid YAML: {exc}", None) from exc
+    except RecursionError as exc:
+        raise YamlSyntaxError("invalid YAML: the document is nested too deeply", None) from exc
+    finally:
+        loader.dispose()
+    issues = tuple(dict.fromkeys(builder.issues))
+    return Document(data, builder.source, issues, empty=root is None)
+
+
+def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
+    parts = []
+    if exc.context:
+        context = exc.context
+        start, end = exc.context_mark, exc.problem_mark
+        if start is not None and (end is None or start.line != end.line):
+            context += f" (started at line {start.line + 1})"
+        parts.append(context)
+    if exc.problem:
+        parts.append(exc.problem)
+    return "invalid YAML: " + ", ".join(parts)
+
+
+def _syntax_pos(exc: yaml.MarkedYAMLError) -> Pos | None:
+    mark = exc.problem_mark or exc.context_mark
+    return _pos(mark) if mark is not None else None
+
+
+def _reader_message(exc: yaml.reader.ReaderError) -> str:
+    code = exc.character if isinstance(exc.character, int) else 0
+    return f"invalid YAML: the character U+{code:04X} is not allowed in a YAML file"
+
+
+def _offset_pos(text: str, offset: int) -> Pos:
+    line_start = text.rfind("\n", 0, offset) + 1
+    return Pos(text.count("\n", 0, offset) + 1, offset - line_start + 1)
+
+
+class _Builder:
+    """Walks composed nodes into dicts, lists and scalars, recording positions on the way."""
+
+    def __init__(self, loader: _Loader) -> None:
+        self.loader = loader
+        self.source = SourceMap()
+        self.issues: list[Issue] = []
+        self._seen: set[int] = set()
+        self._active: set[int] = set()
+        self._expanded = 0
+
+    def issue(self, path: Path, pos: Pos, message: str, *, bad: bool = True) -> None:
+        """Record an issue; ``bad`` marks the value so later checks do not report it again."""
+        self.issues.append(Issue(path, pos, message))
+        if bad:
+            self.source.bad.add(path)
+
+    def build(self, node: Node, path: Path) -> Any:
+        self.source.values.setdefault(path, _pos(node.start_mark))
+        if id(node) in self._active:
+            self.issue(path, _pos(node.start_mark), "an alias refers to its own enclosing value")
+            return None
+        if id(node) in self._seen:
+            self._expanded += 1
+            if self._expanded > MAX_ALIAS_EXPANSION:
+                raise YamlSyntaxError(
+                    f"invalid YAML: aliases expand to more than {MAX_ALIAS_EXPANSION} values",
+                    _pos(node.start_mark),
+                )
+        self._seen.add(id(node))
+        if isinstance(node, ScalarNode):
+            return self._scalar(node, path)
+        self._active.add(id(node))
+        try:
+            if isinstance(node, SequenceNode):
+                return self._sequence(node, path)
+            if isinstance(node, MappingNode):
+                return self._mapping(node, path)
+            return None
+        finally:
+            self._active.discard(id(node))
+
+    def _scalar(self, node: ScalarNode, path: Path) -> Any:
+        if node.style is None:
+            self.source.plain.setdefault(path, node.value)
+        if node.tag not in type(self.loader).yaml_constructors:
+            self.issue(path, _pos(node.start_mark), f"unsupported YAML tag {node.tag!r}")
+            return node.value
+        try:
+            return self.loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError) as exc:
+            # A failed construction stays marked "in progress"; clear it for the next alias use.
+            self.loader.recursive_objects.pop(node, None)
+            reason = getattr(exc, "problem", None) or str(exc)
+            message = f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {reason}"
+            self.issue(path, _pos(node.start_mark), message)
+            return node.value
+
+    def _sequence(self, node: SequenceNode, path: Path) -> list[Any]:
+        self._check_tag(node, _SEQ_TAG, path)
+        result = []
+        for index, child in enumerate(node.value):
+            dash = self.loader.dashes.get((id(node), index))
+            if dash is not None:
+                self.source.items.setdefault((*path, index), _pos(dash))
+            result.append(self.build(child, (*path, index)))
+        return result
+
+    def _mapping(self, node: MappingNode, path: Path) -> dict[Any, Any]:
+        self._check_tag(node, _MAP_TAG, path)
+        result: dict[Any, Any] = {}
+        merges = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                merges.append(value_node)
+                continue
+            key = self._key(key_node, path)
+            if key is _SKIP:
+                continue
+            sub = (*path, key)
+            if key in result:
+                first = self.source.keys[sub].line
+                message = f"duplicate key {key!r} (first at line {first}); keep only one"
+                self.issue(sub, _pos(key_node.start_mark), message, bad=False)
+                continue
+            self.source.keys.setdefault(sub, _pos(key_node.start_mark))
+            result[key] = self.build(value_node, sub)
+        for merge in merges:
+            self._merge(merge, path, result)
+        return result
+
+    def _key(self, node: Node, path: Path) -> Any:
+        if not isinstance(node, ScalarNode):
+            self.issue(path, _pos(node.start_mark), "a mapping key must be a plain value")
+            return _SKIP
+        try:
+            key = self.loader.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError):
+            key = node.value
+        return key if isinstance(key, Hashable) else node.value
+
+    def _merge(self, node: Node, path: Path, result: dict[Any, Any]) -> None:
+        """Apply a ``<<`` merge: explicit keys win, then earlier merged mappings."""
+        sources = node.value if isinstance(node, SequenceNode) else [node]
+        for source in sources:
+            if not isinstance(source, MappingNode):
+                message = "a merge key '<<' needs a mapping or a list of mappings"
+                self.issue(path, _pos(source.start_mark), message, bad=False)
+                continue
+            for key, value in self.build(source, path).items():
+                result.setdefault(key, value)
+
+    def _check_tag(self, node: Node, expected: str, path: Path) -> None:
+        if node.tag != expected:
+            self.issue(path, _pos(node.start_mark), f"unsupported YAML tag {node.tag!r}")
