@@ -70,7 +70,8 @@ def plan_summary(plans: Sequence[JobPlan]) -> list[str]:
     parts = [f"{counts[a]} {a.value}" for a in Action if counts[a]]
     return [
         f"{len(plans)} jobs: " + ", ".join(parts),
-        f"would submit {len(to_pay)} generations, about ${usd:,.2f} at list prices",
+        f"would submit {len(to_pay)} generation{'' if len(to_pay) == 1 else 's'}, "
+        f"about ${usd:,.2f} at list prices",
     ]
 
 

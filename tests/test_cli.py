@@ -1,0 +1,113 @@
+"""The command line: exit codes, what goes to stdout and stderr, plan and status views."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from veobatch.cli import main
+from veobatch.ledger import Ledger
+
+GOOD = """\
+version: 1
+jobs:
+  - id: one
+    model: google/veo-3.1-t2v
+    prompt: a cat
+    duration: 4
+  - id: two
+    model: google/veo-3.1-t2v-fast
+    prompt: a dog
+"""
+
+BAD = """\
+version: 1
+jobs:
+  - id: one
+    model: google/veo-3.1-t2v
+    prompt: a cat
+    duration: 5
+  - id: two
+    model: google/veo-3.1-t2vv
+    prompt: a dog
+"""
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def write(tmp: Path, text: str, name: str = "m.yaml") -> Path:
+    p = tmp / name
+    p.write_text(text)
+    return p
+
+
+def test_invalid_manifest_exits_2_with_every_problem(runner: CliRunner, tmp_path: Path) -> None:
+    m = write(tmp_path, BAD)
+    res = runner.invoke(main, ["run", str(m), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    assert "m.yaml:6:15: job 'one': field 'duration'" in res.stderr
+    assert "m.yaml:8:12: job 'two': field 'model'" in res.stderr
+    assert "did you mean" in res.stderr
+    assert res.stdout == ""
+    assert not (tmp_path / "o").exists()  # nothing started, nothing sent
+
+
+def test_plan_invalid_manifest_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    res = runner.invoke(main, ["plan", str(write(tmp_path, BAD))])
+    assert res.exit_code == 2
+
+
+def test_missing_key_exits_3(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AIMLAPI_KEY", raising=False)
+    res = runner.invoke(main, ["run", str(write(tmp_path, GOOD)), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 3
+    assert "AIMLAPI_KEY" in res.stderr
+
+
+def test_usage_error_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    res = runner.invoke(main, ["run", str(write(tmp_path, GOOD)), "--concurrency", "0"])
+    assert res.exit_code == 2
+
+
+async def test_plan_reads_the_ledger_and_sends_nothing(runner: CliRunner, tmp_path: Path) -> None:
+    m = write(tmp_path, GOOD)
+    out = tmp_path / "o"
+    out.mkdir()
+    ledger = Ledger.open(out)
+    await ledger.record("intent", "one", crid="c", key="k", model="google/veo-3.1-t2v")
+    ledger.close()
+    res = runner.invoke(main, ["plan", str(m), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [line.split("\t") for line in res.stdout.splitlines() if "\t" in line]
+    assert [(r[0], r[2]) for r in rows] == [("one", "uncertain"), ("two", "submit")]
+    assert "would submit 1 generation, about $1.20" in res.stdout  # t2v-fast: 8 s x $0.15
+
+
+async def test_status_table_and_json(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    ledger = Ledger.open(out)
+    await ledger.record("intent", "one", crid="c", key="k", model="google/veo-3.1-t2v")
+    await ledger.record("submitted", "one", gen="gen-1")
+    await ledger.record("intent", "two", crid="c2", key="k", model="google/veo-3.1-t2v")
+    await ledger.record("failed", "two", kind="invalid_request", message="HTTP 400: nope")
+    ledger.close()
+    res = runner.invoke(main, ["status", str(out)])
+    assert res.exit_code == 0
+    assert "one\tsubmitted\tveo-3.1-t2v\tgen-1" in res.stdout
+    assert "two\tfailed" in res.stdout and "invalid_request: HTTP 400: nope" in res.stdout
+    assert "2 jobs: 1 submitted, 1 failed" in res.stdout
+    doc = json.loads(runner.invoke(main, ["status", str(out), "--json"]).stdout)
+    assert doc["summary"]["submitted"] == 1 and doc["jobs"][0]["generation_id"] == "gen-1"
+
+
+def test_status_of_a_missing_directory_exits_2(runner: CliRunner, tmp_path: Path) -> None:
+    assert runner.invoke(main, ["status", str(tmp_path / "nope")]).exit_code == 2
