@@ -209,17 +209,16 @@ class _Run:
                 tg.start_soon(self._submit_one, job)
 
     async def _submit_one(self, job: Job) -> None:
+        outcome = SubmitOutcome.STOPPED
         try:
-            # A POST once sent is finished even on shutdown: cutting it off would leave a
-            # generation that may exist with no id on record.
-            with anyio.CancelScope(shield=True):
-                outcome = await self.submitter.submit(job)
+            outcome = await self.submitter.submit(job)
         except AuthError as exc:
             self._stop_on_auth(exc)
             outcome = SubmitOutcome.AUTH
-        if outcome is not SubmitOutcome.SUBMITTED:
-            self._release(job.id)
-            self._close(job.id)
+        finally:
+            if outcome is not SubmitOutcome.SUBMITTED:
+                self._release(job.id)
+                self._close(job.id)
 
     async def _on_submitted(self, job: Job, created: Created) -> None:
         self.submitted += 1

@@ -132,37 +132,46 @@ class Submitter:
     rng: random.Random | None = None
 
     async def submit(self, job: Job) -> SubmitOutcome:
+        """Submit until the outcome is known; waits between tries can be cancelled."""
         attempt = 0
         while True:
             if self.should_stop():
                 return SubmitOutcome.STOPPED
-            state = self.ledger.state(job.id)
-            crid = client_request_id(job.id, state.attempts + 1)
-            await self.ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model)
-            try:
-                created = await self.api.create(job.request, client_request_id=crid)
-            except (NotSentError, RateLimitedError) as exc:
-                attempt += 1
-                if attempt > self.retries:  # nothing was created: safe to fail outright
-                    await self._fail(job, "submit_failed", f"gave up after {attempt} tries: {exc}")
-                    return SubmitOutcome.REJECTED
-                await self.ledger.record("unsent", job.id)
-                await self._wait(exc, attempt, job)
-                continue
-            except AuthError as exc:
-                await self.ledger.record("unsent", job.id)
-                log.error("submission refused job=%s: %s", job.id, exc.message)
-                raise
-            except BadRequestError as exc:
-                await self._fail(job, "invalid_request", exc.message)
+            # Once the intent is on disk the POST and the record of its answer run to the end
+            # even on shutdown: cutting them off would leave a generation with no id on record.
+            with anyio.CancelScope(shield=True):
+                outcome, retry = await self._attempt(job)
+            if retry is None:
+                return outcome
+            attempt += 1
+            if attempt > self.retries:  # nothing was created: safe to fail outright
+                await self._fail(job, "submit_failed", f"gave up after {attempt} tries: {retry}")
                 return SubmitOutcome.REJECTED
-            except ApiError as exc:  # 5xx, no answer, unreadable 2xx: it may exist
-                await self.ledger.record("uncertain", job.id, kind=_kind(exc), message=exc.message)
-                log.warning("submission outcome unknown job=%s: %s", job.id, exc.message)
-                return SubmitOutcome.UNCERTAIN
-            await self.ledger.record("submitted", job.id, gen=created.generation_id)
-            await self.on_submitted(job, created)
-            return SubmitOutcome.SUBMITTED
+            await self.ledger.record("unsent", job.id)
+            await self._wait(retry, attempt, job)
+
+    async def _attempt(self, job: Job) -> tuple[SubmitOutcome, ApiError | None]:
+        """One POST. Returns the outcome, or the error when trying again is safe."""
+        crid = client_request_id(job.id, self.ledger.state(job.id).attempts + 1)
+        await self.ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model)
+        try:
+            created = await self.api.create(job.request, client_request_id=crid)
+        except (NotSentError, RateLimitedError) as exc:
+            return SubmitOutcome.REJECTED, exc
+        except AuthError as exc:
+            await self.ledger.record("unsent", job.id)
+            log.error("submission refused job=%s: %s", job.id, exc.message)
+            raise
+        except BadRequestError as exc:
+            await self._fail(job, "invalid_request", exc.message)
+            return SubmitOutcome.REJECTED, None
+        except ApiError as exc:  # 5xx, no answer, unreadable 2xx: it may exist
+            await self.ledger.record("uncertain", job.id, kind=_kind(exc), message=exc.message)
+            log.warning("submission outcome unknown job=%s: %s", job.id, exc.message)
+            return SubmitOutcome.UNCERTAIN, None
+        await self.ledger.record("submitted", job.id, gen=created.generation_id)
+        await self.on_submitted(job, created)
+        return SubmitOutcome.SUBMITTED, None
 
     async def _fail(self, job: Job, kind: str, message: str) -> None:
         await self.ledger.record("failed", job.id, kind=kind, message=message)
