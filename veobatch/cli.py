@@ -11,6 +11,7 @@ import logging
 import secrets
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -126,6 +127,14 @@ def main() -> None:
     is_flag=True,
     help="Run against the built-in simulator on loopback: no key, no network.",
 )
+@click.option(
+    "--sim-gen-time",
+    "sim_gen_time_s",
+    type=click.FloatRange(min=0),
+    default=3.0,
+    show_default=True,
+    help="With --simulate: mean generation time in seconds.",
+)
 @click.option("--verify", is_flag=True, help="Re-hash finished files instead of trusting mtime.")
 @click.option("-v", "--verbose", count=True, help="More log detail.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
@@ -135,6 +144,7 @@ def run_cmd(
     concurrency: int | None,
     job_timeout_s: float | None,
     simulate: bool,
+    sim_gen_time_s: float,
     verify: bool,
     verbose: int,
     quiet: bool,
@@ -147,32 +157,42 @@ def run_cmd(
     out = out_dir or _default_out(manifest)
     cli = {"concurrency": concurrency, "job_timeout_s": job_timeout_s}
     settings = _guard(lambda: resolve_settings(out, m.settings, cli))
+    sim = SimOptions(gen_time_s=sim_gen_time_s) if simulate else None
     if STDERR.is_terminal and not quiet:
         with LiveProgress(STDERR) as live:
-            report = _guard(lambda: anyio.run(_run_async, m, settings, simulate, verify, live))
+            report = _guard(lambda: anyio.run(_run_async, m, settings, sim, verify, live))
     else:
         observer = LogProgress() if not quiet else None
-        report = _guard(lambda: anyio.run(_run_async, m, settings, simulate, verify, observer))
+        report = _guard(lambda: anyio.run(_run_async, m, settings, sim, verify, observer))
     for line in run_summary(report, len(m.jobs)):
         click.echo(line)
     sys.exit(report.exit_code)
 
 
+@dataclass(frozen=True)
+class SimOptions:
+    gen_time_s: float = 3.0
+
+
 async def _run_async(
     m: Manifest,
     settings: RunSettings,
-    simulate: bool,
+    sim: SimOptions | None,
     verify: bool,
     observer: Callable[[Snapshot], None] | None,
 ) -> RunReport:
-    if not simulate:
+    if sim is None:
         return await run(m, settings, handle_signals=True, verify=verify, observer=observer)
     from .simulator import SimConfig, Simulator
 
     key = "sim-" + secrets.token_hex(8)
-    async with Simulator(SimConfig(api_keys=frozenset({key}))) as sim:
-        log.info("simulator listening on %s (videos on %s)", sim.base_url, sim.cdn_url)
-        sim_settings = settings.with_overrides(base_url=sim.base_url, api_key=Secret(key))
+    # Generations are journaled beside the run's ledger, so an interrupted demo resumes.
+    config = SimConfig(
+        api_keys=None, gen_time_mean_s=sim.gen_time_s, state_dir=settings.out_dir / ".simulator"
+    )
+    async with Simulator(config) as server:
+        log.info("simulator listening on %s (videos on %s)", server.base_url, server.cdn_url)
+        sim_settings = settings.with_overrides(base_url=server.base_url, api_key=Secret(key))
         return await run(m, sim_settings, handle_signals=True, verify=verify, observer=observer)
 
 

@@ -1,0 +1,11 @@
+"""A simulator of the AI/ML API's Veo 3.1 video endpoints, for tests, demos and benchmarks.
+
+Faithful to the published request schemas (embedded under ``schemas/``), with a separate
+listener standing in for the CDN that serves real MP4s.
+"""
+
+from .config import SimConfig
+from .server import Simulator, serve
+from .state import Generation, SimStats
+
+__all__ = ["Generation", "SimConfig", "SimStats", "Simulator", "serve"]

@@ -1,0 +1,363 @@
+"""The simulator's HTTP shell: an API listener and a separate CDN listener, over aiohttp.
+
+Everything it decides comes from the pure modules beside it (validation, state, logs, video);
+this file only maps requests to them. The CDN is a second listener on its own port so that a
+client sending the API key to "another host" is visible (``stats.cdn_auth_headers_seen``).
+
+With ``SimConfig.state_dir`` set, generations are journaled there and reloaded on start, so a
+client that restarts (``veobatch run --simulate`` after a crash) finds its generations again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import re
+import secrets
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import anyio
+from aiohttp import web
+
+from .config import SimConfig, price
+from .logs import LogRow, QueryInvalid, log_page, parse_log_query
+from .state import Generation, SimStats, draw_duration_s, fetch_body
+from .validation import (
+    BODY_INVALID,
+    BodyInvalid,
+    Issue,
+    VideoRequest,
+    load_model_schemas,
+    validate_body,
+)
+from .video import VideoCache, spec_for
+
+log = logging.getLogger(__name__)
+
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+GENERATIONS = "/v2/video/generations"
+JOURNAL = "generations.jsonl"
+
+
+def error_body(path: str, status: int, message: str, meta: Any = None) -> dict[str, Any]:
+    """The API's error shape: message, path, requestId, statusCode, timestamp (+ details)."""
+    body: dict[str, Any] = {
+        "message": message,
+        "path": path,
+        "requestId": str(uuid.uuid4()),
+        "statusCode": status,
+        "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+    }
+    if meta is not None:
+        body["meta"] = meta
+    return body
+
+
+def _error(request: web.Request, status: int, message: str, meta: Any = None) -> web.Response:
+    return web.json_response(error_body(request.path, status, message, meta), status=status)
+
+
+def bearer(headers: Mapping[str, str]) -> str | None:
+    value = headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class Simulator:
+    """The simulated API; ``async with Simulator(config) as sim:`` then use ``sim.base_url``."""
+
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        cdn_port: int = 0,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.config = config or SimConfig()
+        self.host = host
+        self._ports = (port, cdn_port)
+        # Journaled generations must keep their timing across processes: wall time then.
+        self._clock = clock or (time.time if self.config.state_dir else time.monotonic)
+        self._rng = random.Random(self.config.seed)
+        self._schemas = load_model_schemas()
+        self.stats = SimStats()
+        self.generations: dict[str, Generation] = {}
+        self._by_file: dict[str, Generation] = {}
+        self._log_rows: list[LogRow] = []
+        self._runners: list[web.AppRunner] = []
+        self._tmp: Path | None = None
+        self._cache: VideoCache | None = None
+        self.base_url = ""
+        self.cdn_url = ""
+
+    async def __aenter__(self) -> Simulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._tmp = Path(tempfile.mkdtemp(prefix="veobatch-sim-"))
+        self._cache = VideoCache(self._tmp)
+        self._load_journal()
+        api = web.Application(client_max_size=64 << 20)
+        api.router.add_post(GENERATIONS, self._create)
+        api.router.add_get(GENERATIONS, self._fetch)
+        api.router.add_get("/v2/logs", self._logs)
+        api.router.add_get("/_sim/stats", self._stats)
+        cdn = web.Application()
+        cdn.router.add_get("/files/{token}/{name}", self._file)
+        api_port = await self._listen(api, self._ports[0])
+        cdn_port = await self._listen(cdn, self._ports[1])
+        self.base_url = f"http://{self.host}:{api_port}"
+        self.cdn_url = f"http://{self.host}:{cdn_port}"
+
+    async def _listen(self, app: web.Application, port: int) -> int:
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, port)
+        await site.start()
+        self._runners.append(runner)
+        server = site._server
+        assert server is not None
+        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    # -- the API listener ------------------------------------------------------------------
+
+    def _authorize(self, request: web.Request) -> str | None:
+        token = bearer(request.headers)
+        keys = self.config.api_keys
+        if token is None or (keys is not None and token not in keys):
+            self.stats.unauthorized += 1
+            return None
+        return token
+
+    async def _create(self, request: web.Request) -> web.Response:
+        key = self._authorize(request)
+        if key is None:
+            self.stats.creates_unauthorized += 1
+            return _error(request, 401, "Unauthorized: a valid Bearer key is required")
+        crid = request.headers.get("X-Client-Request-Id")
+        crid = crid if crid and CLIENT_REQUEST_ID.fullmatch(crid) else None
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            body = None
+            issues = [Issue((), "Expected a JSON object, received invalid JSON")]
+            return self._reject(request, key, crid, body, BodyInvalid(BODY_INVALID, issues))
+        try:
+            video = self._validate(body)
+        except BodyInvalid as exc:
+            return self._reject(request, key, crid, body, exc)
+        gen = self._new_generation(body, video, key, crid)
+        headers = {"x-inference-id": gen.id}
+        if crid:
+            headers["x-client-request-id"] = crid
+        return web.json_response({"id": gen.id, "status": "queued"}, headers=headers)
+
+    def _validate(self, body: Any) -> VideoRequest:
+        return validate_body(body, self._schemas)
+
+    def _reject(
+        self, request: web.Request, key: str, crid: str | None, body: Any, exc: BodyInvalid
+    ) -> web.Response:
+        self.stats.creates_rejected += 1
+        model = body.get("model") if isinstance(body, dict) else None
+        self._log_rows.append(
+            LogRow(
+                key,
+                time.time(),
+                "failed",
+                model if isinstance(model, str) else "unknown",
+                0.0,
+                0,
+                str(uuid.uuid4()),
+                str(uuid.uuid4()),
+                crid,
+            )
+        )
+        return _error(request, 400, exc.message, [i.to_json() for i in exc.issues])
+
+    def _new_generation(
+        self, body: dict[str, Any], video: VideoRequest, key: str, crid: str | None
+    ) -> Generation:
+        duration = draw_duration_s(
+            self._rng, self.config.gen_time_mean_s, self.config.gen_time_spread
+        )
+        file_id = str(uuid.uuid4())
+        usd, credits = price(video.model, video.duration_s)
+        gen = Generation(
+            id=f"{file_id}:{video.model}",
+            model=video.model,
+            body=body,
+            request=video,
+            api_key=key,
+            created_at=self._clock(),
+            created_wall_s=time.time(),
+            duration_s=duration,
+            queued_s=duration * self.config.queued_fraction,
+            client_request_id=crid,
+            file_token=secrets.token_urlsafe(12),
+            file_name=f"{file_id}.mp4",
+            usd=usd,
+            credits=credits,
+        )
+        self._add(gen)
+        self._journal(gen)
+        self.stats.creates_ok += 1
+        self._log_rows.append(
+            LogRow(
+                key,
+                gen.created_wall_s,
+                "succeeded",
+                gen.model,
+                usd,
+                credits,
+                str(uuid.uuid4()),
+                gen.id,
+                crid,
+            )
+        )
+        return gen
+
+    def _add(self, gen: Generation) -> None:
+        self.generations[gen.id] = gen
+        self._by_file[gen.file_name] = gen
+
+    async def _fetch(self, request: web.Request) -> web.Response:
+        if self._authorize(request) is None:
+            return _error(request, 401, "Unauthorized: a valid Bearer key is required")
+        gen_id = request.query.get("generation_id")
+        if not gen_id:
+            meta = [Issue(("generation_id",), "Required").to_json()]
+            return _error(request, 400, "Query validation error", meta)
+        gen = self.generations.get(gen_id)
+        if gen is None:
+            return _error(request, 404, f"Generation {gen_id} not found")
+        now = self._clock()
+        self.stats.record_poll(gen, now)
+        url = f"{self.cdn_url}/files/{gen.file_token}/{gen.file_name}"
+        seconds = spec_for(gen.request, self.config).duration_s
+        return web.json_response(fetch_body(gen, now, url, seconds))
+
+    async def _logs(self, request: web.Request) -> web.Response:
+        key = self._authorize(request)
+        if key is None:
+            return _error(request, 401, "Unauthorized: a valid Bearer key is required")
+        self.stats.logs_requests += 1
+        try:
+            query = parse_log_query(list(request.query.items()), time.time())
+        except QueryInvalid as exc:
+            return _error(request, 400, exc.message)
+        rows = [r for r in self._log_rows if r.api_key == key]
+        return web.json_response(log_page(rows, query))
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats.summary())
+
+    # -- the CDN listener ------------------------------------------------------------------
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        self.stats.cdn_requests += 1
+        if "Authorization" in request.headers:
+            self.stats.cdn_auth_headers_seen += 1
+        gen = self._by_file.get(request.match_info["name"])
+        if (
+            gen is None
+            or not secrets.compare_digest(gen.file_token, request.match_info["token"])
+            or gen.status_at(self._clock()) != "completed"
+        ):
+            return web.Response(status=404, text="Not Found")
+        assert self._cache is not None
+        path = await self._cache.path_for(spec_for(gen.request, self.config))
+        self.stats.downloads += 1
+        gen.downloads += 1
+        return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
+
+    # -- the journal -----------------------------------------------------------------------
+
+    def _journal(self, gen: Generation) -> None:
+        folder = self.config.state_dir
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        row = {
+            "id": gen.id,
+            "body": gen.body,
+            "api_key_sha": _digest(gen.api_key),
+            "created_at": gen.created_at,
+            "created_wall_s": gen.created_wall_s,
+            "duration_s": gen.duration_s,
+            "queued_s": gen.queued_s,
+            "client_request_id": gen.client_request_id,
+            "file_token": gen.file_token,
+            "file_name": gen.file_name,
+        }
+        with open(folder / JOURNAL, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _load_journal(self) -> None:
+        folder = self.config.state_dir
+        path = folder / JOURNAL if folder else None
+        if path is None or not path.exists():
+            return
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                video = self._validate(row["body"])
+            except (ValueError, KeyError, BodyInvalid):
+                continue  # a torn last line from a killed process
+            usd, credits = price(video.model, video.duration_s)
+            gen = Generation(
+                id=row["id"],
+                model=video.model,
+                body=row["body"],
+                request=video,
+                api_key=row["api_key_sha"],
+                created_at=row["created_at"],
+                created_wall_s=row["created_wall_s"],
+                duration_s=row["duration_s"],
+                queued_s=row["queued_s"],
+                client_request_id=row["client_request_id"],
+                file_token=row["file_token"],
+                file_name=row["file_name"],
+                usd=usd,
+                credits=credits,
+            )
+            self._add(gen)
+
+
+def _digest(key: str) -> str:
+    """The journal never holds a key, only a digest of it."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+async def serve(config: SimConfig, host: str, port: int, cdn_port: int = 0) -> None:
+    """Serve until cancelled (``veobatch simulate``)."""
+    async with Simulator(config, host=host, port=port, cdn_port=cdn_port) as sim:
+        log.info("simulator API on %s, videos on %s", sim.base_url, sim.cdn_url)
+        await anyio.sleep_forever()
