@@ -96,6 +96,12 @@ class RunSettings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+def normalize_base_url(url: str) -> str:
+    """The API's own examples use ``https://api.aimlapi.com/v2`` as base: accept that too."""
+    url = url.strip().rstrip("/")
+    return url.removesuffix("/v2")
+
+
 def resolve_settings(
     out_dir: Path,
     manifest: ManifestSettings | None = None,
@@ -108,7 +114,7 @@ def resolve_settings(
     key = env.get(ENV_KEY, "").strip()
     settings = settings.with_overrides(
         api_key=Secret(key) if key else None,
-        base_url=env.get(ENV_BASE_URL, "").strip().rstrip("/") or None,
+        base_url=normalize_base_url(env.get(ENV_BASE_URL, "")) or None,
     )
     if manifest is not None:
         settings = settings.with_overrides(
