@@ -201,3 +201,24 @@ async def test_second_run_on_same_directory_is_locked(tmp_path: Path) -> None:
 async def test_no_key_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="AIMLAPI_KEY"):
         await run(manifest(1, tmp_path), settings(tmp_path))
+
+
+async def test_changed_request_keeps_the_previous_video(cdn: str, tmp_path: Path) -> None:
+    m = manifest(1, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    old_key = m.jobs[0].key
+    changed = Manifest(m.path, (Job("job0", {**m.jobs[0].request, "seed": 5}, 0),))
+    report = await run(changed, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and len(api.created) == 2
+    out = tmp_path / "out"
+    assert (out / f"job0@{old_key[:8]}.mp4").read_bytes() == MP4
+    assert (out / "job0.mp4").read_bytes() == MP4
+
+
+async def test_stale_part_of_an_earlier_generation_is_not_resumed(cdn: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "job0.mp4.part").write_bytes(b"bytes of some other generation")
+    report = await run(manifest(1, tmp_path), settings(tmp_path), api=FakeApi(cdn))
+    assert report.exit_code == 0 and (out / "job0.mp4").read_bytes() == MP4

@@ -66,6 +66,10 @@ def _done_file(tmp: Path, content: bytes = b"\x00\x00\x00\x18ftypmp42") -> JobSt
         ),
         (st("failed", error=ErrorInfo("invalid_request", "x")), Action.HOLD_FAILED),
         (st("failed", error=ErrorInfo("invalid_request", "x"), key="old"), Action.SUBMIT),
+        (
+            st("failed", generation_id="g", error=ErrorInfo("generation_error", "x"), key="old"),
+            Action.SUBMIT,
+        ),
         (st("done", generation_id="g", file="missing.mp4", bytes=1, sha256="x"), Action.REFETCH),
     ],
 )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -258,6 +259,8 @@ class Ledger:
         self._seq = 0  # records appended to the buffer
         self._synced = 0  # records known to be on disk
         self._flushing: anyio.Event | None = None
+        self._buf_lock = threading.Lock()  # held only to append or swap the buffer
+        self._io_lock = threading.Lock()  # held while a batch is written
         self.recovered_tail: Path | None = None
 
     @classmethod
@@ -288,12 +291,13 @@ class Ledger:
         """Apply and append one record; with ``durable``, wait until it is fsynced."""
         rec: dict[str, Any] = {"t": round(self._clock(), 3), "ev": ev, "job": job_id, **data}
         state = apply_record(self.states, rec)
-        self._buf.append(
-            json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
-        )
-        self._seq += 1
+        line = json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        with self._buf_lock:
+            self._buf.append(line)
+            self._seq += 1
+            seq = self._seq
         if durable:
-            await self.sync(self._seq)
+            await self.sync(seq)
         return state
 
     async def sync(self, upto: int | None = None) -> None:
@@ -304,14 +308,25 @@ class Ledger:
                 await self._flushing.wait()
                 continue
             self._flushing = done = anyio.Event()
-            lines, seq = self._buf, self._seq
-            self._buf = []
             try:
-                await anyio.to_thread.run_sync(self._write, lines)
-                self._synced = seq
+                self._synced = max(self._synced, await anyio.to_thread.run_sync(self._drain))
             finally:
                 self._flushing = None
                 done.set()
+
+    def _drain(self) -> int:
+        """Write and fsync everything buffered; returns the sequence number now on disk.
+
+        The buffer is taken under the I/O lock, so batches reach the file in the order they
+        were taken, even when a shutdown path drains from another thread.
+        """
+        with self._io_lock:
+            with self._buf_lock:
+                lines, self._buf = self._buf, []
+                seq = self._seq
+            if lines:
+                self._write(lines)
+            return seq
 
     def _write(self, lines: list[bytes]) -> None:
         try:
@@ -322,10 +337,7 @@ class Ledger:
 
     def flush_sync(self) -> None:
         """Write what is buffered without the event loop: for shutdown paths."""
-        if self._buf:
-            lines, self._buf = self._buf, []
-            self._write(lines)
-            self._synced = self._seq
+        self._synced = max(self._synced, self._drain())
 
     def write_results(self, jobs: Iterable[Job]) -> None:
         doc = build_results(self.states, jobs)

@@ -24,9 +24,9 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .client import ApiClient, Created, Generation, HttpApiClient
-from .downloader import download
+from .downloader import PART_SUFFIX, download
 from .errors import ApiError, AuthError, ConfigError, DownloadError, UrlRejectedError
-from .fsutil import DirLock, ensure_dir
+from .fsutil import DirLock, ensure_dir, fsync_dir
 from .jobs import Job, Manifest
 from .ledger import ErrorInfo, Ledger
 from .poller import Poller, Tracked
@@ -211,6 +211,7 @@ class _Run:
     async def _submit_one(self, job: Job) -> None:
         outcome = SubmitOutcome.STOPPED
         try:
+            self._prepare_new_generation(job)
             outcome = await self.submitter.submit(job)
         except AuthError as exc:
             self._stop_on_auth(exc)
@@ -219,6 +220,24 @@ class _Run:
             if outcome is not SubmitOutcome.SUBMITTED:
                 self._release(job.id)
                 self._close(job.id)
+
+    def _prepare_new_generation(self, job: Job) -> None:
+        """Clear the way for a new generation without losing or mixing up an earlier one.
+
+        A ``.part`` left by an earlier generation must not be resumed into this one, and a
+        finished video of an earlier version of the request is kept under a versioned name.
+        """
+        out = self.settings.out_dir
+        (out / f"{job.id}.mp4{PART_SUFFIX}").unlink(missing_ok=True)
+        st = self.ledger.state(job.id)
+        if st.status != "done" or not st.file or not st.key or st.key == job.key:
+            return
+        old = out / st.file
+        if old.exists():
+            kept = out / f"{job.id}@{st.key[:8]}.mp4"  # '@' cannot appear in a job id
+            os.replace(old, kept)
+            fsync_dir(out)
+            log.info("request changed job=%s: previous video kept as %s", job.id, kept.name)
 
     async def _on_submitted(self, job: Job, created: Created) -> None:
         self.submitted += 1

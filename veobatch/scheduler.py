@@ -82,7 +82,7 @@ def plan_job(job: Job, state: JobState, out_dir: Path, *, verify: bool = False) 
         return p(Action.POLL, "in flight" + suffix)
     if st == "failed":
         kind = state.error.kind if state.error else ""
-        if changed and state.generation_id is None:
+        if changed:
             return p(Action.SUBMIT, "request changed since it failed")
         if kind in REPOLL_KINDS and state.generation_id:
             return p(Action.POLL, f"failed ({kind}) earlier: polling its generation again")
