@@ -261,14 +261,45 @@ def status_cmd(directory: Path, as_json: bool) -> None:
     help="Accepted API key (repeatable; default: any non-empty Bearer token).",
 )
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option(
+    "--fault",
+    "faults",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Inject a fault, e.g. create_5xx_after=0.05 (repeatable; see README).",
+)
+@click.option(
+    "--gen-spread",
+    default=0.3,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="Coefficient of variation of the generation time.",
+)
 def simulate_cmd(
-    host: str, port: int, cdn_port: int, gen_time_s: float, keys: tuple[str, ...], seed: int
+    host: str,
+    port: int,
+    cdn_port: int,
+    gen_time_s: float,
+    keys: tuple[str, ...],
+    seed: int,
+    faults: tuple[str, ...],
+    gen_spread: float,
 ) -> None:
     """Serve the built-in API simulator until interrupted."""
     _setup_logging(0)
-    from .simulator import SimConfig, serve
+    from .simulator import Faults, SimConfig, serve
 
-    config = SimConfig(api_keys=frozenset(keys) or None, gen_time_mean_s=gen_time_s, seed=seed)
+    try:
+        fault_config = Faults.parse(list(faults), seed=seed)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fault") from None
+    config = SimConfig(
+        api_keys=frozenset(keys) or None,
+        gen_time_mean_s=gen_time_s,
+        gen_time_spread=gen_spread,
+        seed=seed,
+        faults=fault_config,
+    )
     click.echo(f"simulator: AIMLAPI_BASE_URL=http://{host}:{port}", err=True)
     try:
         anyio.run(serve, config, host, port, cdn_port)

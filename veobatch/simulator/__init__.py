@@ -5,7 +5,8 @@ listener standing in for the CDN that serves real MP4s.
 """
 
 from .config import SimConfig
+from .faults import Faults
 from .server import Simulator, serve
 from .state import Generation, SimStats
 
-__all__ = ["Generation", "SimConfig", "SimStats", "Simulator", "serve"]
+__all__ = ["Faults", "Generation", "SimConfig", "SimStats", "Simulator", "serve"]

@@ -7,9 +7,11 @@ caught by the other when the client's cost estimate is compared with what the si
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from .faults import Faults
 
 CREDITS_PER_USD = 2_000_000
 STANDARD_USD_PER_S = 0.40
@@ -29,6 +31,7 @@ class SimConfig:
     seed: int = 0  # makes durations reproducible
     video_mode: Literal["faithful", "tiny"] = "faithful"  # tiny: 160x90, 1 s, 8 fps
     video_fps: int = 24
+    faults: Faults = field(default_factory=Faults)
     state_dir: Path | None = None  # journal generations here so a restarted client finds them
 
     def __post_init__(self) -> None:

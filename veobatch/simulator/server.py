@@ -11,6 +11,8 @@ client that restarts (``veobatch run --simulate`` after a crash) finds its gener
 from __future__ import annotations
 
 import hashlib
+import heapq
+import hmac
 import json
 import logging
 import random
@@ -30,6 +32,7 @@ import anyio
 from aiohttp import web
 
 from .config import SimConfig, price
+from .faults import Dice
 from .logs import LogRow, QueryInvalid, log_page, parse_log_query
 from .state import Generation, SimStats, draw_duration_s, fetch_body
 from .validation import (
@@ -97,6 +100,8 @@ class Simulator:
         self.generations: dict[str, Generation] = {}
         self._by_file: dict[str, Generation] = {}
         self._log_rows: list[LogRow] = []
+        self._running: dict[str, list[float]] = {}  # per key: completion times, a heap
+        self._dice = Dice(self.config.faults)
         self._runners: list[web.AppRunner] = []
         self._tmp: Path | None = None
         self._cache: VideoCache | None = None
@@ -173,11 +178,52 @@ class Simulator:
             video = self._validate(body)
         except BodyInvalid as exc:
             return self._reject(request, key, crid, body, exc)
+        refused = self._refuse_before_create(request, key, crid, video.model)
+        if refused is not None:
+            return refused
         gen = self._new_generation(body, video, key, crid)
+        f = self.config.faults
+        if self._dice.roll(f.create_5xx_after):
+            return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
+        if self._dice.roll(f.create_drop_after):
+            return _drop(request)
         headers = {"x-inference-id": gen.id}
         if crid:
             headers["x-client-request-id"] = crid
         return web.json_response({"id": gen.id, "status": "queued"}, headers=headers)
+
+    def _refuse_before_create(
+        self, request: web.Request, key: str, crid: str | None, model: str
+    ) -> web.Response | None:
+        """Faults that strike before anything is created: nothing is billed."""
+        f = self.config.faults
+        if self._dice.roll(f.create_429):
+            return self._too_many(request, "Too many requests", retry_after=True)
+        if self._dice.roll(f.create_429_bare):
+            return self._too_many(request, "Too many requests", retry_after=False)
+        if f.max_concurrent and self._in_flight(key) >= f.max_concurrent:
+            return self._too_many(request, "Concurrency limit reached", retry_after=True)
+        if self._dice.roll(f.create_5xx_before):
+            self._log_failed(key, crid, model)
+            return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
+        if self._dice.roll(f.create_drop_before):
+            return _drop(request)
+        return None
+
+    def _too_many(self, request: web.Request, message: str, *, retry_after: bool) -> web.Response:
+        self.stats.rate_limited += 1
+        response = _error(request, 429, message)
+        if retry_after:
+            response.headers["Retry-After"] = f"{self.config.faults.retry_after_s:g}"
+        return response
+
+    def _in_flight(self, key: str) -> int:
+        """Generations of this key not yet finished, from a heap of completion times."""
+        heap = self._running.setdefault(key, [])
+        now = self._clock()
+        while heap and heap[0] <= now:
+            heapq.heappop(heap)
+        return len(heap)
 
     def _validate(self, body: Any) -> VideoRequest:
         return validate_body(body, self._schemas)
@@ -187,20 +233,14 @@ class Simulator:
     ) -> web.Response:
         self.stats.creates_rejected += 1
         model = body.get("model") if isinstance(body, dict) else None
-        self._log_rows.append(
-            LogRow(
-                key,
-                time.time(),
-                "failed",
-                model if isinstance(model, str) else "unknown",
-                0.0,
-                0,
-                str(uuid.uuid4()),
-                str(uuid.uuid4()),
-                crid,
-            )
-        )
+        self._log_failed(key, crid, model if isinstance(model, str) else "unknown")
         return _error(request, 400, exc.message, [i.to_json() for i in exc.issues])
+
+    def _log_failed(self, key: str, crid: str | None, model: str) -> None:
+        row = LogRow(
+            key, time.time(), "failed", model, 0.0, 0, str(uuid.uuid4()), str(uuid.uuid4()), crid
+        )
+        self._log_rows.append(row)
 
     def _new_generation(
         self, body: dict[str, Any], video: VideoRequest, key: str, crid: str | None
@@ -226,7 +266,9 @@ class Simulator:
             usd=usd,
             credits=credits,
         )
+        gen.fails = self._dice.roll(self.config.faults.generation_error)
         self._add(gen)
+        heapq.heappush(self._running.setdefault(key, []), gen.completes_at)
         self._journal(gen)
         self.stats.creates_ok += 1
         self._log_rows.append(
@@ -258,11 +300,24 @@ class Simulator:
         gen = self.generations.get(gen_id)
         if gen is None:
             return _error(request, 404, f"Generation {gen_id} not found")
+        f = self.config.faults
+        if self._dice.roll(f.poll_5xx):
+            return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
+        if self._dice.roll(f.poll_429):
+            return self._too_many(request, "Too many requests", retry_after=True)
         now = self._clock()
         self.stats.record_poll(gen, now)
-        url = f"{self.cdn_url}/files/{gen.file_token}/{gen.file_name}"
+        url = self._video_url(gen)
         seconds = spec_for(gen.request, self.config).duration_s
         return web.json_response(fetch_body(gen, now, url, seconds))
+
+    def _video_url(self, gen: Generation) -> str:
+        url = f"{self.cdn_url}/files/{gen.file_token}/{gen.file_name}"
+        ttl = self.config.faults.url_ttl_s
+        if not ttl:
+            return url
+        expires = int((time.time() + ttl) * 1000)
+        return f"{url}?exp={expires}&sig={_sign(gen.file_token, expires)}"
 
     async def _logs(self, request: web.Request) -> web.Response:
         key = self._authorize(request)
@@ -273,7 +328,8 @@ class Simulator:
             query = parse_log_query(list(request.query.items()), time.time())
         except QueryInvalid as exc:
             return _error(request, 400, exc.message)
-        rows = [r for r in self._log_rows if r.api_key == key]
+        visible_until = time.time() - self.config.faults.logs_delay_s
+        rows = [r for r in self._log_rows if r.api_key == key and r.created_wall_s <= visible_until]
         return web.json_response(log_page(rows, query))
 
     async def _stats(self, request: web.Request) -> web.Response:
@@ -292,8 +348,14 @@ class Simulator:
             or gen.status_at(self._clock()) != "completed"
         ):
             return web.Response(status=404, text="Not Found")
+        if not _url_valid(gen.file_token, request.query):
+            self.stats.expired_urls += 1
+            return web.Response(status=403, text="Request has expired")
         assert self._cache is not None
         path = await self._cache.path_for(spec_for(gen.request, self.config))
+        if self._dice.roll(self.config.faults.truncate_download):
+            self.stats.truncated_downloads += 1
+            return await _truncated(request, path)
         self.stats.downloads += 1
         gen.downloads += 1
         return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
@@ -349,6 +411,44 @@ class Simulator:
                 credits=credits,
             )
             self._add(gen)
+
+
+def _drop(request: web.Request) -> web.Response:
+    """Close the connection without an answer; the client sees it dropped."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    return web.Response(status=500)  # never delivered
+
+
+async def _truncated(request: web.Request, path: Path) -> web.StreamResponse:
+    """Promise the whole file, send half of it, then cut the connection."""
+    data = await anyio.Path(path).read_bytes()
+    response = web.StreamResponse(
+        headers={"Content-Type": "video/mp4", "Content-Length": str(len(data))}
+    )
+    await response.prepare(request)
+    await response.write(data[: len(data) // 2])
+    await response.drain()
+    if request.transport is not None:
+        request.transport.abort()
+    return response
+
+
+def _sign(token: str, expires_ms: int) -> str:
+    return hmac.new(token.encode(), str(expires_ms).encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _url_valid(token: str, query: Mapping[str, str]) -> bool:
+    """Unsigned URLs never expire; signed ones must carry a valid, unexpired signature."""
+    if "exp" not in query:
+        return True
+    try:
+        expires = int(query["exp"])
+    except ValueError:
+        return False
+    fresh = expires / 1000 > time.time()
+    return fresh and hmac.compare_digest(_sign(token, expires), query.get("sig", ""))
 
 
 def _digest(key: str) -> str:

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from .validation import VideoRequest
 
-Status = Literal["queued", "generating", "completed"]
+Status = Literal["queued", "generating", "completed", "error"]
+FINISHED: frozenset[str] = frozenset({"completed", "error"})
 
 
 def lognormal_params(mean_s: float, spread: float) -> tuple[float, float]:
@@ -51,6 +52,7 @@ class Generation:
     file_name: str  # "<uuid>.mp4"
     usd: float
     credits: int
+    fails: bool = False  # ends in "error" instead of "completed" (fault injection)
     polls: int = 0
     detected_at: float | None = None  # clock time of the first poll that saw it completed
     downloads: int = 0
@@ -61,7 +63,7 @@ class Generation:
 
     def status_at(self, now: float) -> Status:
         if now >= self.completes_at:
-            return "completed"
+            return "error" if self.fails else "completed"
         if now < self.created_at + self.queued_s:
             return "queued"
         return "generating"
@@ -70,6 +72,9 @@ class Generation:
 def fetch_body(gen: Generation, now: float, video_url: str, video_s: float) -> dict[str, Any]:
     """The answer to ``GET /v2/video/generations`` for ``gen`` at time ``now``."""
     status = gen.status_at(now)
+    if status == "error":
+        error = {"name": "GenerationError", "message": "the simulated generation failed"}
+        return {"id": gen.id, "status": status, "video": None, "error": error, "meta": None}
     if status != "completed":
         return {"id": gen.id, "status": status, "video": None, "error": None, "meta": None}
     # fetch-video.json names the usage figure tokens_used, the create schema credits_used.
@@ -102,6 +107,9 @@ class SimStats:
     cdn_requests: int = 0
     cdn_auth_headers_seen: int = 0
     logs_requests: int = 0
+    rate_limited: int = 0  # 429s answered
+    expired_urls: int = 0  # CDN requests refused for an expired URL
+    truncated_downloads: int = 0
     # generation id -> detected_at - completes_at, for generations a poll saw completed
     detection_lag_s: dict[str, float] = field(default_factory=dict)
 
@@ -109,7 +117,7 @@ class SimStats:
         self.polls += 1
         gen.polls += 1
         self.poll_by_generation[gen.id] = gen.polls
-        if gen.detected_at is None and gen.status_at(now) == "completed":
+        if gen.detected_at is None and gen.status_at(now) in FINISHED:
             gen.detected_at = now
             self.detection_lag_s[gen.id] = now - gen.completes_at
 
@@ -128,6 +136,9 @@ class SimStats:
             "cdn_requests": self.cdn_requests,
             "cdn_auth_headers_seen": self.cdn_auth_headers_seen,
             "logs_requests": self.logs_requests,
+            "rate_limited": self.rate_limited,
+            "expired_urls": self.expired_urls,
+            "truncated_downloads": self.truncated_downloads,
             "generations_detected": len(lags),
             "mean_polls_per_completed": _mean(polls_done),
             "mean_detection_lag_s": _mean(lags),
