@@ -156,11 +156,16 @@ def parse_log_query(params: Sequence[tuple[str, str]], now_wall_s: float) -> Log
     )
 
 
+def _model_matches(model: str, wanted: frozenset[str]) -> bool:
+    """``source/alias`` or the bare alias, each matched exactly (``logs-v2.json``)."""
+    return model in wanted or model.partition("/")[2] in wanted
+
+
 def _matches(row: LogRow, query: LogQuery) -> bool:
     return (
         (query.since_s is None or row.created_wall_s >= query.since_s)
         and (query.until_s is None or row.created_wall_s <= query.until_s)
-        and (query.models is None or row.model in query.models)
+        and (query.models is None or _model_matches(row.model, query.models))
         and (query.statuses is None or row.status in query.statuses)
     )
 

@@ -238,7 +238,15 @@ class Simulator:
 
     def _log_failed(self, key: str, crid: str | None, model: str) -> None:
         row = LogRow(
-            key, time.time(), "failed", model, 0.0, 0, str(uuid.uuid4()), str(uuid.uuid4()), crid
+            _digest(key),
+            time.time(),
+            "failed",
+            model,
+            0.0,
+            0,
+            str(uuid.uuid4()),
+            str(uuid.uuid4()),
+            crid,
         )
         self._log_rows.append(row)
 
@@ -273,7 +281,7 @@ class Simulator:
         self.stats.creates_ok += 1
         self._log_rows.append(
             LogRow(
-                key,
+                _digest(key),
                 gen.created_wall_s,
                 "succeeded",
                 gen.model,
@@ -329,7 +337,10 @@ class Simulator:
         except QueryInvalid as exc:
             return _error(request, 400, exc.message)
         visible_until = time.time() - self.config.faults.logs_delay_s
-        rows = [r for r in self._log_rows if r.api_key == key and r.created_wall_s <= visible_until]
+        owner = _digest(key)
+        rows = [
+            r for r in self._log_rows if r.api_key == owner and r.created_wall_s <= visible_until
+        ]
         return web.json_response(log_page(rows, query))
 
     async def _stats(self, request: web.Request) -> web.Response:
@@ -344,7 +355,9 @@ class Simulator:
         gen = self._by_file.get(request.match_info["name"])
         if (
             gen is None
-            or not secrets.compare_digest(gen.file_token, request.match_info["token"])
+            or not secrets.compare_digest(
+                gen.file_token.encode(), request.match_info["token"].encode()
+            )
             or gen.status_at(self._clock()) != "completed"
         ):
             return web.Response(status=404, text="Not Found")
@@ -378,6 +391,7 @@ class Simulator:
             "client_request_id": gen.client_request_id,
             "file_token": gen.file_token,
             "file_name": gen.file_name,
+            "fails": gen.fails,
         }
         with open(folder / JOURNAL, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -387,12 +401,14 @@ class Simulator:
         path = folder / JOURNAL if folder else None
         if path is None or not path.exists():
             return
-        for line in path.read_text(encoding="utf-8").splitlines():
+        good: list[str] = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
                 row = json.loads(line)
                 video = self._validate(row["body"])
-            except (ValueError, KeyError, BodyInvalid):
+            except (ValueError, KeyError, TypeError, BodyInvalid):
                 continue  # a torn last line from a killed process
+            good.append(line)
             usd, credits = price(video.model, video.duration_s)
             gen = Generation(
                 id=row["id"],
@@ -409,8 +425,24 @@ class Simulator:
                 file_name=row["file_name"],
                 usd=usd,
                 credits=credits,
+                fails=bool(row.get("fails", False)),
             )
             self._add(gen)
+            self._log_rows.append(
+                LogRow(
+                    gen.api_key,
+                    gen.created_wall_s,
+                    "succeeded",
+                    gen.model,
+                    usd,
+                    credits,
+                    str(uuid.uuid4()),
+                    gen.id,
+                    gen.client_request_id,
+                )
+            )
+        # Rewrite without torn lines, so the next append starts on a line of its own.
+        path.write_text("".join(line + "\n" for line in good), encoding="utf-8")
 
 
 def _drop(request: web.Request) -> web.Response:
