@@ -12,8 +12,15 @@ import anyio
 import pytest
 from aiohttp import web
 
-from veobatch.client import Created, Generation
-from veobatch.errors import AuthError, ConfigError, LockedError, ServerError
+from veobatch.client import Created, Generation, LogEntry, LogPage
+from veobatch.errors import (
+    AuthError,
+    ConfigError,
+    LockedError,
+    NoAnswerError,
+    RateLimitedError,
+    ServerError,
+)
 from veobatch.fsutil import DirLock
 from veobatch.jobs import Job, Manifest
 from veobatch.ledger import parse_journal
@@ -52,15 +59,36 @@ class FakeApi:
         self.in_flight = 0
         self.max_in_flight = 0
         self.create_error: Exception | None = None
+        self.error_after_create = False
+        self.errors_left = 10**9  # how many creates fail before they work
+        self.log: list[LogEntry] = []
+        self.hide_from_logs = False
+
+    def _maybe_clear(self) -> None:
+        self.errors_left -= 1
+        if self.errors_left <= 0:
+            self.create_error = None
+
+    async def logs(self, **kw: Any) -> LogPage:
+        rows = [] if self.hide_from_logs else list(reversed(self.log))
+        offset, limit = kw["offset"], kw["limit"]
+        return LogPage(rows[offset : offset + limit], offset + limit < len(rows))
 
     async def create(self, body: Any, *, client_request_id: str) -> Created:
-        if self.create_error is not None:
-            raise self.create_error
+        error = self.create_error
+        if error is not None and not self.error_after_create:
+            self.log.append(LogEntry(client_request_id, None, "failed"))
+            self._maybe_clear()
+            raise error
         gen = f"g{len(self.created)}-{body['prompt']}"
         self.created.append(gen)
+        self.log.append(LogEntry(client_request_id, gen, "succeeded"))
         self.polls[gen] = 0
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if error is not None:  # created, but the answer is lost
+            self._maybe_clear()
+            raise error
         return Created(gen, "queued")
 
     async def fetch(self, generation_id: str) -> Generation:
@@ -96,6 +124,8 @@ def settings(tmp: Path, **kw: Any) -> RunSettings:
         concurrency=3,
         poll=fast,
         backoff_base_s=0,
+        logs_grace_s=0,
+        lookup_interval_s=0.01,
         backoff_max_s=0,
     )
     return replace(base, **kw)
@@ -160,14 +190,67 @@ async def test_auth_error_stops_submitting_and_exits_3(cdn: str, tmp_path: Path)
     assert api.created == []
 
 
-async def test_server_error_on_create_leaves_job_uncertain(cdn: str, tmp_path: Path) -> None:
-    api = FakeApi(cdn)
+async def test_5xx_before_creation_is_resubmitted_once_logs_show_failure(
+    cdn: str, tmp_path: Path
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
     api.create_error = ServerError("HTTP 502: bad gateway", status=502)
-    report = await run(manifest(2, tmp_path), settings(tmp_path, concurrency=1), api=api)
-    assert report.exit_code == 1 and sorted(report.uncertain) == ["job0", "job1"]
-    api.create_error = None
-    again = await run(manifest(2, tmp_path), settings(tmp_path), api=api)
-    assert api.created == [] and sorted(again.uncertain) == ["job0", "job1"]
+    api.errors_left = 2
+    report = await run(manifest(2, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 2}
+    assert len(api.created) == 2  # each job paid for exactly once
+    assert report.adopted == 0
+
+
+@pytest.mark.parametrize("error", [ServerError("HTTP 500", status=500), NoAnswerError("reset")])
+async def test_lost_answer_after_creation_is_adopted_from_logs(
+    cdn: str, tmp_path: Path, error: Exception
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error, api.error_after_create, api.errors_left = error, True, 2
+    report = await run(manifest(3, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 3}
+    assert len(api.created) == 3 and report.adopted == 2
+
+
+async def test_unanswered_and_not_logged_stays_uncertain(cdn: str, tmp_path: Path) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error, api.errors_left = NoAnswerError("read timeout"), 1
+    api.hide_from_logs = True  # the request left, nothing shows it arrived
+    report = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 1 and report.uncertain == ["job0"] and api.created == []
+    again = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    assert again.uncertain == ["job0"] and api.created == []  # never resubmitted blindly
+    forced = await run(manifest(1, tmp_path), settings(tmp_path, resubmit_uncertain=True), api=api)
+    assert forced.exit_code == 0 and forced.risked_duplicates == 1 and len(api.created) == 1
+
+
+async def test_crash_between_intent_and_answer_is_settled_by_the_logs(
+    cdn: str, tmp_path: Path
+) -> None:
+    from veobatch.ledger import Ledger
+
+    out = tmp_path / "out"
+    out.mkdir()
+    m = manifest(2, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    ledger = Ledger.open(out)
+    for job, crid in ((m.jobs[0], "crid-sent"), (m.jobs[1], "crid-never-sent")):
+        await ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model)
+    ledger.close()
+    await api.create(m.jobs[0].request, client_request_id="crid-sent")  # it did get through
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.adopted == 1
+    assert len(api.created) == 2  # job0 adopted, job1 submitted for the first time
+
+
+async def test_rate_limits_lower_the_concurrency(cdn: str, tmp_path: Path) -> None:
+    api = FakeApi(cdn, polls_to_finish=3)
+    api.create_error = RateLimitedError("HTTP 429", retry_after_s=0)
+    api.errors_left = 6
+    s = settings(tmp_path, concurrency=8)
+    report = await run(manifest(30, tmp_path), s, api=api)
+    assert report.exit_code == 0 and len(api.created) == 30
 
 
 async def test_job_timeout_keeps_generation_id(cdn: str, tmp_path: Path) -> None:

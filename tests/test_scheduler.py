@@ -53,8 +53,8 @@ def _done_file(tmp: Path, content: bytes = b"\x00\x00\x00\x18ftypmp42") -> JobSt
     ("state", "action"),
     [
         (JobState("a"), Action.SUBMIT),
-        (st("submitting"), Action.HOLD_UNCERTAIN),
-        (st("uncertain"), Action.HOLD_UNCERTAIN),
+        (st("submitting"), Action.LOOKUP),
+        (st("uncertain"), Action.LOOKUP),
         (st("submitted", generation_id="g"), Action.POLL),
         (st("submitted", generation_id="g", key="old"), Action.POLL),  # never pay twice
         (st("completed", generation_id="g", video_url="https://c/x"), Action.DOWNLOAD),

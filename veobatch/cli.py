@@ -136,6 +136,18 @@ def main() -> None:
     help="With --simulate: mean generation time in seconds.",
 )
 @click.option("--verify", is_flag=True, help="Re-hash finished files instead of trusting mtime.")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    default=None,
+    help="Submit again jobs that failed (invalid request, generation error).",
+)
+@click.option(
+    "--resubmit-uncertain",
+    is_flag=True,
+    default=None,
+    help="Submit again jobs whose earlier submission may exist: may pay twice.",
+)
 @click.option("-v", "--verbose", count=True, help="More log detail.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 def run_cmd(
@@ -146,6 +158,8 @@ def run_cmd(
     simulate: bool,
     sim_gen_time_s: float,
     verify: bool,
+    retry_failed: bool | None,
+    resubmit_uncertain: bool | None,
     verbose: int,
     quiet: bool,
 ) -> None:
@@ -155,7 +169,12 @@ def run_cmd(
     for w in m.warnings:
         log.warning("%s", w)
     out = out_dir or _default_out(manifest)
-    cli = {"concurrency": concurrency, "job_timeout_s": job_timeout_s}
+    cli = {
+        "concurrency": concurrency,
+        "job_timeout_s": job_timeout_s,
+        "retry_failed": retry_failed or None,
+        "resubmit_uncertain": resubmit_uncertain or None,
+    }
     settings = _guard(lambda: resolve_settings(out, m.settings, cli))
     sim = SimOptions(gen_time_s=sim_gen_time_s) if simulate else None
     if STDERR.is_terminal and not quiet:
@@ -204,14 +223,16 @@ async def _run_async(
     type=click.Path(file_okay=False, path_type=Path),
     help="Output directory whose ledger to compare with (default: output/<stem>).",
 )
-def plan_cmd(manifest: Path, out_dir: Path | None) -> None:
+@click.option("--retry-failed", is_flag=True, help="Show failed jobs as to be submitted again.")
+def plan_cmd(manifest: Path, out_dir: Path | None, retry_failed: bool) -> None:
     """Validate MANIFEST and show what a run would do. Sends nothing."""
     m = _guard(lambda: load_manifest(manifest))
     for w in m.warnings:
         click.echo(f"warning: {w}", err=True)
     out = out_dir or _default_out(manifest)
     states = _guard(lambda: load_states(out))
-    plans = plan_jobs(m.jobs, states, out)
+    retry = retry_failed or bool(m.settings.retry_failed)
+    plans = plan_jobs(m.jobs, states, out, retry_failed=retry)
     _table(f"plan for {manifest} -> {out}", ("job", "model", "action", "why"), plan_rows(plans))
     for line in plan_summary(plans):
         click.echo(line)

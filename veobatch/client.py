@@ -12,8 +12,9 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import aiohttp
@@ -32,6 +33,7 @@ from .errors import (
 from .settings import Secret
 
 GENERATIONS_PATH = "/v2/video/generations"
+LOGS_PATH = "/v2/logs"
 MAX_BODY_BYTES = 4 << 20  # an API answer is small; anything bigger is not what we asked for
 RUNNING_STATUSES = frozenset({"queued", "generating", "waiting", "active"})
 
@@ -66,12 +68,32 @@ class Generation:
         return self.status == "error"
 
 
+@dataclass(frozen=True)
+class LogEntry:
+    """One row of the usage logs: did a request with our client request id create anything?"""
+
+    client_request_id: str | None
+    inference_id: str | None
+    status: str  # "succeeded" or "failed"
+    model: str | None = None
+
+
+@dataclass(frozen=True)
+class LogPage:
+    entries: list[LogEntry]
+    has_more: bool
+
+
 class ApiClient(Protocol):
     """What the pipeline needs from the API; tests may pass any object with these methods."""
 
     async def create(self, body: Mapping[str, Any], *, client_request_id: str) -> Created: ...
 
     async def fetch(self, generation_id: str) -> Generation: ...
+
+    async def logs(
+        self, *, start: datetime, end: datetime, models: Sequence[str], offset: int, limit: int
+    ) -> LogPage: ...
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -192,6 +214,34 @@ def parse_generation(text: str, generation_id: str) -> Generation:
     )
 
 
+def parse_log_page(text: str) -> LogPage:
+    doc = _json_object(text, "logs")
+    rows = doc.get("data")
+    if not isinstance(rows, list):
+        raise ProtocolError("logs: answer has no data list")
+    entries = [
+        LogEntry(
+            client_request_id=_opt_str(row.get("client_request_id")),
+            inference_id=_opt_str(row.get("inference_id")),
+            status=str(row.get("status") or ""),
+            model=_opt_str(row.get("model")),
+        )
+        for row in rows
+        if isinstance(row, Mapping)
+    ]
+    pagination = doc.get("pagination")
+    has_more = bool(pagination.get("has_more")) if isinstance(pagination, Mapping) else False
+    return LogPage(entries, has_more)
+
+
+def _opt_str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def iso_utc(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 class HttpApiClient:
     """The real client over aiohttp. One instance per run; the session is the caller's."""
 
@@ -226,13 +276,23 @@ class HttpApiClient:
         )
         return parse_generation(text, generation_id)
 
+    async def logs(
+        self, *, start: datetime, end: datetime, models: Sequence[str], offset: int, limit: int
+    ) -> LogPage:
+        # Repeated `model` parameters (a comma-separated value would match nothing).
+        params: list[tuple[str, str]] = [("start", iso_utc(start)), ("end", iso_utc(end))]
+        params += [("model", m) for m in models[:50]]
+        params += [("limit", str(limit)), ("offset", str(offset))]
+        _, text, _ = await self._call("GET", LOGS_PATH, params=params)
+        return parse_log_page(text)
+
     async def _call(
         self,
         method: str,
         path: str,
         *,
         json_body: Mapping[str, Any] | None = None,
-        params: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         extra: Mapping[str, str] | None = None,
     ) -> tuple[int, str, Mapping[str, str]]:
         """Send one request; the single place where aiohttp's failures become ours."""

@@ -61,6 +61,8 @@ class ManifestSettings:
     concurrency: int | None = None
     job_timeout_s: float | None = None
     download_concurrency: int | None = None
+    resubmit_uncertain: bool | None = None
+    retry_failed: bool | None = None
 
 
 @dataclass(frozen=True)

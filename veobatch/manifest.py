@@ -41,7 +41,8 @@ SETTING_LIMITS: dict[str, tuple[int, int]] = {
     "concurrency": (1, 10_000),
     "download_concurrency": (1, 64),
 }
-SETTING_KEYS = ("concurrency", "job_timeout_s", "download_concurrency")
+BOOL_SETTINGS = ("resubmit_uncertain", "retry_failed")
+SETTING_KEYS = ("concurrency", "job_timeout_s", "download_concurrency", *BOOL_SETTINGS)
 JOB_KEYS = ("id", "model", *sorted(ALL_FIELDS))
 
 
@@ -183,7 +184,18 @@ class _Validator:
             concurrency=self._int_setting(raw, "concurrency"),
             job_timeout_s=self._timeout_setting(raw),
             download_concurrency=self._int_setting(raw, "download_concurrency"),
+            resubmit_uncertain=self._bool_setting(raw, "resubmit_uncertain"),
+            retry_failed=self._bool_setting(raw, "retry_failed"),
         )
+
+    def _bool_setting(self, raw: dict[Any, Any], name: str) -> bool | None:
+        if name not in raw:
+            return None
+        value = raw[name]
+        if isinstance(value, bool):
+            return value
+        self.report.error(("settings", name), f"expected true or false, got {show(value)}")
+        return None
 
     def _int_setting(self, raw: dict[Any, Any], name: str) -> int | None:
         if name not in raw:

@@ -28,9 +28,18 @@ from .downloader import PART_SUFFIX, download
 from .errors import ApiError, AuthError, ConfigError, DownloadError, UrlRejectedError
 from .fsutil import DirLock, ensure_dir, fsync_dir
 from .jobs import Job, Manifest
-from .ledger import ErrorInfo, Ledger
+from .ledger import ErrorInfo, JobState, Ledger
 from .poller import Poller, Tracked
-from .scheduler import Action, JobPlan, SubmitOutcome, Submitter, backoff_delay_s, plan_jobs
+from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
+from .scheduler import (
+    Action,
+    AdaptiveLimit,
+    JobPlan,
+    SubmitOutcome,
+    Submitter,
+    backoff_delay_s,
+    plan_jobs,
+)
 from .settings import RunSettings
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,8 @@ class RunReport:
     polls: int = 0
     elapsed_s: float = 0.0
     recovered_tail: Path | None = None
+    adopted: int = 0  # generations found in the usage logs instead of paid for again
+    risked_duplicates: int = 0  # uncertain jobs resubmitted on request
 
     @property
     def exit_code(self) -> int:
@@ -96,11 +107,14 @@ class _Run:
     interrupted: bool = False
     auth_error: str | None = None
     submitted: int = 0
+    adopted: int = 0
+    risked_duplicates: int = 0
     observer: Callable[[Snapshot], None] | None = None
 
     def __post_init__(self) -> None:
         self.jobs = {j.id: j for j in self.manifest.jobs}
         self.slots = anyio.CapacityLimiter(self.settings.concurrency)
+        self.limit = AdaptiveLimit(self.settings.concurrency)
         self.holding: set[str] = set()
         self.open: set[str] = set()
         self.settled = anyio.Event()
@@ -121,6 +135,15 @@ class _Run:
             should_stop=lambda: self.stop_submitting,
             on_submitted=self._on_submitted,
             rng=self.rng,
+            on_rate_limited=self._on_rate_limited,
+        )
+        self.reconciler = Reconciler(
+            self.api,
+            self._on_lookup,
+            grace_s=self.settings.logs_grace_s,
+            interval_s=self.settings.lookup_interval_s,
+            budget=RateBudget(self.settings.logs_calls_per_minute, 60.0, time.monotonic),
+            wall_clock=time.time,
         )
 
     # -- orchestration -------------------------------------------------------------------
@@ -133,7 +156,9 @@ class _Run:
 
     async def _execute(self, plans: list[JobPlan]) -> None:
         async with anyio.create_task_group() as tg:
+            self.tg = tg
             tg.start_soon(self._poll_loop)
+            tg.start_soon(self.reconciler.run)
             for _ in range(self.settings.download_concurrency):
                 tg.start_soon(self._download_worker, self.downloads.clone())
             tg.start_soon(self._results_loop)
@@ -169,7 +194,8 @@ class _Run:
     def _resume(self, plans: list[JobPlan]) -> None:
         """Pick up where an earlier run stopped: poll what is in flight, fetch what is finished."""
         polls = [p for p in plans if p.action in (Action.POLL, Action.REFETCH)]
-        in_flight = [p for p in polls if _holds_slot(p)]
+        lookups = [p for p in plans if p.action is Action.LOOKUP]
+        in_flight = [p for p in polls if _holds_slot(p)] + lookups
         # Slots taken over from an earlier run may exceed today's limit: take them all, then
         # lower the limit again so no new submission starts until enough have finished.
         self.slots.total_tokens = max(self.settings.concurrency, len(in_flight))
@@ -189,6 +215,9 @@ class _Run:
                 p.job.id, st.generation_id, age_s=age, remaining_s=remaining, first=False
             )
             log.info("resume job=%s action=%s gen=%s", p.job.id, p.action.value, st.generation_id)
+        for p in lookups:
+            cause: Cause = "crash" if p.state.status == "submitting" else _cause(p.state)
+            self._lookup(p.job, cause)
         for p in plans:
             if p.action is Action.DOWNLOAD and p.state.video_url:
                 self.to_download.send_nowait((p.job.id, p.state.video_url))
@@ -217,7 +246,9 @@ class _Run:
             self._stop_on_auth(exc)
             outcome = SubmitOutcome.AUTH
         finally:
-            if outcome is not SubmitOutcome.SUBMITTED:
+            if outcome is SubmitOutcome.UNCERTAIN:
+                self._lookup(job, _cause(self.ledger.state(job.id)))  # keeps its slot
+            elif outcome is not SubmitOutcome.SUBMITTED:
                 self._release(job.id)
                 self._close(job.id)
 
@@ -239,8 +270,69 @@ class _Run:
             fsync_dir(out)
             log.info("request changed job=%s: previous video kept as %s", job.id, kept.name)
 
+    def _on_rate_limited(self) -> None:
+        limit = self.limit.on_rate_limited(self.clock())
+        if limit != self.slots.total_tokens:
+            log.warning("429 from the API: concurrency lowered to %d", limit)
+            self.slots.total_tokens = limit
+
+    # -- ambiguous submissions -----------------------------------------------------------
+
+    def _lookup(self, job: Job, cause: Cause) -> None:
+        st = self.ledger.state(job.id)
+        assert st.client_request_id is not None
+        since = st.updated_at if st.updated_at is not None else time.time()
+        since -= self.settings.request_timeout_s  # the request may have left that long before
+        self.reconciler.add(Lookup(job.id, st.client_request_id, job.model, since, cause))
+
+    async def _on_lookup(self, lookup: Lookup, decision: Decision) -> None:
+        job = self.jobs[lookup.job_id]
+        if decision.verdict is Verdict.ADOPT and decision.generation_id:
+            await self.ledger.record("submitted", job.id, gen=decision.generation_id)
+            self.adopted += 1
+            log.info("adopted job=%s gen=%s (from the usage logs)", job.id, decision.generation_id)
+            age = max(0.0, time.time() - lookup.since_wall)
+            self.poller.track(
+                job.id,
+                decision.generation_id,
+                age_s=age,
+                remaining_s=max(self.settings.job_timeout_s - age, 60.0),
+                first=False,
+            )
+            return
+        if decision.verdict is Verdict.UNCERTAIN and self.settings.resubmit_uncertain:
+            self.risked_duplicates += 1
+            log.warning("resubmitting uncertain job=%s: may be paid twice", job.id)
+        elif decision.verdict is Verdict.UNCERTAIN:
+            if self.ledger.state(job.id).status == "submitting":
+                await self.ledger.record(
+                    "uncertain", job.id, kind="no_answer", message=decision.reason
+                )
+            self._release(job.id)
+            self._close(job.id)
+            return
+        attempts = self.ledger.state(job.id).attempts
+        if attempts > self.settings.submit_retries:
+            self._release(job.id)
+            await self._fail(job.id, "submit_failed", f"{attempts} attempts: {decision.reason}")
+            return
+        delay = (
+            0.0
+            if lookup.cause == "crash"
+            else backoff_delay_s(
+                attempts, self.settings.backoff_base_s, self.settings.backoff_max_s, self.rng
+            )
+        )
+        self.tg.start_soon(self._resubmit, job, delay)
+
+    async def _resubmit(self, job: Job, delay_s: float) -> None:
+        await anyio.sleep(delay_s)
+        await self._submit_one(job)  # the slot is still held
+
     async def _on_submitted(self, job: Job, created: Created) -> None:
         self.submitted += 1
+        self.limit.on_success()
+        self.slots.total_tokens = self.limit.current
         log.info("submitted job=%s gen=%s", job.id, created.generation_id)
         self.poller.track(
             job.id,
@@ -398,13 +490,20 @@ class _Run:
             interrupted=self.interrupted,
             auth_error=self.auth_error,
             submitted=self.submitted,
+            adopted=self.adopted,
+            risked_duplicates=self.risked_duplicates,
             polls=self.poller.polls_sent,
             elapsed_s=elapsed_s,
             recovered_tail=self.ledger.recovered_tail,
         )
 
 
-_IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED, Action.HOLD_UNCERTAIN})
+_IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED})
+
+
+def _cause(state: JobState) -> Cause:
+    kind = state.error.kind if state.error else ""
+    return "server_error" if kind == "server_error" else "no_answer"
 
 
 def _holds_slot(p: JobPlan) -> bool:
@@ -455,7 +554,9 @@ async def run(
     with DirLock(out):
         ledger = Ledger.open(out)
         try:
-            plans = plan_jobs(manifest.jobs, ledger.states, out, verify=verify)
+            plans = plan_jobs(
+                manifest.jobs, ledger.states, out, verify=verify, retry_failed=settings.retry_failed
+            )
             async with _http(settings, api) as (client, cdn):
                 r = _Run(manifest, settings, ledger, client, cdn, observer=observer)
                 async with anyio.create_task_group() as outer:

@@ -26,6 +26,7 @@ from .errors import (
     BadRequestError,
     NotSentError,
     RateLimitedError,
+    ServerError,
 )
 from .jobs import Job
 from .ledger import JobState, Ledger
@@ -41,8 +42,8 @@ class Action(enum.Enum):
     POLL = "poll"  # has a generation id: follow it, never submit again
     DOWNLOAD = "download"  # completed with a URL not yet fetched
     REFETCH = "refetch"  # done, but the file is gone or altered: poll for a fresh URL
-    HOLD_FAILED = "failed"  # failed earlier; left alone
-    HOLD_UNCERTAIN = "uncertain"  # may have been created; resubmitting could pay twice
+    HOLD_FAILED = "failed"  # failed earlier; left alone (see --retry-failed)
+    LOOKUP = "lookup"  # may have been created: ask the usage logs before anything else
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class JobPlan:
 REPOLL_KINDS = frozenset({"timeout", "download", "lost"})
 
 
-def plan_job(job: Job, state: JobState, out_dir: Path, *, verify: bool = False) -> JobPlan:
+def plan_job(
+    job: Job, state: JobState, out_dir: Path, *, verify: bool = False, retry_failed: bool = False
+) -> JobPlan:
     """One job's action: the whole resume policy lives in this function."""
     changed = state.key is not None and state.key != job.key
 
@@ -84,18 +87,62 @@ def plan_job(job: Job, state: JobState, out_dir: Path, *, verify: bool = False) 
         kind = state.error.kind if state.error else ""
         if changed:
             return p(Action.SUBMIT, "request changed since it failed")
-        if kind in REPOLL_KINDS and state.generation_id:
+        if kind in REPOLL_KINDS and state.generation_id and not (retry_failed and kind == "lost"):
             return p(Action.POLL, f"failed ({kind}) earlier: polling its generation again")
+        if retry_failed:
+            return p(Action.SUBMIT, f"failed ({kind}) earlier: --retry-failed")
         return p(Action.HOLD_FAILED, f"failed: {state.error.message if state.error else kind}")
     # "submitting" (a crash between intent and answer) or "uncertain": the POST may have
-    # created a billed generation that we cannot see. Never resubmit blindly.
-    return p(Action.HOLD_UNCERTAIN, "submission outcome unknown")
+    # created a billed generation that we cannot see. Never resubmit blindly: ask the logs.
+    return p(Action.LOOKUP, "submission outcome unknown: checking the usage logs")
 
 
 def plan_jobs(
-    jobs: Iterable[Job], states: Mapping[str, JobState], out_dir: Path, *, verify: bool = False
+    jobs: Iterable[Job],
+    states: Mapping[str, JobState],
+    out_dir: Path,
+    *,
+    verify: bool = False,
+    retry_failed: bool = False,
 ) -> list[JobPlan]:
-    return [plan_job(j, states.get(j.id) or JobState(j.id), out_dir, verify=verify) for j in jobs]
+    return [
+        plan_job(
+            j, states.get(j.id) or JobState(j.id), out_dir, verify=verify, retry_failed=retry_failed
+        )
+        for j in jobs
+    ]
+
+
+@dataclass
+class AdaptiveLimit:
+    """Concurrency that backs off while the API answers 429 and recovers as submissions pass.
+
+    Multiplicative decrease at most once per ``cooldown_s`` (a burst of 429s is one signal),
+    additive increase of one slot per ``current`` successes, never above ``ceiling``.
+    """
+
+    ceiling: int
+    cooldown_s: float = 2.0
+    current: int = 0
+    _last_cut: float = float("-inf")
+    _successes: int = 0
+
+    def __post_init__(self) -> None:
+        self.current = self.current or self.ceiling
+
+    def on_rate_limited(self, now: float) -> int:
+        if now - self._last_cut >= self.cooldown_s:
+            self.current = max(1, min(self.current - 1, self.current * 3 // 4))
+            self._last_cut = now
+            self._successes = 0
+        return self.current
+
+    def on_success(self) -> int:
+        self._successes += 1
+        if self._successes >= self.current and self.current < self.ceiling:
+            self.current += 1
+            self._successes = 0
+        return self.current
 
 
 def backoff_delay_s(
@@ -130,6 +177,7 @@ class Submitter:
     should_stop: Callable[[], bool]
     on_submitted: Callable[[Job, Created], Awaitable[None]]
     rng: random.Random | None = None
+    on_rate_limited: Callable[[], None] = lambda: None
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Submit until the outcome is known; waits between tries can be cancelled."""
@@ -157,6 +205,8 @@ class Submitter:
         try:
             created = await self.api.create(job.request, client_request_id=crid)
         except (NotSentError, RateLimitedError) as exc:
+            if isinstance(exc, RateLimitedError):
+                self.on_rate_limited()
             return SubmitOutcome.REJECTED, exc
         except AuthError as exc:
             await self.ledger.record("unsent", job.id)
@@ -166,7 +216,8 @@ class Submitter:
             await self._fail(job, "invalid_request", exc.message)
             return SubmitOutcome.REJECTED, None
         except ApiError as exc:  # 5xx, no answer, unreadable 2xx: it may exist
-            await self.ledger.record("uncertain", job.id, kind=_kind(exc), message=exc.message)
+            kind = "server_error" if isinstance(exc, ServerError) else "no_answer"
+            await self.ledger.record("uncertain", job.id, kind=kind, message=exc.message)
             log.warning("submission outcome unknown job=%s: %s", job.id, exc.message)
             return SubmitOutcome.UNCERTAIN, None
         await self.ledger.record("submitted", job.id, gen=created.generation_id)
@@ -183,7 +234,3 @@ class Submitter:
             delay = max(delay, exc.retry_after_s)
         log.info("submit retry job=%s attempt=%d in %.1fs: %s", job.id, attempt, delay, exc.message)
         await anyio.sleep(delay)
-
-
-def _kind(exc: ApiError) -> str:
-    return type(exc).__name__.removesuffix("Error").lower() or "api"

@@ -76,6 +76,11 @@ class RunSettings:
     poll: PollSettings = field(default_factory=PollSettings)
     ledger_flush_interval_s: float = 5.0  # results.json rewrite period during a run
     observe_interval_s: float = 0.5  # live display refresh
+    logs_grace_s: float = 60.0  # how long the usage logs may lag behind a request
+    lookup_interval_s: float = 5.0  # between sweeps of the usage logs
+    logs_calls_per_minute: int = 180  # the endpoint allows 200; leave room for others
+    resubmit_uncertain: bool = False  # may pay twice: only when asked
+    retry_failed: bool = False
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -121,6 +126,8 @@ def resolve_settings(
             concurrency=manifest.concurrency,
             job_timeout_s=manifest.job_timeout_s,
             download_concurrency=manifest.download_concurrency,
+            resubmit_uncertain=manifest.resubmit_uncertain,
+            retry_failed=manifest.retry_failed,
         )
     if cli:
         settings = settings.with_overrides(**cli)

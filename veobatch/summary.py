@@ -26,6 +26,15 @@ def run_summary(report: RunReport, total_jobs: int) -> list[str]:
     lines = [head]
     if report.interrupted:
         lines.append("interrupted: run the same command again to resume")
+    if report.adopted:
+        lines.append(
+            f"recovered {report.adopted} generations from the usage logs (answers lost in transit)"
+        )
+    if report.risked_duplicates:
+        lines.append(
+            f"resubmitted {report.risked_duplicates} uncertain jobs: up to "
+            f"{report.risked_duplicates} possible duplicate charges"
+        )
     if report.auth_error:
         lines.append(f"stopped submitting: the API refused the key: {report.auth_error}")
     if report.recovered_tail:
@@ -33,7 +42,8 @@ def run_summary(report: RunReport, total_jobs: int) -> list[str]:
     lines.extend(_listing("failed", [f"{jid}: {e.kind}: {e.message}" for jid, e in report.failed]))
     lines.extend(
         _listing(
-            "uncertain (may have been created; not resubmitted to avoid paying twice)",
+            "uncertain (may have been created and billed; not in the usage logs; resubmit "
+            "with --resubmit-uncertain at the risk of paying twice)",
             report.uncertain,
         )
     )

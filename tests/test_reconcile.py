@@ -1,0 +1,127 @@
+"""The reconciler: the verdict table, the rate budget, and sweeps over paged usage logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from veobatch.client import LogEntry, LogPage
+from veobatch.errors import ServerError
+from veobatch.reconcile import (
+    Cause,
+    Decision,
+    Lookup,
+    RateBudget,
+    Reconciler,
+    Verdict,
+    decide,
+)
+
+OK = LogEntry("c", "gen-1", "succeeded")
+FAILED = LogEntry("c", None, "failed")
+
+
+def lk(cause: Cause = "server_error", since: float = 1000.0) -> Lookup:
+    return Lookup("job", "c", "google/veo-3.1-t2v", since, cause)
+
+
+@pytest.mark.parametrize(
+    ("cause", "entry", "now", "searched_all", "verdict"),
+    [
+        ("server_error", OK, 1001, True, Verdict.ADOPT),
+        ("no_answer", OK, 1001, False, Verdict.ADOPT),  # a find needs no full search
+        ("crash", FAILED, 1001, True, Verdict.RESUBMIT),
+        ("server_error", None, 1030, True, Verdict.WAIT),  # logs may lag: grace is 60 s
+        ("server_error", None, 1061, True, Verdict.RESUBMIT),
+        ("crash", None, 1061, True, Verdict.RESUBMIT),
+        ("no_answer", None, 1061, True, Verdict.UNCERTAIN),
+        ("server_error", None, 1061, False, Verdict.WAIT),  # could not read it all: wait
+        ("server_error", None, 1000 + 601, False, Verdict.UNCERTAIN),  # ...but not forever
+        ("server_error", LogEntry("c", None, "succeeded"), 1061, True, Verdict.RESUBMIT),
+    ],
+)
+def test_verdicts(
+    cause: Cause, entry: LogEntry | None, now: float, searched_all: bool, verdict: Verdict
+) -> None:
+    d = decide(lk(cause), entry, now_wall=now, grace_s=60, searched_all=searched_all)
+    assert d.verdict is verdict
+    if verdict is Verdict.ADOPT:
+        assert d.generation_id == "gen-1"
+
+
+def test_rate_budget_keeps_to_the_window() -> None:
+    now = [0.0]
+    budget = RateBudget(3, 60.0, lambda: now[0])
+    for _ in range(3):
+        assert budget.wait_s() == 0
+        budget.take()
+        now[0] += 1
+    assert budget.wait_s() == pytest.approx(57.0)
+    now[0] = 60.0
+    assert budget.wait_s() == 0
+
+
+class PagedLogs:
+    def __init__(self, entries: list[LogEntry], fail: bool = False) -> None:
+        self.entries = entries
+        self.calls: list[dict[str, Any]] = []
+        self.fail = fail
+
+    async def logs(self, **kw: Any) -> LogPage:
+        self.calls.append(kw)
+        if self.fail:
+            raise ServerError("HTTP 503")
+        off, lim = kw["offset"], kw["limit"]
+        return LogPage(self.entries[off : off + lim], off + lim < len(self.entries))
+
+
+async def _sweep(api: Any, lookups: list[Lookup], now: float) -> list[tuple[str, Decision]]:
+    got: list[tuple[str, Decision]] = []
+
+    async def sink(lookup: Lookup, decision: Decision) -> None:
+        got.append((lookup.job_id, decision))
+
+    rec = Reconciler(
+        api,
+        sink,
+        grace_s=60,
+        interval_s=1,
+        budget=RateBudget(200, 60, lambda: 0),
+        wall_clock=lambda: now,
+    )
+    for lookup in lookups:
+        rec.add(lookup)
+    await rec.sweep()
+    return got
+
+
+async def test_one_sweep_pages_until_every_lookup_is_found() -> None:
+    noise = [LogEntry(f"other-{i}", f"g{i}", "succeeded") for i in range(250)]
+    entries = [
+        *noise[:120],
+        LogEntry("a", "gen-a", "succeeded"),
+        *noise[120:],
+        LogEntry("b", None, "failed"),
+        *noise,
+    ]
+    api = PagedLogs(entries)
+    lookups = [Lookup("ja", "a", "m1", 900, "no_answer"), Lookup("jb", "b", "m2", 900, "crash")]
+    got = await _sweep(api, lookups, now=1000)
+    assert [(j, d.verdict) for j, d in got] == [("ja", Verdict.ADOPT), ("jb", Verdict.RESUBMIT)]
+    assert len(api.calls) == 3  # stopped as soon as both were found
+    assert api.calls[0]["models"] == ["m1", "m2"] and api.calls[1]["offset"] == 100
+
+
+async def test_unreadable_logs_decide_nothing_yet() -> None:
+    got = await _sweep(PagedLogs([], fail=True), [lk("server_error", since=900)], now=1000)
+    assert got == []
+
+
+async def test_search_window_covers_the_intent_with_margin() -> None:
+    api = PagedLogs([])
+    got = await _sweep(api, [lk("crash", since=10_000)], now=10_100)
+    assert got[0][1].verdict is Verdict.RESUBMIT
+    window = api.calls[0]
+    assert window["start"].timestamp() <= 10_000 - 60
+    assert window["end"].timestamp() >= 10_100

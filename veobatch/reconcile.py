@@ -1,0 +1,202 @@
+"""The reconciler: settle submissions whose outcome is unknown by reading the usage logs.
+
+The API has no idempotency key. A POST answered with a 5xx, or not answered at all, or cut
+short by a crash, may have created a billed generation. Each attempt carries a unique
+``X-Client-Request-Id``; ``GET /v2/logs`` reports it with the ``inference_id`` (the generation
+id) of what it created. One sweep pages through the logs for every open lookup at once,
+within the endpoint's own rate limit, and decides:
+
+- logged as succeeded → adopt its generation id and poll it (nothing is paid twice);
+- logged as failed → nothing was created: submit again;
+- not logged after a grace period → after a 5xx or a crash, submit again (the API's advice);
+  after a request that went unanswered, the job is ``uncertain``.
+
+Pure core: :func:`decide`, :class:`RateBudget`. Shell: :class:`Reconciler`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+import anyio
+
+from .client import ApiClient, LogEntry
+from .errors import ApiError
+
+log = logging.getLogger(__name__)
+
+Cause = Literal["server_error", "no_answer", "crash"]
+CLOCK_MARGIN_S = 300.0  # the API's clock and ours may disagree; search a wider window
+PAGE_SIZE = 100
+MAX_PAGES_PER_SWEEP = 50
+
+
+@dataclass(frozen=True)
+class Lookup:
+    job_id: str
+    client_request_id: str
+    model: str
+    since_wall: float  # when the intent was recorded
+    cause: Cause
+
+
+class Verdict(enum.Enum):
+    ADOPT = "adopt"
+    RESUBMIT = "resubmit"
+    UNCERTAIN = "uncertain"
+    WAIT = "wait"
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    reason: str
+    generation_id: str | None = None
+
+
+def decide(
+    lookup: Lookup,
+    entry: LogEntry | None,
+    *,
+    now_wall: float,
+    grace_s: float,
+    searched_all: bool,
+) -> Decision:
+    """What the logs say about one attempt. Absence counts only once the logs had time to
+    catch up and the whole window was read."""
+    if entry is not None and entry.status == "succeeded" and entry.inference_id:
+        return Decision(Verdict.ADOPT, "found in the usage logs", entry.inference_id)
+    if entry is not None and entry.status == "failed":
+        return Decision(Verdict.RESUBMIT, "the usage logs show it failed: nothing was created")
+    waited = now_wall - lookup.since_wall
+    if waited < grace_s:
+        return Decision(Verdict.WAIT, "giving the usage logs time to catch up")
+    if not searched_all:
+        if waited < 10 * grace_s:
+            return Decision(Verdict.WAIT, "the usage logs could not be read in full yet")
+        return Decision(Verdict.UNCERTAIN, "the usage logs could not be read")
+    if lookup.cause == "no_answer":
+        return Decision(
+            Verdict.UNCERTAIN, f"sent, unanswered, and not in the usage logs after {waited:.0f}s"
+        )
+    return Decision(
+        Verdict.RESUBMIT, f"not in the usage logs after {waited:.0f}s: it was never created"
+    )
+
+
+class RateBudget:
+    """At most ``limit`` calls in any ``window_s``: the logs endpoint allows 200 per 60 s."""
+
+    def __init__(self, limit: int, window_s: float, clock: Callable[[], float]) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._calls: deque[float] = deque()
+
+    def wait_s(self) -> float:
+        now = self._clock()
+        while self._calls and self._calls[0] <= now - self.window_s:
+            self._calls.popleft()
+        if len(self._calls) < self.limit:
+            return 0.0
+        return self._calls[0] + self.window_s - now
+
+    def take(self) -> None:
+        self._calls.append(self._clock())
+
+
+DecisionSink = Callable[[Lookup, Decision], Awaitable[None]]
+
+
+class Reconciler:
+    """Open lookups, settled in sweeps; owned by the run's task group."""
+
+    def __init__(
+        self,
+        api: ApiClient,
+        on_decision: DecisionSink,
+        *,
+        grace_s: float,
+        interval_s: float,
+        budget: RateBudget,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self._api = api
+        self._on_decision = on_decision
+        self._grace_s = grace_s
+        self._interval_s = interval_s
+        self._budget = budget
+        self._wall = wall_clock
+        self._open: dict[str, Lookup] = {}
+        self._wake = anyio.Event()
+        self.requests = 0
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def add(self, lookup: Lookup) -> None:
+        self._open[lookup.client_request_id] = lookup
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            if not self._open:
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            await self.sweep()
+            if self._open:
+                with anyio.move_on_after(self._interval_s):
+                    await self._wake.wait()
+
+    async def sweep(self) -> None:
+        """Read the logs once for every open lookup and act on what is settled."""
+        lookups = dict(self._open)
+        if not lookups:
+            return
+        found, searched_all = await self._search(lookups)
+        now = self._wall()
+        for crid, lookup in lookups.items():
+            d = decide(
+                lookup,
+                found.get(crid),
+                now_wall=now,
+                grace_s=self._grace_s,
+                searched_all=searched_all,
+            )
+            if d.verdict is Verdict.WAIT:
+                continue
+            del self._open[crid]
+            log.info("lookup job=%s verdict=%s: %s", lookup.job_id, d.verdict.value, d.reason)
+            await self._on_decision(lookup, d)
+
+    async def _search(self, lookups: dict[str, Lookup]) -> tuple[dict[str, LogEntry], bool]:
+        since = min(lk.since_wall for lk in lookups.values()) - CLOCK_MARGIN_S
+        start = datetime.fromtimestamp(since, UTC)
+        end = datetime.fromtimestamp(self._wall() + CLOCK_MARGIN_S, UTC)
+        models = sorted({lk.model for lk in lookups.values()})
+        found: dict[str, LogEntry] = {}
+        offset = 0
+        for _ in range(MAX_PAGES_PER_SWEEP):
+            await anyio.sleep(self._budget.wait_s())
+            self._budget.take()
+            self.requests += 1
+            try:
+                page = await self._api.logs(
+                    start=start, end=end, models=models, offset=offset, limit=PAGE_SIZE
+                )
+            except ApiError as exc:
+                log.warning("usage logs unavailable: %s", exc.message)
+                return found, False
+            for entry in page.entries:
+                if entry.client_request_id in lookups:
+                    found.setdefault(entry.client_request_id, entry)
+            if len(found) == len(lookups) or not page.has_more or not page.entries:
+                return found, True
+            offset += len(page.entries)
+        return found, False
