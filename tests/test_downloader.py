@@ -104,6 +104,10 @@ class Cdn:
             return web.Response(body=b"<html>oops</html>", content_type="text/html")
         body = MP4
         rng = request.headers.get("Range")
+        if rng and self.mode == "strict-range":
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(body):
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{len(body)}"})
         if rng and self.mode == "ok":
             start = int(rng.removeprefix("bytes=").split("-")[0])
             return web.Response(
@@ -225,3 +229,11 @@ async def test_size_cap_stops_a_runaway_body(cdn: Cdn, tmp_path: Path) -> None:
         await _get(cdn, tmp_path, max_bytes=1000)
     assert not info.value.retryable
     assert not (tmp_path / "job1.mp4").exists()
+
+
+async def test_a_whole_part_left_by_a_crash_is_fetched_again(cdn: Cdn, tmp_path: Path) -> None:
+    (tmp_path / "job1.mp4.part").write_bytes(MP4)  # killed after the last byte, before rename
+    cdn.mode = "strict-range"
+    got = await _get(cdn, tmp_path)
+    assert (tmp_path / "job1.mp4").read_bytes() == MP4
+    assert got.sha256 == hashlib.sha256(MP4).hexdigest()  # type: ignore[attr-defined]

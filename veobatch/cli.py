@@ -137,6 +137,12 @@ def main() -> None:
 )
 @click.option("--verify", is_flag=True, help="Re-hash finished files instead of trusting mtime.")
 @click.option(
+    "--logs-grace",
+    "logs_grace_s",
+    type=click.FloatRange(min=0),
+    help="Seconds the usage logs may lag behind a request (default 60).",
+)
+@click.option(
     "--retry-failed",
     is_flag=True,
     default=None,
@@ -158,6 +164,7 @@ def run_cmd(
     simulate: bool,
     sim_gen_time_s: float,
     verify: bool,
+    logs_grace_s: float | None,
     retry_failed: bool | None,
     resubmit_uncertain: bool | None,
     verbose: int,
@@ -173,6 +180,7 @@ def run_cmd(
         "concurrency": concurrency,
         "job_timeout_s": job_timeout_s,
         "retry_failed": retry_failed or None,
+        "logs_grace_s": logs_grace_s,
         "resubmit_uncertain": resubmit_uncertain or None,
     }
     settings = _guard(lambda: resolve_settings(out, m.settings, cli))
@@ -296,6 +304,7 @@ def status_cmd(directory: Path, as_json: bool) -> None:
     type=click.FloatRange(min=0),
     help="Coefficient of variation of the generation time.",
 )
+@click.option("--tiny-videos", is_flag=True, help="Serve 160x90, 1 s videos (fast tests).")
 def simulate_cmd(
     host: str,
     port: int,
@@ -305,6 +314,7 @@ def simulate_cmd(
     seed: int,
     faults: tuple[str, ...],
     gen_spread: float,
+    tiny_videos: bool,
 ) -> None:
     """Serve the built-in API simulator until interrupted."""
     _setup_logging(0)
@@ -320,6 +330,7 @@ def simulate_cmd(
         gen_time_spread=gen_spread,
         seed=seed,
         faults=fault_config,
+        video_mode="tiny" if tiny_videos else "faithful",
     )
     click.echo(f"simulator: AIMLAPI_BASE_URL=http://{host}:{port}", err=True)
     try:

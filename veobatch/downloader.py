@@ -115,7 +115,12 @@ async def download(
     final = out_dir / final_name(job_id)
     part = final.with_name(final.name + PART_SUFFIX)
     have = part.stat().st_size if part.exists() else 0
-    resp = await _open(session, url, api_base_url, job_id, have, client_timeout)
+    try:
+        resp = await _open(session, url, api_base_url, job_id, have, client_timeout)
+    except _RangeRefused:
+        # The part is already whole (a crash before the rename) or not this file: start over.
+        have = 0
+        resp = await _open(session, url, api_base_url, job_id, have, client_timeout)
     async with resp:
         if resp.status != 206:
             have = 0  # the server ignored the Range: start over
@@ -165,13 +170,17 @@ async def _open(
     raise DownloadError("too many redirects", job_id=job_id, retryable=False)
 
 
+class _RangeRefused(DownloadError):
+    """416: the bytes we have do not fit what the host serves."""
+
+
 def _status_error(status: int, job_id: str) -> DownloadError:
     if status in (403, 404, 410):
         return DownloadError(
             f"video host answered {status}: the URL has expired", job_id=job_id, url_expired=True
         )
     if status == 416:
-        return DownloadError("video host refused the resume range", job_id=job_id)
+        return _RangeRefused("video host refused the resume range", job_id=job_id)
     retryable = status >= 500 or status == 429
     return DownloadError(f"video host answered {status}", job_id=job_id, retryable=retryable)
 
