@@ -305,3 +305,47 @@ async def test_stale_part_of_an_earlier_generation_is_not_resumed(cdn: str, tmp_
     (out / "job0.mp4.part").write_bytes(b"bytes of some other generation")
     report = await run(manifest(1, tmp_path), settings(tmp_path), api=FakeApi(cdn))
     assert report.exit_code == 0 and (out / "job0.mp4").read_bytes() == MP4
+
+
+async def test_retry_failed_resubmits_failed_jobs(cdn: str, tmp_path: Path) -> None:
+    m = manifest(2, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1, fail={"p1"})
+    first = await run(m, settings(tmp_path), api=api)
+    assert first.exit_code == 1 and len(api.created) == 2
+    api.fail = set()
+    held = await run(m, settings(tmp_path), api=api)
+    assert held.exit_code == 1 and len(api.created) == 2  # failed jobs are left alone
+    retried = await run(m, settings(tmp_path, retry_failed=True), api=api)
+    assert retried.exit_code == 0 and len(api.created) == 3
+
+
+async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    served: list[str] = []
+
+    async def video(request: web.Request) -> web.Response:
+        served.append(request.query.get("v", ""))
+        if request.query.get("v") == "stale":
+            return web.Response(status=410)
+        return web.Response(body=MP4)
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+    app_runner = web.AppRunner(app)
+    await app_runner.setup()
+    site = web.TCPSite(app_runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+    class Expiring(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            g = await super().fetch(generation_id)
+            fresh = "fresh" if self.polls[generation_id] > 1 else "stale"
+            return replace(g, video_url=f"{g.video_url}?v={fresh}") if g.video_url else g
+
+    try:
+        report = await run(manifest(1, tmp_path), settings(tmp_path), api=Expiring(base, 1))
+    finally:
+        await app_runner.cleanup()
+    assert report.exit_code == 0 and served == ["stale", "fresh"]

@@ -224,3 +224,22 @@ async def test_submit_outcomes(
     assert ledger.state("a").status == status
     assert len(set(api.sent)) == len(api.sent)  # a fresh request id per attempt
     ledger.close()
+
+
+def test_adaptive_limit_backs_off_and_recovers() -> None:
+    from veobatch.scheduler import AdaptiveLimit
+
+    limit = AdaptiveLimit(ceiling=20, cooldown_s=2.0)
+    assert limit.current == 20
+    assert limit.on_rate_limited(0.0) == 15
+    assert limit.on_rate_limited(1.0) == 15  # same burst: one cut
+    assert limit.on_rate_limited(2.5) == 11
+    for now in range(3, 40, 3):
+        limit.on_rate_limited(float(now))
+    assert limit.current == 1  # never below one
+    for _ in range(1 + 2 + 3):
+        limit.on_success()
+    assert limit.current == 4  # one more slot per `current` successes
+    for _ in range(10_000):
+        limit.on_success()
+    assert limit.current == 20  # never above the ceiling

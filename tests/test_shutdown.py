@@ -1,0 +1,118 @@
+"""Operator-facing robustness of `veobatch run`: locks, damaged ledgers, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from veobatch.fsutil import DirLock
+from veobatch.ledger import parse_journal, replay
+
+ROOT = Path(__file__).resolve().parent.parent
+
+MANIFEST = "version: 1\njobs:\n" + "".join(
+    f"  - id: j{i}\n    model: google/veo-3.1-t2v-fast\n    prompt: clip {i}\n    duration: 4\n"
+    for i in range(8)
+)
+
+
+def cli(*args: str, base_url: str = "http://127.0.0.1:9") -> subprocess.Popen[str]:
+    env = {**os.environ, "AIMLAPI_KEY": "k", "AIMLAPI_BASE_URL": base_url}
+    return subprocess.Popen(
+        [sys.executable, "-m", "veobatch", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+@pytest.fixture
+def listener() -> socket.socket:
+    """A port that counts connections: proof that nothing was sent."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    s.setblocking(False)
+    return s
+
+
+def connections(s: socket.socket) -> int:
+    n = 0
+    while True:
+        try:
+            conn, _ = s.accept()
+        except BlockingIOError:
+            return n
+        conn.close()
+        n += 1
+
+
+def test_second_run_on_a_locked_directory_exits_75(tmp_path: Path, listener: socket.socket) -> None:
+    m = tmp_path / "m.yaml"
+    m.write_text(MANIFEST)
+    out = tmp_path / "out"
+    out.mkdir()
+    base = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with DirLock(out):
+        proc = cli("run", str(m), "--out", str(out), base_url=base)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75
+    assert "another veobatch run" in err and str(os.getpid()) in err
+    assert connections(listener) == 0
+    listener.close()
+
+
+def test_damaged_ledger_refuses_to_run_and_sends_nothing(
+    tmp_path: Path, listener: socket.socket
+) -> None:
+    m = tmp_path / "m.yaml"
+    m.write_text(MANIFEST)
+    out = tmp_path / "out"
+    out.mkdir()
+    good = '{"t":1,"ev":"intent","job":"j0","crid":"c","key":"k"}\n'
+    (out / "ledger.jsonl").write_text(good + "{damaged\n" + good.replace("j0", "j1"))
+    base = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    proc = cli("run", str(m), "--out", str(out), base_url=base)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert "line 2 is damaged" in err and "Traceback" not in err
+    assert connections(listener) == 0
+    listener.close()
+
+
+@pytest.mark.slow
+def test_two_signals_exit_at_once_with_a_consistent_ledger(tmp_path: Path) -> None:
+    m = tmp_path / "m.yaml"
+    m.write_text(MANIFEST.replace("version: 1\n", "version: 1\nsettings:\n  concurrency: 4\n"))
+    out = tmp_path / "out"
+    args = ("run", str(m), "--simulate", "--sim-gen-time", "2", "--out", str(out))
+    proc = cli(*args)
+    ledger = out / "ledger.jsonl"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not (
+        ledger.exists() and '"ev":"submitted"' in ledger.read_text()
+    ):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err
+    replay(parse_journal(ledger.read_bytes()).records)  # consistent: replays cleanly
+    proc = cli(*args)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    submitted = [
+        json.loads(x)["job"] for x in ledger.read_text().splitlines() if '"ev":"submitted"' in x
+    ]
+    assert sorted(submitted) == sorted(f"j{i}" for i in range(8))  # each paid for once
