@@ -111,3 +111,14 @@ async def test_status_table_and_json(runner: CliRunner, tmp_path: Path) -> None:
 
 def test_status_of_a_missing_directory_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     assert runner.invoke(main, ["status", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_errors_inside_task_groups_are_reported_plainly() -> None:
+    from veobatch.cli import _leaf
+    from veobatch.errors import LedgerError
+
+    inner = LedgerError("cannot write ledger.jsonl: No space left on device")
+    group = ExceptionGroup("outer", [ExceptionGroup("inner", [inner])])
+    assert _leaf(group) is inner
+    plain = ExceptionGroup("g", [ValueError("x")])
+    assert _leaf(plain) is plain

@@ -61,10 +61,22 @@ def _setup_logging(verbosity: int) -> None:
     logging.getLogger("veobatch").setLevel(level)
 
 
+def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first of our own errors inside a task group's exception group, if there is one."""
+    for exc in group.exceptions:
+        found = _leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, VeobatchError):
+            return found
+    return group
+
+
 def _guard(fn: Callable[[], T]) -> T:
     """Turn the error tree into exit codes with one clear line each, never a traceback."""
     try:
-        return fn()
+        try:
+            return fn()
+        except BaseExceptionGroup as group:
+            raise _leaf(group) from None
     except ManifestError as exc:
         click.echo(str(exc), err=True)
         sys.exit(EXIT_USAGE)
