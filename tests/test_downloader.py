@@ -237,3 +237,20 @@ async def test_a_whole_part_left_by_a_crash_is_fetched_again(cdn: Cdn, tmp_path:
     got = await _get(cdn, tmp_path)
     assert (tmp_path / "job1.mp4").read_bytes() == MP4
     assert got.sha256 == hashlib.sha256(MP4).hexdigest()  # type: ignore[attr-defined]
+
+
+async def test_large_bodies_stream_through_the_file_in_pieces(
+    cdn: Cdn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import veobatch.downloader as dl
+
+    monkeypatch.setattr(dl, "FLUSH_BYTES", 100_000)  # ~1 MB body: ten flushes
+    got = await _get(cdn, tmp_path)
+    assert (tmp_path / "job1.mp4").read_bytes() == MP4
+    assert got.sha256 == hashlib.sha256(MP4).hexdigest()  # type: ignore[attr-defined]
+    cdn.mode = "truncate-once"
+    with pytest.raises(DownloadError):
+        await _get(cdn, tmp_path)
+    assert (tmp_path / "job1.mp4.part").stat().st_size > 0  # kept for a Range resume
+    await _get(cdn, tmp_path)
+    assert (tmp_path / "job1.mp4").read_bytes() == MP4

@@ -9,7 +9,8 @@ import pytest
 
 from veobatch.client import Generation
 from veobatch.errors import ApiError, AuthError, NotFoundError, RateLimitedError, ServerError
-from veobatch.poller import Poller, PollSchedule, Tracked, error_delay_s, poll_delay_s
+from veobatch.poller import Poller, PollSchedule, Tracked, error_delay_s
+from veobatch.schedule import cold_delay_s
 from veobatch.settings import PollSettings
 
 S = PollSettings(first_delay_s=2, min_interval_s=1, max_interval_s=10, growth=0.25)
@@ -19,7 +20,7 @@ S = PollSettings(first_delay_s=2, min_interval_s=1, max_interval_s=10, growth=0.
     ("age", "delay"), [(0, 1), (2, 1), (4, 1), (8, 2), (20, 5), (40, 10), (4000, 10)]
 )
 def test_poll_delay_grows_with_age_within_bounds(age: float, delay: float) -> None:
-    assert poll_delay_s(age, S) == delay
+    assert cold_delay_s(age, S) == delay
 
 
 def test_error_delay_is_bounded_and_honours_retry_after() -> None:
@@ -121,7 +122,7 @@ async def _drive(api: ScriptedApi, sink: Sink, tracks: list[tuple[str, float]]) 
         async with anyio.create_task_group() as tg:
             tg.start_soon(poller.run)
             for job, remaining in tracks:
-                poller.track(job, "g-" + job, age_s=0, remaining_s=remaining, first=True)
+                poller.track(job, "g-" + job, model="m", age_s=0, remaining_s=remaining, first=True)
             await sink.done.wait()
             tg.cancel_scope.cancel()
     return poller
@@ -160,7 +161,7 @@ async def test_auth_error_stops_the_poller() -> None:
     with pytest.raises(ExceptionGroup) as info, anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
             tg.start_soon(poller.run)
-            poller.track("a", "g-a", age_s=0, remaining_s=60, first=True)
+            poller.track("a", "g-a", model="m", age_s=0, remaining_s=60, first=True)
     assert info.group_contains(AuthError)
 
 
@@ -168,8 +169,8 @@ async def test_first_poll_waits_for_first_delay_with_fake_clock() -> None:
     clock = FakeClock()
     api = ScriptedApi({"g-a": ["completed"]})
     poller = Poller(api, Sink(), PollSettings(first_delay_s=2), clock=clock)
-    poller.track("a", "g-a", age_s=0, remaining_s=60, first=True)
+    poller.track("a", "g-a", model="m", age_s=0, remaining_s=60, first=True)
     assert poller._schedule.pop_due(1.9) == []
     assert poller._schedule.pop_due(2.0) == ["a"]
-    poller.track("b", "g-b", age_s=5, remaining_s=60, first=False)  # resumed: at once
+    poller.track("b", "g-b", model="m", age_s=5, remaining_s=60, first=False)  # resumed: at once
     assert poller._schedule.pop_due(0.0) == ["b"]

@@ -317,6 +317,11 @@ def status_cmd(directory: Path, as_json: bool) -> None:
     help="Coefficient of variation of the generation time.",
 )
 @click.option("--tiny-videos", is_flag=True, help="Serve 160x90, 1 s videos (fast tests).")
+@click.option(
+    "--blob-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also serve the files of this folder at <video host>/blobs/<name>.",
+)
 def simulate_cmd(
     host: str,
     port: int,
@@ -327,6 +332,7 @@ def simulate_cmd(
     faults: tuple[str, ...],
     gen_spread: float,
     tiny_videos: bool,
+    blob_dir: Path | None,
 ) -> None:
     """Serve the built-in API simulator until interrupted."""
     _setup_logging(0)
@@ -343,6 +349,7 @@ def simulate_cmd(
         seed=seed,
         faults=fault_config,
         video_mode="tiny" if tiny_videos else "faithful",
+        blob_dir=blob_dir,
     )
     click.echo(f"simulator: AIMLAPI_BASE_URL=http://{host}:{port}", err=True)
     try:

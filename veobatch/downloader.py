@@ -13,6 +13,7 @@ import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiofiles
@@ -25,6 +26,7 @@ from .fsutil import fsync_dir
 MAX_REDIRECTS = 5
 MP4_BOXES = (b"ftyp", b"styp")
 PART_SUFFIX = ".part"
+FLUSH_BYTES = 4 << 20  # below this a video is written in one go
 
 
 @dataclass(frozen=True)
@@ -129,11 +131,21 @@ async def download(
             raise DownloadError(
                 f"video is {expected} bytes, over the limit", job_id=job_id, retryable=False
             )
-        digest = await anyio.to_thread.run_sync(_hash_prefix, part, have)
-        size = await _stream(resp, part, have, digest, max_bytes, chunk_bytes, job_id)
+        digest = hashlib.sha256()
+        if have:
+            digest = await anyio.to_thread.run_sync(_hash_prefix, part, have)
+        writer = _PartWriter(part, append=have > 0)
+        try:
+            size = await _stream(resp, writer, have, digest, max_bytes, chunk_bytes, job_id)
+        except BaseException:
+            # Keep what arrived, so the next attempt resumes with Range from there.
+            with anyio.CancelScope(shield=True):
+                await writer.close(sync=False)
+            raise
     if expected is not None and size != expected:
+        await writer.close(sync=False)
         raise DownloadError(f"truncated: got {size} of {expected} bytes", job_id=job_id)
-    return await anyio.to_thread.run_sync(_finish, part, final, size, digest.hexdigest(), job_id)
+    return await writer.finish(final, size, digest.hexdigest(), job_id)
 
 
 async def _open(
@@ -192,12 +204,8 @@ def _expected_total(resp: aiohttp.ClientResponse, have: int) -> int | None:
 
 
 def _hash_prefix(part: Path, have: int) -> hashlib._Hash:
-    """Seed the hash with the bytes a previous attempt already wrote, or start an empty part."""
+    """Seed the hash with the bytes a previous attempt already wrote (and drop any excess)."""
     h = hashlib.sha256()
-    if have == 0:
-        with open(part, "wb"):
-            pass
-        return h
     with open(part, "rb") as f:
         remaining = have
         while remaining and (block := f.read(min(1 << 20, remaining))):
@@ -208,9 +216,68 @@ def _hash_prefix(part: Path, have: int) -> hashlib._Hash:
     return h
 
 
+class _PartWriter:
+    """Buffers a download in memory up to FLUSH_BYTES, then streams it through aiofiles.
+
+    A small video costs one worker-thread hop in all (write, fsync, check, rename); a large
+    one a hop per FLUSH_BYTES, so memory stays flat whatever the size.
+    """
+
+    def __init__(self, part: Path, *, append: bool) -> None:
+        self.part = part
+        self._append = append
+        self._buf = bytearray()
+        self._file: Any = None
+
+    async def write(self, chunk: bytes) -> None:
+        self._buf += chunk
+        if len(self._buf) >= FLUSH_BYTES:
+            if self._file is None:
+                self._file = await aiofiles.open(self.part, "ab" if self._append else "wb")
+            await self._file.write(bytes(self._buf))
+            self._buf.clear()
+
+    async def close(self, *, sync: bool) -> None:
+        """Write what is buffered and close; with ``sync``, fsync first."""
+        if self._file is not None:
+            await self._file.write(bytes(self._buf))
+            if sync:
+                await self._file.flush()
+                await anyio.to_thread.run_sync(os.fsync, self._file.fileno())
+            await self._file.close()
+        elif self._buf or not self._append:
+            await anyio.to_thread.run_sync(self._write_all, bytes(self._buf), sync)
+        self._buf.clear()
+        self._file = None
+        self._append = True
+
+    def _write_all(self, data: bytes, sync: bool) -> None:
+        with open(self.part, "ab" if self._append else "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+
+    async def finish(self, final: Path, size: int, sha: str, job_id: str) -> Downloaded:
+        if self._file is not None:
+            await self.close(sync=True)
+            return await anyio.to_thread.run_sync(_finish, self.part, final, size, sha, job_id)
+        data, append = bytes(self._buf), self._append
+        self._buf.clear()
+
+        def write_and_finish() -> Downloaded:
+            with open(self.part, "ab" if append else "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            return _finish(self.part, final, size, sha, job_id)
+
+        return await anyio.to_thread.run_sync(write_and_finish)
+
+
 async def _stream(
     resp: aiohttp.ClientResponse,
-    part: Path,
+    writer: _PartWriter,
     have: int,
     digest: hashlib._Hash,
     max_bytes: int,
@@ -219,17 +286,12 @@ async def _stream(
 ) -> int:
     size = have
     try:
-        async with aiofiles.open(part, "ab") as f:
-            async for chunk in resp.content.iter_chunked(chunk_bytes):
-                size += len(chunk)
-                if size > max_bytes:
-                    raise DownloadError(
-                        "video exceeds the size limit", job_id=job_id, retryable=False
-                    )
-                digest.update(chunk)
-                await f.write(chunk)
-            await f.flush()
-            await anyio.to_thread.run_sync(os.fsync, f.fileno())
+        async for chunk in resp.content.iter_chunked(chunk_bytes):
+            size += len(chunk)
+            if size > max_bytes:
+                raise DownloadError("video exceeds the size limit", job_id=job_id, retryable=False)
+            digest.update(chunk)
+            await writer.write(chunk)
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise DownloadError(
             f"download interrupted after {size} bytes: {type(exc).__name__}", job_id=job_id

@@ -28,6 +28,7 @@ from .jobs import Job
 
 LEDGER_NAME = "ledger.jsonl"
 RESULTS_NAME = "results.json"
+GROUP_COMMIT_LINGER_S = 0.002
 
 Status = Literal["pending", "submitting", "submitted", "completed", "done", "failed", "uncertain"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -309,6 +310,8 @@ class Ledger:
                 continue
             self._flushing = done = anyio.Event()
             try:
+                # Linger a moment so records of other tasks share this write and fsync.
+                await anyio.sleep(GROUP_COMMIT_LINGER_S)
                 self._synced = max(self._synced, await anyio.to_thread.run_sync(self._drain))
             finally:
                 self._flushing = None

@@ -1,7 +1,8 @@
 """The shared poller: one loop and one heap of due times for every generation in flight.
 
 One task polls everything, so the cost is one heap operation per poll rather than a sleeping
-coroutine per job. Pure core: :func:`poll_delay_s`, :func:`error_delay_s`, :class:`PollSchedule`.
+coroutine per job. Pure core: :func:`error_delay_s`, :class:`PollSchedule`, and the learnt
+schedule in :mod:`veobatch.schedule`.
 Shell: :class:`Poller`, which sends the fetches under a small limiter and hands every final
 answer to the runner through a :class:`PollSink`.
 """
@@ -20,16 +21,13 @@ import anyio
 
 from .client import ApiClient, Generation
 from .errors import ApiError, AuthError, NotFoundError, RateLimitedError
+from .schedule import DurationModel
 from .settings import PollSettings
 
 log = logging.getLogger(__name__)
 
 MAX_NOT_FOUND = 5  # a fresh id can lag behind on a replica; a persistent 404 is final
-
-
-def poll_delay_s(age_s: float, s: PollSettings) -> float:
-    """Wait longer as a generation ages: early polls catch quick ones, later ones cost less."""
-    return min(s.max_interval_s, max(s.min_interval_s, s.growth * age_s))
+POLL_BURST = 50  # polls that may go at once before pacing applies
 
 
 def error_delay_s(
@@ -92,8 +90,10 @@ class PollSchedule:
 class Tracked:
     job_id: str
     generation_id: str
+    model: str
     started: float  # monotonic time the generation was submitted
     deadline: float  # monotonic time after which the job is given up on
+    last_running_age: float = 0.0  # age at the last poll that found it still running
     errors: int = 0
     not_found: int = 0
     polls: int = 0
@@ -128,6 +128,8 @@ class Poller:
         self._tracked: dict[str, Tracked] = {}
         self._wake = anyio.Event()
         self._sleeping_until = -math.inf  # -inf while awake: nothing to interrupt
+        self._next_slot = -math.inf  # pacing: when the next poll may go
+        self.durations = DurationModel(settings)
         # A semaphore, not a CapacityLimiter: the loop acquires, the poll task releases.
         self._in_flight = anyio.Semaphore(settings.max_concurrent)
         self.polls_sent = 0
@@ -136,13 +138,21 @@ class Poller:
         return len(self._tracked)
 
     def track(
-        self, job_id: str, generation_id: str, *, age_s: float, remaining_s: float, first: bool
+        self,
+        job_id: str,
+        generation_id: str,
+        *,
+        model: str,
+        age_s: float,
+        remaining_s: float,
+        first: bool,
     ) -> None:
-        """Start following a generation. ``first`` skips the initial delay (a resumed job)."""
+        """Start following a generation. ``first`` waits for the first poll time; a resumed
+        or refreshed one is polled at once."""
         now = self._clock()
-        t = Tracked(job_id, generation_id, started=now - age_s, deadline=now + remaining_s)
+        t = Tracked(job_id, generation_id, model, started=now - age_s, deadline=now + remaining_s)
         self._tracked[job_id] = t
-        delay = 0.0 if not first else max(0.0, self._s.first_delay_s - age_s)
+        delay = max(0.0, self.durations.first_delay_s(model) - age_s) if first else 0.0
         self._add(job_id, min(now + delay, t.deadline))
 
     async def run(self) -> None:
@@ -158,9 +168,18 @@ class Poller:
                         del self._tracked[job_id]
                         await self._sink.generation_timed_out(t)
                         continue
+                    await self._pace()
                     await self._in_flight.acquire()
                     tg.start_soon(self._poll_one, t)
                 await self._sleep_until_due()
+
+    async def _pace(self) -> None:
+        """Keep to ``max_polls_per_s`` overall, allowing a short burst."""
+        rate = self._s.max_polls_per_s
+        now = self._clock()
+        self._next_slot = max(self._next_slot, now - POLL_BURST / rate) + 1 / rate
+        if self._next_slot > now:
+            await anyio.sleep(self._next_slot - now)
 
     async def _sleep_until_due(self) -> None:
         """Sleep until the earliest due time, or until something due earlier is scheduled."""
@@ -189,10 +208,15 @@ class Poller:
             t.errors = 0
             if gen.completed or gen.failed:
                 self._tracked.pop(t.job_id, None)
+                if gen.completed and t.last_running_age > 0:
+                    # It finished between the last two polls: take the middle.
+                    age = self._clock() - t.started
+                    self.durations.observe(t.model, (t.last_running_age + age) / 2)
                 await self._sink.generation_finished(t, gen)
                 return
             now = self._clock()
-            self._reschedule(t, now + poll_delay_s(now - t.started, self._s))
+            t.last_running_age = now - t.started
+            self._reschedule(t, now + self.durations.next_delay_s(t.model, t.last_running_age))
         finally:
             self._in_flight.release()
 

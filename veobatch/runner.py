@@ -212,7 +212,12 @@ class _Run:
             if st.status == "submitted":  # its deadline runs from submission, with a short grace
                 remaining = max(remaining - age, 3 * self.settings.poll.max_interval_s)
             self.poller.track(
-                p.job.id, st.generation_id, age_s=age, remaining_s=remaining, first=False
+                p.job.id,
+                st.generation_id,
+                model=p.job.model,
+                age_s=age,
+                remaining_s=remaining,
+                first=False,
             )
             log.info("resume job=%s action=%s gen=%s", p.job.id, p.action.value, st.generation_id)
         for p in lookups:
@@ -295,6 +300,7 @@ class _Run:
             self.poller.track(
                 job.id,
                 decision.generation_id,
+                model=job.model,
                 age_s=age,
                 remaining_s=max(self.settings.job_timeout_s - age, 60.0),
                 first=False,
@@ -337,6 +343,7 @@ class _Run:
         self.poller.track(
             job.id,
             created.generation_id,
+            model=job.model,
             age_s=0.0,
             remaining_s=self.settings.job_timeout_s,
             first=True,
@@ -429,7 +436,12 @@ class _Run:
             return
         log.warning("video URL refused job=%s: polling for a fresh one", job_id)
         self.poller.track(
-            job_id, gen, age_s=0.0, remaining_s=self.settings.job_timeout_s, first=False
+            job_id,
+            gen,
+            model=self.jobs[job_id].model,
+            age_s=0.0,
+            remaining_s=self.settings.job_timeout_s,
+            first=False,
         )
 
     # -- housekeeping --------------------------------------------------------------------

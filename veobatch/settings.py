@@ -47,11 +47,13 @@ class Secret:
 class PollSettings:
     """How often the shared poller asks about one generation."""
 
-    first_delay_s: float = 2.0  # after submission, before the first poll
-    min_interval_s: float = 1.0
-    max_interval_s: float = 10.0
-    growth: float = 0.25  # interval = growth * age, clamped to [min, max]
-    max_concurrent: int = 32  # poll requests in flight at once
+    first_delay_s: float = 2.0  # after submission, before the first poll (until learnt)
+    min_interval_s: float = 0.1  # floor between two polls of one generation
+    max_interval_s: float = 15.0  # cap between two polls of one generation
+    growth: float = 0.25  # until learnt: interval = growth * age, clamped to [min, max]
+    lag_target_share: float = 0.052  # learnt plans aim at this mean lag, as a share of the mean
+    max_polls_per_s: float = 1000.0  # across all generations; the API's limits are unpublished
+    max_concurrent: int = 64  # poll requests in flight at once
     error_backoff_max_s: float = 60.0
 
 

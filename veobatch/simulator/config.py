@@ -33,6 +33,7 @@ class SimConfig:
     video_fps: int = 24
     faults: Faults = field(default_factory=Faults)
     state_dir: Path | None = None  # journal generations here so a restarted client finds them
+    blob_dir: Path | None = None  # files served as-is at <cdn_url>/blobs/<name> (benchmarks)
 
     def __post_init__(self) -> None:
         if self.gen_time_mean_s < 0 or self.gen_time_spread < 0:

@@ -126,8 +126,11 @@ class Simulator:
         api.router.add_get(GENERATIONS, self._fetch)
         api.router.add_get("/v2/logs", self._logs)
         api.router.add_get("/_sim/stats", self._stats)
+        api.router.add_get("/_sim/generations", self._timeline)
         cdn = web.Application()
         cdn.router.add_get("/files/{token}/{name}", self._file)
+        if self.config.blob_dir is not None:
+            cdn.router.add_static("/blobs/", self.config.blob_dir)
         api_port = await self._listen(api, self._ports[0])
         cdn_port = await self._listen(cdn, self._ports[1])
         self.base_url = f"http://{self.host}:{api_port}"
@@ -346,6 +349,21 @@ class Simulator:
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats.summary())
 
+    async def _timeline(self, request: web.Request) -> web.Response:
+        """Every generation's true timing, in creation order: what a benchmark measures against."""
+        rows = [
+            {
+                "created_at": g.created_at,
+                "duration_s": g.duration_s,
+                "detected_at": g.detected_at,
+                "downloaded_at": g.downloaded_at,
+                "polls": g.polls,
+                "model": g.model,
+            }
+            for g in self.generations.values()
+        ]
+        return web.json_response({"clock": self._clock(), "generations": rows})
+
     # -- the CDN listener ------------------------------------------------------------------
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
@@ -371,6 +389,8 @@ class Simulator:
             return await _truncated(request, path)
         self.stats.downloads += 1
         gen.downloads += 1
+        if gen.downloaded_at is None:
+            gen.downloaded_at = self._clock()
         return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
 
     # -- the journal -----------------------------------------------------------------------

@@ -56,6 +56,7 @@ class Generation:
     polls: int = 0
     detected_at: float | None = None  # clock time of the first poll that saw it completed
     downloads: int = 0
+    downloaded_at: float | None = None  # clock time the first whole download was served
 
     @property
     def completes_at(self) -> float:

@@ -1,0 +1,317 @@
+"""veobatch's benchmark: the real CLI against the simulator in a separate process, over loopback.
+
+    python benchmarks/bench.py                      # the full run (N=10,000, concurrency 500)
+    python benchmarks/bench.py --jobs 2000 --concurrency 100 --skip-download --skip-resume
+
+Reports, for one run of N jobs through `veobatch run`:
+- makespan against the ideal for the concurrency limit (greedy list scheduling of the
+  simulator's true durations in submission order, each starting the moment a slot frees);
+- polls per generation and mean detection lag, counted by the simulator;
+- the runner's CPU seconds per job and peak RSS (from wait4 on the runner process);
+- the trade-off curve of polls per generation against lag, for the adaptive schedule and for
+  fixed intervals, replayed over the same true durations;
+- a 1 GB download against `curl -o` of the same URL, and RSS growth while streaming;
+- the time to resume from a ledger of 100,000 records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from veobatch.schedule import fixed_schedule_cost, schedule_cost  # noqa: E402
+from veobatch.settings import PollSettings  # noqa: E402
+
+KEY = "bench-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get_json(url: str) -> Any:
+    return json.loads(urllib.request.urlopen(url, timeout=60).read())
+
+
+def start_simulator(port: int, *extra: str) -> subprocess.Popen[bytes]:
+    args = [
+        sys.executable,
+        "-m",
+        "veobatch",
+        "simulate",
+        "--port",
+        str(port),
+        "--key",
+        KEY,
+        "--tiny-videos",
+        *extra,
+    ]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            get_json(f"http://127.0.0.1:{port}/_sim/stats")
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("simulator did not start")
+
+
+def ideal_makespan(durations: list[float], slots: int) -> float:
+    """Zero overhead, instant detection: each generation starts the moment a slot frees."""
+    free = [0.0] * slots
+    end = 0.0
+    for d in durations:
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + d)
+        end = max(end, start + d)
+    return end
+
+
+def run_and_measure(args: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
+    """Wall seconds, CPU seconds and peak RSS (KiB) of one child, from wait4."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.monotonic() - t0
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, out
+
+
+def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
+    port = free_port()
+    sim = start_simulator(port, "--gen-time", "3", "--gen-spread", "0.3", "--seed", "1")
+    try:
+        manifest = work / "bench.yaml"
+        lines = ["version: 1", "jobs:"]
+        for i in range(jobs):
+            lines += [
+                f"  - id: b{i:05d}",
+                "    model: google/veo-3.1-t2v-fast",
+                f"    prompt: benchmark shot {i}",
+                "    duration: 4",
+            ]
+        manifest.write_text("\n".join(lines) + "\n")
+        env = {**os.environ, "AIMLAPI_KEY": KEY, "AIMLAPI_BASE_URL": f"http://127.0.0.1:{port}"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "veobatch",
+            "run",
+            str(manifest),
+            "--out",
+            str(work / "out"),
+            "--concurrency",
+            str(concurrency),
+            "-q",
+        ]
+        wall, cpu, rss_kib, out = run_and_measure(cmd, env)
+        timeline = get_json(f"http://127.0.0.1:{port}/_sim/generations")["generations"]
+        stats = get_json(f"http://127.0.0.1:{port}/_sim/stats")
+    finally:
+        sim.terminate()
+        sim.wait()
+    durations = [g["duration_s"] for g in timeline]
+    first = min(g["created_at"] for g in timeline)
+    last = max(g["downloaded_at"] or g["detected_at"] for g in timeline)
+    actual = last - first
+    ideal = ideal_makespan(durations, concurrency)
+    lags = [g["detected_at"] - (g["created_at"] + g["duration_s"]) for g in timeline]
+    return {
+        "jobs": jobs,
+        "concurrency": concurrency,
+        "summary_line": out.splitlines()[0] if out else "",
+        "wall_s": round(wall, 2),
+        "makespan_s": round(actual, 2),
+        "ideal_makespan_s": round(ideal, 2),
+        "efficiency": round(ideal / actual, 4),
+        "sum_over_slots_s": round(sum(durations) / concurrency, 2),
+        "polls_per_generation": round(stats["polls"] / len(timeline), 3),
+        "mean_detection_lag_s": round(statistics.fmean(lags), 4),
+        "mean_generation_s": round(statistics.fmean(durations), 3),
+        "lag_share_of_mean": round(statistics.fmean(lags) / statistics.fmean(durations), 4),
+        "runner_cpu_s": round(cpu, 2),
+        "runner_cpu_ms_per_job": round(1000 * cpu / jobs, 3),
+        "runner_peak_rss_mb": round(rss_kib / 1024, 1),
+        "durations": durations,
+    }
+
+
+def tradeoff(durations: list[float]) -> dict[str, list[dict[str, float]]]:
+    """Polls per generation against mean lag, replayed over the run's true durations."""
+    mean = statistics.fmean(durations)
+    fixed = []
+    for interval in (0.1, 0.2, 0.3, 0.36, 0.5, 1.0, 2.0):
+        polls, lag = fixed_schedule_cost(durations, interval)
+        fixed.append(
+            {
+                "interval_s": interval,
+                "polls": round(polls, 2),
+                "lag_s": round(lag, 3),
+                "lag_share": round(lag / mean, 4),
+            }
+        )
+    adaptive = []
+    for target in (0.02, 0.04, 0.06, 0.08, 0.12):
+        polls, lag = schedule_cost(durations, target, PollSettings())
+        adaptive.append(
+            {
+                "lag_target_share": target,
+                "polls": round(polls, 2),
+                "lag_s": round(lag, 3),
+                "lag_share": round(lag / mean, 4),
+            }
+        )
+    return {"fixed": fixed, "adaptive": adaptive}
+
+
+def bench_download(size_mb: int, work: Path) -> dict[str, Any]:
+    blobs = work / "blobs"
+    blobs.mkdir(exist_ok=True)
+    blob = blobs / "big.mp4"
+    rng = random.Random(5)
+    with open(blob, "wb") as f:
+        f.write(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom")
+        chunk = rng.randbytes(1 << 20)
+        for _ in range(size_mb):
+            f.write(chunk)
+    size = blob.stat().st_size
+    port = free_port()
+    sim = start_simulator(port, "--blob-dir", str(blobs), "--cdn-port", str(free_port()))
+    try:
+        cdn = _cdn_url(port)
+        url = f"{cdn}/blobs/big.mp4"
+        t0 = time.monotonic()
+        subprocess.run(["curl", "-s", "-o", str(work / "curl.mp4"), url], check=True)
+        curl_s = time.monotonic() - t0
+        (work / "curl.mp4").unlink()
+        probe = [
+            sys.executable,
+            str(Path(__file__).with_name("download_probe.py")),
+            url,
+            str(work / "dl"),
+            f"http://127.0.0.1:{port}",
+        ]
+        result = json.loads(
+            subprocess.run(probe, check=True, capture_output=True, text=True).stdout
+        )
+    finally:
+        sim.terminate()
+        sim.wait()
+    ours_s = result["seconds"]
+    return {
+        "size_mb": round(size / 1e6),
+        "curl_s": round(curl_s, 2),
+        "curl_mb_s": round(size / 1e6 / curl_s),
+        "veobatch_s": round(ours_s, 2),
+        "veobatch_mb_s": round(size / 1e6 / ours_s),
+        "throughput_vs_curl": round(curl_s / ours_s, 3),
+        "rss_growth_mb": result["rss_growth_mb"],
+    }
+
+
+def _cdn_url(api_port: int) -> str:
+    """The simulator's video host: ask it for a generation URL's host part."""
+    import urllib.parse
+
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{api_port}/v2/video/generations",
+        data=json.dumps({"model": "google/veo-3.1-t2v-fast", "prompt": "x"}).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    gen = json.loads(urllib.request.urlopen(req).read())["id"]
+    for _ in range(100):
+        q = urllib.parse.urlencode({"generation_id": gen})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{api_port}/v2/video/generations?{q}",
+            headers={"Authorization": f"Bearer {KEY}"},
+        )
+        body = json.loads(urllib.request.urlopen(req).read())
+        if body["status"] == "completed":
+            parts = urllib.parse.urlsplit(body["video"]["url"])
+            return f"{parts.scheme}://{parts.netloc}"
+        time.sleep(0.1)
+    raise RuntimeError("no generation completed")
+
+
+def bench_resume(records: int, work: Path) -> dict[str, Any]:
+    probe = [
+        sys.executable,
+        str(Path(__file__).with_name("resume_probe.py")),
+        str(records),
+        str(work / "resume"),
+    ]
+    return dict(
+        json.loads(subprocess.run(probe, check=True, capture_output=True, text=True).stdout)
+    )
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=10_000)
+    ap.add_argument("--concurrency", type=int, default=500)
+    ap.add_argument("--download-mb", type=int, default=1024)
+    ap.add_argument("--resume-records", type=int, default=100_000)
+    ap.add_argument("--skip-run", action="store_true")
+    ap.add_argument("--skip-download", action="store_true")
+    ap.add_argument("--skip-resume", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    opts = ap.parse_args()
+    report: dict[str, Any] = {"machine": machine()}
+    print(f"machine: {report['machine']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="veobatch-bench-") as tmp:
+        work = Path(tmp)
+        if not opts.skip_run:
+            run = bench_run(opts.jobs, opts.concurrency, work)
+            report["tradeoff"] = tradeoff(run.pop("durations"))
+            report["run"] = run
+            print(json.dumps(run, indent=2), flush=True)
+            print(json.dumps(report["tradeoff"], indent=2), flush=True)
+            shutil.rmtree(work / "out", ignore_errors=True)
+        if not opts.skip_download:
+            report["download"] = bench_download(opts.download_mb, work)
+            print(json.dumps(report["download"], indent=2), flush=True)
+        if not opts.skip_resume:
+            report["resume"] = bench_resume(opts.resume_records, work)
+            print(json.dumps(report["resume"], indent=2), flush=True)
+    if opts.json:
+        opts.json.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

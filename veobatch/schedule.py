@@ -1,0 +1,219 @@
+"""When to poll a generation: a schedule learnt from how long this model's generations take.
+
+Polling at a fixed interval pays for every poll before a generation could plausibly be done.
+Once a model has enough completions, its durations are fitted with a lognormal and a list of
+poll offsets (seconds after submission) is planned for it by dynamic programming: the times
+that minimise expected lag + λ·expected polls, which puts the first poll just before the
+earliest completions and the others dense where completions are likely, sparse in the tails.
+λ is chosen so that the expected detection lag meets a target share of the mean duration.
+Until a model has enough samples, and after its plan runs out, a growing interval is used.
+
+Everything here is pure: the benchmark replays it over true durations to draw the trade-off.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from statistics import NormalDist
+
+from .settings import PollSettings
+
+QUANTILES = 400  # points that stand for the distribution when costing a plan
+
+
+def cold_delay_s(age_s: float, s: PollSettings) -> float:
+    """Before anything is known: wait longer as a generation ages, within the bounds."""
+    return min(s.max_interval_s, max(s.min_interval_s, s.growth * age_s))
+
+
+@dataclass(frozen=True)
+class LogNormal:
+    mu: float
+    sigma: float
+
+    @property
+    def mean(self) -> float:
+        return math.exp(self.mu + self.sigma**2 / 2)
+
+    def cdf(self, t: float) -> float:
+        if t <= 0:
+            return 0.0
+        return NormalDist().cdf((math.log(t) - self.mu) / self.sigma)
+
+    def pdf(self, t: float) -> float:
+        if t <= 0:
+            return 0.0
+        z = (math.log(t) - self.mu) / self.sigma
+        return math.exp(-z * z / 2) / (t * self.sigma * math.sqrt(2 * math.pi))
+
+    def quantile(self, p: float) -> float:
+        return math.exp(self.mu + self.sigma * NormalDist().inv_cdf(p))
+
+
+GRID_POINTS = 150  # candidate poll times between the 0.05% and 99.95% quantiles
+
+
+def plan_offsets(dist: LogNormal, lam: float, s: PollSettings) -> tuple[float, ...]:
+    """The poll times minimising E[lag] + λ·E[polls], by dynamic programming on a grid.
+
+    V(i) is the least cost still to pay when the last poll was at grid[i] and found the
+    generation running; the next poll at grid[j] costs λ·S(grid[i]) plus the lag of every
+    completion in between.
+    """
+    lo, hi = dist.quantile(0.0005), dist.quantile(0.9995)
+    grid = [0.0] + [lo + (hi - lo) * k / (GRID_POINTS - 1) for k in range(GRID_POINTS)]
+    n = len(grid)
+    cdf = [dist.cdf(t) for t in grid]
+    tmass = [0.0] * n  # cumulative ∫ t f(t) dt, by midpoints
+    for k in range(1, n):
+        tmass[k] = tmass[k - 1] + (grid[k] + grid[k - 1]) / 2 * (cdf[k] - cdf[k - 1])
+    value = [0.0] * n
+    nxt = [n - 1] * n
+    for i in range(n - 2, -1, -1):
+        base = lam * (1.0 - cdf[i])
+        best, best_j = math.inf, n - 1
+        for j in range(i + 1, n):
+            gap = grid[j] - grid[i]
+            if gap < s.min_interval_s and j < n - 1:
+                continue
+            if gap > s.max_interval_s and i > 0:
+                break
+            c = base + grid[j] * (cdf[j] - cdf[i]) - (tmass[j] - tmass[i]) + value[j]
+            if c < best:
+                best, best_j = c, j
+        value[i], nxt[i] = best, best_j
+    plan: list[float] = []
+    i = 0
+    while i < n - 1:
+        i = nxt[i]
+        plan.append(grid[i])
+    return tuple(plan)
+
+
+def cost(
+    offsets: Sequence[float], durations: Sequence[float], s: PollSettings
+) -> tuple[float, float]:
+    """Mean polls and mean detection lag of a plan over some durations (cold tail after it)."""
+    polls = lag = 0.0
+    for d in durations:
+        i = bisect.bisect_left(offsets, d)
+        if i < len(offsets):
+            polls += i + 1
+            lag += offsets[i] - d
+            continue
+        t, n = offsets[-1], len(offsets)
+        while t < d:
+            t += cold_delay_s(t, s)
+            n += 1
+        polls += n
+        lag += t - d
+    return polls / len(durations), lag / len(durations)
+
+
+def _quantile_sample(dist: LogNormal) -> list[float]:
+    return [dist.quantile((i + 0.5) / QUANTILES) for i in range(QUANTILES)]
+
+
+def plan_for(dist: LogNormal, lag_target_s: float, s: PollSettings) -> tuple[float, ...]:
+    """The plan with the fewest polls whose expected lag meets the target (bisection on λ)."""
+    sample = _quantile_sample(dist)
+    lo, hi = 1e-6 * dist.mean, dist.mean  # λ in seconds of lag per poll
+    plan = plan_offsets(dist, lo, s)
+    for _ in range(14):
+        mid = math.sqrt(lo * hi)
+        candidate = plan_offsets(dist, mid, s)
+        if cost(candidate, sample, s)[1] <= lag_target_s:
+            lo, plan = mid, candidate
+        else:
+            hi = mid
+    return plan
+
+
+@dataclass
+class _Samples:
+    n: int = 0
+    total: float = 0.0  # of log durations
+    total_sq: float = 0.0
+    plan: tuple[float, ...] | None = None
+    planned_at: int = 0
+
+
+@dataclass
+class DurationModel:
+    """Per-model duration estimates and the poll plan they imply."""
+
+    settings: PollSettings
+    min_samples: int = 20
+    _models: dict[str, _Samples] = field(default_factory=dict)
+
+    def observe(self, model: str, duration_s: float) -> None:
+        if duration_s <= 0:
+            return
+        m = self._models.setdefault(model, _Samples())
+        x = math.log(duration_s)
+        m.n += 1
+        m.total += x
+        m.total_sq += x * x
+
+    def samples(self, model: str) -> int:
+        m = self._models.get(model)
+        return m.n if m else 0
+
+    def distribution(self, model: str) -> LogNormal | None:
+        m = self._models.get(model)
+        if m is None or m.n < self.min_samples:
+            return None
+        mu = m.total / m.n
+        var = max(m.total_sq / m.n - mu * mu, 1e-6)
+        return LogNormal(mu, math.sqrt(var))
+
+    def plan(self, model: str) -> tuple[float, ...] | None:
+        """The current plan; refitted whenever the sample count has grown by half."""
+        m = self._models.get(model)
+        if m is None or m.n < self.min_samples:
+            return None
+        if m.plan is None or m.n >= m.planned_at * 1.5:
+            dist = self.distribution(model)
+            assert dist is not None
+            m.plan = plan_for(dist, self.settings.lag_target_share * dist.mean, self.settings)
+            m.planned_at = m.n
+        return m.plan
+
+    def next_delay_s(self, model: str, age_s: float) -> float:
+        """Seconds from now to the next poll of a generation this old that is still running."""
+        plan = self.plan(model)
+        if plan is not None:
+            i = bisect.bisect_right(plan, age_s + 1e-9)
+            if i < len(plan):
+                return plan[i] - age_s
+        return cold_delay_s(age_s, self.settings)
+
+    def first_delay_s(self, model: str) -> float:
+        plan = self.plan(model)
+        return plan[0] if plan else self.settings.first_delay_s
+
+
+def fixed_schedule_cost(durations: Sequence[float], interval_s: float) -> tuple[float, float]:
+    """Mean polls and lag when polling every ``interval_s`` from submission."""
+    polls = lag = 0.0
+    for d in durations:
+        n = math.ceil(d / interval_s)
+        polls += n
+        lag += n * interval_s - d
+    return polls / len(durations), lag / len(durations)
+
+
+def schedule_cost(
+    durations: Sequence[float], lag_target_share: float, s: PollSettings
+) -> tuple[float, float]:
+    """Mean polls and lag of the adaptive plan fitted to these durations, replayed on them."""
+    model = DurationModel(s)
+    for d in durations:
+        model.observe("m", d)
+    dist = model.distribution("m")
+    assert dist is not None
+    plan = plan_for(dist, lag_target_share * dist.mean, s)
+    return cost(plan, durations, s)
