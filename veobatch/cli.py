@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -89,6 +90,10 @@ def _guard(fn: Callable[[], T]) -> T:
     except VeobatchError as exc:
         click.echo(f"veobatch: {exc}", err=True)
         sys.exit(1)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise SystemExit(EXIT_INTERRUPTED)
 
 
 def _default_out(manifest_path: Path) -> Path:
@@ -184,6 +189,10 @@ def run_cmd(
 ) -> None:
     """Validate MANIFEST, then submit, poll and download every job not yet done."""
     _setup_logging(-1 if quiet else verbose)
+    # While a run is under way its own handler takes signals; before and after it, a signal
+    # still means "interrupted" (exit 75), never a bare kill.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupted)
     m = _guard(lambda: load_manifest(manifest))
     for w in m.warnings:
         log.warning("%s", w)

@@ -340,7 +340,8 @@ class Ledger:
 
     def flush_sync(self) -> None:
         """Write what is buffered without the event loop: for shutdown paths."""
-        self._synced = max(self._synced, self._drain())
+        if self._fd >= 0:
+            self._synced = max(self._synced, self._drain())
 
     def write_results(self, jobs: Iterable[Job]) -> None:
         doc = build_results(self.states, jobs)

@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -452,18 +452,6 @@ class _Run:
             await anyio.sleep(self.settings.ledger_flush_interval_s)
             await anyio.to_thread.run_sync(self.ledger.write_results, self.manifest.jobs)
 
-    async def watch_signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for sig in signals:
-                if self.interrupted:
-                    log.error("second signal: exiting now")
-                    self.ledger.flush_sync()
-                    os._exit(EXIT_INTERRUPTED)
-                self.interrupted = True
-                self.stop_submitting = True
-                log.warning("%s: stopping; run again to resume", signal.Signals(sig).name)
-                scope.cancel()
-
     async def _observe_loop(self, observer: Callable[[Snapshot], None]) -> None:
         started = self.clock()
         while True:
@@ -549,6 +537,29 @@ async def _http(
             )
 
 
+@dataclass
+class _Control:
+    """What the signal watcher needs: alive from the lock to the last byte of the results."""
+
+    ledger: Ledger
+    main: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    run: _Run | None = None
+    interrupted: bool = False
+
+    async def watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for sig in signals:
+                if self.interrupted:
+                    log.error("second signal: exiting now")
+                    self.ledger.flush_sync()
+                    os._exit(EXIT_INTERRUPTED)
+                self.interrupted = True
+                if self.run is not None:
+                    self.run.interrupted = self.run.stop_submitting = True
+                log.warning("%s: stopping; run again to resume", signal.Signals(sig).name)
+                self.main.cancel()
+
+
 async def run(
     manifest: Manifest,
     settings: RunSettings,
@@ -564,23 +575,41 @@ async def run(
         raise ConfigError("no API key: set AIMLAPI_KEY (or use --simulate)")
     out = ensure_dir(settings.out_dir)
     with DirLock(out):
-        ledger = Ledger.open(out)
-        try:
-            plans = plan_jobs(
-                manifest.jobs, ledger.states, out, verify=verify, retry_failed=settings.retry_failed
-            )
-            async with _http(settings, api) as (client, cdn):
-                r = _Run(manifest, settings, ledger, client, cdn, observer=observer)
-                async with anyio.create_task_group() as outer:
-                    main = anyio.CancelScope()
-                    if handle_signals:
-                        outer.start_soon(r.watch_signals, main)
-                    with main:
-                        await r.execute(plans)
-                    outer.cancel_scope.cancel()
-            if observer is not None:
-                observer(r.snapshot(time.monotonic() - started))
-            return r.report(time.monotonic() - started)
-        finally:
-            ledger.close()
-            ledger.write_results(manifest.jobs)
+        control = _Control(Ledger.open(out))
+        async with anyio.create_task_group() as outer:
+            if handle_signals:
+                outer.start_soon(control.watch_signals)
+            try:
+                report = await _run_locked(manifest, settings, control, api, verify, observer)
+            finally:
+                control.ledger.close()
+                control.ledger.write_results(manifest.jobs)
+                outer.cancel_scope.cancel()
+        return replace(report, elapsed_s=time.monotonic() - started)
+
+
+async def _run_locked(
+    manifest: Manifest,
+    settings: RunSettings,
+    control: _Control,
+    api: ApiClient | None,
+    verify: bool,
+    observer: Callable[[Snapshot], None] | None,
+) -> RunReport:
+    started = time.monotonic()
+    ledger = control.ledger
+    plans = plan_jobs(
+        manifest.jobs,
+        ledger.states,
+        settings.out_dir,
+        verify=verify,
+        retry_failed=settings.retry_failed,
+    )
+    async with _http(settings, api) as (client, cdn):
+        r = control.run = _Run(manifest, settings, ledger, client, cdn, observer=observer)
+        r.interrupted = r.stop_submitting = control.interrupted
+        with control.main:
+            await r.execute(plans)
+    if observer is not None:
+        observer(r.snapshot(time.monotonic() - started))
+    return r.report(time.monotonic() - started)
