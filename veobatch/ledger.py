@@ -75,6 +75,7 @@ class JobState:
     bytes: int | None = None
     sha256: str | None = None
     mtime_ns: int | None = None  # of the finished file, so an unchanged file is not re-hashed
+    completed_at: float | None = None  # wall clock: with submitted_at, how long it took
     error: ErrorInfo | None = None
     updated_at: float | None = None
 
@@ -123,6 +124,7 @@ def _on_submitted(s: JobState, r: Mapping[str, Any]) -> None:
 def _on_completed(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "completed"
     s.video_url = r.get("url")
+    s.completed_at = r.get("t")
     s.error = None
 
 
@@ -344,16 +346,19 @@ class Ledger:
             self._synced = max(self._synced, self._drain())
 
     def write_results(self, jobs: Iterable[Job]) -> None:
-        doc = build_results(self.states, jobs)
-        atomic_write_bytes(
-            self.directory / RESULTS_NAME, json.dumps(doc, indent=2, ensure_ascii=False).encode()
-        )
+        write_results_doc(self.directory, build_results(self.states, jobs))
 
     def close(self) -> None:
         if self._fd >= 0:
             self.flush_sync()
             os.close(self._fd)
             self._fd = -1
+
+
+def write_results_doc(directory: Path, doc: dict[str, Any]) -> None:
+    """Write a results document built earlier; safe in a worker thread (it owns ``doc``)."""
+    data = json.dumps(doc, indent=2, ensure_ascii=False).encode()
+    atomic_write_bytes(directory / RESULTS_NAME, data)
 
 
 def _cut_tail(path: Path, journal: Journal, now: float) -> Path:

@@ -28,7 +28,7 @@ from .downloader import PART_SUFFIX, download
 from .errors import ApiError, AuthError, ConfigError, DownloadError, UrlRejectedError
 from .fsutil import DirLock, ensure_dir, fsync_dir
 from .jobs import Job, Manifest
-from .ledger import ErrorInfo, JobState, Ledger
+from .ledger import ErrorInfo, JobState, Ledger, build_results, write_results_doc
 from .poller import Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .scheduler import (
@@ -191,8 +191,15 @@ class _Run:
             self.holding.remove(job_id)
             self.slots.release_on_behalf_of(job_id)
 
+    def _learn_from_history(self) -> None:
+        """Earlier runs' durations give the poller a plan from the first minute of the night."""
+        for st in self.ledger.states.values():
+            if st.model and st.submitted_at is not None and st.completed_at is not None:
+                self.poller.durations.observe(st.model, st.completed_at - st.submitted_at)
+
     def _resume(self, plans: list[JobPlan]) -> None:
         """Pick up where an earlier run stopped: poll what is in flight, fetch what is finished."""
+        self._learn_from_history()
         polls = [p for p in plans if p.action in (Action.POLL, Action.REFETCH)]
         lookups = [p for p in plans if p.action is Action.LOOKUP]
         in_flight = [p for p in polls if _holds_slot(p)] + lookups
@@ -450,7 +457,9 @@ class _Run:
         """Keep results.json near-current during long runs; the final write is in run()."""
         while True:
             await anyio.sleep(self.settings.ledger_flush_interval_s)
-            await anyio.to_thread.run_sync(self.ledger.write_results, self.manifest.jobs)
+            # Built here, where the states live; encoded and written in a worker thread.
+            doc = build_results(self.ledger.states, self.manifest.jobs)
+            await anyio.to_thread.run_sync(write_results_doc, self.ledger.directory, doc)
 
     async def _observe_loop(self, observer: Callable[[Snapshot], None]) -> None:
         started = self.clock()

@@ -1,0 +1,74 @@
+"""The learnt poll schedule: plans meet their lag target with fewer polls than fixed intervals."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+
+import pytest
+
+from veobatch.schedule import (
+    DurationModel,
+    LogNormal,
+    cold_delay_s,
+    cost,
+    fixed_schedule_cost,
+    plan_for,
+    schedule_cost,
+)
+from veobatch.settings import PollSettings
+
+S = PollSettings()
+
+
+def lognormal_sample(mean: float, cv: float, n: int, seed: int = 1) -> list[float]:
+    sigma2 = math.log1p(cv * cv)
+    rng = random.Random(seed)
+    return [rng.lognormvariate(math.log(mean) - sigma2 / 2, math.sqrt(sigma2)) for _ in range(n)]
+
+
+@pytest.mark.parametrize(("mean", "cv"), [(3.0, 0.3), (90.0, 0.4), (150.0, 0.2)])
+def test_plans_meet_the_lag_target_with_fewer_polls_than_fixed(mean: float, cv: float) -> None:
+    durations = lognormal_sample(mean, cv, 4000)
+    polls, lag = schedule_cost(durations, 0.05, S)
+    assert lag <= 0.055 * mean
+    fixed_polls, fixed_lag = fixed_schedule_cost(durations, 2 * lag)  # same mean lag, roughly
+    assert fixed_lag == pytest.approx(lag, rel=0.1)
+    assert polls < 0.7 * fixed_polls
+
+
+def test_plan_is_increasing_and_within_bounds() -> None:
+    dist = LogNormal(math.log(3.0), 0.3)
+    plan = plan_for(dist, 0.05 * dist.mean, S)
+    assert list(plan) == sorted(plan) and len(set(plan)) == len(plan)
+    assert plan[0] > dist.quantile(0.0001)  # no poll before anything could be done
+    gaps = [b - a for a, b in itertools.pairwise(plan)]
+    assert min(gaps) >= S.min_interval_s - 1e-9 and max(gaps) <= S.max_interval_s + 1e-9
+
+
+def test_cost_counts_the_cold_tail_after_the_plan() -> None:
+    assert cost((1.0, 2.0), [0.5, 1.5], S) == (1.5, 0.5)
+    polls, lag = cost((1.0,), [3.0], S)
+    assert polls > 1 and lag >= 0
+
+
+def test_model_learns_then_plans_and_refits() -> None:
+    model = DurationModel(S, min_samples=20)
+    assert model.plan("m") is None
+    assert model.first_delay_s("m") == S.first_delay_s
+    assert model.next_delay_s("m", 4.0) == cold_delay_s(4.0, S)
+    for d in lognormal_sample(3.0, 0.3, 19):
+        model.observe("m", d)
+    assert model.plan("m") is None
+    model.observe("m", 3.0)
+    plan = model.plan("m")
+    assert plan is not None and model.first_delay_s("m") == plan[0]
+    assert model.next_delay_s("m", plan[1]) == pytest.approx(plan[2] - plan[1])
+    assert model.next_delay_s("m", plan[-1] + 1) == cold_delay_s(plan[-1] + 1, S)
+    assert model.plan("other") is None  # per model
+    for d in lognormal_sample(3.0, 0.3, 10, seed=2):
+        model.observe("m", d)
+    assert model.plan("m") is not plan  # refitted after half as many samples again
+    dist = model.distribution("m")
+    assert dist is not None and 2.5 < dist.mean < 3.5
