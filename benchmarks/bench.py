@@ -135,10 +135,15 @@ def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
         sim.wait()
     durations = [g["duration_s"] for g in timeline]
     first = min(g["created_at"] for g in timeline)
-    last = max(g["downloaded_at"] or g["detected_at"] for g in timeline)
+    unfinished = [g for g in timeline if g["downloaded_at"] is None]
+    if unfinished:
+        raise RuntimeError(f"{len(unfinished)} generations never downloaded: {out[-500:]}")
+    last = max(g["downloaded_at"] for g in timeline)
     actual = last - first
     ideal = ideal_makespan(durations, concurrency)
     lags = [g["detected_at"] - (g["created_at"] + g["duration_s"]) for g in timeline]
+    first_wave = lags[:concurrency]
+    later = lags[concurrency:] or lags
     return {
         "jobs": jobs,
         "concurrency": concurrency,
@@ -150,6 +155,9 @@ def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
         "sum_over_slots_s": round(sum(durations) / concurrency, 2),
         "polls_per_generation": round(stats["polls"] / len(timeline), 3),
         "mean_detection_lag_s": round(statistics.fmean(lags), 4),
+        "mean_detection_lag_first_wave_s": round(statistics.fmean(first_wave), 4),
+        "mean_detection_lag_after_first_wave_s": round(statistics.fmean(later), 4),
+        "p95_detection_lag_s": round(sorted(lags)[int(0.95 * len(lags))], 4),
         "mean_generation_s": round(statistics.fmean(durations), 3),
         "lag_share_of_mean": round(statistics.fmean(lags) / statistics.fmean(durations), 4),
         "runner_cpu_s": round(cpu, 2),

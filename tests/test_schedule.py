@@ -72,3 +72,21 @@ def test_model_learns_then_plans_and_refits() -> None:
     assert model.plan("m") is not plan  # refitted after half as many samples again
     dist = model.distribution("m")
     assert dist is not None and 2.5 < dist.mean < 3.5
+
+
+def test_censored_fit_is_unbiased_where_midpoints_drift() -> None:
+    """Completions are seen only between polls; the first poll's finishes have no lower bound."""
+    from veobatch.schedule import fit_intervals
+
+    durations = lognormal_sample(3.0, 0.3, 3000, seed=4)
+    intervals = []
+    for d in durations:
+        lo, t = 0.0, 2.8  # a first poll late enough to catch many early finishers
+        while t < d:
+            lo, t = t, t + 0.3
+        intervals.append((lo, t))
+    fit = fit_intervals(intervals)
+    assert fit.mean == pytest.approx(3.0, rel=0.03)
+    assert fit.sigma == pytest.approx(math.sqrt(math.log1p(0.09)), rel=0.1)
+    survivors = [(lo + hi) / 2 for lo, hi in intervals if lo > 0]  # what dropping them gives
+    assert sum(survivors) / len(survivors) > 3.2

@@ -208,10 +208,9 @@ class Poller:
             t.errors = 0
             if gen.completed or gen.failed:
                 self._tracked.pop(t.job_id, None)
-                if gen.completed and t.last_running_age > 0:
-                    # It finished between the last two polls: take the middle.
-                    age = self._clock() - t.started
-                    self.durations.observe(t.model, (t.last_running_age + age) / 2)
+                if gen.completed:
+                    # It finished since the last poll that saw it running (or since submission).
+                    self.durations.observe(t.model, t.last_running_age, self._clock() - t.started)
                 await self._sink.generation_finished(t, gen)
                 return
             now = self._clock()

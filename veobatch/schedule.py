@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -132,11 +133,54 @@ def plan_for(dist: LogNormal, lag_target_s: float, s: PollSettings) -> tuple[flo
     return plan
 
 
+_STD = NormalDist()
+WINDOW = 2000  # the most recent completions per model: enough to fit, and it follows drift
+EM_ROUNDS = 6
+
+
+def fit_intervals(intervals: Sequence[tuple[float, float]]) -> LogNormal:
+    """Fit a lognormal to completion times known only as intervals (lo, hi].
+
+    A poll sees a generation finished somewhere since the previous poll (or since submission
+    for the first poll). Fitting midpoints, or dropping the first-poll finishes, biases the fit
+    and the plan built on it drifts later and later; EM on the censored data does not.
+    """
+    logs = [(math.log(lo) if lo > 0 else -math.inf, math.log(hi)) for lo, hi in intervals]
+    seeds = [(a + b) / 2 if a > -math.inf else b for a, b in logs]
+    mu = sum(seeds) / len(seeds)
+    sigma = max(math.sqrt(max(sum(x * x for x in seeds) / len(seeds) - mu * mu, 0.0)), 0.02)
+    for _ in range(EM_ROUNDS):
+        total = total_sq = 0.0
+        for a, b in logs:
+            m1, m2 = _truncated_moments(mu, sigma, a, b)
+            total += m1
+            total_sq += m2
+        mu = total / len(logs)
+        sigma = max(math.sqrt(max(total_sq / len(logs) - mu * mu, 0.0)), 0.02)
+    return LogNormal(mu, sigma)
+
+
+def _truncated_moments(mu: float, sigma: float, a: float, b: float) -> tuple[float, float]:
+    """E[X] and E[X²] of N(mu, sigma²) restricted to (a, b]."""
+    alpha = (a - mu) / sigma if a > -math.inf else -math.inf
+    beta = (b - mu) / sigma
+    mass = _STD.cdf(beta) - (_STD.cdf(alpha) if alpha > -math.inf else 0.0)
+    if mass < 1e-12:  # the fit puts no weight here: trust the interval itself
+        x = (a + b) / 2 if a > -math.inf else b
+        return x, x * x
+    pa = _STD.pdf(alpha) if alpha > -math.inf else 0.0
+    pb = _STD.pdf(beta)
+    apa = alpha * pa if alpha > -math.inf else 0.0
+    mean_z = (pa - pb) / mass
+    var_z = 1.0 + (apa - beta * pb) / mass - mean_z * mean_z
+    mean_x = mu + sigma * mean_z
+    return mean_x, sigma * sigma * max(var_z, 0.0) + mean_x * mean_x
+
+
 @dataclass
 class _Samples:
+    intervals: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
     n: int = 0
-    total: float = 0.0  # of log durations
-    total_sq: float = 0.0
     plan: tuple[float, ...] | None = None
     planned_at: int = 0
 
@@ -149,14 +193,16 @@ class DurationModel:
     min_samples: int = 20
     _models: dict[str, _Samples] = field(default_factory=dict)
 
-    def observe(self, model: str, duration_s: float) -> None:
-        if duration_s <= 0:
+    def observe(self, model: str, low_s: float, high_s: float | None = None) -> None:
+        """A generation of ``model`` finished after ``low_s`` and by ``high_s`` (seconds from
+        submission); with one figure, it took about that long."""
+        hi = low_s if high_s is None else high_s
+        lo = low_s * 0.98 if high_s is None else low_s
+        if hi <= 0:
             return
         m = self._models.setdefault(model, _Samples())
-        x = math.log(duration_s)
+        m.intervals.append((max(lo, 0.0), hi))
         m.n += 1
-        m.total += x
-        m.total_sq += x * x
 
     def samples(self, model: str) -> int:
         m = self._models.get(model)
@@ -166,9 +212,7 @@ class DurationModel:
         m = self._models.get(model)
         if m is None or m.n < self.min_samples:
             return None
-        mu = m.total / m.n
-        var = max(m.total_sq / m.n - mu * mu, 1e-6)
-        return LogNormal(mu, math.sqrt(var))
+        return fit_intervals(list(m.intervals))
 
     def plan(self, model: str) -> tuple[float, ...] | None:
         """The current plan; refitted whenever the sample count has grown by half."""

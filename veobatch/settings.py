@@ -51,7 +51,7 @@ class PollSettings:
     min_interval_s: float = 0.1  # floor between two polls of one generation
     max_interval_s: float = 15.0  # cap between two polls of one generation
     growth: float = 0.25  # until learnt: interval = growth * age, clamped to [min, max]
-    lag_target_share: float = 0.052  # learnt plans aim at this mean lag, as a share of the mean
+    lag_target_share: float = 0.056  # learnt plans aim at this mean lag, as a share of the mean
     max_polls_per_s: float = 1000.0  # across all generations; the API's limits are unpublished
     max_concurrent: int = 64  # poll requests in flight at once
     error_backoff_max_s: float = 60.0
