@@ -282,20 +282,23 @@ class Simulator:
         heapq.heappush(self._running.setdefault(key, []), gen.completes_at)
         self._journal(gen)
         self.stats.creates_ok += 1
-        self._log_rows.append(
-            LogRow(
-                _digest(key),
-                gen.created_wall_s,
-                "succeeded",
-                gen.model,
-                usd,
-                credits,
-                str(uuid.uuid4()),
-                gen.id,
-                crid,
-            )
-        )
+        self._log_created(gen, _digest(key))
         return gen
+
+    def _log_created(self, gen: Generation, owner: str) -> None:
+        """The usage-log row of a request that created ``gen`` (keys are kept as digests)."""
+        row = LogRow(
+            owner,
+            gen.created_wall_s,
+            "succeeded",
+            gen.model,
+            gen.usd,
+            gen.credits,
+            str(uuid.uuid4()),
+            gen.id,
+            gen.client_request_id,
+        )
+        self._log_rows.append(row)
 
     def _add(self, gen: Generation) -> None:
         self.generations[gen.id] = gen
@@ -448,19 +451,7 @@ class Simulator:
                 fails=bool(row.get("fails", False)),
             )
             self._add(gen)
-            self._log_rows.append(
-                LogRow(
-                    gen.api_key,
-                    gen.created_wall_s,
-                    "succeeded",
-                    gen.model,
-                    usd,
-                    credits,
-                    str(uuid.uuid4()),
-                    gen.id,
-                    gen.client_request_id,
-                )
-            )
+            self._log_created(gen, gen.api_key)  # journaled keys are digests already
         # Rewrite without torn lines, so the next append starts on a line of its own.
         path.write_text("".join(line + "\n" for line in good), encoding="utf-8")
 
