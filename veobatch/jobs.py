@@ -6,6 +6,7 @@ never on YAML or pydantic.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -39,8 +40,9 @@ class Job:
     def model(self) -> str:
         return str(self.request["model"])
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        """Computed once: the plan, the intent record and the file check all ask for it."""
         return request_key(self.request)
 
     @property
