@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import av
 import pytest
+from cli_process import start_cli
 
 from veobatch.jobs import Job, Manifest
 from veobatch.manifest import load_manifest
@@ -123,17 +122,8 @@ async def test_wrong_key_exits_3_and_leaves_jobs_pending(sim: Simulator, tmp_pat
     assert sim.stats.creates_ok == 0
 
 
-def cli(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIMLAPI_")}
-    env.update(env_extra or {})
-    return subprocess.Popen(
-        [sys.executable, "-m", "veobatch", *args],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+def cli(*args: str) -> subprocess.Popen[str]:
+    return start_cli(*args)
 
 
 @pytest.mark.slow

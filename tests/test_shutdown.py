@@ -7,11 +7,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_process import start_cli
 
 from veobatch.fsutil import DirLock
 from veobatch.ledger import parse_journal, replay
@@ -25,15 +25,7 @@ MANIFEST = "version: 1\njobs:\n" + "".join(
 
 
 def cli(*args: str, base_url: str = "http://127.0.0.1:9") -> subprocess.Popen[str]:
-    env = {**os.environ, "AIMLAPI_KEY": "k", "AIMLAPI_BASE_URL": base_url}
-    return subprocess.Popen(
-        [sys.executable, "-m", "veobatch", *args],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    return start_cli(*args, env={"AIMLAPI_KEY": "k", "AIMLAPI_BASE_URL": base_url})
 
 
 @pytest.fixture

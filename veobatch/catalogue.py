@@ -151,9 +151,6 @@ MODELS: dict[str, ModelSpec] = {
 # Every request field any model accepts, besides "model" itself.
 ALL_FIELDS: frozenset[str] = frozenset(name for m in MODELS.values() for name in m.fields)
 
-# Fields that carry images, with whether they hold a list.
-IMAGE_FIELDS: dict[str, bool] = {"image_url": False, "last_image_url": False, "image_urls": True}
-
 
 def get_model(name: str) -> ModelSpec | None:
     return MODELS.get(name)

@@ -35,7 +35,6 @@ from .settings import Secret
 GENERATIONS_PATH = "/v2/video/generations"
 LOGS_PATH = "/v2/logs"
 MAX_BODY_BYTES = 4 << 20  # an API answer is small; anything bigger is not what we asked for
-RUNNING_STATUSES = frozenset({"queued", "generating", "waiting", "active"})
 
 
 @dataclass(frozen=True)

@@ -236,11 +236,15 @@ def build_results(states: Mapping[str, JobState], jobs: Iterable[Job] = ()) -> d
         rows.append(job_result(states.get(job.id) or JobState(job.id), job))
         seen.add(job.id)
     rows.extend(job_result(s, None) for jid, s in states.items() if jid not in seen)
+    return results_document(rows)
+
+
+def results_document(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rows wrapped with their counts by status: the shape of results.json."""
     counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
     for row in rows:
-        counts[row["status"]] += 1
-    summary: dict[str, Any] = {"total": len(rows), **counts}
-    return {"version": 1, "summary": summary, "jobs": rows}
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return {"version": 1, "summary": {"total": len(rows), **counts}, "jobs": rows}
 
 
 class Ledger:
@@ -286,6 +290,11 @@ class Ledger:
         if created:
             fsync_dir(directory)
         return ledger
+
+    @property
+    def records(self) -> int:
+        """Records appended since the ledger was opened: a cheap "has anything changed"."""
+        return self._seq
 
     def state(self, job_id: str) -> JobState:
         return self.states.get(job_id) or JobState(job_id)
@@ -400,7 +409,4 @@ def current_results(directory: Path) -> dict[str, Any]:
         st = states.get(str(row.get("id")))
         merged.append({**row, **job_result(st, None), "model": row.get("model")} if st else row)
     merged.extend(job_result(s, None) for jid, s in states.items() if jid not in known)
-    counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
-    for row in merged:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return {"version": 1, "summary": {"total": len(merged), **counts}, "jobs": merged}
+    return results_document(merged)

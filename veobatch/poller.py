@@ -21,13 +21,14 @@ import anyio
 
 from .client import ApiClient, Generation
 from .errors import ApiError, AuthError, NotFoundError, RateLimitedError
-from .schedule import DurationModel
+from .schedule import DurationModel, fit_plan
 from .settings import PollSettings
 
 log = logging.getLogger(__name__)
 
 MAX_NOT_FOUND = 5  # a fresh id can lag behind on a replica; a persistent 404 is final
 POLL_BURST = 50  # polls that may go at once before pacing applies
+REFIT_CHECK_S = 0.25  # how often the poller looks for models due a new plan
 
 
 def error_delay_s(
@@ -158,6 +159,7 @@ class Poller:
     async def run(self) -> None:
         """Poll forever; the owner cancels this when the run is over."""
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self._refit_loop)
             while True:
                 now = self._clock()
                 for job_id in self._schedule.pop_due(now):
@@ -172,6 +174,15 @@ class Poller:
                     await self._in_flight.acquire()
                     tg.start_soon(self._poll_one, t)
                 await self._sleep_until_due()
+
+    async def _refit_loop(self) -> None:
+        """Fit poll plans in a worker thread: a fit takes tens of milliseconds, which the poll
+        loop must not wait for."""
+        while True:
+            for model, intervals, samples in self.durations.stale():
+                plan = await anyio.to_thread.run_sync(fit_plan, intervals, self._s)
+                self.durations.install(model, plan, samples)
+            await anyio.sleep(REFIT_CHECK_S)
 
     async def _pace(self) -> None:
         """Keep to ``max_polls_per_s`` overall, allowing a short burst."""

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -326,7 +327,6 @@ class _Run:
             return
         attempts = self.ledger.state(job.id).attempts
         if attempts > self.settings.submit_retries:
-            self._release(job.id)
             await self._fail(job.id, "submit_failed", f"{attempts} attempts: {decision.reason}")
             return
         delay = (
@@ -359,8 +359,8 @@ class _Run:
     # -- poll sink -----------------------------------------------------------------------
 
     async def generation_finished(self, tracked: Tracked, generation: Generation) -> None:
-        self._release(tracked.job_id)
         if generation.completed and generation.video_url:
+            self._release(tracked.job_id)
             await self.ledger.record("completed", tracked.job_id, url=generation.video_url)
             log.info("completed job=%s polls=%d", tracked.job_id, tracked.polls)
             self.to_download.send_nowait((tracked.job_id, generation.video_url))
@@ -370,7 +370,6 @@ class _Run:
         await self._fail(tracked.job_id, "generation_error", f"{name}: {message}")
 
     async def generation_timed_out(self, tracked: Tracked) -> None:
-        self._release(tracked.job_id)
         await self._fail(
             tracked.job_id,
             "timeout",
@@ -379,10 +378,11 @@ class _Run:
         )
 
     async def generation_lost(self, tracked: Tracked, error: ApiError) -> None:
-        self._release(tracked.job_id)
         await self._fail(tracked.job_id, "lost", f"the API no longer knows it: {error.message}")
 
     async def _fail(self, job_id: str, kind: str, message: str) -> None:
+        """Record the failure, free the job's slot if it holds one, and close it."""
+        self._release(job_id)
         await self.ledger.record("failed", job_id, kind=kind, message=message)
         log.error("failed job=%s kind=%s: %s", job_id, kind, message)
         self._close(job_id)
@@ -455,8 +455,12 @@ class _Run:
 
     async def _results_loop(self) -> None:
         """Keep results.json near-current during long runs; the final write is in run()."""
+        written = self.ledger.records
         while True:
             await anyio.sleep(self.settings.ledger_flush_interval_s)
+            if self.ledger.records == written:
+                continue  # nothing happened since the last write
+            written = self.ledger.records
             # Built here, where the states live; encoded and written in a worker thread.
             doc = build_results(self.ledger.states, self.manifest.jobs)
             await anyio.to_thread.run_sync(write_results_doc, self.ledger.directory, doc)
@@ -467,29 +471,29 @@ class _Run:
             observer(self.snapshot(self.clock() - started))
             await anyio.sleep(self.settings.observe_interval_s)
 
+    def _states(self) -> list[JobState]:
+        """The manifest's jobs as the ledger knows them, in manifest order."""
+        return [self.ledger.state(job.id) for job in self.manifest.jobs]
+
     def snapshot(self, elapsed_s: float) -> Snapshot:
-        counts: dict[str, int] = {}
-        for job in self.manifest.jobs:
-            status = self.ledger.state(job.id).status
-            counts[status] = counts.get(status, 0) + 1
+        counts: dict[str, int] = dict(Counter(st.status for st in self._states()))
         return Snapshot(
             len(self.manifest.jobs), counts, elapsed_s, self.submitted, self.poller.polls_sent
         )
 
     def report(self, elapsed_s: float) -> RunReport:
-        counts: dict[str, int] = {}
+        states = self._states()
+        counts: dict[str, int] = dict(Counter(st.status for st in states))
         failed: list[tuple[str, ErrorInfo]] = []
         uncertain: list[str] = []
         pending: list[str] = []
-        for job in self.manifest.jobs:
-            st = self.ledger.state(job.id)
-            counts[st.status] = counts.get(st.status, 0) + 1
+        for st in states:
             if st.status == "failed" and st.error:
-                failed.append((job.id, st.error))
+                failed.append((st.id, st.error))
             elif st.status in ("uncertain", "submitting"):
-                uncertain.append(job.id)
+                uncertain.append(st.id)
             elif st.status != "done":
-                pending.append(job.id)
+                pending.append(st.id)
         return RunReport(
             out_dir=self.settings.out_dir,
             counts=counts,

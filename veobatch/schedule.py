@@ -17,7 +17,7 @@ import bisect
 import math
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 
 from .settings import PollSettings
@@ -214,21 +214,33 @@ class DurationModel:
             return None
         return fit_intervals(list(m.intervals))
 
+    def stale(self) -> list[tuple[str, list[tuple[float, float]], int]]:
+        """Models due for a refit (first plan, or half as many samples again), each with a
+        copy of its samples, so the fit can run in a worker thread while polls go on."""
+        return [
+            (name, list(m.intervals), m.n)
+            for name, m in self._models.items()
+            if m.n >= self.min_samples and (m.plan is None or m.n >= m.planned_at * 1.5)
+        ]
+
+    def install(self, model: str, plan: tuple[float, ...], samples: int) -> None:
+        m = self._models[model]
+        m.plan, m.planned_at = plan, samples
+
     def plan(self, model: str) -> tuple[float, ...] | None:
-        """The current plan; refitted whenever the sample count has grown by half."""
+        """The plan, refitted here and now when it is due: for callers off the event loop."""
+        for name, intervals, n in self.stale():
+            if name == model:
+                self.install(model, fit_plan(intervals, self.settings), n)
+        return self.current_plan(model)
+
+    def current_plan(self, model: str) -> tuple[float, ...] | None:
         m = self._models.get(model)
-        if m is None or m.n < self.min_samples:
-            return None
-        if m.plan is None or m.n >= m.planned_at * 1.5:
-            dist = self.distribution(model)
-            assert dist is not None
-            m.plan = plan_for(dist, self.settings.lag_target_share * dist.mean, self.settings)
-            m.planned_at = m.n
-        return m.plan
+        return m.plan if m else None
 
     def next_delay_s(self, model: str, age_s: float) -> float:
         """Seconds from now to the next poll of a generation this old that is still running."""
-        plan = self.plan(model)
+        plan = self.current_plan(model)
         if plan is not None:
             i = bisect.bisect_right(plan, age_s + 1e-9)
             if i < len(plan):
@@ -236,8 +248,14 @@ class DurationModel:
         return cold_delay_s(age_s, self.settings)
 
     def first_delay_s(self, model: str) -> float:
-        plan = self.plan(model)
+        plan = self.current_plan(model)
         return plan[0] if plan else self.settings.first_delay_s
+
+
+def fit_plan(intervals: Sequence[tuple[float, float]], s: PollSettings) -> tuple[float, ...]:
+    """Fit the samples and plan for them: the costly step (EM, then DP), pure."""
+    dist = fit_intervals(intervals)
+    return plan_for(dist, s.lag_target_share * dist.mean, s)
 
 
 def fixed_schedule_cost(durations: Sequence[float], interval_s: float) -> tuple[float, float]:
@@ -253,11 +271,9 @@ def fixed_schedule_cost(durations: Sequence[float], interval_s: float) -> tuple[
 def schedule_cost(
     durations: Sequence[float], lag_target_share: float, s: PollSettings
 ) -> tuple[float, float]:
-    """Mean polls and lag of the adaptive plan fitted to these durations, replayed on them."""
-    model = DurationModel(s)
-    for d in durations:
-        model.observe("m", d)
-    dist = model.distribution("m")
-    assert dist is not None
-    plan = plan_for(dist, lag_target_share * dist.mean, s)
+    """Mean polls and lag of the adaptive plan fitted to these durations, replayed on them.
+
+    The fit sees what a run's model would: the latest WINDOW completions, known to ±2 %."""
+    samples = [(0.98 * d, d) for d in durations[-WINDOW:]]
+    plan = fit_plan(samples, replace(s, lag_target_share=lag_target_share))
     return cost(plan, durations, s)

@@ -38,10 +38,6 @@ class Faults:
                 raise ValueError(f"fault rate {f.name} must be between 0 and 1")
 
     @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
     def parse(cls, specs: list[str], seed: int = 0) -> Faults:
         """From ``NAME=VALUE`` strings, as the CLI takes them."""
         known = {f.name: f.type for f in fields(cls)}
