@@ -560,6 +560,17 @@ class _Control:
     interrupted: bool = False
 
     async def watch_signals(self) -> None:
+        # Event loops differ in what they leave behind when a receiver closes (uvloop: the
+        # default action, so a late signal would kill instead of exit 75): restore it here.
+        before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            await self._receive_signals()
+        finally:
+            for sig, handler in before.items():
+                if handler is not None:
+                    signal.signal(sig, handler)
+
+    async def _receive_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for sig in signals:
                 if self.interrupted:
