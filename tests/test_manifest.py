@@ -686,7 +686,10 @@ BAD = [
         16,
         "#1",
         "image_url",
-        ("expected an https:// image URL or a data:image/...;base64,... URI, got the integer 5",),
+        (
+            "expected an https:// image URL, a data:image/...;base64,... URI or a local image "
+            "file, got the integer 5",
+        ),
         id="image-number",
     ),
     pytest.param(
@@ -695,7 +698,7 @@ BAD = [
         16,
         "#1",
         "image_url",
-        ("got 'photo.jpg' (local files must be inlined as data: URIs)",),
+        ("image file 'photo.jpg': no such file", "relative to the manifest's folder"),
         id="image-local-file",
     ),
     pytest.param(
@@ -786,7 +789,7 @@ BAD = [
         9,
         "#1",
         "image_urls.1",
-        ("got 'photo.jpg'",),
+        ("image file 'photo.jpg': no such file",),
         id="image-list-block-item",
     ),
     # --- ids

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class Generation:
     duration_s: float | None = None
     error_name: str | None = None
     error_message: str | None = None
+    usd_spent: float | None = None  # x-aimlapi-usd-spent on this answer, when present
 
     @property
     def completed(self) -> bool:
@@ -181,15 +183,21 @@ def parse_created(text: str, headers: Mapping[str, str]) -> Created:
     gen_id = doc.get("id") or headers.get("x-inference-id")
     if not isinstance(gen_id, str) or not gen_id:
         raise ProtocolError(f"create: answer has no generation id: {text[:200]!r}")
-    usd: float | None
+    return Created(gen_id, str(doc.get("status") or "queued"), usd_spent(headers))
+
+
+def usd_spent(headers: Mapping[str, str]) -> float | None:
+    """The charge the API reports on a JSON answer, when it reports one."""
     try:
         usd = float(headers["x-aimlapi-usd-spent"])
     except (KeyError, ValueError):
-        usd = None
-    return Created(gen_id, str(doc.get("status") or "queued"), usd)
+        return None
+    return usd if math.isfinite(usd) and usd >= 0 else None
 
 
-def parse_generation(text: str, generation_id: str) -> Generation:
+def parse_generation(
+    text: str, generation_id: str, headers: Mapping[str, str] | None = None
+) -> Generation:
     doc = _json_object(text, "fetch")
     status = doc.get("status")
     status = status.strip().lower() if isinstance(status, str) else "unknown"
@@ -210,6 +218,7 @@ def parse_generation(text: str, generation_id: str) -> Generation:
         duration_s=float(duration) if isinstance(duration, int | float) else None,
         error_name=str(name) if name else None,
         error_message=str(message) if message else None,
+        usd_spent=usd_spent(headers) if headers is not None else None,
     )
 
 
@@ -270,10 +279,10 @@ class HttpApiClient:
         return parse_created(text, headers)
 
     async def fetch(self, generation_id: str) -> Generation:
-        _, text, _ = await self._call(
+        _, text, headers = await self._call(
             "GET", GENERATIONS_PATH, params={"generation_id": generation_id}
         )
-        return parse_generation(text, generation_id)
+        return parse_generation(text, generation_id, headers)
 
     async def logs(
         self, *, start: datetime, end: datetime, models: Sequence[str], offset: int, limit: int

@@ -27,6 +27,16 @@ def request_key(request: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(dict(request)).encode("utf-8")).hexdigest()
 
 
+def abbreviate(value: Any) -> Any:
+    """A data: URI shortened to its type and size; lists walked; anything else as it is."""
+    if isinstance(value, list):
+        return [abbreviate(v) for v in value]
+    if isinstance(value, str) and value[:5].lower() == "data:" and len(value) > 80:
+        head = value.split(",", 1)[0]
+        return f"{head},… ({len(value) * 3 // 4 // 1000} KB)"
+    return value
+
+
 @dataclass(frozen=True)
 class Job:
     """One generation to make: the exact API body plus where it came from."""
@@ -35,6 +45,10 @@ class Job:
     request: Mapping[str, Any]  # the full POST body, "model" included; JSON-serialisable
     index: int = 0  # 0-based position in the manifest's job list
     line: int | None = None  # 1-based line of the job in the manifest, when known
+    # The request with each local image replaced by its content hash: what the key is made
+    # of, so a 5 MB inlined image is never hashed once per job. None: the request itself.
+    identity: Mapping[str, Any] | None = None
+    source: str | None = None  # the file the job was written in, when not the manifest
 
     @property
     def model(self) -> str:
@@ -43,7 +57,11 @@ class Job:
     @functools.cached_property
     def key(self) -> str:
         """Computed once: the plan, the intent record and the file check all ask for it."""
-        return request_key(self.request)
+        return request_key(self.identity if self.identity is not None else self.request)
+
+    def shown_request(self) -> dict[str, Any]:
+        """The request as a person reads it: inline images abbreviated, not megabytes of base64."""
+        return {k: abbreviate(v) for k, v in self.request.items()}
 
     @property
     def duration_s(self) -> int:
@@ -65,6 +83,8 @@ class ManifestSettings:
     download_concurrency: int | None = None
     resubmit_uncertain: bool | None = None
     retry_failed: bool | None = None
+    max_cost_usd: float | None = None
+    prices: Mapping[str, float] = field(default_factory=dict)  # model -> USD per video second
 
 
 @dataclass(frozen=True)

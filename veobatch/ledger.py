@@ -78,6 +78,8 @@ class JobState:
     completed_at: float | None = None  # wall clock: with submitted_at, how long it took
     error: ErrorInfo | None = None
     updated_at: float | None = None
+    usd_estimate: float | None = None  # at submission, from the price table
+    usd_spent: float | None = None  # as the API reported it (x-aimlapi-usd-spent), if it did
 
     @property
     def finished(self) -> bool:
@@ -105,6 +107,8 @@ def _on_intent(s: JobState, r: Mapping[str, Any]) -> None:
     s.client_request_id = r.get("crid")
     s.key = r.get("key", s.key)
     s.model = r.get("model", s.model)
+    s.usd_estimate = r.get("est", s.usd_estimate)
+    s.usd_spent = None
     s.generation_id = s.video_url = s.file = s.sha256 = None
     s.bytes = None
     s.error = None
@@ -118,6 +122,7 @@ def _on_submitted(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "submitted"
     s.generation_id = r["gen"]
     s.submitted_at = r.get("t")
+    s.usd_spent = r.get("usd", s.usd_spent)
     s.error = None
 
 
@@ -125,6 +130,7 @@ def _on_completed(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "completed"
     s.video_url = r.get("url")
     s.completed_at = r.get("t")
+    s.usd_spent = r.get("usd", s.usd_spent)
     s.error = None
 
 
@@ -225,6 +231,8 @@ def job_result(state: JobState, job: Job | None) -> dict[str, Any]:
         "error": state.error.to_json() if state.error else None,
         "attempts": state.attempts,
         "key": state.key,
+        "usd_estimate": state.usd_estimate,
+        "usd_spent": state.usd_spent,
     }
 
 

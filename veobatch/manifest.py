@@ -9,15 +9,19 @@ an hour of generating is exactly what this module exists to prevent.
 from __future__ import annotations
 
 import copy
+import hashlib
+import itertools
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .catalogue import ALL_FIELDS, MODELS, ModelSpec
 from .errors import ManifestError, Problem
-from .jobs import Job, Manifest, ManifestSettings
+from .images import ImageStore, is_local_reference
+from .jobs import Job, Manifest, ManifestSettings, canonical_json
 from .manifest_checks import (
     Defaults,
     Report,
@@ -28,22 +32,35 @@ from .manifest_checks import (
     model_problem,
     not_accepted,
     show,
+    suggest,
     unquote_hint,
+    variants_value,
 )
+from .tables import TABLE_SUFFIXES, read_table
 from .yamlpos import Document, YamlSyntaxError, compose
 from .yamlpos import Path as KeyPath
 
 __all__ = ["load_manifest", "parse_manifest"]
 
 VERSION = 1
-TOP_KEYS = ("version", "settings", "defaults", "jobs")
+TOP_KEYS = ("version", "settings", "defaults", "jobs", "jobs_from")
+MAX_MATRIX = 1000
+EXPANDERS = ("id", "variants", "matrix")  # job keys that shape jobs rather than requests
 SETTING_LIMITS: dict[str, tuple[int, int]] = {
     "concurrency": (1, 10_000),
     "download_concurrency": (1, 64),
 }
 BOOL_SETTINGS = ("resubmit_uncertain", "retry_failed")
-SETTING_KEYS = ("concurrency", "job_timeout_s", "download_concurrency", *BOOL_SETTINGS)
-JOB_KEYS = ("id", "model", *sorted(ALL_FIELDS))
+SETTING_KEYS = (
+    "concurrency",
+    "job_timeout_s",
+    "download_concurrency",
+    *BOOL_SETTINGS,
+    "max_cost_usd",
+    "prices",
+)
+JOB_KEYS = ("id", "model", "variants", "matrix", *sorted(ALL_FIELDS))
+MATRIX_KEYS = ("model", *sorted(ALL_FIELDS))
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:
@@ -72,7 +89,8 @@ def parse_manifest(text: str, *, file: str = "<manifest>", path: Path | None = N
     except YamlSyntaxError as exc:
         line, column = (exc.pos.line, exc.pos.column) if exc.pos else (None, None)
         raise ManifestError([Problem(file, exc.message, line, column)]) from exc
-    return _Validator(file, doc).run(path if path is not None else Path(file))
+    where = path if path is not None else Path(file)
+    return _Validator(file, doc, where.parent).run(where)
 
 
 # --- the manifest --------------------------------------------------------------------------
@@ -80,13 +98,16 @@ def parse_manifest(text: str, *, file: str = "<manifest>", path: Path | None = N
 
 @dataclass(frozen=True)
 class _Built:
-    """One job as far as validation got; ``request`` is None when it has problems."""
+    """One valid job, expanded from a written one (several for a matrix or variants)."""
 
-    index: int
+    index: int  # of the written job in its list (the manifest's jobs or a table's rows)
     line: int
-    id: str | None  # the written id, when valid
+    id: str  # the final id: written, suffixed, or derived from the request
+    written_id: str | None
     id_line: int
-    request: dict[str, Any] | None
+    request: dict[str, Any]
+    identity: dict[str, Any]
+    report: Report
 
 
 def _job_labels(data: Any) -> dict[int, str]:
@@ -94,20 +115,74 @@ def _job_labels(data: Any) -> dict[int, str]:
     jobs = data.get("jobs") if isinstance(data, dict) else None
     if not isinstance(jobs, list):
         return {}
-    return {
-        i: f"'{job['id']}'"
-        for i, job in enumerate(jobs)
-        if isinstance(job, dict) and "id" in job and id_problem(job["id"], None) is None
-    }
+    return _row_labels(jobs, by_number=False)
+
+
+def _row_labels(rows: list[Any], *, by_number: bool = True) -> dict[int, str]:
+    labels = {i: f"row {i + 1}" for i in range(len(rows))} if by_number else {}
+    for i, job in enumerate(rows):
+        if isinstance(job, dict) and "id" in job and id_problem(job["id"], None) is None:
+            labels[i] = f"'{job['id']}'"
+    return labels
+
+
+def slug(value: Any) -> str:
+    """A matrix value as an id suffix: readable, file-safe, and stable across runs."""
+    text = show(value) if isinstance(value, bool) else str(value)
+    text = text.replace(":", "x").replace("/", "-").replace(" ", "_")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "", text).strip("._-")[:24]
+    if safe == text:
+        return safe
+    digest = hashlib.sha256(canonical_json(value).encode()).hexdigest()[:6]
+    return f"{safe}-{digest}" if safe else digest
+
+
+def variant_seed(base_id: str, n: int) -> int:
+    """Stable per (job, take): a rerun asks for the same takes, a new take for a new number."""
+    digest = hashlib.sha256(f"{base_id}#{n}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def expand_variants(
+    base_id: str, body: dict[str, Any], identity: dict[str, Any], model: ModelSpec, count: int
+) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """N takes of one request: ids ``<id>-1`` … ``<id>-N``, each its own seed where possible.
+
+    A written seed is the first take's; the others count up from it. Models without a seed
+    field get N identical requests, which the API still renders as different takes.
+    """
+    if count == 1:
+        return [(base_id, body, identity)]
+    out = []
+    for n in range(1, count + 1):
+        one_body, one_identity = dict(body), dict(identity)
+        if "seed" in model.fields:
+            written = body.get("seed")
+            if isinstance(written, int):
+                seed = (written + n - 1) & 0x7FFFFFFF
+            else:
+                seed = variant_seed(base_id, n)
+            one_body["seed"] = one_identity["seed"] = seed
+        out.append((f"{base_id}-{n}", one_body, one_identity))
+    return out
+
+
+def _matches(combo: dict[str, tuple[Any, KeyPath]], exclude: dict[Any, Any]) -> bool:
+    return all(name in combo and combo[name][0] == value for name, value in exclude.items())
 
 
 class _Validator:
-    """Walks one composed document, reporting every problem before giving up."""
+    """Walks one composed document (and the tables it names), reporting every problem."""
 
-    def __init__(self, file: str, doc: Document) -> None:
+    def __init__(self, file: str, doc: Document, base_dir: Path) -> None:
         self.doc = doc
+        self.file = file
+        self.base_dir = base_dir
         self.source = doc.source
-        self.report = Report(file, doc.source, _job_labels(doc.data))
+        self.images = ImageStore(base_dir)
+        self.report = Report(file, doc.source, _job_labels(doc.data), images=self.images)
+        self.files = [file]
+        self.tables: list[Report] = []
         for issue in doc.issues:
             self.report.error(issue.path, issue.message, pos=issue.pos)
 
@@ -121,16 +196,31 @@ class _Validator:
             built = self._jobs(top, defaults)
             defaults.warn_unused()
             self._check_ids(built)
-        if self.report.errors:
-            raise ManifestError(_sorted(self.report.errors))
+        reports = [self.report, *self.tables]
+        errors = [p for r in reports for p in r.errors]
+        if errors:
+            raise ManifestError(self._sorted(errors))
         jobs = tuple(self._job(b) for b in built)
-        return Manifest(path, jobs, settings, tuple(_sorted(self.report.warnings)))
+        warnings = [p for r in reports for p in r.warnings]
+        return Manifest(path, jobs, settings, tuple(self._sorted(warnings)))
+
+    def _sorted(self, problems: list[Problem]) -> list[Problem]:
+        rank = {f: i for i, f in enumerate(self.files)}
+        return sorted(problems, key=lambda p: (rank.get(p.file, 0), p.line or 0, p.column or 0))
 
     def _job(self, built: _Built) -> Job:
-        assert built.request is not None
-        job_id = built.id or derived_id(built.request)
-        # YAML anchors and defaults share lists between jobs; each job gets its own copy.
-        return Job(job_id, copy.deepcopy(built.request), built.index, built.line)
+        # YAML anchors and defaults share lists between jobs; each job gets its own copy
+        # (copying a string shares it, so a large inlined image is held once).
+        identity = built.identity if built.identity != built.request else None
+        source = None if built.report is self.report else built.report.file
+        return Job(
+            built.id,
+            copy.deepcopy(built.request),
+            built.index,
+            built.line,
+            identity=copy.deepcopy(identity),
+            source=source,
+        )
 
     def _top(self) -> dict[Any, Any] | None:
         data = self.doc.data
@@ -186,7 +276,45 @@ class _Validator:
             download_concurrency=self._int_setting(raw, "download_concurrency"),
             resubmit_uncertain=self._bool_setting(raw, "resubmit_uncertain"),
             retry_failed=self._bool_setting(raw, "retry_failed"),
+            max_cost_usd=self._cost_setting(raw),
+            prices=self._prices(raw.get("prices")),
         )
+
+    def _cost_setting(self, raw: dict[Any, Any]) -> float | None:
+        if "max_cost_usd" not in raw:
+            return None
+        value = raw["max_cost_usd"]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and math.isfinite(value) and value >= 0:
+            return float(value)
+        got = show(value) if number else describe(value)
+        message = f"expected an amount in US dollars, 0 or more (e.g. 250), got {got}"
+        self.report.error(("settings", "max_cost_usd"), message)
+        return None
+
+    def _prices(self, raw: Any) -> dict[str, float]:
+        """Price overrides: model -> USD per second of video (the API publishes none)."""
+        if raw is None:
+            return {}
+        at: KeyPath = ("settings", "prices")
+        if not isinstance(raw, dict):
+            message = f"expected a mapping of model name to USD per second, got {describe(raw)}"
+            self.report.error(at, message)
+            return {}
+        prices: dict[str, float] = {}
+        for model, value in raw.items():
+            problem = model_problem(model)
+            if problem is not None:
+                self.report.error((*at, model), problem, at="key")
+                continue
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value >= 0):
+                got = show(value) if number else describe(value)
+                message = f"expected a price in USD per second of video (e.g. 0.40), got {got}"
+                self.report.error((*at, model), message)
+                continue
+            prices[model] = float(value)
+        return prices
 
     def _bool_setting(self, raw: dict[Any, Any], name: str) -> bool | None:
         if name not in raw:
@@ -222,130 +350,323 @@ class _Validator:
         return None
 
     def _jobs(self, top: dict[Any, Any], defaults: Defaults) -> list[_Built]:
-        if "jobs" not in top:
-            self.report.error(("jobs",), "missing 'jobs': the list of videos to make")
-            return []
-        raw = top["jobs"]
-        if not isinstance(raw, list) or not raw:
+        built: list[_Built] = []
+        raw = top.get("jobs")
+        has_tables = top.get("jobs_from") is not None
+        if "jobs" not in top and not has_tables:
+            self.report.error(
+                ("jobs",), "missing 'jobs': the list of videos to make (or 'jobs_from: a.csv')"
+            )
+        elif "jobs" in top and not (isinstance(raw, list) and (raw or has_tables)):
             got = "an empty list" if raw == [] else describe(raw)
             self.report.error(("jobs",), f"expected a non-empty list of jobs, got {got}")
-            return []
-        built = (self._one_job(i, item, defaults) for i, item in enumerate(raw))
-        return [b for b in built if b is not None]
+        elif isinstance(raw, list):
+            for i, item in enumerate(raw):
+                built.extend(self._one_job(self.report, i, item, defaults))
+        if has_tables:
+            for report, rows in self._tables(top["jobs_from"]):
+                for i, item in enumerate(rows):
+                    built.extend(self._one_job(report, i, item, defaults))
+        return built
 
-    def _one_job(self, index: int, item: Any, defaults: Defaults) -> _Built | None:
+    def _tables(self, raw: Any) -> list[tuple[Report, list[dict[str, Any]]]]:
+        """Each `jobs_from` file read into rows, with a report that points into that file."""
+        names = raw if isinstance(raw, list) else [raw]
+        out: list[tuple[Report, list[dict[str, Any]]]] = []
+        for i, name in enumerate(names):
+            at: KeyPath = ("jobs_from", i) if isinstance(raw, list) else ("jobs_from",)
+            if not isinstance(name, str) or not name.strip():
+                expected = "a .csv or .jsonl file name (or a list of them)"
+                self.report.error(at, f"expected {expected}, got {describe(name)}")
+                continue
+            if not name.lower().endswith(TABLE_SUFFIXES):
+                message = f"{name!r} is neither a .csv nor a .jsonl file; jobs_from reads those"
+                self.report.error(at, message)
+                continue
+            path = self.base_dir / name
+            shown = str(Path(self.file).parent / name)
+            try:
+                text = path.read_text(encoding="utf-8-sig")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                where = f" (looked for {path}; paths are relative to the manifest's folder)"
+                self.report.error(at, f"cannot read {name!r}: {reason}{where}")
+                continue
+            table = read_table(text, shown)
+            self.files.append(shown)
+            report = Report(shown, table.source, _row_labels(table.rows), images=self.images)
+            report.errors.extend(table.problems)
+            self.tables.append(report)
+            if not table.rows and not table.problems:
+                self.report.error(at, f"{name!r} has no rows: each row of it is one job")
+            out.append((report, table.rows))
+        return out
+
+    def _one_job(self, report: Report, index: int, item: Any, defaults: Defaults) -> list[_Built]:
+        """One written job: a mapping, expanded by its matrix and variants into jobs."""
         path: KeyPath = ("jobs", index)
-        line = self.source.item(path).line
+        line = report.source.item(path).line
         if not isinstance(item, dict):
             message = f"expected a job (a mapping of request fields), got {describe(item)}"
-            self.report.error(path, message, at="item")
-            return None
-        job_id, id_ok = self._job_id(item, path)
-        fields_ok = self._unknown_fields(item, path)
-        model = self._job_model(item, path, defaults)
-        request = self._request(item, path, model, defaults) if model is not None else None
-        if not (id_ok and fields_ok and request is not None):
-            request = None
-        id_line = self.source.value((*path, "id")).line if job_id else line
-        return _Built(index, line, job_id, id_line, request)
+            report.error(path, message, at="item")
+            return []
+        job_id, id_ok = self._job_id(report, item, path)
+        fields_ok = self._unknown_fields(report, item, path)
+        variants = self._variants(report, item, path, defaults)
+        combos = self._matrix(report, item, path)
+        id_line = report.source.value((*path, "id")).line if job_id else line
+        ok = id_ok and fields_ok and variants is not None and combos is not None
+        built: list[_Built] = []
+        for combo in combos or [{}]:
+            where = {name: (*path, name) for name in item}
+            fields = {k: v for k, v in item.items() if k not in EXPANDERS}
+            for name, (value, at) in combo.items():
+                fields[name], where[name] = value, at
+            model = self._job_model(report, fields, path, where, defaults)
+            if model is None:
+                continue
+            request = self._request(report, fields, path, where, model, defaults)
+            if request is None or not ok:
+                continue  # what is wrong is reported; nothing to build
+            body, identity = request
+            base = self._combo_id(job_id, combo, identity)
+            for one_id, one_body, one_identity in expand_variants(
+                base, body, identity, model, variants or 1
+            ):
+                built.append(
+                    _Built(index, line, one_id, job_id, id_line, one_body, one_identity, report)
+                )
+        return built
 
-    def _job_id(self, item: dict[Any, Any], path: KeyPath) -> tuple[str | None, bool]:
+    def _combo_id(
+        self, job_id: str | None, combo: dict[str, tuple[Any, KeyPath]], identity: dict[str, Any]
+    ) -> str:
+        if job_id is None:
+            return derived_id(identity)
+        if not combo:
+            return job_id
+        return job_id + "-" + "-".join(slug(v) for v, _ in combo.values())
+
+    def _variants(
+        self, report: Report, item: dict[Any, Any], path: KeyPath, defaults: Defaults
+    ) -> int | None:
+        if "variants" not in item:
+            return defaults.variants or 1  # an invalid default is reported once, there
+        return variants_value(report, item["variants"], (*path, "variants"))
+
+    def _matrix(
+        self, report: Report, item: dict[Any, Any], path: KeyPath
+    ) -> list[dict[str, tuple[Any, KeyPath]]] | None:
+        """Every combination of the matrix's values, each value with where it was written."""
+        if "matrix" not in item:
+            return [{}]
+        at: KeyPath = (*path, "matrix")
+        raw = item["matrix"]
+        if not isinstance(raw, dict) or not raw:
+            got = "an empty mapping" if raw == {} else describe(raw)
+            message = f"expected a mapping of field names to lists of values, got {got}"
+            report.error(at, message)
+            return None
+        axes: list[list[tuple[str, Any, KeyPath]]] = []
+        ok = True
+        for name, values in raw.items():
+            if name == "exclude":
+                continue
+            if name not in MATRIX_KEYS:
+                tail = "; a matrix varies 'model' or the API's request fields"
+                report.unknown((*at, name), "matrix field", MATRIX_KEYS, tail)
+                ok = False
+                continue
+            if name in item:
+                message = f"{name!r} is set both in the job and in its matrix; keep one"
+                report.error((*at, name), message, at="key")
+                ok = False
+                continue
+            if not isinstance(values, list) or not values:
+                got = "an empty list" if values == [] else describe(values)
+                report.error((*at, name), f"expected a non-empty list of values, got {got}")
+                ok = False
+                continue
+            axes.append([(name, v, (*at, name, k)) for k, v in enumerate(values)])
+        excluded = self._exclusions(report, raw.get("exclude"), at, {a[0][0] for a in axes})
+        if not ok or excluded is None:
+            return None
+        combos = [
+            {name: (value, where) for name, value, where in combo}
+            for combo in itertools.product(*axes)
+        ]
+        combos = [c for c in combos if not any(_matches(c, e) for e in excluded)]
+        if not combos:
+            report.error(at, "the matrix's exclude list removes every combination", at="key")
+            return None
+        if len(combos) > MAX_MATRIX:
+            message = f"the matrix makes {len(combos)} jobs; at most {MAX_MATRIX} per job entry"
+            report.error(at, message, at="key")
+            return None
+        return combos
+
+    def _exclusions(
+        self, report: Report, raw: Any, at: KeyPath, axes: set[str]
+    ) -> list[dict[Any, Any]] | None:
+        if raw is None:
+            return []
+        if not isinstance(raw, list) or not all(isinstance(e, dict) and e for e in raw):
+            message = f"expected a list of field/value mappings to leave out, got {describe(raw)}"
+            report.error((*at, "exclude"), message)
+            return None
+        ok = True
+        for i, entry in enumerate(raw):
+            for name in entry:
+                if name not in axes:
+                    message = f"{name!r} is not one of this matrix's fields" + suggest(
+                        str(name), sorted(axes)
+                    )
+                    report.error((*at, "exclude", i, name), message, at="key")
+                    ok = False
+        return list(raw) if ok else None
+
+    def _job_id(
+        self, report: Report, item: dict[Any, Any], path: KeyPath
+    ) -> tuple[str | None, bool]:
         if "id" not in item:
             return None, True
         id_path = (*path, "id")
-        problem = id_problem(item["id"], self.source.plain.get(id_path))
+        problem = id_problem(item["id"], report.source.plain.get(id_path))
         if problem is not None:
-            self.report.error(id_path, problem)
+            report.error(id_path, problem)
             return None, False
         return str(item["id"]), True
 
-    def _unknown_fields(self, item: dict[Any, Any], path: KeyPath) -> bool:
+    def _unknown_fields(self, report: Report, item: dict[Any, Any], path: KeyPath) -> bool:
         ok = True
         for key in item:
             if key not in JOB_KEYS:
-                tail = "; a job takes 'id', 'model' and the API's request fields of its model"
-                self.report.unknown((*path, key), "field", JOB_KEYS, tail)
+                tail = (
+                    "; a job takes 'id', 'model' and the API's request fields of its model "
+                    "(and 'variants' or 'matrix')"
+                )
+                report.unknown((*path, key), "field", JOB_KEYS, tail)
                 ok = False
         return ok
 
     def _job_model(
-        self, item: dict[Any, Any], path: KeyPath, defaults: Defaults
+        self,
+        report: Report,
+        item: dict[Any, Any],
+        path: KeyPath,
+        where: dict[Any, KeyPath],
+        defaults: Defaults,
     ) -> ModelSpec | None:
         if "model" not in item:
             if defaults.model is None and not defaults.model_broken:
                 message = "missing 'model': set it in the job or in defaults"
-                self.report.error((*path, "model"), message, pos=self.source.item(path))
+                report.error((*path, "model"), message, pos=report.source.item(path))
             if defaults.model is not None:
                 defaults.used.add("model")
             return defaults.model
-        model_path = (*path, "model")
         problem = model_problem(item["model"])
         if problem is not None:
-            self.report.error(model_path, problem)
+            report.error(where["model"], problem)
             return None
         return MODELS[item["model"]]
 
     def _request(
-        self, item: dict[Any, Any], path: KeyPath, model: ModelSpec, defaults: Defaults
-    ) -> dict[str, Any] | None:
-        """The exact POST body, or None when a field of it is wrong (each one reported)."""
+        self,
+        report: Report,
+        item: dict[Any, Any],
+        path: KeyPath,
+        where: dict[Any, KeyPath],
+        model: ModelSpec,
+        defaults: Defaults,
+    ) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """(the exact POST body, its identity), or None when a field is wrong (each reported)."""
         ok = True
         own: dict[str, Any] = {}
         for name, value in item.items():
             if name in ("id", "model") or name not in ALL_FIELDS:
                 continue
             if name not in model.fields:
-                self.report.error((*path, name), not_accepted(model, name), at="key")
+                report.error(where[name], not_accepted(model, name), at="key")
                 ok = False
                 continue
-            ok = self.report.field(model.fields[name], value, (*path, name)) and ok
+            ok = report.field(model.fields[name], value, where[name]) and ok
             own[name] = value
         taken, defaults_ok = defaults.take(model, item)
-        body: dict[str, Any] = {"model": model.name}
-        body.update((k, v) for k, v in {**own, **taken}.items() if k == "prompt")
-        body.update((k, v) for k, v in {**own, **taken}.items() if k != "prompt")
+        merged = {**own, **taken}
+        fields: dict[str, Any] = {"model": model.name}
+        fields.update((k, v) for k, v in merged.items() if k == "prompt")
+        fields.update((k, v) for k, v in merged.items() if k != "prompt")
         for name in model.required:
-            if name not in body:
+            if name not in fields:
                 message = f"{model.name} requires {name!r}, which is missing"
-                self.report.error((*path, name), message, pos=self.source.item(path))
+                report.error((*path, name), message, pos=report.source.item(path))
                 ok = False
-        return body if ok and defaults_ok else None
+        if not (ok and defaults_ok):
+            return None
+        return self._inline_images(model, fields)
+
+    def _inline_images(
+        self, model: ModelSpec, fields: dict[str, Any]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Local files become data: URIs in the body and content hashes in the identity."""
+        body, identity = dict(fields), dict(fields)
+        for name, value in fields.items():
+            kind = model.fields[name].type if name in model.fields else None
+            if kind == "image" and is_local_reference(value):
+                body[name], identity[name] = self._local(value)
+            elif kind == "image_list" and any(is_local_reference(v) for v in value):
+                pairs = [self._local(v) if is_local_reference(v) else (v, v) for v in value]
+                body[name] = [b for b, _ in pairs]
+                identity[name] = [i for _, i in pairs]
+        return body, identity
+
+    def _local(self, reference: str) -> tuple[str, str]:
+        image = self.images.check(reference).image
+        assert image is not None  # checked by Report.field before any job is built
+        return image.data_uri, image.identity
 
     def _check_ids(self, built: list[_Built]) -> None:
         """Ids name output files, so they must differ even on case-insensitive file systems."""
-        seen: dict[str, tuple[_Built, str]] = {}
+        seen: dict[str, _Built] = {}
         for b in built:
-            job_id = b.id or (derived_id(b.request) if b.request is not None else None)
-            if job_id is None:
+            if b.id is None:
                 continue
-            first = seen.setdefault(job_id.lower(), (b, job_id))
-            if first[0] is not b:
-                self._duplicate(first[0], first[1], b, job_id)
+            first = seen.setdefault(b.id.lower(), b)
+            if first is not b:
+                self._duplicate(first, b)
 
-    def _duplicate(self, first: _Built, first_id: str, second: _Built, second_id: str) -> None:
+    def _duplicate(self, first: _Built, second: _Built) -> None:
         path: KeyPath = ("jobs", second.index)
-        if first.id is None and second.id is None:
+        report = second.report
+        if first.report is second.report and first.index == second.index:
             message = (
-                f"this job is identical to job #{first.index + 1} (line {first.line}): same model "
-                "and request; remove one, or give them ids if you really want both"
+                f"this job's matrix or variants make the id {second.id!r} twice; give the "
+                "values distinct spellings"
             )
-            self.report.error(path, message, at="item")
+            report.error(path, message, at="item")
+            return
+        same_file = first.report is second.report
+        if first.written_id is None and second.written_id is None:
+            first_at = f"job #{first.index + 1} (line {first.line})"
+            if not same_file:
+                first_at = f"the job at {first.report.file}:{first.line}"
+            message = (
+                f"this job is identical to {first_at}: same model and request; remove one, "
+                "or give them ids if you really want both"
+            )
+            report.error(path, message, at="item")
             return
         lines = f"lines {first.id_line} and {second.id_line}"
-        if first_id == second_id:
-            message = f"duplicate id {second_id!r} ({lines})"
+        if not same_file:
+            lines = f"{first.report.file}:{first.id_line} and line {second.id_line}"
+        if first.id == second.id:
+            message = f"duplicate id {second.id!r} ({lines})"
         else:
             message = (
-                f"id {second_id!r} clashes with {first_id!r} ({lines}): ids must differ "
+                f"id {second.id!r} clashes with {first.id!r} ({lines}): ids must differ "
                 "in more than letter case, since they name files"
             )
-        if second.id is None:
-            self.report.error(
-                path, message + "; this job's id is derived from its content", at="item"
-            )
+        if second.written_id is None:
+            report.error(path, message + "; this job's id is derived from its content", at="item")
         else:
-            self.report.error((*path, "id"), message)
-
-
-def _sorted(problems: list[Problem]) -> list[Problem]:
-    return sorted(problems, key=lambda p: (p.line or 0, p.column or 0))
+            report.error((*path, "id"), message)

@@ -15,12 +15,14 @@ from urllib.parse import urlsplit
 
 from .catalogue import ALL_FIELDS, MODELS, FieldSpec, ModelSpec
 from .errors import Problem
+from .images import ImageStore, is_local_reference
 from .jobs import request_key
 from .yamlpos import Path as KeyPath
 from .yamlpos import Pos, SourceMap
 
 MODEL_PREFIX = "google/veo-3.1-"
 ID_MAX_LEN = 100
+MAX_VARIANTS = 100
 _ID_CHAR = re.compile(r"[A-Za-z0-9._-]")
 
 # No size limit is published; users report inline images failing above a few MB.
@@ -28,7 +30,7 @@ DATA_URI_WARN_BYTES = 7_000_000
 DATA_URI_MAX_BYTES = 20_000_000
 _DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
 _BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
-IMAGE_EXPECTED = "an https:// image URL or a data:image/...;base64,... URI"
+IMAGE_EXPECTED = "an https:// image URL, a data:image/...;base64,... URI or a local image file"
 
 # Names people reach for that difflib alone would match to the wrong model.
 _MODEL_SYNONYMS = (("text-to-video", "t2v"), ("image-to-video", "i2v"))
@@ -157,8 +159,7 @@ def image_problem(value: str) -> tuple[str | None, str | None]:
         return "the URL contains spaces or control characters; encode spaces as %20", None
     parts = urlsplit(value)
     if parts.scheme.lower() not in ("http", "https"):
-        local = "" if "://" in value else " (local files must be inlined as data: URIs)"
-        return f"expected {IMAGE_EXPECTED}, got {show(value)}{local}", None
+        return f"expected {IMAGE_EXPECTED}, got {show(value)}", None
     try:
         host, _ = parts.hostname, parts.port
     except ValueError:
@@ -245,6 +246,14 @@ def id_problem(value: Any, plain: str | None) -> str | None:
     return None
 
 
+def variants_value(report: Report, value: Any, at: KeyPath) -> int | None:
+    if is_int(value) and 1 <= value <= MAX_VARIANTS:
+        return int(value)
+    got = show(value) if is_int(value) else describe(value) + unquote_hint("integer", value)
+    report.error(at, f"expected a number of takes from 1 to {MAX_VARIANTS}, got {got}")
+    return None
+
+
 def derived_id(request: dict[str, Any]) -> str:
     """Stable across runs and machines: the same request always gets the same id."""
     short = str(request["model"]).removeprefix(MODEL_PREFIX)
@@ -259,10 +268,19 @@ At = Literal["value", "key", "item"]
 class Report:
     """Collects errors and warnings, turning value paths into file positions and job labels."""
 
-    def __init__(self, file: str, source: SourceMap, labels: dict[int, str]) -> None:
+    def __init__(
+        self,
+        file: str,
+        source: SourceMap,
+        labels: dict[int, str],
+        *,
+        images: ImageStore | None = None,
+    ) -> None:
         self.file = file
         self.source = source
         self.labels = labels
+        self.images = images
+        self._warned_images: set[str] = set()
         self.errors: list[Problem] = []
         self.warnings: list[Problem] = []
 
@@ -317,12 +335,24 @@ class Report:
         if not isinstance(value, str):
             self.error(path, f"expected {IMAGE_EXPECTED}, got {describe(value)}{context}")
             return False
+        if self.images is not None and value.strip() and is_local_reference(value):
+            return self._local_image(value, path)
         error, warning = image_problem(value)
         if error is not None:
             self.error(path, error + context)
         if warning is not None:
             self.warn(path, warning)
         return error is None
+
+    def _local_image(self, value: str, path: KeyPath) -> bool:
+        assert self.images is not None
+        check = self.images.check(value)
+        if check.error is not None:
+            self.error(path, check.error)
+        if check.warning is not None and value not in self._warned_images:
+            self._warned_images.add(value)  # once per file, not once per job using it
+            self.warn(path, check.warning)
+        return check.error is None
 
     def _image_list(self, value: Any, path: KeyPath, context: str) -> bool:
         if not isinstance(value, list) or not value:
@@ -345,6 +375,7 @@ class Defaults:
         self.values: dict[str, Any] = {}
         self.model: ModelSpec | None = None
         self.model_broken = False  # a model default exists but is invalid (already reported)
+        self.variants: int | None = None
         self.used: set[str] = set()
         self.accepted_by_a_job: set[str] = set()
         self._verdicts: dict[tuple[str, FieldSpec], bool] = {}
@@ -364,9 +395,14 @@ class Defaults:
             self.report.error(
                 path, "'id' cannot be a default: every job's id must be unique", at="key"
             )
+        elif name == "variants":
+            self.variants = variants_value(self.report, value, path)
+        elif name == "matrix":
+            self.report.error(path, "'matrix' cannot be a default: set it on a job", at="key")
         elif name not in ALL_FIELDS and name != "model":
-            tail = "; defaults take 'model' and the API's request fields"
-            self.report.unknown(path, "default", ("model", *sorted(ALL_FIELDS)), tail)
+            tail = "; defaults take 'model', 'variants' and the API's request fields"
+            choices = ("model", "variants", *sorted(ALL_FIELDS))
+            self.report.unknown(path, "default", choices, tail)
         elif name == "model":
             problem = model_problem(value)
             if problem is not None:

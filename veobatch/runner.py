@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import anyio
@@ -25,6 +26,7 @@ import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .client import ApiClient, Created, Generation, HttpApiClient
+from .costs import Budget
 from .downloader import PART_SUFFIX, download
 from .errors import ApiError, AuthError, ConfigError, DownloadError, UrlRejectedError
 from .fsutil import DirLock, ensure_dir, fsync_dir
@@ -67,6 +69,11 @@ class RunReport:
     recovered_tail: Path | None = None
     adopted: int = 0  # generations found in the usage logs instead of paid for again
     risked_duplicates: int = 0  # uncertain jobs resubmitted on request
+    cost_limit_usd: float | None = None
+    over_budget: list[str] = field(default_factory=list)  # left pending by the cost limit
+    estimated_usd: float = 0.0  # this run's submissions at list (or configured) prices
+    reported_usd: float = 0.0  # what the API reported for those of them it reported on
+    reported_jobs: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -74,7 +81,7 @@ class RunReport:
             return EXIT_INTERRUPTED
         if self.auth_error:
             return EXIT_CONFIG
-        if self.failed or self.uncertain or self.pending:
+        if self.failed or self.uncertain or self.pending or self.over_budget:
             return EXIT_FAILED
         return EXIT_OK
 
@@ -121,6 +128,7 @@ class _Run:
         self.settled = anyio.Event()
         self.stop_submitting = False
         self.refreshes: dict[str, int] = {}
+        self.budget = Budget(self.settings.max_cost_usd, self.settings.prices)
         self.poller = Poller(self.api, self, self.settings.poll, clock=self.clock, rng=self.rng)
         self.to_download: MemoryObjectSendStream[tuple[str, str]]
         self.downloads: MemoryObjectReceiveStream[tuple[str, str]]
@@ -137,6 +145,7 @@ class _Run:
             on_submitted=self._on_submitted,
             rng=self.rng,
             on_rate_limited=self._on_rate_limited,
+            prices=self.settings.prices,
         )
         self.reconciler = Reconciler(
             self.api,
@@ -240,6 +249,10 @@ class _Run:
     async def _submit_all(self, jobs: list[Job]) -> None:
         async with anyio.create_task_group() as tg:
             for i, job in enumerate(jobs):
+                if not self.stop_submitting and not self.budget.reserve(job):
+                    self._over_budget(job)
+                    self._close(job.id)
+                    continue
                 if not self.stop_submitting:
                     await self.slots.acquire_on_behalf_of(job.id)
                     self.holding.add(job.id)
@@ -250,9 +263,21 @@ class _Run:
                     return
                 tg.start_soon(self._submit_one, job)
 
+    def _over_budget(self, job: Job) -> None:
+        limit = self.budget.limit_usd
+        log.warning(
+            "not submitted job=%s: over the cost limit of $%.2f (estimated $%.2f committed)",
+            job.id,
+            limit or 0.0,
+            self.budget.spent_usd,
+        )
+
     async def _submit_one(self, job: Job) -> None:
         outcome = SubmitOutcome.STOPPED
         try:
+            if not self.budget.reserve(job):  # a resubmission after a lookup, say
+                self._over_budget(job)
+                return
             self._prepare_new_generation(job)
             outcome = await self.submitter.submit(job)
         except AuthError as exc:
@@ -262,6 +287,8 @@ class _Run:
             if outcome is SubmitOutcome.UNCERTAIN:
                 self._lookup(job, _cause(self.ledger.state(job.id)))  # keeps its slot
             elif outcome is not SubmitOutcome.SUBMITTED:
+                if self.ledger.state(job.id).status in ("pending", "failed"):
+                    self.budget.release(job.id)  # certainly created nothing: not billed
                 self._release(job.id)
                 self._close(job.id)
 
@@ -361,10 +388,14 @@ class _Run:
     async def generation_finished(self, tracked: Tracked, generation: Generation) -> None:
         if generation.completed and generation.video_url:
             self._release(tracked.job_id)
-            await self.ledger.record("completed", tracked.job_id, url=generation.video_url)
+            usd: dict[str, Any] = {}
+            if generation.usd_spent is not None:
+                usd["usd"] = generation.usd_spent
+            await self.ledger.record("completed", tracked.job_id, url=generation.video_url, **usd)
             log.info("completed job=%s polls=%d", tracked.job_id, tracked.polls)
             self.to_download.send_nowait((tracked.job_id, generation.video_url))
             return
+        self.budget.release(tracked.job_id)  # generations that end in error are not billed
         name = generation.error_name or "error"
         message = generation.error_message or "the generation ended in error"
         await self._fail(tracked.job_id, "generation_error", f"{name}: {message}")
@@ -487,13 +518,22 @@ class _Run:
         failed: list[tuple[str, ErrorInfo]] = []
         uncertain: list[str] = []
         pending: list[str] = []
+        refused = set(self.budget.refused)
+        over_budget: list[str] = []
         for st in states:
             if st.status == "failed" and st.error:
                 failed.append((st.id, st.error))
             elif st.status in ("uncertain", "submitting"):
                 uncertain.append(st.id)
+            elif st.status == "pending" and st.id in refused:
+                over_budget.append(st.id)
             elif st.status != "done":
                 pending.append(st.id)
+        charged = [
+            st.usd_spent
+            for job_id in self.budget.reserved
+            if (st := self.ledger.state(job_id)).usd_spent is not None
+        ]
         return RunReport(
             out_dir=self.settings.out_dir,
             counts=counts,
@@ -508,6 +548,11 @@ class _Run:
             polls=self.poller.polls_sent,
             elapsed_s=elapsed_s,
             recovered_tail=self.ledger.recovered_tail,
+            cost_limit_usd=self.budget.limit_usd,
+            over_budget=over_budget,
+            estimated_usd=self.budget.spent_usd,
+            reported_usd=sum(charged),
+            reported_jobs=len(charged),
         )
 
 

@@ -13,12 +13,14 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import anyio
 
 from .client import ApiClient, Created
+from .costs import estimate_usd
 from .downloader import file_matches
 from .errors import (
     ApiError,
@@ -178,6 +180,7 @@ class Submitter:
     on_submitted: Callable[[Job, Created], Awaitable[None]]
     rng: random.Random | None = None
     on_rate_limited: Callable[[], None] = lambda: None
+    prices: Mapping[str, float] = field(default_factory=dict)
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Submit until the outcome is known; waits between tries can be cancelled."""
@@ -201,7 +204,8 @@ class Submitter:
     async def _attempt(self, job: Job) -> tuple[SubmitOutcome, ApiError | None]:
         """One POST. Returns the outcome, or the error when trying again is safe."""
         crid = client_request_id(job.id, self.ledger.state(job.id).attempts + 1)
-        await self.ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model)
+        est = round(estimate_usd(job, self.prices), 4)
+        await self.ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model, est=est)
         try:
             created = await self.api.create(job.request, client_request_id=crid)
         except (NotSentError, RateLimitedError) as exc:
@@ -220,7 +224,9 @@ class Submitter:
             await self.ledger.record("uncertain", job.id, kind=kind, message=exc.message)
             log.warning("submission outcome unknown job=%s: %s", job.id, exc.message)
             return SubmitOutcome.UNCERTAIN, None
-        await self.ledger.record("submitted", job.id, gen=created.generation_id)
+        # Async video is charged on completion, so a create answer often reports 0 spent.
+        usd: dict[str, Any] = {"usd": created.usd_spent} if created.usd_spent else {}
+        await self.ledger.record("submitted", job.id, gen=created.generation_id, **usd)
         await self.on_submitted(job, created)
         return SubmitOutcome.SUBMITTED, None
 

@@ -83,6 +83,8 @@ class RunSettings:
     logs_calls_per_minute: int = 180  # the endpoint allows 200; leave room for others
     resubmit_uncertain: bool = False  # may pay twice: only when asked
     retry_failed: bool = False
+    max_cost_usd: float | None = None  # estimated spend of this run's submissions
+    prices: Mapping[str, float] = field(default_factory=dict)  # model -> USD per video second
 
     def __post_init__(self) -> None:
         if self.concurrency < 1:
@@ -91,6 +93,8 @@ class RunSettings:
             raise ConfigError("download concurrency must be at least 1")
         if self.job_timeout_s <= 0:
             raise ConfigError("job timeout must be positive")
+        if self.max_cost_usd is not None and self.max_cost_usd < 0:
+            raise ConfigError("the cost limit must be 0 or more")
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"API base URL must be http(s): {self.base_url!r}")
 
@@ -130,6 +134,8 @@ def resolve_settings(
             download_concurrency=manifest.download_concurrency,
             resubmit_uncertain=manifest.resubmit_uncertain,
             retry_failed=manifest.retry_failed,
+            max_cost_usd=manifest.max_cost_usd,
+            prices=dict(manifest.prices) or None,
         )
     if cli:
         settings = settings.with_overrides(**cli)

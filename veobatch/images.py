@@ -1,0 +1,190 @@
+"""Local image files named in a manifest: checked by their bytes and inlined as data: URIs.
+
+The API takes an https URL or a ``data:<mime>;base64,`` URI. Bulk manifests reuse a few
+reference images across hundreds of jobs, so each file is read, checked and encoded once per
+run (:class:`ImageStore`), and every job shares the one encoded string. A job's identity uses
+the file's content hash, never the megabytes of base64, so keys stay cheap to compute.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+# The base64 form is 4/3 of the file. No limit is published; users report inline images
+# failing above a few MB, so warn above ~7 MB of URI and refuse above 20 MB (see manifest_checks).
+MAX_FILE_BYTES = 15_000_000
+WARN_FILE_BYTES = 5_000_000
+MIN_SHORT_SIDE = 720  # "Should be 720p or higher resolution" (the API's schema)
+MAX_PIXELS = 100_000_000
+
+# What the API is documented to take; anything else gets a clear error before anything is sent.
+MIME_BY_FORMAT = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+_SIGNATURES = (
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive (or an office document)"),
+    (b"\x1aE\xdf\xa3", "a Matroska/WebM video"),
+    (b"GIF8", "a GIF image"),
+    (b"BM", "a BMP image"),
+)
+
+
+def is_local_reference(value: str) -> bool:
+    """A value that is neither a URL nor a data: URI names a file."""
+    return "://" not in value and value[:5].lower() != "data:"
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """One checked file, encoded once."""
+
+    path: Path
+    data_uri: str
+    sha256: str
+    mime: str
+    width: int
+    height: int
+    size: int
+
+    @property
+    def identity(self) -> str:
+        """What stands for the image in a job's key: its content, not where it lives."""
+        return f"sha256:{self.sha256}"
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    image: LocalImage | None
+    error: str | None = None
+    warning: str | None = None
+
+
+def _what_is_it(head: bytes) -> str:
+    for magic, name in _SIGNATURES:
+        if head.startswith(magic):
+            return name
+    if head[4:8] == b"ftyp":
+        return "an MP4/MOV video"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not a recognised image"
+    return "text, not an image"
+
+
+def inspect_image(data: bytes, shown: str) -> ImageCheck:
+    """Pure: judge a file's bytes; ``shown`` is how messages name it."""
+    size = len(data)
+    problem = size_problem(size, shown)
+    if problem is not None:
+        return ImageCheck(None, problem)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                fmt, (width, height) = img.format or "", img.size
+                img.verify()  # structure and checksums, without decoding every pixel
+    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
+        return ImageCheck(
+            None, f"{shown} is not an image: its bytes look like {_what_is_it(data[:16])}"
+        )
+    except (OSError, SyntaxError, ValueError) as exc:
+        return ImageCheck(None, f"{shown} is a damaged or truncated image ({exc})")
+    mime = MIME_BY_FORMAT.get(fmt)
+    if mime is None:
+        taken = ", ".join(MIME_BY_FORMAT)
+        return ImageCheck(None, f"{shown} is a {fmt or 'unknown'} image; the API takes {taken}")
+    if width * height > MAX_PIXELS:
+        return ImageCheck(None, f"{shown} is {width}x{height}, too many pixels for an input image")
+    warning = None
+    if min(width, height) < MIN_SHORT_SIDE:
+        warning = (
+            f"{shown} is {width}x{height}, smaller than 720p: the API asks for 720p or larger "
+            "input images, and small ones give softer videos"
+        )
+    elif size > WARN_FILE_BYTES:
+        warning = (
+            f"{shown} is {size / 1e6:.1f} MB ({size * 4 / 3e6:.1f} MB inline): inline images "
+            "above a few MB are reported to fail; consider a smaller file or an https URL"
+        )
+    encoded = base64.b64encode(data).decode("ascii")
+    image = LocalImage(
+        path=Path(shown),
+        data_uri=f"data:{mime};base64,{encoded}",
+        sha256=hashlib.sha256(data).hexdigest(),
+        mime=mime,
+        width=width,
+        height=height,
+        size=size,
+    )
+    return ImageCheck(image, None, warning)
+
+
+def size_problem(size: int, shown: str) -> str | None:
+    if size == 0:
+        return f"the image file {shown} is empty"
+    if size > MAX_FILE_BYTES:
+        return (
+            f"the image file {shown} is {size / 1e6:.1f} MB, above the "
+            f"{MAX_FILE_BYTES // 1_000_000} MB limit for inline images (inline images above a "
+            "few MB are reported to fail); shrink it or host it and use an https URL"
+        )
+    return None
+
+
+class ImageStore:
+    """Reads each referenced file once per run, however many jobs name it."""
+
+    def __init__(self, base_dir: Path) -> None:
+        self.base_dir = base_dir
+        self._checked: dict[str, ImageCheck] = {}
+
+    def __len__(self) -> int:
+        return sum(1 for c in self._checked.values() if c.image is not None)
+
+    def check(self, reference: str) -> ImageCheck:
+        found = self._checked.get(reference)
+        if found is None:
+            found = self._checked[reference] = self._load(reference)
+        return found
+
+    def _load(self, reference: str) -> ImageCheck:
+        path = Path(os.path.expanduser(reference))
+        full = path if path.is_absolute() else self.base_dir / path
+        shown = repr(reference)
+        if not reference.strip():
+            return ImageCheck(None, "the image reference is empty")
+        try:
+            if not full.is_file():
+                what = "a folder, not a file" if full.is_dir() else "no such file"
+                return ImageCheck(
+                    None,
+                    f"image file {shown}: {what} (looked for {os.path.abspath(full)}; local "
+                    "paths are relative to the manifest's folder; URLs must start with https://)",
+                )
+            problem = size_problem(full.stat().st_size, shown)
+            if problem is not None:  # refused before reading a huge file into memory
+                return ImageCheck(None, problem)
+            data = full.read_bytes()
+        except OSError as exc:
+            return ImageCheck(None, f"cannot read image file {shown}: {exc.strerror or exc}")
+        check = inspect_image(data, shown)
+        if check.image is None:
+            return check
+        image = LocalImage(
+            full,
+            check.image.data_uri,
+            check.image.sha256,
+            check.image.mime,
+            check.image.width,
+            check.image.height,
+            check.image.size,
+        )
+        return ImageCheck(image, None, check.warning)

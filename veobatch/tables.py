@@ -1,0 +1,187 @@
+"""Jobs kept in a spreadsheet: rows of a CSV or JSON Lines file become job mappings.
+
+Pure: text in, rows out, with the line and column of every cell so the manifest validator
+points at the exact cell to fix. Typing is by field: CSV cells are text, so the integer,
+boolean and list fields of the catalogue are converted here; a cell that does not convert is
+left as text for the validator to reject with its usual message. An empty cell means "not
+set", so `defaults` apply. Columns whose name starts with '#' are notes and are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .catalogue import MODELS
+from .errors import Problem
+from .yamlpos import Path as KeyPath
+from .yamlpos import Pos, SourceMap
+
+TABLE_SUFFIXES = (".csv", ".jsonl")
+# A name's type is the same in every model that has it (checked by tests).
+FIELD_TYPES: dict[str, str] = {
+    name: spec.type for m in MODELS.values() for name, spec in m.fields.items()
+}
+_TRUE = ("true", "yes", "y", "1")
+_FALSE = ("false", "no", "n", "0")
+
+
+@dataclass
+class Table:
+    """Rows as job mappings, positioned as if they were ``jobs[i]`` of a document."""
+
+    file: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    source: SourceMap = field(default_factory=SourceMap)
+    problems: list[Problem] = field(default_factory=list)
+
+
+def read_table(text: str, file: str) -> Table:
+    if file.lower().endswith(".jsonl"):
+        return _read_jsonl(text, file)
+    return _read_csv(text, file)
+
+
+def convert_cell(name: str, cell: str) -> Any:
+    """A CSV cell as the field's type, or the text itself when it does not convert."""
+    kind = FIELD_TYPES.get(name)
+    text = cell.strip()
+    if name in ("variants",) or kind == "integer":
+        try:
+            return int(text)
+        except ValueError:
+            return cell
+    if kind == "boolean":
+        low = text.lower()
+        return True if low in _TRUE else False if low in _FALSE else cell
+    if kind == "image_list":
+        if text.startswith("["):
+            try:
+                items = json.loads(text)
+            except json.JSONDecodeError:
+                return cell
+            return items if isinstance(items, list) else cell
+        return [part.strip() for part in text.split("|") if part.strip()]
+    if kind == "image":
+        return text
+    return cell
+
+
+def _cell_columns(line: str) -> list[int]:
+    """1-based start column of each cell of a one-line CSV record (quotes respected)."""
+    starts, quoted, i = [1], False, 0
+    while i < len(line):
+        c = line[i]
+        if c == '"':
+            quoted = not quoted
+        elif c == "," and not quoted:
+            starts.append(i + 2)
+        i += 1
+    return starts
+
+
+def _records(text: str) -> Iterator[tuple[int, list[str], list[int] | None]]:
+    """(first line, cells, cell columns when the record is on one line) per CSV record."""
+    lines = text.splitlines()
+    reader = csv.reader(io.StringIO(text))
+    previous_end = 0
+    for cells in reader:
+        start, end = previous_end + 1, reader.line_num
+        previous_end = end
+        columns = _cell_columns(lines[start - 1]) if start == end and start <= len(lines) else None
+        yield start, cells, columns
+
+
+def _read_csv(text: str, file: str) -> Table:
+    table = Table(file)
+    records = _records(text)
+    try:
+        header_line, header, header_columns = next(records)
+    except StopIteration:
+        table.problems.append(Problem(file, "the file is empty: it needs a header row of fields"))
+        return table
+    except csv.Error as exc:
+        table.problems.append(Problem(file, f"not a readable CSV file: {exc}", 1))
+        return table
+    names = [h.strip() for h in header]
+    for i, name in enumerate(names):
+        col = header_columns[i] if header_columns and i < len(header_columns) else None
+        if not name:
+            message = f"column {i + 1} has no name in the header row"
+            table.problems.append(Problem(file, message, header_line, col))
+        elif names.index(name) != i:
+            table.problems.append(
+                Problem(file, f"column {name!r} appears twice in the header row", header_line, col)
+            )
+    if table.problems:
+        return table
+    try:
+        for line, cells, columns in records:
+            if not any(c.strip() for c in cells):
+                continue  # blank lines and rows of empty cells
+            _csv_row(table, names, header_line, header_columns, line, cells, columns)
+    except csv.Error as exc:
+        table.problems.append(Problem(file, f"not a readable CSV file: {exc}"))
+    return table
+
+
+def _csv_row(
+    table: Table,
+    names: list[str],
+    header_line: int,
+    header_columns: list[int] | None,
+    line: int,
+    cells: list[str],
+    columns: list[int] | None,
+) -> None:
+    index = len(table.rows)
+    path: KeyPath = ("jobs", index)
+    table.source.items[path] = Pos(line, 1)
+    table.source.values[path] = Pos(line, 1)
+    if len(cells) > len(names):
+        col = columns[len(names)] if columns and len(columns) > len(names) else None
+        message = f"this row has {len(cells)} cells but the header names {len(names)} columns"
+        table.problems.append(Problem(table.file, message, line, col, f"row {index + 1}"))
+    row: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        if name.startswith("#") or i >= len(cells) or not cells[i].strip():
+            continue
+        row[name] = convert_cell(name, cells[i])
+        col = columns[i] if columns and i < len(columns) else 1
+        table.source.values[(*path, name)] = Pos(line, col)
+        key_col = header_columns[i] if header_columns and i < len(header_columns) else 1
+        table.source.keys[(*path, name)] = Pos(header_line, key_col)
+    table.rows.append(row)
+
+
+def _read_jsonl(text: str, file: str) -> Table:
+    table = Table(file)
+    for number, raw in enumerate(text.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            message = f"not valid JSON: {exc.msg}"
+            table.problems.append(Problem(table.file, message, number, exc.colno))
+            continue
+        if not isinstance(row, dict):
+            message = f"expected a JSON object per line (one job), got {type(row).__name__}"
+            table.problems.append(Problem(table.file, message, number, 1))
+            continue
+        path: KeyPath = ("jobs", len(table.rows))
+        table.source.items[path] = Pos(number, 1)
+        table.source.values[path] = Pos(number, 1)
+        for name, value in row.items():
+            key_col = raw.find(json.dumps(name)) + 1 or 1
+            table.source.keys[(*path, name)] = Pos(number, key_col)
+            table.source.values[(*path, name)] = Pos(number, key_col)
+            if isinstance(value, list):
+                for i in range(len(value)):
+                    table.source.values[(*path, name, i)] = Pos(number, key_col)
+        table.rows.append(row)
+    return table
