@@ -198,6 +198,12 @@ def main() -> None:
     default=None,
     help="Submit again jobs whose earlier submission may exist: may pay twice.",
 )
+@click.option(
+    "--max-cost",
+    "max_cost_usd",
+    type=click.FloatRange(min=0),
+    help="Submit no more than USD of estimated cost this run (overrides settings.max_cost_usd).",
+)
 @click.option("-v", "--verbose", count=True, help="More log detail.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
 def run_cmd(
@@ -211,6 +217,7 @@ def run_cmd(
     logs_grace_s: float | None,
     retry_failed: bool | None,
     resubmit_uncertain: bool | None,
+    max_cost_usd: float | None,
     verbose: int,
     quiet: bool,
 ) -> None:
@@ -230,6 +237,7 @@ def run_cmd(
         "retry_failed": retry_failed or None,
         "logs_grace_s": logs_grace_s,
         "resubmit_uncertain": resubmit_uncertain or None,
+        "max_cost_usd": max_cost_usd,
     }
     settings = _guard(lambda: resolve_settings(out, m.settings, cli))
     sim = SimOptions(gen_time_s=sim_gen_time_s) if simulate else None
@@ -280,7 +288,14 @@ async def _run_async(
     help="Output directory whose ledger to compare with (default: output/<stem>).",
 )
 @click.option("--retry-failed", is_flag=True, help="Show failed jobs as to be submitted again.")
-def plan_cmd(manifest: Path, out_dir: Path | None, retry_failed: bool) -> None:
+@click.option(
+    "--max-cost",
+    type=click.FloatRange(min=0),
+    help="Show what a cost limit of USD would hold back (overrides settings.max_cost_usd).",
+)
+def plan_cmd(
+    manifest: Path, out_dir: Path | None, retry_failed: bool, max_cost: float | None
+) -> None:
     """Validate MANIFEST and show what a run would do. Sends nothing."""
     m = _guard(lambda: load_manifest(manifest))
     for w in m.warnings:
@@ -289,9 +304,19 @@ def plan_cmd(manifest: Path, out_dir: Path | None, retry_failed: bool) -> None:
     states = _guard(lambda: load_states(out))
     retry = retry_failed or bool(m.settings.retry_failed)
     plans = plan_jobs(m.jobs, states, out, retry_failed=retry)
-    _table(f"plan for {manifest} -> {out}", ("job", "model", "action", "why"), plan_rows(plans))
-    for line in plan_summary(plans):
+    columns = ("job", "model", "standing", "action", "why")
+    _table(f"plan for {manifest} -> {out}", columns, plan_rows(plans))
+    limit = max_cost if max_cost is not None else m.settings.max_cost_usd
+    for line in plan_summary(plans, m.settings.prices, limit):
         click.echo(line)
+
+
+@main.command("schema")
+def schema_cmd() -> None:
+    """Print the manifest's JSON Schema (for editors; see jobs/manifest.schema.json)."""
+    from .schema import schema_text
+
+    click.echo(schema_text(), nl=False)
 
 
 @main.command("status")

@@ -99,6 +99,24 @@ def plan_job(
     return p(Action.LOOKUP, "submission outcome unknown: checking the usage logs")
 
 
+CATEGORIES = ("new", "changed", "unchanged", "resumable", "failed")
+
+
+def category(plan: JobPlan) -> str:
+    """Where a job stands against the ledger, as `plan` groups them."""
+    st, action = plan.state, plan.action
+    changed = st.key is not None and st.key != plan.job.key
+    if st.status == "pending":
+        return "new"
+    if changed and action is Action.SUBMIT:
+        return "changed"
+    if action is Action.SKIP:
+        return "unchanged"
+    if st.status == "failed" and action in (Action.SUBMIT, Action.HOLD_FAILED):
+        return "failed"
+    return "resumable"  # in flight, completed, a file to fetch again, or a lookup
+
+
 def plan_jobs(
     jobs: Iterable[Job],
     states: Mapping[str, JobState],

@@ -9,11 +9,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .catalogue import get_model
+from .costs import estimate_by_model, estimate_usd, within_budget
 from .jobs import Job
 from .ledger import STATUSES
 from .runner import RunReport
-from .scheduler import Action, JobPlan
+from .scheduler import CATEGORIES, Action, JobPlan, category
 
 
 def run_summary(report: RunReport, total_jobs: int) -> list[str]:
@@ -48,6 +48,7 @@ def run_summary(report: RunReport, total_jobs: int) -> list[str]:
         )
     )
     lines.extend(_listing("not finished", report.pending))
+    lines.extend(spend_lines(report))
     lines.append(f"output: {report.out_dir} (results.json, ledger.jsonl)")
     return lines
 
@@ -62,27 +63,87 @@ def _listing(title: str, items: Sequence[str], limit: int = 20) -> list[str]:
     return out
 
 
-def estimated_usd(job: Job) -> float:
-    spec = get_model(job.model)
-    return spec.usd_per_second * job.duration_s if spec else 0.0
-
-
-def plan_rows(plans: Iterable[JobPlan]) -> list[tuple[str, str, str, str]]:
+def plan_rows(plans: Iterable[JobPlan]) -> list[tuple[str, str, str, str, str]]:
     return [
-        (p.job.id, p.job.model.removeprefix("google/"), p.action.value, p.reason) for p in plans
+        (p.job.id, p.job.model.removeprefix("google/"), category(p), p.action.value, p.reason)
+        for p in plans
     ]
 
 
-def plan_summary(plans: Sequence[JobPlan]) -> list[str]:
+def plan_summary(
+    plans: Sequence[JobPlan],
+    prices: Mapping[str, float] | None = None,
+    limit_usd: float | None = None,
+) -> list[str]:
+    """What a run would do: jobs by standing and by action, then the spend it would commit."""
+    prices = prices or {}
+    kinds = Counter(category(p) for p in plans)
     counts = Counter(p.action for p in plans)
     to_pay = [p.job for p in plans if p.action is Action.SUBMIT]
-    usd = sum(estimated_usd(j) for j in to_pay)
-    parts = [f"{counts[a]} {a.value}" for a in Action if counts[a]]
-    return [
-        f"{len(plans)} jobs: " + ", ".join(parts),
-        f"would submit {len(to_pay)} generation{'' if len(to_pay) == 1 else 's'}, "
-        f"about ${usd:,.2f} at list prices",
+    taken, held = within_budget(to_pay, prices, limit_usd)
+    usd = sum(estimate_usd(j, prices) for j in taken)
+    lines = [
+        f"{len(plans)} jobs: " + ", ".join(f"{kinds[k]} {k}" for k in CATEGORIES if kinds[k]),
+        "actions: " + ", ".join(f"{counts[a]} {a.value}" for a in Action if counts[a]),
+        f"would submit {len(taken)} generation{'' if len(taken) == 1 else 's'}, "
+        f"about ${usd:,.2f} at {'configured' if prices else 'list'} prices",
     ]
+    if to_pay:
+        lines.extend(cost_table(to_pay, prices))
+    if limit_usd is not None:
+        if held:
+            held_usd = sum(estimate_usd(j, prices) for j in held)
+            lines.append(
+                f"cost limit ${limit_usd:,.2f}: {len(held)} job{'' if len(held) == 1 else 's'} "
+                f"(about ${held_usd:,.2f}) held back: {', '.join(j.id for j in held[:5])}"
+                + (" ..." if len(held) > 5 else "")
+            )
+        else:
+            lines.append(f"cost limit ${limit_usd:,.2f}: everything fits")
+    return lines
+
+
+def cost_table(jobs: Iterable[Job], prices: Mapping[str, float]) -> list[str]:
+    """Per model: jobs, seconds of video, price per second (* when overridden) and dollars."""
+    rows = estimate_by_model(jobs, prices)
+    width = max(len(r.model.removeprefix("google/")) for r in rows)
+    width = max(width, len("model"))
+    lines = [
+        "estimated cost (the API publishes no prices; override them in settings.prices):",
+        f"  {'model':<{width}}  {'jobs':>6}  {'video s':>8}  {'$/s':>6}  {'est. $':>10}",
+    ]
+    for r in rows:
+        mark = "*" if r.model in prices else " "
+        lines.append(
+            f"  {r.model.removeprefix('google/'):<{width}}  {r.jobs:>6}  {r.seconds:>8}  "
+            f"{r.usd_per_second:>5.2f}{mark}  {r.usd:>10,.2f}"
+        )
+    total_jobs = sum(r.jobs for r in rows)
+    total_s = sum(r.seconds for r in rows)
+    total = sum(r.usd for r in rows)
+    lines.append(f"  {'total':<{width}}  {total_jobs:>6}  {total_s:>8}  {'':>6}  {total:>10,.2f}")
+    return lines
+
+
+def spend_lines(report: RunReport) -> list[str]:
+    """Estimated against reported spend, and what the cost limit held back."""
+    lines = []
+    if report.estimated_usd or report.reported_jobs:
+        line = f"spend: about ${report.estimated_usd:,.2f} estimated for this run's submissions"
+        if report.reported_jobs:
+            line += (
+                f"; the API reported ${report.reported_usd:,.2f} for {report.reported_jobs} of them"
+            )
+        lines.append(line)
+    if report.over_budget:
+        limit = report.cost_limit_usd or 0.0
+        lines.extend(
+            _listing(
+                f"held back by the cost limit of ${limit:,.2f} (raise --max-cost to submit them)",
+                report.over_budget,
+            )
+        )
+    return lines
 
 
 def status_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, str]]:

@@ -190,7 +190,9 @@ class Simulator:
             return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
         if self._dice.roll(f.create_drop_after):
             return _drop(request)
-        headers = {"x-inference-id": gen.id}
+        # Async video is charged when it completes: the create answer reports nothing spent.
+        headers = {"x-inference-id": gen.id, "x-aimlapi-credits-used": "0"}
+        headers["x-aimlapi-usd-spent"] = "0"
         if crid:
             headers["x-client-request-id"] = crid
         return web.json_response({"id": gen.id, "status": "queued"}, headers=headers)
@@ -323,7 +325,14 @@ class Simulator:
         self.stats.record_poll(gen, now)
         url = self._video_url(gen)
         seconds = spec_for(gen.request, self.config).duration_s
-        return web.json_response(fetch_body(gen, now, url, seconds))
+        body = fetch_body(gen, now, url, seconds)
+        headers = {}
+        if body["status"] == "completed":  # the charge, once there is one
+            headers = {
+                "x-aimlapi-usd-spent": f"{gen.usd:g}",
+                "x-aimlapi-credits-used": str(gen.credits),
+            }
+        return web.json_response(body, headers=headers)
 
     def _video_url(self, gen: Generation) -> str:
         url = f"{self.cdn_url}/files/{gen.file_token}/{gen.file_name}"
