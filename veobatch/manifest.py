@@ -468,28 +468,24 @@ class _Validator:
             report.error(at, message)
             return None
         axes: list[list[tuple[str, Any, KeyPath]]] = []
-        ok = True
         for name, values in raw.items():
             if name == "exclude":
                 continue
             if name not in MATRIX_KEYS:
                 tail = "; a matrix varies 'model' or the API's request fields"
                 report.unknown((*at, name), "matrix field", MATRIX_KEYS, tail)
-                ok = False
                 continue
             if name in item:
                 message = f"{name!r} is set both in the job and in its matrix; keep one"
                 report.error((*at, name), message, at="key")
-                ok = False
                 continue
             if not isinstance(values, list) or not values:
                 got = "an empty list" if values == [] else describe(values)
                 report.error((*at, name), f"expected a non-empty list of values, got {got}")
-                ok = False
                 continue
             axes.append([(name, v, (*at, name, k)) for k, v in enumerate(values)])
         excluded = self._exclusions(report, raw.get("exclude"), at, {a[0][0] for a in axes})
-        if not ok or excluded is None:
+        if excluded is None:
             return None
         combos = [
             {name: (value, where) for name, value, where in combo}
@@ -503,6 +499,8 @@ class _Validator:
             message = f"the matrix makes {len(combos)} jobs; at most {MAX_MATRIX} per job entry"
             report.error(at, message, at="key")
             return None
+        # With a broken axis the others are still checked (all problems at once); the
+        # error already reported keeps the manifest from being used.
         return combos
 
     def _exclusions(

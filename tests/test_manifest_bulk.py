@@ -1,0 +1,327 @@
+"""Bulk manifests: local images, variants, matrices, spreadsheets, prices and cost limits."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from veobatch.errors import ManifestError, Problem
+from veobatch.manifest import load_manifest, slug, variant_seed
+from veobatch.scheduler import category, plan_jobs
+
+T2V = "google/veo-3.1-t2v"
+I2V = "google/veo-3.1-i2v"
+R2V = "google/veo-3.1-reference-to-video"
+
+
+def png(size: tuple[int, int] = (1280, 720), colour: tuple[int, int, int] = (1, 2, 3)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write(tmp: Path, text: str, name: str = "m.yaml") -> Path:
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+def problems(path: Path) -> list[Problem]:
+    with pytest.raises(ManifestError) as err:
+        load_manifest(path)
+    return err.value.problems
+
+
+def located(p: Problem) -> tuple[str, int | None, str | None, str | None]:
+    return (Path(p.file).name, p.line, p.job, p.field)
+
+
+# --- local images --------------------------------------------------------------------------
+
+
+def test_local_images_are_inlined_once_and_keyed_by_content(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "ref.png").write_bytes(png())
+    jobs = "\n".join(f"  - {{id: j{i}, prompt: p{i}}}" for i in range(200))
+    m = load_manifest(
+        write(
+            tmp_path,
+            f"version: 1\ndefaults:\n  model: {I2V}\n  image_url: img/ref.png\njobs:\n{jobs}\n",
+        )
+    )
+    uris = [j.request["image_url"] for j in m.jobs]
+    assert uris[0].startswith("data:image/png;base64,")
+    assert base64.b64decode(uris[0].split(",", 1)[1]) == png()
+    assert len({id(u) for u in uris}) == 1  # one encoded string shared by every job
+    assert m.jobs[0].identity is not None
+    assert m.jobs[0].identity["image_url"].startswith("sha256:")
+    assert "KB)" in m.jobs[0].shown_request()["image_url"]
+
+
+def test_the_key_follows_image_content_not_its_path(tmp_path: Path) -> None:
+    text = f"version: 1\njobs:\n  - {{id: a, model: {I2V}, prompt: p, image_url: IMG}}\n"
+    (tmp_path / "one.png").write_bytes(png())
+    (tmp_path / "two.png").write_bytes(png())  # same bytes, other name
+    (tmp_path / "three.png").write_bytes(png(colour=(9, 9, 9)))
+    keys = [
+        load_manifest(write(tmp_path, text.replace("IMG", name))).jobs[0].key
+        for name in ("one.png", "two.png", "three.png")
+    ]
+    assert keys[0] == keys[1] != keys[2]
+
+
+def test_image_list_mixes_urls_and_files(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(png())
+    m = load_manifest(
+        write(
+            tmp_path,
+            f"version: 1\njobs:\n  - model: {R2V}\n    prompt: p\n"
+            "    image_urls: [https://x.example/a.png, a.png]\n",
+        )
+    )
+    urls = m.jobs[0].request["image_urls"]
+    assert urls[0] == "https://x.example/a.png" and urls[1].startswith("data:image/png")
+
+
+def test_image_problems_point_at_the_field_and_small_images_warn_once(tmp_path: Path) -> None:
+    (tmp_path / "small.png").write_bytes(png((320, 240)))
+    (tmp_path / "notes.txt").write_text("not an image")
+    text = (
+        f"version: 1\njobs:\n"
+        f"  - {{id: a, model: {I2V}, prompt: p, image_url: small.png}}\n"
+        f"  - {{id: b, model: {I2V}, prompt: p, image_url: small.png}}\n"
+    )
+    m = load_manifest(write(tmp_path, text))
+    assert len(m.warnings) == 1 and "320x240, smaller than 720p" in m.warnings[0].message
+    bad = text + f"  - {{id: c, model: {I2V}, prompt: p, image_url: notes.txt}}\n"
+    [p] = problems(write(tmp_path, bad))
+    assert located(p) == ("m.yaml", 5, "'c'", "image_url")
+    assert "is not an image: its bytes look like text" in p.message
+
+
+# --- variants ------------------------------------------------------------------------------
+
+
+def test_variants_make_numbered_takes_with_their_own_stable_seeds(tmp_path: Path) -> None:
+    text = f"version: 1\njobs:\n  - {{id: hero, model: {T2V}, prompt: p, variants: 3}}\n"
+    m = load_manifest(write(tmp_path, text))
+    assert [j.id for j in m.jobs] == ["hero-1", "hero-2", "hero-3"]
+    seeds = [j.request["seed"] for j in m.jobs]
+    assert seeds == [variant_seed("hero", n) for n in (1, 2, 3)] and len(set(seeds)) == 3
+    again = load_manifest(write(tmp_path, text))
+    assert [j.key for j in again.jobs] == [j.key for j in m.jobs]  # stable across runs
+
+
+def test_a_written_seed_is_the_first_take_and_the_others_count_up(tmp_path: Path) -> None:
+    text = f"version: 1\njobs:\n  - {{id: s, model: {T2V}, prompt: p, seed: 41, variants: 3}}\n"
+    assert [j.request["seed"] for j in load_manifest(write(tmp_path, text)).jobs] == [41, 42, 43]
+
+
+def test_variants_of_a_model_without_seeds_and_from_defaults(tmp_path: Path) -> None:
+    text = (
+        f"version: 1\ndefaults: {{variants: 2}}\njobs:\n"
+        f"  - {{id: r, model: {R2V}, prompt: p, image_urls: [https://x.example/a.png]}}\n"
+        f"  - {{id: one, model: {T2V}, prompt: p, variants: 1}}\n"
+    )
+    m = load_manifest(write(tmp_path, text))
+    assert [j.id for j in m.jobs] == ["r-1", "r-2", "one"]
+    assert "seed" not in m.jobs[0].request and m.jobs[0].request == m.jobs[1].request
+    assert "seed" not in m.jobs[2].request
+
+
+@pytest.mark.parametrize("value", ["0", "101", '"3"', "2.5"])
+def test_bad_variants_are_located(tmp_path: Path, value: str) -> None:
+    text = f"version: 1\njobs:\n  - id: a\n    model: {T2V}\n    prompt: p\n    variants: {value}\n"
+    [p] = problems(write(tmp_path, text))
+    assert located(p) == ("m.yaml", 6, "'a'", "variants")
+    assert "expected a number of takes from 1 to 100" in p.message
+
+
+# --- matrix --------------------------------------------------------------------------------
+
+
+def test_matrix_expands_every_combination_with_stable_suffixes(tmp_path: Path) -> None:
+    text = (
+        f"version: 1\njobs:\n  - id: shot\n    model: {T2V}\n    prompt: p\n"
+        '    matrix:\n      aspect_ratio: ["16:9", "9:16"]\n      duration: [4, 8]\n'
+        '      exclude:\n        - {aspect_ratio: "9:16", duration: 4}\n'
+    )
+    m = load_manifest(write(tmp_path, text))
+    assert [j.id for j in m.jobs] == ["shot-16x9-4", "shot-16x9-8", "shot-9x16-8"]
+    assert m.jobs[2].request["aspect_ratio"] == "9:16" and m.jobs[2].request["duration"] == 8
+
+
+def test_matrix_over_models_and_with_variants(tmp_path: Path) -> None:
+    text = (
+        "version: 1\njobs:\n  - id: cmp\n    prompt: p\n    variants: 2\n"
+        f"    matrix: {{model: [{T2V}, {T2V}-fast]}}\n"
+    )
+    ids = [j.id for j in load_manifest(write(tmp_path, text)).jobs]
+    assert ids == [
+        "cmp-google-veo-3.1-t2v-1",
+        "cmp-google-veo-3.1-t2v-2",
+        "cmp-google-veo-3.1-t2v-fast-1",
+        "cmp-google-veo-3.1-t2v-fast-2",
+    ]
+
+
+def test_slug_is_readable_and_unambiguous() -> None:
+    assert slug("16:9") == "16x9" and slug(8) == "8" and slug(True) == "true"
+    long = slug("a very long prompt about a cat on a windowsill at dawn")
+    assert len(long) <= 31 and long.startswith("a_very_long_prompt")
+    assert slug("café") != slug("caf")  # altered text gets a hash
+
+
+def test_matrix_values_are_checked_where_they_are_written(tmp_path: Path) -> None:
+    text = (
+        f"version: 1\njobs:\n  - id: shot\n    model: {T2V}\n    prompt: p\n"
+        "    matrix:\n      duration: [4, 5]\n      colour: [red]\n"
+    )
+    found = sorted(problems(write(tmp_path, text)), key=lambda p: p.line or 0)
+    assert [located(p) for p in found] == [
+        ("m.yaml", 7, "'shot'", "matrix.duration.1"),
+        ("m.yaml", 8, "'shot'", "matrix.colour"),
+    ]
+    assert "got 5" in found[0].message and "unknown matrix field 'colour'" in found[1].message
+
+
+def test_matrix_field_also_set_on_the_job_is_an_error(tmp_path: Path) -> None:
+    text = (
+        f"version: 1\njobs:\n  - id: s\n    model: {T2V}\n    prompt: p\n    duration: 4\n"
+        "    matrix: {duration: [4, 8]}\n"
+    )
+    [p] = problems(write(tmp_path, text))
+    assert "'duration' is set both in the job and in its matrix" in p.message
+
+
+def test_matrix_ids_that_collide_are_reported(tmp_path: Path) -> None:
+    text = f'version: 1\njobs:\n  - {{id: s, model: {T2V}, matrix: {{prompt: ["a b", "a_b"]}}}}\n'
+    [p] = problems(write(tmp_path, text))
+    assert "make the id 's-a_b' twice" in p.message
+
+
+# --- jobs_from -----------------------------------------------------------------------------
+
+
+def test_jobs_from_csv_mixes_with_inline_jobs_and_takes_defaults(tmp_path: Path) -> None:
+    (tmp_path / "ref.png").write_bytes(png())
+    (tmp_path / "prompts.csv").write_text(
+        "id,prompt,duration,image_url,# note\ncat,a cat,4,ref.png,x\ndog,a dog,,ref.png,\n"
+    )
+    text = (
+        f"version: 1\ndefaults: {{model: {I2V}, resolution: 720p}}\njobs_from: prompts.csv\n"
+        f"jobs:\n  - {{id: hero, model: {T2V}, prompt: hero}}\n"
+    )
+    m = load_manifest(write(tmp_path, text))
+    assert [j.id for j in m.jobs] == ["hero", "cat", "dog"]
+    cat, dog = m.jobs[1], m.jobs[2]
+    assert cat.request["duration"] == 4 and "duration" not in dog.request
+    assert cat.request["resolution"] == "720p" and cat.request["image_url"].startswith("data:")
+    assert cat.source is not None and cat.source.endswith("prompts.csv") and cat.line == 2
+
+
+def test_jobs_from_jsonl_and_a_list_of_files(tmp_path: Path) -> None:
+    (tmp_path / "a.jsonl").write_text(f'{{"id": "x", "model": "{T2V}", "prompt": "x"}}\n')
+    (tmp_path / "b.csv").write_text(f"id,model,prompt,variants\ny,{T2V},y,2\n")
+    text = "version: 1\njobs_from: [a.jsonl, b.csv]\n"
+    assert [j.id for j in load_manifest(write(tmp_path, text)).jobs] == ["x", "y-1", "y-2"]
+
+
+def test_problems_in_a_table_point_at_its_file_line_and_cell(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("id,prompt,duration,colour\na,x,4,red\nb,y,five,\n")
+    text = f"version: 1\ndefaults: {{model: {T2V}}}\njobs_from: p.csv\n"
+    found = problems(write(tmp_path, text))
+    assert [(located(p), p.column) for p in found] == [
+        (("p.csv", 1, "'a'", "colour"), 20),
+        (("p.csv", 3, "'b'", "duration"), 5),
+    ]
+    assert "unknown field 'colour'" in found[0].message
+    assert "got the string 'five'" in found[1].message
+
+
+def test_duplicate_ids_across_the_manifest_and_a_table(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text("id,prompt\nhero,x\n")
+    text = (
+        f"version: 1\ndefaults: {{model: {T2V}}}\njobs_from: p.csv\n"
+        "jobs:\n  - {id: hero, prompt: y}\n"
+    )
+    [p] = problems(write(tmp_path, text))
+    assert located(p) == ("p.csv", 2, "'hero'", "id")
+    assert "duplicate id 'hero'" in p.message and "m.yaml:5" in p.message
+
+
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        ("missing.csv", "cannot read 'missing.csv'"),
+        ("notes.txt", "neither a .csv nor a .jsonl file"),
+        ("5", "expected a .csv or .jsonl file name"),
+        ("empty.csv", "'empty.csv' has no rows"),
+    ],
+)
+def test_jobs_from_problems(tmp_path: Path, value: str, words: str) -> None:
+    (tmp_path / "empty.csv").write_text("id,prompt\n")
+    [p] = problems(write(tmp_path, f"version: 1\njobs_from: {value}\n"))
+    assert located(p)[:2] == ("m.yaml", 2) and words in p.message
+
+
+# --- settings: prices and cost limit -------------------------------------------------------
+
+
+def test_prices_and_cost_limit_settings(tmp_path: Path) -> None:
+    text = (
+        f"version: 1\nsettings:\n  max_cost_usd: 25\n  prices: {{{T2V}: 0.35}}\n"
+        f"jobs:\n  - {{model: {T2V}, prompt: p}}\n"
+    )
+    s = load_manifest(write(tmp_path, text)).settings
+    assert s.max_cost_usd == 25.0 and dict(s.prices) == {T2V: 0.35}
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "words"),
+    [
+        ("max_cost_usd: -1", "settings.max_cost_usd", "expected an amount in US dollars"),
+        ("max_cost_usd: lots", "settings.max_cost_usd", "got the string 'lots'"),
+        ("prices: {google/veo-3.1-t2x: 0.4}", "settings.prices.google/veo-3.1-t2x", "did you mean"),
+        (f"prices: {{{T2V}: cheap}}", f"settings.prices.{T2V}", "USD per second"),
+    ],
+)
+def test_bad_cost_settings(tmp_path: Path, line: str, field: str, words: str) -> None:
+    text = f"version: 1\nsettings:\n  {line}\njobs:\n  - {{model: {T2V}, prompt: p}}\n"
+    [p] = problems(write(tmp_path, text))
+    assert (p.line, p.field) == (3, field) and words in p.message
+
+
+# --- change detection ----------------------------------------------------------------------
+
+
+def test_plan_categories(tmp_path: Path) -> None:
+    from veobatch.ledger import ErrorInfo, JobState
+
+    text = "version: 1\njobs:\n" + "".join(
+        f"  - {{id: {i}, model: {T2V}, prompt: p}}\n" for i in "abcdef"
+    )
+    m = load_manifest(write(tmp_path, text))
+    key = m.jobs[0].key
+    states = {
+        "b": JobState("b", "done", key="0" * 64, file="b.mp4"),
+        "c": JobState("c", "done", key=key, file="c.mp4", bytes=0),
+        "d": JobState("d", "submitted", key=key, generation_id="g"),
+        "e": JobState("e", "failed", key=key, error=ErrorInfo("generation_error", "x")),
+    }
+    (tmp_path / "c.mp4").write_bytes(b"")
+    c_stat = (tmp_path / "c.mp4").stat()
+    states["c"].mtime_ns = c_stat.st_mtime_ns
+    plans = plan_jobs(m.jobs, states, tmp_path)
+    assert [category(p) for p in plans] == [
+        "new",
+        "changed",
+        "unchanged",
+        "resumable",
+        "failed",
+        "new",
+    ]
