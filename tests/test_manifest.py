@@ -83,8 +83,8 @@ BAD = [
         4,
         14,
         None,
-        None,
-        ("invalid YAML: mapping values are not allowed here",),
+        "prompt",
+        ("invalid YAML: mapping values are not allowed here", "must be quoted"),
         id="syntax-error-colon",
     ),
     pytest.param(
@@ -92,12 +92,12 @@ BAD = [
         2,
         7,
         None,
-        None,
+        "jobs",
         ("found undefined alias 'nowhere'",),
         id="undefined-alias",
     ),
     pytest.param(
-        "version: 1\x07\n", 1, 11, None, None, ("U+0007 is not allowed",), id="control-char"
+        "version: 1\x07\n", 1, 11, None, "version", ("U+0007 is not allowed",), id="control-char"
     ),
     pytest.param(
         t2v() + "---\nversion: 1\n",

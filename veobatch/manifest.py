@@ -88,9 +88,22 @@ def parse_manifest(text: str, *, file: str = "<manifest>", path: Path | None = N
         doc = compose(text)
     except YamlSyntaxError as exc:
         line, column = (exc.pos.line, exc.pos.column) if exc.pos else (None, None)
-        raise ManifestError([Problem(file, exc.message, line, column)]) from exc
+        field = _key_on_line(text, line)
+        raise ManifestError([Problem(file, exc.message, line, column, None, field)]) from exc
     where = path if path is not None else Path(file)
     return _Validator(file, doc, where.parent).run(where)
+
+
+_KEY_AT_START = re.compile(r"\s*(?:-\s+)*([A-Za-z_][\w.-]*)\s*:(?:\s|$)")
+
+
+def _key_on_line(text: str, line: int | None) -> str | None:
+    """The key a syntax error's line starts with, so even bad YAML names a field."""
+    if line is None:
+        return None
+    lines = text.splitlines()
+    match = _KEY_AT_START.match(lines[line - 1]) if 0 < line <= len(lines) else None
+    return match[1] if match else None
 
 
 # --- the manifest --------------------------------------------------------------------------

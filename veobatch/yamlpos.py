@@ -216,7 +216,10 @@ def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
         parts.append(context)
     if exc.problem:
         parts.append(exc.problem)
-    return "invalid YAML: " + ", ".join(parts)
+    hint = ""
+    if exc.problem == "mapping values are not allowed here":
+        hint = " (a value containing ': ' must be quoted)"
+    return "invalid YAML: " + ", ".join(parts) + hint
 
 
 def _syntax_pos(exc: yaml.MarkedYAMLError) -> Pos | None:
