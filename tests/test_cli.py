@@ -87,7 +87,10 @@ async def test_plan_reads_the_ledger_and_sends_nothing(runner: CliRunner, tmp_pa
     res = runner.invoke(main, ["plan", str(m), "--out", str(out)])
     assert res.exit_code == 0, res.output
     rows = [line.split("\t") for line in res.stdout.splitlines() if "\t" in line]
-    assert [(r[0], r[2]) for r in rows] == [("one", "lookup"), ("two", "submit")]
+    assert [(r[0], r[2], r[3]) for r in rows] == [
+        ("one", "resumable", "lookup"),
+        ("two", "new", "submit"),
+    ]
     assert "would submit 1 generation, about $1.20" in res.stdout  # t2v-fast: 8 s x $0.15
 
 
