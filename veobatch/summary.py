@@ -86,10 +86,12 @@ def plan_summary(
         f"{len(plans)} jobs: " + ", ".join(f"{kinds[k]} {k}" for k in CATEGORIES if kinds[k]),
         "actions: " + ", ".join(f"{counts[a]} {a.value}" for a in Action if counts[a]),
         f"would submit {len(taken)} generation{'' if len(taken) == 1 else 's'}, "
-        f"about ${usd:,.2f} at {'configured' if prices else 'list'} prices",
+        f"about ${usd:,.2f} (estimated; see below)",
     ]
     if to_pay:
         lines.extend(cost_table(to_pay, prices))
+    else:
+        lines[-1] = "would submit nothing: no cost"
     if limit_usd is not None:
         if held:
             held_usd = sum(estimate_usd(j, prices) for j in held)
