@@ -78,6 +78,9 @@ class JobState:
     completed_at: float | None = None  # wall clock: with submitted_at, how long it took
     error: ErrorInfo | None = None
     updated_at: float | None = None
+    request: dict[str, Any] | None = None  # compact request (jobview.compact_request), for views
+    video: dict[str, Any] | None = None  # the finished file's figures (verify.Probe.to_json)
+    flags: list[str] | None = None  # how that file differs from the request, if it does
 
     @property
     def finished(self) -> bool:
@@ -105,7 +108,9 @@ def _on_intent(s: JobState, r: Mapping[str, Any]) -> None:
     s.client_request_id = r.get("crid")
     s.key = r.get("key", s.key)
     s.model = r.get("model", s.model)
+    s.request = r.get("req", s.request)
     s.generation_id = s.video_url = s.file = s.sha256 = None
+    s.video = s.flags = None
     s.bytes = None
     s.error = None
 
@@ -132,6 +137,7 @@ def _on_done(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "done"
     s.file, s.bytes, s.sha256 = r["file"], r["bytes"], r["sha256"]
     s.mtime_ns = r.get("mtime_ns")
+    s.video, s.flags = r.get("video"), r.get("flags")  # absent in ledgers before verification
 
 
 def _on_failed(s: JobState, r: Mapping[str, Any]) -> None:
@@ -225,6 +231,8 @@ def job_result(state: JobState, job: Job | None) -> dict[str, Any]:
         "error": state.error.to_json() if state.error else None,
         "attempts": state.attempts,
         "key": state.key,
+        "video": state.video,
+        "flags": state.flags,
     }
 
 

@@ -42,6 +42,7 @@ from .scheduler import (
     plan_jobs,
 )
 from .settings import RunSettings
+from .verify import verify_file
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +423,10 @@ class _Run:
                 log.warning("download retry job=%s in %.1fs: %s", job_id, delay, exc.message)
                 await anyio.sleep(delay)
                 continue
+            job = self.jobs[job_id]
+            checked = await anyio.to_thread.run_sync(
+                verify_file, s.out_dir / got.file, job.model, job.request
+            )
             await self.ledger.record(
                 "done",
                 job_id,
@@ -429,8 +434,11 @@ class _Run:
                 bytes=got.bytes,
                 sha256=got.sha256,
                 mtime_ns=got.mtime_ns,
+                **checked.record_fields(),
             )
             log.info("done job=%s file=%s bytes=%d", job_id, got.file, got.bytes)
+            if checked.flags:
+                log.warning("video differs job=%s: %s", job_id, "; ".join(checked.flags))
             self._close(job_id)
             return
 

@@ -29,6 +29,7 @@ from .errors import (
     ServerError,
 )
 from .jobs import Job
+from .jobview import compact_request
 from .ledger import JobState, Ledger
 
 log = logging.getLogger(__name__)
@@ -201,7 +202,14 @@ class Submitter:
     async def _attempt(self, job: Job) -> tuple[SubmitOutcome, ApiError | None]:
         """One POST. Returns the outcome, or the error when trying again is safe."""
         crid = client_request_id(job.id, self.ledger.state(job.id).attempts + 1)
-        await self.ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model)
+        await self.ledger.record(
+            "intent",
+            job.id,
+            crid=crid,
+            key=job.key,
+            model=job.model,
+            req=compact_request(job.request),
+        )
         try:
             created = await self.api.create(job.request, client_request_id=crid)
         except (NotSentError, RateLimitedError) as exc:
