@@ -32,6 +32,7 @@ from .errors import (
 )
 from .jobs import Manifest
 from .ledger import current_results, load_states
+from .logfmt import LogFormat, formatter
 from .manifest import load_manifest
 from .progress import LiveProgress, LogProgress
 from .runner import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_USAGE, RunReport, Snapshot, run
@@ -46,21 +47,21 @@ T = TypeVar("T")
 STDERR = Console(stderr=True)
 
 
-def _setup_logging(verbosity: int) -> None:
-    """Plain timestamped lines off a terminal (cron, files); rich lines above the bar on one."""
+def _setup_logging(verbosity: int, log_format: LogFormat = "text") -> logging.Handler:
+    """Plain timestamped lines off a terminal (cron, files), or JSON lines for collectors;
+    rich lines on a terminal. Returns the handler, so a live display can mute it."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handler: logging.Handler
-    if STDERR.is_terminal:
+    if STDERR.is_terminal and log_format == "text":
         handler = RichHandler(console=STDERR, show_path=False, markup=False)
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-        )
+        handler.setFormatter(formatter(log_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("veobatch").setLevel(level)
+    return handler
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -200,6 +201,13 @@ def main() -> None:
 )
 @click.option("-v", "--verbose", count=True, help="More log detail.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="stderr log lines: plain text, or one JSON object per line (no live display).",
+)
 def run_cmd(
     manifest: Path,
     out_dir: Path | None,
@@ -213,9 +221,10 @@ def run_cmd(
     resubmit_uncertain: bool | None,
     verbose: int,
     quiet: bool,
+    log_format: LogFormat,
 ) -> None:
     """Validate MANIFEST, then submit, poll and download every job not yet done."""
-    _setup_logging(-1 if quiet else verbose)
+    console_log = _setup_logging(-1 if quiet else verbose, log_format)
     # While a run is under way its own handler takes signals; before and after it, a signal
     # still means "interrupted" (exit 75), never a bare kill.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -233,8 +242,8 @@ def run_cmd(
     }
     settings = _guard(lambda: resolve_settings(out, m.settings, cli))
     sim = SimOptions(gen_time_s=sim_gen_time_s) if simulate else None
-    if STDERR.is_terminal and not quiet:
-        with LiveProgress(STDERR) as live:
+    if STDERR.is_terminal and not quiet and log_format == "text":
+        with LiveProgress(STDERR, mute=None if verbose else console_log) as live:
             report = _guard(lambda: _arun(_run_async, m, settings, sim, verify, live))
     else:
         observer = LogProgress() if not quiet else None

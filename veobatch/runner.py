@@ -89,6 +89,7 @@ class Snapshot:
     elapsed_s: float
     submitted: int
     polls: int
+    generating: int = 0  # of the "submitted" jobs, those the API reports as generating
 
     @property
     def finished(self) -> int:
@@ -486,7 +487,12 @@ class _Run:
     def snapshot(self, elapsed_s: float) -> Snapshot:
         counts: dict[str, int] = dict(Counter(st.status for st in self._states()))
         return Snapshot(
-            len(self.manifest.jobs), counts, elapsed_s, self.submitted, self.poller.polls_sent
+            len(self.manifest.jobs),
+            counts,
+            elapsed_s,
+            self.submitted,
+            self.poller.polls_sent,
+            generating=self.poller.generating(),
         )
 
     def report(self, elapsed_s: float) -> RunReport:
