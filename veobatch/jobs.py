@@ -65,6 +65,7 @@ class ManifestSettings:
     download_concurrency: int | None = None
     resubmit_uncertain: bool | None = None
     retry_failed: bool | None = None
+    notify_url: str | None = None  # POST the run's summary here when it ends
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,13 @@ SETTING_LIMITS: dict[str, tuple[int, int]] = {
     "download_concurrency": (1, 64),
 }
 BOOL_SETTINGS = ("resubmit_uncertain", "retry_failed")
-SETTING_KEYS = ("concurrency", "job_timeout_s", "download_concurrency", *BOOL_SETTINGS)
+SETTING_KEYS = (
+    "concurrency",
+    "job_timeout_s",
+    "download_concurrency",
+    *BOOL_SETTINGS,
+    "notify_url",
+)
 JOB_KEYS = ("id", "model", *sorted(ALL_FIELDS))
 
 
@@ -186,7 +192,17 @@ class _Validator:
             download_concurrency=self._int_setting(raw, "download_concurrency"),
             resubmit_uncertain=self._bool_setting(raw, "resubmit_uncertain"),
             retry_failed=self._bool_setting(raw, "retry_failed"),
+            notify_url=self._url_setting(raw, "notify_url"),
         )
+
+    def _url_setting(self, raw: dict[Any, Any], name: str) -> str | None:
+        value = raw.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str) and value.startswith(("https://", "http://")):
+            return value
+        self.report.error(("settings", name), f"expected an http(s) URL, got {describe(value)}")
+        return None
 
     def _bool_setting(self, raw: dict[Any, Any], name: str) -> bool | None:
         if name not in raw:
