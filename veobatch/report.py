@@ -110,8 +110,9 @@ gap:16px;padding:16px 24px 40px}.card{background:var(--card);border:1px solid va
 border-radius:10px;overflow:hidden;display:flex;flex-direction:column}.card.flagged{border-color:var(--warn)}
 .media{background:#101828;display:flex;align-items:center;justify-content:center;height:200px;
 position:relative}.media img,.media video{max-width:100%;max-height:200px;display:block}
-.media img{cursor:pointer}.media .play{position:absolute;color:#fff;font-size:34px;
-text-shadow:0 1px 6px #000;pointer-events:none}.media .none{color:#98a2b3}.body{padding:10px 12px}
+.media.empty{height:64px;background:#eaecf0}.media img{cursor:pointer}
+.media .play{position:absolute;color:#fff;font-size:34px;text-shadow:0 1px 6px #000;
+pointer-events:none}.media .none{color:var(--dim)}.body{padding:10px 12px}
 .head{display:flex;justify-content:space-between;gap:8px;align-items:baseline}
 .id{font:600 14px ui-monospace,Menlo,Consolas,monospace;word-break:break-all}
 .badge{font-size:12px;border-radius:999px;padding:1px 8px;color:#fff;white-space:nowrap;
@@ -216,6 +217,7 @@ def _details(card: Card) -> str:
 def _card_html(card: Card) -> str:
     flagged = " data-flagged" if card.flags else ""
     klass = "card flagged" if card.flags else "card"
+    media = "media" if card.thumb and card.file else "media empty"
     prompt = f'<p class="prompt">{_e(card.prompt)}</p>' if card.prompt else ""
     error = f'<p class="error">{_e(card.error)}</p>' if card.error else ""
     flags = (
@@ -225,7 +227,7 @@ def _card_html(card: Card) -> str:
     )
     return (
         f'<article class="{klass}" id="job-{_e(card.id)}" data-status="{_e(card.status)}" '
-        f'data-group="{card.group}"{flagged}><div class="media">{_media(card)}</div>'
+        f'data-group="{card.group}"{flagged}><div class="{media}">{_media(card)}</div>'
         f'<div class="body"><div class="head"><span class="id">{_e(card.id)}</span>'
         f'<span class="badge s-{_e(card.status)}">{_e(card.status)}</span></div>'
         f"{prompt}{error}{flags}<dl>{_details(card)}</dl></div></article>"
