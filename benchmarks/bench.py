@@ -126,6 +126,7 @@ def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
             "--concurrency",
             str(concurrency),
             "-q",
+            "--no-report",  # the runner is measured, not the morning report
         ]
         wall, cpu, rss_kib, out = run_and_measure(cmd, env)
         timeline = get_json(f"http://127.0.0.1:{port}/_sim/generations")["generations"]

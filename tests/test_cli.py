@@ -108,8 +108,32 @@ async def test_status_table_and_json(runner: CliRunner, tmp_path: Path) -> None:
     assert "one\tsubmitted\tveo-3.1-t2v\tgen-1" in res.stdout
     assert "two\tfailed" in res.stdout and "invalid_request: HTTP 400: nope" in res.stdout
     assert "2 jobs: 1 submitted, 1 failed" in res.stdout
+    assert res.stdout.splitlines()[0].endswith("\tpoll")  # what a rerun would do
+    assert res.stdout.splitlines()[1].endswith("\thold")
+    assert "a rerun would: 1 poll, 1 hold" in res.stdout
     doc = json.loads(runner.invoke(main, ["status", str(out), "--json"]).stdout)
     assert doc["summary"]["submitted"] == 1 and doc["jobs"][0]["generation_id"] == "gen-1"
+    assert doc["jobs"][0]["rerun"] == {"action": "poll", "reason": "in flight"}
+    res = runner.invoke(main, ["status", str(out), "--json", "--retry-failed"])
+    assert json.loads(res.stdout)["jobs"][1]["rerun"]["action"] == "submit"
+
+
+async def test_report_command_writes_the_page(runner: CliRunner, tmp_path: Path) -> None:
+    from report_fixture import make_output_dir
+
+    await make_output_dir(tmp_path)
+    res = runner.invoke(main, ["report", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert res.stdout.strip() == str(tmp_path / "report.html")
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('<article class="card') == 6
+    assert runner.invoke(main, ["report", str(tmp_path / "nope")]).exit_code == 2
+
+
+def test_notify_url_in_the_manifest_is_checked(runner: CliRunner, tmp_path: Path) -> None:
+    bad = GOOD.replace("jobs:", "settings:\n  notify_url: hooks.example.com/x\njobs:", 1)
+    res = runner.invoke(main, ["plan", str(write(tmp_path, bad))])
+    assert res.exit_code == 2 and "notify_url" in res.stderr and "http(s) URL" in res.stderr
 
 
 def test_status_of_a_missing_directory_exits_2(runner: CliRunner, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import pytest
 from cli_process import start_cli
 
 from veobatch.jobs import Job, Manifest
+from veobatch.ledger import load_states
 from veobatch.manifest import load_manifest
 from veobatch.runner import run
 from veobatch.settings import PollSettings, RunSettings, Secret
@@ -91,6 +92,15 @@ async def test_mixed_run_against_the_simulator(sim: Simulator, tmp_path: Path) -
         with av.open(str(video)) as container:
             assert container.streams.video, row["id"]
     assert not list(out.glob("*.part"))
+    # Every video was probed; the simulator's tiny stand-ins (160x90, 1 s) differ from every
+    # request, so each one is flagged, and the ledger kept what was asked for.
+    states = load_states(out)
+    for job in m.jobs:
+        st = states[job.id]
+        assert st.video is not None
+        assert {st.video["width"], st.video["height"]} == {160, 90}
+        assert st.flags and any(f.startswith("duration: 1.0 s, requested") for f in st.flags)
+        assert st.request is not None and st.request["prompt"] == job.request["prompt"]
     # The canary key is nowhere on disk.
     assert CANARY.encode() not in all_bytes_under(out)
 

@@ -232,3 +232,26 @@ async def test_current_results_prefers_the_newer_journal(tmp_path: Path) -> None
     assert json.loads((tmp_path / RESULTS_NAME).read_text())["jobs"][0]["status"] == "submitting"
     doc = current_results(tmp_path)
     assert [(j["id"], j["status"]) for j in doc["jobs"]] == [("a", "submitted"), ("z", "pending")]
+
+
+def test_request_and_verification_figures_replay() -> None:
+    """The intent carries the compact request; done carries the probe and its flags."""
+    video = {"duration_s": 4.0, "width": 1280, "height": 720, "audio": True}
+    records = [
+        rec("intent", crid="c1", key="k", model="m", req={"prompt": "a cat", "duration": 8}),
+        *HAPPY[1:3],
+        rec("done", file="a.mp4", bytes=10, sha256="ab", video=video, flags=["duration: x"]),
+    ]
+    s = replay(records)["a"]
+    assert s.request == {"prompt": "a cat", "duration": 8}
+    assert s.video == video and s.flags == ["duration: x"]
+    row = build_results(replay(records))["jobs"][0]
+    assert row["video"] == video and row["flags"] == ["duration: x"]
+    # A new attempt forgets the previous video's figures but keeps the last known request.
+    again = replay([*records, rec("intent", crid="c2", key="k2", model="m")])["a"]
+    assert again.video is None and again.flags is None and again.request is not None
+
+
+def test_ledgers_written_before_verification_still_replay() -> None:
+    s = replay(HAPPY)["a"]
+    assert s.status == "done" and s.video is None and s.flags is None and s.request is None

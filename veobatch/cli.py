@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +33,25 @@ from .errors import (
 )
 from .jobs import Manifest
 from .ledger import current_results, load_states
+from .logfmt import LogFormat, formatter
 from .manifest import load_manifest
+from .notify import check_url, payload, send
+from .outcome import run_extras
 from .progress import LiveProgress, LogProgress
+from .report import write_report
 from .runner import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_USAGE, RunReport, Snapshot, run
 from .scheduler import plan_jobs
 from .settings import RunSettings, Secret, resolve_settings
-from .summary import plan_rows, plan_summary, run_summary, status_counts, status_rows
+from .summary import (
+    plan_rows,
+    plan_summary,
+    rerun_rows,
+    rerun_summary,
+    run_summary,
+    status_counts,
+    status_rows,
+    summary_doc,
+)
 
 log = logging.getLogger("veobatch")
 T = TypeVar("T")
@@ -46,21 +60,21 @@ T = TypeVar("T")
 STDERR = Console(stderr=True)
 
 
-def _setup_logging(verbosity: int) -> None:
-    """Plain timestamped lines off a terminal (cron, files); rich lines above the bar on one."""
+def _setup_logging(verbosity: int, log_format: LogFormat = "text") -> logging.Handler:
+    """Plain timestamped lines off a terminal (cron, files), or JSON lines for collectors;
+    rich lines on a terminal. Returns the handler, so a live display can mute it."""
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
     handler: logging.Handler
-    if STDERR.is_terminal:
+    if STDERR.is_terminal and log_format == "text":
         handler = RichHandler(console=STDERR, show_path=False, markup=False)
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-        )
+        handler.setFormatter(formatter(log_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("veobatch").setLevel(level)
+    return handler
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -206,6 +220,26 @@ def main() -> None:
 )
 @click.option("-v", "--verbose", count=True, help="More log detail.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors on stderr.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="stderr log lines: plain text, or one JSON object per line (no live display).",
+)
+@click.option(
+    "--notify",
+    "notify_url",
+    metavar="URL",
+    help="POST the run's JSON summary to this webhook when it ends (or settings.notify_url).",
+)
+@click.option(
+    "--report/--no-report",
+    "make_report",
+    default=True,
+    show_default=True,
+    help="Write DIR/report.html at the end of the run.",
+)
 def run_cmd(
     manifest: Path,
     out_dir: Path | None,
@@ -220,9 +254,12 @@ def run_cmd(
     max_cost_usd: float | None,
     verbose: int,
     quiet: bool,
+    log_format: LogFormat,
+    notify_url: str | None,
+    make_report: bool,
 ) -> None:
     """Validate MANIFEST, then submit, poll and download every job not yet done."""
-    _setup_logging(-1 if quiet else verbose)
+    console_log = _setup_logging(-1 if quiet else verbose, log_format)
     # While a run is under way its own handler takes signals; before and after it, a signal
     # still means "interrupted" (exit 75), never a bare kill.
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -240,16 +277,35 @@ def run_cmd(
         "max_cost_usd": max_cost_usd,
     }
     settings = _guard(lambda: resolve_settings(out, m.settings, cli))
+    notify_to = notify_url or m.settings.notify_url
+    if notify_to:
+        _guard(lambda: check_url(notify_to))
     sim = SimOptions(gen_time_s=sim_gen_time_s) if simulate else None
-    if STDERR.is_terminal and not quiet:
-        with LiveProgress(STDERR) as live:
+    started_wall = time.time()
+    if STDERR.is_terminal and not quiet and log_format == "text":
+        with LiveProgress(STDERR, mute=None if verbose else console_log) as live:
             report = _guard(lambda: _arun(_run_async, m, settings, sim, verify, live))
     else:
         observer = LogProgress() if not quiet else None
         report = _guard(lambda: _arun(_run_async, m, settings, sim, verify, observer))
-    for line in run_summary(report, len(m.jobs)):
+    report_file = _final_report(m, report) if make_report and not report.interrupted else None
+    extras = run_extras(load_states(report.out_dir), m.jobs, started_wall, report_file)
+    lines = run_summary(report, len(m.jobs), extras)
+    for line in lines:
         click.echo(line)
+    if notify_to:
+        body = payload(summary_doc(report, len(m.jobs), extras), lines)
+        _arun(send, notify_to, body)
     _exit_now(report.exit_code)
+
+
+def _final_report(m: Manifest, report: RunReport) -> Path | None:
+    """The morning report; a run never fails because of it."""
+    try:
+        return write_report(report.out_dir, m.jobs)
+    except Exception as exc:  # a view of the results, not a result: log it and go on
+        log.error("report failed: %s: %s", type(exc).__name__, exc)
+        return None
 
 
 @dataclass(frozen=True)
@@ -319,24 +375,50 @@ def schema_cmd() -> None:
     click.echo(schema_text(), nl=False)
 
 
-@main.command("status")
-@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the results document as JSON.")
-def status_cmd(directory: Path, as_json: bool) -> None:
-    """Show the jobs recorded in an output DIRECTORY."""
+def _need_dir(directory: Path) -> None:
     if not directory.is_dir():
         click.echo(f"veobatch: {directory} is not a directory", err=True)
         sys.exit(EXIT_USAGE)
+
+
+@main.command("status")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the results document as JSON.")
+@click.option("--retry-failed", is_flag=True, help="Show what a rerun with --retry-failed does.")
+@click.option(
+    "--resubmit-uncertain", is_flag=True, help="Show what a rerun with --resubmit-uncertain does."
+)
+def status_cmd(
+    directory: Path, as_json: bool, retry_failed: bool, resubmit_uncertain: bool
+) -> None:
+    """Show the jobs recorded in an output DIRECTORY, and what a rerun would do with each."""
+    _need_dir(directory)
     results: dict[str, Any] = _guard(lambda: current_results(directory))
+    states = _guard(lambda: load_states(directory))
+    reruns = rerun_rows(
+        results, states, directory, retry_failed=retry_failed, resubmit_uncertain=resubmit_uncertain
+    )
     if as_json:
+        for row, (action, why) in zip(results.get("jobs", []), reruns, strict=True):
+            row["rerun"] = {"action": action, "reason": why}
         click.echo(json.dumps(results, indent=2))
         return
     _table(
         f"jobs in {directory}",
-        ("job", "status", "model", "generation", "file / error"),
-        status_rows(results),
+        ("job", "status", "model", "generation", "file / error", "a rerun would"),
+        [(*row, action) for row, (action, _) in zip(status_rows(results), reruns, strict=True)],
     )
     click.echo(status_counts(results))
+    click.echo(rerun_summary(reruns))
+
+
+@main.command("report")
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def report_cmd(directory: Path) -> None:
+    """Write DIRECTORY/report.html: a card per job with a thumbnail, filters, inline videos."""
+    _need_dir(directory)
+    path = _guard(lambda: write_report(directory))
+    click.echo(str(path))
 
 
 @main.command("simulate")

@@ -85,6 +85,7 @@ class ManifestSettings:
     retry_failed: bool | None = None
     max_cost_usd: float | None = None
     prices: Mapping[str, float] = field(default_factory=dict)  # model -> USD per video second
+    notify_url: str | None = None  # POST the run's summary here when it ends
 
 
 @dataclass(frozen=True)

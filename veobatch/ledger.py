@@ -80,6 +80,9 @@ class JobState:
     updated_at: float | None = None
     usd_estimate: float | None = None  # at submission, from the price table
     usd_spent: float | None = None  # as the API reported it (x-aimlapi-usd-spent), if it did
+    request: dict[str, Any] | None = None  # compact request (jobview.compact_request), for views
+    video: dict[str, Any] | None = None  # the finished file's figures (verify.Probe.to_json)
+    flags: list[str] | None = None  # how that file differs from the request, if it does
 
     @property
     def finished(self) -> bool:
@@ -109,7 +112,9 @@ def _on_intent(s: JobState, r: Mapping[str, Any]) -> None:
     s.model = r.get("model", s.model)
     s.usd_estimate = r.get("est", s.usd_estimate)
     s.usd_spent = None
+    s.request = r.get("req", s.request)
     s.generation_id = s.video_url = s.file = s.sha256 = None
+    s.video = s.flags = None
     s.bytes = None
     s.error = None
 
@@ -138,6 +143,7 @@ def _on_done(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "done"
     s.file, s.bytes, s.sha256 = r["file"], r["bytes"], r["sha256"]
     s.mtime_ns = r.get("mtime_ns")
+    s.video, s.flags = r.get("video"), r.get("flags")  # absent in ledgers before verification
 
 
 def _on_failed(s: JobState, r: Mapping[str, Any]) -> None:
@@ -233,6 +239,8 @@ def job_result(state: JobState, job: Job | None) -> dict[str, Any]:
         "key": state.key,
         "usd_estimate": state.usd_estimate,
         "usd_spent": state.usd_spent,
+        "video": state.video,
+        "flags": state.flags,
     }
 
 

@@ -58,6 +58,7 @@ SETTING_KEYS = (
     *BOOL_SETTINGS,
     "max_cost_usd",
     "prices",
+    "notify_url",
 )
 JOB_KEYS = ("id", "model", "variants", "matrix", *sorted(ALL_FIELDS))
 MATRIX_KEYS = ("model", *sorted(ALL_FIELDS))
@@ -291,7 +292,17 @@ class _Validator:
             retry_failed=self._bool_setting(raw, "retry_failed"),
             max_cost_usd=self._cost_setting(raw),
             prices=self._prices(raw.get("prices")),
+            notify_url=self._url_setting(raw, "notify_url"),
         )
+
+    def _url_setting(self, raw: dict[Any, Any], name: str) -> str | None:
+        value = raw.get(name)
+        if value is None:
+            return None
+        if isinstance(value, str) and value.startswith(("https://", "http://")):
+            return value
+        self.report.error(("settings", name), f"expected an http(s) URL, got {describe(value)}")
+        return None
 
     def _cost_setting(self, raw: dict[Any, Any]) -> float | None:
         if "max_cost_usd" not in raw:

@@ -98,6 +98,7 @@ class Tracked:
     errors: int = 0
     not_found: int = 0
     polls: int = 0
+    api_status: str = "queued"  # as the last poll saw it, for progress displays
 
 
 class PollSink(Protocol):
@@ -137,6 +138,10 @@ class Poller:
 
     def __len__(self) -> int:
         return len(self._tracked)
+
+    def generating(self) -> int:
+        """Generations the API last reported as generating (not queued)."""
+        return sum(1 for t in self._tracked.values() if t.api_status == "generating")
 
     def track(
         self,
@@ -225,6 +230,7 @@ class Poller:
                 await self._sink.generation_finished(t, gen)
                 return
             now = self._clock()
+            t.api_status = gen.status
             t.last_running_age = now - t.started
             self._reschedule(t, now + self.durations.next_delay_s(t.model, t.last_running_age))
         finally:

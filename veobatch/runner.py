@@ -44,6 +44,7 @@ from .scheduler import (
     plan_jobs,
 )
 from .settings import RunSettings
+from .verify import verify_file
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class RunReport:
     cost_limit_usd: float | None = None
     over_budget: list[str] = field(default_factory=list)  # left pending by the cost limit
     estimated_usd: float = 0.0  # this run's submissions at list (or configured) prices
+    estimated_jobs: int = 0  # submissions behind that estimate
     reported_usd: float = 0.0  # what the API reported for those of them it reported on
     reported_jobs: int = 0
 
@@ -95,6 +97,7 @@ class Snapshot:
     elapsed_s: float
     submitted: int
     polls: int
+    generating: int = 0  # of the "submitted" jobs, those the API reports as generating
 
     @property
     def finished(self) -> int:
@@ -453,6 +456,10 @@ class _Run:
                 log.warning("download retry job=%s in %.1fs: %s", job_id, delay, exc.message)
                 await anyio.sleep(delay)
                 continue
+            job = self.jobs[job_id]
+            checked = await anyio.to_thread.run_sync(
+                verify_file, s.out_dir / got.file, job.model, job.request
+            )
             await self.ledger.record(
                 "done",
                 job_id,
@@ -460,8 +467,11 @@ class _Run:
                 bytes=got.bytes,
                 sha256=got.sha256,
                 mtime_ns=got.mtime_ns,
+                **checked.record_fields(),
             )
             log.info("done job=%s file=%s bytes=%d", job_id, got.file, got.bytes)
+            if checked.flags:
+                log.warning("video differs job=%s: %s", job_id, "; ".join(checked.flags))
             self._close(job_id)
             return
 
@@ -509,7 +519,12 @@ class _Run:
     def snapshot(self, elapsed_s: float) -> Snapshot:
         counts: dict[str, int] = dict(Counter(st.status for st in self._states()))
         return Snapshot(
-            len(self.manifest.jobs), counts, elapsed_s, self.submitted, self.poller.polls_sent
+            len(self.manifest.jobs),
+            counts,
+            elapsed_s,
+            self.submitted,
+            self.poller.polls_sent,
+            generating=self.poller.generating(),
         )
 
     def report(self, elapsed_s: float) -> RunReport:
@@ -551,6 +566,7 @@ class _Run:
             cost_limit_usd=self.budget.limit_usd,
             over_budget=over_budget,
             estimated_usd=self.budget.spent_usd,
+            estimated_jobs=len(self.budget.reserved),
             reported_usd=sum(charged),
             reported_jobs=len(charged),
         )

@@ -31,6 +31,7 @@ from .errors import (
     ServerError,
 )
 from .jobs import Job
+from .jobview import compact_request
 from .ledger import JobState, Ledger
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,15 @@ class Submitter:
         """One POST. Returns the outcome, or the error when trying again is safe."""
         crid = client_request_id(job.id, self.ledger.state(job.id).attempts + 1)
         est = round(estimate_usd(job, self.prices), 4)
-        await self.ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model, est=est)
+        await self.ledger.record(
+            "intent",
+            job.id,
+            crid=crid,
+            key=job.key,
+            model=job.model,
+            est=est,
+            req=compact_request(job.request),
+        )
         try:
             created = await self.api.create(job.request, client_request_id=crid)
         except (NotSentError, RateLimitedError) as exc:

@@ -125,6 +125,11 @@ class SettingsModel(BaseModel):
     prices: dict[ModelName, float] | None = Field(  # type: ignore[valid-type]
         None, description="USD per second of video, per model: overrides the built-in table."
     )
+    notify_url: str | None = Field(
+        None,
+        pattern=r"^https?://",
+        description="POST the run's JSON summary here when it ends (Slack-style webhooks).",
+    )
 
 
 class ManifestModel(BaseModel):

@@ -7,16 +7,21 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from .costs import estimate_by_model, estimate_usd, within_budget
 from .jobs import Job
-from .ledger import STATUSES
+from .ledger import STATUSES, JobState
+from .outcome import RunExtras
 from .runner import RunReport
-from .scheduler import CATEGORIES, Action, JobPlan, category
+from .scheduler import CATEGORIES, Action, JobPlan, category, plan_job
 
 
-def run_summary(report: RunReport, total_jobs: int) -> list[str]:
+def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = None) -> list[str]:
+    """What cron mails: counts, then only what needs attention, then where things are."""
+    extras = extras or RunExtras()
     c = report.counts
     head = (
         f"veobatch: {total_jobs} jobs: {c.get('done', 0)} done, {c.get('failed', 0)} failed, "
@@ -48,9 +53,49 @@ def run_summary(report: RunReport, total_jobs: int) -> list[str]:
         )
     )
     lines.extend(_listing("not finished", report.pending))
+    lines.extend(
+        _listing(
+            "videos that differ from their request",
+            [f"{jid}: {'; '.join(flags)}" for jid, flags in extras.flagged],
+        )
+    )
     lines.extend(spend_lines(report))
     lines.append(f"output: {report.out_dir} (results.json, ledger.jsonl)")
+    if extras.report_file is not None:
+        lines.append(f"report: {extras.report_file}")
     return lines
+
+
+def summary_doc(
+    report: RunReport, total_jobs: int, extras: RunExtras | None = None
+) -> dict[str, Any]:
+    """The run summary as JSON (for webhooks): the same facts as :func:`run_summary`."""
+    extras = extras or RunExtras()
+    return {
+        "event": "veobatch.run.finished",
+        "exit_code": report.exit_code,
+        "interrupted": report.interrupted,
+        "out_dir": str(report.out_dir),
+        "report": str(extras.report_file) if extras.report_file else None,
+        "total": total_jobs,
+        "counts": {s: report.counts.get(s, 0) for s in STATUSES},
+        "submitted": report.submitted,
+        "polls": report.polls,
+        "elapsed_s": round(report.elapsed_s, 1),
+        "generations_created": extras.generations,
+        "spend_usd_estimate": round(report.estimated_usd, 2),
+        "spend_usd_reported": round(report.reported_usd, 2),
+        "spend_reported_jobs": report.reported_jobs,
+        "cost_limit_usd": report.cost_limit_usd,
+        "over_budget": list(report.over_budget),
+        "failed": [{"id": jid, "kind": e.kind, "message": e.message} for jid, e in report.failed],
+        "uncertain": list(report.uncertain),
+        "not_finished": list(report.pending),
+        "flagged": [{"id": jid, "flags": flags} for jid, flags in extras.flagged],
+        "adopted": report.adopted,
+        "risked_duplicates": report.risked_duplicates,
+        "auth_error": report.auth_error,
+    }
 
 
 def _listing(title: str, items: Sequence[str], limit: int = 20) -> list[str]:
@@ -130,8 +175,12 @@ def cost_table(jobs: Iterable[Job], prices: Mapping[str, float]) -> list[str]:
 def spend_lines(report: RunReport) -> list[str]:
     """Estimated against reported spend, and what the cost limit held back."""
     lines = []
-    if report.estimated_usd or report.reported_jobs:
-        line = f"spend: about ${report.estimated_usd:,.2f} estimated for this run's submissions"
+    if report.estimated_jobs or report.reported_jobs:
+        n = report.estimated_jobs
+        line = (
+            f"spend: about ${report.estimated_usd:,.2f} estimated for {n} "
+            f"generation{'' if n == 1 else 's'} submitted this run"
+        )
         if report.reported_jobs:
             line += (
                 f"; the API reported ${report.reported_usd:,.2f} for {report.reported_jobs} of them"
@@ -153,6 +202,8 @@ def status_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, st
     for job in results.get("jobs", []):
         err = job.get("error") or {}
         detail = f"{err.get('kind')}: {err.get('message')}" if err else (job.get("file") or "")
+        if job.get("flags"):
+            detail += f" (differs: {'; '.join(job['flags'])})"
         rows.append(
             (
                 str(job.get("id")),
@@ -163,6 +214,71 @@ def status_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, st
             )
         )
     return rows
+
+
+_RERUN_WORD = {
+    Action.SKIP: "skip",
+    Action.SUBMIT: "submit",
+    Action.POLL: "poll",
+    Action.DOWNLOAD: "download",
+    Action.REFETCH: "refetch",
+    Action.HOLD_FAILED: "hold",
+    Action.LOOKUP: "lookup",
+}
+
+
+def rerun_action(
+    state: JobState,
+    model: str,
+    out_dir: Path,
+    *,
+    retry_failed: bool = False,
+    resubmit_uncertain: bool = False,
+) -> tuple[str, str]:
+    """What a rerun of the same manifest would do with this job: :func:`plan_job`'s answer,
+    assuming the job's request is unchanged (``status`` has no manifest to compare with)."""
+    stand_in = Job(state.id, {"model": model})
+    plan = plan_job(stand_in, replace(state, key=None), out_dir, retry_failed=retry_failed)
+    reason = plan.reason
+    if plan.action is Action.LOOKUP and state.status == "uncertain":
+        reason += (
+            "; if still absent: resubmit (may pay twice)"
+            if resubmit_uncertain
+            else "; if still absent: left uncertain (see --resubmit-uncertain)"
+        )
+    return _RERUN_WORD[plan.action], reason
+
+
+def rerun_rows(
+    results: Mapping[str, Any],
+    states: Mapping[str, JobState],
+    out_dir: Path,
+    *,
+    retry_failed: bool = False,
+    resubmit_uncertain: bool = False,
+) -> list[tuple[str, str]]:
+    """(action, reason) for each job of a results document, in its order."""
+    rows = []
+    for job in results.get("jobs", []):
+        jid = str(job.get("id"))
+        state = states.get(jid) or JobState(jid)
+        model = str(job.get("model") or state.model or "")
+        rows.append(
+            rerun_action(
+                state,
+                model,
+                out_dir,
+                retry_failed=retry_failed,
+                resubmit_uncertain=resubmit_uncertain,
+            )
+        )
+    return rows
+
+
+def rerun_summary(reruns: Sequence[tuple[str, str]]) -> str:
+    counts = Counter(action for action, _ in reruns)
+    order = [w for w in _RERUN_WORD.values() if counts[w]]
+    return "a rerun would: " + (", ".join(f"{counts[w]} {w}" for w in order) or "nothing")
 
 
 def status_counts(results: Mapping[str, Any]) -> str:

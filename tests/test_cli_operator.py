@@ -1,0 +1,116 @@
+"""The operator's view through the real CLI: stdout carries only the summary, stderr the
+log lines (text or JSON), the report is written and the webhook is told."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import pytest
+from aiohttp import web
+from cli_process import start_cli
+
+MANIFEST = """\
+version: 1
+jobs:
+  - id: one
+    model: google/veo-3.1-t2v-fast
+    prompt: a cat
+    duration: 4
+    resolution: 720p
+    generate_audio: false
+  - id: two
+    model: google/veo-3.1-t2v-fast
+    prompt: a dog
+    duration: 4
+    resolution: 720p
+    aspect_ratio: "9:16"
+"""
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR) \S")
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    got: list[dict[str, Any]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook/secret", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/hook/secret", got
+    finally:
+        await runner.cleanup()
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = start_cli(*args)
+    out, err = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=120))
+    return proc.returncode, out, err
+
+
+@pytest.mark.slow
+async def test_cron_run_text_logs_summary_report_and_webhook(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    url, got = webhook
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(MANIFEST)
+    out = tmp_path / "out"
+    args = ("run", str(manifest), "--simulate", "--sim-gen-time", "0.2", "--out", str(out))
+    code, stdout, stderr = await run_cli(*args, "--notify", url)
+    assert code == 0, stderr
+    # stdout: the summary only.
+    lines = stdout.splitlines()
+    assert lines[0].startswith("veobatch: 2 jobs: 2 done, 0 failed, 0 uncertain")
+    assert lines[-1] == f"report: {out / 'report.html'}"
+    assert (
+        "spend: about $1.20 estimated for 2 generations submitted this run; "
+        "the API reported $1.20 for 2 of them"
+    ) in lines
+    assert not any(TEXT_LINE.match(line) for line in lines)
+    # stderr: one plain line per event worth knowing, then the progress line.
+    err_lines = stderr.splitlines()
+    assert err_lines and all(TEXT_LINE.match(line) for line in err_lines), stderr
+    for needle in ("submitted job=one gen=", "completed job=two", "done job=one file=one.mp4"):
+        assert needle in stderr
+    assert re.search(r"INFO progress finished=2/2 pending=0 .* done=2 failed=0", stderr)
+    assert "video differs" not in stderr  # the simulator's faithful videos match
+    # The report and the webhook.
+    assert (out / "report.html").read_text().count('<article class="card') == 2
+    assert len(got) == 1 and got[0]["text"] == stdout.rstrip("\n")
+    assert got[0]["exit_code"] == 0 and got[0]["counts"]["done"] == 2
+    assert "secret" not in stderr.replace(str(tmp_path), "")  # the hook's path is not logged
+
+
+@pytest.mark.slow
+async def test_json_logs_and_a_dead_webhook_do_not_fail_the_run(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(MANIFEST)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/hook"
+        code, stdout, stderr = await run_cli(
+            "run", str(manifest), "--simulate", "--sim-gen-time", "0.2",
+            "--out", str(tmp_path / "o"), "--log-format", "json", "--no-report", "--notify", dead,
+        )  # fmt: skip
+    assert code == 0, stderr
+    records = [json.loads(line) for line in stderr.splitlines()]
+    assert {"ts", "level", "event", "job", "fields"} <= set(records[0])
+    events = [(r["event"], r["job"]) for r in records]
+    assert ("submitted", "one") in events and ("done", "two") in events
+    failed = [r for r in records if r["event"] == "notification_failed"]
+    assert len(failed) == 1 and failed[0]["level"] == "error"
+    assert stdout.startswith("veobatch: 2 jobs: 2 done") and "report:" not in stdout
+    assert not (tmp_path / "o" / "report.html").exists()

@@ -1,0 +1,167 @@
+"""The morning report: cards from the ledger, escaping, no network, and a real browser."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from report_fixture import EVIL, REQUESTS, make_output_dir
+
+from veobatch.ledger import JobState
+from veobatch.report import THUMBS_DIR, Card, build_cards, card_for, render_html, write_report
+from veobatch.verify import Probe
+
+
+def test_card_from_a_results_row_and_the_ledger() -> None:
+    row = {
+        "id": "a",
+        "status": "done",
+        "model": "google/veo-3.1-t2v",
+        "generation_id": "g",
+        "file": "a.mp4",
+        "bytes": 2_500_000,
+        "error": None,
+        "video": {"duration_s": 4.0, "width": 1280, "height": 720, "audio": True},
+        "flags": ["duration: 4.0 s, requested 8 s"],
+    }
+    st = JobState("a", "done", generation_id="g", submitted_at=100.0, completed_at=160.0)
+    card = card_for(row, st, {"prompt": "p", "resolution": "720p"})
+    assert (card.prompt, card.params, card.group) == ("p", {"resolution": "720p"}, "done")
+    assert card.video == Probe(4.0, 1280, 720, True) and card.flags == (row["flags"][0],)
+    assert card.gen_time_s == 60.0 and card.cost_usd == pytest.approx(3.2)  # 8 s x $0.40
+    failed = card_for(
+        {"id": "b", "status": "failed", "error": {"kind": "invalid_request", "message": "no"}},
+        JobState("b", "failed"),
+        None,
+    )
+    assert failed.error == "invalid_request: no" and failed.cost_usd is None  # never created
+    assert card_for({"id": "c", "status": "submitting"}, None, None).group == "uncertain"
+
+
+class _Tags(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_html_escapes_user_text_and_loads_nothing_from_the_network() -> None:
+    cards = [
+        Card("x", "failed", "google/veo-3.1-t2v", prompt=EVIL, error=f"kind: {EVIL}"),
+        Card("y", "done", "m", file="y.mp4", thumb=b"\xff\xd8jpeg", flags=("audio: x",)),
+    ]
+    page = render_html(cards, title=f"t {EVIL}", generated_at=0.0)
+    assert "<script>alert" not in page and "&lt;script&gt;alert(&quot;x&quot;)" in page
+    parser = _Tags()
+    parser.feed(page)
+    assert [t for t, _ in parser.tags].count("script") == 1  # ours, inline
+    assert [t for t, _ in parser.tags].count("img") == 1  # y's thumbnail only
+    for tag, attrs in parser.tags:
+        for name in ("src", "href", "poster", "data-video"):
+            value = attrs.get(name) or ""
+            assert not re.match(r"^\s*(https?:)?//", value), (tag, name, value)
+        if tag == "img":
+            assert (attrs["src"] or "").startswith("data:image/jpeg;base64,")
+            assert attrs["data-video"] == "y.mp4"
+    csp = next(a for t, a in parser.tags if a.get("http-equiv") == "Content-Security-Policy")
+    assert "default-src 'none'" in (csp["content"] or "")
+    assert 'data-f="failed" aria-pressed="false">failed 1<' in page
+    assert 'data-f="flagged" aria-pressed="false">flagged 1<' in page
+
+
+async def test_build_cards_from_a_directory(tmp_path: Path) -> None:
+    await make_output_dir(tmp_path)
+    cards = {c.id: c for c in build_cards(tmp_path)}
+    assert list(cards) == list(REQUESTS)
+    assert {c.id for c in cards.values() if c.thumb} == {"sunrise", "portrait", "short"}
+    assert cards["short"].flags[0] == "duration: 1.0 s, requested 8 s"
+    assert cards["sunrise"].flags and "resolution" in cards["sunrise"].flags[0]  # 128x72
+    assert cards["broken"].error == "invalid_request: HTTP 400: nope"
+    assert cards["lost"].group == "uncertain" and cards["waiting"].group == "unfinished"
+    assert cards["portrait"].prompt == EVIL and cards["sunrise"].gen_time_s == 42.0
+    assert len(list((tmp_path / THUMBS_DIR).glob("*.jpg"))) == 3  # cached for the next report
+    (tmp_path / "sunrise.mp4").unlink()
+    again = {c.id: c for c in build_cards(tmp_path)}
+    assert again["sunrise"].file is None and again["sunrise"].thumb is None
+
+
+async def test_ledgers_without_probes_are_probed_for_the_report(tmp_path: Path) -> None:
+    await make_output_dir(tmp_path, with_probes=False)
+    cards = {c.id: c for c in build_cards(tmp_path)}
+    assert cards["short"].video is not None and cards["short"].video.duration_s == 1.0
+    assert cards["short"].flags[0] == "duration: 1.0 s, requested 8 s"
+
+
+# -- in a real browser ---------------------------------------------------------------------
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def chromium() -> str:
+    """The browser, or a failure: CI installs it (.ci/run); skip only when asked to."""
+    if os.environ.get("VEOBATCH_SKIP_BROWSER") == "1":
+        pytest.skip("VEOBATCH_SKIP_BROWSER=1")
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail("chromium not found: apt-get install -y chromium (or VEOBATCH_SKIP_BROWSER=1)")
+    return found
+
+
+def browse(url: str, tmp: Path, *extra: str) -> str:
+    cmd = [
+        chromium(),
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={tmp / 'profile'}",
+        "--virtual-time-budget=5000",
+        *extra,
+        url,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def selfcheck(dom: str) -> dict[str, str]:
+    tag = re.search(r"<output id=\"selfcheck\"[^>]*>", dom)
+    assert tag is not None, dom[:500]
+    return dict(re.findall(r'(data-[a-z-]+)="([^"]*)"', tag.group(0)))
+
+
+@pytest.mark.browser
+async def test_report_renders_cards_thumbnails_filters_and_video_in_chromium(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    await make_output_dir(out)
+    page = write_report(out).resolve()
+    dom = browse(f"{page.as_uri()}?selftest=play", tmp_path, "--dump-dom")
+    assert 'data-rendered="1"' in dom  # the page's script ran
+    check = selfcheck(dom)
+    assert check["data-cards"] == "6" and check["data-visible"] == "6"
+    assert check["data-thumbs"] == "3" and check["data-thumbs-ok"] == "3"  # decoded images
+    assert check["data-video-width"] == "128"  # the first video played from its file
+    assert "data-video-error" not in check
+    assert dom.count('class="card') == 6 and "&lt;script&gt;alert" in dom
+    for fragment, visible in (("failed", 1), ("uncertain", 1), ("flagged", 3), ("done", 3)):
+        check = selfcheck(browse(f"{page.as_uri()}#{fragment}", tmp_path, "--dump-dom"))
+        assert (check["data-filter"], check["data-visible"]) == (fragment, str(visible))
+    png = tmp_path / "report.png"
+    browse(page.as_uri(), tmp_path, f"--screenshot={png}", "--window-size=1200,900")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000

@@ -1,0 +1,122 @@
+"""The run summary cron mails, its JSON twin, and what `status` says a rerun would do."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from veobatch.jobs import Job
+from veobatch.ledger import ErrorInfo, JobState
+from veobatch.outcome import RunExtras, run_extras
+from veobatch.runner import RunReport
+from veobatch.summary import rerun_action, rerun_summary, run_summary, summary_doc
+
+OUT = Path("out/nightly")
+
+
+def report() -> RunReport:
+    return RunReport(
+        out_dir=OUT,
+        counts={"done": 3, "failed": 1, "uncertain": 1},
+        failed=[("b", ErrorInfo("generation_error", "policy: blocked"))],
+        uncertain=["c"],
+        pending=[],
+        submitted=4,
+        polls=20,
+        elapsed_s=61.0,
+        estimated_usd=3.6,
+        estimated_jobs=4,
+        reported_usd=3.2,
+        reported_jobs=3,
+    )
+
+
+EXTRAS = RunExtras(4, [("a", ["duration: 4.0 s, requested 8 s"])], OUT / "report.html")
+
+
+def test_summary_lines_carry_what_needs_attention() -> None:
+    lines = run_summary(report(), 5, EXTRAS)
+    assert lines[0].startswith("veobatch: 5 jobs: 3 done, 1 failed, 1 uncertain")
+    assert "  b: generation_error: policy: blocked" in lines
+    assert "  c" in lines
+    assert "videos that differ from their request: 1" in lines
+    assert "  a: duration: 4.0 s, requested 8 s" in lines
+    assert (
+        "spend: about $3.60 estimated for 4 generations submitted this run; "
+        "the API reported $3.20 for 3 of them"
+    ) in lines
+    assert lines[-2:] == [
+        "output: out/nightly (results.json, ledger.jsonl)",
+        "report: out/nightly/report.html",
+    ]
+    nothing = replace(report(), estimated_jobs=0, reported_jobs=0)
+    assert not any("spend" in line for line in run_summary(nothing, 5))  # nothing submitted
+
+
+def test_summary_doc_is_the_same_facts_as_json() -> None:
+    doc = summary_doc(report(), 5, EXTRAS)
+    assert doc["exit_code"] == 1 and doc["total"] == 5 and doc["counts"]["done"] == 3
+    assert doc["failed"] == [{"id": "b", "kind": "generation_error", "message": "policy: blocked"}]
+    assert doc["uncertain"] == ["c"] and doc["report"] == "out/nightly/report.html"
+    assert doc["flagged"] == [{"id": "a", "flags": ["duration: 4.0 s, requested 8 s"]}]
+    assert doc["spend_usd_estimate"] == 3.6 and doc["generations_created"] == 4
+    assert doc["spend_usd_reported"] == 3.2 and doc["spend_reported_jobs"] == 3
+
+
+def test_run_extras_counts_only_this_runs_generations() -> None:
+    jobs = [
+        Job("a", {"model": "google/veo-3.1-t2v-fast", "prompt": "x", "duration": 4}),
+        Job("b", {"model": "google/veo-3.1-t2v", "prompt": "y"}),
+        Job("c", {"model": "google/veo-3.1-t2v", "prompt": "z"}),
+    ]
+    states = {
+        "a": JobState("a", "done", generation_id="g", submitted_at=1000.0, flags=["audio: x"]),
+        "b": JobState("b", "failed", generation_id="h", submitted_at=1000.5),
+        "c": JobState("c", "done", generation_id="i", submitted_at=10.0),  # an earlier run's
+    }
+    extras = run_extras(states, jobs, started_wall=1000.2)
+    assert extras.generations == 2
+    assert extras.flagged == [("a", ["audio: x"])]
+
+
+def failed(kind: str, gen: str | None = "g") -> JobState:
+    return JobState("j", "failed", generation_id=gen, error=ErrorInfo(kind, "m"))
+
+
+@pytest.mark.parametrize(
+    ("state", "flags", "action", "why"),
+    [
+        (JobState("j"), {}, "submit", "new"),
+        (JobState("j", "submitted", generation_id="g"), {}, "poll", "in flight"),
+        (
+            JobState("j", "completed", generation_id="g", video_url="https://v"),
+            {},
+            "download",
+            "completed",
+        ),
+        (JobState("j", "done", file="gone.mp4", bytes=1), {}, "refetch", "missing"),
+        (failed("generation_error"), {}, "hold", "failed"),
+        (failed("generation_error"), {"retry_failed": True}, "submit", "--retry-failed"),
+        (failed("timeout"), {}, "poll", "polling its generation again"),
+        (JobState("j", "submitting"), {}, "lookup", "usage logs"),
+        (JobState("j", "uncertain"), {}, "lookup", "left uncertain"),
+        (JobState("j", "uncertain"), {"resubmit_uncertain": True}, "lookup", "may pay twice"),
+    ],
+)
+def test_what_a_rerun_would_do(
+    tmp_path: Path, state: JobState, flags: dict[str, bool], action: str, why: str
+) -> None:
+    got = rerun_action(state, "google/veo-3.1-t2v", tmp_path, **flags)
+    assert got[0] == action and why in got[1], got
+
+
+def test_a_done_job_with_its_file_is_skipped_even_with_a_recorded_key(tmp_path: Path) -> None:
+    (tmp_path / "j.mp4").write_bytes(b"x" * 10)
+    mtime = (tmp_path / "j.mp4").stat().st_mtime_ns
+    st = JobState("j", "done", key="k", file="j.mp4", bytes=10, sha256="s", mtime_ns=mtime)
+    assert rerun_action(st, "google/veo-3.1-t2v", tmp_path) == ("skip", "done")
+    assert (
+        rerun_summary([("skip", ""), ("poll", ""), ("skip", "")]) == "a rerun would: 2 skip, 1 poll"
+    )

@@ -1,0 +1,123 @@
+"""Video verification: the expected video of a request, the probe of a real file, the flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from veobatch.jobview import (
+    Expected,
+    compact_request,
+    expected_video,
+    list_price_usd,
+    parse_duration_s,
+)
+from veobatch.simulator.video import VideoSpec, encode_test_card
+from veobatch.verify import Probe, compare, probe_video, thumbnail_jpeg, verify_file
+
+T2V = "google/veo-3.1-t2v"
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(8, 8.0), (4.0, 4.0), ("6", 6.0), ("8s", 8.0), (" 4 s ", 4.0), (True, None), ("x", None)],
+)
+def test_duration_spellings(value: object, seconds: float | None) -> None:
+    assert parse_duration_s(value) == seconds
+
+
+@pytest.mark.parametrize(
+    ("model", "request_fields", "expected"),
+    [
+        (T2V, {}, Expected(8.0, 1920, 1080, True)),  # the catalogue's defaults
+        (T2V, {"duration": 4, "resolution": "720p"}, Expected(4.0, 1280, 720, True)),
+        (T2V, {"aspect_ratio": "9:16", "resolution": "720p"}, Expected(8.0, 720, 1280, True)),
+        (T2V, {"duration": "6s", "generate_audio": False}, Expected(6.0, 1920, 1080, False)),
+        ("google/veo-3.1-reference-to-video", {}, Expected(8.0, 1920, 1080, True)),
+        (T2V, {"resolution": "4k"}, Expected(8.0, None, None, True)),
+    ],
+)
+def test_expected_video(model: str, request_fields: dict[str, object], expected: Expected) -> None:
+    assert expected_video(model, request_fields) == expected
+
+
+FULL_HD = Expected(8.0, 1920, 1080, True)
+
+
+@pytest.mark.parametrize(
+    ("probe", "flags"),
+    [
+        (Probe(8.0, 1920, 1080, True, "h264"), []),
+        (Probe(8.4, 1920, 1080, True), []),  # within the tolerance
+        (Probe(4.0, 1920, 1080, True), ["duration: 4.0 s, requested 8 s"]),
+        (Probe(8.0, 1280, 720, True), ["resolution: 1280×720, requested 1920×1080"]),
+        (Probe(8.0, 1920, 1080, False), ["audio: no audio track"]),
+        (Probe(None, 1920, 1080, True), ["duration: unknown"]),
+        (Probe(error="Invalid data"), ["unreadable: Invalid data"]),
+    ],
+)
+def test_compare(probe: Probe, flags: list[str]) -> None:
+    assert compare(FULL_HD, probe) == flags
+
+
+def test_audio_present_but_not_requested_is_flagged() -> None:
+    silent = Expected(4.0, 1280, 720, False)
+    assert compare(silent, Probe(4.0, 1280, 720, True)) == ["audio: audio not requested"]
+
+
+def test_probe_round_trips_through_json() -> None:
+    p = Probe(4.0, 720, 1280, False, "h264")
+    assert Probe.from_json(p.to_json()) == p
+    assert Probe.from_json({"error": "x", "future_field": 1}) == Probe(error="x")
+    assert Probe.from_json(None) is None
+    assert p.describe() == "4.0 s · 720×1280 · no audio · h264"
+
+
+def test_compact_request_summarises_inline_images() -> None:
+    big = "data:image/png;base64," + "A" * 5000
+    req = {"model": T2V, "prompt": "p", "image_url": big, "image_urls": [big, "https://x/y.png"]}
+    out = compact_request(req)
+    assert "model" not in out and out["prompt"] == "p"
+    assert out["image_url"] == "data:image/png;base64,… (4 KiB)"
+    assert out["image_urls"][1] == "https://x/y.png"
+
+
+def test_list_price() -> None:
+    assert list_price_usd("google/veo-3.1-t2v-fast", {"duration": 4}) == pytest.approx(0.6)
+    assert list_price_usd(T2V, {}) == pytest.approx(3.2)
+    assert list_price_usd("nope", {}) == 0.0
+
+
+@pytest.fixture(scope="module")
+def portrait_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("clips") / "clip.mp4"
+    encode_test_card(VideoSpec(180, 320, 2, 8, audio=True), path)
+    return path
+
+
+def test_probe_of_a_real_file(portrait_clip: Path) -> None:
+    p = probe_video(portrait_clip)
+    assert (p.width, p.height, p.audio, p.codec, p.error) == (180, 320, True, "h264", None)
+    assert p.duration_s is not None and abs(p.duration_s - 2.0) < 0.1
+
+
+def test_verify_file_flags_what_differs(portrait_clip: Path) -> None:
+    ok = {"duration": "2s", "aspect_ratio": "9:16", "resolution": "720p"}
+    checked = verify_file(portrait_clip, T2V, ok)
+    assert checked.flags == ["resolution: 180×320, requested 720×1280"]
+    assert checked.record_fields()["video"]["width"] == 180
+
+
+def test_unreadable_and_missing_files(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"x" * 500)
+    assert probe_video(bad).error is not None
+    assert str(tmp_path) not in (probe_video(bad).error or "")  # no paths in the ledger
+    assert probe_video(tmp_path / "gone.mp4").error is not None
+    assert thumbnail_jpeg(bad) is None
+
+
+def test_thumbnail_is_a_jpeg(portrait_clip: Path) -> None:
+    data = thumbnail_jpeg(portrait_clip, width=90)
+    assert data is not None and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"

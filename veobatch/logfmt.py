@@ -1,0 +1,105 @@
+"""Log line formats for stderr off a terminal: plain greppable text, or one JSON object a line.
+
+Log calls across veobatch follow one convention, ``"<event> key=value ...: detail"`` (for
+example ``"failed job=j1 kind=timeout: not finished after 1800s"``). :func:`parse_message`
+splits such a message back into its parts, so the JSON format gets structured fields without
+any call site knowing about it. Pure core: :func:`parse_message`, :func:`json_record`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+LogFormat = Literal["text", "json"]
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+TEXT_DATEFMT = "%Y-%m-%dT%H:%M:%S"
+_KV = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(\S+)$")
+_INT = re.compile(r"^-?\d+$")
+_FLOAT = re.compile(r"^-?\d+\.\d+$")
+MAX_EVENT_WORDS = 4
+
+
+@dataclass(frozen=True)
+class Parsed:
+    event: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""
+
+
+def _value(text: str) -> Any:
+    if _INT.match(text):
+        return int(text)
+    if _FLOAT.match(text):
+        return float(text)
+    return text
+
+
+def _slug(words: list[str]) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", " ".join(words).lower()).strip("_") or "log"
+
+
+def parse_message(message: str) -> Parsed:
+    """``"<event words> k=v k=v: detail"`` into its parts; anything else becomes the detail."""
+    words = message.split(" ")
+    event: list[str] = []
+    fields: dict[str, Any] = {}
+    i = 0
+    while i < len(words) and not _KV.match(words[i].rstrip(":")):
+        word = words[i]
+        i += 1
+        if word.endswith(":"):  # "event: detail"
+            event.append(word[:-1])
+            return Parsed(_slug(event), fields, " ".join(words[i:]))
+        event.append(word)
+    if i == len(words) and len(event) > MAX_EVENT_WORDS:  # prose, not an event: keep it whole
+        return Parsed(_slug(event[:2]), {}, message)
+    while i < len(words) and (m := _KV.match(words[i].rstrip(":"))):
+        fields[m.group(1)] = _value(m.group(2))
+        ends = words[i].endswith(":")
+        i += 1
+        if ends:
+            break
+    return Parsed(_slug(event), fields, " ".join(words[i:]))
+
+
+def json_record(record: logging.LogRecord) -> dict[str, Any]:
+    """One log record as the JSON object written for it."""
+    message = record.getMessage()
+    parsed = parse_message(message)
+    fields = dict(parsed.fields)
+    doc: dict[str, Any] = {
+        "ts": _iso(record.created),
+        "level": record.levelname.lower(),
+        "event": parsed.event,
+        "job": fields.pop("job", None),
+        "fields": fields,
+        "detail": parsed.detail,
+        "message": message,
+        "logger": record.name,
+    }
+    if record.exc_info and record.exc_info[0] is not None:
+        doc["exc"] = logging.Formatter().formatException(record.exc_info)
+    return doc
+
+
+def _iso(created: float) -> str:
+    ms = int(created * 1000) % 1000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """For log collectors: one JSON object per line (ts, level, event, job, fields, ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(json_record(record), ensure_ascii=False, default=str)
+
+
+def formatter(kind: LogFormat) -> logging.Formatter:
+    if kind == "json":
+        return JsonFormatter()
+    return logging.Formatter(TEXT_FORMAT, TEXT_DATEFMT)

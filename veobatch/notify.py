@@ -1,0 +1,58 @@
+"""Tell someone a run has ended: POST its JSON summary to a webhook.
+
+The body is Slack-compatible (incoming webhooks read ``text``; the structured fields ride along
+for anything else). A notification is a courtesy: it has a short timeout, follows no
+redirects, never carries the API key, and never raises; a failure is logged and the run's exit
+code stays what the run earned. The webhook URL itself may be a secret (Slack's are), so logs
+name only its host. Pure: :func:`payload`, :func:`check_url`, :func:`safe_target`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_S = 10.0
+
+
+def check_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"notify URL must be an http(s) URL, got {safe_target(url)!r}")
+    return url
+
+
+def safe_target(url: str) -> str:
+    """Scheme and host only: webhook paths and queries are often credentials."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or '?'}" if parts.scheme else "(not a URL)"
+
+
+def payload(doc: Mapping[str, Any], text_lines: Sequence[str]) -> dict[str, Any]:
+    return {"text": "\n".join(text_lines), **doc}
+
+
+async def send(url: str, body: Mapping[str, Any], *, timeout_s: float = TIMEOUT_S) -> bool:
+    """POST ``body`` as JSON; True when the webhook answered 2xx. Never raises."""
+    target = safe_target(url)
+    try:
+        timeout = aiohttp.ClientTimeout(total=timeout_s)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.post(url, json=dict(body), allow_redirects=False) as resp,
+        ):
+            if 200 <= resp.status < 300:
+                log.info("notified url=%s status=%d", target, resp.status)
+                return True
+            log.error("notification failed url=%s status=%d", target, resp.status)
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        log.error("notification failed url=%s: %s", target, type(exc).__name__)
+    return False
