@@ -3,8 +3,8 @@
 One task polls everything, so the cost is one heap operation per poll rather than a sleeping
 coroutine per job. Pure core: :func:`error_delay_s`, :class:`PollSchedule`, and the learnt
 schedule in :mod:`veobatch.schedule`.
-Shell: :class:`Poller`, which sends the fetches under a small limiter and hands every final
-answer to the runner through a :class:`PollSink`.
+Shell: :class:`Poller`, which hands due generations to a fixed pool of poll workers (the pool
+size is the in-flight limit) and every final answer to the runner through a :class:`PollSink`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .client import ApiClient, Generation
 from .errors import ApiError, AuthError, NotFoundError, RateLimitedError
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 MAX_NOT_FOUND = 5  # a fresh id can lag behind on a replica; a persistent 404 is final
 POLL_BURST = 50  # polls that may go at once before pacing applies
 REFIT_CHECK_S = 0.25  # how often the poller looks for models due a new plan
+# Polls due this soon go with the current batch: one loop turn serves several, and the loop
+# never wakes a hair early and finds nothing due (event loops round timers to milliseconds).
+POLL_EARLY_S = 0.004  # below schedule.PLAN_SLACK_S
 
 
 def error_delay_s(
@@ -127,12 +131,10 @@ class Poller:
         self._rng = rng or random.Random()
         self._schedule = PollSchedule()
         self._tracked: dict[str, Tracked] = {}
-        self._wake = anyio.Event()
+        self._nap = anyio.CancelScope()  # the loop's sleep; cancelled to wake it early
         self._sleeping_until = -math.inf  # -inf while awake: nothing to interrupt
         self._next_slot = -math.inf  # pacing: when the next poll may go
         self.durations = DurationModel(settings)
-        # A semaphore, not a CapacityLimiter: the loop acquires, the poll task releases.
-        self._in_flight = anyio.Semaphore(settings.max_concurrent)
         self.polls_sent = 0
 
     def __len__(self) -> int:
@@ -158,11 +160,16 @@ class Poller:
 
     async def run(self) -> None:
         """Poll forever; the owner cancels this when the run is over."""
-        async with anyio.create_task_group() as tg:
+        # Unbuffered: a due generation waits in the loop until a worker is free, so the pool
+        # size bounds the polls in flight without a task or a semaphore per poll.
+        send, receive = anyio.create_memory_object_stream[Tracked](0)
+        async with anyio.create_task_group() as tg, send, receive:
             tg.start_soon(self._refit_loop)
+            for _ in range(self._s.max_concurrent):
+                tg.start_soon(self._poll_worker, receive.clone())
             while True:
                 now = self._clock()
-                for job_id in self._schedule.pop_due(now):
+                for job_id in self._schedule.pop_due(now + POLL_EARLY_S):
                     t = self._tracked.get(job_id)
                     if t is None:
                         continue
@@ -171,9 +178,13 @@ class Poller:
                         await self._sink.generation_timed_out(t)
                         continue
                     await self._pace()
-                    await self._in_flight.acquire()
-                    tg.start_soon(self._poll_one, t)
+                    await send.send(t)
                 await self._sleep_until_due()
+
+    async def _poll_worker(self, receive: MemoryObjectReceiveStream[Tracked]) -> None:
+        async with receive:
+            async for t in receive:
+                await self._poll_one(t)
 
     async def _refit_loop(self) -> None:
         """Fit poll plans in a worker thread: a fit takes tens of milliseconds, which the poll
@@ -194,41 +205,38 @@ class Poller:
 
     async def _sleep_until_due(self) -> None:
         """Sleep until the earliest due time, or until something due earlier is scheduled."""
-        if self._wake.is_set():
-            self._wake = anyio.Event()
         nxt = self._schedule.next_due()
         self._sleeping_until = math.inf if nxt is None else nxt
-        if nxt is None:
-            await self._wake.wait()
-        else:
-            with anyio.move_on_after(max(0.0, nxt - self._clock())):
-                await self._wake.wait()
+        # A plain sleep in a scope that _add cancels: a deadline on the scope instead would
+        # re-arm its timer until the loop's millisecond clock catches up, spinning meanwhile.
+        with anyio.CancelScope() as self._nap:
+            if nxt is None:
+                await anyio.sleep_forever()
+            else:
+                await anyio.sleep(max(0.0, nxt - self._clock()))
         self._sleeping_until = -math.inf
 
     async def _poll_one(self, t: Tracked) -> None:
+        t.polls += 1
+        self.polls_sent += 1
         try:
-            t.polls += 1
-            self.polls_sent += 1
-            try:
-                gen = await self._api.fetch(t.generation_id)
-            except AuthError:
-                raise  # the key no longer works: nothing else will, the run must stop
-            except ApiError as exc:
-                await self._on_error(t, exc)
-                return
-            t.errors = 0
-            if gen.completed or gen.failed:
-                self._tracked.pop(t.job_id, None)
-                if gen.completed:
-                    # It finished since the last poll that saw it running (or since submission).
-                    self.durations.observe(t.model, t.last_running_age, self._clock() - t.started)
-                await self._sink.generation_finished(t, gen)
-                return
-            now = self._clock()
-            t.last_running_age = now - t.started
-            self._reschedule(t, now + self.durations.next_delay_s(t.model, t.last_running_age))
-        finally:
-            self._in_flight.release()
+            gen = await self._api.fetch(t.generation_id)
+        except AuthError:
+            raise  # the key no longer works: nothing else will, the run must stop
+        except ApiError as exc:
+            await self._on_error(t, exc)
+            return
+        t.errors = 0
+        if gen.completed or gen.failed:
+            self._tracked.pop(t.job_id, None)
+            if gen.completed:
+                # It finished since the last poll that saw it running (or since submission).
+                self.durations.observe(t.model, t.last_running_age, self._clock() - t.started)
+            await self._sink.generation_finished(t, gen)
+            return
+        now = self._clock()
+        t.last_running_age = now - t.started
+        self._reschedule(t, now + self.durations.next_delay_s(t.model, t.last_running_age))
 
     async def _on_error(self, t: Tracked, exc: ApiError) -> None:
         if isinstance(exc, NotFoundError):
@@ -252,4 +260,4 @@ class Poller:
     def _add(self, job_id: str, due: float) -> None:
         self._schedule.schedule(job_id, due)
         if due < self._sleeping_until:  # the loop would oversleep this one
-            self._wake.set()
+            self._nap.cancel()
