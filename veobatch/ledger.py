@@ -29,6 +29,7 @@ from .jobs import Job
 LEDGER_NAME = "ledger.jsonl"
 RESULTS_NAME = "results.json"
 GROUP_COMMIT_LINGER_S = 0.002
+_encode_record = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 Status = Literal["pending", "submitting", "submitted", "completed", "done", "failed", "uncertain"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -303,7 +304,7 @@ class Ledger:
         """Apply and append one record; with ``durable``, wait until it is fsynced."""
         rec: dict[str, Any] = {"t": round(self._clock(), 3), "ev": ev, "job": job_id, **data}
         state = apply_record(self.states, rec)
-        line = json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        line = _encode_record(rec).encode() + b"\n"
         with self._buf_lock:
             self._buf.append(line)
             self._seq += 1
@@ -366,8 +367,19 @@ class Ledger:
 
 def write_results_doc(directory: Path, doc: dict[str, Any]) -> None:
     """Write a results document built earlier; safe in a worker thread (it owns ``doc``)."""
-    data = json.dumps(doc, indent=2, ensure_ascii=False).encode()
-    atomic_write_bytes(directory / RESULTS_NAME, data)
+    atomic_write_bytes(directory / RESULTS_NAME, encode_results(doc))
+
+
+_encode_row = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def encode_results(doc: dict[str, Any]) -> bytes:
+    """The document with one job per line: as easy to read and grep as indented JSON, and
+    encoded by the C encoder (indentation is pure Python, 3x the cost at 10,000 jobs)."""
+    parts = [f"{_encode_row(k)}: {_encode_row(v)}" for k, v in doc.items() if k != "jobs"]
+    rows = ",\n    ".join(map(_encode_row, doc.get("jobs", [])))
+    parts.append(f'"jobs": [\n    {rows}\n  ]' if rows else '"jobs": []')
+    return ("{" + ", ".join(parts) + "}\n").encode()
 
 
 def _cut_tail(path: Path, journal: Journal, now: float) -> Path:
