@@ -28,7 +28,7 @@ from .jobs import Job
 
 LEDGER_NAME = "ledger.jsonl"
 RESULTS_NAME = "results.json"
-GROUP_COMMIT_LINGER_S = 0.002
+GROUP_COMMIT_LINGER_S = 0.010
 _encode_record = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 Status = Literal["pending", "submitting", "submitted", "completed", "done", "failed", "uncertain"]
@@ -267,6 +267,7 @@ class Ledger:
         self._seq = 0  # records appended to the buffer
         self._synced = 0  # records known to be on disk
         self._flushing: anyio.Event | None = None
+        self._dir_changed = False  # renames in the directory to fsync before the next batch
         self._buf_lock = threading.Lock()  # held only to append or swap the buffer
         self._io_lock = threading.Lock()  # held while a batch is written
         self.recovered_tail: Path | None = None
@@ -299,6 +300,12 @@ class Ledger:
 
     def state(self, job_id: str) -> JobState:
         return self.states.get(job_id) or JobState(job_id)
+
+    def dir_changed(self) -> None:
+        """Files were renamed into the directory: fsync it before the next batch is written,
+        so a record naming such a file is never on disk before the file's name is."""
+        with self._buf_lock:
+            self._dir_changed = True
 
     async def record(self, ev: str, job_id: str, *, durable: bool = True, **data: Any) -> JobState:
         """Apply and append one record; with ``durable``, wait until it is fsynced."""
@@ -339,9 +346,18 @@ class Ledger:
             with self._buf_lock:
                 lines, self._buf = self._buf, []
                 seq = self._seq
+                dir_changed, self._dir_changed = self._dir_changed, False
+            if dir_changed:
+                self._sync_dir()
             if lines:
                 self._write(lines)
             return seq
+
+    def _sync_dir(self) -> None:
+        try:
+            fsync_dir(self.directory)
+        except OSError as exc:
+            raise LedgerError(f"cannot sync {self.directory}: {exc.strerror}") from exc
 
     def _write(self, lines: list[bytes]) -> None:
         try:

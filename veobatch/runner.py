@@ -414,6 +414,7 @@ class _Run:
                     max_bytes=s.max_video_bytes,
                     chunk_bytes=s.download_chunk_bytes,
                     client_timeout=timeout,
+                    sync_dir=False,  # the ledger batch that carries "done" syncs it
                 )
             except UrlRejectedError as exc:
                 return await self._fail(job_id, "url_rejected", exc.message)
@@ -428,6 +429,7 @@ class _Run:
                 continue
             # Not waited for (the file is already on disk): lost in a crash, the next run
             # finds the job completed and fetches the video again, at no charge.
+            self.ledger.dir_changed()
             await self.ledger.record(
                 "done",
                 job_id,
