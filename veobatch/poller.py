@@ -13,12 +13,12 @@ import heapq
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
-from anyio.streams.memory import MemoryObjectReceiveStream
 
 from .client import ApiClient, Generation
 from .errors import ApiError, AuthError, NotFoundError, RateLimitedError
@@ -132,6 +132,8 @@ class Poller:
         self._schedule = PollSchedule()
         self._tracked: dict[str, Tracked] = {}
         self._nap = anyio.CancelScope()  # the loop's sleep; cancelled to wake it early
+        self._ready: deque[Tracked] = deque()  # due, waiting for a poll worker
+        self._idle: list[anyio.Event] = []  # one per poll worker waiting for work
         self._sleeping_until = -math.inf  # -inf while awake: nothing to interrupt
         self._next_slot = -math.inf  # pacing: when the next poll may go
         self.durations = DurationModel(settings)
@@ -160,13 +162,11 @@ class Poller:
 
     async def run(self) -> None:
         """Poll forever; the owner cancels this when the run is over."""
-        # Unbuffered: a due generation waits in the loop until a worker is free, so the pool
-        # size bounds the polls in flight without a task or a semaphore per poll.
-        send, receive = anyio.create_memory_object_stream[Tracked](0)
-        async with anyio.create_task_group() as tg, send, receive:
+        # The pool size bounds the polls in flight, without a task or a semaphore per poll.
+        async with anyio.create_task_group() as tg:
             tg.start_soon(self._refit_loop)
             for _ in range(self._s.max_concurrent):
-                tg.start_soon(self._poll_worker, receive.clone())
+                tg.start_soon(self._poll_worker)
             while True:
                 now = self._clock()
                 for job_id in self._schedule.pop_due(now + POLL_EARLY_S):
@@ -178,13 +178,19 @@ class Poller:
                         await self._sink.generation_timed_out(t)
                         continue
                     await self._pace()
-                    await send.send(t)
+                    self._ready.append(t)
+                    if self._idle:
+                        self._idle.pop().set()
                 await self._sleep_until_due()
 
-    async def _poll_worker(self, receive: MemoryObjectReceiveStream[Tracked]) -> None:
-        async with receive:
-            async for t in receive:
-                await self._poll_one(t)
+    async def _poll_worker(self) -> None:
+        """Poll what is ready; a busy pool passes work on with no wake-up at all."""
+        while True:
+            while self._ready:
+                await self._poll_one(self._ready.popleft())
+            wake = anyio.Event()
+            self._idle.append(wake)
+            await wake.wait()
 
     async def _refit_loop(self) -> None:
         """Fit poll plans in a worker thread: a fit takes tens of milliseconds, which the poll
