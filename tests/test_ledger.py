@@ -207,6 +207,25 @@ async def test_concurrent_records_share_fsyncs(tmp_path: Path) -> None:
     assert writes < 200  # group commit: many records per write+fsync
 
 
+async def test_a_changed_directory_is_synced_before_the_batch_that_names_its_files(
+    tmp_path: Path,
+) -> None:
+    ledger = Ledger.open(tmp_path)
+    calls: list[str] = []
+    sync_dir, write = ledger._sync_dir, ledger._write
+    ledger._sync_dir = lambda: (calls.append("dir"), sync_dir())[1]  # type: ignore[method-assign]
+    ledger._write = lambda lines: (calls.append("write"), write(lines))[1]  # type: ignore[method-assign]
+    for ev, kw in [("intent", {"crid": "c"}), ("submitted", {"gen": "g"}), ("completed", {})]:
+        await ledger.record(ev, "a", **kw)
+    ledger.dir_changed()
+    await ledger.record("done", "a", durable=False, file="a.mp4", bytes=1, sha256="s")
+    assert calls == ["write"] * 3  # not waited for: it rides the next batch
+    await ledger.sync()
+    ledger.close()
+    assert calls == ["write"] * 3 + ["dir", "write"]
+    assert Ledger.open(tmp_path).states["a"].status == "done"
+
+
 def test_results_document() -> None:
     states = replay([*HAPPY, rec("intent", job="b"), rec("failed", job="b", kind="x", message="y")])
     jobs = [

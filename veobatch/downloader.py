@@ -8,6 +8,7 @@ Shell: :func:`download`, which uses a session that never carries the API key.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import os
@@ -37,6 +38,7 @@ class Downloaded:
     mtime_ns: int
 
 
+@functools.lru_cache(maxsize=256)  # asked for every video URL, of a handful of hosts
 def _is_loopback(host: str | None) -> bool:
     if not host:
         return False
@@ -112,8 +114,13 @@ async def download(
     max_bytes: int,
     chunk_bytes: int = 1 << 20,
     client_timeout: aiohttp.ClientTimeout | None = None,
+    sync_dir: bool = True,
 ) -> Downloaded:
-    """One attempt: fetch ``url`` into ``<id>.mp4``, resuming a ``.part`` with Range if allowed."""
+    """One attempt: fetch ``url`` into ``<id>.mp4``, resuming a ``.part`` with Range if allowed.
+
+    Without ``sync_dir`` the rename is not yet durable: the caller fsyncs the directory before
+    it records the file (the ledger does, for many files at once).
+    """
     final = out_dir / final_name(job_id)
     part = final.with_name(final.name + PART_SUFFIX)
     have = part.stat().st_size if part.exists() else 0
@@ -145,7 +152,7 @@ async def download(
     if expected is not None and size != expected:
         await writer.close(sync=False)
         raise DownloadError(f"truncated: got {size} of {expected} bytes", job_id=job_id)
-    return await writer.finish(final, size, digest.hexdigest(), job_id)
+    return await writer.finish(final, size, digest.hexdigest(), job_id, sync_dir=sync_dir)
 
 
 async def _open(
@@ -258,10 +265,14 @@ class _PartWriter:
                 f.flush()
                 os.fsync(f.fileno())
 
-    async def finish(self, final: Path, size: int, sha: str, job_id: str) -> Downloaded:
+    async def finish(
+        self, final: Path, size: int, sha: str, job_id: str, *, sync_dir: bool = True
+    ) -> Downloaded:
         if self._file is not None:
             await self.close(sync=True)
-            return await anyio.to_thread.run_sync(_finish, self.part, final, size, sha, job_id)
+            return await anyio.to_thread.run_sync(
+                _finish, self.part, final, size, sha, job_id, None, sync_dir
+            )
         data, append = bytes(self._buf), self._append
         self._buf.clear()
 
@@ -270,7 +281,8 @@ class _PartWriter:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            return _finish(self.part, final, size, sha, job_id)
+            head = None if append else data[:16]  # the whole file is in hand: no re-read
+            return _finish(self.part, final, size, sha, job_id, head, sync_dir)
 
         return await anyio.to_thread.run_sync(write_and_finish)
 
@@ -299,12 +311,22 @@ async def _stream(
     return size
 
 
-def _finish(part: Path, final: Path, size: int, sha: str, job_id: str) -> Downloaded:
-    with open(part, "rb") as f:
-        head = f.read(16)
+def _finish(
+    part: Path,
+    final: Path,
+    size: int,
+    sha: str,
+    job_id: str,
+    head: bytes | None = None,
+    sync_dir: bool = True,
+) -> Downloaded:
+    if head is None:
+        with open(part, "rb") as f:
+            head = f.read(16)
     if not looks_like_mp4(head):
         part.unlink(missing_ok=True)
         raise DownloadError("the downloaded file is not an MP4", job_id=job_id)
     os.replace(part, final)
-    fsync_dir(final.parent)
+    if sync_dir:
+        fsync_dir(final.parent)
     return Downloaded(final.name, size, sha, final.stat().st_mtime_ns)

@@ -28,7 +28,8 @@ from .jobs import Job
 
 LEDGER_NAME = "ledger.jsonl"
 RESULTS_NAME = "results.json"
-GROUP_COMMIT_LINGER_S = 0.002
+GROUP_COMMIT_LINGER_S = 0.010
+_encode_record = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 Status = Literal["pending", "submitting", "submitted", "completed", "done", "failed", "uncertain"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -282,6 +283,7 @@ class Ledger:
         self._seq = 0  # records appended to the buffer
         self._synced = 0  # records known to be on disk
         self._flushing: anyio.Event | None = None
+        self._dir_changed = False  # renames in the directory to fsync before the next batch
         self._buf_lock = threading.Lock()  # held only to append or swap the buffer
         self._io_lock = threading.Lock()  # held while a batch is written
         self.recovered_tail: Path | None = None
@@ -315,11 +317,17 @@ class Ledger:
     def state(self, job_id: str) -> JobState:
         return self.states.get(job_id) or JobState(job_id)
 
+    def dir_changed(self) -> None:
+        """Files were renamed into the directory: fsync it before the next batch is written,
+        so a record naming such a file is never on disk before the file's name is."""
+        with self._buf_lock:
+            self._dir_changed = True
+
     async def record(self, ev: str, job_id: str, *, durable: bool = True, **data: Any) -> JobState:
         """Apply and append one record; with ``durable``, wait until it is fsynced."""
         rec: dict[str, Any] = {"t": round(self._clock(), 3), "ev": ev, "job": job_id, **data}
         state = apply_record(self.states, rec)
-        line = json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+        line = _encode_record(rec).encode() + b"\n"
         with self._buf_lock:
             self._buf.append(line)
             self._seq += 1
@@ -354,9 +362,18 @@ class Ledger:
             with self._buf_lock:
                 lines, self._buf = self._buf, []
                 seq = self._seq
+                dir_changed, self._dir_changed = self._dir_changed, False
+            if dir_changed:
+                self._sync_dir()
             if lines:
                 self._write(lines)
             return seq
+
+    def _sync_dir(self) -> None:
+        try:
+            fsync_dir(self.directory)
+        except OSError as exc:
+            raise LedgerError(f"cannot sync {self.directory}: {exc.strerror}") from exc
 
     def _write(self, lines: list[bytes]) -> None:
         try:
@@ -382,8 +399,19 @@ class Ledger:
 
 def write_results_doc(directory: Path, doc: dict[str, Any]) -> None:
     """Write a results document built earlier; safe in a worker thread (it owns ``doc``)."""
-    data = json.dumps(doc, indent=2, ensure_ascii=False).encode()
-    atomic_write_bytes(directory / RESULTS_NAME, data)
+    atomic_write_bytes(directory / RESULTS_NAME, encode_results(doc))
+
+
+_encode_row = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def encode_results(doc: dict[str, Any]) -> bytes:
+    """The document with one job per line: as easy to read and grep as indented JSON, and
+    encoded by the C encoder (indentation is pure Python, 3x the cost at 10,000 jobs)."""
+    parts = [f"{_encode_row(k)}: {_encode_row(v)}" for k, v in doc.items() if k != "jobs"]
+    rows = ",\n    ".join(map(_encode_row, doc.get("jobs", [])))
+    parts.append(f'"jobs": [\n    {rows}\n  ]' if rows else '"jobs": []')
+    return ("{" + ", ".join(parts) + "}\n").encode()
 
 
 def _cut_tail(path: Path, journal: Journal, now: float) -> Path:

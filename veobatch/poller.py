@@ -3,8 +3,8 @@
 One task polls everything, so the cost is one heap operation per poll rather than a sleeping
 coroutine per job. Pure core: :func:`error_delay_s`, :class:`PollSchedule`, and the learnt
 schedule in :mod:`veobatch.schedule`.
-Shell: :class:`Poller`, which sends the fetches under a small limiter and hands every final
-answer to the runner through a :class:`PollSink`.
+Shell: :class:`Poller`, which hands due generations to a fixed pool of poll workers (the pool
+size is the in-flight limit) and every final answer to the runner through a :class:`PollSink`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import heapq
 import logging
 import math
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 MAX_NOT_FOUND = 5  # a fresh id can lag behind on a replica; a persistent 404 is final
 POLL_BURST = 50  # polls that may go at once before pacing applies
 REFIT_CHECK_S = 0.25  # how often the poller looks for models due a new plan
+# Polls due this soon go with the current batch: one loop turn serves several, and the loop
+# never wakes a hair early and finds nothing due (event loops round timers to milliseconds).
+POLL_EARLY_S = 0.004  # below schedule.PLAN_SLACK_S
 
 
 def error_delay_s(
@@ -128,12 +132,12 @@ class Poller:
         self._rng = rng or random.Random()
         self._schedule = PollSchedule()
         self._tracked: dict[str, Tracked] = {}
-        self._wake = anyio.Event()
+        self._nap = anyio.CancelScope()  # the loop's sleep; cancelled to wake it early
+        self._ready: deque[Tracked] = deque()  # due, waiting for a poll worker
+        self._idle: list[anyio.Event] = []  # one per poll worker waiting for work
         self._sleeping_until = -math.inf  # -inf while awake: nothing to interrupt
         self._next_slot = -math.inf  # pacing: when the next poll may go
         self.durations = DurationModel(settings)
-        # A semaphore, not a CapacityLimiter: the loop acquires, the poll task releases.
-        self._in_flight = anyio.Semaphore(settings.max_concurrent)
         self.polls_sent = 0
 
     def __len__(self) -> int:
@@ -163,11 +167,14 @@ class Poller:
 
     async def run(self) -> None:
         """Poll forever; the owner cancels this when the run is over."""
+        # The pool size bounds the polls in flight, without a task or a semaphore per poll.
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._refit_loop)
+            for _ in range(self._s.max_concurrent):
+                tg.start_soon(self._poll_worker)
             while True:
                 now = self._clock()
-                for job_id in self._schedule.pop_due(now):
+                for job_id in self._schedule.pop_due(now + POLL_EARLY_S):
                     t = self._tracked.get(job_id)
                     if t is None:
                         continue
@@ -176,9 +183,19 @@ class Poller:
                         await self._sink.generation_timed_out(t)
                         continue
                     await self._pace()
-                    await self._in_flight.acquire()
-                    tg.start_soon(self._poll_one, t)
+                    self._ready.append(t)
+                    if self._idle:
+                        self._idle.pop().set()
                 await self._sleep_until_due()
+
+    async def _poll_worker(self) -> None:
+        """Poll what is ready; a busy pool passes work on with no wake-up at all."""
+        while True:
+            while self._ready:
+                await self._poll_one(self._ready.popleft())
+            wake = anyio.Event()
+            self._idle.append(wake)
+            await wake.wait()
 
     async def _refit_loop(self) -> None:
         """Fit poll plans in a worker thread: a fit takes tens of milliseconds, which the poll
@@ -199,42 +216,39 @@ class Poller:
 
     async def _sleep_until_due(self) -> None:
         """Sleep until the earliest due time, or until something due earlier is scheduled."""
-        if self._wake.is_set():
-            self._wake = anyio.Event()
         nxt = self._schedule.next_due()
         self._sleeping_until = math.inf if nxt is None else nxt
-        if nxt is None:
-            await self._wake.wait()
-        else:
-            with anyio.move_on_after(max(0.0, nxt - self._clock())):
-                await self._wake.wait()
+        # A plain sleep in a scope that _add cancels: a deadline on the scope instead would
+        # re-arm its timer until the loop's millisecond clock catches up, spinning meanwhile.
+        with anyio.CancelScope() as self._nap:
+            if nxt is None:
+                await anyio.sleep_forever()
+            else:
+                await anyio.sleep(max(0.0, nxt - self._clock()))
         self._sleeping_until = -math.inf
 
     async def _poll_one(self, t: Tracked) -> None:
+        t.polls += 1
+        self.polls_sent += 1
         try:
-            t.polls += 1
-            self.polls_sent += 1
-            try:
-                gen = await self._api.fetch(t.generation_id)
-            except AuthError:
-                raise  # the key no longer works: nothing else will, the run must stop
-            except ApiError as exc:
-                await self._on_error(t, exc)
-                return
-            t.errors = 0
-            if gen.completed or gen.failed:
-                self._tracked.pop(t.job_id, None)
-                if gen.completed:
-                    # It finished since the last poll that saw it running (or since submission).
-                    self.durations.observe(t.model, t.last_running_age, self._clock() - t.started)
-                await self._sink.generation_finished(t, gen)
-                return
-            now = self._clock()
-            t.api_status = gen.status
-            t.last_running_age = now - t.started
-            self._reschedule(t, now + self.durations.next_delay_s(t.model, t.last_running_age))
-        finally:
-            self._in_flight.release()
+            gen = await self._api.fetch(t.generation_id)
+        except AuthError:
+            raise  # the key no longer works: nothing else will, the run must stop
+        except ApiError as exc:
+            await self._on_error(t, exc)
+            return
+        t.errors = 0
+        if gen.completed or gen.failed:
+            self._tracked.pop(t.job_id, None)
+            if gen.completed:
+                # It finished since the last poll that saw it running (or since submission).
+                self.durations.observe(t.model, t.last_running_age, self._clock() - t.started)
+            await self._sink.generation_finished(t, gen)
+            return
+        now = self._clock()
+        t.api_status = gen.status
+        t.last_running_age = now - t.started
+        self._reschedule(t, now + self.durations.next_delay_s(t.model, t.last_running_age))
 
     async def _on_error(self, t: Tracked, exc: ApiError) -> None:
         if isinstance(exc, NotFoundError):
@@ -258,4 +272,4 @@ class Poller:
     def _add(self, job_id: str, due: float) -> None:
         self._schedule.schedule(job_id, due)
         if due < self._sleeping_until:  # the loop would oversleep this one
-            self._wake.set()
+            self._nap.cancel()

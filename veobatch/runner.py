@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
 MAX_URL_REFRESHES = 3
 SLOT_KINDS = frozenset({"timeout", "lost"})  # failed jobs whose generation may still be running
+RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its last rewrite
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,10 @@ class _Run:
             usd: dict[str, Any] = {}
             if generation.usd_spent is not None:
                 usd["usd"] = generation.usd_spent
-            await self.ledger.record("completed", tracked.job_id, url=generation.video_url, **usd)
+            # Not waited for: lost in a crash, it costs one poll for the URL again.
+            await self.ledger.record(
+                "completed", tracked.job_id, durable=False, url=generation.video_url, **usd
+            )
             log.info("completed job=%s polls=%d", tracked.job_id, tracked.polls)
             self.to_download.send_nowait((tracked.job_id, generation.video_url))
             return
@@ -444,6 +448,7 @@ class _Run:
                     max_bytes=s.max_video_bytes,
                     chunk_bytes=s.download_chunk_bytes,
                     client_timeout=timeout,
+                    sync_dir=False,  # the ledger batch that carries "done" syncs it
                 )
             except UrlRejectedError as exc:
                 return await self._fail(job_id, "url_rejected", exc.message)
@@ -460,9 +465,13 @@ class _Run:
             checked = await anyio.to_thread.run_sync(
                 verify_file, s.out_dir / got.file, job.model, job.request
             )
+            # Not waited for (the file is already on disk): lost in a crash, the next run
+            # finds the job completed and fetches the video again, at no charge.
+            self.ledger.dir_changed()
             await self.ledger.record(
                 "done",
                 job_id,
+                durable=False,
                 file=got.file,
                 bytes=got.bytes,
                 sha256=got.sha256,
@@ -497,14 +506,20 @@ class _Run:
     async def _results_loop(self) -> None:
         """Keep results.json near-current during long runs; the final write is in run()."""
         written = self.ledger.records
+        pause_s = self.settings.ledger_flush_interval_s
         while True:
-            await anyio.sleep(self.settings.ledger_flush_interval_s)
+            await anyio.sleep(pause_s)
+            await self.ledger.sync()  # records nobody waited for are on disk within a period
             if self.ledger.records == written:
                 continue  # nothing happened since the last write
             written = self.ledger.records
+            started = time.monotonic()
             # Built here, where the states live; encoded and written in a worker thread.
             doc = build_results(self.ledger.states, self.manifest.jobs)
             await anyio.to_thread.run_sync(write_results_doc, self.ledger.directory, doc)
+            # A rewrite costs time in proportion to the jobs: keep it near 1% of the run.
+            cost_s = time.monotonic() - started
+            pause_s = max(self.settings.ledger_flush_interval_s, RESULTS_COST_FACTOR * cost_s)
 
     async def _observe_loop(self, observer: Callable[[Snapshot], None]) -> None:
         started = self.clock()

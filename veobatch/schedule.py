@@ -136,6 +136,9 @@ def plan_for(dist: LogNormal, lag_target_s: float, s: PollSettings) -> tuple[flo
 _STD = NormalDist()
 WINDOW = 2000  # the most recent completions per model: enough to fit, and it follows drift
 EM_ROUNDS = 6
+# A poll this close before a planned time is that planned poll (the poller sends polls that are
+# nearly due with the current batch); without it the same planned time would be polled twice.
+PLAN_SLACK_S = 0.005
 
 
 def fit_intervals(intervals: Sequence[tuple[float, float]]) -> LogNormal:
@@ -242,7 +245,7 @@ class DurationModel:
         """Seconds from now to the next poll of a generation this old that is still running."""
         plan = self.current_plan(model)
         if plan is not None:
-            i = bisect.bisect_right(plan, age_s + 1e-9)
+            i = bisect.bisect_right(plan, age_s + PLAN_SLACK_S)
             if i < len(plan):
                 return plan[i] - age_s
         return cold_delay_s(age_s, self.settings)
