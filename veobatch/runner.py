@@ -133,6 +133,9 @@ class _Run:
         self.stop_submitting = False
         self.refreshes: dict[str, int] = {}
         self.budget = Budget(self.settings.max_cost_usd, self.settings.prices)
+        # Two threads probe finished videos: more would only add threads (and their memory)
+        # contending for the same cores.
+        self.verifiers = anyio.CapacityLimiter(2)
         self.poller = Poller(self.api, self, self.settings.poll, clock=self.clock, rng=self.rng)
         self.to_download: MemoryObjectSendStream[tuple[str, str]]
         self.downloads: MemoryObjectReceiveStream[tuple[str, str]]
@@ -463,7 +466,11 @@ class _Run:
                 continue
             job = self.jobs[job_id]
             checked = await anyio.to_thread.run_sync(
-                verify_file, s.out_dir / got.file, job.model, job.request
+                verify_file,
+                s.out_dir / got.file,
+                job.model,
+                job.request,
+                limiter=self.verifiers,
             )
             # Not waited for (the file is already on disk): lost in a crash, the next run
             # finds the job completed and fetches the video again, at no charge.
