@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from veobatch.errors import ManifestError, Problem
+from veobatch.jobview import compact_request
 from veobatch.manifest import load_manifest, slug, variant_seed
 from veobatch.scheduler import category, plan_jobs
 
@@ -59,7 +60,7 @@ def test_local_images_are_inlined_once_and_keyed_by_content(tmp_path: Path) -> N
     assert len({id(u) for u in uris}) == 1  # one encoded string shared by every job
     assert m.jobs[0].identity is not None
     assert m.jobs[0].identity["image_url"].startswith("sha256:")
-    assert "KB)" in m.jobs[0].shown_request()["image_url"]
+    assert "KiB)" in compact_request(m.jobs[0].request)["image_url"]
 
 
 def test_the_key_follows_image_content_not_its_path(tmp_path: Path) -> None:

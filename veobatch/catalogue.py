@@ -41,12 +41,6 @@ class ModelSpec:
     def required(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.fields.values() if f.required)
 
-    def default_duration_s(self) -> int:
-        spec = self.fields.get("duration")
-        if spec is not None and isinstance(spec.default, int):
-            return spec.default
-        return 8
-
 
 def _fields(*specs: FieldSpec) -> dict[str, FieldSpec]:
     return {s.name: s for s in specs}

@@ -60,8 +60,9 @@ class Budget:
     limit_usd: float | None
     prices: Mapping[str, float] = field(default_factory=dict)
     reserved: dict[str, float] = field(default_factory=dict)
-    refused: list[str] = field(default_factory=list)
+    refused: list[str] = field(default_factory=list)  # in the order they were refused
     spent_usd: float = 0.0  # the sum of ``reserved``, kept as it changes
+    _refused: set[str] = field(default_factory=set, repr=False)
 
     def reserve(self, job: Job) -> bool:
         """True when the job may be submitted; a refusal is remembered for the summary."""
@@ -69,7 +70,8 @@ class Budget:
             return True
         usd = estimate_usd(job, self.prices)
         if self.limit_usd is not None and self.spent_usd + usd > self.limit_usd + 1e-9:
-            if job.id not in self.refused:
+            if job.id not in self._refused:  # a set: thousands may be refused
+                self._refused.add(job.id)
                 self.refused.append(job.id)
             return False
         self.reserved[job.id] = usd

@@ -13,7 +13,7 @@ import hashlib
 import io
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -178,13 +178,4 @@ class ImageStore:
         check = inspect_image(data, shown)
         if check.image is None:
             return check
-        image = LocalImage(
-            full,
-            check.image.data_uri,
-            check.image.sha256,
-            check.image.mime,
-            check.image.width,
-            check.image.height,
-            check.image.size,
-        )
-        return ImageCheck(image, None, check.warning)
+        return replace(check, image=replace(check.image, path=full))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import Problem
+from .jobview import requested_duration_s
 
 
 def canonical_json(value: Any) -> str:
@@ -25,16 +26,6 @@ def canonical_json(value: Any) -> str:
 def request_key(request: Mapping[str, Any]) -> str:
     """The identity of a request: sha256 of its canonical JSON (model included)."""
     return hashlib.sha256(canonical_json(dict(request)).encode("utf-8")).hexdigest()
-
-
-def abbreviate(value: Any) -> Any:
-    """A data: URI shortened to its type and size; lists walked; anything else as it is."""
-    if isinstance(value, list):
-        return [abbreviate(v) for v in value]
-    if isinstance(value, str) and value[:5].lower() == "data:" and len(value) > 80:
-        head = value.split(",", 1)[0]
-        return f"{head},… ({len(value) * 3 // 4 // 1000} KB)"
-    return value
 
 
 @dataclass(frozen=True)
@@ -59,19 +50,10 @@ class Job:
         """Computed once: the plan, the intent record and the file check all ask for it."""
         return request_key(self.identity if self.identity is not None else self.request)
 
-    def shown_request(self) -> dict[str, Any]:
-        """The request as a person reads it: inline images abbreviated, not megabytes of base64."""
-        return {k: abbreviate(v) for k, v in self.request.items()}
-
     @property
     def duration_s(self) -> int:
-        from .catalogue import get_model
-
-        value = self.request.get("duration")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        spec = get_model(self.model)
-        return spec.default_duration_s() if spec else 8
+        """Seconds of video asked for (the model's default when the job does not say)."""
+        return round(requested_duration_s(self.model, self.request))
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,6 @@ class _Validator:
         self.doc = doc
         self.file = file
         self.base_dir = base_dir
-        self.source = doc.source
         self.images = ImageStore(base_dir)
         self.report = Report(file, doc.source, _job_labels(doc.data), images=self.images)
         self.files = [file]
@@ -307,13 +306,18 @@ class _Validator:
     def _cost_setting(self, raw: dict[Any, Any]) -> float | None:
         if "max_cost_usd" not in raw:
             return None
-        value = raw["max_cost_usd"]
+        expected = "an amount in US dollars, 0 or more (e.g. 250)"
+        return self._amount(("settings", "max_cost_usd"), raw["max_cost_usd"], expected)
+
+    def _amount(
+        self, at: KeyPath, value: Any, expected: str, *, above_zero: bool = False
+    ) -> float | None:
+        """A finite number, at least 0 (above 0 with ``above_zero``), or a reported problem."""
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and math.isfinite(value) and value >= 0:
+        if number and math.isfinite(value) and (value > 0 if above_zero else value >= 0):
             return float(value)
         got = show(value) if number else describe(value)
-        message = f"expected an amount in US dollars, 0 or more (e.g. 250), got {got}"
-        self.report.error(("settings", "max_cost_usd"), message)
+        self.report.error(at, f"expected {expected}, got {got}")
         return None
 
     def _prices(self, raw: Any) -> dict[str, float]:
@@ -331,13 +335,10 @@ class _Validator:
             if problem is not None:
                 self.report.error((*at, model), problem, at="key")
                 continue
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (number and math.isfinite(value) and value >= 0):
-                got = show(value) if number else describe(value)
-                message = f"expected a price in USD per second of video (e.g. 0.40), got {got}"
-                self.report.error((*at, model), message)
-                continue
-            prices[model] = float(value)
+            expected = "a price in USD per second of video (e.g. 0.40)"
+            price = self._amount((*at, model), value, expected)
+            if price is not None:
+                prices[model] = price
         return prices
 
     def _bool_setting(self, raw: dict[Any, Any], name: str) -> bool | None:
@@ -364,6 +365,10 @@ class _Validator:
     def _timeout_setting(self, raw: dict[Any, Any]) -> float | None:
         if "job_timeout_s" not in raw:
             return None
+        expected = "a number of seconds greater than 0"
+        return self._amount(
+            ("settings", "job_timeout_s"), raw["job_timeout_s"], expected, above_zero=True
+        )
         value = raw["job_timeout_s"]
         number = isinstance(value, int | float) and not isinstance(value, bool)
         if number and math.isfinite(value) and value > 0:
