@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from report_fixture import EVIL, REQUESTS, make_output_dir
 
-from veobatch.ledger import JobState
+from veobatch.ledger import ErrorInfo, JobState
 from veobatch.report import THUMBS_DIR, Card, build_cards, card_for, render_html, write_report
 from veobatch.verify import Probe
 
@@ -41,6 +41,14 @@ def test_card_from_a_results_row_and_the_ledger() -> None:
     )
     assert failed.error == "invalid_request: no" and failed.cost_usd is None  # never created
     assert card_for({"id": "c", "status": "submitting"}, None, None).group == "uncertain"
+    errored = JobState(
+        "d", "failed", generation_id="g2", error=ErrorInfo("generation_error", "blocked")
+    )
+    row = {"id": "d", "status": "failed", "model": "google/veo-3.1-t2v"}
+    assert card_for(row, errored, {"prompt": "p"}).cost_usd is None  # errors are not billed
+    lost = JobState("e", "failed", generation_id="g3", error=ErrorInfo("timeout", "slow"))
+    row = {"id": "e", "status": "failed", "model": "google/veo-3.1-t2v"}
+    assert card_for(row, lost, {"prompt": "p"}).cost_usd == pytest.approx(3.2)  # may be billed
 
 
 class _Tags(HTMLParser):

@@ -77,6 +77,8 @@ def card_for(
     if state and state.submitted_at is not None and state.completed_at is not None:
         gen_time = max(0.0, state.completed_at - state.submitted_at)
     billed = state is not None and state.status in _BILLED and state.generation_id is not None
+    if state is not None and state.error is not None and state.error.kind == "generation_error":
+        billed = False  # a generation that ends in error is not billed
     cost, basis = (list_price_usd(model, req) if billed and model else None), "list price"
     if billed and state is not None and state.usd_spent is not None:
         cost, basis = state.usd_spent, "reported by the API"
