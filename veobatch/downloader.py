@@ -23,6 +23,7 @@ import anyio.to_thread
 
 from .errors import DownloadError, UrlRejectedError
 from .fsutil import fsync_dir
+from .verify import Probe, probe_video
 
 MAX_REDIRECTS = 5
 MP4_BOXES = (b"ftyp", b"styp")
@@ -36,6 +37,7 @@ class Downloaded:
     bytes: int
     sha256: str
     mtime_ns: int
+    probe: Probe | None = None  # the container's figures, read in the same worker-thread hop
 
 
 @functools.lru_cache(maxsize=256)  # asked for every video URL, of a handful of hosts
@@ -115,11 +117,13 @@ async def download(
     chunk_bytes: int = 1 << 20,
     client_timeout: aiohttp.ClientTimeout | None = None,
     sync_dir: bool = True,
+    probe: bool = False,
 ) -> Downloaded:
     """One attempt: fetch ``url`` into ``<id>.mp4``, resuming a ``.part`` with Range if allowed.
 
     Without ``sync_dir`` the rename is not yet durable: the caller fsyncs the directory before
-    it records the file (the ledger does, for many files at once).
+    it records the file (the ledger does, for many files at once). With ``probe``, the
+    finished file's figures come back too, read while the worker thread has it in hand.
     """
     final = out_dir / final_name(job_id)
     part = final.with_name(final.name + PART_SUFFIX)
@@ -152,7 +156,9 @@ async def download(
     if expected is not None and size != expected:
         await writer.close(sync=False)
         raise DownloadError(f"truncated: got {size} of {expected} bytes", job_id=job_id)
-    return await writer.finish(final, size, digest.hexdigest(), job_id, sync_dir=sync_dir)
+    return await writer.finish(
+        final, size, digest.hexdigest(), job_id, sync_dir=sync_dir, probe=probe
+    )
 
 
 async def _open(
@@ -266,12 +272,19 @@ class _PartWriter:
                 os.fsync(f.fileno())
 
     async def finish(
-        self, final: Path, size: int, sha: str, job_id: str, *, sync_dir: bool = True
+        self,
+        final: Path,
+        size: int,
+        sha: str,
+        job_id: str,
+        *,
+        sync_dir: bool = True,
+        probe: bool = False,
     ) -> Downloaded:
         if self._file is not None:
             await self.close(sync=True)
             return await anyio.to_thread.run_sync(
-                _finish, self.part, final, size, sha, job_id, None, sync_dir
+                _finish, self.part, final, size, sha, job_id, None, sync_dir, probe
             )
         data, append = bytes(self._buf), self._append
         self._buf.clear()
@@ -281,8 +294,9 @@ class _PartWriter:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            head = None if append else data[:16]  # the whole file is in hand: no re-read
-            return _finish(self.part, final, size, sha, job_id, head, sync_dir)
+            # The whole file is in hand: no re-read for the type check or the probe.
+            whole = None if append else data
+            return _finish(self.part, final, size, sha, job_id, whole, sync_dir, probe)
 
         return await anyio.to_thread.run_sync(write_and_finish)
 
@@ -317,10 +331,13 @@ def _finish(
     size: int,
     sha: str,
     job_id: str,
-    head: bytes | None = None,
+    whole: bytes | None = None,
     sync_dir: bool = True,
+    probe: bool = False,
 ) -> Downloaded:
-    if head is None:
+    if whole is not None:
+        head = whole[:16]
+    else:
         with open(part, "rb") as f:
             head = f.read(16)
     if not looks_like_mp4(head):
@@ -329,4 +346,5 @@ def _finish(
     os.replace(part, final)
     if sync_dir:
         fsync_dir(final.parent)
-    return Downloaded(final.name, size, sha, final.stat().st_mtime_ns)
+    figures = probe_video(final, whole) if probe else None
+    return Downloaded(final.name, size, sha, final.stat().st_mtime_ns, figures)

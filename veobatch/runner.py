@@ -44,7 +44,7 @@ from .scheduler import (
     plan_jobs,
 )
 from .settings import RunSettings
-from .verify import verify_file
+from .verify import check
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +133,6 @@ class _Run:
         self.stop_submitting = False
         self.refreshes: dict[str, int] = {}
         self.budget = Budget(self.settings.max_cost_usd, self.settings.prices)
-        # Two threads probe finished videos: more would only add threads (and their memory)
-        # contending for the same cores.
-        self.verifiers = anyio.CapacityLimiter(2)
         self.poller = Poller(self.api, self, self.settings.poll, clock=self.clock, rng=self.rng)
         self.to_download: MemoryObjectSendStream[tuple[str, str]]
         self.downloads: MemoryObjectReceiveStream[tuple[str, str]]
@@ -452,6 +449,7 @@ class _Run:
                     chunk_bytes=s.download_chunk_bytes,
                     client_timeout=timeout,
                     sync_dir=False,  # the ledger batch that carries "done" syncs it
+                    probe=True,
                 )
             except UrlRejectedError as exc:
                 return await self._fail(job_id, "url_rejected", exc.message)
@@ -465,13 +463,8 @@ class _Run:
                 await anyio.sleep(delay)
                 continue
             job = self.jobs[job_id]
-            checked = await anyio.to_thread.run_sync(
-                verify_file,
-                s.out_dir / got.file,
-                job.model,
-                job.request,
-                limiter=self.verifiers,
-            )
+            assert got.probe is not None
+            checked = check(got.probe, job.model, job.request)
             # Not waited for (the file is already on disk): lost in a crash, the next run
             # finds the job completed and fetches the video again, at no charge.
             self.ledger.dir_changed()

@@ -1,28 +1,40 @@
-"""Check a downloaded video with PyAV, and take its thumbnail.
+"""Check a downloaded video, and take its thumbnail.
 
 A file that downloaded intact can still be the wrong video: too short, the wrong resolution,
-sound where none was asked for. :func:`probe_video` reads the container's figures (no decoding),
-the pure :func:`compare` turns them and the request into flags, and the runner records both in
-the ledger's ``done`` record. :func:`thumbnail_jpeg` decodes one key frame for the report.
-The file functions block: call them in a worker thread.
+sound where none was asked for. :func:`probe_mp4` reads those figures from the MP4's ``moov``
+box (ISO/IEC 14496-12) with no decoding and no FFmpeg: it runs once per video, and opening
+the file with PyAV cost more CPU than everything else the runner does for a job. Files the box
+reader cannot make sense of (fragmented or unusual MP4s) go to PyAV, as does the thumbnail.
+The pure :func:`compare` turns the figures and the request into flags, and the runner records
+both in the ledger's ``done`` record. The file functions block: call them in a worker thread.
 """
 
 from __future__ import annotations
 
 import fractions
-from collections.abc import Mapping
+import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import av
 
 from .jobview import Expected, expected_video
 
 DURATION_TOLERANCE_S = 0.5
 THUMB_WIDTH = 240
+MAX_MOOV_BYTES = 64 << 20  # a moov box indexes every frame; hours of video stay well under this
 # Enough for an MP4's moov box; without these, opening decodes frames to guess what it holds.
 _FAST_OPEN = {"analyzeduration": "0", "probesize": "32"}
+_CODECS = {
+    b"avc1": "h264",
+    b"avc3": "h264",
+    b"hvc1": "hevc",
+    b"hev1": "hevc",
+    b"vp09": "vp9",
+    b"av01": "av1",
+    b"mp4v": "mpeg4",
+}
+_CONTAINERS = {b"trak", b"mdia", b"minf", b"stbl"}
 
 
 @dataclass(frozen=True)
@@ -61,19 +73,158 @@ class Probe:
         return " · ".join(parts)
 
 
-def probe_video(path: Path) -> Probe:
-    """Open the container and read its figures; never raises for a bad file."""
+# -- the box reader (pure) ----------------------------------------------------------------
+
+
+class _Unreadable(ValueError):
+    """The bytes are not an MP4 the box reader understands."""
+
+
+def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+    """(type, payload start, payload end) of each box in ``data[start:end]``."""
+    pos = start
+    while pos + 8 <= end:
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        header = 8
+        if size == 1:
+            if pos + 16 > end:
+                raise _Unreadable(f"box {kind!r} is cut short")
+            (size,) = struct.unpack_from(">Q", data, pos + 8)
+            header = 16
+        elif size == 0:
+            size = end - pos
+        if size < header or pos + size > end:
+            raise _Unreadable(f"box {kind.decode('latin-1')!r} overruns its container")
+        yield kind, pos + header, pos + size
+        pos += size
+
+
+@dataclass
+class _Track:
+    handler: bytes = b""
+    codec: bytes = b""
+    width: int = 0
+    height: int = 0
+
+
+def _walk_track(data: bytes, start: int, end: int, track: _Track) -> None:
+    for kind, s, e in _boxes(data, start, end):
+        if kind in _CONTAINERS:
+            _walk_track(data, s, e, track)
+        elif kind == b"hdlr" and e - s >= 12:
+            track.handler = data[s + 8 : s + 12]
+        elif kind == b"tkhd" and not track.width:
+            # 16.16 fixed point after the version's time fields, reserved words and matrix
+            at = s + (88 if data[s] == 1 else 76)
+            if at + 8 <= e:
+                w, h = struct.unpack_from(">II", data, at)
+                track.width, track.height = w >> 16, h >> 16
+        elif kind == b"stsd" and e - s >= 16:
+            # The first sample entry: its type names the codec; a visual one carries the
+            # coded size, which is what a decoder (and PyAV) reports.
+            track.codec = data[s + 12 : s + 16]
+            entry = s + 8
+            if track.handler == b"vide" and entry + 36 <= e:
+                track.width, track.height = struct.unpack_from(">HH", data, entry + 32)
+
+
+def parse_moov(data: bytes, start: int = 0, end: int | None = None) -> Probe:
+    """The figures from a ``moov`` box's payload; raises :class:`ValueError` when they are
+    not all there (the caller then asks FFmpeg)."""
+    end = len(data) if end is None else end
+    duration: float | None = None
+    tracks: list[_Track] = []
+    for kind, s, e in _boxes(data, start, end):
+        if kind == b"mvhd" and e - s >= 20:
+            if data[s] == 1:
+                timescale, length = struct.unpack_from(">IQ", data, s + 20)
+            else:
+                timescale, length = struct.unpack_from(">II", data, s + 12)
+            if timescale and length not in (0, 0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF):
+                duration = length / timescale
+        elif kind == b"trak":
+            track = _Track()
+            _walk_track(data, s, e, track)
+            tracks.append(track)
+    video = next((t for t in tracks if t.handler == b"vide"), None)
+    if video is None or not video.width or duration is None:
+        raise _Unreadable("no video track with a size and a duration in the moov box")
+    return Probe(
+        duration_s=round(duration, 3),
+        width=video.width,
+        height=video.height,
+        audio=any(t.handler == b"soun" for t in tracks),
+        codec=_CODECS.get(video.codec, video.codec.decode("latin-1").strip() or None),
+    )
+
+
+def probe_mp4(data: bytes) -> Probe:
+    """The figures of a whole MP4 held in memory."""
+    for kind, s, e in _boxes(data, 0, len(data)):
+        if kind == b"moov":
+            return parse_moov(data, s, e)
+    raise _Unreadable("no moov box")
+
+
+# -- files (blocking) ---------------------------------------------------------------------
+
+
+def _read_moov(path: Path) -> bytes:
+    """Walk the top-level boxes with seeks (past the media data) and read the moov box."""
+    with open(path, "rb") as f:
+        size_left = f.seek(0, 2)
+        pos = 0
+        while pos + 8 <= size_left:
+            f.seek(pos)
+            head = f.read(16)
+            size, kind = struct.unpack_from(">I4s", head)
+            header = 8
+            if size == 1 and len(head) == 16:
+                (size,) = struct.unpack_from(">Q", head, 8)
+                header = 16
+            elif size == 0:
+                size = size_left - pos
+            if size < header or pos + size > size_left:
+                raise _Unreadable(f"box {kind.decode('latin-1')!r} overruns the file")
+            if kind == b"moov":
+                if size > MAX_MOOV_BYTES:
+                    raise _Unreadable("moov box too large")
+                f.seek(pos + header)
+                return f.read(size - header)
+            pos += size
+    raise _Unreadable("no moov box")
+
+
+def probe_video(path: Path, data: bytes | None = None) -> Probe:
+    """The figures of a video file (``data``: its bytes, when already in memory); never raises
+    for a bad file."""
     try:
-        probe = _read(path, _FAST_OPEN)
+        if data is not None:
+            return probe_mp4(data)
+        return parse_moov(_read_moov(path))
+    except _Unreadable:
+        pass  # a layout the box reader does not follow: let FFmpeg try
+    except OSError as exc:
+        return Probe(error=str(exc.strerror or type(exc).__name__)[:200])
+    return _probe_with_av(path)
+
+
+def _probe_with_av(path: Path) -> Probe:
+    import av  # only for files the box reader cannot read: FFmpeg's libraries are large
+
+    try:
+        probe = _av_read(path, _FAST_OPEN)
         if not probe.width or probe.duration_s is None:
-            probe = _read(path, None)  # not in the header: let FFmpeg look further
+            probe = _av_read(path, None)  # not in the header: let FFmpeg look further
         return probe
     except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         return Probe(error=str(reason)[:200])
 
 
-def _read(path: Path, options: dict[str, str] | None) -> Probe:
+def _av_read(path: Path, options: dict[str, str] | None) -> Probe:
+    import av
+
     with av.open(str(path), options=options or {}) as container:
         if not container.streams.video:
             return Probe(error="no video stream")
@@ -128,13 +279,18 @@ class Verified:
         return {"video": self.probe.to_json(), "flags": self.flags}
 
 
-def verify_file(path: Path, model: str, request: Mapping[str, Any]) -> Verified:
-    probe = probe_video(path)
+def check(probe: Probe, model: str, request: Mapping[str, Any]) -> Verified:
     return Verified(probe, compare(expected_video(model, request), probe))
+
+
+def verify_file(path: Path, model: str, request: Mapping[str, Any]) -> Verified:
+    return check(probe_video(path), model, request)
 
 
 def thumbnail_jpeg(path: Path, width: int = THUMB_WIDTH) -> bytes | None:
     """One key frame from about a third of the way in, scaled and encoded as JPEG."""
+    import av
+
     try:
         with av.open(str(path)) as container:
             video = container.streams.video[0]
@@ -150,6 +306,8 @@ def thumbnail_jpeg(path: Path, width: int = THUMB_WIDTH) -> bytes | None:
 
 
 def _encode_jpeg(frame: Any, width: int) -> bytes:
+    import av
+
     height = max(2, round(frame.height * width / frame.width / 2) * 2)
     width -= width % 2
     small = frame.reformat(width=width, height=height, format="yuvj420p")
