@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
+import av
 import pytest
 
 from veobatch.jobview import (
@@ -14,7 +16,15 @@ from veobatch.jobview import (
     parse_duration_s,
 )
 from veobatch.simulator.video import VideoSpec, encode_test_card
-from veobatch.verify import Probe, compare, probe_video, thumbnail_jpeg, verify_file
+from veobatch.verify import (
+    Probe,
+    _probe_with_av,
+    compare,
+    probe_mp4,
+    probe_video,
+    thumbnail_jpeg,
+    verify_file,
+)
 
 T2V = "google/veo-3.1-t2v"
 
@@ -121,3 +131,90 @@ def test_unreadable_and_missing_files(tmp_path: Path) -> None:
 def test_thumbnail_is_a_jpeg(portrait_clip: Path) -> None:
     data = thumbnail_jpeg(portrait_clip, width=90)
     assert data is not None and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
+
+
+# -- the box reader ---------------------------------------------------------------------
+
+
+def _box(kind: bytes, payload: bytes, *, large: bool = False) -> bytes:
+    if large:
+        return struct.pack(">I4sQ", 1, kind, 16 + len(payload)) + payload
+    return struct.pack(">I4s", 8 + len(payload), kind) + payload
+
+
+def _synthetic_moov(*, version: int, width: int, height: int, audio: bool) -> bytes:
+    """A moov box with version-1 (64-bit) times where asked: the encoders here write v0."""
+    if version == 1:
+        mvhd = bytes([1, 0, 0, 0]) + bytes(16) + struct.pack(">IQ", 1000, 6500) + bytes(80)
+        tkhd_head = bytes([1, 0, 0, 0]) + bytes(32)
+    else:
+        mvhd = bytes(4) + bytes(8) + struct.pack(">II", 600, 3900) + bytes(80)
+        tkhd_head = bytes(4) + bytes(20)
+    tkhd = tkhd_head + bytes(16) + bytes(36) + struct.pack(">II", width << 16, height << 16)
+
+    def trak(handler: bytes, entry: bytes) -> bytes:
+        stsd = bytes(4) + struct.pack(">I", 1) + entry
+        stbl = _box(b"stbl", _box(b"stsd", stsd))
+        mdia = _box(b"hdlr", bytes(8) + handler + bytes(12)) + _box(b"minf", stbl)
+        return _box(b"trak", _box(b"tkhd", tkhd) + _box(b"mdia", mdia))
+
+    visual = b"hvc1" + bytes(8) + bytes(16) + struct.pack(">HH", width, height) + bytes(50)
+    traks = trak(b"vide", _box(b"hvc1", visual[4:]))
+    if audio:
+        traks += trak(b"soun", _box(b"mp4a", bytes(28)))
+    return _box(b"moov", _box(b"mvhd", mvhd) + traks, large=version == 1)
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_box_reader_reads_both_box_versions(version: int) -> None:
+    data = _box(b"ftyp", b"isom" + bytes(4)) + _synthetic_moov(
+        version=version, width=1920, height=1080, audio=version == 0
+    )
+    data += _box(b"mdat", bytes(100))
+    p = probe_mp4(data)
+    assert (p.duration_s, p.width, p.height, p.codec) == (6.5, 1920, 1080, "hevc")
+    assert p.audio is (version == 0)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        VideoSpec(160, 90, 1, 8, audio=True),
+        VideoSpec(1280, 720, 4, 2, audio=False),
+        VideoSpec(720, 1280, 3, 2, audio=True),
+    ],
+)
+def test_box_reader_agrees_with_ffmpeg(spec: VideoSpec, tmp_path: Path) -> None:
+    path = tmp_path / spec.file_name
+    encode_test_card(spec, path)
+    ours = probe_video(path)
+    assert ours == probe_mp4(path.read_bytes()) == _probe_with_av(path)
+    assert (ours.width, ours.height, ours.audio) == (spec.width, spec.height, spec.audio)
+
+
+def test_box_reader_finds_a_moov_after_the_media_data(portrait_clip: Path, tmp_path: Path) -> None:
+    """Without faststart the moov box comes last: it is found by seeking past the mdat."""
+    late = tmp_path / "late.mp4"
+    with av.open(str(portrait_clip)) as src, av.open(str(late), "w", format="mp4") as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    data = late.read_bytes()
+    assert data.index(b"mdat") < data.index(b"moov")
+    p = probe_video(late)
+    assert (p.width, p.height, p.audio, p.error) == (180, 320, False, None)
+    assert p.duration_s is not None and abs(p.duration_s - 2.0) < 0.2
+
+
+def test_what_the_box_reader_cannot_follow_goes_to_ffmpeg(tmp_path: Path) -> None:
+    overrun = _box(b"ftyp", b"isom" + bytes(4)) + struct.pack(">I4s", 10_000, b"moov")
+    with pytest.raises(ValueError):
+        probe_mp4(overrun)
+    no_video = _box(b"ftyp", b"isom") + _box(b"moov", _box(b"mvhd", bytes(100)))
+    with pytest.raises(ValueError):
+        probe_mp4(no_video)
+    path = tmp_path / "odd.mp4"
+    path.write_bytes(overrun)
+    assert probe_video(path).error  # FFmpeg could not read it either: an error, not a raise
