@@ -461,6 +461,13 @@ def report_cmd(directory: Path) -> None:
 )
 @click.option("--tiny-videos", is_flag=True, help="Serve 160x90, 1 s videos (fast tests).")
 @click.option(
+    "--video-fps",
+    default=24,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Frame rate of the served videos (1 keeps full-size videos small).",
+)
+@click.option(
     "--blob-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Also serve the files of this folder at <video host>/blobs/<name>.",
@@ -475,6 +482,7 @@ def simulate_cmd(
     faults: tuple[str, ...],
     gen_spread: float,
     tiny_videos: bool,
+    video_fps: int,
     blob_dir: Path | None,
 ) -> None:
     """Serve the built-in API simulator until interrupted."""
@@ -492,6 +500,7 @@ def simulate_cmd(
         seed=seed,
         faults=fault_config,
         video_mode="tiny" if tiny_videos else "faithful",
+        video_fps=video_fps,
         blob_dir=blob_dir,
     )
     click.echo(f"simulator: AIMLAPI_BASE_URL=http://{host}:{port}", err=True)

@@ -17,8 +17,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from .errors import (
     ApiError,
@@ -265,6 +267,9 @@ class HttpApiClient:
         self._session = session
         self._base = base_url.rstrip("/")
         self._key = api_key
+        # Polls are most of the requests: their URL is built by hand, and marked as already
+        # encoded, rather than parsed and re-quoted by yarl each time.
+        self._fetch_prefix = f"{self._base}{GENERATIONS_PATH}?generation_id="
         self._timeout = aiohttp.ClientTimeout(
             total=timeout_s, connect=connect_timeout_s, sock_read=timeout_s
         )
@@ -279,9 +284,8 @@ class HttpApiClient:
         return parse_created(text, headers)
 
     async def fetch(self, generation_id: str) -> Generation:
-        _, text, headers = await self._call(
-            "GET", GENERATIONS_PATH, params={"generation_id": generation_id}
-        )
+        url = URL(self._fetch_prefix + quote(generation_id, safe=""), encoded=True)
+        _, text, headers = await self._call("GET", GENERATIONS_PATH, url=url)
         return parse_generation(text, generation_id, headers)
 
     async def logs(
@@ -302,6 +306,7 @@ class HttpApiClient:
         json_body: Mapping[str, Any] | None = None,
         params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         extra: Mapping[str, str] | None = None,
+        url: URL | None = None,
     ) -> tuple[int, str, Mapping[str, str]]:
         """Send one request; the single place where aiohttp's failures become ours."""
         headers = {"Authorization": f"Bearer {self._key.reveal()}", **(extra or {})}
@@ -311,7 +316,7 @@ class HttpApiClient:
         try:
             async with self._session.request(
                 method,
-                self._base + path,
+                url or self._base + path,
                 params=params,
                 data=data,
                 headers=headers,

@@ -607,13 +607,16 @@ async def _http(
     settings: RunSettings, api: ApiClient | None
 ) -> AsyncIterator[tuple[ApiClient, aiohttp.ClientSession]]:
     """The API client (with the key) and the CDN session (without it): never the same session."""
-    async with aiohttp.ClientSession(headers={"Accept-Encoding": "identity"}) as cdn:
+    # No cookie jar: neither host sets cookies we need, and a jar costs time on every answer.
+    async with aiohttp.ClientSession(
+        headers={"Accept-Encoding": "identity"}, cookie_jar=aiohttp.DummyCookieJar()
+    ) as cdn:
         if api is not None:
             yield api, cdn
             return
         if settings.api_key is None:
             raise ConfigError("no API key: set AIMLAPI_KEY (or use --simulate)")
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
             yield (
                 HttpApiClient(
                     session,
