@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import socket
 import statistics
@@ -85,8 +86,10 @@ def ideal_makespan(durations: list[float], slots: int) -> float:
     return end
 
 
-def run_and_measure(args: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
-    """Wall seconds, CPU seconds and peak RSS (KiB) of one child, from wait4."""
+def run_and_measure(
+    args: list[str], env: dict[str, str]
+) -> tuple[float, resource.struct_rusage, int, str]:
+    """Wall seconds, resource usage and peak RSS (KiB) of one child, from wait4."""
     t0 = time.monotonic()
     proc = subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
@@ -96,7 +99,7 @@ def run_and_measure(args: list[str], env: dict[str, str]) -> tuple[float, float,
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - t0
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss, out
+    return wall, usage, usage.ru_maxrss, out
 
 
 def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
@@ -132,7 +135,8 @@ def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
             "-q",
             "--no-report",  # the runner is measured, not the morning report
         ]
-        wall, cpu, rss_kib, out = run_and_measure(cmd, env)
+        wall, usage, rss_kib, out = run_and_measure(cmd, env)
+        cpu = usage.ru_utime + usage.ru_stime
         timeline = get_json(f"http://127.0.0.1:{port}/_sim/generations")["generations"]
         stats = get_json(f"http://127.0.0.1:{port}/_sim/stats")
     finally:
@@ -167,6 +171,10 @@ def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
         "lag_share_of_mean": round(statistics.fmean(lags) / statistics.fmean(durations), 4),
         "runner_cpu_s": round(cpu, 2),
         "runner_cpu_ms_per_job": round(1000 * cpu / jobs, 3),
+        # The kernel's share: mostly creating, syncing and renaming the video files. Creating
+        # a file costs more on ext4 when many files were deleted in the last few minutes.
+        "runner_cpu_user_s": round(usage.ru_utime, 2),
+        "runner_cpu_sys_s": round(usage.ru_stime, 2),
         "runner_peak_rss_mb": round(rss_kib / 1024, 1),
         "durations": durations,
     }

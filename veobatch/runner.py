@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -77,6 +77,8 @@ class RunReport:
     estimated_jobs: int = 0  # submissions behind that estimate
     reported_usd: float = 0.0  # what the API reported for those of them it reported on
     reported_jobs: int = 0
+    # The ledger's view at the end, so the summary need not replay the journal again.
+    states: Mapping[str, JobState] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def exit_code(self) -> int:
@@ -584,6 +586,7 @@ class _Run:
             estimated_jobs=len(self.budget.reserved),
             reported_usd=sum(charged),
             reported_jobs=len(charged),
+            states=self.ledger.states,
         )
 
 

@@ -29,6 +29,7 @@ MAX_ALIAS_EXPANSION = 100_000
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+_STR_TAG = "tag:yaml.org,2002:str"
 _SKIP = object()  # a mapping key that could not be used
 
 
@@ -282,6 +283,8 @@ class _Builder:
     def _scalar(self, node: ScalarNode, path: Path) -> Any:
         if not node.style:  # libyaml says "" where the pure-Python parser says None
             self.source.plain.setdefault(path, node.value)
+        if node.tag == _STR_TAG:  # most values: what the constructor would return, directly
+            return node.value
         if node.tag not in type(self.loader).yaml_constructors:
             self.issue(path, _pos(node.start_mark), f"unsupported YAML tag {node.tag!r}")
             return node.value
@@ -336,6 +339,8 @@ class _Builder:
         if not isinstance(node, ScalarNode):
             self.issue(path, _pos(node.start_mark), "a mapping key must be a plain value")
             return _SKIP
+        if node.tag == _STR_TAG:
+            return node.value
         try:
             key = self.loader.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError):
