@@ -12,12 +12,14 @@ import pytest
 from aiohttp import web
 
 from veobatch.downloader import (
+    Downloaded,
     check_video_url,
     download,
     file_matches,
     looks_like_mp4,
 )
 from veobatch.errors import DownloadError, UrlRejectedError
+from veobatch.simulator.video import VideoSpec, encode_test_card
 
 MP4 = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4000  # ~1 MB, starts like an MP4
 
@@ -79,6 +81,7 @@ class Cdn:
         self.mode = "ok"
         self.requests: list[dict[str, str]] = []
         self.base = ""
+        self.body = MP4
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(dict(request.headers))
@@ -102,7 +105,7 @@ class Cdn:
             return web.Response(status=int(self.mode))
         if self.mode == "html":
             return web.Response(body=b"<html>oops</html>", content_type="text/html")
-        body = MP4
+        body = self.body
         rng = request.headers.get("Range")
         if rng and self.mode == "strict-range":
             start = int(rng.removeprefix("bytes=").split("-")[0])
@@ -133,7 +136,7 @@ async def cdn() -> AsyncIterator[Cdn]:
     await runner.cleanup()
 
 
-async def _get(cdn: Cdn, out: Path, *, max_bytes: int = 1 << 30) -> object:
+async def _get(cdn: Cdn, out: Path, *, max_bytes: int = 1 << 30, probe: bool = False) -> Downloaded:
     async with aiohttp.ClientSession() as s:
         return await download(
             s,
@@ -143,6 +146,7 @@ async def _get(cdn: Cdn, out: Path, *, max_bytes: int = 1 << 30) -> object:
             api_base_url="http://127.0.0.1:1",
             max_bytes=max_bytes,
             chunk_bytes=64 * 1024,
+            probe=probe,
         )
 
 
@@ -150,8 +154,8 @@ async def test_streams_hashes_and_renames(cdn: Cdn, tmp_path: Path) -> None:
     got = await _get(cdn, tmp_path)
     final = tmp_path / "job1.mp4"
     assert final.read_bytes() == MP4
-    assert got.sha256 == hashlib.sha256(MP4).hexdigest()  # type: ignore[attr-defined]
-    assert got.bytes == len(MP4) and got.file == "job1.mp4"  # type: ignore[attr-defined]
+    assert got.sha256 == hashlib.sha256(MP4).hexdigest()
+    assert got.bytes == len(MP4) and got.file == "job1.mp4"
     assert not (tmp_path / "job1.mp4.part").exists()
     assert all("Authorization" not in h for h in cdn.requests)
 
@@ -168,7 +172,7 @@ async def test_truncated_body_resumes_with_range(cdn: Cdn, tmp_path: Path) -> No
     have = int(cdn.requests[-1]["Range"].removeprefix("bytes=").rstrip("-"))
     assert 0 < have <= len(MP4) // 3
     assert (tmp_path / "job1.mp4").read_bytes() == MP4
-    assert got.sha256 == hashlib.sha256(MP4).hexdigest()  # type: ignore[attr-defined]
+    assert got.sha256 == hashlib.sha256(MP4).hexdigest()
 
 
 async def test_server_ignoring_range_restarts_cleanly(cdn: Cdn, tmp_path: Path) -> None:
@@ -176,7 +180,7 @@ async def test_server_ignoring_range_restarts_cleanly(cdn: Cdn, tmp_path: Path) 
     cdn.mode = "no-range"
     got = await _get(cdn, tmp_path)
     assert (tmp_path / "job1.mp4").read_bytes() == MP4
-    assert got.bytes == len(MP4)  # type: ignore[attr-defined]
+    assert got.bytes == len(MP4)
 
 
 @pytest.mark.parametrize(
@@ -236,7 +240,7 @@ async def test_a_whole_part_left_by_a_crash_is_fetched_again(cdn: Cdn, tmp_path:
     cdn.mode = "strict-range"
     got = await _get(cdn, tmp_path)
     assert (tmp_path / "job1.mp4").read_bytes() == MP4
-    assert got.sha256 == hashlib.sha256(MP4).hexdigest()  # type: ignore[attr-defined]
+    assert got.sha256 == hashlib.sha256(MP4).hexdigest()
 
 
 async def test_large_bodies_stream_through_the_file_in_pieces(
@@ -247,10 +251,43 @@ async def test_large_bodies_stream_through_the_file_in_pieces(
     monkeypatch.setattr(dl, "FLUSH_BYTES", 100_000)  # ~1 MB body: ten flushes
     got = await _get(cdn, tmp_path)
     assert (tmp_path / "job1.mp4").read_bytes() == MP4
-    assert got.sha256 == hashlib.sha256(MP4).hexdigest()  # type: ignore[attr-defined]
+    assert got.sha256 == hashlib.sha256(MP4).hexdigest()
     cdn.mode = "truncate-once"
     with pytest.raises(DownloadError):
         await _get(cdn, tmp_path)
     assert (tmp_path / "job1.mp4.part").stat().st_size > 0  # kept for a Range resume
     await _get(cdn, tmp_path)
     assert (tmp_path / "job1.mp4").read_bytes() == MP4
+
+
+@pytest.mark.parametrize("flush_bytes", [None, 1000])
+async def test_the_finished_file_is_probed_in_the_same_hop(
+    cdn: Cdn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flush_bytes: int | None
+) -> None:
+    """From the bytes in memory for a small video; from the file for one streamed to disk."""
+    import veobatch.downloader as dl
+
+    clip = tmp_path / "clip.mp4"
+    encode_test_card(VideoSpec(160, 90, 2, 4, audio=True), clip)
+    cdn.body = clip.read_bytes()
+    if flush_bytes:
+        monkeypatch.setattr(dl, "FLUSH_BYTES", flush_bytes)
+    out = tmp_path / "out"
+    out.mkdir()
+    got = await _get(cdn, out, probe=True)
+    assert got.probe is not None
+    assert (got.probe.width, got.probe.height, got.probe.audio, got.probe.codec) == (
+        160,
+        90,
+        True,
+        "h264",
+    )
+    assert got.probe.duration_s is not None and abs(got.probe.duration_s - 2.0) < 0.3
+    assert (await _get(cdn, out)).probe is None  # only when asked
+
+
+async def test_a_body_that_is_not_a_readable_video_probes_as_an_error(
+    cdn: Cdn, tmp_path: Path
+) -> None:
+    got = await _get(cdn, tmp_path, probe=True)  # starts like an MP4, then noise
+    assert got.probe is not None and got.probe.error
