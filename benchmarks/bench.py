@@ -88,8 +88,8 @@ def ideal_makespan(durations: list[float], slots: int) -> float:
 
 def run_and_measure(
     args: list[str], env: dict[str, str]
-) -> tuple[float, resource.struct_rusage, int, str]:
-    """Wall seconds, resource usage and peak RSS (KiB) of one child, from wait4."""
+) -> tuple[float, resource.struct_rusage, str]:
+    """Wall seconds and resource usage (CPU, peak RSS in KiB) of one child, from wait4."""
     t0 = time.monotonic()
     proc = subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
@@ -99,7 +99,7 @@ def run_and_measure(
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - t0
-    return wall, usage, usage.ru_maxrss, out
+    return wall, usage, out
 
 
 def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
@@ -135,7 +135,7 @@ def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
             "-q",
             "--no-report",  # the runner is measured, not the morning report
         ]
-        wall, usage, rss_kib, out = run_and_measure(cmd, env)
+        wall, usage, out = run_and_measure(cmd, env)
         cpu = usage.ru_utime + usage.ru_stime
         timeline = get_json(f"http://127.0.0.1:{port}/_sim/generations")["generations"]
         stats = get_json(f"http://127.0.0.1:{port}/_sim/stats")
@@ -175,7 +175,7 @@ def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
         # a file costs more on ext4 when many files were deleted in the last few minutes.
         "runner_cpu_user_s": round(usage.ru_utime, 2),
         "runner_cpu_sys_s": round(usage.ru_stime, 2),
-        "runner_peak_rss_mb": round(rss_kib / 1024, 1),
+        "runner_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "durations": durations,
     }
 

@@ -289,8 +289,7 @@ def run_cmd(
         observer = LogProgress() if not quiet else None
         report = _guard(lambda: _arun(_run_async, m, settings, sim, verify, observer))
     report_file = _final_report(m, report) if make_report and not report.interrupted else None
-    states = report.states or load_states(report.out_dir)
-    extras = run_extras(states, m.jobs, started_wall, report_file)
+    extras = run_extras(report.states, m.jobs, started_wall, report_file)
     lines = run_summary(report, len(m.jobs), extras)
     for line in lines:
         click.echo(line)

@@ -60,9 +60,17 @@ class Budget:
     limit_usd: float | None
     prices: Mapping[str, float] = field(default_factory=dict)
     reserved: dict[str, float] = field(default_factory=dict)
-    refused: list[str] = field(default_factory=list)  # in the order they were refused
     spent_usd: float = 0.0  # the sum of ``reserved``, kept as it changes
-    _refused: set[str] = field(default_factory=set, repr=False)
+    # Refused job ids, in the order refused; a dict so that a membership test stays cheap
+    # when thousands are refused.
+    _refused: dict[str, None] = field(default_factory=dict, repr=False)
+
+    @property
+    def refused(self) -> list[str]:
+        return list(self._refused)
+
+    def was_refused(self, job_id: str) -> bool:
+        return job_id in self._refused
 
     def reserve(self, job: Job) -> bool:
         """True when the job may be submitted; a refusal is remembered for the summary."""
@@ -70,9 +78,7 @@ class Budget:
             return True
         usd = estimate_usd(job, self.prices)
         if self.limit_usd is not None and self.spent_usd + usd > self.limit_usd + 1e-9:
-            if job.id not in self._refused:  # a set: thousands may be refused
-                self._refused.add(job.id)
-                self.refused.append(job.id)
+            self._refused[job.id] = None
             return False
         self.reserved[job.id] = usd
         self.spent_usd += usd

@@ -135,6 +135,12 @@ class _Run:
         self.stop_submitting = False
         self.refreshes: dict[str, int] = {}
         self.budget = Budget(self.settings.max_cost_usd, self.settings.prices)
+        # No total: a large video may take long; a stalled read or connect still times out.
+        self.download_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self.settings.connect_timeout_s,
+            sock_read=self.settings.request_timeout_s,
+        )
         self.poller = Poller(self.api, self, self.settings.poll, clock=self.clock, rng=self.rng)
         self.to_download: MemoryObjectSendStream[tuple[str, str]]
         self.downloads: MemoryObjectReceiveStream[tuple[str, str]]
@@ -436,9 +442,6 @@ class _Run:
 
     async def _download(self, job_id: str, url: str) -> None:
         s = self.settings
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=s.connect_timeout_s, sock_read=s.request_timeout_s
-        )
         for attempt in range(s.download_retries + 1):
             try:
                 got = await download(
@@ -449,7 +452,7 @@ class _Run:
                     api_base_url=s.base_url,
                     max_bytes=s.max_video_bytes,
                     chunk_bytes=s.download_chunk_bytes,
-                    client_timeout=timeout,
+                    client_timeout=self.download_timeout,
                     sync_dir=False,  # the ledger batch that carries "done" syncs it
                     probe=True,
                 )
@@ -550,14 +553,13 @@ class _Run:
         failed: list[tuple[str, ErrorInfo]] = []
         uncertain: list[str] = []
         pending: list[str] = []
-        refused = set(self.budget.refused)
         over_budget: list[str] = []
         for st in states:
             if st.status == "failed" and st.error:
                 failed.append((st.id, st.error))
             elif st.status in ("uncertain", "submitting"):
                 uncertain.append(st.id)
-            elif st.status == "pending" and st.id in refused:
+            elif st.status == "pending" and self.budget.was_refused(st.id):
                 over_budget.append(st.id)
             elif st.status != "done":
                 pending.append(st.id)
@@ -617,8 +619,7 @@ async def _http(
         if api is not None:
             yield api, cdn
             return
-        if settings.api_key is None:
-            raise ConfigError("no API key: set AIMLAPI_KEY (or use --simulate)")
+        assert settings.api_key is not None, "run() checks for a key before it locks"
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
             yield (
                 HttpApiClient(

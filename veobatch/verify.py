@@ -80,23 +80,35 @@ class _Unreadable(ValueError):
     """The bytes are not an MP4 the box reader understands."""
 
 
+def _box_header(head: bytes, at: int, room: int) -> tuple[bytes, int, int]:
+    """(type, header length, box length) of the box at ``head[at:]``, which has ``room``
+    bytes before its container ends (size 0: up to that end; size 1: a 64-bit size follows)."""
+    size, kind = struct.unpack_from(">I4s", head, at)
+    header = 8
+    if size == 1:
+        if len(head) < at + 16 or room < 16:
+            raise _Unreadable(f"box {kind.decode('latin-1')!r} is cut short")
+        (size,) = struct.unpack_from(">Q", head, at + 8)
+        header = 16
+    elif size == 0:
+        size = room
+    if size < header or size > room:
+        raise _Unreadable(f"box {kind.decode('latin-1')!r} overruns its container")
+    return kind, header, size
+
+
 def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
     """(type, payload start, payload end) of each box in ``data[start:end]``."""
     pos = start
     while pos + 8 <= end:
-        size, kind = struct.unpack_from(">I4s", data, pos)
-        header = 8
-        if size == 1:
-            if pos + 16 > end:
-                raise _Unreadable(f"box {kind!r} is cut short")
-            (size,) = struct.unpack_from(">Q", data, pos + 8)
-            header = 16
-        elif size == 0:
-            size = end - pos
-        if size < header or pos + size > end:
-            raise _Unreadable(f"box {kind.decode('latin-1')!r} overruns its container")
+        kind, header, size = _box_header(data, pos, end - pos)
         yield kind, pos + header, pos + size
         pos += size
+
+
+def _version(data: bytes, start: int, end: int) -> int:
+    """A full box's version byte (0 for an empty box, which then fails its length check)."""
+    return data[start] if end > start else 0
 
 
 @dataclass
@@ -115,7 +127,7 @@ def _walk_track(data: bytes, start: int, end: int, track: _Track) -> None:
             track.handler = data[s + 8 : s + 12]
         elif kind == b"tkhd" and not track.width:
             # 16.16 fixed point after the version's time fields, reserved words and matrix
-            at = s + (88 if data[s] == 1 else 76)
+            at = s + (88 if _version(data, s, e) == 1 else 76)
             if at + 8 <= e:
                 w, h = struct.unpack_from(">II", data, at)
                 track.width, track.height = w >> 16, h >> 16
@@ -135,8 +147,8 @@ def parse_moov(data: bytes, start: int = 0, end: int | None = None) -> Probe:
     duration: float | None = None
     tracks: list[_Track] = []
     for kind, s, e in _boxes(data, start, end):
-        if kind == b"mvhd" and e - s >= 20:
-            if data[s] == 1:
+        if kind == b"mvhd" and e - s >= (32 if _version(data, s, e) == 1 else 20):
+            if data[s] == 1:  # 64-bit times, then timescale and duration
                 timescale, length = struct.unpack_from(">IQ", data, s + 20)
             else:
                 timescale, length = struct.unpack_from(">II", data, s + 12)
@@ -172,20 +184,11 @@ def probe_mp4(data: bytes) -> Probe:
 def _read_moov(path: Path) -> bytes:
     """Walk the top-level boxes with seeks (past the media data) and read the moov box."""
     with open(path, "rb") as f:
-        size_left = f.seek(0, 2)
+        file_size = f.seek(0, 2)
         pos = 0
-        while pos + 8 <= size_left:
+        while pos + 8 <= file_size:
             f.seek(pos)
-            head = f.read(16)
-            size, kind = struct.unpack_from(">I4s", head)
-            header = 8
-            if size == 1 and len(head) == 16:
-                (size,) = struct.unpack_from(">Q", head, 8)
-                header = 16
-            elif size == 0:
-                size = size_left - pos
-            if size < header or pos + size > size_left:
-                raise _Unreadable(f"box {kind.decode('latin-1')!r} overruns the file")
+            kind, header, size = _box_header(f.read(16), 0, file_size - pos)
             if kind == b"moov":
                 if size > MAX_MOOV_BYTES:
                     raise _Unreadable("moov box too large")
