@@ -219,13 +219,12 @@ def bench_download(size_mb: int, work: Path) -> dict[str, Any]:
         for _ in range(size_mb):
             f.write(chunk)
     size = blob.stat().st_size
-    port = free_port()
+    port, cdn_port = free_port(), free_port()
     sim = start_simulator(
-        port, "--tiny-videos", "--blob-dir", str(blobs), "--cdn-port", str(free_port())
+        port, "--tiny-videos", "--blob-dir", str(blobs), "--cdn-port", str(cdn_port)
     )
     try:
-        cdn = _cdn_url(port)
-        url = f"{cdn}/blobs/big.mp4"
+        url = f"http://127.0.0.1:{cdn_port}/blobs/big.mp4"
         t0 = time.monotonic()
         subprocess.run(["curl", "-s", "-o", str(work / "curl.mp4"), url], check=True)
         curl_s = time.monotonic() - t0
@@ -253,30 +252,6 @@ def bench_download(size_mb: int, work: Path) -> dict[str, Any]:
         "throughput_vs_curl": round(curl_s / ours_s, 3),
         "rss_growth_mb": result["rss_growth_mb"],
     }
-
-
-def _cdn_url(api_port: int) -> str:
-    """The simulator's video host: ask it for a generation URL's host part."""
-    import urllib.parse
-
-    req = urllib.request.Request(
-        f"http://127.0.0.1:{api_port}/v2/video/generations",
-        data=json.dumps({"model": "google/veo-3.1-t2v-fast", "prompt": "x"}).encode(),
-        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
-    )
-    gen = json.loads(urllib.request.urlopen(req).read())["id"]
-    for _ in range(100):
-        q = urllib.parse.urlencode({"generation_id": gen})
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{api_port}/v2/video/generations?{q}",
-            headers={"Authorization": f"Bearer {KEY}"},
-        )
-        body = json.loads(urllib.request.urlopen(req).read())
-        if body["status"] == "completed":
-            parts = urllib.parse.urlsplit(body["video"]["url"])
-            return f"{parts.scheme}://{parts.netloc}"
-        time.sleep(0.1)
-    raise RuntimeError("no generation completed")
 
 
 def bench_resume(records: int, work: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import anyio.to_thread
 import pytest
 from aiohttp import web
 from cli_process import start_cli
+from local_server import serve
 
 MANIFEST = """\
 version: 1
@@ -44,14 +45,8 @@ async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
 
     app = web.Application()
     app.router.add_post("/hook/secret", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/hook/secret", got
-    finally:
-        await runner.cleanup()
+    async with serve(app) as base:
+        yield f"{base}/hook/secret", got
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from local_server import serve
 
 from veobatch.downloader import (
     Downloaded,
@@ -126,14 +127,8 @@ async def cdn() -> AsyncIterator[Cdn]:
     c = Cdn()
     app = web.Application()
     app.router.add_get("/{name}", c.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    c.base = f"http://127.0.0.1:{port}"
-    yield c
-    await runner.cleanup()
+    async with serve(app) as c.base:
+        yield c
 
 
 async def _get(cdn: Cdn, out: Path, *, max_bytes: int = 1 << 30, probe: bool = False) -> Downloaded:

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 from aiohttp import web
+from local_server import serve
 
 from veobatch.errors import ConfigError
 from veobatch.notify import check_url, payload, safe_target, send
@@ -24,15 +25,6 @@ class Hook:
     url: str
     bodies: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
-
-
-async def _start(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture
@@ -61,12 +53,9 @@ async def hook() -> AsyncIterator[Hook]:
     app.router.add_post("/broken", broken)
     app.router.add_post("/slow", slow)
     app.router.add_post("/moved", moved)
-    runner, base = await _start(app)
-    holder.append(Hook(base))
-    try:
+    async with serve(app) as base:
+        holder.append(Hook(base))
         yield holder[0]
-    finally:
-        await runner.cleanup()
 
 
 async def test_delivers_a_slack_compatible_body(hook: Hook) -> None:

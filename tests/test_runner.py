@@ -11,6 +11,7 @@ from typing import Any
 import anyio
 import pytest
 from aiohttp import web
+from local_server import serve
 
 from veobatch.client import Created, Generation, LogEntry, LogPage
 from veobatch.errors import (
@@ -38,13 +39,8 @@ async def cdn() -> AsyncIterator[str]:
 
     app = web.Application()
     app.router.add_get("/v/{gen}.mp4", video)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with serve(app) as base:
+        yield base
 
 
 class FakeApi:
@@ -320,8 +316,6 @@ async def test_retry_failed_resubmits_failed_jobs(cdn: str, tmp_path: Path) -> N
 
 
 async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -> None:
-    from aiohttp import web
-
     served: list[str] = []
 
     async def video(request: web.Request) -> web.Response:
@@ -332,11 +326,6 @@ async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -
 
     app = web.Application()
     app.router.add_get("/v/{gen}.mp4", video)
-    app_runner = web.AppRunner(app)
-    await app_runner.setup()
-    site = web.TCPSite(app_runner, "127.0.0.1", 0)
-    await site.start()
-    base = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
 
     class Expiring(FakeApi):
         async def fetch(self, generation_id: str) -> Generation:
@@ -344,8 +333,6 @@ async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -
             fresh = "fresh" if self.polls[generation_id] > 1 else "stale"
             return replace(g, video_url=f"{g.video_url}?v={fresh}") if g.video_url else g
 
-    try:
+    async with serve(app) as base:
         report = await run(manifest(1, tmp_path), settings(tmp_path), api=Expiring(base, 1))
-    finally:
-        await app_runner.cleanup()
     assert report.exit_code == 0 and served == ["stale", "fresh"]

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,6 @@ from cli_process import start_cli
 
 from veobatch.fsutil import DirLock
 from veobatch.ledger import parse_journal, replay
-
-ROOT = Path(__file__).resolve().parent.parent
 
 MANIFEST = "version: 1\njobs:\n" + "".join(
     f"  - id: j{i}\n    model: google/veo-3.1-t2v-fast\n    prompt: clip {i}\n    duration: 4\n"
@@ -29,13 +28,13 @@ def cli(*args: str, base_url: str = "http://127.0.0.1:9") -> subprocess.Popen[st
 
 
 @pytest.fixture
-def listener() -> socket.socket:
+def listener() -> Iterator[socket.socket]:
     """A port that counts connections: proof that nothing was sent."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(16)
-    s.setblocking(False)
-    return s
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(16)
+        s.setblocking(False)
+        yield s
 
 
 def connections(s: socket.socket) -> int:

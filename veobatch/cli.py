@@ -393,8 +393,8 @@ def status_cmd(
 ) -> None:
     """Show the jobs recorded in an output DIRECTORY, and what a rerun would do with each."""
     _need_dir(directory)
-    results: dict[str, Any] = _guard(lambda: current_results(directory))
     states = _guard(lambda: load_states(directory))
+    results: dict[str, Any] = _guard(lambda: current_results(directory, states))
     reruns = rerun_rows(
         results, states, directory, retry_failed=retry_failed, resubmit_uncertain=resubmit_uncertain
     )

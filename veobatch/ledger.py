@@ -437,9 +437,12 @@ def load_states(directory: Path) -> dict[str, JobState]:
     return replay(parse_journal(path.read_bytes()).records)
 
 
-def current_results(directory: Path) -> dict[str, Any]:
-    """results.json brought up to date with the journal (which may be newer after a crash)."""
-    states = load_states(directory)
+def current_results(
+    directory: Path, states: Mapping[str, JobState] | None = None
+) -> dict[str, Any]:
+    """results.json brought up to date with the journal (which may be newer after a crash);
+    pass ``states`` when the journal has been replayed already."""
+    states = load_states(directory) if states is None else states
     path = directory / RESULTS_NAME
     rows: list[dict[str, Any]] = []
     if path.exists():

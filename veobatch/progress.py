@@ -26,7 +26,6 @@ from .runner import Snapshot
 
 log = logging.getLogger("veobatch")
 
-ORDER = ("pending", "submitting", "submitted", "completed", "done", "failed", "uncertain")
 # What the operator sees: ledger states, with "submitted" split by what the API last said and
 # "completed" shown as what happens to it next.
 DISPLAY_STATES = (
@@ -47,12 +46,6 @@ STYLES = {
     "failed": "red",
     "uncertain": "yellow",
 }
-
-
-def describe(s: Snapshot) -> str:
-    """One line of counts, in pipeline order, skipping the zeros."""
-    parts = [f"{s.counts[k]} {k}" for k in ORDER if s.counts.get(k)]
-    return f"{s.finished}/{s.total} finished: " + ", ".join(parts)
 
 
 def display_counts(s: Snapshot) -> dict[str, int]:

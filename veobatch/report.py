@@ -314,8 +314,8 @@ def _complete(directory: Path, card: Card, state: JobState | None, req: Mapping[
 def build_cards(directory: Path, jobs: Iterable[Job] = ()) -> list[Card]:
     """The cards of an output directory, in results.json order; ``jobs`` (the manifest, when at
     hand) supplies requests the ledger lacks."""
-    results = current_results(directory)
     states = load_states(directory)
+    results = current_results(directory, states)
     from_manifest = {j.id: compact_request(j.request) for j in jobs}
     plans = []
     for row in results.get("jobs", []):
