@@ -7,7 +7,8 @@ Reports, for one run of N jobs through `veobatch run`:
 - makespan against the ideal for the concurrency limit (greedy list scheduling of the
   simulator's true durations in submission order, each starting the moment a slot frees);
 - polls per generation and mean detection lag, counted by the simulator;
-- the runner's CPU seconds per job and peak RSS (from wait4 on the runner process);
+- the runner's CPU seconds per job and peak RSS (from wait4 on the runner process), and
+  beside it the CPU of the same requests sent through bare aiohttp (the HTTP floor);
 - the trade-off curve of polls per generation against lag, for the adaptive schedule and for
   fixed intervals, replayed over the same true durations;
 - a 1 GB download against `curl -o` of the same URL, and RSS growth while streaming;
@@ -180,6 +181,38 @@ def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
     }
 
 
+def bench_http_floor(jobs: int, concurrency: int, polls_per_job: float) -> dict[str, Any]:
+    """The same requests through bare aiohttp (benchmarks/http_floor.py), measured the same
+    way: how much of the runner's CPU the HTTP library and the loopback cost on their own."""
+    port = free_port()
+    sim = start_simulator(port, "--gen-time", "0", "--gen-spread", "0", "--video-fps", "1")
+    try:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("http_floor.py")),
+            f"http://127.0.0.1:{port}",
+            KEY,
+            str(jobs),
+            str(polls_per_job),
+            str(concurrency),
+        ]
+        wall, usage, out = run_and_measure(cmd, os.environ.copy())
+    finally:
+        sim.terminate()
+        sim.wait()
+    counts = json.loads(out)
+    cpu = usage.ru_utime + usage.ru_stime
+    return {
+        "requests": sum(counts.values()),
+        "polls_per_job": round(counts["polls"] / jobs, 3),
+        "wall_s": round(wall, 2),
+        "cpu_ms_per_job": round(1000 * cpu / jobs, 3),
+        "cpu_user_s": round(usage.ru_utime, 2),
+        "cpu_sys_s": round(usage.ru_stime, 2),
+        "cpu_us_per_request": round(1e6 * cpu / sum(counts.values()), 1),
+    }
+
+
 def tradeoff(durations: list[float]) -> dict[str, list[dict[str, float]]]:
     """Polls per generation against mean lag, replayed over the run's true durations."""
     mean = statistics.fmean(durations)
@@ -301,6 +334,9 @@ def main() -> None:
             print(json.dumps(run, indent=2), flush=True)
             print(json.dumps(report["tradeoff"], indent=2), flush=True)
             shutil.rmtree(work / "out", ignore_errors=True)
+            ppj = run["polls_per_generation"]
+            report["http_floor"] = bench_http_floor(opts.jobs, opts.concurrency, ppj)
+            print(json.dumps(report["http_floor"], indent=2), flush=True)
         if not opts.skip_download:
             report["download"] = bench_download(opts.download_mb, work)
             print(json.dumps(report["download"], indent=2), flush=True)

@@ -207,6 +207,26 @@ async def test_concurrent_records_share_fsyncs(tmp_path: Path) -> None:
     assert writes < 200  # group commit: many records per write+fsync
 
 
+async def test_records_through_disk_threads_are_durable_when_awaited(tmp_path: Path) -> None:
+    import anyio
+
+    from veobatch.fsutil import DiskThreads
+
+    disk = DiskThreads(linger_s=30.0)  # a lingering hand-over would time the test out
+    ledger = Ledger.open(tmp_path, offload=disk)
+    try:
+        with anyio.fail_after(5):  # the ledger hands its batch over at once: it lingered already
+            async with anyio.create_task_group() as tg:
+                for i in range(50):
+                    tg.start_soon(lambda i=i: ledger.record("intent", f"j{i}", crid="c", key="k"))
+        # Every awaited record is on disk before the ledger is closed.
+        assert len(Ledger.open(tmp_path).states) == 50
+        assert disk.batches < 50
+    finally:
+        disk.close()
+        ledger.close()
+
+
 async def test_a_changed_directory_is_synced_before_the_batch_that_names_its_files(
     tmp_path: Path,
 ) -> None:

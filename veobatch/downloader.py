@@ -22,7 +22,7 @@ import aiohttp
 import anyio.to_thread
 
 from .errors import DownloadError, UrlRejectedError
-from .fsutil import fsync_dir
+from .fsutil import Offload, fsync_dir, to_thread
 from .verify import Probe, probe_video
 
 MAX_REDIRECTS = 5
@@ -118,12 +118,14 @@ async def download(
     client_timeout: aiohttp.ClientTimeout | None = None,
     sync_dir: bool = True,
     probe: bool = False,
+    offload: Offload = to_thread,
 ) -> Downloaded:
     """One attempt: fetch ``url`` into ``<id>.mp4``, resuming a ``.part`` with Range if allowed.
 
     Without ``sync_dir`` the rename is not yet durable: the caller fsyncs the directory before
     it records the file (the ledger does, for many files at once). With ``probe``, the
     finished file's figures come back too, read while the worker thread has it in hand.
+    ``offload`` runs the final write, fsync and rename (a :class:`DiskThreads` batches them).
     """
     final = out_dir / final_name(job_id)
     part = final.with_name(final.name + PART_SUFFIX)
@@ -145,7 +147,7 @@ async def download(
         digest = hashlib.sha256()
         if have:
             digest = await anyio.to_thread.run_sync(_hash_prefix, part, have)
-        writer = _PartWriter(part, append=have > 0)
+        writer = _PartWriter(part, append=have > 0, offload=offload)
         try:
             size = await _stream(resp, writer, have, digest, max_bytes, chunk_bytes, job_id)
         except BaseException:
@@ -236,9 +238,10 @@ class _PartWriter:
     one a hop per FLUSH_BYTES, so memory stays flat whatever the size.
     """
 
-    def __init__(self, part: Path, *, append: bool) -> None:
+    def __init__(self, part: Path, *, append: bool, offload: Offload = to_thread) -> None:
         self.part = part
         self._append = append
+        self._offload = offload
         self._buf = bytearray()
         self._file: Any = None
 
@@ -283,8 +286,10 @@ class _PartWriter:
     ) -> Downloaded:
         if self._file is not None:
             await self.close(sync=True)
-            return await anyio.to_thread.run_sync(
-                _finish, self.part, final, size, sha, job_id, None, sync_dir, probe
+            return await self._offload(
+                functools.partial(
+                    _finish, self.part, final, size, sha, job_id, None, sync_dir, probe
+                )
             )
         data, append = bytes(self._buf), self._append
         self._buf.clear()
@@ -298,7 +303,7 @@ class _PartWriter:
             whole = None if append else data
             return _finish(self.part, final, size, sha, job_id, whole, sync_dir, probe)
 
-        return await anyio.to_thread.run_sync(write_and_finish)
+        return await self._offload(write_and_finish)
 
 
 async def _stream(

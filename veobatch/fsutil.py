@@ -1,4 +1,5 @@
-"""Durable file operations: atomic replace, directory fsync, the output-directory lock.
+"""Durable file operations: atomic replace, directory fsync, the output-directory lock, and
+the threads that do blocking file work for the event loop.
 
 A rename is only durable once the directory holding it is fsynced; every writer that
 promises "on disk" goes through here so that rule lives in one place.
@@ -6,16 +7,153 @@ promises "on disk" goes through here so that rule lives in one place.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
 import tempfile
+import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import anyio.to_thread
 
 from .errors import ConfigError, LockedError
 
 LOCK_NAME = ".veobatch.lock"
+T = TypeVar("T")
+
+
+class Offload(Protocol):
+    """Runs a blocking call off the event loop: :func:`to_thread` or a :class:`DiskThreads`.
+    The call runs to the end even if the caller is cancelled. ``linger=False`` asks for no
+    added wait, from a caller that has already waited to gather a batch of its own."""
+
+    def __call__(self, fn: Callable[[], T], /, *, linger: bool = True) -> Awaitable[T]: ...
+
+
+async def to_thread(fn: Callable[[], T], /, *, linger: bool = True) -> T:
+    """The plain offload: one anyio worker-thread call each."""
+    return await anyio.to_thread.run_sync(fn)
+
+
+class DiskThreads:
+    """Blocking file work (write, fsync, rename) for the event loop, done in batches.
+
+    A call through ``anyio.to_thread`` costs about 100 µs of CPU when calls come one at a time
+    (a thread wake-up, a GIL hand-over and an event-loop wake-up, each): a second of CPU per
+    10,000 videos. Here the calls that arrive within ``linger_s`` of the first, or while every
+    thread is busy, share one wake-up and one hand-back. A few threads, so that one slow
+    fsync does not hold up the rest. For the asyncio backend, the one veobatch runs on.
+    """
+
+    def __init__(self, *, threads: int = 4, linger_s: float = 0.02) -> None:
+        self._max_threads = threads
+        self._linger_s = linger_s
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for work
+        self._closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._kick: asyncio.TimerHandle | None = None  # the pending hand-over of the queue
+        self._kick_at = 0.0
+        self.batches = 0  # hand-overs so far, for tests and the curious
+        self.calls = 0
+
+    async def __call__(self, fn: Callable[[], T], /, *, linger: bool = True) -> T:
+        """Run ``fn`` in a worker thread; without ``linger``, hand the queue over now."""
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        assert self._loop is loop, "one DiskThreads per event loop"
+        fut: asyncio.Future[T] = loop.create_future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("DiskThreads is closed")
+            self._queue.append((fn, fut))
+        self.calls += 1
+        at = loop.time() + (self._linger_s if linger else 0.0)
+        if self._kick is None or at < self._kick_at:
+            if self._kick is not None:
+                self._kick.cancel()
+            self._kick_at = at
+            self._kick = loop.call_at(at, self._hand_over)
+        # Like anyio.to_thread: once queued, the work is waited for even on cancellation, so
+        # the caller never moves on while its file is half-written.
+        with anyio.CancelScope(shield=True):
+            result = await fut
+        return result
+
+    def _hand_over(self) -> None:
+        self._kick = None
+        with self._cond:
+            if not self._queue:
+                return  # a busy thread took it
+            self.batches += 1
+            if self._idle:
+                self._cond.notify()
+            elif len(self._threads) < self._max_threads:
+                t = threading.Thread(target=self._work, name="veobatch-disk", daemon=True)
+                self._threads.append(t)
+                t.start()
+            # else every thread is busy: the first to finish takes the whole queue
+
+    def _work(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._idle += 1
+                    self._cond.wait()
+                    self._idle -= 1
+                if not self._queue:
+                    return  # closed, nothing left
+                batch, self._queue = self._queue, []
+            done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            for fn, fut in batch:
+                try:
+                    done.append((fut, fn(), None))
+                except BaseException as exc:  # handed to the caller, whatever it is
+                    done.append((fut, None, exc))
+            try:
+                loop.call_soon_threadsafe(_deliver, done)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                return
+
+    def close(self) -> None:
+        """Let the threads finish what they hold and exit; new calls are refused."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            orphans = [] if self._threads else self._queue
+            self._queue = [] if orphans else self._queue
+        if self._kick is not None:
+            self._kick.cancel()
+            self._kick = None
+        for t in self._threads:
+            t.join(timeout=10)
+        for fn, fut in orphans:  # queued, never handed over: run here rather than drop
+            try:
+                value = fn()
+            except BaseException as exc:
+                _deliver([(fut, None, exc)])
+            else:
+                _deliver([(fut, value, None)])
+
+
+def _deliver(done: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for fut, value, exc in done:
+        if fut.done():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
 
 
 def fsync_dir(path: Path) -> None:

@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import anyio
-import anyio.to_thread
 
 from .errors import LedgerCorruptError, LedgerError
-from .fsutil import atomic_write_bytes, fsync_dir
+from .fsutil import Offload, atomic_write_bytes, fsync_dir, to_thread
 from .jobs import Job
 
 LEDGER_NAME = "ledger.jsonl"
@@ -272,9 +271,15 @@ class Ledger:
     """
 
     def __init__(
-        self, directory: Path, states: dict[str, JobState], *, clock: Callable[[], float]
+        self,
+        directory: Path,
+        states: dict[str, JobState],
+        *,
+        clock: Callable[[], float],
+        offload: Offload = to_thread,
     ) -> None:
         self.directory = directory
+        self.offload = offload
         self.path = directory / LEDGER_NAME
         self.states = states
         self._clock = clock
@@ -289,7 +294,13 @@ class Ledger:
         self.recovered_tail: Path | None = None
 
     @classmethod
-    def open(cls, directory: Path, *, clock: Callable[[], float] = time.time) -> Ledger:
+    def open(
+        cls,
+        directory: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        offload: Offload = to_thread,
+    ) -> Ledger:
         """Recover a torn tail if there is one, replay the journal, and open it for appends."""
         path = directory / LEDGER_NAME
         data = path.read_bytes() if path.exists() else b""
@@ -303,7 +314,7 @@ class Ledger:
                 f.write(b"\n")
                 os.fsync(f.fileno())
         created = not data
-        ledger = cls(directory, states, clock=clock)
+        ledger = cls(directory, states, clock=clock, offload=offload)
         ledger.recovered_tail = kept
         if created:
             fsync_dir(directory)
@@ -347,7 +358,8 @@ class Ledger:
             try:
                 # Linger a moment so records of other tasks share this write and fsync.
                 await anyio.sleep(GROUP_COMMIT_LINGER_S)
-                self._synced = max(self._synced, await anyio.to_thread.run_sync(self._drain))
+                drained = await self.offload(self._drain, linger=False)
+                self._synced = max(self._synced, drained)
             finally:
                 self._flushing = None
                 done.set()

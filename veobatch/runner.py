@@ -29,7 +29,7 @@ from .client import ApiClient, Created, Generation, HttpApiClient
 from .costs import Budget
 from .downloader import PART_SUFFIX, download
 from .errors import ApiError, AuthError, ConfigError, DownloadError, UrlRejectedError
-from .fsutil import DirLock, ensure_dir, fsync_dir
+from .fsutil import DirLock, DiskThreads, ensure_dir, fsync_dir
 from .jobs import Job, Manifest
 from .ledger import ErrorInfo, JobState, Ledger, build_results, write_results_doc
 from .poller import Poller, Tracked
@@ -455,6 +455,7 @@ class _Run:
                     client_timeout=self.download_timeout,
                     sync_dir=False,  # the ledger batch that carries "done" syncs it
                     probe=True,
+                    offload=self.ledger.offload,
                 )
             except UrlRejectedError as exc:
                 return await self._fail(job_id, "url_rejected", exc.message)
@@ -681,14 +682,16 @@ async def run(
     if api is None and settings.api_key is None:
         raise ConfigError("no API key: set AIMLAPI_KEY (or use --simulate)")
     out = ensure_dir(settings.out_dir)
+    disk = DiskThreads()  # the ledger's writes and the videos' last write share its batches
     with DirLock(out):
-        control = _Control(Ledger.open(out))
+        control = _Control(Ledger.open(out, offload=disk))
         async with anyio.create_task_group() as outer:
             if handle_signals:
                 outer.start_soon(control.watch_signals)
             try:
                 report = await _run_locked(manifest, settings, control, api, verify, observer)
             finally:
+                disk.close()
                 control.ledger.close()
                 control.ledger.write_results(manifest.jobs)
                 outer.cancel_scope.cancel()
