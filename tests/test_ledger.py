@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from veobatch import ledger as ledger_module
 from veobatch.errors import LedgerCorruptError, LedgerError
 from veobatch.jobs import Job
 from veobatch.ledger import (
@@ -15,9 +16,11 @@ from veobatch.ledger import (
     RESULTS_NAME,
     JobState,
     Ledger,
+    ResultsWriter,
     apply_record,
     build_results,
     current_results,
+    encode_results,
     parse_journal,
     replay,
 )
@@ -260,6 +263,45 @@ def test_results_document() -> None:
     a = doc["jobs"][1]
     assert a["file"] == "a.mp4" and a["sha256"] == "ab" and a["error"] is None
     assert doc["jobs"][2]["error"] == {"kind": "x", "message": "y"}
+
+
+async def test_the_results_writer_matches_a_full_rebuild_as_jobs_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jobs = [Job(f"j{i}", {"model": "google/veo-3.1-t2v", "prompt": f"p{i}"}) for i in range(5)]
+    ledger = Ledger.open(tmp_path)
+    await ledger.record("intent", "old", crid="c", key="k", model="m")  # not in this manifest
+    writer = ResultsWriter(ledger, jobs)
+    built: list[str] = []
+    real = ledger_module.job_result
+
+    def counting(state: JobState, job: Job | None) -> dict[str, Any]:
+        built.append(state.id)
+        return real(state, job)
+
+    def full() -> bytes:
+        return encode_results(build_results(ledger.states, jobs))
+
+    def written() -> bytes:
+        built.clear()
+        with monkeypatch.context() as m:
+            m.setattr(ledger_module, "job_result", counting)
+            writer.write(*writer.encode_changed())
+        return (tmp_path / RESULTS_NAME).read_bytes()
+
+    assert written() == full()
+    assert len(built) == 6  # the first write builds every row
+    await ledger.record("intent", "j3", crid="c", key="k", model="m")
+    await ledger.record("submitted", "j3", gen="g3")
+    await ledger.record("intent", "j0", crid="c", key="k", model="m")
+    assert written() == full()
+    assert sorted(built) == ["j0", "j3"]  # then only the rows that changed
+    assert written() == full()
+    assert built == []
+    ledger.close()
+    doc = json.loads((tmp_path / RESULTS_NAME).read_text())
+    assert [j["id"] for j in doc["jobs"]] == ["j0", "j1", "j2", "j3", "j4", "old"]
+    assert doc["summary"]["submitted"] == 1 and doc["summary"]["pending"] == 3
 
 
 async def test_current_results_prefers_the_newer_journal(tmp_path: Path) -> None:

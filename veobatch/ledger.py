@@ -280,6 +280,7 @@ class Ledger:
     ) -> None:
         self.directory = directory
         self.offload = offload
+        self.changed: set[str] = set()  # jobs with records since a ResultsWriter last looked
         self.path = directory / LEDGER_NAME
         self.states = states
         self._clock = clock
@@ -338,6 +339,7 @@ class Ledger:
         """Apply and append one record; with ``durable``, wait until it is fsynced."""
         rec: dict[str, Any] = {"t": round(self._clock(), 3), "ev": ev, "job": job_id, **data}
         state = apply_record(self.states, rec)
+        self.changed.add(job_id)
         line = _encode_record(rec).encode() + b"\n"
         with self._buf_lock:
             self._buf.append(line)
@@ -409,6 +411,41 @@ class Ledger:
             self._fd = -1
 
 
+class ResultsWriter:
+    """results.json kept current during a run, re-encoding only the rows of jobs whose state
+    changed since the last write: at 10,000 jobs a full rebuild is ~40 ms of CPU, a few
+    hundred changed rows about a millisecond. The bytes are the same as a full rebuild's."""
+
+    def __init__(self, ledger: Ledger, jobs: Iterable[Job]) -> None:
+        self._ledger = ledger
+        self._jobs = {job.id: job for job in jobs}
+        self._rows: dict[str, str] = {}  # encoded rows in document order
+
+    def encode_changed(self) -> tuple[dict[str, Any], list[str]]:
+        """The head of the document and its encoded rows; cheap, for the event loop."""
+        states = self._ledger.states
+        if not self._rows:
+            self._ledger.changed.clear()
+            ids = [*self._jobs, *(jid for jid in states if jid not in self._jobs)]
+        else:
+            ids = list(self._ledger.changed)
+            self._ledger.changed.clear()
+        for jid in ids:
+            st = states.get(jid) or JobState(jid)
+            self._rows[jid] = _encode_row(job_result(st, self._jobs.get(jid)))
+        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
+        for jid in self._rows:
+            known = states.get(jid)
+            status = known.status if known is not None else "pending"
+            counts[status] = counts.get(status, 0) + 1
+        head = {"version": 1, "summary": {"total": len(self._rows), **counts}}
+        return head, list(self._rows.values())
+
+    def write(self, head: dict[str, Any], rows: list[str]) -> None:
+        """Write what :meth:`encode_changed` gave; safe in a worker thread."""
+        atomic_write_bytes(self._ledger.directory / RESULTS_NAME, _join_results(head, rows))
+
+
 def write_results_doc(directory: Path, doc: dict[str, Any]) -> None:
     """Write a results document built earlier; safe in a worker thread (it owns ``doc``)."""
     atomic_write_bytes(directory / RESULTS_NAME, encode_results(doc))
@@ -420,9 +457,14 @@ _encode_row = json.JSONEncoder(ensure_ascii=False).encode
 def encode_results(doc: dict[str, Any]) -> bytes:
     """The document with one job per line: as easy to read and grep as indented JSON, and
     encoded by the C encoder (indentation is pure Python, 3x the cost at 10,000 jobs)."""
-    parts = [f"{_encode_row(k)}: {_encode_row(v)}" for k, v in doc.items() if k != "jobs"]
-    rows = ",\n    ".join(map(_encode_row, doc.get("jobs", [])))
-    parts.append(f'"jobs": [\n    {rows}\n  ]' if rows else '"jobs": []')
+    head = {k: v for k, v in doc.items() if k != "jobs"}
+    return _join_results(head, list(map(_encode_row, doc.get("jobs", []))))
+
+
+def _join_results(head: dict[str, Any], rows: list[str]) -> bytes:
+    parts = [f"{_encode_row(k)}: {_encode_row(v)}" for k, v in head.items()]
+    joined = ",\n    ".join(rows)
+    parts.append(f'"jobs": [\n    {joined}\n  ]' if joined else '"jobs": []')
     return ("{" + ", ".join(parts) + "}\n").encode()
 
 

@@ -31,7 +31,7 @@ from .downloader import PART_SUFFIX, download
 from .errors import ApiError, AuthError, ConfigError, DownloadError, UrlRejectedError
 from .fsutil import DirLock, DiskThreads, ensure_dir, fsync_dir
 from .jobs import Job, Manifest
-from .ledger import ErrorInfo, JobState, Ledger, build_results, write_results_doc
+from .ledger import ErrorInfo, JobState, Ledger, ResultsWriter
 from .poller import Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .scheduler import (
@@ -513,6 +513,7 @@ class _Run:
         """Keep results.json near-current during long runs; the final write is in run()."""
         written = self.ledger.records
         pause_s = self.settings.ledger_flush_interval_s
+        results = ResultsWriter(self.ledger, self.manifest.jobs)
         while True:
             await anyio.sleep(pause_s)
             await self.ledger.sync()  # records nobody waited for are on disk within a period
@@ -520,9 +521,9 @@ class _Run:
                 continue  # nothing happened since the last write
             written = self.ledger.records
             started = time.monotonic()
-            # Built here, where the states live; encoded and written in a worker thread.
-            doc = build_results(self.ledger.states, self.manifest.jobs)
-            await anyio.to_thread.run_sync(write_results_doc, self.ledger.directory, doc)
+            # Rows encoded here, where the states live; joined and written in a worker thread.
+            head, rows = results.encode_changed()
+            await anyio.to_thread.run_sync(results.write, head, rows)
             # A rewrite costs time in proportion to the jobs: keep it near 1% of the run.
             cost_s = time.monotonic() - started
             pause_s = max(self.settings.ledger_flush_interval_s, RESULTS_COST_FACTOR * cost_s)
