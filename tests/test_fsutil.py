@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import anyio
 import pytest
@@ -120,3 +121,73 @@ async def test_busy_threads_take_later_calls_without_a_new_thread_each() -> None
 async def test_the_plain_offload_matches() -> None:
     assert await to_thread(lambda: 7) == 7
     assert await to_thread(lambda: 8, linger=False) == 8
+
+
+async def test_a_stop_iteration_fails_its_own_call_and_not_the_rest_of_the_batch() -> None:
+    disk = DiskThreads(linger_s=0.02)
+    got: dict[str, object] = {}
+
+    def stops() -> None:
+        raise StopIteration  # an asyncio future refuses to carry this one as it is
+
+    async def call(name: str, fn: Callable[[], object]) -> None:
+        try:
+            got[name] = await disk(fn)
+        except RuntimeError as exc:
+            got[name] = exc
+
+    try:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(call, "before", lambda: 1)
+                tg.start_soon(call, "stops", stops)
+                tg.start_soon(call, "after", lambda: 2)
+        assert got["before"] == 1 and got["after"] == 2
+        assert isinstance(got["stops"], RuntimeError)
+        assert isinstance(got["stops"].__cause__, StopIteration)
+    finally:
+        disk.close()
+
+
+async def test_calls_without_linger_run_first_in_their_batch_and_come_back_first() -> None:
+    disk = DiskThreads(threads=1, linger_s=0.05)
+    order: list[str] = []
+    back: list[str] = []
+
+    def slow_file() -> None:
+        time.sleep(0.05)
+        order.append("file")
+
+    def commit() -> None:
+        order.append("commit")
+
+    async def call(name: str, fn: Callable[[], None], linger: bool) -> None:
+        await disk(fn, linger=linger)
+        back.append(name)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(call, "file", slow_file, True)
+            await anyio.sleep(0.01)  # the files linger; the commit hands the queue over now
+            tg.start_soon(call, "commit", commit, False)
+        assert order == ["commit", "file", "file", "file"]
+        assert back[0] == "commit"
+        assert disk.batches == 1
+    finally:
+        disk.close()
+
+
+async def test_queued_work_fails_rather_than_hangs_when_no_thread_can_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def cannot_start(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    disk = DiskThreads(linger_s=0.0)
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", cannot_start)
+        with anyio.fail_after(5), pytest.raises(OSError, match="cannot start a disk thread"):
+            await disk(lambda: 1)
+    assert await disk(lambda: 2) == 2  # threads can start again: back to normal
+    disk.close()

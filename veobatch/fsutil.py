@@ -40,21 +40,27 @@ async def to_thread(fn: Callable[[], T], /, *, linger: bool = True) -> T:
     return await anyio.to_thread.run_sync(fn)
 
 
+_Call = tuple[Callable[[], Any], "asyncio.Future[Any]", bool]  # fn, its future, urgent
+_Done = tuple["asyncio.Future[Any]", Any, "BaseException | None"]
+
+
 class DiskThreads:
     """Blocking file work (write, fsync, rename) for the event loop, done in batches.
 
     A call through ``anyio.to_thread`` costs about 100 µs of CPU when calls come one at a time
     (a thread wake-up, a GIL hand-over and an event-loop wake-up, each): a second of CPU per
     10,000 videos. Here the calls that arrive within ``linger_s`` of the first, or while every
-    thread is busy, share one wake-up and one hand-back. A few threads, so that one slow
-    fsync does not hold up the rest. For the asyncio backend, the one veobatch runs on.
+    thread is busy, share one wake-up and one hand-back. Calls made without linger (the
+    ledger's commits, which other work waits on) run first in their batch and come back
+    before the rest. Up to ``threads`` threads, so a slow batch holds up only itself. For the
+    asyncio backend, the one veobatch runs on.
     """
 
     def __init__(self, *, threads: int = 4, linger_s: float = 0.02) -> None:
         self._max_threads = threads
         self._linger_s = linger_s
         self._cond = threading.Condition(threading.Lock())
-        self._queue: list[tuple[Callable[[], Any], asyncio.Future[Any]]] = []
+        self._queue: list[_Call] = []
         self._threads: list[threading.Thread] = []
         self._idle = 0  # threads waiting for work
         self._closed = False
@@ -74,7 +80,7 @@ class DiskThreads:
         with self._cond:
             if self._closed:
                 raise RuntimeError("DiskThreads is closed")
-            self._queue.append((fn, fut))
+            self._queue.append((fn, fut, not linger))
         self.calls += 1
         at = loop.time() + (self._linger_s if linger else 0.0)
         if self._kick is None or at < self._kick_at:
@@ -96,11 +102,20 @@ class DiskThreads:
             self.batches += 1
             if self._idle:
                 self._cond.notify()
-            elif len(self._threads) < self._max_threads:
-                t = threading.Thread(target=self._work, name="veobatch-disk", daemon=True)
-                self._threads.append(t)
+                return
+            if len(self._threads) >= self._max_threads:
+                return  # every thread is busy: the first to finish takes the whole queue
+            t = threading.Thread(target=self._work, name="veobatch-disk", daemon=True)
+            try:
                 t.start()
-            # else every thread is busy: the first to finish takes the whole queue
+            except RuntimeError as exc:  # the process is out of threads
+                if self._threads:
+                    return  # a live thread takes the queue when it is done
+                stranded, self._queue = self._queue, []
+                err = OSError(f"cannot start a disk thread: {exc}")
+                _deliver([(fut, None, err) for _, fut, _ in stranded])
+                return
+            self._threads.append(t)
 
     def _work(self) -> None:
         loop = self._loop
@@ -114,14 +129,12 @@ class DiskThreads:
                 if not self._queue:
                     return  # closed, nothing left
                 batch, self._queue = self._queue, []
-            done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
-            for fn, fut in batch:
-                try:
-                    done.append((fut, fn(), None))
-                except BaseException as exc:  # handed to the caller, whatever it is
-                    done.append((fut, None, exc))
+            urgent = [c for c in batch if c[2]]
+            rest = [c for c in batch if not c[2]]
             try:
-                loop.call_soon_threadsafe(_deliver, done)
+                for part in (urgent, rest):
+                    if part:
+                        loop.call_soon_threadsafe(_deliver, _run_all(part))
             except RuntimeError:  # the loop is closed: nobody is waiting any more
                 return
 
@@ -137,23 +150,35 @@ class DiskThreads:
             self._kick = None
         for t in self._threads:
             t.join(timeout=10)
-        for fn, fut in orphans:  # queued, never handed over: run here rather than drop
-            try:
-                value = fn()
-            except BaseException as exc:
-                _deliver([(fut, None, exc)])
-            else:
-                _deliver([(fut, value, None)])
+        _deliver(_run_all(orphans))  # queued, never handed over: run here rather than drop
 
 
-def _deliver(done: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+def _run_all(calls: list[_Call]) -> list[_Done]:
+    done: list[_Done] = []
+    for fn, fut, _ in calls:
+        try:
+            done.append((fut, fn(), None))
+        except StopIteration as exc:  # a future cannot carry one (PEP 479 does the same)
+            err = RuntimeError("disk work raised StopIteration")
+            err.__cause__ = exc
+            done.append((fut, None, err))
+        except BaseException as exc:  # handed to the caller, whatever it is
+            done.append((fut, None, exc))
+    return done
+
+
+def _deliver(done: list[_Done]) -> None:
     for fut, value, exc in done:
         if fut.done():
             continue
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(value)
+        try:
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
+        except BaseException as err:  # never leave the rest of the batch waiting
+            if not fut.done():
+                fut.set_exception(RuntimeError(f"disk work result undeliverable: {err!r}"))
 
 
 def fsync_dir(path: Path) -> None:

@@ -692,10 +692,12 @@ async def run(
             try:
                 report = await _run_locked(manifest, settings, control, api, verify, observer)
             finally:
-                disk.close()
-                control.ledger.close()
-                control.ledger.write_results(manifest.jobs)
-                outer.cancel_scope.cancel()
+                try:
+                    disk.close()
+                finally:
+                    control.ledger.close()
+                    control.ledger.write_results(manifest.jobs)
+                    outer.cancel_scope.cancel()
         return replace(report, elapsed_s=time.monotonic() - started)
 
 
