@@ -201,15 +201,16 @@ def bench_http_floor(jobs: int, concurrency: int, polls_per_job: float) -> dict[
         sim.terminate()
         sim.wait()
     counts = json.loads(out)
+    requests = sum(counts.values())
     cpu = usage.ru_utime + usage.ru_stime
     return {
-        "requests": sum(counts.values()),
+        "requests": requests,
         "polls_per_job": round(counts["polls"] / jobs, 3),
         "wall_s": round(wall, 2),
         "cpu_ms_per_job": round(1000 * cpu / jobs, 3),
         "cpu_user_s": round(usage.ru_utime, 2),
         "cpu_sys_s": round(usage.ru_stime, 2),
-        "cpu_us_per_request": round(1e6 * cpu / sum(counts.values()), 1),
+        "cpu_us_per_request": round(1e6 * cpu / requests, 1),
     }
 
 

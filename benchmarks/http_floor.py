@@ -33,9 +33,8 @@ async def main(base: str, key: str, jobs: int, polls_per_job: float, concurrency
     counts = {"creates": 0, "polls": 0, "downloads": 0}
     auth = {"Authorization": f"Bearer {key}"}
     slots = asyncio.Semaphore(concurrency)
-    jar = aiohttp.DummyCookieJar()
     async with (
-        aiohttp.ClientSession(cookie_jar=jar) as api,
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as api,
         aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as cdn,
     ):
 

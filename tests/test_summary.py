@@ -108,7 +108,7 @@ def failed(kind: str, gen: str | None = "g") -> JobState:
 def test_what_a_rerun_would_do(
     tmp_path: Path, state: JobState, flags: dict[str, bool], action: str, why: str
 ) -> None:
-    got = rerun_action(state, "google/veo-3.1-t2v", tmp_path, **flags)
+    got = rerun_action(state, tmp_path, **flags)
     assert got[0] == action and why in got[1], got
 
 
@@ -116,7 +116,7 @@ def test_a_done_job_with_its_file_is_skipped_even_with_a_recorded_key(tmp_path: 
     (tmp_path / "j.mp4").write_bytes(b"x" * 10)
     mtime = (tmp_path / "j.mp4").stat().st_mtime_ns
     st = JobState("j", "done", key="k", file="j.mp4", bytes=10, sha256="s", mtime_ns=mtime)
-    assert rerun_action(st, "google/veo-3.1-t2v", tmp_path) == ("skip", "done")
+    assert rerun_action(st, tmp_path) == ("skip", "done")
     assert (
         rerun_summary([("skip", ""), ("poll", ""), ("skip", "")]) == "a rerun would: 2 skip, 1 poll"
     )

@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -281,17 +280,17 @@ def run_cmd(
     notify_to = notify_url or m.settings.notify_url
     if notify_to:
         _guard(lambda: check_url(notify_to))
-    sim = SimOptions(gen_time_s=sim_gen_time_s) if simulate else None
+    sim_gen_s = sim_gen_time_s if simulate else None  # None: the real API
     # The manifest's objects live as long as the run: the collector need not walk them on
     # every full collection.
     gc.freeze()
     started_wall = time.time()
     if STDERR.is_terminal and not quiet and log_format == "text":
         with LiveProgress(STDERR, mute=None if verbose else console_log) as live:
-            report = _guard(lambda: _arun(_run_async, m, settings, sim, verify, live))
+            report = _guard(lambda: _arun(_run_async, m, settings, sim_gen_s, verify, live))
     else:
         observer = LogProgress() if not quiet else None
-        report = _guard(lambda: _arun(_run_async, m, settings, sim, verify, observer))
+        report = _guard(lambda: _arun(_run_async, m, settings, sim_gen_s, verify, observer))
     report_file = _final_report(m, report) if make_report and not report.interrupted else None
     extras = run_extras(report.states, m.jobs, started_wall, report_file)
     lines = run_summary(report, len(m.jobs), extras)
@@ -306,32 +305,27 @@ def run_cmd(
 def _final_report(m: Manifest, report: RunReport) -> Path | None:
     """The morning report; a run never fails because of it."""
     try:
-        return write_report(report.out_dir, m.jobs)
+        return write_report(report.out_dir, m.jobs, states=report.states)
     except Exception as exc:  # a view of the results, not a result: log it and go on
         log.error("report failed: %s: %s", type(exc).__name__, exc)
         return None
 
 
-@dataclass(frozen=True)
-class SimOptions:
-    gen_time_s: float = 3.0
-
-
 async def _run_async(
     m: Manifest,
     settings: RunSettings,
-    sim: SimOptions | None,
+    sim_gen_s: float | None,
     verify: bool,
     observer: Callable[[Snapshot], None] | None,
 ) -> RunReport:
-    if sim is None:
+    if sim_gen_s is None:
         return await run(m, settings, handle_signals=True, verify=verify, observer=observer)
     from .simulator import SimConfig, Simulator
 
     key = "sim-" + secrets.token_hex(8)
     # Generations are journaled beside the run's ledger, so an interrupted demo resumes.
     config = SimConfig(
-        api_keys=None, gen_time_mean_s=sim.gen_time_s, state_dir=settings.out_dir / ".simulator"
+        api_keys=None, gen_time_mean_s=sim_gen_s, state_dir=settings.out_dir / ".simulator"
     )
     async with Simulator(config) as server:
         log.info("simulator listening on %s (videos on %s)", server.base_url, server.cdn_url)
@@ -362,12 +356,13 @@ def plan_cmd(
         click.echo(f"warning: {w}", err=True)
     out = out_dir or _default_out(manifest)
     states = _guard(lambda: load_states(out))
-    retry = retry_failed or bool(m.settings.retry_failed)
-    plans = plan_jobs(m.jobs, states, out, retry_failed=retry)
+    # The run's own precedence (command line over manifest); no environment: plan sends nothing.
+    cli = {"retry_failed": retry_failed or None, "max_cost_usd": max_cost}
+    s = _guard(lambda: resolve_settings(out, m.settings, cli, env={}))
+    plans = plan_jobs(m.jobs, states, out, retry_failed=s.retry_failed)
     columns = ("job", "model", "standing", "action", "why")
     _table(f"plan for {manifest} -> {out}", columns, plan_rows(plans))
-    limit = max_cost if max_cost is not None else m.settings.max_cost_usd
-    for line in plan_summary(plans, m.settings.prices, limit):
+    for line in plan_summary(plans, s.prices, s.max_cost_usd):
         click.echo(line)
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urljoin, urlsplit
 
 import aiofiles
 import aiohttp
-import anyio.to_thread
+import anyio
 
 from .errors import DownloadError, UrlRejectedError
 from .fsutil import Offload, fsync_dir, to_thread
@@ -146,7 +146,7 @@ async def download(
             )
         digest = hashlib.sha256()
         if have:
-            digest = await anyio.to_thread.run_sync(_hash_prefix, part, have)
+            digest = await offload(functools.partial(_hash_prefix, part, have))
         writer = _PartWriter(part, append=have > 0, offload=offload)
         try:
             size = await _stream(resp, writer, have, digest, max_bytes, chunk_bytes, job_id)
@@ -259,10 +259,10 @@ class _PartWriter:
             await self._file.write(bytes(self._buf))
             if sync:
                 await self._file.flush()
-                await anyio.to_thread.run_sync(os.fsync, self._file.fileno())
+                await self._offload(functools.partial(os.fsync, self._file.fileno()))
             await self._file.close()
         elif self._buf or not self._append:
-            await anyio.to_thread.run_sync(self._write_all, bytes(self._buf), sync)
+            await self._offload(functools.partial(self._write_all, bytes(self._buf), sync))
         self._buf.clear()
         self._file = None
         self._append = True

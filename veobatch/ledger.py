@@ -246,21 +246,31 @@ def job_result(state: JobState, job: Job | None) -> dict[str, Any]:
 
 def build_results(states: Mapping[str, JobState], jobs: Iterable[Job] = ()) -> dict[str, Any]:
     """The results.json document: manifest jobs in manifest order, then any the ledger adds."""
-    rows: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for job in jobs:
-        rows.append(job_result(states.get(job.id) or JobState(job.id), job))
-        seen.add(job.id)
-    rows.extend(job_result(s, None) for jid, s in states.items() if jid not in seen)
+    by_id = {job.id: job for job in jobs}
+    rows = [_row(states, jid, by_id) for jid in _row_order(states, by_id)]
     return results_document(rows)
+
+
+def _row_order(states: Mapping[str, JobState], jobs: Mapping[str, Job]) -> list[str]:
+    return [*jobs, *(jid for jid in states if jid not in jobs)]
+
+
+def _row(states: Mapping[str, JobState], job_id: str, jobs: Mapping[str, Job]) -> dict[str, Any]:
+    return job_result(states.get(job_id) or JobState(job_id), jobs.get(job_id))
 
 
 def results_document(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Rows wrapped with their counts by status: the shape of results.json."""
+    return {**_results_head(row["status"] for row in rows), "jobs": rows}
+
+
+def _results_head(statuses: Iterable[str]) -> dict[str, Any]:
     counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return {"version": 1, "summary": {"total": len(rows), **counts}, "jobs": rows}
+    total = 0
+    for status in statuses:
+        counts[status] = counts.get(status, 0) + 1
+        total += 1
+    return {"version": 1, "summary": {"total": total, **counts}}
 
 
 class Ledger:
@@ -320,11 +330,6 @@ class Ledger:
         if created:
             fsync_dir(directory)
         return ledger
-
-    @property
-    def records(self) -> int:
-        """Records appended since the ledger was opened: a cheap "has anything changed"."""
-        return self._seq
 
     def state(self, job_id: str) -> JobState:
         return self.states.get(job_id) or JobState(job_id)
@@ -424,22 +429,12 @@ class ResultsWriter:
     def encode_changed(self) -> tuple[dict[str, Any], list[str]]:
         """The head of the document and its encoded rows; cheap, for the event loop."""
         states = self._ledger.states
-        if not self._rows:
-            self._ledger.changed.clear()
-            ids = [*self._jobs, *(jid for jid in states if jid not in self._jobs)]
-        else:
-            ids = list(self._ledger.changed)
-            self._ledger.changed.clear()
+        ids = list(self._ledger.changed) if self._rows else _row_order(states, self._jobs)
+        self._ledger.changed.clear()
         for jid in ids:
-            st = states.get(jid) or JobState(jid)
-            self._rows[jid] = _encode_row(job_result(st, self._jobs.get(jid)))
-        counts: dict[str, int] = dict.fromkeys(STATUSES, 0)
-        for jid in self._rows:
-            known = states.get(jid)
-            status = known.status if known is not None else "pending"
-            counts[status] = counts.get(status, 0) + 1
-        head = {"version": 1, "summary": {"total": len(self._rows), **counts}}
-        return head, list(self._rows.values())
+            self._rows[jid] = _encode_row(_row(states, jid, self._jobs))
+        statuses = ((st.status if (st := states.get(jid)) else "pending") for jid in self._rows)
+        return _results_head(statuses), list(self._rows.values())
 
     def write(self, head: dict[str, Any], rows: list[str]) -> None:
         """Write what :meth:`encode_changed` gave; safe in a worker thread."""

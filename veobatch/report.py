@@ -311,10 +311,14 @@ def _complete(directory: Path, card: Card, state: JobState | None, req: Mapping[
     return replace(card, thumb=_thumb(directory, card, state.sha256 if state else None))
 
 
-def build_cards(directory: Path, jobs: Iterable[Job] = ()) -> list[Card]:
+def build_cards(
+    directory: Path,
+    jobs: Iterable[Job] = (),
+    states: Mapping[str, JobState] | None = None,
+) -> list[Card]:
     """The cards of an output directory, in results.json order; ``jobs`` (the manifest, when at
-    hand) supplies requests the ledger lacks."""
-    states = load_states(directory)
+    hand) supplies requests the ledger lacks; ``states``, when the journal was just replayed."""
+    states = load_states(directory) if states is None else states
     results = current_results(directory, states)
     from_manifest = {j.id: compact_request(j.request) for j in jobs}
     plans = []
@@ -328,9 +332,15 @@ def build_cards(directory: Path, jobs: Iterable[Job] = ()) -> list[Card]:
         return list(pool.map(lambda p: _complete(directory, *p), plans))
 
 
-def write_report(directory: Path, jobs: Iterable[Job] = (), *, title: str | None = None) -> Path:
+def write_report(
+    directory: Path,
+    jobs: Iterable[Job] = (),
+    *,
+    title: str | None = None,
+    states: Mapping[str, JobState] | None = None,
+) -> Path:
     """Write ``DIR/report.html`` atomically and return its path (blocking: use a thread)."""
-    cards = build_cards(directory, jobs)
+    cards = build_cards(directory, jobs, states)
     name = title or f"veobatch report: {directory.resolve().name}"
     page = render_html(cards, title=name, generated_at=time.time())
     path = directory / REPORT_NAME

@@ -511,15 +511,13 @@ class _Run:
 
     async def _results_loop(self) -> None:
         """Keep results.json near-current during long runs; the final write is in run()."""
-        written = self.ledger.records
         pause_s = self.settings.ledger_flush_interval_s
         results = ResultsWriter(self.ledger, self.manifest.jobs)
         while True:
             await anyio.sleep(pause_s)
             await self.ledger.sync()  # records nobody waited for are on disk within a period
-            if self.ledger.records == written:
+            if not self.ledger.changed:
                 continue  # nothing happened since the last write
-            written = self.ledger.records
             started = time.monotonic()
             # Rows encoded here, where the states live; joined and written in a worker thread.
             head, rows = results.encode_changed()

@@ -229,7 +229,6 @@ _RERUN_WORD = {
 
 def rerun_action(
     state: JobState,
-    model: str,
     out_dir: Path,
     *,
     retry_failed: bool = False,
@@ -237,7 +236,7 @@ def rerun_action(
 ) -> tuple[str, str]:
     """What a rerun of the same manifest would do with this job: :func:`plan_job`'s answer,
     assuming the job's request is unchanged (``status`` has no manifest to compare with)."""
-    stand_in = Job(state.id, {"model": model})
+    stand_in = Job(state.id, {})  # unread: with no key on the state, nothing compares it
     plan = plan_job(stand_in, replace(state, key=None), out_dir, retry_failed=retry_failed)
     reason = plan.reason
     if plan.action is Action.LOOKUP and state.status == "uncertain":
@@ -261,12 +260,9 @@ def rerun_rows(
     rows = []
     for job in results.get("jobs", []):
         jid = str(job.get("id"))
-        state = states.get(jid) or JobState(jid)
-        model = str(job.get("model") or state.model or "")
         rows.append(
             rerun_action(
-                state,
-                model,
+                states.get(jid) or JobState(jid),
                 out_dir,
                 retry_failed=retry_failed,
                 resubmit_uncertain=resubmit_uncertain,
