@@ -286,3 +286,41 @@ async def test_a_body_that_is_not_a_readable_video_probes_as_an_error(
 ) -> None:
     got = await _get(cdn, tmp_path, probe=True)  # starts like an MP4, then noise
     assert got.probe is not None and got.probe.error
+
+
+async def test_a_flush_cut_off_by_cancellation_is_not_written_twice(tmp_path: Path) -> None:
+    import time
+
+    import anyio
+
+    from veobatch.downloader import FLUSH_BYTES, _PartWriter
+
+    part = tmp_path / "v.mp4.part"
+    writer = _PartWriter(part, append=False)
+    chunk = b"x" * FLUSH_BYTES  # one flush's worth: each write goes to a worker thread
+    await writer.write(chunk)  # opens the file and writes the first flush
+    file = writer._file
+
+    class SlowDisk:
+        """The open file, but each write takes a while in its thread, as on a busy disk; an
+        executor future, as aiofiles uses, so cancelling the caller does not stop the write."""
+
+        async def write(self, data: bytes) -> int:
+            def slow() -> int:
+                written = int(file._file.write(data))
+                time.sleep(0.1)  # the bytes are in the file; the call has not returned yet
+                return written
+
+            return await asyncio.get_running_loop().run_in_executor(None, slow)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(file, name)
+
+    writer._file = SlowDisk()
+    with anyio.move_on_after(0.02):  # cancelled while the thread writes, as on shutdown
+        await writer.write(chunk)
+    writer._file = file
+    with anyio.CancelScope(shield=True):
+        await writer.close(sync=False)  # what the download does after a cancellation
+    # Every byte handed over reaches the file at most once: a resume continues from its size.
+    assert part.stat().st_size == 2 * len(chunk)

@@ -10,7 +10,6 @@ import gc
 import json
 import logging
 import os
-import secrets
 import signal
 import sys
 import time
@@ -55,6 +54,7 @@ from .summary import (
 
 log = logging.getLogger("veobatch")
 T = TypeVar("T")
+SIM_KEY = "sim-local"  # --simulate: the built-in simulator takes any key
 
 
 STDERR = Console(stderr=True)
@@ -322,8 +322,9 @@ async def _run_async(
         return await run(m, settings, handle_signals=True, verify=verify, observer=observer)
     from .simulator import SimConfig, Simulator
 
-    key = "sim-" + secrets.token_hex(8)
-    # Generations are journaled beside the run's ledger, so an interrupted demo resumes.
+    # Generations are journaled beside the run's ledger, so an interrupted demo resumes; the
+    # usage logs it restores belong to a digest of the key, so the key stays the same.
+    key = SIM_KEY
     config = SimConfig(
         api_keys=None, gen_time_mean_s=sim_gen_s, state_dir=settings.out_dir / ".simulator"
     )

@@ -250,13 +250,16 @@ class _PartWriter:
         if len(self._buf) >= FLUSH_BYTES:
             if self._file is None:
                 self._file = await aiofiles.open(self.part, "ab" if self._append else "wb")
-            await self._file.write(bytes(self._buf))
-            self._buf.clear()
+            # Emptied before the write: a write cut off by cancellation may finish in its
+            # thread all the same, and close() must not write those bytes a second time.
+            data, self._buf = self._buf, bytearray()
+            await self._file.write(data)
 
     async def close(self, *, sync: bool) -> None:
         """Write what is buffered and close; with ``sync``, fsync first."""
         if self._file is not None:
-            await self._file.write(bytes(self._buf))
+            data, self._buf = self._buf, bytearray()
+            await self._file.write(data)
             if sync:
                 await self._file.flush()
                 await self._offload(functools.partial(os.fsync, self._file.fileno()))
