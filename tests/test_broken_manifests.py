@@ -8,11 +8,9 @@ in its own process) against a loopback server that counts every request it recei
 from __future__ import annotations
 
 import http.server
-import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
+from cli_process import start_cli
 
 from veobatch.images import MAX_FILE_BYTES
 
@@ -91,19 +90,19 @@ def test_every_broken_manifest_exits_2_names_line_and_field_and_sends_nothing(
     corpus: Path, counting_server: tuple[str, list[str]], tmp_path: Path
 ) -> None:
     url, hits = counting_server
-    env = {
-        **os.environ,
-        "AIMLAPI_KEY": "corpus-test-key",
-        "AIMLAPI_BASE_URL": url,
-        "NO_COLOR": "1",
-    }
+    env = {"AIMLAPI_KEY": "corpus-test-key", "AIMLAPI_BASE_URL": url, "NO_COLOR": "1"}
 
     def run(case: Case) -> tuple[Case, subprocess.CompletedProcess[str]]:
         manifest = corpus / case.path.name
         out = tmp_path / case.path.stem
-        args = [sys.executable, "-m", "veobatch", "run", str(manifest), "--out", str(out)]
-        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=60)
-        return case, done
+        proc = start_cli("run", str(manifest), "--out", str(out), env=env)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+        return case, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = list(pool.map(run, cases()))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_process import start_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CANARY = "canary-9b1f0e7c4d2a6e83"
@@ -97,25 +98,8 @@ def write_manifest(path: Path) -> None:
 
 
 def runner(manifest: Path, out: Path, base: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "AIMLAPI_KEY": CANARY, "AIMLAPI_BASE_URL": base}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "veobatch",
-            "run",
-            str(manifest),
-            "--out",
-            str(out),
-            "--logs-grace",
-            "2",
-        ],
-        cwd=ROOT,
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    env = {"AIMLAPI_KEY": CANARY, "AIMLAPI_BASE_URL": base}
+    return start_cli("run", str(manifest), "--out", str(out), "--logs-grace", "2", env=env)
 
 
 def sim_logs(base: str) -> list[dict[str, Any]]:
@@ -180,11 +164,13 @@ def test_kill_loop_never_pays_twice_and_loses_nothing(simulator: str, tmp_path: 
     print(f"\nkill loop: {KILLS} kills, ledger events {dict(events)}, simulator {stats(simulator)}")
 
     # A rerun sends zero POSTs.
-    before = stats(simulator)["creates_ok"] + stats(simulator)["creates_rejected"]
+    snapshot = stats(simulator)
+    before = snapshot["creates_ok"] + snapshot["creates_rejected"]
     proc = runner(manifest, out, simulator)
     so, se = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "0 submitted this run" in so
-    assert stats(simulator)["creates_ok"] + stats(simulator)["creates_rejected"] == before
+    after = stats(simulator)
+    assert after["creates_ok"] + after["creates_rejected"] == before
 
     # The key never reached a file or an output, nor the video host.
     for path in out.rglob("*"):

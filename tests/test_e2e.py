@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -132,15 +131,11 @@ async def test_wrong_key_exits_3_and_leaves_jobs_pending(sim: Simulator, tmp_pat
     assert sim.stats.creates_ok == 0
 
 
-def cli(*args: str) -> subprocess.Popen[str]:
-    return start_cli(*args)
-
-
 @pytest.mark.slow
 def test_demo_command_end_to_end(tmp_path: Path) -> None:
     """The README's demo, through the real CLI: all done, then a rerun that sends nothing."""
     out = tmp_path / "demo"
-    proc = cli("run", "jobs/demo.yaml", "--simulate", "--out", str(out))
+    proc = start_cli("run", "jobs/demo.yaml", "--simulate", "--out", str(out))
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert stdout.startswith("veobatch: 6 jobs: 6 done, 0 failed")
@@ -152,7 +147,7 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
         assert (v.codec_context.width, v.codec_context.height) == (1280, 720)
         assert c.duration is not None and abs(c.duration / 1e6 - 4) < 0.5
         assert c.streams.audio  # generate_audio defaults to true
-    proc = cli("run", "jobs/demo.yaml", "--simulate", "--out", str(out))
+    proc = start_cli("run", "jobs/demo.yaml", "--simulate", "--out", str(out))
     stdout, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "0 submitted this run" in stdout
 
@@ -167,7 +162,7 @@ def test_sigterm_then_rerun_completes_without_paying_twice(tmp_path: Path) -> No
     )
     manifest.write_text(f"version: 1\nsettings:\n  concurrency: 4\njobs:\n{jobs}\n")
     args = ("run", str(manifest), "--simulate", "--sim-gen-time", "1.5", "--out", str(out))
-    proc = cli(*args)
+    proc = start_cli(*args)
     ledger = out / "ledger.jsonl"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -179,7 +174,7 @@ def test_sigterm_then_rerun_completes_without_paying_twice(tmp_path: Path) -> No
     assert proc.returncode == 75, stderr
     first = ledger.read_text()
     assert first.count('"ev":"submitted"') < 12  # it really was interrupted
-    proc = cli(*args)
+    proc = start_cli(*args)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     records = [json.loads(line) for line in ledger.read_text().splitlines()]

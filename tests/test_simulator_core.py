@@ -253,7 +253,7 @@ def make_gen(
         model=T2V,
         body={"model": T2V, "prompt": "p"},
         request=request,
-        api_key="k",
+        api_key_sha="k",
         created_at=created_at,
         created_wall_s=0.0,
         duration_s=duration_s,

@@ -78,7 +78,6 @@ class LogEntry:
     client_request_id: str | None
     inference_id: str | None
     status: str  # "succeeded" or "failed"
-    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -234,7 +233,6 @@ def parse_log_page(text: str) -> LogPage:
             client_request_id=_opt_str(row.get("client_request_id")),
             inference_id=_opt_str(row.get("inference_id")),
             status=str(row.get("status") or ""),
-            model=_opt_str(row.get("model")),
         )
         for row in rows
         if isinstance(row, Mapping)

@@ -84,6 +84,11 @@ class Budget:
         self.spent_usd += usd
         return True
 
+    def estimate(self, job: Job) -> float:
+        """The job's estimate: the one reserved for it, so what is recorded is what counts."""
+        usd = self.reserved.get(job.id)
+        return estimate_usd(job, self.prices) if usd is None else usd
+
     def release(self, job_id: str) -> None:
         self.spent_usd -= self.reserved.pop(job_id, 0.0)
 

@@ -298,10 +298,7 @@ class _PartWriter:
         self._buf.clear()
 
         def write_and_finish() -> Downloaded:
-            with open(self.part, "ab" if append else "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            self._write_all(data, True)
             # The whole file is in hand: no re-read for the type check or the probe.
             whole = None if append else data
             return _finish(self.part, final, size, sha, job_id, whole, sync_dir, probe)

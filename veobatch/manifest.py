@@ -28,6 +28,7 @@ from .manifest_checks import (
     derived_id,
     describe,
     id_problem,
+    int_in_range,
     is_int,
     model_problem,
     not_accepted,
@@ -194,7 +195,6 @@ class _Validator:
         self.base_dir = base_dir
         self.images = ImageStore(base_dir)
         self.report = Report(file, doc.source, _job_labels(doc.data), images=self.images)
-        self.files = [file]
         self.tables: list[Report] = []
         for issue in doc.issues:
             self.report.error(issue.path, issue.message, pos=issue.pos)
@@ -218,7 +218,7 @@ class _Validator:
         return Manifest(path, jobs, settings, tuple(self._sorted(warnings)))
 
     def _sorted(self, problems: list[Problem]) -> list[Problem]:
-        rank = {f: i for i, f in enumerate(self.files)}
+        rank = {r.file: i for i, r in enumerate([self.report, *self.tables])}
         return sorted(problems, key=lambda p: (rank.get(p.file, 0), p.line or 0, p.column or 0))
 
     def _job(self, built: _Built) -> Job:
@@ -353,14 +353,9 @@ class _Validator:
     def _int_setting(self, raw: dict[Any, Any], name: str) -> int | None:
         if name not in raw:
             return None
-        value, (low, high) = raw[name], SETTING_LIMITS[name]
-        if is_int(value) and low <= value <= high:
-            return int(value)
-        got = show(value) if is_int(value) else describe(value) + unquote_hint("integer", value)
-        self.report.error(
-            ("settings", name), f"expected an integer from {low} to {high}, got {got}"
-        )
-        return None
+        low, high = SETTING_LIMITS[name]
+        expected = f"an integer from {low} to {high}"
+        return int_in_range(self.report, raw[name], ("settings", name), low, high, expected)
 
     def _timeout_setting(self, raw: dict[Any, Any]) -> float | None:
         if "job_timeout_s" not in raw:
@@ -369,14 +364,6 @@ class _Validator:
         return self._amount(
             ("settings", "job_timeout_s"), raw["job_timeout_s"], expected, above_zero=True
         )
-        value = raw["job_timeout_s"]
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and math.isfinite(value) and value > 0:
-            return float(value)
-        got = show(value) if number else describe(value)
-        message = f"expected a number of seconds greater than 0, got {got}"
-        self.report.error(("settings", "job_timeout_s"), message)
-        return None
 
     def _jobs(self, top: dict[Any, Any], defaults: Defaults) -> list[_Built]:
         built: list[_Built] = []
@@ -422,7 +409,6 @@ class _Validator:
                 self.report.error(at, f"cannot read {name!r}: {reason}{where}")
                 continue
             table = read_table(text, shown)
-            self.files.append(shown)
             report = Report(shown, table.source, _row_labels(table.rows), images=self.images)
             report.errors.extend(table.problems)
             self.tables.append(report)
@@ -444,7 +430,7 @@ class _Validator:
         variants = self._variants(report, item, path, defaults)
         combos = self._matrix(report, item, path)
         id_line = report.source.value((*path, "id")).line if job_id else line
-        ok = id_ok and fields_ok and variants is not None and combos is not None
+        ok = id_ok and fields_ok and combos is not None
         built: list[_Built] = []
         for combo in combos or [{}]:
             where = {name: (*path, name) for name in item}
@@ -455,12 +441,12 @@ class _Validator:
             if model is None:
                 continue
             request = self._request(report, fields, path, where, model, defaults)
-            if request is None or not ok:
+            if request is None or variants is None or not ok:
                 continue  # what is wrong is reported; nothing to build
             body, identity = request
             base = self._combo_id(job_id, combo, identity)
             for one_id, one_body, one_identity in expand_variants(
-                base, body, identity, model, variants or 1
+                base, body, identity, model, variants
             ):
                 built.append(
                     _Built(index, line, one_id, job_id, id_line, one_body, one_identity, report)
@@ -610,7 +596,7 @@ class _Validator:
         ok = True
         own: dict[str, Any] = {}
         for name, value in item.items():
-            if name in ("id", "model") or name not in ALL_FIELDS:
+            if name == "model" or name not in ALL_FIELDS:
                 continue
             if name not in model.fields:
                 report.error(where[name], not_accepted(model, name), at="key")
@@ -656,8 +642,6 @@ class _Validator:
         """Ids name output files, so they must differ even on case-insensitive file systems."""
         seen: dict[str, _Built] = {}
         for b in built:
-            if b.id is None:
-                continue
             first = seen.setdefault(b.id.lower(), b)
             if first is not b:
                 self._duplicate(first, b)

@@ -246,12 +246,20 @@ def id_problem(value: Any, plain: str | None) -> str | None:
     return None
 
 
-def variants_value(report: Report, value: Any, at: KeyPath) -> int | None:
-    if is_int(value) and 1 <= value <= MAX_VARIANTS:
+def int_in_range(
+    report: Report, value: Any, at: KeyPath, low: int, high: int, expected: str
+) -> int | None:
+    """An integer from ``low`` to ``high``, or a reported "expected {expected}, got ..."."""
+    if is_int(value) and low <= value <= high:
         return int(value)
     got = show(value) if is_int(value) else describe(value) + unquote_hint("integer", value)
-    report.error(at, f"expected a number of takes from 1 to {MAX_VARIANTS}, got {got}")
+    report.error(at, f"expected {expected}, got {got}")
     return None
+
+
+def variants_value(report: Report, value: Any, at: KeyPath) -> int | None:
+    expected = f"a number of takes from 1 to {MAX_VARIANTS}"
+    return int_in_range(report, value, at, 1, MAX_VARIANTS, expected)
 
 
 def derived_id(request: dict[str, Any]) -> str:
@@ -274,7 +282,7 @@ class Report:
         source: SourceMap,
         labels: dict[int, str],
         *,
-        images: ImageStore | None = None,
+        images: ImageStore,
     ) -> None:
         self.file = file
         self.source = source
@@ -335,7 +343,7 @@ class Report:
         if not isinstance(value, str):
             self.error(path, f"expected {IMAGE_EXPECTED}, got {describe(value)}{context}")
             return False
-        if self.images is not None and value.strip() and is_local_reference(value):
+        if value.strip() and is_local_reference(value):
             return self._local_image(value, path)
         error, warning = image_problem(value)
         if error is not None:
@@ -345,7 +353,6 @@ class Report:
         return error is None
 
     def _local_image(self, value: str, path: KeyPath) -> bool:
-        assert self.images is not None
         check = self.images.check(value)
         if check.error is not None:
             self.error(path, check.error)

@@ -22,7 +22,7 @@ import anyio
 
 from .client import ApiClient, Generation
 from .errors import ApiError, AuthError, NotFoundError, RateLimitedError
-from .schedule import DurationModel, fit_plan
+from .schedule import PLAN_SLACK_S, DurationModel, fit_plan
 from .settings import PollSettings
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ POLL_BURST = 50  # polls that may go at once before pacing applies
 REFIT_CHECK_S = 0.25  # how often the poller looks for models due a new plan
 # Polls due this soon go with the current batch: one loop turn serves several, and the loop
 # never wakes a hair early and finds nothing due (event loops round timers to milliseconds).
-POLL_EARLY_S = 0.004  # below schedule.PLAN_SLACK_S
+POLL_EARLY_S = PLAN_SLACK_S - 0.001  # below it, or a planned time would be polled twice
 
 
 def error_delay_s(

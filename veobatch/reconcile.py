@@ -135,10 +135,6 @@ class Reconciler:
         self._wall = wall_clock
         self._open: dict[str, Lookup] = {}
         self._wake = anyio.Event()
-        self.requests = 0
-
-    def __len__(self) -> int:
-        return len(self._open)
 
     def add(self, lookup: Lookup) -> None:
         self._open[lookup.client_request_id] = lookup
@@ -185,7 +181,6 @@ class Reconciler:
         for _ in range(MAX_PAGES_PER_SWEEP):
             await anyio.sleep(self._budget.wait_s())
             self._budget.take()
-            self.requests += 1
             try:
                 page = await self._api.logs(
                     start=start, end=end, models=models, offset=offset, limit=PAGE_SIZE

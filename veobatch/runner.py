@@ -118,7 +118,6 @@ class _Run:
     cdn: aiohttp.ClientSession
     clock: Callable[[], float] = time.monotonic
     rng: random.Random = field(default_factory=random.Random)
-    interrupted: bool = False
     auth_error: str | None = None
     submitted: int = 0
     adopted: int = 0
@@ -157,7 +156,7 @@ class _Run:
             on_submitted=self._on_submitted,
             rng=self.rng,
             on_rate_limited=self._on_rate_limited,
-            prices=self.settings.prices,
+            estimate=self.budget.estimate,
         )
         self.reconciler = Reconciler(
             self.api,
@@ -323,10 +322,15 @@ class _Run:
             log.info("request changed job=%s: previous video kept as %s", job.id, kept.name)
 
     def _on_rate_limited(self) -> None:
-        limit = self.limit.on_rate_limited(self.clock())
-        if limit != self.slots.total_tokens:
+        self._apply_limit(self.limit.on_rate_limited(self.clock()))
+
+    def _apply_limit(self, limit: int) -> None:
+        """The adaptive limit becomes the slots' size, touched only when it moved."""
+        if limit == self.slots.total_tokens:
+            return
+        if limit < self.slots.total_tokens:
             log.warning("429 from the API: concurrency lowered to %d", limit)
-            self.slots.total_tokens = limit
+        self.slots.total_tokens = limit
 
     # -- ambiguous submissions -----------------------------------------------------------
 
@@ -383,8 +387,7 @@ class _Run:
 
     async def _on_submitted(self, job: Job, created: Created) -> None:
         self.submitted += 1
-        self.limit.on_success()
-        self.slots.total_tokens = self.limit.current
+        self._apply_limit(self.limit.on_success())
         log.info("submitted job=%s gen=%s", job.id, created.generation_id)
         self.poller.track(
             job.id,
@@ -547,7 +550,7 @@ class _Run:
             generating=self.poller.generating(),
         )
 
-    def report(self, elapsed_s: float) -> RunReport:
+    def report(self, elapsed_s: float, *, interrupted: bool = False) -> RunReport:
         states = self._states()
         counts: dict[str, int] = dict(Counter(st.status for st in states))
         failed: list[tuple[str, ErrorInfo]] = []
@@ -574,7 +577,7 @@ class _Run:
             failed=failed,
             uncertain=uncertain,
             pending=pending,
-            interrupted=self.interrupted,
+            interrupted=interrupted,
             auth_error=self.auth_error,
             submitted=self.submitted,
             adopted=self.adopted,
@@ -662,7 +665,7 @@ class _Control:
                     os._exit(EXIT_INTERRUPTED)
                 self.interrupted = True
                 if self.run is not None:
-                    self.run.interrupted = self.run.stop_submitting = True
+                    self.run.stop_submitting = True
                 log.warning("%s: stopping; run again to resume", signal.Signals(sig).name)
                 self.main.cancel()
 
@@ -718,9 +721,9 @@ async def _run_locked(
     )
     async with _http(settings, api) as (client, cdn):
         r = control.run = _Run(manifest, settings, ledger, client, cdn, observer=observer)
-        r.interrupted = r.stop_submitting = control.interrupted
+        r.stop_submitting = control.interrupted
         with control.main:
             await r.execute(plans)
     if observer is not None:
         observer(r.snapshot(time.monotonic() - started))
-    return r.report(time.monotonic() - started)
+    return r.report(time.monotonic() - started, interrupted=control.interrupted)

@@ -44,12 +44,6 @@ class LogNormal:
             return 0.0
         return NormalDist().cdf((math.log(t) - self.mu) / self.sigma)
 
-    def pdf(self, t: float) -> float:
-        if t <= 0:
-            return 0.0
-        z = (math.log(t) - self.mu) / self.sigma
-        return math.exp(-z * z / 2) / (t * self.sigma * math.sqrt(2 * math.pi))
-
     def quantile(self, p: float) -> float:
         return math.exp(self.mu + self.sigma * NormalDist().inv_cdf(p))
 
@@ -206,10 +200,6 @@ class DurationModel:
         m = self._models.setdefault(model, _Samples())
         m.intervals.append((max(lo, 0.0), hi))
         m.n += 1
-
-    def samples(self, model: str) -> int:
-        m = self._models.get(model)
-        return m.n if m else 0
 
     def distribution(self, model: str) -> LogNormal | None:
         m = self._models.get(model)

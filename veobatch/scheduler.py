@@ -13,7 +13,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +61,16 @@ class JobPlan:
 REPOLL_KINDS = frozenset({"timeout", "download", "lost"})
 
 
+def request_changed(job: Job, state: JobState) -> bool:
+    """The ledger knows this job by another request than the manifest's."""
+    return state.key is not None and state.key != job.key
+
+
 def plan_job(
     job: Job, state: JobState, out_dir: Path, *, verify: bool = False, retry_failed: bool = False
 ) -> JobPlan:
     """One job's action: the whole resume policy lives in this function."""
-    changed = state.key is not None and state.key != job.key
+    changed = request_changed(job, state)
 
     def p(action: Action, reason: str) -> JobPlan:
         return JobPlan(job, action, reason, state)
@@ -106,10 +111,9 @@ CATEGORIES = ("new", "changed", "unchanged", "resumable", "failed")
 def category(plan: JobPlan) -> str:
     """Where a job stands against the ledger, as `plan` groups them."""
     st, action = plan.state, plan.action
-    changed = st.key is not None and st.key != plan.job.key
     if st.status == "pending":
         return "new"
-    if changed and action is Action.SUBMIT:
+    if action is Action.SUBMIT and request_changed(plan.job, st):
         return "changed"
     if action is Action.SKIP:
         return "unchanged"
@@ -199,7 +203,8 @@ class Submitter:
     on_submitted: Callable[[Job, Created], Awaitable[None]]
     rng: random.Random | None = None
     on_rate_limited: Callable[[], None] = lambda: None
-    prices: Mapping[str, float] = field(default_factory=dict)
+    # The estimate the intent records: the run's budget holds it already (Budget.estimate).
+    estimate: Callable[[Job], float] = lambda job: estimate_usd(job, {})
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Submit until the outcome is known; waits between tries can be cancelled."""
@@ -223,7 +228,7 @@ class Submitter:
     async def _attempt(self, job: Job) -> tuple[SubmitOutcome, ApiError | None]:
         """One POST. Returns the outcome, or the error when trying again is safe."""
         crid = client_request_id(job.id, self.ledger.state(job.id).attempts + 1)
-        est = round(estimate_usd(job, self.prices), 4)
+        est = round(self.estimate(job), 4)
         await self.ledger.record(
             "intent",
             job.id,

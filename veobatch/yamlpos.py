@@ -136,6 +136,10 @@ class _Loader(yaml.SafeLoader):
             self.dashes[(id(parent), index)] = dash
         return node
 
+    def dash(self, node: SequenceNode, index: int) -> Mark | None:
+        """The mark of the '-' before item ``index`` of ``node``, if it had one."""
+        return self.dashes.get((id(node), index))
+
 
 class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """libyaml's parser, about ten times faster on large manifests. It offers no hook for the
@@ -145,13 +149,17 @@ class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignor
         super().__init__(stream)
         self.dashes = _DashFinder(stream)
 
+    def dash(self, node: SequenceNode, index: int) -> Mark | None:
+        """The mark of the '-' before item ``index`` of ``node``, if it had one."""
+        return self.dashes.for_item(node.value[index]) if node.flow_style is not True else None
+
 
 class _DashFinder:
     """Maps (sequence node, index) to the mark of the item's dash, read off the source."""
 
     def __init__(self, text: str) -> None:
         self._text = text
-        self._line_starts = [0, *(i + 1 for i, c in enumerate(text) if c == "\n")]
+        self._line_starts = [0, *(m.end() for m in re.finditer("\n", text))]
 
     def for_item(self, item: Node) -> Mark | None:
         """The '-' before ``item``: on its line, or alone on an earlier line (comments between)."""
@@ -302,11 +310,7 @@ class _Builder:
         self._check_tag(node, _SEQ_TAG, path)
         result = []
         for index, child in enumerate(node.value):
-            dashes = self.loader.dashes
-            if isinstance(dashes, _DashFinder):
-                dash = dashes.for_item(child) if node.flow_style is not True else None
-            else:
-                dash = dashes.get((id(node), index))
+            dash = self.loader.dash(node, index)
             if dash is not None:
                 self.source.items.setdefault((*path, index), _pos(dash))
             result.append(self.build(child, (*path, index)))

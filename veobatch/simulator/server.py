@@ -142,9 +142,7 @@ class Simulator:
         site = web.TCPSite(runner, self.host, port)
         await site.start()
         self._runners.append(runner)
-        server = site._server
-        assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return int(runner.addresses[0][1])
 
     async def stop(self) -> None:
         for runner in self._runners:
@@ -268,7 +266,7 @@ class Simulator:
             model=video.model,
             body=body,
             request=video,
-            api_key=key,
+            api_key_sha=_digest(key),
             created_at=self._clock(),
             created_wall_s=time.time(),
             duration_s=duration,
@@ -284,13 +282,13 @@ class Simulator:
         heapq.heappush(self._running.setdefault(key, []), gen.completes_at)
         self._journal(gen)
         self.stats.creates_ok += 1
-        self._log_created(gen, _digest(key))
+        self._log_created(gen)
         return gen
 
-    def _log_created(self, gen: Generation, owner: str) -> None:
+    def _log_created(self, gen: Generation) -> None:
         """The usage-log row of a request that created ``gen`` (keys are kept as digests)."""
         row = LogRow(
-            owner,
+            gen.api_key_sha,
             gen.created_wall_s,
             "succeeded",
             gen.model,
@@ -400,7 +398,6 @@ class Simulator:
             self.stats.truncated_downloads += 1
             return await _truncated(request, path)
         self.stats.downloads += 1
-        gen.downloads += 1
         if gen.downloaded_at is None:
             gen.downloaded_at = self._clock()
         return web.FileResponse(path, headers={"Content-Type": "video/mp4"})
@@ -415,7 +412,7 @@ class Simulator:
         row = {
             "id": gen.id,
             "body": gen.body,
-            "api_key_sha": _digest(gen.api_key),
+            "api_key_sha": gen.api_key_sha,
             "created_at": gen.created_at,
             "created_wall_s": gen.created_wall_s,
             "duration_s": gen.duration_s,
@@ -447,7 +444,7 @@ class Simulator:
                 model=video.model,
                 body=row["body"],
                 request=video,
-                api_key=row["api_key_sha"],
+                api_key_sha=row["api_key_sha"],
                 created_at=row["created_at"],
                 created_wall_s=row["created_wall_s"],
                 duration_s=row["duration_s"],
@@ -460,7 +457,7 @@ class Simulator:
                 fails=bool(row.get("fails", False)),
             )
             self._add(gen)
-            self._log_created(gen, gen.api_key)  # journaled keys are digests already
+            self._log_created(gen)
         # Rewrite without torn lines, so the next append starts on a line of its own.
         path.write_text("".join(line + "\n" for line in good), encoding="utf-8")
 

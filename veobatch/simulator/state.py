@@ -42,7 +42,7 @@ class Generation:
     model: str
     body: dict[str, Any]  # the request body as received
     request: VideoRequest
-    api_key: str
+    api_key_sha: str  # a digest of the key that created it; the key itself is never kept
     created_at: float  # clock seconds
     created_wall_s: float  # Unix time of creation
     duration_s: float  # how long the simulated generation takes
@@ -55,7 +55,6 @@ class Generation:
     fails: bool = False  # ends in "error" instead of "completed" (fault injection)
     polls: int = 0
     detected_at: float | None = None  # clock time of the first poll that saw it completed
-    downloads: int = 0
     downloaded_at: float | None = None  # clock time the first whole download was served
 
     @property
@@ -103,7 +102,6 @@ class SimStats:
     creates_unauthorized: int = 0
     unauthorized: int = 0  # 401s on any API route
     polls: int = 0
-    poll_by_generation: dict[str, int] = field(default_factory=dict)
     downloads: int = 0
     cdn_requests: int = 0
     cdn_auth_headers_seen: int = 0
@@ -111,22 +109,21 @@ class SimStats:
     rate_limited: int = 0  # 429s answered
     expired_urls: int = 0  # CDN requests refused for an expired URL
     truncated_downloads: int = 0
-    # generation id -> detected_at - completes_at, for generations a poll saw completed
-    detection_lag_s: dict[str, float] = field(default_factory=dict)
+    # the generations a poll saw finished, in the order they were first seen so
+    detected: list[Generation] = field(default_factory=list)
 
     def record_poll(self, gen: Generation, now: float) -> None:
         self.polls += 1
         gen.polls += 1
-        self.poll_by_generation[gen.id] = gen.polls
         if gen.detected_at is None and gen.status_at(now) in FINISHED:
             gen.detected_at = now
-            self.detection_lag_s[gen.id] = now - gen.completes_at
+            self.detected.append(gen)
 
     def summary(self) -> dict[str, Any]:
         """Counts and means, JSON-serialisable. Polls per completed generation count every poll
         of the generations some poll saw completed, including polls after that one."""
-        lags = list(self.detection_lag_s.values())
-        polls_done = [float(self.poll_by_generation[g]) for g in self.detection_lag_s]
+        lags = [g.detected_at - g.completes_at for g in self.detected if g.detected_at is not None]
+        polls_done = [float(g.polls) for g in self.detected]
         return {
             "creates_ok": self.creates_ok,
             "creates_rejected": self.creates_rejected,
