@@ -268,9 +268,9 @@ class HttpApiClient:
         # Polls are most of the requests: their URL is built by hand, and marked as already
         # encoded, rather than parsed and re-quoted by yarl each time.
         self._fetch_prefix = f"{self._base}{GENERATIONS_PATH}?generation_id="
-        self._timeout = aiohttp.ClientTimeout(
-            total=timeout_s, connect=connect_timeout_s, sock_read=timeout_s
-        )
+        # No sock_read: an API answer is small, so the total bounds it already, and a read
+        # timeout would re-arm a timer on every chunk that arrives.
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
 
     async def create(self, body: Mapping[str, Any], *, client_request_id: str) -> Created:
         _, text, headers = await self._call(

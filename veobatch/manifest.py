@@ -8,7 +8,6 @@ an hour of generating is exactly what this module exists to prevent.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import math
@@ -182,6 +181,23 @@ def expand_variants(
     return out
 
 
+def _own_copy(value: Any) -> Any:
+    """A copy of the containers a YAML document built; its scalars are immutable and shared.
+
+    ``copy.deepcopy`` would do the same at several times the cost, and a big manifest pays it
+    for every job.
+    """
+    if isinstance(value, dict):
+        return {k: _own_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_own_copy(v) for v in value]
+    if isinstance(value, set):
+        return set(value)  # YAML set members are scalars
+    if isinstance(value, tuple):  # !!pairs and !!omap
+        return tuple(_own_copy(v) for v in value)
+    return value
+
+
 def _matches(combo: dict[str, tuple[Any, KeyPath]], exclude: dict[Any, Any]) -> bool:
     return all(name in combo and combo[name][0] == value for name, value in exclude.items())
 
@@ -228,10 +244,10 @@ class _Validator:
         source = None if built.report is self.report else built.report.file
         return Job(
             built.id,
-            copy.deepcopy(built.request),
+            _own_copy(built.request),
             built.index,
             built.line,
-            identity=copy.deepcopy(identity),
+            identity=_own_copy(identity),
             source=source,
         )
 

@@ -12,7 +12,7 @@ import bisect
 import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from yaml.error import Mark
@@ -33,9 +33,8 @@ _STR_TAG = "tag:yaml.org,2002:str"
 _SKIP = object()  # a mapping key that could not be used
 
 
-@dataclass(frozen=True, order=True)
-class Pos:
-    """A 1-based line and column."""
+class Pos(NamedTuple):
+    """A 1-based line and column (a tuple: a manifest has two for every value it holds)."""
 
     line: int
     column: int
