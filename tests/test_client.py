@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from aioresponses import CallbackResult, aioresponses
 
 from veobatch.client import (
+    MAX_BODY_BYTES,
     HttpApiClient,
     describe_error_body,
     error_from_response,
@@ -25,6 +30,7 @@ from veobatch.errors import (
     NotSentError,
     ProtocolError,
     RateLimitedError,
+    RedirectedError,
     ServerError,
 )
 from veobatch.settings import Secret
@@ -45,6 +51,10 @@ KEY = "canary-key-123"
         ("Wed, 21 Oct 2015 07:28:10 GMT", 10.0),  # now is 07:28:00
         ("Wed, 21 Oct 2015 07:27:00 GMT", 0.0),  # in the past
         ("soon", None),
+        ("nan", None),
+        ("inf", 900.0),  # capped: a wrong header must not park a job for hours
+        ("86400", 900.0),
+        ("Wed, 21 Oct 2035 07:28:00 GMT", 900.0),
     ],
 )
 def test_retry_after(value: str | None, expected: float | None) -> None:
@@ -63,15 +73,24 @@ def test_retry_after(value: str | None, expected: float | None) -> None:
         (429, {"Retry-After": "3"}, RateLimitedError),
         (500, {}, ServerError),
         (503, {}, ServerError),
+        (503, {"Retry-After": "3"}, ServerError),
         (504, {}, ServerError),
+        (408, {}, NoAnswerError),  # the server gave up waiting: the outcome is unknown
+        (308, {"Location": "https://elsewhere.test/v2"}, RedirectedError),
+        (302, {}, RedirectedError),
     ],
 )
 def test_error_mapping(status: int, headers: dict[str, str], kind: type) -> None:
     err = error_from_response(status, '{"message": "nope"}', headers)
     assert isinstance(err, kind)
-    assert "nope" in err.message and str(status) in err.message
-    if isinstance(err, RateLimitedError):
-        assert err.retry_after_s == 3.0
+    assert str(status) in err.message
+    if isinstance(err, RedirectedError):
+        assert isinstance(err, AuthError)  # stops the run: nothing else would work either
+        assert "AIMLAPI_BASE_URL" in err.message
+        assert headers.get("Location", "redirects;") in err.message
+        return
+    assert "nope" in err.message
+    assert err.retry_after_s == (3.0 if "Retry-After" in headers else None)
 
 
 def test_validation_details_are_kept() -> None:
@@ -227,3 +246,72 @@ def test_secret_hides_itself() -> None:
     s = Secret(KEY)
     assert KEY not in repr(s) and KEY not in str(s) and KEY not in f"{s}"
     assert s.reveal() == KEY
+
+
+# An answer in several packets, over real loopback HTTP: aioresponses hands the body over whole.
+
+
+async def _send_in_pieces(request: web.Request, status: int, body: bytes) -> web.StreamResponse:
+    resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    third = max(1, len(body) // 3)
+    for start in range(0, len(body), third):
+        await resp.write(body[start : start + third])
+        await asyncio.sleep(0.02)  # each piece its own packet
+    await resp.write_eof()
+    return resp
+
+
+@pytest.fixture
+async def pieces_server() -> AsyncIterator[tuple[str, dict[str, tuple[int, bytes]]]]:
+    """A server whose answers per path are set by the test, always sent in three pieces."""
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        status, body = answers[request.path]
+        return await _send_in_pieces(request, status, body)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    async with TestServer(app, host="127.0.0.1") as server:
+        yield str(server.make_url("")).rstrip("/"), answers
+
+
+async def test_answers_in_several_packets_are_read_whole(
+    pieces_server: tuple[str, dict[str, tuple[int, bytes]]],
+) -> None:
+    base, answers = pieces_server
+    rows = [
+        {"client_request_id": f"vb:j{i}:1:abc", "inference_id": f"g{i}", "status": "succeeded"}
+        for i in range(100)
+    ]
+    answers["/v2/video/generations"] = (200, json.dumps({"id": "g1", "status": "queued"}).encode())
+    answers["/v2/logs"] = (200, json.dumps({"data": rows, "pagination": {}}).encode())
+    async with aiohttp.ClientSession() as session:
+        api = HttpApiClient(session, base, Secret(KEY), timeout_s=5)
+        created = await api.create({"model": "m"}, client_request_id="vb:j:1:abc")
+        assert created.generation_id == "g1"
+        answers["/v2/video/generations"] = (
+            200,
+            json.dumps({"id": "g1", "status": "completed", "video": {"url": "u"}}).encode(),
+        )
+        assert (await api.fetch("g1")).completed
+        now = datetime.now(UTC)
+        page = await api.logs(start=now, end=now, models=["m"], offset=0, limit=100)
+        assert [e.inference_id for e in page.entries] == [f"g{i}" for i in range(100)]
+
+
+async def test_an_oversized_answer_is_refused_but_an_error_still_reads(
+    pieces_server: tuple[str, dict[str, tuple[int, bytes]]],
+) -> None:
+    base, answers = pieces_server
+    huge = b'{"id": "g1", "pad": "' + b"x" * MAX_BODY_BYTES + b'"}'
+    answers["/v2/video/generations"] = (200, huge)
+    async with aiohttp.ClientSession() as session:
+        api = HttpApiClient(session, base, Secret(KEY), timeout_s=5)
+        with pytest.raises(ProtocolError, match="over"):
+            await api.fetch("g1")
+        answers["/v2/video/generations"] = (503, b"busy " * (MAX_BODY_BYTES // 4))
+        with pytest.raises(ServerError, match="HTTP 503: busy"):
+            await api.fetch("g1")

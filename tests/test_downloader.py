@@ -33,10 +33,20 @@ MP4 = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4000  # ~1 MB, starts li
         ("http://127.0.0.1:9/x.mp4", "http://127.0.0.1:8", True),  # the simulator
         ("http://localhost:9/x.mp4", "http://127.0.0.1:8", True),
         ("http://127.0.0.1:9/x.mp4", "https://api.aimlapi.com", False),
-        ("http://10.0.0.1/x.mp4", "http://127.0.0.1:8", False),
+        ("http://10.0.0.1/x.mp4", "http://127.0.0.1:8", True),  # the API base is plain http
+        # A plain-http API on a normal host, e.g. a mock in a container network.
+        ("http://mock-api:8080/v/x.mp4", "http://mock-api:8080", True),
+        ("http://mock-cdn/x.mp4", "http://mock-api:8080/v2", True),
+        ("https://mock-cdn/x.mp4", "http://mock-api:8080", True),
+        ("HTTP://mock-cdn/x.mp4", "http://mock-api:8080", True),
+        ("http://mock-cdn/x.mp4", "https://mock-api:8080", False),  # a downgrade
+        ("http://127.0.0.1:9/x.mp4", "https://127.0.0.1:8", False),
         ("file:///etc/passwd", "http://127.0.0.1:8", False),
         ("ftp://cdn/x.mp4", "https://api.aimlapi.com", False),
+        ("ftp://cdn/x.mp4", "http://mock-api:8080", False),
         ("https:///nohost", "https://api.aimlapi.com", False),
+        ("http:///nohost", "http://mock-api:8080", False),
+        ("//cdn/x.mp4", "http://mock-api:8080", False),
     ],
 )
 def test_url_rules(url: str, api: str, ok: bool) -> None:
@@ -51,6 +61,27 @@ def test_url_errors_do_not_show_query_strings() -> None:
     with pytest.raises(UrlRejectedError) as info:
         check_video_url("http://cdn/x.mp4?signature=SECRET", "https://api")
     assert "SECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "api", "reason"),
+    [
+        ("http://cdn/x.mp4", "https://api", "plain http while the API base is https"),
+        ("ftp://cdn/x.mp4", "http://api", "not an https URL"),
+        ("http:///x.mp4", "http://api", "the URL has no host"),
+    ],
+)
+def test_url_errors_say_why(url: str, api: str, reason: str) -> None:
+    with pytest.raises(UrlRejectedError) as info:
+        check_video_url(url, api)
+    assert str(info.value).startswith("refusing to fetch video from ")
+    assert str(info.value).endswith(reason + " (a downgrade)" * ("plain" in reason))
+
+
+def test_url_errors_do_not_show_credentials() -> None:
+    with pytest.raises(UrlRejectedError) as info:
+        check_video_url("http://user:PASSWORD@cdn/x.mp4", "https://api")
+    assert "PASSWORD" not in str(info.value) and "http://cdn/x.mp4" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -100,8 +131,8 @@ class Cdn:
             raise web.HTTPFound(self.base + "/v.mp4")
         if self.mode == "redirect-loop":
             raise web.HTTPFound(self.base + "/loop.mp4")
-        if self.mode == "redirect-http":
-            raise web.HTTPFound("http://example.com/v.mp4")
+        if self.mode == "redirect-ftp":
+            raise web.HTTPFound("ftp://example.com/v.mp4")
         if self.mode in ("403", "410", "500"):
             return web.Response(status=int(self.mode))
         if self.mode == "html":
@@ -211,8 +242,8 @@ async def test_redirects_are_followed_and_rechecked(cdn: Cdn, tmp_path: Path) ->
             max_bytes=1 << 30,
         )
         assert got.bytes == len(MP4)
-        cdn.mode = "redirect-http"
-        with pytest.raises(UrlRejectedError):
+        cdn.mode = "redirect-ftp"  # each hop meets the rules again
+        with pytest.raises(UrlRejectedError, match="not an https URL"):
             await download(
                 s,
                 cdn.base + "/start.mp4",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from test_catalogue import EMBEDDED, SHARED, request_schemas
 
 from veobatch.errors import ManifestError, Problem
 from veobatch.jobview import compact_request
@@ -120,6 +121,32 @@ def test_variants_make_numbered_takes_with_their_own_stable_seeds(tmp_path: Path
 def test_a_written_seed_is_the_first_take_and_the_others_count_up(tmp_path: Path) -> None:
     text = f"version: 1\njobs:\n  - {{id: s, model: {T2V}, prompt: p, seed: 41, variants: 3}}\n"
     assert [j.request["seed"] for j in load_manifest(write(tmp_path, text)).jobs] == [41, 42, 43]
+
+
+@pytest.mark.parametrize(
+    ("seed", "sent"),
+    [
+        (-1, [-1, 0, 1]),
+        (-5, [-5, -4, -3]),
+        (0, [0, 1, 2]),
+        (2147483647, [2147483647, 2147483648, 2147483649]),  # the schema sets no maximum
+        (2**40, [2**40, 2**40 + 1, 2**40 + 2]),
+    ],
+)
+def test_a_written_seed_is_sent_unchanged_for_take_one(
+    tmp_path: Path, seed: int, sent: list[int]
+) -> None:
+    text = f"version: 1\njobs:\n  - {{id: s, model: {T2V}, prompt: p, seed: {seed}, variants: 3}}\n"
+    assert [j.request["seed"] for j in load_manifest(write(tmp_path, text)).jobs] == sent
+
+
+def test_the_published_seed_has_no_range_to_wrap_in() -> None:
+    """Takes count up from a written seed without wrapping because no range is published."""
+    schemas = [*request_schemas(EMBEDDED).values(), *request_schemas(SHARED).values()]
+    seeds = [s["properties"]["seed"] for s in schemas if "seed" in s["properties"]]
+    assert seeds and all(s["type"] == "integer" for s in seeds)
+    bounds = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "format")
+    assert not [b for s in seeds for b in bounds if b in s]
 
 
 def test_variants_of_a_model_without_seeds_and_from_defaults(tmp_path: Path) -> None:

@@ -7,9 +7,17 @@ import random
 import anyio
 import pytest
 
+from veobatch import poller as poller_module
 from veobatch.client import Generation
-from veobatch.errors import ApiError, AuthError, NotFoundError, RateLimitedError, ServerError
-from veobatch.poller import Poller, PollSchedule, Tracked, error_delay_s
+from veobatch.errors import (
+    ApiError,
+    AuthError,
+    BadRequestError,
+    NotFoundError,
+    RateLimitedError,
+    ServerError,
+)
+from veobatch.poller import MAX_NOT_FOUND, Poller, PollSchedule, Tracked, error_delay_s
 from veobatch.schedule import cold_delay_s
 from veobatch.settings import PollSettings
 
@@ -148,11 +156,44 @@ async def test_poller_follows_many_generations_to_their_end() -> None:
     assert len(poller) == 0
 
 
-async def test_persistent_404_is_lost_and_deadline_times_out() -> None:
-    api = ScriptedApi({"g-a": [NotFoundError("gone")] * 5, "g-b": ["generating"] * 10_000})
+async def test_persistent_404_is_lost_and_deadline_times_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(poller_module, "NOT_FOUND_GRACE_S", 0.2)
+    api = ScriptedApi({"g-a": [NotFoundError("gone")] * 10_000, "g-b": ["generating"] * 10_000})
     sink = Sink()
+    start = anyio.current_time()
     await _drive(api, sink, [("a", 60), ("b", 0.05)])
     assert sink.lost == ["a"] and sink.timed_out == ["b"]
+    # Lost only once it was old enough, however many 404s came before.
+    assert anyio.current_time() - start >= 0.2
+    assert len([c for c in api.calls if c == "g-a"]) > MAX_NOT_FOUND
+
+
+async def test_a_fresh_id_may_404_for_a_while_and_still_finish() -> None:
+    # An API slow to register new ids: ten 404s, then the generation is there after all.
+    api = ScriptedApi({"g-a": [NotFoundError("not yet")] * 10 + ["generating", "completed"]})
+    sink = Sink()
+    await _drive(api, sink, [("a", 60)])
+    assert sink.finished == [("a", "completed")] and sink.lost == []
+
+
+async def test_a_refused_fetch_ends_the_job_at_once() -> None:
+    # 400 on a fetch: asking again will not change the answer, so the job is not polled to
+    # its deadline.
+    api = ScriptedApi({"g-a": [BadRequestError("HTTP 400: bad id", status=400)]})
+    sink = Sink()
+    await _drive(api, sink, [("a", 60)])
+    assert sink.lost == ["a"] and api.calls == ["g-a"]
+
+
+async def test_a_server_error_retry_after_is_honoured() -> None:
+    clock = FakeClock()
+    api = ScriptedApi({"g-a": [ServerError("HTTP 503", status=503, retry_after_s=7.0)]})
+    poller = Poller(api, Sink(), FAST, clock=clock, rng=random.Random(0))
+    poller.track("a", "g-a", model="m", age_s=0, remaining_s=60, first=False)
+    await poller._poll_one(poller._tracked["a"])
+    assert poller._schedule.next_due() == pytest.approx(7.0)
 
 
 async def test_auth_error_stops_the_poller() -> None:

@@ -26,7 +26,7 @@ from veobatch.fsutil import DirLock
 from veobatch.jobs import Job, Manifest
 from veobatch.ledger import parse_journal
 from veobatch.runner import run
-from veobatch.settings import PollSettings, RunSettings
+from veobatch.settings import PollSettings, RunSettings, Secret
 
 MP4 = b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 5000
 
@@ -184,6 +184,33 @@ async def test_auth_error_stops_submitting_and_exits_3(cdn: str, tmp_path: Path)
     assert report.exit_code == 3 and "no credits" in (report.auth_error or "")
     assert report.counts == {"pending": 10}
     assert api.created == []
+
+
+async def test_an_api_base_that_redirects_stops_the_run_and_keeps_the_key(
+    tmp_path: Path,
+) -> None:
+    reached: list[str | None] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        reached.append(request.headers.get("Authorization"))
+        return web.json_response({"id": "g1", "status": "queued"})
+
+    other = web.Application()
+    other.router.add_route("*", "/{tail:.*}", elsewhere)
+    async with serve(other) as other_base:
+
+        async def moved(request: web.Request) -> web.Response:
+            raise web.HTTPPermanentRedirect(other_base + request.path_qs)
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", moved)
+        async with serve(app) as base:
+            s = settings(tmp_path, base_url=base, api_key=Secret("k-secret"))
+            report = await run(manifest(3, tmp_path), s)
+    assert report.exit_code == 3
+    assert "redirects to " + other_base in (report.auth_error or "")
+    assert reached == []  # neither followed nor sent on: the key stays with the named host
+    assert report.counts == {"pending": 3}
 
 
 async def test_5xx_before_creation_is_resubmitted_once_logs_show_failure(

@@ -17,10 +17,12 @@ from veobatch.errors import (
     NoAnswerError,
     NotSentError,
     RateLimitedError,
+    RedirectedError,
     ServerError,
 )
 from veobatch.jobs import Job
 from veobatch.ledger import ErrorInfo, JobState, Ledger, parse_journal
+from veobatch.manifest import slug
 from veobatch.scheduler import (
     Action,
     SubmitOutcome,
@@ -109,6 +111,46 @@ def test_client_request_id_fits_the_api_alphabet() -> None:
         assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", crid)
 
 
+API_CRID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# A 100-char id with matrix and variant suffixes, as the manifest builds them: 141 chars.
+LONG_ID = "-".join(["j" * 100, slug("16:9"), slug("blurry, low quality, washed out"), "100"])
+
+
+def test_client_request_id_keeps_a_short_valid_job_id_readable() -> None:
+    crid = client_request_id("hero-16x9-3", 2)
+    assert re.fullmatch(r"vb:hero-16x9-3:2:[0-9a-f]{16}", crid)
+    assert client_request_id("x" * 106, 9).split(":")[1] == "x" * 106  # exactly fills 128
+    assert len(client_request_id("x" * 106, 9)) == 128
+
+
+@pytest.mark.parametrize("attempt", [1, 9, 10, 12345])
+def test_client_request_id_of_a_long_job_id_stays_valid(attempt: int) -> None:
+    assert len(LONG_ID) == 141
+    crid = client_request_id(LONG_ID, attempt)
+    assert API_CRID.fullmatch(crid), (len(crid), crid)
+    vb, job_part, n, rand = crid.split(":")
+    assert (vb, n) == ("vb", str(attempt)) and re.fullmatch(r"[0-9a-f]{16}", rand)
+    digest = hashlib.sha256(LONG_ID.encode()).hexdigest()[:16]
+    assert job_part.endswith("-" + digest) and LONG_ID.startswith(job_part[: -len(digest) - 1])
+    assert len(job_part) > 80  # still mostly the readable id
+
+
+@pytest.mark.parametrize(
+    "job_id", ["caf\u00e9 take/1", "a:b", "has space", "", "\u00e9" * 200, "x" * 107]
+)
+def test_client_request_id_of_any_job_id_stays_valid(job_id: str) -> None:
+    crid = client_request_id(job_id, 1)
+    assert API_CRID.fullmatch(crid), crid
+    assert len(crid.split(":")) == 4  # a ':' in the id never shifts the parts
+
+
+def test_long_job_ids_sharing_a_prefix_never_collide() -> None:
+    ids = [LONG_ID[:-3] + str(n) for n in range(100, 1100)]
+    parts = {client_request_id(job_id, 1).split(":")[1] for job_id in ids}
+    assert len(parts) == len(ids)
+    assert client_request_id("a:b", 1).split(":")[1] != client_request_id("ab", 1).split(":")[1]
+
+
 class ScriptedCreate:
     def __init__(self, steps: list[str | ApiError]) -> None:
         self.steps = steps
@@ -173,6 +215,31 @@ async def test_intent_is_on_disk_before_the_post(tmp_path: Path) -> None:
     assert seen_on_disk == [["intent"]]
 
 
+async def test_a_long_job_id_is_sent_and_recorded_with_the_same_valid_id(
+    tmp_path: Path,
+) -> None:
+    """The look-up after a lost answer matches the recorded id, so it must be the one sent."""
+    legacy = f"vb:{LONG_ID}:1:0123456789abcdef"  # what older versions recorded (163 chars)
+    job = Job(LONG_ID, {"model": "google/veo-3.1-t2v", "prompt": "p"})
+    ledger = Ledger.open(tmp_path)
+    await ledger.record("intent", job.id, crid=legacy, key=job.key)
+    await ledger.record("uncertain", job.id, kind="no_answer", message="timeout")
+    ledger.close()
+    ledger = Ledger.open(tmp_path)
+    assert ledger.state(job.id).client_request_id == legacy  # matched as recorded
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    api = ScriptedCreate([NoAnswerError("timeout")])
+    sub = Submitter(api, ledger, 3, 0, 0, lambda: False, noop)
+    assert await sub.submit(job) is SubmitOutcome.UNCERTAIN
+    ledger.close()
+    (sent,) = api.sent
+    assert API_CRID.fullmatch(sent) and sent.startswith("vb:jjjj") and ":2:" in sent
+    assert Ledger.open(tmp_path).state(job.id).client_request_id == sent
+
+
 @pytest.mark.parametrize(
     ("steps", "outcome", "events", "status"),
     [
@@ -208,6 +275,18 @@ async def test_intent_is_on_disk_before_the_post(tmp_path: Path) -> None:
             SubmitOutcome.AUTH,
             ["intent", "unsent"],
             "pending",
+        ),
+        (  # a wrong base URL: the POST was not taken, and the run stops
+            [RedirectedError("HTTP 308: moved", status=308)],
+            SubmitOutcome.AUTH,
+            ["intent", "unsent"],
+            "pending",
+        ),
+        (  # "see other" may follow a POST that was acted on: look it up before paying again
+            [RedirectedError("HTTP 303: see other", status=303)],
+            SubmitOutcome.AUTH,
+            ["intent", "uncertain"],
+            "uncertain",
         ),
     ],
 )

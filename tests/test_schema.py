@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
+import jsonschema
 import pytest
 from pydantic import BaseModel
 
-from veobatch.manifest import JOB_KEYS, SETTING_KEYS, TOP_KEYS
-from veobatch.schema import JobModel, ManifestModel, SettingsModel
+from veobatch.manifest import JOB_KEYS, SETTING_KEYS, TOP_KEYS, parse_manifest
+from veobatch.schema import (
+    JobModel,
+    ManifestModel,
+    SettingsModel,
+    any_case_pattern,
+    manifest_schema,
+)
+
+T2V = "google/veo-3.1-t2v"
+R2V = "google/veo-3.1-reference-to-video"
 
 
 def _keys(model: type[BaseModel]) -> set[str]:
@@ -24,3 +36,36 @@ def test_schema_models_name_the_validators_keys(
 ) -> None:
     assert _keys(model) == set(keys)
     assert len(keys) == len(set(keys))
+
+
+def _job_is_valid(job: dict[str, object]) -> bool:
+    validator = jsonschema.Draft202012Validator(manifest_schema())
+    return validator.is_valid({"version": 1, "jobs": [job]})
+
+
+@pytest.mark.parametrize("provider", ["auto", "fal", "google", "FAL", "Google", "aUtO", "GOOGLE"])
+@pytest.mark.parametrize("model", [T2V, R2V, None])
+def test_schema_accepts_provider_in_any_case_like_the_validator(
+    provider: str, model: str | None
+) -> None:
+    job: dict[str, object] = {"prompt": "p", "provider": provider}
+    if model == R2V:
+        job["image_urls"] = ["https://x/a.png"]
+    if model is not None:
+        job["model"] = model
+        parse_manifest(f"version: 1\njobs:\n  - {job}\n".replace("'", '"'))  # no error
+    assert _job_is_valid(job)
+    assert ManifestModel.model_validate({"version": 1, "jobs": [job]})
+
+
+@pytest.mark.parametrize("provider", ["", "fa", "falx", " fal", "fal.ai", "googl", "auto|fal", 1])
+def test_schema_rejects_other_providers(provider: object) -> None:
+    assert not _job_is_valid({"model": T2V, "prompt": "p", "provider": provider})
+
+
+def test_any_case_pattern_is_portable_regex() -> None:
+    pattern = any_case_pattern(["auto", "fal", "google"])
+    assert pattern == "^([aA][uU][tT][oO]|[fF][aA][lL]|[gG][oO][oO][gG][lL][eE])$"
+    assert "(?" not in pattern  # inline flags are not ECMA-262
+    odd = any_case_pattern(["a.b", "x-1"])
+    assert re.fullmatch(odd, "A.b") and not re.fullmatch(odd, "aXb") and re.fullmatch(odd, "X-1")

@@ -31,13 +31,17 @@ from .errors import (
     NotSentError,
     ProtocolError,
     RateLimitedError,
+    RedirectedError,
     ServerError,
 )
-from .settings import Secret
+from .settings import ENV_BASE_URL, Secret
 
 GENERATIONS_PATH = "/v2/video/generations"
 LOGS_PATH = "/v2/logs"
 MAX_BODY_BYTES = 4 << 20  # an API answer is small; anything bigger is not what we asked for
+# A Retry-After beyond this is taken as this: a wrong or hostile header must not park a job for
+# hours (the request is simply asked again, and a server that still wants a pause says so).
+MAX_RETRY_AFTER_S = 900.0
 
 
 @dataclass(frozen=True)
@@ -99,21 +103,24 @@ class ApiClient(Protocol):
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date."""
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP-date), capped at
+    MAX_RETRY_AFTER_S."""
     if not value:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if math.isnan(seconds):
         return None
-    if when.tzinfo is None:
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_S)
 
 
 def _error_details(doc: Mapping[str, Any]) -> list[str]:
@@ -164,8 +171,18 @@ def error_from_response(
         return AuthError(reason, status=status)
     if status == 404:
         return NotFoundError(reason, status=status)
+    if 300 <= status < 400:
+        where = headers.get("Location")
+        to = f" to {where[:200]}" if where else ""
+        fix = f"set {ENV_BASE_URL} to the address that answers"
+        return RedirectedError(
+            f"HTTP {status}: the API base URL redirects{to}; {fix}", status=status
+        )
+    if status == 408:  # the server gave up waiting: whether it acted is unknown
+        return NoAnswerError(reason, status=status)
     if status >= 500:
-        return ServerError(reason, status=status)
+        retry = parse_retry_after(headers.get("Retry-After"), now)
+        return ServerError(reason, status=status, retry_after_s=retry)
     return BadRequestError(reason, status=status)
 
 
@@ -321,10 +338,12 @@ class HttpApiClient:
                 timeout=self._timeout,
                 allow_redirects=False,  # a redirect could carry the key to another host
             ) as resp:
-                raw = await resp.content.read(MAX_BODY_BYTES)
-                text = raw.decode("utf-8", "replace")
+                raw = await _read_body(resp.content)
+                text = raw[:MAX_BODY_BYTES].decode("utf-8", "replace")
                 if resp.status >= 300:
                     raise error_from_response(resp.status, text, resp.headers)
+                if len(raw) > MAX_BODY_BYTES:
+                    raise ProtocolError(f"{method} {path}: answer is over {MAX_BODY_BYTES} bytes")
                 return resp.status, text, resp.headers
         except ApiError:
             raise
@@ -335,6 +354,23 @@ class HttpApiClient:
             raise NotSentError(f"{method} {path}: could not connect: {_brief(exc)}") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise NoAnswerError(f"{method} {path}: no answer: {_brief(exc)}") from None
+
+
+async def _read_body(content: aiohttp.StreamReader) -> bytes:
+    """The whole body, or its first MAX_BODY_BYTES + 1 bytes when it is longer.
+
+    ``read(n)`` returns what has arrived so far, not n bytes: an answer that comes in several
+    packets (a large logs page, a server that streams) needs a loop. Most answers are one packet
+    and already at their end after the first read.
+    """
+    raw = await content.read(MAX_BODY_BYTES + 1)
+    if content.at_eof() or not raw:
+        return raw
+    parts, size = [raw], len(raw)
+    while size <= MAX_BODY_BYTES and (chunk := await content.read(MAX_BODY_BYTES + 1 - size)):
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 def _brief(exc: BaseException) -> str:

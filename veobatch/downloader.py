@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import aiofiles
 import aiohttp
@@ -40,38 +39,32 @@ class Downloaded:
     probe: Probe | None = None  # the container's figures, read in the same worker-thread hop
 
 
-@functools.lru_cache(maxsize=256)  # asked for every video URL, of a handful of hosts
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_video_url(url: str, api_base_url: str) -> None:
-    """Only https, except plain http on loopback when the API itself is plain http on loopback."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return
-    api = urlsplit(api_base_url)
-    if (
-        parts.scheme == "http"
-        and api.scheme == "http"
-        and _is_loopback(parts.hostname)
-        and _is_loopback(api.hostname)
-    ):
-        return
-    raise UrlRejectedError(f"refusing to fetch video from {_safe_url(url)}: not an https URL")
+    """Only https, or plain http when the API base itself is plain http; always with a host.
+
+    An https API answering with an http video URL would be a downgrade, so that is refused; a
+    plain-http API (the simulator, a mock API in a container network) has nothing to lose.
+    """
+    reason = _url_problem(urlsplit(url), http_ok=urlsplit(api_base_url).scheme == "http")
+    if reason:
+        raise UrlRejectedError(f"refusing to fetch video from {_safe_url(url)}: {reason}")
+
+
+def _url_problem(parts: SplitResult, *, http_ok: bool) -> str | None:
+    if parts.scheme == "http" and not http_ok:
+        return "plain http while the API base is https (a downgrade)"
+    if parts.scheme not in ("https", "http"):
+        return "not an https URL"
+    if not parts.hostname:
+        return "the URL has no host"
+    return None
 
 
 def _safe_url(url: str) -> str:
-    """A URL without its query string, which may hold a signature."""
+    """A URL without its query string, which may hold a signature, nor any user:password@."""
     p = urlsplit(url)
-    return f"{p.scheme}://{p.netloc}{p.path}"[:200]
+    host = p.netloc.rpartition("@")[2]
+    return f"{p.scheme}://{host}{p.path}"[:200]
 
 
 def looks_like_mp4(head: bytes) -> bool:

@@ -19,6 +19,7 @@ translated at one boundary each (the client, the manifest loader, the ledger) wi
     │   ├── BadRequestError      400 and other 4xx that retrying will not fix
     │   ├── NotFoundError        404
     │   ├── AuthError            401 or 403: stop submitting (exit 3)
+    │   │   └── RedirectedError  3xx: the base URL is wrong; the same, and never followed
     │   └── ProtocolError        a 2xx whose body is not what the contract says
     └── DownloadError            fetching a video failed; ``retryable`` says if a retry may help
         └── UrlRejectedError     the video URL is not one we are willing to fetch
@@ -95,15 +96,22 @@ class LedgerCorruptError(LedgerError):
 
 
 class ApiError(VeobatchError):
-    """An API call failed. ``status`` is the HTTP status when there was an answer."""
+    """An API call failed. ``status`` is the HTTP status when there was an answer, and
+    ``retry_after_s`` the wait its Retry-After header asked for (429 and 5xx carry one)."""
 
     retryable: bool = False
 
     def __init__(
-        self, message: str, *, status: int | None = None, job_id: str | None = None
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        job_id: str | None = None,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message, job_id=job_id)
         self.status = status
+        self.retry_after_s = retry_after_s
 
 
 class NotSentError(ApiError):
@@ -131,8 +139,7 @@ class RateLimitedError(ApiError):
         status: int | None = 429,
         job_id: str | None = None,
     ) -> None:
-        super().__init__(message, status=status, job_id=job_id)
-        self.retry_after_s = retry_after_s
+        super().__init__(message, status=status, job_id=job_id, retry_after_s=retry_after_s)
 
 
 class ServerError(ApiError):
@@ -151,6 +158,11 @@ class NotFoundError(ApiError):
 
 class AuthError(ApiError):
     """401 (key missing or invalid) or 403 (no credits): nothing else will succeed."""
+
+
+class RedirectedError(AuthError):
+    """A 3xx from the API: the base URL is not where the API answers, so nothing else will
+    succeed either. Never followed: the key must not go anywhere the user did not name."""
 
 
 class ProtocolError(ApiError):

@@ -162,8 +162,11 @@ def expand_variants(
 ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
     """N takes of one request: ids ``<id>-1`` … ``<id>-N``, each its own seed where possible.
 
-    A written seed is the first take's; the others count up from it. Models without a seed
-    field get N identical requests, which the API still renders as different takes.
+    A written seed is the first take's, sent unchanged; take n sends it plus n - 1. The
+    published schemas give ``seed`` as a bare integer with no minimum or maximum, so nothing
+    wraps (a negative seed counts up through zero). Without a written seed each take gets a
+    seed derived from the id and take number. Models without a seed field get N identical
+    requests, which the API still renders as different takes.
     """
     if count == 1:
         return [(base_id, body, identity)]
@@ -173,7 +176,7 @@ def expand_variants(
         if "seed" in model.fields:
             written = body.get("seed")
             if isinstance(written, int):
-                seed = (written + n - 1) & 0x7FFFFFFF
+                seed = written + n - 1
             else:
                 seed = variant_seed(base_id, n)
             one_body["seed"] = one_identity["seed"] = seed

@@ -21,13 +21,16 @@ from typing import Protocol
 import anyio
 
 from .client import ApiClient, Generation
-from .errors import ApiError, AuthError, NotFoundError, RateLimitedError
+from .errors import ApiError, AuthError, BadRequestError, NotFoundError
 from .schedule import PLAN_SLACK_S, DurationModel, fit_plan
 from .settings import PollSettings
 
 log = logging.getLogger(__name__)
 
-MAX_NOT_FOUND = 5  # a fresh id can lag behind on a replica; a persistent 404 is final
+# A fresh id can lag behind on a replica: a 404 is final only once it has been said this many
+# times and the generation is this old (an API slow to register ids must not lose paid work).
+MAX_NOT_FOUND = 5
+NOT_FOUND_GRACE_S = 60.0
 POLL_BURST = 50  # polls that may go at once before pacing applies
 REFIT_CHECK_S = 0.25  # how often the poller looks for models due a new plan
 # Polls due this soon go with the current batch: one loop turn serves several, and the loop
@@ -253,13 +256,18 @@ class Poller:
     async def _on_error(self, t: Tracked, exc: ApiError) -> None:
         if isinstance(exc, NotFoundError):
             t.not_found += 1
-            if t.not_found >= MAX_NOT_FOUND:
+            old = self._clock() - t.started >= NOT_FOUND_GRACE_S
+            if t.not_found >= MAX_NOT_FOUND and old:
                 self._tracked.pop(t.job_id, None)
                 await self._sink.generation_lost(t, exc)
                 return
+        elif isinstance(exc, BadRequestError):
+            # 400 and its kin: the API refuses this id, and asking again will not change that.
+            self._tracked.pop(t.job_id, None)
+            await self._sink.generation_lost(t, exc)
+            return
         t.errors += 1
-        retry_after = exc.retry_after_s if isinstance(exc, RateLimitedError) else None
-        delay = error_delay_s(t.errors, self._s, retry_after, self._rng)
+        delay = error_delay_s(t.errors, self._s, exc.retry_after_s, self._rng)
         log.warning(
             "poll failed job=%s attempt=%d retry_in=%.1fs: %s", t.job_id, t.errors, delay, exc
         )

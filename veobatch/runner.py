@@ -28,7 +28,15 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from .client import ApiClient, Created, Generation, HttpApiClient
 from .costs import Budget
 from .downloader import PART_SUFFIX, download
-from .errors import ApiError, AuthError, ConfigError, DownloadError, UrlRejectedError
+from .errors import (
+    ApiError,
+    AuthError,
+    ConfigError,
+    DownloadError,
+    NotFoundError,
+    RedirectedError,
+    UrlRejectedError,
+)
 from .fsutil import DirLock, DiskThreads, ensure_dir, fsync_dir
 from .jobs import Job, Manifest
 from .ledger import ErrorInfo, JobState, Ledger, ResultsWriter
@@ -198,9 +206,12 @@ class _Run:
             self.settled.set()  # with no key that works, the in-flight jobs wait for a rerun
 
     def _stop_on_auth(self, exc: BaseException) -> None:
-        self.auth_error = exc.message if isinstance(exc, AuthError) else str(exc)
+        message = exc.message if isinstance(exc, AuthError) else str(exc)
+        if not isinstance(exc, RedirectedError):
+            message = f"the API refused the key: {message}"
+        self.auth_error = message
         self.stop_submitting = True
-        log.error("API refused the key: %s; no new submissions", self.auth_error)
+        log.error("%s; no new submissions", message)
 
     def _close(self, job_id: str) -> None:
         self.open.discard(job_id)
@@ -427,7 +438,11 @@ class _Run:
         )
 
     async def generation_lost(self, tracked: Tracked, error: ApiError) -> None:
-        await self._fail(tracked.job_id, "lost", f"the API no longer knows it: {error.message}")
+        if isinstance(error, NotFoundError):
+            why = f"the API no longer knows it: {error.message}"
+        else:
+            why = f"the API refuses to report on it: {error.message}"
+        await self._fail(tracked.job_id, "lost", why)
 
     async def _fail(self, job_id: str, kind: str, message: str) -> None:
         """Record the failure, free the job's slot if it holds one, and close it."""

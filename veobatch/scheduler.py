@@ -9,8 +9,10 @@ generation id durably before anything else happens to the job.
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import random
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -177,9 +179,35 @@ def backoff_delay_s(
     return (rng or random).uniform(0.0, min(cap_s, base_s * (2 ** min(attempt, 30))))
 
 
+CRID_MAX_LEN = 128  # the API silently drops a longer X-Client-Request-Id
+# The API also allows ':', but it separates the id's parts, so it never comes from a job id.
+_CRID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_CRID_HASH_LEN = 16
+
+
 def client_request_id(job_id: str, attempt: int) -> str:
-    """Unique per job attempt, within the API's 128-char ``A-Za-z0-9._:-`` alphabet."""
-    return f"vb:{job_id}:{attempt}:{uuid.uuid4().hex[:16]}"
+    """``vb:<job>:<attempt>:<random>``: unique per job attempt, always valid for the API.
+
+    The API keeps 1-128 chars of ``A-Za-z0-9._:-`` and silently drops anything else, which would
+    leave a lost create impossible to find in the usage logs. Look-ups match the id recorded
+    with the intent, never one rebuilt from the job id, so ids already in a ledger (even an
+    older, longer form) are still found as recorded.
+    """
+    tail = f":{attempt}:{uuid.uuid4().hex[:16]}"
+    return f"vb:{crid_job_part(job_id, CRID_MAX_LEN - len('vb:') - len(tail))}{tail}"
+
+
+def crid_job_part(job_id: str, room: int) -> str:
+    """The job id when it fits ``room`` and the alphabet, else a readable prefix and a hash.
+
+    The prefix is the start of the id's allowed characters; the hash covers the whole id, so
+    distinct jobs stay distinct however alike their prefixes are.
+    """
+    if job_id and len(job_id) <= room and not _CRID_UNSAFE.search(job_id):
+        return job_id
+    digest = hashlib.sha256(job_id.encode()).hexdigest()[:_CRID_HASH_LEN]
+    prefix = _CRID_UNSAFE.sub("", job_id)[: max(0, room - _CRID_HASH_LEN - 1)]
+    return f"{prefix}-{digest}" if prefix else digest
 
 
 class SubmitOutcome(enum.Enum):
@@ -245,7 +273,10 @@ class Submitter:
                 self.on_rate_limited()
             return SubmitOutcome.REJECTED, exc
         except AuthError as exc:
-            await self.ledger.record("unsent", job.id)
+            if exc.status == 303:  # "see other": the POST may have been acted on
+                await self.ledger.record("uncertain", job.id, kind="no_answer", message=exc.message)
+            else:
+                await self.ledger.record("unsent", job.id)
             log.error("submission refused job=%s: %s", job.id, exc.message)
             raise
         except BadRequestError as exc:

@@ -9,9 +9,10 @@ the editor's view of it. ``jobs/*.yaml`` point at the committed copy with a
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
 from .catalogue import ALL_FIELDS, MODELS, FieldSpec
 from .manifest import MAX_MATRIX, SETTING_LIMITS, VERSION
@@ -20,7 +21,31 @@ from .manifest_checks import ID_MAX_LEN, MAX_VARIANTS
 ModelName = Literal[tuple(MODELS)]  # type: ignore[valid-type]
 
 
+# Fields the API matches case-insensitively (the validator's rule too: manifest_checks).
+CASE_INSENSITIVE = frozenset({"provider"})
+_REGEX_SYNTAX = frozenset("\\^$.|?*+()[]{}/")  # ECMA-262 SyntaxCharacter: escape these only
+
+
+def any_case_pattern(values: Iterable[str | int]) -> str:
+    """A regex matching any of ``values`` in any case, written without inline flags.
+
+    ``(?i)`` is Python's, not ECMA-262's, and editors check schema patterns as ECMA-262.
+    """
+
+    def char(c: str) -> str:
+        low, up = c.lower(), c.upper()
+        if low != up and len(low) == len(up) == 1:
+            return f"[{low}{up}]"
+        return "\\" + c if c in _REGEX_SYNTAX else c
+
+    return "^(" + "|".join("".join(map(char, str(v))) for v in values) + ")$"
+
+
 def _field_type(spec: FieldSpec) -> Any:
+    if spec.enum is not None and spec.name in CASE_INSENSITIVE:
+        # The enum alone gives editors their completions; the pattern admits any case.
+        any_case = Annotated[str, StringConstraints(pattern=any_case_pattern(spec.enum))]
+        return Literal[spec.enum] | any_case
     if spec.enum is not None:
         return Literal[spec.enum]
     return {
@@ -64,6 +89,8 @@ def _request_fields() -> dict[str, Any]:
             extra["min_length"] = 1
         if name == "prompt":
             extra["min_length"] = 1
+        if name in CASE_INSENSITIVE:
+            extra["description"] = spec.description + " Any case."
         extra.setdefault("description", spec.description or None)
         out[name] = _opt(_field_type(spec), **extra)
     return out
@@ -153,6 +180,8 @@ def _per_model_rules() -> list[dict[str, Any]]:
         for name in sorted(ALL_FIELDS):
             if name not in model.fields:
                 props[name] = False
+            elif name in CASE_INSENSITIVE and model.fields[name].enum is not None:
+                props[name] = {"pattern": any_case_pattern(model.fields[name].enum or ())}
             elif model.fields[name].enum is not None:
                 props[name] = {"enum": list(model.fields[name].enum or ())}
         rules.append(
