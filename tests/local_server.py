@@ -1,11 +1,14 @@
-"""A local aiohttp server for tests that need a real host to talk to (a CDN, a webhook)."""
+"""Local servers for tests that need a real host to talk to (a CDN, a webhook)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
+
+RawHandler = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 
 
 @contextlib.asynccontextmanager
@@ -18,3 +21,25 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def serve_raw(handler: RawHandler) -> AsyncIterator[str]:
+    """A host that writes its answers byte by byte, for framings aiohttp's server never sends
+    (a body that ends when the connection closes, say). ``handler`` gets the request head and
+    writes the answer; the connection is closed after it returns."""
+
+    async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            await handler(head, writer)
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(connected, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import gzip
 import hashlib
-from collections.abc import AsyncIterator
+import io
+import json
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 from aiohttp import web
-from local_server import serve
+from local_server import serve, serve_raw
 
+import veobatch.downloader as dl
 from veobatch.downloader import (
+    INCOMPLETE,
     Downloaded,
     check_video_url,
     download,
@@ -21,6 +30,15 @@ from veobatch.downloader import (
 )
 from veobatch.errors import DownloadError, UrlRejectedError
 from veobatch.simulator.video import VideoSpec, encode_test_card
+from veobatch.transfer import (
+    Body,
+    ContentRange,
+    PartInfo,
+    Throughput,
+    mp4_boxes_complete,
+    parse_content_range,
+    plan_body,
+)
 
 MP4 = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4000  # ~1 MB, starts like an MP4
 
@@ -114,18 +132,31 @@ class Cdn:
         self.requests: list[dict[str, str]] = []
         self.base = ""
         self.body = MP4
+        self.headers: dict[str, str] = {}  # sent with every video answer
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(dict(request.headers))
         if self.mode == "truncate-once":
             self.mode = "ok"
-            resp = web.StreamResponse(headers={"Content-Length": str(len(MP4))})
+            resp = web.StreamResponse(headers={"Content-Length": str(len(MP4)), **self.headers})
             await resp.prepare(request)
             third = len(MP4) // 3
             for i in range(0, third, 64 * 1024):
                 await resp.write(MP4[i : min(i + 64 * 1024, third)])
                 await asyncio.sleep(0.005)  # let the client consume what was sent
             request.transport.close()  # type: ignore[union-attr]
+            return resp
+        if self.mode == "slow":  # a little at a time, then cut off
+            resp = web.StreamResponse(headers={"Content-Length": str(len(MP4))})
+            await resp.prepare(request)
+            try:
+                for i in range(0, 40_000, 1000):
+                    await resp.write(MP4[i : i + 1000])
+                    await asyncio.sleep(0.005)
+            except ConnectionError:
+                pass  # the client gave up first
+            if request.transport is not None:
+                request.transport.close()
             return resp
         if self.mode == "redirect" and request.path != "/v.mp4":
             raise web.HTTPFound(self.base + "/v.mp4")
@@ -148,9 +179,12 @@ class Cdn:
             return web.Response(
                 status=206,
                 body=body[start:],
-                headers={"Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}"},
+                headers={
+                    "Content-Range": f"bytes {start}-{len(body) - 1}/{len(body)}",
+                    **self.headers,
+                },
             )
-        return web.Response(body=body, content_type="video/mp4")
+        return web.Response(body=body, content_type="video/mp4", headers=self.headers)
 
 
 @pytest.fixture
@@ -162,17 +196,21 @@ async def cdn() -> AsyncIterator[Cdn]:
         yield c
 
 
-async def _get(cdn: Cdn, out: Path, *, max_bytes: int = 1 << 30, probe: bool = False) -> Downloaded:
+async def _get(
+    cdn: Cdn | str, out: Path, *, max_bytes: int = 1 << 30, probe: bool = False, **kw: Any
+) -> Downloaded:
+    base = cdn if isinstance(cdn, str) else cdn.base
     async with aiohttp.ClientSession() as s:
         return await download(
             s,
-            cdn.base + "/v.mp4",
+            base + "/v.mp4",
             out,
             "job1",
             api_base_url="http://127.0.0.1:1",
             max_bytes=max_bytes,
             chunk_bytes=64 * 1024,
             probe=probe,
+            **kw,
         )
 
 
@@ -355,3 +393,371 @@ async def test_a_flush_cut_off_by_cancellation_is_not_written_twice(tmp_path: Pa
         await writer.close(sync=False)  # what the download does after a cancellation
     # Every byte handed over reaches the file at most once: a resume continues from its size.
     assert part.stat().st_size == 2 * len(chunk)
+
+
+# -- resuming: a 206 must prove that it continues the .part --------------------------------
+
+TOTAL = len(MP4)
+
+
+@pytest.mark.parametrize(
+    ("value", "want"),
+    [
+        ("bytes 0-9/10", ContentRange(0, 9, 10)),
+        (" bytes 5-9/* ", ContentRange(5, 9, None)),
+        ("bytes */10", None),  # the form of a 416
+        ("bytes 9-5/10", None),
+        ("bytes 0-10/10", None),
+        ("items 0-9/10", None),
+        ("bytes 0-9/10, 20-29/30", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_content_range_parsing(value: str | None, want: ContentRange | None) -> None:
+    assert parse_content_range(value) == want
+
+
+CR = "Content-Range"
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "have", "part", "want"),
+    [
+        (200, {"Content-Length": "100"}, 0, None, Body(0, 100, False, False)),
+        (200, {"Content-Length": "100"}, 50, None, Body(0, 100, False, False)),  # Range ignored
+        (200, {"Transfer-Encoding": "chunked"}, 0, None, Body(0, None, False, False)),
+        (200, {}, 0, None, Body(0, None, True, False)),  # it ends when the connection closes
+        (
+            200,
+            {"Content-Encoding": "gzip", "Content-Length": "40"},
+            0,
+            None,
+            Body(0, None, True, True),
+        ),
+        (
+            200,
+            {"Content-Encoding": "identity", "Content-Length": "9"},
+            0,
+            None,
+            Body(0, 9, False, False),
+        ),
+        (
+            206,
+            {CR: "bytes 50-99/100", "Content-Length": "50"},
+            50,
+            None,
+            Body(50, 100, False, False),
+        ),
+        (206, {CR: "bytes 50-99/100"}, 50, PartInfo('"e"', 100), Body(50, 100, False, False)),
+        (206, {CR: "bytes 0-99/100"}, 0, None, Body(0, 100, False, False)),
+        (206, {CR: "bytes 0-99/100"}, 50, None, None),  # not from where the .part ends
+        (206, {CR: "bytes 50-59/100"}, 50, None, None),  # not up to the end
+        (206, {CR: "bytes 50-99/100", "Content-Length": "10"}, 50, None, None),
+        (206, {CR: "bytes 50-99/*"}, 50, None, None),  # no total to hold it to
+        (206, {}, 50, None, None),
+        (206, {CR: "bytes 50-99/100"}, 50, PartInfo(None, 120), None),  # another file
+        (206, {CR: "bytes 50-99/100", "Content-Encoding": "gzip"}, 50, None, None),
+    ],
+)
+def test_plan_body(
+    status: int, headers: dict[str, str], have: int, part: PartInfo | None, want: Body | None
+) -> None:
+    assert plan_body(status, headers, have, part) == want
+
+
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        (PartInfo('"v1"', 10).to_json(), PartInfo('"v1"', 10)),
+        (b'{"validator": null, "total": null}', PartInfo(None, None)),
+        (b'{"validator": 3, "total": "10"}', PartInfo(None, None)),
+        (b'{"total": true}', PartInfo(None, None)),
+        (b"{garbled", None),
+        (b"[1]", None),
+    ],
+)
+def test_a_garbled_sidecar_only_means_less_to_check(raw: bytes, want: PartInfo | None) -> None:
+    assert PartInfo.from_json(raw) == want
+
+
+def _range_host(
+    answer: Callable[[int], tuple[bytes, str | None]], seen: list[str | None]
+) -> web.Application:
+    """The whole MP4 for a plain GET; ``answer(offset)`` (a body and a Content-Range) as a 206."""
+
+    async def video(request: web.Request) -> web.Response:
+        rng = request.headers.get("Range")
+        seen.append(rng)
+        if rng is None:
+            return web.Response(body=MP4)
+        body, content_range = answer(int(rng.removeprefix("bytes=").rstrip("-")))
+        headers = {CR: content_range} if content_range else {}
+        return web.Response(status=206, body=body, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/v.mp4", video)
+    return app
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda off: (MP4, f"bytes 0-{TOTAL - 1}/{TOTAL}"),
+        lambda off: (MP4[off : off + 1000], f"bytes {off}-{off + 999}/{TOTAL}"),
+        lambda off: (MP4[off + 3 :], None),
+        lambda off: (MP4[off:], f"bytes {off}-{TOTAL - 1}/*"),
+    ],
+    ids=["from-zero", "short-range", "no-content-range", "unknown-total"],
+)
+async def test_a_206_that_does_not_continue_the_part_starts_over(
+    tmp_path: Path, answer: Callable[[int], tuple[bytes, str | None]]
+) -> None:
+    (tmp_path / "job1.mp4.part").write_bytes(MP4[: TOTAL // 2])
+    seen: list[str | None] = []
+    async with serve(_range_host(answer, seen)) as base:
+        got = await _get(base, tmp_path)
+    assert (tmp_path / "job1.mp4").read_bytes() == MP4
+    assert got.sha256 == hashlib.sha256(MP4).hexdigest()
+    assert seen == [f"bytes={TOTAL // 2}-", None]  # one start over, from zero
+
+
+async def test_a_206_that_fits_no_request_fails_the_attempt(tmp_path: Path) -> None:
+    async def video(request: web.Request) -> web.Response:
+        return web.Response(status=206, body=MP4[:10], headers={CR: f"bytes 0-9/{TOTAL}"})
+
+    app = web.Application()
+    app.router.add_get("/v.mp4", video)
+    async with serve(app) as base:
+        with pytest.raises(DownloadError, match="range that does not fit") as info:
+            await _get(base, tmp_path)
+    assert info.value.retryable and not (tmp_path / "job1.mp4").exists()
+
+
+async def test_a_kept_part_remembers_its_file_for_the_next_attempt(
+    cdn: Cdn, tmp_path: Path
+) -> None:
+    cdn.headers = {"ETag": '"v1"'}
+    cdn.mode = "truncate-once"
+    with pytest.raises(DownloadError):
+        await _get(cdn, tmp_path)
+    meta = tmp_path / "job1.mp4.part.meta"
+    assert json.loads(meta.read_bytes()) == {"validator": '"v1"', "total": TOTAL}
+    await _get(cdn, tmp_path)
+    assert cdn.requests[-1]["If-Range"] == '"v1"' and "Range" in cdn.requests[-1]
+    assert (tmp_path / "job1.mp4").read_bytes() == MP4
+    assert not meta.exists() and not (tmp_path / "job1.mp4.part").exists()
+
+
+async def test_a_part_of_a_file_with_another_length_is_not_continued(
+    cdn: Cdn, tmp_path: Path
+) -> None:
+    (tmp_path / "job1.mp4.part").write_bytes(b"x" * 1000)
+    (tmp_path / "job1.mp4.part.meta").write_bytes(PartInfo(None, TOTAL + 5).to_json())
+    await _get(cdn, tmp_path)
+    assert [h.get("Range") for h in cdn.requests] == ["bytes=1000-", None]
+    assert (tmp_path / "job1.mp4").read_bytes() == MP4
+    assert not (tmp_path / "job1.mp4.part.meta").exists()
+
+
+# -- bodies that nothing delimits: the MP4's own boxes must add up -------------------------
+
+
+@pytest.fixture(scope="module")
+def real_mp4(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    clip = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    encode_test_card(VideoSpec(160, 90, 1, 4, audio=True), clip)
+    return clip.read_bytes()
+
+
+def _boxes_add_up(data: bytes) -> bool:
+    return mp4_boxes_complete(io.BytesIO(data), len(data))
+
+
+def _box(kind: bytes, size: int) -> bytes:
+    return size.to_bytes(4, "big") + kind + bytes(size - 8)
+
+
+def test_a_whole_mp4s_boxes_add_up_and_a_cut_ones_do_not(real_mp4: bytes) -> None:
+    assert _boxes_add_up(real_mp4)
+    n = len(real_mp4)
+    for cut in (1, 7, 8, 9, 100, n // 3, n // 2, n - 8, n - 1):
+        assert not _boxes_add_up(real_mp4[:cut]), cut
+    assert not _boxes_add_up(real_mp4 + b"\0\0\0")  # too short for one more box
+
+
+@pytest.mark.parametrize(
+    ("data", "ok"),
+    [
+        (_box(b"ftyp", 16) + _box(b"mdat", 100), True),
+        (b"\0\0\0\x01mdat" + (24).to_bytes(8, "big") + bytes(8), True),  # a 64-bit size
+        (b"\0\0\0\x01mdat" + (32).to_bytes(8, "big") + bytes(8), False),  # and it overruns
+        (b"\0\0\0\x01mdat" + (8).to_bytes(8, "big"), False),  # under its own header
+        (_box(b"ftyp", 16) + b"\0\0\0\0mdat" + bytes(50), True),  # size 0: up to the end
+        (b"\0\0\0\x04ftyp", False),  # a size under 8
+        (_box(b"ftyp", 16) + _box(b"mdat", 100)[:-1], False),
+        (b"", False),
+    ],
+)
+def test_box_walking(data: bytes, ok: bool) -> None:
+    assert _boxes_add_up(data) is ok
+
+
+def _answer(head: bytes, body: bytes) -> Callable[[bytes, asyncio.StreamWriter], Any]:
+    async def write(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 200 OK\r\n" + head + b"\r\n" + body)
+
+    return write
+
+
+@pytest.mark.parametrize("flush_bytes", [None, 1000])
+async def test_a_body_without_a_length_is_whole_only_if_its_boxes_add_up(
+    real_mp4: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flush_bytes: int | None
+) -> None:
+    if flush_bytes:  # the check reads the file, not the bytes in memory
+        monkeypatch.setattr(dl, "FLUSH_BYTES", flush_bytes)
+    half = real_mp4[: len(real_mp4) // 2]
+    async with serve_raw(_answer(b"Connection: close\r\n", half)) as base:
+        with pytest.raises(DownloadError) as info:
+            await _get(base, tmp_path)
+    assert info.value.retryable and info.value.message == INCOMPLETE
+    assert not (tmp_path / "job1.mp4").exists()
+    assert (tmp_path / "job1.mp4.part").read_bytes() == half  # kept for a Range resume
+    async with serve_raw(_answer(b"Connection: close\r\n", real_mp4)) as base:
+        await _get(base, tmp_path)
+    assert (tmp_path / "job1.mp4").read_bytes() == real_mp4
+
+
+# -- encoded bodies: no length to compare, nothing to resume --------------------------------
+
+
+async def test_a_gzip_body_is_decoded_whole_and_never_resumed(
+    real_mp4: bytes, tmp_path: Path
+) -> None:
+    z = gzip.compress(real_mp4)
+    (tmp_path / "job1.mp4.part").write_bytes(real_mp4[:1000])
+    head = b"Content-Encoding: gzip\r\nContent-Length: %d\r\n" % len(z)
+    async with serve_raw(_answer(head, z)) as base:
+        got = await _get(base, tmp_path)
+    assert (tmp_path / "job1.mp4").read_bytes() == real_mp4
+    assert got.bytes == len(real_mp4) and got.sha256 == hashlib.sha256(real_mp4).hexdigest()
+
+
+@pytest.mark.parametrize("framing", ["close", "length"])
+async def test_a_gzip_body_cut_short_is_an_error_not_a_video(
+    real_mp4: bytes, tmp_path: Path, framing: str
+) -> None:
+    z = gzip.compress(real_mp4)
+    head = b"Content-Encoding: gzip\r\n"
+    head += b"Connection: close\r\n" if framing == "close" else b"Content-Length: %d\r\n" % len(z)
+    async with serve_raw(_answer(head, z[: len(z) // 2])) as base:
+        with pytest.raises(DownloadError) as info:
+            await _get(base, tmp_path)
+    assert info.value.retryable
+    assert not (tmp_path / "job1.mp4").exists()
+    assert not (tmp_path / "job1.mp4.part").exists()  # decoded bytes: nothing to resume with Range
+
+
+# -- the disk's errors ---------------------------------------------------------------------
+
+
+async def test_a_full_disk_fails_the_job_with_its_reason(
+    cdn: Cdn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def full(self: object, data: bytes, sync: bool) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dl._PartWriter, "_write_all", full)
+    with pytest.raises(DownloadError) as info:
+        await _get(cdn, tmp_path)
+    assert info.value.message == "cannot write job1.mp4: No space left on device"
+    assert not info.value.retryable and not info.value.url_expired
+
+
+async def test_a_disk_error_at_the_rename_keeps_what_arrived(
+    cdn: Cdn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    def read_only(src: object, dst: object) -> None:
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    with pytest.raises(DownloadError, match=r"cannot write job1\.mp4: Read-only file system"):
+        await _get(cdn, tmp_path)
+    assert (tmp_path / "job1.mp4.part").read_bytes() == MP4
+    assert not (tmp_path / "job1.mp4").exists()
+
+
+async def test_cancellation_stays_cancellation_when_the_disk_fails_too(
+    cdn: Cdn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(self: object, *, sync: bool) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(dl._PartWriter, "close", broken)
+    cdn.mode = "slow"
+    escaped: list[BaseException] = []
+    async with aiohttp.ClientSession() as s:
+        with anyio.move_on_after(0.05) as scope:
+            try:
+                await download(
+                    s, cdn.base + "/v.mp4", tmp_path, "j", api_base_url=cdn.base, max_bytes=1 << 30
+                )
+            except BaseException as exc:
+                escaped.append(exc)
+                raise
+    assert scope.cancelled_caught
+    # Not a DownloadError, which a download worker would record and carry on after.
+    assert [type(e) for e in escaped] == [anyio.get_cancelled_exc_class()]
+
+
+# -- slow hosts and hosts that say when to come back ---------------------------------------
+
+
+def test_throughput_windows() -> None:
+    pace = Throughput(60.0, 1000, now=0.0)
+    assert pace.feed(500, 30.0) is None
+    assert pace.feed(400, 59.0) is None
+    assert pace.feed(50, 61.0) == 950  # the window ended with fewer than 1000
+    pace = Throughput(60.0, 1000, now=0.0)
+    assert pace.feed(2000, 61.0) is None  # enough: the next window starts here
+    assert pace.feed(10, 100.0) is None
+    assert pace.feed(10, 122.0) == 20
+
+
+async def test_a_trickling_host_is_given_up_on_and_the_part_kept(cdn: Cdn, tmp_path: Path) -> None:
+    cdn.mode = "slow"
+    ticks = iter(range(0, 10**6, 30))  # half a minute passes between reads
+
+    with pytest.raises(DownloadError) as info:
+        await _get(cdn, tmp_path, clock=lambda: float(next(ticks)))
+    assert info.value.retryable
+    assert re.fullmatch(r"video host too slow: \d+ bytes in the last 60 s", info.value.message)
+    assert (tmp_path / "job1.mp4.part").stat().st_size > 0  # kept for a Range resume
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "wait_s"),
+    [
+        (429, "120", 120.0),
+        (503, "7", 7.0),
+        (429, None, None),
+        (429, "86400", 900.0),  # capped at 15 minutes
+        (500, "5", None),
+    ],
+)
+async def test_a_host_that_says_when_to_come_back_is_heard(
+    tmp_path: Path, status: int, retry_after: str | None, wait_s: float | None
+) -> None:
+    headers: Mapping[str, str] = {"Retry-After": retry_after} if retry_after else {}
+
+    async def busy(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_get("/v.mp4", busy)
+    async with serve(app) as base:
+        with pytest.raises(DownloadError) as info:
+            await _get(base, tmp_path)
+    assert info.value.retryable and info.value.retry_after_s == wait_s

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -326,8 +328,10 @@ async def test_stale_part_of_an_earlier_generation_is_not_resumed(cdn: str, tmp_
     out = tmp_path / "out"
     out.mkdir()
     (out / "job0.mp4.part").write_bytes(b"bytes of some other generation")
+    (out / "job0.mp4.part.meta").write_bytes(b'{"validator": "\\"old\\"", "total": 30}')
     report = await run(manifest(1, tmp_path), settings(tmp_path), api=FakeApi(cdn))
     assert report.exit_code == 0 and (out / "job0.mp4").read_bytes() == MP4
+    assert not (out / "job0.mp4.part.meta").exists()  # dropped with its .part
 
 
 async def test_retry_failed_resubmits_failed_jobs(cdn: str, tmp_path: Path) -> None:
@@ -363,3 +367,42 @@ async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -
     async with serve(app) as base:
         report = await run(manifest(1, tmp_path), settings(tmp_path), api=Expiring(base, 1))
     assert report.exit_code == 0 and served == ["stale", "fresh"]
+
+
+async def test_a_full_disk_fails_the_download_not_the_run(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import veobatch.downloader as dl
+
+    def full(self: object, data: bytes, sync: bool) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    m = manifest(2, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(dl._PartWriter, "_write_all", full)
+        report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 1
+    assert sorted((j, e.kind, e.message) for j, e in report.failed) == [
+        (f"job{i}", "download", f"cannot write job{i}.mp4: No space left on device")
+        for i in range(2)
+    ]
+    again = await run(m, settings(tmp_path), api=api)  # room again: fetched, not paid for again
+    assert again.exit_code == 0 and again.counts == {"done": 2} and len(api.created) == 2
+
+
+async def test_a_video_host_429_is_waited_out_as_long_as_it_asks(tmp_path: Path) -> None:
+    asked: list[float] = []
+
+    async def video(request: web.Request) -> web.Response:
+        asked.append(time.monotonic())
+        if len(asked) == 1:
+            return web.Response(status=429, headers={"Retry-After": "0.3"})
+        return web.Response(body=MP4)
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+    async with serve(app) as base:  # the settings' backoff is zero: only Retry-After waits
+        report = await run(manifest(1, tmp_path), settings(tmp_path), api=FakeApi(base, 1))
+    assert report.exit_code == 0 and len(asked) == 2
+    assert asked[1] - asked[0] >= 0.3

@@ -8,9 +8,13 @@ Shell: :func:`download`, which uses a session that never carries the API key.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import io
+import logging
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,14 +24,25 @@ import aiofiles
 import aiohttp
 import anyio
 
+from .client import parse_retry_after
 from .errors import DownloadError, UrlRejectedError
 from .fsutil import Offload, fsync_dir, to_thread
+from .transfer import Body, PartInfo, Throughput, mp4_boxes_complete, plan_body, validator_of
 from .verify import Probe, probe_video
+
+log = logging.getLogger(__name__)
 
 MAX_REDIRECTS = 5
 MP4_BOXES = (b"ftyp", b"styp")
 PART_SUFFIX = ".part"
+INFO_SUFFIX = ".meta"  # <id>.mp4.part.meta: the sidecar that says what the .part is part of
 FLUSH_BYTES = 4 << 20  # below this a video is written in one go
+# A body slower than this holds a download worker for nothing: give up and resume later.
+MIN_RATE_WINDOW_S = 60.0
+MIN_RATE_BYTES = 64 << 10
+INCOMPLETE = (
+    "the video host closed the connection without saying the length, and the file is incomplete"
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,7 @@ async def download(
     sync_dir: bool = True,
     probe: bool = False,
     offload: Offload = to_thread,
+    clock: Callable[[], float] = anyio.current_time,
 ) -> Downloaded:
     """One attempt: fetch ``url`` into ``<id>.mp4``, resuming a ``.part`` with Range if allowed.
 
@@ -119,41 +135,137 @@ async def download(
     it records the file (the ledger does, for many files at once). With ``probe``, the
     finished file's figures come back too, read while the worker thread has it in hand.
     ``offload`` runs the final write, fsync and rename (a :class:`DiskThreads` batches them).
+    A full, read-only or forbidden disk fails the job with its reason, not the run; what
+    arrived stays in the ``.part``.
     """
     final = out_dir / final_name(job_id)
     part = final.with_name(final.name + PART_SUFFIX)
-    have = part.stat().st_size if part.exists() else 0
+    with _disk_errors(final.name, job_id):
+        have = part.stat().st_size if part.exists() else 0
+        info = await offload(functools.partial(_read_info, part)) if have else None
+        resp, body = await _open_body(
+            session, url, api_base_url, job_id, have, info, client_timeout
+        )
+        async with resp:
+            if body.total is not None and body.total > max_bytes:
+                raise DownloadError(
+                    f"video is {body.total} bytes, over the limit", job_id=job_id, retryable=False
+                )
+            digest = hashlib.sha256()
+            if body.offset:
+                digest = await offload(functools.partial(_hash_prefix, part, body.offset))
+            elif have:
+                _info_path(part).unlink(missing_ok=True)  # a new file: its old sidecar is wrong
+            writer = _PartWriter(part, append=body.offset > 0, offload=offload)
+            size = await _take(resp, body, writer, digest, max_bytes, chunk_bytes, job_id, clock)
+        return await writer.finish(
+            final, size, digest.hexdigest(), job_id, sync_dir=sync_dir, probe=probe, body=body
+        )
+
+
+@contextlib.contextmanager
+def _disk_errors(name: str, job_id: str) -> Iterator[None]:
+    """The one boundary for the disk's errors: a full, read-only or forbidden disk fails this
+    job with its reason (retrying soon will not help), not the whole run with a traceback."""
     try:
-        resp = await _open(session, url, api_base_url, job_id, have, client_timeout)
-    except _RangeRefused:
-        # The part is already whole (a crash before the rename) or not this file: start over.
-        have = 0
-        resp = await _open(session, url, api_base_url, job_id, have, client_timeout)
-    async with resp:
-        if resp.status != 206:
-            have = 0  # the server ignored the Range: start over
-        expected = _expected_total(resp, have)
-        if expected is not None and expected > max_bytes:
-            raise DownloadError(
-                f"video is {expected} bytes, over the limit", job_id=job_id, retryable=False
-            )
-        digest = hashlib.sha256()
-        if have:
-            digest = await offload(functools.partial(_hash_prefix, part, have))
-        writer = _PartWriter(part, append=have > 0, offload=offload)
+        yield
+    except (TimeoutError, aiohttp.ClientError) as exc:  # OSErrors too, but the network's
+        raise DownloadError(
+            f"cannot fetch video: {type(exc).__name__}: {exc}"[:300], job_id=job_id
+        ) from None
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise DownloadError(
+            f"cannot write {name}: {reason}", job_id=job_id, retryable=False
+        ) from exc
+
+
+async def _take(
+    resp: aiohttp.ClientResponse,
+    body: Body,
+    writer: _PartWriter,
+    digest: hashlib._Hash,
+    max_bytes: int,
+    chunk_bytes: int,
+    job_id: str,
+    clock: Callable[[], float],
+) -> int:
+    """Stream the body into the writer and check its length; on any failure keep what arrived
+    (with a sidecar naming the file) for a Range resume, unless it was encoded."""
+    try:
+        size = await _stream(
+            resp, writer, body.offset, digest, max_bytes, chunk_bytes, job_id, clock
+        )
+        if body.total is not None and size != body.total:
+            raise DownloadError(f"truncated: got {size} of {body.total} bytes", job_id=job_id)
+    except BaseException:
+        keep = None if body.encoded else PartInfo(validator_of(resp.headers), body.total)
+        with anyio.CancelScope(shield=True):
+            await _after_failure(writer, keep)
+        raise
+    return size
+
+
+async def _open_body(
+    session: aiohttp.ClientSession,
+    url: str,
+    api_base_url: str,
+    job_id: str,
+    have: int,
+    info: PartInfo | None,
+    client_timeout: aiohttp.ClientTimeout | None,
+) -> tuple[aiohttp.ClientResponse, Body]:
+    """The answer and how to take it: from ``have`` on only if the answer proves it continues
+    the ``.part``, else once more from zero (a 416, or a 206 that does not fit)."""
+    for offset in (have, 0) if have else (0,):
+        validator = info.validator if info is not None and offset else None
         try:
-            size = await _stream(resp, writer, have, digest, max_bytes, chunk_bytes, job_id)
-        except BaseException:
-            # Keep what arrived, so the next attempt resumes with Range from there.
-            with anyio.CancelScope(shield=True):
-                await writer.close(sync=False)
-            raise
-    if expected is not None and size != expected:
+            resp = await _open(
+                session, url, api_base_url, job_id, offset, validator, client_timeout
+            )
+        except _RangeRefused:
+            continue  # the part is already whole (a crash before the rename) or not this file
+        body = plan_body(resp.status, resp.headers, offset, info if offset else None)
+        if body is not None:
+            return resp, body
+        resp.release()
+    raise DownloadError("video host answered with a range that does not fit", job_id=job_id)
+
+
+async def _after_failure(writer: _PartWriter, keep: PartInfo | None) -> None:
+    """Keep what arrived, and its sidecar, so the next attempt resumes with Range from there;
+    an encoded body cannot be resumed, so its part goes. Best effort: the disk may be why."""
+    try:
         await writer.close(sync=False)
-        raise DownloadError(f"truncated: got {size} of {expected} bytes", job_id=job_id)
-    return await writer.finish(
-        final, size, digest.hexdigest(), job_id, sync_dir=sync_dir, probe=probe
-    )
+        await writer.offload(functools.partial(_keep_or_drop, writer.part, keep))
+    except OSError as exc:
+        log.warning("cannot keep %s: %s", writer.part.name, exc.strerror or exc)
+
+
+def _keep_or_drop(part: Path, keep: PartInfo | None) -> None:
+    if keep is None:
+        part.unlink(missing_ok=True)
+        _info_path(part).unlink(missing_ok=True)
+    else:
+        _info_path(part).write_bytes(keep.to_json())
+
+
+def _info_path(part: Path) -> Path:
+    return part.with_name(part.name + INFO_SUFFIX)
+
+
+def _read_info(part: Path) -> PartInfo | None:
+    try:
+        return PartInfo.from_json(_info_path(part).read_bytes())
+    except OSError:
+        return None
+
+
+def drop_part(out_dir: Path, job_id: str) -> None:
+    """Forget a ``.part`` and its sidecar (blocking, but only two unlinks)."""
+    part = out_dir / (final_name(job_id) + PART_SUFFIX)
+    part.unlink(missing_ok=True)
+    _info_path(part).unlink(missing_ok=True)
 
 
 async def _open(
@@ -162,6 +274,7 @@ async def _open(
     api_base_url: str,
     job_id: str,
     have: int,
+    validator: str | None,
     client_timeout: aiohttp.ClientTimeout | None,
 ) -> aiohttp.ClientResponse:
     """GET with redirects followed by hand, each hop re-checked against the URL rules."""
@@ -169,6 +282,8 @@ async def _open(
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
+        if validator:
+            headers["If-Range"] = validator  # the file changed: the host sends all of it
     for _ in range(MAX_REDIRECTS + 1):
         check_video_url(url, api_base_url)
         try:
@@ -186,7 +301,7 @@ async def _open(
         if resp.status in (200, 206):
             return resp
         resp.release()
-        raise _status_error(resp.status, job_id)
+        raise _status_error(resp.status, job_id, resp.headers.get("Retry-After"))
     raise DownloadError("too many redirects", job_id=job_id, retryable=False)
 
 
@@ -194,7 +309,7 @@ class _RangeRefused(DownloadError):
     """416: the bytes we have do not fit what the host serves."""
 
 
-def _status_error(status: int, job_id: str) -> DownloadError:
+def _status_error(status: int, job_id: str, retry_after: str | None = None) -> DownloadError:
     if status in (403, 404, 410):
         return DownloadError(
             f"video host answered {status}: the URL has expired", job_id=job_id, url_expired=True
@@ -202,13 +317,11 @@ def _status_error(status: int, job_id: str) -> DownloadError:
     if status == 416:
         return _RangeRefused("video host refused the resume range", job_id=job_id)
     retryable = status >= 500 or status == 429
-    return DownloadError(f"video host answered {status}", job_id=job_id, retryable=retryable)
-
-
-def _expected_total(resp: aiohttp.ClientResponse, have: int) -> int | None:
-    if resp.content_length is None:
-        return None
-    return resp.content_length + (have if resp.status == 206 else 0)
+    # A host that says how long to wait is obeyed: hammering it sooner only prolongs the 429.
+    wait_s = parse_retry_after(retry_after) if status in (429, 503) else None
+    return DownloadError(
+        f"video host answered {status}", job_id=job_id, retryable=retryable, retry_after_s=wait_s
+    )
 
 
 def _hash_prefix(part: Path, have: int) -> hashlib._Hash:
@@ -234,7 +347,7 @@ class _PartWriter:
     def __init__(self, part: Path, *, append: bool, offload: Offload = to_thread) -> None:
         self.part = part
         self._append = append
-        self._offload = offload
+        self.offload = offload
         self._buf = bytearray()
         self._file: Any = None
 
@@ -255,10 +368,10 @@ class _PartWriter:
             await self._file.write(data)
             if sync:
                 await self._file.flush()
-                await self._offload(functools.partial(os.fsync, self._file.fileno()))
+                await self.offload(functools.partial(os.fsync, self._file.fileno()))
             await self._file.close()
         elif self._buf or not self._append:
-            await self._offload(functools.partial(self._write_all, bytes(self._buf), sync))
+            await self.offload(functools.partial(self._write_all, bytes(self._buf), sync))
         self._buf.clear()
         self._file = None
         self._append = True
@@ -279,12 +392,13 @@ class _PartWriter:
         *,
         sync_dir: bool = True,
         probe: bool = False,
+        body: Body | None = None,
     ) -> Downloaded:
         if self._file is not None:
             await self.close(sync=True)
-            return await self._offload(
+            return await self.offload(
                 functools.partial(
-                    _finish, self.part, final, size, sha, job_id, None, sync_dir, probe
+                    _finish, self.part, final, size, sha, job_id, None, sync_dir, probe, body
                 )
             )
         data, append = bytes(self._buf), self._append
@@ -294,9 +408,9 @@ class _PartWriter:
             self._write_all(data, True)
             # The whole file is in hand: no re-read for the type check or the probe.
             whole = None if append else data
-            return _finish(self.part, final, size, sha, job_id, whole, sync_dir, probe)
+            return _finish(self.part, final, size, sha, job_id, whole, sync_dir, probe, body)
 
-        return await self._offload(write_and_finish)
+        return await self.offload(write_and_finish)
 
 
 async def _stream(
@@ -307,15 +421,22 @@ async def _stream(
     max_bytes: int,
     chunk_bytes: int,
     job_id: str,
+    clock: Callable[[], float],
 ) -> int:
     size = have
+    pace = Throughput(MIN_RATE_WINDOW_S, MIN_RATE_BYTES, clock())
     try:
         async for chunk in resp.content.iter_chunked(chunk_bytes):
             size += len(chunk)
             if size > max_bytes:
                 raise DownloadError("video exceeds the size limit", job_id=job_id, retryable=False)
             digest.update(chunk)
-            await writer.write(chunk)
+            await writer.write(chunk)  # before any slowness verdict: a resume keeps it
+            if (short := pace.feed(len(chunk), clock())) is not None:
+                raise DownloadError(
+                    f"video host too slow: {short} bytes in the last {pace.window_s:.0f} s",
+                    job_id=job_id,
+                )
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise DownloadError(
             f"download interrupted after {size} bytes: {type(exc).__name__}", job_id=job_id
@@ -332,16 +453,24 @@ def _finish(
     whole: bytes | None = None,
     sync_dir: bool = True,
     probe: bool = False,
+    body: Body | None = None,
 ) -> Downloaded:
-    if whole is not None:
-        head = whole[:16]
-    else:
-        with open(part, "rb") as f:
-            head = f.read(16)
+    """Check, rename and probe in one worker-thread hop: the type, and for a body that nothing
+    delimited, that its MP4 boxes add up (else the .part stays for a Range resume)."""
+    boxes = body is not None and body.check_boxes
+    with io.BytesIO(whole) if whole is not None else open(part, "rb") as f:
+        head = f.read(16)
+        complete = not boxes or mp4_boxes_complete(f, size)
     if not looks_like_mp4(head):
         part.unlink(missing_ok=True)
+        _info_path(part).unlink(missing_ok=True)
         raise DownloadError("the downloaded file is not an MP4", job_id=job_id)
+    if not complete:
+        if body is not None and body.encoded:  # its bytes cannot be resumed with Range
+            part.unlink(missing_ok=True)
+        raise DownloadError(INCOMPLETE, job_id=job_id)
     os.replace(part, final)
+    _info_path(part).unlink(missing_ok=True)
     if sync_dir:
         fsync_dir(final.parent)
     figures = probe_video(final, whole) if probe else None

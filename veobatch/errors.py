@@ -21,7 +21,8 @@ translated at one boundary each (the client, the manifest loader, the ledger) wi
     │   ├── AuthError            401 or 403: stop submitting (exit 3)
     │   │   └── RedirectedError  3xx: the base URL is wrong; the same, and never followed
     │   └── ProtocolError        a 2xx whose body is not what the contract says
-    └── DownloadError            fetching a video failed; ``retryable`` says if a retry may help
+    └── DownloadError            fetching a video failed; ``retryable`` says if a retry may help,
+        │                        ``retry_after_s`` how long the host asked us to wait
         └── UrlRejectedError     the video URL is not one we are willing to fetch
 """
 
@@ -179,9 +180,11 @@ class DownloadError(VeobatchError):
         job_id: str | None = None,
         retryable: bool = True,
         url_expired: bool = False,
+        retry_after_s: float | None = None,
     ) -> None:
         super().__init__(message, job_id=job_id)
         self.retryable = retryable
+        self.retry_after_s = retry_after_s  # a 429's or 503's Retry-After, capped
         # The video host refused the URL (403/404/410): a fresh one from the API may work.
         self.url_expired = url_expired
 

@@ -27,7 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .client import ApiClient, Created, Generation, HttpApiClient
 from .costs import Budget
-from .downloader import PART_SUFFIX, download
+from .downloader import download, drop_part
 from .errors import (
     ApiError,
     AuthError,
@@ -321,7 +321,7 @@ class _Run:
         finished video of an earlier version of the request is kept under a versioned name.
         """
         out = self.settings.out_dir
-        (out / f"{job.id}.mp4{PART_SUFFIX}").unlink(missing_ok=True)
+        drop_part(out, job.id)
         st = self.ledger.state(job.id)
         if st.status != "done" or not st.file or not st.key or st.key == job.key:
             return
@@ -483,6 +483,7 @@ class _Run:
                 if not exc.retryable or attempt == s.download_retries:
                     return await self._fail(job_id, "download", exc.message)
                 delay = backoff_delay_s(attempt, s.backoff_base_s, s.backoff_max_s, self.rng)
+                delay = max(delay, exc.retry_after_s or 0.0)  # the host said how long
                 log.warning("download retry job=%s in %.1fs: %s", job_id, delay, exc.message)
                 await anyio.sleep(delay)
                 continue

@@ -1,0 +1,169 @@
+"""The pure rules of one video transfer, for the downloader's shell to ask.
+
+What a host's answer promises about its body (which bytes, how many, encoded or not), whether
+the bytes kept that promise when nothing else can tell (the MP4's own top-level boxes), what a
+kept ``.part`` remembers about the answer that started it, and how slow is too slow. A resumed
+body that does not continue the ``.part``, or a body cut short with no length to check it
+against, must never be renamed into place as a video.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import BinaryIO
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.ASCII)
+
+
+@dataclass(frozen=True)
+class ContentRange:
+    """``bytes START-END/TOTAL`` of a 206; ``total`` is None when the host says ``*``."""
+
+    start: int
+    end: int
+    total: int | None
+
+
+def parse_content_range(value: str | None) -> ContentRange | None:
+    """The header's range, or None when it is missing, malformed or impossible."""
+    m = _CONTENT_RANGE.fullmatch((value or "").strip())
+    if m is None:
+        return None
+    start, end = int(m[1]), int(m[2])
+    total = None if m[3] == "*" else int(m[3])
+    if end < start or (total is not None and end >= total):
+        return None
+    return ContentRange(start, end, total)
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """The sidecar of a kept ``.part``: how the answer that started it named the file."""
+
+    validator: str | None = None  # a strong ETag or a Last-Modified date, sent as If-Range
+    total: int | None = None  # the whole file's size, when that answer said it
+
+    def to_json(self) -> bytes:
+        return json.dumps({"validator": self.validator, "total": self.total}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> PartInfo | None:
+        """None for anything garbled: no sidecar only costs the If-Range and the total check."""
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return None
+        if not isinstance(doc, dict):
+            return None
+        validator, total = doc.get("validator"), doc.get("total")
+        return cls(
+            validator if isinstance(validator, str) and validator else None,
+            total if isinstance(total, int) and not isinstance(total, bool) else None,
+        )
+
+
+def validator_of(headers: Mapping[str, str]) -> str | None:
+    """What If-Range may carry: a strong ETag (a weak one is not allowed), else Last-Modified."""
+    etag = headers.get("ETag", "").strip()
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified", "").strip() or None
+
+
+@dataclass(frozen=True)
+class Body:
+    """How to take an answer's body, decided from its status and headers alone."""
+
+    offset: int  # bytes of the .part this body continues; 0 starts the file over
+    total: int | None  # the size the file must reach, when the answer says it
+    check_boxes: bool  # nothing marks where the body ends: the MP4's boxes must add up
+    encoded: bool  # decoded on the way in: no length to compare, nothing to resume with Range
+
+
+def plan_body(
+    status: int, headers: Mapping[str, str], have: int, part: PartInfo | None = None
+) -> Body | None:
+    """The plan for a 200 or 206 that answered a request for the bytes from ``have`` on.
+
+    None when a 206 does not prove that it continues the ``.part``: no or a malformed
+    Content-Range, another start, not up to the end, a length that disagrees, a total other
+    than the one the ``.part`` started with, or an encoding (its ranges count encoded bytes).
+    """
+    encoding = headers.get("Content-Encoding", "").strip().lower()
+    encoded = encoding not in ("", "identity")
+    length = _length(headers.get("Content-Length"))
+    if status != 206:
+        delimited = length is not None or "chunked" in headers.get("Transfer-Encoding", "").lower()
+        total = None if encoded else length
+        return Body(0, total, check_boxes=encoded or not delimited, encoded=encoded)
+    got = parse_content_range(headers.get("Content-Range"))
+    if encoded or got is None or got.total is None or got.start != have:
+        return None
+    if got.end != got.total - 1 or (length is not None and length != got.end - got.start + 1):
+        return None
+    if part is not None and part.total is not None and part.total != got.total:
+        return None
+    return Body(have, got.total, check_boxes=False, encoded=False)
+
+
+def _length(value: str | None) -> int | None:
+    if value is None or not value.strip().isdigit():
+        return None
+    return int(value)
+
+
+def mp4_boxes_complete(f: BinaryIO, size: int) -> bool:
+    """Do the top-level boxes of the ``size`` bytes in ``f`` add up to exactly ``size``?
+
+    For a body nothing else delimits: a file cut short ends inside its last box. Each box
+    starts with a 32-bit size and a type; size 1 means a 64-bit size follows, size 0 that the
+    box runs to the end of the file (so it is the last one).
+    """
+    pos = 0
+    while pos < size:
+        if size - pos < 8:
+            return False
+        f.seek(pos)
+        head = f.read(16)
+        if len(head) < 8:
+            return False
+        (box,) = struct.unpack_from(">I", head)
+        header = 8
+        if box == 1:
+            if len(head) < 16:
+                return False
+            (box,) = struct.unpack_from(">Q", head, 8)
+            header = 16
+        elif box == 0:
+            return True
+        if box < header:
+            return False
+        pos += box
+    return size > 0 and pos == size
+
+
+class Throughput:
+    """A body must bring ``min_bytes`` per ``window_s``: a trickle would hold a worker forever.
+
+    Checked as chunks arrive; a host that sends nothing at all is the read timeout's to stop.
+    """
+
+    def __init__(self, window_s: float, min_bytes: int, now: float) -> None:
+        self.window_s = window_s
+        self.min_bytes = min_bytes
+        self._start = now
+        self._count = 0
+
+    def feed(self, n: int, now: float) -> int | None:
+        """Count ``n`` more bytes; the window's count if a window ended short, else None."""
+        self._count += n
+        if now - self._start < self.window_s:
+            return None
+        if self._count < self.min_bytes:
+            return self._count
+        self._start, self._count = now, 0
+        return None
