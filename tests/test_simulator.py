@@ -171,6 +171,17 @@ async def test_bad_body_lists_every_issue_in_meta(api: Api) -> None:
     assert not api.sim.generations and api.sim.stats.creates_rejected == 1
 
 
+async def test_unknown_model_is_a_body_validation_error_naming_the_models(api: Api) -> None:
+    reply = await api.create({**GOOD, "model": "google/veo-2"})
+    assert_error_shape(reply, 400, GENERATIONS)
+    assert reply.json["message"] == "Body validation error"
+    [issue] = reply.json["meta"]
+    assert issue["path"] == ["model"]
+    assert issue["message"].startswith("Invalid enum value. Expected 'google/veo-3.1-")
+    assert issue["message"].endswith("received 'google/veo-2'") and f"'{T2V}'" in issue["message"]
+    assert not api.sim.generations and api.sim.stats.creates_rejected == 1
+
+
 async def test_good_post_answers_queued_with_the_inference_id(api: Api) -> None:
     reply = await api.create()
     assert reply.status == 200
@@ -309,10 +320,14 @@ async def test_failed_row_costs_nothing(api: Api) -> None:
     assert row["cost"] == {"usd": 0.0, "credits": 0}
 
 
-async def test_succeeded_row_has_the_price(api: Api) -> None:
+async def test_succeeded_row_has_the_price_once_the_generation_completes(api: Api) -> None:
     await api.create({**GOOD, "model": "google/veo-3.1-t2v-fast", "duration": 4})
     [row] = (await api.logs()).json["data"]
-    assert row["cost"] == {"usd": 0.6, "credits": 1_200_000} and row["origin"] == "api"
+    assert row["status"] == "succeeded" and row["origin"] == "api"
+    assert row["cost"] == {"usd": 0.0, "credits": 0}  # charged after completion
+    api.clock.now += 10
+    [row] = (await api.logs()).json["data"]
+    assert row["cost"] == {"usd": 0.6, "credits": 1_200_000}
 
 
 async def test_logs_show_only_the_callers_own_rows(api: Api) -> None:

@@ -18,11 +18,19 @@ from veobatch.simulator.logs import (
     LogRow,
     LogStatus,
     QueryInvalid,
+    SlidingWindow,
     iso_utc_ms,
     log_page,
     parse_log_query,
 )
-from veobatch.simulator.state import draw_duration_s, fetch_body, lognormal_params
+from veobatch.simulator.state import (
+    ODD_SHAPES,
+    OddShape,
+    draw_duration_s,
+    fetch_body,
+    lognormal_params,
+    odd_fetch_body,
+)
 from veobatch.simulator.validation import (
     BODY_INVALID,
     BodyInvalid,
@@ -204,11 +212,7 @@ def test_missing_field_and_wrong_type_are_reported_together() -> None:
         ({"prompt": "p"}, BODY_INVALID, "Required. Expected 'google/"),
         ({"model": 5, "prompt": "p"}, BODY_INVALID, "Expected string, received integer"),
         ({"model": None, "prompt": "p"}, BODY_INVALID, "Expected string, received null"),
-        (
-            {"model": "google/veo-2", "prompt": "p"},
-            "Model 'google/veo-2' is not supported",
-            "Invalid enum value.",
-        ),
+        ({"model": "google/veo-2", "prompt": "p"}, BODY_INVALID, "Invalid enum value."),
     ],
 )
 def test_bad_model_is_reported(request_body: dict[str, Any], message: str, issue: str) -> None:
@@ -217,6 +221,14 @@ def test_bad_model_is_reported(request_body: dict[str, Any], message: str, issue
     assert info.value.message == message
     [only] = info.value.issues
     assert only.path == ("model",) and only.message.startswith(issue)
+
+
+def test_unknown_model_names_every_supported_model_and_what_it_received() -> None:
+    [(path, message)] = issues_of({"model": "google/veo-2", "prompt": "p"})
+    assert path == ("model",)
+    expected = " | ".join(f"'{m}'" for m in SCHEMAS)
+    assert message == f"Invalid enum value. Expected {expected}, received 'google/veo-2'"
+    assert all(m in message for m in MODELS)
 
 
 @pytest.mark.parametrize("request_body", [[], "text", None, 3])
@@ -330,6 +342,47 @@ def test_fetch_body_when_completed_has_url_duration_and_usage() -> None:
     assert answer["status"] == "completed" and answer["error"] is None
     assert answer["video"] == {"url": "http://cdn/x.mp4", "duration": 8}
     assert answer["meta"]["usage"]["tokens_used"] == 6_400_000
+
+
+@pytest.mark.parametrize(
+    ("now", "fails", "charge"),
+    [
+        (100.0, False, (0.0, 0)),  # queued: nothing recorded yet
+        (109.999, False, (0.0, 0)),
+        (110.0, False, (3.2, 6_400_000)),  # charged on completion
+        (105.0, True, (0.0, 0)),
+        (110.0, True, (0.0, 0)),  # an error is never billed
+        (1e9, True, (0.0, 0)),
+    ],
+)
+def test_charge_is_recorded_on_completion_and_never_for_an_error(
+    now: float, fails: bool, charge: tuple[float, int]
+) -> None:
+    gen = make_gen()
+    gen.fails = fails
+    assert gen.charge_at(now) == charge
+
+
+@pytest.mark.parametrize(
+    ("shape", "status", "video"),
+    [
+        ("waiting", "waiting", None),
+        ("active", "active", None),
+        ("processing", "processing", None),
+        ("completed_no_video", "completed", None),
+        ("completed_no_url", "completed", {"duration": 8}),
+    ],
+)
+def test_odd_fetch_body_is_never_done(shape: OddShape, status: str, video: Any) -> None:
+    answer = odd_fetch_body(make_gen(), shape, 8)
+    assert answer == {"id": "g1", "status": status, "video": video, "error": None, "meta": None}
+    assert not (answer["video"] or {}).get("url")
+
+
+def test_odd_shapes_cover_each_still_running_case_the_contract_names() -> None:
+    statuses = {odd_fetch_body(make_gen(), s, 8)["status"] for s in ODD_SHAPES}
+    assert {"waiting", "active", "completed"} <= statuses
+    assert statuses - {"waiting", "active", "completed"}  # and one nobody documents
 
 
 def test_stats_summary_is_empty_before_any_poll() -> None:
@@ -544,3 +597,35 @@ def test_spec_for(
 def test_spec_keeps_the_audio_choice(audio: bool, suffix: str) -> None:
     spec = spec_for(validate_body(body(T2V, generate_audio=audio), SCHEMAS), TINY)
     assert spec.audio is audio and spec.file_name == f"160x90_1s_8fps{suffix}"
+
+
+# -- the logs' rate limit --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("calls", "admitted"),
+    [
+        # (key, now) of each call, and what admit() answers: None or the seconds to wait
+        ([("a", 0.0)] * 3, [None, None, None]),
+        ([("a", 0.0)] * 4, [None, None, None, 1.0]),
+        ([("a", 0.0), ("a", 0.5), ("a", 0.6), ("a", 0.7)], [None, None, None, 0.3]),
+        ([("a", 0.0)] * 3 + [("a", 1.0)], [None, None, None, None]),  # the first slid out
+        ([("a", 0.0)] * 3 + [("b", 0.0)], [None, None, None, None]),  # per key
+        # refused calls are not counted: waiting as told is enough
+        ([("a", 0.0)] * 3 + [("a", 0.9), ("a", 1.0)], [None, None, None, 0.1, None]),
+    ],
+)
+def test_sliding_window(calls: list[tuple[str, float]], admitted: list[float | None]) -> None:
+    window = SlidingWindow(3, 1.0)
+    answers = [window.admit(key, now) for key, now in calls]
+    assert answers == [pytest.approx(a) if a is not None else None for a in admitted]
+
+
+def test_a_zero_limit_admits_everything() -> None:
+    window = SlidingWindow(0, 1.0)
+    assert all(window.admit("a", 0.0) is None for _ in range(1000))
+
+
+def test_logs_rate_limit_defaults_to_the_documented_200_per_60_s() -> None:
+    config = SimConfig()
+    assert (config.logs_rate_limit, config.logs_rate_window_s) == (200, 60.0)

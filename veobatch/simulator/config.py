@@ -34,6 +34,9 @@ class SimConfig:
     faults: Faults = field(default_factory=Faults)
     state_dir: Path | None = None  # journal generations here so a restarted client finds them
     blob_dir: Path | None = None  # files served as-is at <cdn_url>/blobs/<name> (benchmarks)
+    # GET /v2/logs per key, in any sliding window: the documented 200 per 60 s (0 = no limit)
+    logs_rate_limit: int = 200
+    logs_rate_window_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.gen_time_mean_s < 0 or self.gen_time_spread < 0:
@@ -42,6 +45,8 @@ class SimConfig:
             raise ValueError("queued_fraction must be between 0 and 1")
         if self.video_fps < 1:
             raise ValueError("video_fps must be at least 1")
+        if self.logs_rate_limit < 0 or self.logs_rate_window_s <= 0:
+            raise ValueError("logs_rate_limit must not be negative, logs_rate_window_s positive")
         if self.video_mode not in ("faithful", "tiny"):
             raise ValueError(f"unknown video_mode {self.video_mode!r}")
 

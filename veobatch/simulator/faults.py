@@ -6,7 +6,11 @@ All draws come from one seeded generator, so a failing run can be replayed exact
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -17,12 +21,16 @@ class Faults:
     create_429: float = 0.0  # 429 with Retry-After
     create_429_bare: float = 0.0  # 429 without Retry-After
     max_concurrent: int = 0  # per key; a create over it is answered 429 (0 = no cap)
+    credits_for: int = 0  # per key: creates paid for; every further create is a 403 (0 = no end)
     create_5xx_before: float = 0.0  # 500/502/503, nothing created (logged as failed)
     create_5xx_after: float = 0.0  # the generation is created, then a 500 is answered
     create_drop_before: float = 0.0  # connection dropped, nothing created, nothing logged
     create_drop_after: float = 0.0  # the generation is created, then the connection drops
     poll_5xx: float = 0.0
     poll_429: float = 0.0
+    # a running generation is reported as waiting, active, an unknown status, or completed
+    # without a video URL (never once it has really finished)
+    odd_statuses: float = 0.0
     generation_error: float = 0.0  # the generation ends with status "error"
     truncate_download: float = 0.0  # the body stops halfway, connection dropped
     url_ttl_s: float = 0.0  # video URLs expire this long after being handed out (0 = never)
@@ -61,5 +69,5 @@ class Dice:
     def roll(self, rate: float) -> bool:
         return rate > 0 and self._rng.random() < rate
 
-    def choice(self, options: tuple[int, ...]) -> int:
+    def choice(self, options: Sequence[T]) -> T:
         return self._rng.choice(options)

@@ -1,11 +1,14 @@
-"""The usage log behind ``GET /v2/logs`` (``logs-v2.json``): rows, query parsing, pages.
+"""The usage log behind ``GET /v2/logs`` (``logs-v2.json``): rows, query parsing, pages, and
+the endpoint's rate limit.
 
-Pure: the caller passes the current wall time, so the ``period`` filter is tested without a clock.
+Pure: the caller passes the current time, so the ``period`` filter and the sliding window are
+tested without a clock.
 """
 
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -184,3 +187,27 @@ def log_page(rows: Sequence[LogRow], query: LogQuery) -> dict[str, Any]:
             "has_more": query.offset + len(page) < len(matching),
         },
     }
+
+
+class SlidingWindow:
+    """At most ``limit`` calls per key in any ``window_s`` ("200 requests per 60 s").
+
+    A refused call is not counted, so a client that waits as long as it is told gets in.
+    ``limit`` 0 admits everything."""
+
+    def __init__(self, limit: int, window_s: float) -> None:
+        self.limit = limit
+        self.window_s = window_s
+        self._calls: dict[str, deque[float]] = {}
+
+    def admit(self, key: str, now: float) -> float | None:
+        """None when the call may go ahead (it is then counted); else the seconds to wait."""
+        if not self.limit:
+            return None
+        calls = self._calls.setdefault(key, deque())
+        while calls and calls[0] <= now - self.window_s:
+            calls.popleft()
+        if len(calls) >= self.limit:
+            return calls[0] + self.window_s - now
+        calls.append(now)
+        return None

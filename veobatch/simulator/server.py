@@ -4,8 +4,9 @@ Everything it decides comes from the pure modules beside it (validation, state, 
 this file only maps requests to them. The CDN is a second listener on its own port so that a
 client sending the API key to "another host" is visible (``stats.cdn_auth_headers_seen``).
 
-With ``SimConfig.state_dir`` set, generations are journaled there and reloaded on start, so a
-client that restarts (``veobatch run --simulate`` after a crash) finds its generations again.
+With ``SimConfig.state_dir`` set, generations and failed requests are journaled there and
+reloaded on start, so a client that restarts (``veobatch run --simulate`` after a crash) finds its
+generations, and the same usage-log rows, again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import heapq
 import hmac
 import json
 import logging
+import math
 import random
 import re
 import secrets
@@ -22,7 +24,9 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -33,8 +37,16 @@ from aiohttp import web
 
 from .config import SimConfig, price
 from .faults import Dice
-from .logs import LogRow, QueryInvalid, log_page, parse_log_query
-from .state import Generation, SimStats, draw_duration_s, fetch_body
+from .logs import LogRow, QueryInvalid, SlidingWindow, log_page, parse_log_query
+from .state import (
+    FINISHED,
+    ODD_SHAPES,
+    Generation,
+    SimStats,
+    draw_duration_s,
+    fetch_body,
+    odd_fetch_body,
+)
 from .validation import (
     BODY_INVALID,
     BodyInvalid,
@@ -50,6 +62,7 @@ log = logging.getLogger(__name__)
 CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 GENERATIONS = "/v2/video/generations"
 JOURNAL = "generations.jsonl"
+FAILED_JOURNAL = "failed_requests.jsonl"  # usage-log rows of requests that created nothing
 
 
 def error_body(path: str, status: int, message: str, meta: Any = None) -> dict[str, Any]:
@@ -101,6 +114,10 @@ class Simulator:
         self._by_file: dict[str, Generation] = {}
         self._log_rows: list[LogRow] = []
         self._running: dict[str, list[float]] = {}  # per key: completion times, a heap
+        self._created: Counter[str] = Counter()  # per key digest: generations created
+        self._logs_window = SlidingWindow(
+            self.config.logs_rate_limit, self.config.logs_rate_window_s
+        )
         self._dice = Dice(self.config.faults)
         self._runners: list[web.AppRunner] = []
         self._tmp: Path | None = None
@@ -200,12 +217,17 @@ class Simulator:
     ) -> web.Response | None:
         """Faults that strike before anything is created: nothing is billed."""
         f = self.config.faults
+        if f.credits_for and self._created[_digest(key)] >= f.credits_for:
+            self.stats.out_of_credits += 1
+            self._log_failed(key, crid, model)
+            return _error(request, 403, "Insufficient credits: top up your balance to continue")
+        wait_s = f.retry_after_s
         if self._dice.roll(f.create_429):
-            return self._too_many(request, "Too many requests", retry_after=True)
+            return self._too_many(request, "Too many requests", retry_after_s=wait_s)
         if self._dice.roll(f.create_429_bare):
-            return self._too_many(request, "Too many requests", retry_after=False)
+            return self._too_many(request, "Too many requests", retry_after_s=None)
         if f.max_concurrent and self._in_flight(key) >= f.max_concurrent:
-            return self._too_many(request, "Concurrency limit reached", retry_after=True)
+            return self._too_many(request, "Concurrency limit reached", retry_after_s=wait_s)
         if self._dice.roll(f.create_5xx_before):
             self._log_failed(key, crid, model)
             return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
@@ -213,11 +235,13 @@ class Simulator:
             return _drop(request)
         return None
 
-    def _too_many(self, request: web.Request, message: str, *, retry_after: bool) -> web.Response:
+    def _too_many(
+        self, request: web.Request, message: str, *, retry_after_s: float | None
+    ) -> web.Response:
         self.stats.rate_limited += 1
         response = _error(request, 429, message)
-        if retry_after:
-            response.headers["Retry-After"] = f"{self.config.faults.retry_after_s:g}"
+        if retry_after_s is not None:
+            response.headers["Retry-After"] = f"{retry_after_s:g}"
         return response
 
     def _in_flight(self, key: str) -> int:
@@ -252,6 +276,7 @@ class Simulator:
             crid,
         )
         self._log_rows.append(row)
+        self._append(FAILED_JOURNAL, asdict(row))
 
     def _new_generation(
         self, body: dict[str, Any], video: VideoRequest, key: str, crid: str | None
@@ -276,6 +301,7 @@ class Simulator:
             file_name=f"{file_id}.mp4",
             usd=usd,
             credits=credits,
+            request_id=str(uuid.uuid4()),
         )
         gen.fails = self._dice.roll(self.config.faults.generation_error)
         self._add(gen)
@@ -286,23 +312,39 @@ class Simulator:
         return gen
 
     def _log_created(self, gen: Generation) -> None:
-        """The usage-log row of a request that created ``gen`` (keys are kept as digests)."""
+        """The usage-log row of a request that created ``gen`` (keys are kept as digests).
+
+        Its cost is filled in when the log is read (:meth:`_billed`): nothing is charged yet.
+        logs-v2.json has only ``succeeded``/``failed``, the outcome of the *request*; what the
+        row of a generation that later ends in error says is not documented. The request did
+        succeed (it handed out a generation id), and a client reconciling from the logs reads
+        ``failed`` as "nothing was created, submit again", so the row stays ``succeeded``, at
+        cost 0 (an error is "not billed")."""
         row = LogRow(
             gen.api_key_sha,
             gen.created_wall_s,
             "succeeded",
             gen.model,
-            gen.usd,
-            gen.credits,
-            str(uuid.uuid4()),
+            0.0,
+            0,
+            gen.request_id,
             gen.id,
             gen.client_request_id,
         )
         self._log_rows.append(row)
 
+    def _billed(self, row: LogRow, now: float) -> LogRow:
+        """``row`` with the charge recorded by ``now``: its generation's, once completed."""
+        gen = self.generations.get(row.inference_id) if row.status == "succeeded" else None
+        if gen is None:
+            return row
+        usd, credits = gen.charge_at(now)
+        return replace(row, usd=usd, credits=credits)
+
     def _add(self, gen: Generation) -> None:
         self.generations[gen.id] = gen
         self._by_file[gen.file_name] = gen
+        self._created[gen.api_key_sha] += 1
 
     async def _fetch(self, request: web.Request) -> web.Response:
         if self._authorize(request) is None:
@@ -318,14 +360,22 @@ class Simulator:
         if self._dice.roll(f.poll_5xx):
             return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
         if self._dice.roll(f.poll_429):
-            return self._too_many(request, "Too many requests", retry_after=True)
+            return self._too_many(request, "Too many requests", retry_after_s=f.retry_after_s)
         now = self._clock()
         self.stats.record_poll(gen, now)
-        url = self._video_url(gen)
+        return self._fetch_reply(gen, now)
+
+    def _fetch_reply(self, gen: Generation, now: float) -> web.Response:
         seconds = spec_for(gen.request, self.config).duration_s
-        body = fetch_body(gen, now, url, seconds)
+        status = gen.status_at(now)
+        # Only while it runs: the real completion, with its URL, must still come later.
+        if status not in FINISHED and self._dice.roll(self.config.faults.odd_statuses):
+            self.stats.odd_statuses += 1
+            shape = self._dice.choice(ODD_SHAPES)
+            return web.json_response(odd_fetch_body(gen, shape, seconds))
+        body = fetch_body(gen, now, self._video_url(gen), seconds)
         headers = {}
-        if body["status"] == "completed":  # the charge, once there is one
+        if status == "completed":  # the charge, once there is one
             headers = {
                 "x-aimlapi-usd-spent": f"{gen.usd:g}",
                 "x-aimlapi-credits-used": str(gen.credits),
@@ -344,15 +394,22 @@ class Simulator:
         key = self._authorize(request)
         if key is None:
             return _error(request, 401, "Unauthorized: a valid Bearer key is required")
+        owner, now = _digest(key), self._clock()
+        wait_s = self._logs_window.admit(owner, now)
+        if wait_s is not None:
+            limit, window_s = self.config.logs_rate_limit, self.config.logs_rate_window_s
+            message = f"Too many requests: at most {limit} per {window_s:g} s"
+            return self._too_many(request, message, retry_after_s=max(1, math.ceil(wait_s)))
         self.stats.logs_requests += 1
         try:
             query = parse_log_query(list(request.query.items()), time.time())
         except QueryInvalid as exc:
             return _error(request, 400, exc.message)
         visible_until = time.time() - self.config.faults.logs_delay_s
-        owner = _digest(key)
         rows = [
-            r for r in self._log_rows if r.api_key == owner and r.created_wall_s <= visible_until
+            self._billed(r, now)
+            for r in self._log_rows
+            if r.api_key == owner and r.created_wall_s <= visible_until
         ]
         return web.json_response(log_page(rows, query))
 
@@ -405,10 +462,6 @@ class Simulator:
     # -- the journal -----------------------------------------------------------------------
 
     def _journal(self, gen: Generation) -> None:
-        folder = self.config.state_dir
-        if folder is None:
-            return
-        folder.mkdir(parents=True, exist_ok=True)
         row = {
             "id": gen.id,
             "body": gen.body,
@@ -421,45 +474,63 @@ class Simulator:
             "file_token": gen.file_token,
             "file_name": gen.file_name,
             "fails": gen.fails,
+            "request_id": gen.request_id,
         }
-        with open(folder / JOURNAL, "a", encoding="utf-8") as f:
+        self._append(JOURNAL, row)
+
+    def _append(self, name: str, row: Mapping[str, Any]) -> None:
+        folder = self.config.state_dir
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / name, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def _load_journal(self) -> None:
+        self._replay(JOURNAL, self._load_generation)
+        self._replay(FAILED_JOURNAL, lambda row: self._log_rows.append(LogRow(**row)))
+        # Two files, one log: back in the order the requests were made.
+        self._log_rows.sort(key=lambda r: r.created_wall_s)
+
+    def _replay(self, name: str, load: Callable[[Any], None]) -> None:
+        """Feed each journaled row to ``load``, skipping a torn last line from a killed process;
+        the file is rewritten without it, so the next append starts on a line of its own."""
         folder = self.config.state_dir
-        path = folder / JOURNAL if folder else None
+        path = folder / name if folder else None
         if path is None or not path.exists():
             return
         good: list[str] = []
         for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                row = json.loads(line)
-                video = self._validate(row["body"])
+                load(json.loads(line))
             except (ValueError, KeyError, TypeError, BodyInvalid):
-                continue  # a torn last line from a killed process
+                continue
             good.append(line)
-            usd, credits = price(video.model, video.duration_s)
-            gen = Generation(
-                id=row["id"],
-                model=video.model,
-                body=row["body"],
-                request=video,
-                api_key_sha=row["api_key_sha"],
-                created_at=row["created_at"],
-                created_wall_s=row["created_wall_s"],
-                duration_s=row["duration_s"],
-                queued_s=row["queued_s"],
-                client_request_id=row["client_request_id"],
-                file_token=row["file_token"],
-                file_name=row["file_name"],
-                usd=usd,
-                credits=credits,
-                fails=bool(row.get("fails", False)),
-            )
-            self._add(gen)
-            self._log_created(gen)
-        # Rewrite without torn lines, so the next append starts on a line of its own.
         path.write_text("".join(line + "\n" for line in good), encoding="utf-8")
+
+    def _load_generation(self, row: Any) -> None:
+        video = self._validate(row["body"])
+        usd, credits = price(video.model, video.duration_s)
+        gen = Generation(
+            id=row["id"],
+            model=video.model,
+            body=row["body"],
+            request=video,
+            api_key_sha=row["api_key_sha"],
+            created_at=row["created_at"],
+            created_wall_s=row["created_wall_s"],
+            duration_s=row["duration_s"],
+            queued_s=row["queued_s"],
+            client_request_id=row["client_request_id"],
+            file_token=row["file_token"],
+            file_name=row["file_name"],
+            usd=usd,
+            credits=credits,
+            fails=bool(row.get("fails", False)),
+            request_id=row.get("request_id") or str(uuid.uuid4()),  # older journals lack it
+        )
+        self._add(gen)
+        self._log_created(gen)
 
 
 def _drop(request: web.Request) -> web.Response:

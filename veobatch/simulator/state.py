@@ -17,6 +17,17 @@ from .validation import VideoRequest
 
 Status = Literal["queued", "generating", "completed", "error"]
 FINISHED: frozenset[str] = frozenset({"completed", "error"})
+# How the odd_statuses fault may show a generation that is still running: the two statuses the
+# official examples treat as running, one nobody documents, and "completed" while the video is
+# not there yet (no video, or a video without its url).
+OddShape = Literal["waiting", "active", "processing", "completed_no_video", "completed_no_url"]
+ODD_SHAPES: tuple[OddShape, ...] = (
+    "waiting",
+    "active",
+    "processing",
+    "completed_no_video",
+    "completed_no_url",
+)
 
 
 def lognormal_params(mean_s: float, spread: float) -> tuple[float, float]:
@@ -53,6 +64,7 @@ class Generation:
     usd: float
     credits: int
     fails: bool = False  # ends in "error" instead of "completed" (fault injection)
+    request_id: str = ""  # the create request's id in the usage logs
     polls: int = 0
     detected_at: float | None = None  # clock time of the first poll that saw it completed
     downloaded_at: float | None = None  # clock time the first whole download was served
@@ -67,6 +79,24 @@ class Generation:
         if now < self.created_at + self.queued_s:
             return "queued"
         return "generating"
+
+    def charge_at(self, now: float) -> tuple[float, int]:
+        """What has been billed by ``now``, as (usd, credits): the price once completed, and
+        nothing before that or ever for a generation that ends in error (README: "the charge is
+        recorded after the generation completes"; an error is "not billed")."""
+        if self.status_at(now) == "completed":
+            return self.usd, self.credits
+        return 0.0, 0
+
+
+def odd_fetch_body(gen: Generation, shape: OddShape, video_s: float) -> dict[str, Any]:
+    """A fetch answer for a still-running ``gen`` that a careful client must read as running."""
+    body: dict[str, Any] = {"id": gen.id, "video": None, "error": None, "meta": None}
+    if shape == "completed_no_video":
+        return body | {"status": "completed"}
+    if shape == "completed_no_url":
+        return body | {"status": "completed", "video": {"duration": video_s}}
+    return body | {"status": shape}
 
 
 def fetch_body(gen: Generation, now: float, video_url: str, video_s: float) -> dict[str, Any]:
@@ -107,6 +137,8 @@ class SimStats:
     cdn_auth_headers_seen: int = 0
     logs_requests: int = 0
     rate_limited: int = 0  # 429s answered
+    out_of_credits: int = 0  # creates answered 403
+    odd_statuses: int = 0  # polls answered with an odd status (fault injection)
     expired_urls: int = 0  # CDN requests refused for an expired URL
     truncated_downloads: int = 0
     # the generations a poll saw finished, in the order they were first seen so
@@ -135,6 +167,8 @@ class SimStats:
             "cdn_auth_headers_seen": self.cdn_auth_headers_seen,
             "logs_requests": self.logs_requests,
             "rate_limited": self.rate_limited,
+            "out_of_credits": self.out_of_credits,
+            "odd_statuses": self.odd_statuses,
             "expired_urls": self.expired_urls,
             "truncated_downloads": self.truncated_downloads,
             "generations_detected": len(lags),

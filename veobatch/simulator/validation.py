@@ -221,7 +221,7 @@ def _pick_model(body: Mapping[str, Any], schemas: Mapping[str, ModelSchema]) -> 
         issue = Issue(
             ("model",), f"Invalid enum value. Expected {expected}, received {_show(model)}"
         )
-        raise BodyInvalid(f"Model {model!r} is not supported", [issue])
+        raise BodyInvalid(BODY_INVALID, [issue])
     return schemas[model]
 
 

@@ -1,0 +1,68 @@
+"""The runner against the simulator's contract-level faults, over real loopback HTTP: running out
+of credits mid-run, and generations reported with statuses a careful client must read as running."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import av
+from test_e2e import CANARY, fast_settings, mixed_manifest
+
+from veobatch.ledger import load_states
+from veobatch.runner import run
+from veobatch.simulator import Faults, SimConfig, Simulator
+
+
+def quick(faults: Faults, state_dir: Path | None = None) -> SimConfig:
+    return SimConfig(
+        api_keys=frozenset({CANARY}),
+        gen_time_mean_s=0.4,
+        gen_time_spread=0.3,
+        video_mode="tiny",
+        faults=faults,
+        state_dir=state_dir,
+    )
+
+
+def submissions_per_job(out: Path) -> Counter[str]:
+    lines = (out / "ledger.jsonl").read_text().splitlines()
+    return Counter(r["job"] for r in map(json.loads, lines) if r["ev"] == "submitted")
+
+
+async def test_out_of_credits_stops_submitting_and_a_rerun_finishes(tmp_path: Path) -> None:
+    m = mixed_manifest(8, tmp_path)
+    out, state = tmp_path / "out", tmp_path / "sim-state"
+    async with Simulator(quick(Faults(credits_for=3), state)) as sim:
+        report = await run(m, fast_settings(out, sim.base_url))
+        assert sim.stats.creates_ok == 3 and sim.stats.out_of_credits >= 1
+    assert report.exit_code == 3 and report.auth_error and "credits" in report.auth_error
+    assert report.counts == {"done": 3, "pending": 5} and not report.failed
+    paid = set(submissions_per_job(out))
+    assert len(paid) == 3
+
+    # Topped up: the same simulator state, no credit limit any more.
+    async with Simulator(quick(Faults(), state)) as sim:
+        again = await run(m, fast_settings(out, sim.base_url))
+        assert sim.stats.creates_ok == 5
+    assert again.exit_code == 0 and again.counts == {"done": 8}
+    per_job = submissions_per_job(out)
+    assert per_job == {job.id: 1 for job in m.jobs}  # the first 3 were not created again
+
+
+async def test_odd_statuses_are_read_as_running_and_every_job_finishes(tmp_path: Path) -> None:
+    m = mixed_manifest(8, tmp_path)
+    out = tmp_path / "out"
+    async with Simulator(quick(Faults(seed=5, odd_statuses=0.3))) as sim:
+        report = await run(m, fast_settings(out, sim.base_url))
+        odd = sim.stats.odd_statuses
+        assert sim.stats.creates_ok == 8
+    assert odd > 0  # the fault did strike
+    assert report.exit_code == 0 and report.counts == {"done": 8}, report
+    states = load_states(out)
+    for job in m.jobs:
+        st = states[job.id]
+        assert st.file is not None
+        with av.open(str(out / st.file)) as container:
+            assert container.streams.video, job.id
