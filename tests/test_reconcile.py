@@ -50,6 +50,17 @@ def test_verdicts(
         assert d.generation_id == "gen-1"
 
 
+def test_grace_runs_from_the_answer_not_from_the_search_start() -> None:
+    # The search reaches back a request timeout (60 s) before the answer at 1060.
+    lookup = Lookup("job", "c", "m", 1000.0, "server_error", recorded_wall=1060.0)
+    assert decide(lookup, None, now_wall=1061, grace_s=60, searched_all=True).verdict is (
+        Verdict.WAIT
+    )
+    assert decide(lookup, None, now_wall=1121, grace_s=60, searched_all=True).verdict is (
+        Verdict.RESUBMIT
+    )
+
+
 def test_rate_budget_keeps_to_the_window() -> None:
     now = [0.0]
     budget = RateBudget(3, 60.0, lambda: now[0])

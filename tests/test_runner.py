@@ -238,6 +238,29 @@ async def test_lost_answer_after_creation_is_adopted_from_logs(
     assert len(api.created) == 3 and report.adopted == 2
 
 
+async def test_logs_that_lag_get_their_grace_after_the_answer(cdn: str, tmp_path: Path) -> None:
+    # The search starts a request timeout before the answer; the grace must not start there
+    # too, or it is used up before the first sweep and a created job is paid for twice.
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error, api.error_after_create, api.errors_left = (
+        ServerError("HTTP 502", status=502),
+        True,
+        1,
+    )
+    api.hide_from_logs = True  # the logs lag behind the request
+
+    async def logs_catch_up() -> None:
+        await anyio.sleep(0.3)
+        api.hide_from_logs = False
+
+    s = settings(tmp_path, logs_grace_s=2.0, request_timeout_s=60.0)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(logs_catch_up)
+        report = await run(manifest(1, tmp_path), s, api=api)
+    assert report.exit_code == 0 and report.adopted == 1
+    assert len(api.created) == 1  # found once the logs caught up, never created again
+
+
 async def test_unanswered_and_not_logged_stays_uncertain(cdn: str, tmp_path: Path) -> None:
     api = FakeApi(cdn, polls_to_finish=1)
     api.create_error, api.errors_left = NoAnswerError("read timeout"), 1

@@ -42,8 +42,15 @@ class Lookup:
     job_id: str
     client_request_id: str
     model: str
-    since_wall: float  # when the intent was recorded
+    since_wall: float  # the earliest the request can have left: where the search starts
     cause: Cause
+    # When the attempt's last record was written (the answer, or the intent after a crash): the
+    # logs' grace runs from here, never from the widened search start, which would eat it.
+    recorded_wall: float | None = None
+
+    @property
+    def settled_wall(self) -> float:
+        return self.since_wall if self.recorded_wall is None else self.recorded_wall
 
 
 class Verdict(enum.Enum):
@@ -74,7 +81,7 @@ def decide(
         return Decision(Verdict.ADOPT, "found in the usage logs", entry.inference_id)
     if entry is not None and entry.status == "failed":
         return Decision(Verdict.RESUBMIT, "the usage logs show it failed: nothing was created")
-    waited = now_wall - lookup.since_wall
+    waited = now_wall - lookup.settled_wall
     if waited < grace_s:
         return Decision(Verdict.WAIT, "giving the usage logs time to catch up")
     if not searched_all:

@@ -348,9 +348,11 @@ class _Run:
     def _lookup(self, job: Job, cause: Cause) -> None:
         st = self.ledger.state(job.id)
         assert st.client_request_id is not None
-        since = st.updated_at if st.updated_at is not None else time.time()
-        since -= self.settings.request_timeout_s  # the request may have left that long before
-        self.reconciler.add(Lookup(job.id, st.client_request_id, job.model, since, cause))
+        recorded = st.updated_at if st.updated_at is not None else time.time()
+        since = recorded - self.settings.request_timeout_s  # it may have left that long before
+        self.reconciler.add(
+            Lookup(job.id, st.client_request_id, job.model, since, cause, recorded_wall=recorded)
+        )
 
     async def _on_lookup(self, lookup: Lookup, decision: Decision) -> None:
         job = self.jobs[lookup.job_id]
