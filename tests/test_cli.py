@@ -149,3 +149,39 @@ def test_errors_inside_task_groups_are_reported_plainly() -> None:
     assert _leaf(group) is inner
     plain = ExceptionGroup("g", [ValueError("x")])
     assert _leaf(plain) is plain
+
+
+def test_an_os_error_is_one_line_and_exit_3(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    import errno
+    import logging
+
+    from veobatch.cli import _guard
+
+    def full() -> None:
+        inner = OSError(errno.ENOSPC, "No space left on device", "/srv/out/x")
+        raise ExceptionGroup("run", [ExceptionGroup("tasks", [inner])])
+
+    with pytest.raises(SystemExit) as exited:
+        _guard(full)
+    assert exited.value.code == 3
+    err = capsys.readouterr().err
+    assert err == "veobatch: system error: /srv/out/x: No space left on device\n"
+    assert not caplog.records  # no traceback unless -v asks for it
+    caplog.set_level(logging.DEBUG, "veobatch")
+    with pytest.raises(SystemExit):
+        _guard(full)
+    assert caplog.records[0].exc_info is not None
+
+
+def test_plan_warns_when_videos_sit_beside_an_empty_ledger(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "ledger.jsonl").write_bytes(b"")
+    (out / "one.mp4").write_bytes(b"video")
+    res = runner.invoke(main, ["plan", str(write(tmp_path, GOOD)), "--out", str(out)])
+    assert res.exit_code == 0
+    assert "warning: no ledger records" in res.stderr and "1 video (one.mp4)" in res.stderr

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,7 @@ def test_happy_path_walks_every_state() -> None:
         (HAPPY[:3], "intent", False),
         (HAPPY, "completed", True),  # file lost: fetch a fresh URL
         (HAPPY, "intent", True),  # request changed: a new generation
+        (HAPPY, "failed", True),  # file lost and its generation cannot be fetched again
         ([*HAPPY[:2], rec("failed", kind="timeout")], "completed", True),
         ([*HAPPY[:1], rec("uncertain")], "submitted", True),  # adopted from the usage logs
         ([*HAPPY[:1], rec("uncertain")], "intent", True),  # deliberate resubmission
@@ -138,6 +141,15 @@ def test_damage_before_a_valid_record_refuses() -> None:
     data = _lines(HAPPY[:2]) + b"{broken\n" + _lines(HAPPY[2:])
     with pytest.raises(LedgerCorruptError, match="line 3"):
         parse_journal(data)
+
+
+def test_failed_after_done_forgets_the_file_but_keeps_the_generation() -> None:
+    states = replay([*HAPPY, rec("failed", kind="refetch_failed", message="gone")])
+    s = states["a"]
+    assert s.error is not None and s.error.kind == "refetch_failed"
+    assert (s.status, s.generation_id) == ("failed", "g1")
+    assert (s.file, s.bytes, s.sha256, s.mtime_ns, s.video, s.flags) == (None,) * 6
+    assert build_results(states)["jobs"][0]["file"] is None
 
 
 def test_replay_rejects_impossible_history() -> None:
@@ -247,6 +259,110 @@ async def test_a_changed_directory_is_synced_before_the_batch_that_names_its_fil
     ledger.close()
     assert calls == ["write"] * 3 + ["dir", "write"]
     assert Ledger.open(tmp_path).states["a"].status == "done"
+
+
+class ShortWrites:
+    """os.write for the ledger's fd: a few bytes a call, then optionally a full disk."""
+
+    def __init__(self, fd: int, *, chunk: int, fail_after: int | None = None) -> None:
+        self.fd, self.chunk, self.fail_after, self.calls = fd, chunk, fail_after, 0
+        self.real = os.write
+
+    def __call__(self, fd: int, data: Any) -> int:
+        if fd != self.fd:
+            return self.real(fd, data)
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.real(fd, bytes(data[: self.chunk]))
+
+
+async def test_a_short_write_is_completed_before_the_record_counts_as_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger.open(tmp_path)
+    short = ShortWrites(ledger._fd, chunk=7)
+    monkeypatch.setattr(os, "write", short)
+    await ledger.record("intent", "a", crid="c" * 200, key="k", model="m")
+    await ledger.record("submitted", "a", gen="g")
+    monkeypatch.undo()
+    ledger.close()
+    assert short.calls > 30  # every byte was written, a few at a time
+    journal = parse_journal((tmp_path / LEDGER_NAME).read_bytes())
+    assert journal.tail == b"" and [r["ev"] for r in journal.records] == ["intent", "submitted"]
+
+
+async def test_a_full_disk_mid_record_raises_and_leaves_no_partial_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger.open(tmp_path)
+    await ledger.record("intent", "a", crid="c", key="k", model="m")
+    good = (tmp_path / LEDGER_NAME).read_bytes()
+    monkeypatch.setattr(os, "write", ShortWrites(ledger._fd, chunk=10, fail_after=2))
+    with pytest.raises(LedgerError, match="No space left on device"):
+        await ledger.record("intent", "b", crid="c" * 200, key="k", model="m")
+    monkeypatch.undo()
+    assert (tmp_path / LEDGER_NAME).read_bytes() == good  # the 20 bytes written were cut
+    # Once a batch is lost, nothing later may be appended after it (nor count as durable).
+    with pytest.raises(LedgerError, match="no further records"):
+        await ledger.record("submitted", "a", gen="g")
+    ledger.close()
+    assert (tmp_path / LEDGER_NAME).read_bytes() == good
+    reopened = Ledger.open(tmp_path)
+    assert {k: s.status for k, s in reopened.states.items()} == {"a": "submitting"}
+    assert reopened.recovered_tail is None
+    reopened.close()
+
+
+async def test_a_partial_record_that_cannot_be_cut_is_a_torn_tail_next_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = Ledger.open(tmp_path)
+    await ledger.record("intent", "a", crid="c", key="k", model="m")
+
+    def no_truncate(fd: int, size: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "write", ShortWrites(ledger._fd, chunk=10, fail_after=1))
+    monkeypatch.setattr(os, "ftruncate", no_truncate)
+    with pytest.raises(LedgerError, match="cutting the partial record failed"):
+        await ledger.record("intent", "b", crid="c", key="k", model="m")
+    monkeypatch.undo()
+    ledger.close()  # writes nothing after the partial record
+    reopened = Ledger.open(tmp_path)
+    assert set(reopened.states) == {"a"} and reopened.recovered_tail is not None
+    reopened.close()
+
+
+async def test_waiters_on_a_failed_batch_are_not_told_it_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import anyio
+
+    ledger = Ledger.open(tmp_path)
+    monkeypatch.setattr(os, "write", ShortWrites(ledger._fd, chunk=10, fail_after=0))
+    outcomes: list[str] = []
+
+    async def one(i: int) -> None:
+        try:
+            await ledger.record("intent", f"j{i}", crid="c", key="k")
+            outcomes.append("durable")
+        except LedgerError:
+            outcomes.append("error")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(20):
+            tg.start_soon(one, i)
+    monkeypatch.undo()
+    ledger.close()
+    assert outcomes == ["error"] * 20
+    assert (tmp_path / LEDGER_NAME).read_bytes() == b""
+
+
+def test_an_unreadable_ledger_is_a_ledger_error(tmp_path: Path) -> None:
+    (tmp_path / LEDGER_NAME).mkdir()  # a directory where the file should be
+    with pytest.raises(LedgerError, match="cannot open"):
+        Ledger.open(tmp_path)
 
 
 def test_results_document() -> None:

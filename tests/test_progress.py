@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pytest
 from rich.console import Console
@@ -104,5 +105,22 @@ def test_log_progress_writes_one_line_per_interval(caplog: pytest.LogCaptureFixt
     lp = LogProgress(interval_s=3600)
     lp(snap(1.0))
     assert not caplog.records  # not yet a minute
-    lp(snap(2.0, {"done": 20}))  # the end is always reported
+    lp(replace(snap(2.0, {"done": 20}), final=True))  # the end is always reported
     assert [r.getMessage().split()[:2] for r in caplog.records] == [["progress", "finished=20/20"]]
+
+
+def test_log_progress_stays_quiet_while_everything_counts_as_finished(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Done jobs being re-fetched and failed ones re-polled count as finished: a run can sit at
+    # 20/20 for an hour, observed every 0.5 s. One line a minute, and one at the end.
+    caplog.set_level(logging.INFO, "veobatch")
+    now = [1000.0]
+    lp = LogProgress(interval_s=60.0, clock=lambda: now[0])
+    for tick in range(1, 2 * 3600 + 1):  # an hour of 0.5 s ticks
+        now[0] = 1000.0 + tick * 0.5
+        lp(snap(tick * 0.5, {"done": 18, "failed": 2}))
+    lp(replace(snap(3600.5, {"done": 20}), final=True))
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 61 and all(line.startswith("progress finished=20/20") for line in lines)
+    assert lines[-1].startswith("progress finished=20/20 ") and "done=20" in lines[-1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -18,7 +19,9 @@ from local_server import serve
 from veobatch.client import Created, Generation, LogEntry, LogPage
 from veobatch.errors import (
     AuthError,
+    BadRequestError,
     ConfigError,
+    LedgerError,
     LockedError,
     NoAnswerError,
     RateLimitedError,
@@ -323,6 +326,50 @@ async def test_missing_file_is_fetched_again_without_paying(cdn: str, tmp_path: 
     assert (tmp_path / "out" / "job0.mp4").read_bytes() == MP4
 
 
+class Forgetful(FakeApi):
+    """Forgets generations made before ``forget()``: polls for them answer 400 (lost)."""
+
+    forgotten: frozenset[str] = frozenset()
+
+    def forget(self) -> None:
+        self.forgotten = frozenset(self.created)
+
+    async def fetch(self, generation_id: str) -> Generation:
+        if generation_id in self.forgotten:
+            raise BadRequestError("no such generation", status=400)
+        return await super().fetch(generation_id)
+
+
+@pytest.mark.parametrize("how", ["lost", "generation_error", "timeout"])
+async def test_a_lost_file_whose_generation_is_gone_fails_the_job_not_every_run(
+    cdn: str, tmp_path: Path, how: str
+) -> None:
+    m = manifest(2, tmp_path)
+    api = Forgetful(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    out = tmp_path / "out"
+    (out / "job0.mp4").unlink()
+    s = settings(tmp_path)
+    if how == "lost":
+        api.forget()
+    elif how == "generation_error":
+        api.fail = {"p0"}
+    else:
+        api.polls_to_finish, s = 10**9, settings(tmp_path, job_timeout_s=0.05)
+    report = await run(m, s, api=api)  # used to raise: 'failed' cannot follow 'done'
+    assert report.exit_code == 1 and len(api.created) == 2
+    assert [(j, e.kind) for j, e in report.failed] == [("job0", "refetch_failed")]
+    assert "--retry-failed" in report.failed[0][1].message
+    row = json.loads((out / "results.json").read_text())["jobs"][0]
+    assert (row["status"], row["file"], row["generation_id"]) == ("failed", None, api.created[0])
+    api.fail, api.polls_to_finish = set(), 1
+    held = await run(m, settings(tmp_path), api=api)  # later nights carry on: exit 1, not 3
+    assert held.exit_code == 1 and len(api.created) == 2
+    retried = await run(m, settings(tmp_path, retry_failed=True), api=api)
+    assert retried.exit_code == 0 and len(api.created) == 3
+    assert (out / "job0.mp4").read_bytes() == MP4
+
+
 async def test_second_run_on_same_directory_is_locked(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     with DirLock(tmp_path / "out"), pytest.raises(LockedError):
@@ -429,3 +476,105 @@ async def test_a_video_host_429_is_waited_out_as_long_as_it_asks(tmp_path: Path)
         report = await run(manifest(1, tmp_path), settings(tmp_path), api=FakeApi(base, 1))
     assert report.exit_code == 0 and len(asked) == 2
     assert asked[1] - asked[0] >= 0.3
+
+
+def full_disk_for(name: str, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make writes to files called ``name`` fail with ENOSPC; returns the paths refused."""
+    refused: list[str] = []
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(name):
+            refused.append(name)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return refused
+
+
+async def test_a_full_disk_for_results_json_warns_once_and_the_run_goes_on(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import veobatch.ledger as ledger_module
+
+    def full(path: Path, data: bytes) -> None:
+        assert path.name == "results.json"
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ledger_module, "atomic_write_bytes", full)
+    s = settings(tmp_path, ledger_flush_interval_s=0.005)
+    report = await run(manifest(6, tmp_path), s, api=FakeApi(cdn, polls_to_finish=20), verify=False)
+    assert report.exit_code == 0 and report.counts == {"done": 6}
+    problems = [r for r in caplog.records if "results.json" in r.getMessage()]
+    assert [r.levelname for r in problems] == ["WARNING", "ERROR"]  # once a run, then the end
+    assert "No space left on device" in problems[-1].getMessage()
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+async def test_a_ledger_that_cannot_be_written_stops_the_run_before_any_post(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    refused = full_disk_for("ledger.jsonl", monkeypatch)
+    with pytest.raises(BaseException) as caught:
+        await run(manifest(3, tmp_path), settings(tmp_path), api=api)
+    monkeypatch.undo()
+    assert refused and api.created == []  # no intent on disk: no POST sent
+    assert isinstance(caught.value, BaseExceptionGroup)
+    first, _ = caught.value.split(LedgerError)
+    assert first is not None and "No space left on device" in repr(first)
+    assert not (tmp_path / "out" / "results.json").exists()  # it would claim more than the ledger
+    again = await run(manifest(3, tmp_path), settings(tmp_path), api=api)  # room again
+    assert again.exit_code == 0 and len(api.created) == 3
+
+
+@pytest.mark.parametrize("how", ["emptied", "deleted", "results_only", "videos_only"])
+async def test_a_lost_ledger_beside_finished_work_refuses_to_pay_again(
+    cdn: str, tmp_path: Path, how: str
+) -> None:
+    m = manifest(4, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    out = tmp_path / "out"
+    if how == "deleted":
+        (out / "ledger.jsonl").unlink()
+    else:
+        (out / "ledger.jsonl").write_bytes(b"")
+    if how == "results_only":
+        for video in out.glob("*.mp4"):
+            video.unlink()
+    if how == "videos_only":
+        (out / "results.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")}
+    with pytest.raises(LedgerError, match="empty or missing") as refused:
+        await run(m, settings(tmp_path), api=api)
+    assert len(api.created) == 4  # nothing sent
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.mp4")} == before
+    message = str(refused.value)
+    assert "Restore the ledger" in message and "--out" in message
+    if how != "videos_only":
+        assert "results.json records 4 submitted jobs" in message
+    if how != "results_only":
+        assert "4 videos (job0.mp4, job1.mp4, job2.mp4, ...)" in message
+
+
+async def test_a_video_the_ledger_does_not_know_is_kept_not_overwritten(
+    cdn: str, tmp_path: Path
+) -> None:
+    import hashlib
+
+    out = tmp_path / "out"
+    m = manifest(1, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)  # the ledger has records from now on
+    two = manifest(2, tmp_path)
+    foreign = b"\x00\x00\x00\x18ftypmp42 someone else's video"
+    (out / "job1.mp4").write_bytes(foreign)
+    tag = hashlib.sha256(foreign).hexdigest()[:8]
+    (out / f"job1@{tag}.mp4").write_bytes(b"kept earlier")  # never overwritten either
+    report = await run(two, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and len(api.created) == 2
+    assert (out / "job1.mp4").read_bytes() == MP4
+    assert (out / f"job1@{tag}-2.mp4").read_bytes() == foreign
+    assert (out / f"job1@{tag}.mp4").read_bytes() == b"kept earlier"

@@ -38,7 +38,15 @@ from .notify import check_url, payload, send
 from .outcome import run_extras
 from .progress import LiveProgress, LogProgress
 from .report import write_report
-from .runner import EXIT_CONFIG, EXIT_INTERRUPTED, EXIT_USAGE, RunReport, Snapshot, run
+from .runner import (
+    EXIT_CONFIG,
+    EXIT_INTERRUPTED,
+    EXIT_USAGE,
+    RunReport,
+    Snapshot,
+    run,
+    unrecorded_results,
+)
 from .scheduler import plan_jobs
 from .settings import RunSettings, Secret, resolve_settings
 from .summary import (
@@ -78,12 +86,21 @@ def _setup_logging(verbosity: int, log_format: LogFormat = "text") -> logging.Ha
 
 
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first of our own errors inside a task group's exception group, if there is one."""
-    for exc in group.exceptions:
-        found = _leaf(exc) if isinstance(exc, BaseExceptionGroup) else exc
-        if isinstance(found, VeobatchError):
-            return found
+    """The first of our own errors inside a task group's exception group, else the first OS
+    error (a disk that filled up), else the group itself."""
+    leaves = list(_leaves(group))
+    for kind in (VeobatchError, OSError):
+        for exc in leaves:
+            if isinstance(exc, kind):
+                return exc
     return group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def _guard(fn: Callable[[], T]) -> T:
@@ -105,6 +122,11 @@ def _guard(fn: Callable[[], T]) -> T:
     except VeobatchError as exc:
         click.echo(f"veobatch: {exc}", err=True)
         sys.exit(1)
+    except OSError as exc:  # the disk or the system, not the jobs: a person must look (exit 3)
+        log.debug("traceback of the error below", exc_info=exc)  # shown with -v
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"veobatch: system error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(EXIT_CONFIG)
 
 
 def _arun(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -204,7 +226,7 @@ def main() -> None:
     "--retry-failed",
     is_flag=True,
     default=None,
-    help="Submit again jobs that failed (invalid request, generation error).",
+    help="Submit again jobs that failed (invalid request, generation error, lost video).",
 )
 @click.option(
     "--resubmit-uncertain",
@@ -361,6 +383,8 @@ def plan_cmd(
     cli = {"retry_failed": retry_failed or None, "max_cost_usd": max_cost}
     s = _guard(lambda: resolve_settings(out, m.settings, cli, env={}))
     plans = plan_jobs(m.jobs, states, out, retry_failed=s.retry_failed)
+    if found := unrecorded_results(out, m.jobs, states):
+        click.echo(f"warning: no ledger records in {out}, but {found}: `run` refuses", err=True)
     columns = ("job", "model", "standing", "action", "why")
     _table(f"plan for {manifest} -> {out}", columns, plan_rows(plans))
     for line in plan_summary(plans, s.prices, s.max_cost_usd):

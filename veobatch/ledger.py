@@ -10,6 +10,7 @@ Pure core: :class:`JobState`, :func:`apply_record`, :func:`parse_journal`, :func
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -43,7 +44,8 @@ _ALLOWED_FROM: dict[str, frozenset[str]] = {
     # A later run may re-poll a timed-out job, or fetch a fresh URL for a lost file.
     "completed": frozenset({"submitted", "completed", "failed", "done"}),
     "done": frozenset({"completed"}),
-    "failed": frozenset({"submitting", "submitted", "completed", "uncertain", "failed"}),
+    # From "done": the file was lost and fetching it again failed (the video is gone).
+    "failed": frozenset({"submitting", "submitted", "completed", "uncertain", "failed", "done"}),
     "uncertain": frozenset({"submitting"}),
 }
 EVENTS = frozenset(_ALLOWED_FROM)
@@ -147,6 +149,10 @@ def _on_done(s: JobState, r: Mapping[str, Any]) -> None:
 
 
 def _on_failed(s: JobState, r: Mapping[str, Any]) -> None:
+    if s.status == "done":  # the ledger no longer vouches for a file it could not fetch again
+        s.file = s.sha256 = None
+        s.bytes = s.mtime_ns = None
+        s.video = s.flags = None
     s.status = "failed"  # the generation id is kept: a later run may poll it instead of paying
     s.error = ErrorInfo(str(r.get("kind", "unknown")), str(r.get("message", "")))
 
@@ -302,6 +308,7 @@ class Ledger:
         self._dir_changed = False  # renames in the directory to fsync before the next batch
         self._buf_lock = threading.Lock()  # held only to append or swap the buffer
         self._io_lock = threading.Lock()  # held while a batch is written
+        self._broken: LedgerError | None = None  # a batch failed: nothing more may be written
         self.recovered_tail: Path | None = None
 
     @classmethod
@@ -314,6 +321,13 @@ class Ledger:
     ) -> Ledger:
         """Recover a torn tail if there is one, replay the journal, and open it for appends."""
         path = directory / LEDGER_NAME
+        try:
+            return cls._open(path, clock, offload)
+        except OSError as exc:  # the one place the ledger's OS errors are translated on open
+            raise LedgerError(f"cannot open {path}: {exc.strerror or exc}") from exc
+
+    @classmethod
+    def _open(cls, path: Path, clock: Callable[[], float], offload: Offload) -> Ledger:
         data = path.read_bytes() if path.exists() else b""
         journal = parse_journal(data)
         states = replay(journal.records)
@@ -324,11 +338,10 @@ class Ledger:
             with open(path, "ab") as f:  # a whole last record whose newline was lost
                 f.write(b"\n")
                 os.fsync(f.fileno())
-        created = not data
-        ledger = cls(directory, states, clock=clock, offload=offload)
+        ledger = cls(path.parent, states, clock=clock, offload=offload)
         ledger.recovered_tail = kept
-        if created:
-            fsync_dir(directory)
+        if not data:
+            fsync_dir(path.parent)
         return ledger
 
     def state(self, job_id: str) -> JobState:
@@ -341,7 +354,12 @@ class Ledger:
             self._dir_changed = True
 
     async def record(self, ev: str, job_id: str, *, durable: bool = True, **data: Any) -> JobState:
-        """Apply and append one record; with ``durable``, wait until it is fsynced."""
+        """Apply and append one record; with ``durable``, wait until it is fsynced.
+
+        Raises :class:`LedgerError` once a write has failed: the caller must not act on a
+        record that is not on disk (an intent that is not there must not be followed by a POST).
+        """
+        self._check_usable()
         rec: dict[str, Any] = {"t": round(self._clock(), 3), "ev": ev, "job": job_id, **data}
         state = apply_record(self.states, rec)
         self.changed.add(job_id)
@@ -358,6 +376,7 @@ class Ledger:
         """Make every record up to ``upto`` (default: all so far) durable, batching writers."""
         target = self._seq if upto is None else upto
         while self._synced < target:
+            self._check_usable()  # a failed batch may have held this waiter's records
             if self._flushing is not None:
                 await self._flushing.wait()
                 continue
@@ -382,28 +401,71 @@ class Ledger:
                 lines, self._buf = self._buf, []
                 seq = self._seq
                 dir_changed, self._dir_changed = self._dir_changed, False
-            if dir_changed:
-                self._sync_dir()
-            if lines:
-                self._write(lines)
+            self._check_usable()
+            try:
+                if dir_changed:
+                    self._sync_dir()
+                if lines:
+                    self._write(lines)
+            except LedgerError as exc:
+                # The batch's records are applied in memory but not on disk, and its waiters
+                # cannot be told apart from later ones: stop the ledger for this run. The next
+                # run replays what did reach the disk (a lost intent means no POST was sent).
+                self._broken = exc
+                raise
             return seq
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise LedgerError(f"{self._broken.message}; no further records can be trusted")
 
     def _sync_dir(self) -> None:
         try:
             fsync_dir(self.directory)
         except OSError as exc:
-            raise LedgerError(f"cannot sync {self.directory}: {exc.strerror}") from exc
+            raise LedgerError(f"cannot sync {self.directory}: {exc.strerror or exc}") from exc
 
     def _write(self, lines: list[bytes]) -> None:
+        """Append every byte of the batch and fsync, or leave the file as it was.
+
+        os.write may write only part of a buffer (a nearly full disk, a signal). A partial
+        record left behind would be a torn tail, and the next successful append would turn it
+        into a damaged line in the middle of the journal, so on any failure the file is cut
+        back to where this batch started before the error is raised.
+        """
+        data = memoryview(b"".join(lines))
+        start = -1
         try:
-            os.write(self._fd, b"".join(lines))
+            start = os.fstat(self._fd).st_size
+            while data:
+                written = os.write(self._fd, data)
+                if written <= 0:  # never expected from a regular file, but never loop on it
+                    raise OSError(errno.EIO, "the disk accepted no bytes")
+                data = data[written:]
             os.fsync(self._fd)
         except OSError as exc:
-            raise LedgerError(f"cannot write {self.path}: {exc.strerror}") from exc
+            why = f"cannot write {self.path}: {exc.strerror or exc}"
+            raise LedgerError(why + self._cut_back(start)) from exc
+
+    def _cut_back(self, size: int) -> str:
+        """Truncate a failed batch away; returns what the error message should add."""
+        if size < 0:
+            return ""
+        try:
+            os.ftruncate(self._fd, size)
+            os.fsync(self._fd)
+        except OSError as exc:  # the next run cuts the partial record as a torn tail
+            return f" (and cutting the partial record failed: {exc.strerror or exc})"
+        return ""
+
+    @property
+    def broken(self) -> bool:
+        """A write failed: the journal holds less than memory, and nothing more is written."""
+        return self._broken is not None
 
     def flush_sync(self) -> None:
         """Write what is buffered without the event loop: for shutdown paths."""
-        if self._fd >= 0:
+        if self._fd >= 0 and self._broken is None:
             self._synced = max(self._synced, self._drain())
 
     def write_results(self, jobs: Iterable[Job]) -> None:
@@ -411,9 +473,11 @@ class Ledger:
 
     def close(self) -> None:
         if self._fd >= 0:
-            self.flush_sync()
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                self.flush_sync()
+            finally:
+                os.close(self._fd)
+                self._fd = -1
 
 
 class ResultsWriter:

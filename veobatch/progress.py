@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -227,16 +227,24 @@ class LiveProgress:
 
 
 class LogProgress:
-    """For cron: a summary line at most once per ``interval_s``, plus one at the end."""
+    """For cron: a summary line at most once per ``interval_s``, plus one at the end.
 
-    def __init__(self, interval_s: float = 60.0) -> None:
+    "The end" is the run's last snapshot (``Snapshot.final``), not every jobs-finished count:
+    failed jobs re-polled and done jobs re-fetched count as finished while work goes on, and
+    a line per 0.5 s tick would flood the log.
+    """
+
+    def __init__(
+        self, interval_s: float = 60.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._interval_s = interval_s
-        self._last = time.monotonic()
+        self._clock = clock
+        self._last = clock()
         self._throughput = Throughput()
 
     def __call__(self, s: Snapshot) -> None:
         view = progress_view(s, self._throughput)
-        now = time.monotonic()
-        if now - self._last >= self._interval_s or s.finished == s.total:
+        now = self._clock()
+        if now - self._last >= self._interval_s or s.final:
             self._last = now
             log.info("%s", progress_line(view))

@@ -8,6 +8,7 @@ reports back here, and every state change goes through the ledger before the nex
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,19 +28,20 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from .client import ApiClient, Created, Generation, HttpApiClient
 from .costs import Budget
-from .downloader import download, drop_part
+from .downloader import download, drop_part, final_name, sha256_file
 from .errors import (
     ApiError,
     AuthError,
     ConfigError,
     DownloadError,
+    LedgerError,
     NotFoundError,
     RedirectedError,
     UrlRejectedError,
 )
 from .fsutil import DirLock, DiskThreads, ensure_dir, fsync_dir
 from .jobs import Job, Manifest
-from .ledger import ErrorInfo, JobState, Ledger, ResultsWriter
+from .ledger import LEDGER_NAME, RESULTS_NAME, ErrorInfo, JobState, Ledger, ResultsWriter
 from .poller import Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .scheduler import (
@@ -59,6 +61,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
 MAX_URL_REFRESHES = 3
 SLOT_KINDS = frozenset({"timeout", "lost"})  # failed jobs whose generation may still be running
+REFETCH_FAILED = "refetch_failed"  # a done job's file is missing and cannot be fetched again
 RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its last rewrite
 
 
@@ -109,6 +112,7 @@ class Snapshot:
     submitted: int
     polls: int
     generating: int = 0  # of the "submitted" jobs, those the API reports as generating
+    final: bool = False  # the last snapshot of the run, taken when it has ended
 
     @property
     def finished(self) -> int:
@@ -141,6 +145,7 @@ class _Run:
         self.settled = anyio.Event()
         self.stop_submitting = False
         self.refreshes: dict[str, int] = {}
+        self.results_warned = False
         self.budget = Budget(self.settings.max_cost_usd, self.settings.prices)
         # No total: a large video may take long; a stalled read or connect still times out.
         self.download_timeout = aiohttp.ClientTimeout(
@@ -323,14 +328,16 @@ class _Run:
         out = self.settings.out_dir
         drop_part(out, job.id)
         st = self.ledger.state(job.id)
-        if st.status != "done" or not st.file or not st.key or st.key == job.key:
+        if st.status == "done" and st.file and st.key:  # submitted again: its request changed
+            old, tag, why = out / st.file, st.key[:8], "request changed"
+        else:  # a video this ledger does not vouch for (restored, copied in, altered): keep it
+            old, tag, why = out / final_name(job.id), None, "video not made by this ledger"
+        if not old.exists():
             return
-        old = out / st.file
-        if old.exists():
-            kept = out / f"{job.id}@{st.key[:8]}.mp4"  # '@' cannot appear in a job id
-            os.replace(old, kept)
-            fsync_dir(out)
-            log.info("request changed job=%s: previous video kept as %s", job.id, kept.name)
+        kept = kept_name(out, job.id, tag or sha256_file(old)[:8])
+        os.replace(old, kept)
+        fsync_dir(out)
+        log.info("%s job=%s: previous video kept as %s", why, job.id, kept.name)
 
     def _on_rate_limited(self) -> None:
         self._apply_limit(self.limit.on_rate_limited(self.clock()))
@@ -449,6 +456,15 @@ class _Run:
     async def _fail(self, job_id: str, kind: str, message: str) -> None:
         """Record the failure, free the job's slot if it holds one, and close it."""
         self._release(job_id)
+        st = self.ledger.state(job_id)
+        if st.status == "done":  # re-polled for a lost file, and the generation is gone too
+            kind, message = (
+                REFETCH_FAILED,
+                (
+                    f"the video file is gone and generation {st.generation_id} cannot be fetched "
+                    f"again ({kind}: {message}); --retry-failed generates it anew (a new charge)"
+                ),
+            )
         await self.ledger.record("failed", job_id, kind=kind, message=message)
         log.error("failed job=%s kind=%s: %s", job_id, kind, message)
         self._close(job_id)
@@ -542,10 +558,22 @@ class _Run:
             started = time.monotonic()
             # Rows encoded here, where the states live; joined and written in a worker thread.
             head, rows = results.encode_changed()
-            await anyio.to_thread.run_sync(results.write, head, rows)
+            try:
+                await anyio.to_thread.run_sync(results.write, head, rows)
+            except OSError as exc:  # a copy of the ledger: the run must not die for it
+                self._results_failed(exc)
             # A rewrite costs time in proportion to the jobs: keep it near 1% of the run.
             cost_s = time.monotonic() - started
             pause_s = max(self.settings.ledger_flush_interval_s, RESULTS_COST_FACTOR * cost_s)
+
+    def _results_failed(self, exc: OSError) -> None:
+        """Warn once: on a full disk every rewrite fails, and cron's log must not fill up too."""
+        if not self.results_warned:
+            self.results_warned = True
+            log.warning(
+                "cannot write results.json: %s; the ledger has every result, the run goes on",
+                exc.strerror or exc,
+            )
 
     async def _observe_loop(self, observer: Callable[[Snapshot], None]) -> None:
         started = self.clock()
@@ -616,6 +644,58 @@ class _Run:
 _IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED})
 
 
+def kept_name(out: Path, job_id: str, tag: str) -> Path:
+    """``<id>@<tag>.mp4``, numbered if taken: a kept video never replaces another one.
+    ('@' cannot appear in a job id, so it never collides with a job's own file.)"""
+    kept, n = out / f"{job_id}@{tag}.mp4", 1
+    while kept.exists():
+        n += 1
+        kept = out / f"{job_id}@{tag}-{n}.mp4"
+    return kept
+
+
+def unrecorded_results(out: Path, jobs: Iterable[Job], states: Mapping[str, JobState]) -> str:
+    """What an output directory holds of these jobs that its ledger does not know of, when
+    the ledger knows nothing at all (emptied, deleted); '' when nothing or the ledger has
+    records. A run then would pay for every job again and replace its video."""
+    if states:
+        return ""
+    ids = {job.id for job in jobs}
+    videos = sorted(jid for jid in ids if (out / final_name(jid)).exists())
+    generations = [
+        row
+        for row in _results_rows(out / RESULTS_NAME)
+        if row.get("id") in ids and (row.get("generation_id") or row.get("attempts"))
+    ]
+    found = []
+    if generations:
+        n = len(generations)
+        found.append(f"{RESULTS_NAME} records {n} submitted job{'s' * (n != 1)}")
+    if videos:
+        names = ", ".join(map(final_name, videos[:3])) + (", ..." if len(videos) > 3 else "")
+        found.append(f"{len(videos)} video{'s' * (len(videos) != 1)} ({names})")
+    return " and ".join(found)
+
+
+def _results_rows(path: Path) -> list[dict[str, Any]]:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8")).get("jobs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
+
+
+def _refuse_unrecorded(out: Path, manifest: Manifest, ledger: Ledger) -> None:
+    found = unrecorded_results(out, manifest.jobs, ledger.states)
+    if found:
+        raise LedgerError(
+            f"{out / LEDGER_NAME} is empty or missing, but {out} holds results of this "
+            f"manifest: {found}. A run would pay for those jobs again and replace their "
+            "videos. Restore the ledger from a backup, or use another --out; to start over "
+            "here on purpose, move results.json and the videos out of the directory first."
+        )
+
+
 def _cause(state: JobState) -> Cause:
     kind = state.error.kind if state.error else ""
     return "server_error" if kind == "server_error" else "no_answer"
@@ -679,8 +759,10 @@ class _Control:
             async for sig in signals:
                 if self.interrupted:
                     log.error("second signal: exiting now")
-                    self.ledger.flush_sync()
-                    os._exit(EXIT_INTERRUPTED)
+                    try:
+                        self.ledger.flush_sync()
+                    finally:  # even when the disk refuses the last batch: exit means exit
+                        os._exit(EXIT_INTERRUPTED)
                 self.interrupted = True
                 if self.run is not None:
                     self.run.stop_submitting = True
@@ -705,6 +787,12 @@ async def run(
     disk = DiskThreads()  # the ledger's writes and the videos' last write share its batches
     with DirLock(out):
         control = _Control(Ledger.open(out, offload=disk))
+        try:
+            _refuse_unrecorded(out, manifest, control.ledger)
+        except LedgerError:
+            control.ledger.close()
+            disk.close()
+            raise
         async with anyio.create_task_group() as outer:
             if handle_signals:
                 outer.start_soon(control.watch_signals)
@@ -714,10 +802,26 @@ async def run(
                 try:
                     disk.close()
                 finally:
-                    control.ledger.close()
-                    control.ledger.write_results(manifest.jobs)
-                    outer.cancel_scope.cancel()
+                    try:
+                        control.ledger.close()
+                        _final_results(control.ledger, manifest)
+                    finally:
+                        outer.cancel_scope.cancel()
         return replace(report, elapsed_s=time.monotonic() - started)
+
+
+def _final_results(ledger: Ledger, manifest: Manifest) -> None:
+    """The last results.json: a view of the ledger, so failing to write it fails nothing."""
+    if ledger.broken:  # memory is ahead of the journal: a view of it would claim too much
+        return
+    try:
+        ledger.write_results(manifest.jobs)
+    except OSError as exc:
+        log.error(
+            "cannot write %s: %s; the ledger holds every result (see `veobatch status`)",
+            ledger.directory / "results.json",
+            exc.strerror or exc,
+        )
 
 
 async def _run_locked(
@@ -743,5 +847,5 @@ async def _run_locked(
         with control.main:
             await r.execute(plans)
     if observer is not None:
-        observer(r.snapshot(time.monotonic() - started))
+        observer(replace(r.snapshot(time.monotonic() - started), final=True))
     return r.report(time.monotonic() - started, interrupted=control.interrupted)
