@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,34 @@ def test_missing_files_and_folders_say_where_they_were_looked_for(tmp_path: Path
 )
 def test_what_counts_as_a_local_reference(value: str, local: bool) -> None:
     assert is_local_reference(value) is local
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A structurally valid 1-bit PNG of any size, without the memory its pixels would take
+    (verify() checks chunks and checksums, never the pixel data)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body).to_bytes(4, "big")
+        return len(body).to_bytes(4, "big") + kind + body + crc
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    idat = zlib.compress(bytes(16))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("size", "error"),
+    [
+        ((10_000, 9_500), None),  # above Pillow's own warning limit, below MAX_PIXELS
+        ((11_000, 10_000), "'big.png' is 11000x10000, too many pixels for an input image"),
+        ((20_000, 10_000), "'big.png' has 200,000,000 pixels, too many pixels for an input image"),
+    ],
+)
+def test_pixel_counts_are_judged_by_our_limit_not_pillows(
+    size: tuple[int, int], error: str | None
+) -> None:
+    assert size[0] * size[1] > Image.MAX_IMAGE_PIXELS  # Pillow would call it a bomb
+    check = inspect_image(png_header_only(*size), "'big.png'")
+    assert check.error == error
+    if error is None:
+        assert check.image is not None and (check.image.width, check.image.height) == size

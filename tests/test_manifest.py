@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ast
+import base64
+import io
 import re
 import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from veobatch import manifest_checks
 from veobatch.catalogue import MODELS
@@ -27,6 +30,15 @@ FLF = "google/veo-3.1-first-last-image-to-video"
 R2V = "google/veo-3.1-reference-to-video"
 IMG = "https://a.example/1.png"
 IMG2 = "https://a.example/2.png"
+
+
+def data_uri(fmt: str = "PNG", mime: str = "image/png", size: tuple[int, int] = (1280, 720)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (9, 9, 9)).save(buf, format=fmt)
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+PNG_URI = data_uri()
 
 
 def doc(*lines: str) -> str:
@@ -904,8 +916,8 @@ GOOD_REQUESTS = [
         id="bool-capitalised",
     ),
     pytest.param(
-        i2v("data:image/png;base64,iVBORw0KGgo="),
-        {"model": I2V, "prompt": "a cat", "image_url": "data:image/png;base64,iVBORw0KGgo="},
+        i2v(PNG_URI),
+        {"model": I2V, "prompt": "a cat", "image_url": PNG_URI},
         id="data-uri",
     ),
     pytest.param(
@@ -1200,12 +1212,12 @@ def test_plain_http_image_is_a_warning() -> None:
 def test_data_uri_size_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     assert manifest_checks.DATA_URI_WARN_BYTES == 7_000_000
     assert manifest_checks.DATA_URI_MAX_BYTES == 20_000_000
-    monkeypatch.setattr(manifest_checks, "DATA_URI_WARN_BYTES", 100)
-    monkeypatch.setattr(manifest_checks, "DATA_URI_MAX_BYTES", 200)
-    prefix = "data:image/png;base64,"
-    (warning,) = parse_manifest(i2v(prefix + "A" * 120)).warnings
+    monkeypatch.setattr(manifest_checks, "DATA_URI_WARN_BYTES", len(PNG_URI) - 1)
+    monkeypatch.setattr(manifest_checks, "DATA_URI_MAX_BYTES", len(PNG_URI) + 1)
+    (warning,) = parse_manifest(i2v(PNG_URI)).warnings
     assert "inline images above a few MB are reported to fail" in warning.message
-    (problem,) = problems_of(i2v(prefix + "A" * 240))
+    monkeypatch.setattr(manifest_checks, "DATA_URI_MAX_BYTES", len(PNG_URI) - 1)
+    (problem,) = problems_of(i2v(PNG_URI))
     assert where(problem) == (5, 16, "#1", "image_url")
     assert "above the 0 MB limit" in problem.message
 
@@ -1378,3 +1390,158 @@ def test_demo_manifest_loads_cleanly() -> None:
         assert job.duration_s == (4 if accepts_4 else 8)
     fast = next(j for j in manifest.jobs if j.model == T2V_FAST)
     assert {"seed", "negative_prompt"} <= set(fast.request)
+
+
+# --- text the parser reads differently from an editor -------------------------------------
+
+
+def test_surrogate_pair_escapes_become_the_character() -> None:
+    text = job_doc(f"model: {T2V}", 'prompt: "A cat \\ud83d\\ude00 smiles"', "id: cat")
+    (job,) = parse_manifest(text).jobs
+    assert job.request["prompt"] == "A cat \U0001f600 smiles"
+    assert len(job.key) == 64  # hashing used to fail on the two lone halves
+
+
+@pytest.mark.parametrize(
+    ("fields", "line", "column", "field"),
+    [
+        ((f"model: {T2V}", 'prompt: "a \\udc80 b"'), 4, 13, "prompt"),
+        ((f"model: {T2V}", 'prompt: "a \\ud83d b"', "id: x"), 4, 13, "prompt"),
+        ((f"model: {T2V}", "prompt: a", 'id: "x\\ud800"'), 5, 9, "id"),
+        ((f"model: {T2V}", "prompt: a", '"seed\\udc00": 1'), 5, 5, "seed\ufffd"),
+    ],
+    ids=["prompt-no-id", "prompt-with-id", "id", "key"],
+)
+def test_an_unpaired_surrogate_is_one_located_problem(
+    fields: tuple[str, ...], line: int, column: int, field: str
+) -> None:
+    (problem,) = problems_of(job_doc(*fields))
+    assert (problem.line, problem.column, problem.field) == (line, column, field)
+    assert "half of a UTF-16 surrogate pair" in problem.message
+    str(problem).encode("utf-8")  # printable as it stands
+
+
+@pytest.mark.parametrize("odd", ["\u2028", "\u2029", "\x85"])
+def test_problems_after_an_odd_line_break_name_the_editors_line(odd: str) -> None:
+    text = job_doc(f"model: {T2V}", f'prompt: "first{odd}second"', "duration: 5")
+    (problem,) = problems_of(text)
+    assert where(problem) == (5, 15, "#1", "duration")
+    text = job_doc(f"model: {T2V}", f"prompt: plain{odd}text here", "id: c")
+    (problem,) = problems_of(text)
+    assert problem.line == 5 and problem.field == "id"  # the line 'id: c' is on
+
+
+# --- zero jobs -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("version: 1\njobs_from: []\n", 2, "there is no 'jobs' list"),
+        ("version: 1\njobs: []\njobs_from: []\n", 3, "'jobs' is empty"),
+    ],
+)
+def test_a_manifest_without_any_job_is_an_error(text: str, line: int, words: str) -> None:
+    (problem,) = problems_of(text)
+    assert (problem.file, problem.line, problem.field) == ("m.yaml", line, "jobs_from")
+    assert "the manifest has no jobs" in problem.message and words in problem.message
+
+
+# --- duplicate ids beside other problems ---------------------------------------------------
+
+
+def test_duplicate_ids_are_reported_with_the_jobs_other_problems() -> None:
+    text = doc(
+        "version: 1",
+        "jobs:",
+        f"  - {{id: a, model: {T2V}, prompt: hi, duration: 5}}",
+        f"  - {{id: a, model: {T2V}, prompt: hi2}}",
+        f"  - {{id: b, model: {T2V}, prompt: hi, bogus: 1}}",
+        "  - {id: b, model: nope, prompt: hi}",
+        f"  - {{id: m, model: {T2V}, prompt: hi, matrix: {{duration: [4, 5]}}}}",
+        f"  - {{id: m-4, model: {T2V}, prompt: hi, variants: 2, seed: x}}",
+        f"  - {{id: m-4-2, model: {T2V}, prompt: hi}}",
+    )
+    found = {(p.line, p.message.split(" (")[0]) for p in problems_of(text)}
+    assert {
+        (4, "duplicate id 'a'"),
+        (6, "duplicate id 'b'"),
+        (9, "duplicate id 'm-4-2'"),
+    } <= found
+    assert (3, "expected one of 4, 6, 8, got 5") in found
+
+
+def test_a_job_repeated_by_an_alias_is_located_at_the_alias() -> None:
+    text = doc(
+        "version: 1",
+        "jobs:",
+        "  - &j",
+        "    id: c",
+        f"    model: {T2V}",
+        "    prompt: hi",
+        "  - *j",
+    )
+    (problem,) = problems_of(text)
+    assert where(problem) == (7, 3, "'c'", "id")
+    assert problem.message == "duplicate id 'c' (lines 4 and 7)"
+
+
+# --- data: URIs are images too -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "words"),
+    [
+        (
+            "data:image/png;base64,aGVsbG8=",
+            "the inline image is not an image: its bytes look like text",
+        ),
+        (
+            data_uri("GIF", "image/gif"),
+            "the inline image is a GIF image; the API takes JPEG, PNG, WEBP",
+        ),
+        ("data:image/svg+xml;base64,PHN2Zy8+", "the inline image is not an image"),
+        (data_uri("JPEG", "image/png"), "says image/png, but its bytes are image/jpeg"),
+        (data_uri("PNG", "image/jpg"), "says image/jpg, but its bytes are image/png"),
+        ("data:image/png;base64,AA=A", "does not carry valid base64 data"),
+        ("data:image/png;base64,", "does not carry valid base64 data"),
+    ],
+    ids=["text", "gif", "svg", "mismatch", "jpg-alias", "padding", "empty"],
+)
+def test_data_uris_are_judged_by_their_bytes(uri: str, words: str) -> None:
+    (problem,) = problems_of(i2v(f"'{uri}'"))
+    assert where(problem) == (5, 16, "#1", "image_url")
+    assert words in problem.message
+
+
+@pytest.mark.parametrize(("fmt", "mime"), [("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+def test_data_uris_of_the_apis_formats_are_sent_as_written(fmt: str, mime: str) -> None:
+    uri = data_uri(fmt, mime.upper())
+    (job,) = parse_manifest(i2v(uri)).jobs
+    assert job.request["image_url"] == uri
+
+
+def test_a_data_uri_is_decoded_once_and_warned_about_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    small = data_uri(size=(320, 180))
+    decoded: list[int] = []
+    real = base64.b64decode
+
+    def counting(data: str, validate: bool = False) -> bytes:
+        decoded.append(len(data))
+        return real(data, validate=validate)
+
+    monkeypatch.setattr(manifest_checks.base64, "b64decode", counting)
+    text = doc(
+        "version: 1",
+        f"defaults: {{model: {I2V}}}",
+        "jobs:",
+        f"  - {{prompt: a, image_url: &img '{small}'}}",
+        "  - {prompt: b, image_url: *img}",
+        f"  - {{prompt: c, image_url: '{small}'}}",
+    )
+    manifest = parse_manifest(text)
+    assert len(manifest.jobs) == 3 and len(decoded) == 1
+    (warning,) = manifest.warnings
+    assert "the inline image is 320x180, smaller than 720p" in warning.message

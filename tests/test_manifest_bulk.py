@@ -353,3 +353,60 @@ def test_plan_categories(tmp_path: Path) -> None:
         "failed",
         "new",
     ]
+
+
+# --- scale and odd text in tables ----------------------------------------------------------
+
+
+def test_recording_a_problem_does_not_scan_the_ones_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """50,000 jobs with one error each took minutes: each new problem was compared with all
+    the earlier ones. Count the comparisons rather than time them."""
+    n = 2000
+    compared = 0
+    real_eq = Problem.__eq__
+
+    def counting_eq(self: Problem, other: object) -> bool:
+        nonlocal compared
+        compared += 1
+        return real_eq(self, other)
+
+    monkeypatch.setattr(Problem, "__eq__", counting_eq)
+    jobs = "".join(
+        f"  - {{id: j{i}, prompt: p{i}, duration: 5, image_url: 'http://a.example/{i}.png'}}\n"
+        for i in range(n)
+    )
+    found = problems(write(tmp_path, f"version: 1\ndefaults: {{model: {I2V}}}\njobs:\n{jobs}"))
+    assert len(found) == n
+    assert compared < n  # was about n * n / 2 (for the errors, and again for the warnings)
+
+
+def test_jsonl_surrogates_and_line_separators(tmp_path: Path) -> None:
+    rows = [
+        '{"id": "a", "prompt": "cat \\ud83d\\ude00"}',
+        '{"id": "b", "prompt": "line\u2028separator"}',
+        '{"id": "c", "prompt": "x \\udc80"}',
+        '{"id": "d", "prompt": "ok", "duration": 5}',
+    ]
+    (tmp_path / "p.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    text = f"version: 1\ndefaults: {{model: {T2V}}}\njobs_from: p.jsonl\n"
+    found = problems(write(tmp_path, text))
+    assert [located(p) for p in found] == [
+        ("p.jsonl", 3, "'c'", "prompt"),
+        ("p.jsonl", 4, "'d'", "duration"),
+    ]
+    assert "\\udc80 is half of a UTF-16 surrogate pair" in found[0].message
+    (tmp_path / "p.jsonl").write_text("\n".join(rows[:2]) + "\n", encoding="utf-8")
+    jobs = load_manifest(tmp_path / "m.yaml").jobs
+    assert [j.request["prompt"] for j in jobs] == ["cat \U0001f600", "line\u2028separator"]
+
+
+def test_a_csv_json_list_with_an_unpaired_surrogate(tmp_path: Path) -> None:
+    (tmp_path / "p.csv").write_text(
+        'id,prompt,image_urls\nr,a,"[""https://x/\\ud800.png""]"\n', encoding="utf-8"
+    )
+    text = f"version: 1\ndefaults: {{model: {R2V}}}\njobs_from: p.csv\n"
+    (problem,) = problems(write(tmp_path, text))
+    assert located(problem) == ("p.csv", 2, "'r'", "image_urls")
+    assert "surrogate" in problem.message

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -79,50 +80,75 @@ def _what_is_it(head: bytes) -> str:
     return "text, not an image"
 
 
-def inspect_image(data: bytes, shown: str) -> ImageCheck:
-    """Pure: judge a file's bytes; ``shown`` is how messages name it."""
-    size = len(data)
-    problem = size_problem(size, shown)
+@dataclass(frozen=True)
+class Picture:
+    """What an image's bytes turned out to be."""
+
+    mime: str
+    width: int
+    height: int
+
+
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def read_picture(data: bytes, shown: str) -> tuple[Picture | None, str | None, str | None]:
+    """Pure: judge an image's bytes: (what it is, error, warning); ``shown`` names it."""
+    problem = size_problem(len(data), shown)
     if problem is not None:
-        return ImageCheck(None, problem)
+        return None, problem, None
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Pillow's own pixel limit trips before MAX_PIXELS; verify() decodes no pixels.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt, (width, height) = img.format or "", img.size
                 img.verify()  # structure and checksums, without decoding every pixel
-    except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError):
-        return ImageCheck(
-            None, f"{shown} is not an image: its bytes look like {_what_is_it(data[:16])}"
-        )
+    except Image.DecompressionBombError as exc:  # twice Pillow's limit, above MAX_PIXELS
+        found = _BOMB_PIXELS.search(str(exc))
+        count = f"{int(found[1]):,} pixels" if found else "so many pixels"
+        return None, f"{shown} has {count}, too many pixels for an input image", None
+    except UnidentifiedImageError:
+        return None, f"{shown} is not an image: its bytes look like {_what_is_it(data[:16])}", None
     except (OSError, SyntaxError, ValueError) as exc:
-        return ImageCheck(None, f"{shown} is a damaged or truncated image ({exc})")
+        return None, f"{shown} is a damaged or truncated image ({exc})", None
     mime = MIME_BY_FORMAT.get(fmt)
     if mime is None:
         taken = ", ".join(MIME_BY_FORMAT)
-        return ImageCheck(None, f"{shown} is a {fmt or 'unknown'} image; the API takes {taken}")
+        return None, f"{shown} is a {fmt or 'unknown'} image; the API takes {taken}", None
     if width * height > MAX_PIXELS:
-        return ImageCheck(None, f"{shown} is {width}x{height}, too many pixels for an input image")
-    warning = None
+        return None, f"{shown} is {width}x{height}, too many pixels for an input image", None
+    return Picture(mime, width, height), None, _warning(shown, width, height, len(data))
+
+
+def _warning(shown: str, width: int, height: int, size: int) -> str | None:
     if min(width, height) < MIN_SHORT_SIDE:
-        warning = (
+        return (
             f"{shown} is {width}x{height}, smaller than 720p: the API asks for 720p or larger "
             "input images, and small ones give softer videos"
         )
-    elif size > WARN_FILE_BYTES:
-        warning = (
+    if size > WARN_FILE_BYTES:
+        return (
             f"{shown} is {size / 1e6:.1f} MB ({size * 4 / 3e6:.1f} MB inline): inline images "
             "above a few MB are reported to fail; consider a smaller file or an https URL"
         )
+    return None
+
+
+def inspect_image(data: bytes, shown: str) -> ImageCheck:
+    """Pure: judge a file's bytes; ``shown`` is how messages name it."""
+    picture, error, warning = read_picture(data, shown)
+    if picture is None:
+        return ImageCheck(None, error)
     encoded = base64.b64encode(data).decode("ascii")
     image = LocalImage(
         path=Path(shown),
-        data_uri=f"data:{mime};base64,{encoded}",
+        data_uri=f"data:{picture.mime};base64,{encoded}",
         sha256=hashlib.sha256(data).hexdigest(),
-        mime=mime,
-        width=width,
-        height=height,
-        size=size,
+        mime=picture.mime,
+        width=picture.width,
+        height=picture.height,
+        size=len(data),
     )
     return ImageCheck(image, None, warning)
 

@@ -37,7 +37,7 @@ from .manifest_checks import (
     variants_value,
 )
 from .tables import TABLE_SUFFIXES, read_table
-from .yamlpos import Document, YamlSyntaxError, compose
+from .yamlpos import Document, Pos, YamlSyntaxError, compose, editor_lines
 from .yamlpos import Path as KeyPath
 
 __all__ = ["load_manifest", "parse_manifest"]
@@ -102,7 +102,7 @@ def _key_on_line(text: str, line: int | None) -> str | None:
     """The key a syntax error's line starts with, so even bad YAML names a field."""
     if line is None:
         return None
-    lines = text.splitlines()
+    lines = editor_lines(text)
     match = _KEY_AT_START.match(lines[line - 1]) if 0 < line <= len(lines) else None
     return match[1] if match else None
 
@@ -118,10 +118,13 @@ class _Built:
     line: int
     id: str  # the final id: written, suffixed, or derived from the request
     written_id: str | None
-    id_line: int
+    id_pos: Pos  # where its id is written, or the job itself for a derived or shared id
     request: dict[str, Any]
     identity: dict[str, Any]
     report: Report
+    # Only its id is known (the job has an error): still checked against the others' ids, so
+    # a duplicate is reported along with the job's other problems.
+    placeholder: bool = False
 
 
 def _job_labels(data: Any) -> dict[int, str]:
@@ -157,6 +160,10 @@ def variant_seed(base_id: str, n: int) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
+def variant_ids(base_id: str, count: int) -> list[str]:
+    return [base_id] if count == 1 else [f"{base_id}-{n}" for n in range(1, count + 1)]
+
+
 def expand_variants(
     base_id: str, body: dict[str, Any], identity: dict[str, Any], model: ModelSpec, count: int
 ) -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
@@ -171,7 +178,7 @@ def expand_variants(
     if count == 1:
         return [(base_id, body, identity)]
     out = []
-    for n in range(1, count + 1):
+    for n, one_id in enumerate(variant_ids(base_id, count), start=1):
         one_body, one_identity = dict(body), dict(identity)
         if "seed" in model.fields:
             written = body.get("seed")
@@ -180,7 +187,7 @@ def expand_variants(
             else:
                 seed = variant_seed(base_id, n)
             one_body["seed"] = one_identity["seed"] = seed
-        out.append((f"{base_id}-{n}", one_body, one_identity))
+        out.append((one_id, one_body, one_identity))
     return out
 
 
@@ -232,7 +239,7 @@ class _Validator:
         errors = [p for r in reports for p in r.errors]
         if errors:
             raise ManifestError(self._sorted(errors))
-        jobs = tuple(self._job(b) for b in built)
+        jobs = tuple(self._job(b) for b in built if not b.placeholder)
         warnings = [p for r in reports for p in r.warnings]
         return Manifest(path, jobs, settings, tuple(self._sorted(warnings)))
 
@@ -402,6 +409,13 @@ class _Validator:
             for report, rows in self._tables(top["jobs_from"]):
                 for i, item in enumerate(rows):
                     built.extend(self._one_job(report, i, item, defaults))
+            if top["jobs_from"] == [] and not raw:
+                inline = "'jobs' is empty" if "jobs" in top else "there is no 'jobs' list"
+                message = (
+                    f"the manifest has no jobs: 'jobs_from' names no file and {inline}; add "
+                    "jobs, or name a .csv or .jsonl file"
+                )
+                self.report.error(("jobs_from",), message)
         return built
 
     def _tables(self, raw: Any) -> list[tuple[Report, list[dict[str, Any]]]]:
@@ -429,7 +443,9 @@ class _Validator:
                 continue
             table = read_table(text, shown)
             report = Report(shown, table.source, _row_labels(table.rows), images=self.images)
-            report.errors.extend(table.problems)
+            report.add_errors(table.problems)
+            for issue in table.issues:
+                report.error(issue.path, issue.message, pos=issue.pos)
             self.tables.append(report)
             if not table.rows and not table.problems:
                 self.report.error(at, f"{name!r} has no rows: each row of it is one job")
@@ -448,7 +464,7 @@ class _Validator:
         fields_ok = self._unknown_fields(report, item, path)
         variants = self._variants(report, item, path, defaults)
         combos = self._matrix(report, item, path)
-        id_line = report.source.value((*path, "id")).line if job_id else line
+        id_pos = self._id_pos(report, path) if job_id else report.source.item(path)
         ok = id_ok and fields_ok and combos is not None
         built: list[_Built] = []
         for combo in combos or [{}]:
@@ -457,20 +473,34 @@ class _Validator:
             for name, (value, at) in combo.items():
                 fields[name], where[name] = value, at
             model = self._job_model(report, fields, path, where, defaults)
-            if model is None:
+            request = None
+            if model is not None:
+                request = self._request(report, fields, path, where, model, defaults)
+            if model is None or request is None or variants is None or not ok:
+                # What is wrong is reported; nothing to build, but a written id still counts.
+                if job_id is not None and combos is not None and variants is not None:
+                    ids = variant_ids(self._combo_id(job_id, combo, {}), variants)
+                    built.extend(
+                        _Built(index, line, i, job_id, id_pos, {}, {}, report, placeholder=True)
+                        for i in ids
+                    )
                 continue
-            request = self._request(report, fields, path, where, model, defaults)
-            if request is None or variants is None or not ok:
-                continue  # what is wrong is reported; nothing to build
             body, identity = request
             base = self._combo_id(job_id, combo, identity)
             for one_id, one_body, one_identity in expand_variants(
                 base, body, identity, model, variants
             ):
                 built.append(
-                    _Built(index, line, one_id, job_id, id_line, one_body, one_identity, report)
+                    _Built(index, line, one_id, job_id, id_pos, one_body, one_identity, report)
                 )
         return built
+
+    @staticmethod
+    def _id_pos(report: Report, path: KeyPath) -> Pos:
+        """Where a job's id is written; the job's own dash when the id was written before the
+        job itself (an alias ``- *job`` or a merged ``<<: *base``), not the shared text."""
+        written, item = report.source.value((*path, "id")), report.source.item(path)
+        return written if written >= item else item
 
     def _combo_id(
         self, job_id: str | None, combo: dict[str, tuple[Any, KeyPath]], identity: dict[str, Any]
@@ -563,6 +593,8 @@ class _Validator:
         if "id" not in item:
             return None, True
         id_path = (*path, "id")
+        if id_path in report.source.bad:  # already reported (an unreadable escape, a bad tag)
+            return None, False
         problem = id_problem(item["id"], report.source.plain.get(id_path))
         if problem is not None:
             report.error(id_path, problem)
@@ -686,9 +718,9 @@ class _Validator:
             )
             report.error(path, message, at="item")
             return
-        lines = f"lines {first.id_line} and {second.id_line}"
+        lines = f"lines {first.id_pos.line} and {second.id_pos.line}"
         if not same_file:
-            lines = f"{first.report.file}:{first.id_line} and line {second.id_line}"
+            lines = f"{first.report.file}:{first.id_pos.line} and line {second.id_pos.line}"
         if first.id == second.id:
             message = f"duplicate id {second.id!r} ({lines})"
         else:
@@ -699,4 +731,4 @@ class _Validator:
         if second.written_id is None:
             report.error(path, message + "; this job's id is derived from its content", at="item")
         else:
-            report.error((*path, "id"), message)
+            report.error((*path, "id"), message, pos=second.id_pos)

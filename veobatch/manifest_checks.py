@@ -7,6 +7,7 @@ is wrong in terms a user recognises), while the manifest module walks the docume
 
 from __future__ import annotations
 
+import base64
 import re
 from datetime import date
 from difflib import get_close_matches
@@ -15,7 +16,7 @@ from urllib.parse import urlsplit
 
 from .catalogue import ALL_FIELDS, MODELS, FieldSpec, ModelSpec
 from .errors import Problem
-from .images import ImageStore, is_local_reference
+from .images import ImageStore, is_local_reference, read_picture
 from .jobs import request_key
 from .yamlpos import Path as KeyPath
 from .yamlpos import Pos, SourceMap
@@ -28,8 +29,7 @@ _ID_CHAR = re.compile(r"[A-Za-z0-9._-]")
 # No size limit is published; users report inline images failing above a few MB.
 DATA_URI_WARN_BYTES = 7_000_000
 DATA_URI_MAX_BYTES = 20_000_000
-_DATA_URI = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.IGNORECASE)
-_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+_DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,", re.IGNORECASE)
 IMAGE_EXPECTED = "an https:// image URL, a data:image/...;base64,... URI or a local image file"
 
 # Names people reach for that difflib alone would match to the wrong model.
@@ -186,15 +186,25 @@ def _data_uri_problem(value: str) -> tuple[str | None, str | None]:
             "inline images above a few MB are reported to fail; host it and use an https URL",
             None,
         )
-    payload = value[head.end() :]
-    if not payload or len(payload) % 4 or _BASE64.fullmatch(payload) is None:
+    try:  # strictly: only the base64 alphabet, padded; decoded once, however large
+        data = base64.b64decode(value[head.end() :], validate=True)
+    except ValueError:  # binascii.Error, or text that is not ASCII
+        data = b""
+    if not data:
         return "the data: URI does not carry valid base64 data", None
+    # Judged as a local file would be: JPEG, PNG or WebP, sane pixel counts.
+    picture, error, warning = read_picture(data, "the inline image")
+    if picture is None:
+        return error, None
+    if head[1].lower() != picture.mime:
+        message = f"the data: URI says {head[1]}, but its bytes are {picture.mime}"
+        return f"{message}; write data:{picture.mime};base64,...", None
     if len(value) > DATA_URI_WARN_BYTES:
         return None, (
             f"the inline image is {size_mb:.1f} MB: inline images above a few MB are reported "
             "to fail; consider hosting it and using an https URL"
         )
-    return None, None
+    return None, warning
 
 
 def model_problem(value: Any) -> str | None:
@@ -289,8 +299,11 @@ class Report:
         self.labels = labels
         self.images = images
         self._warned_images: set[str] = set()
+        self._inline: dict[str, tuple[str | None, str | None]] = {}  # data: URI -> verdict
         self.errors: list[Problem] = []
         self.warnings: list[Problem] = []
+        # Beside each list, for the duplicate test: a list scan made 50,000 problems quadratic.
+        self._recorded: dict[int, set[Problem]] = {id(self.errors): set(), id(self.warnings): set()}
 
     def error(
         self, path: KeyPath, message: str, *, at: At = "value", pos: Pos | None = None
@@ -301,6 +314,11 @@ class Report:
         self, path: KeyPath, message: str, *, at: At = "value", pos: Pos | None = None
     ) -> None:
         self._add(self.warnings, path, message, at, pos)
+
+    def add_errors(self, problems: list[Problem]) -> None:
+        """Problems already located (a table's own: unreadable lines, bad headers)."""
+        for problem in problems:
+            self._record(self.errors, problem)
 
     def unknown(self, path: KeyPath, what: str, choices: tuple[str, ...], tail: str) -> None:
         """An unknown key, reported at the key with the closest valid name when one is close."""
@@ -320,8 +338,12 @@ class Report:
         if len(path) >= 2 and path[0] == "jobs" and isinstance(path[1], int):
             job = self.labels.get(path[1], f"#{path[1] + 1}")
             field = ".".join(str(p) for p in path[2:]) or None
-        problem = Problem(self.file, message, where.line, where.column, job, field)
-        if problem not in bucket:
+        self._record(bucket, Problem(self.file, message, where.line, where.column, job, field))
+
+    def _record(self, bucket: list[Problem], problem: Problem) -> None:
+        seen = self._recorded[id(bucket)]
+        if problem not in seen:
+            seen.add(problem)
             bucket.append(problem)
 
     def field(self, spec: FieldSpec, value: Any, path: KeyPath, context: str = "") -> bool:
@@ -345,10 +367,25 @@ class Report:
             return False
         if value.strip() and is_local_reference(value):
             return self._local_image(value, path)
+        if value[:5].lower() == "data:":
+            return self._inline_image(value, path, context)
         error, warning = image_problem(value)
         if error is not None:
             self.error(path, error + context)
         if warning is not None:
+            self.warn(path, warning)
+        return error is None
+
+    def _inline_image(self, value: str, path: KeyPath, context: str) -> bool:
+        """A data: URI, decoded and judged once however many jobs share it."""
+        verdict = self._inline.get(value)
+        first = verdict is None
+        if verdict is None:
+            verdict = self._inline[value] = image_problem(value)
+        error, warning = verdict
+        if error is not None:
+            self.error(path, error + context)
+        if warning is not None and first:
             self.warn(path, warning)
         return error is None
 

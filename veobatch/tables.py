@@ -12,14 +12,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .catalogue import MODELS
 from .errors import Problem
+from .yamlpos import Issue, Pos, SourceMap, editor_lines, join_surrogates, surrogate_message
 from .yamlpos import Path as KeyPath
-from .yamlpos import Pos, SourceMap
 
 TABLE_SUFFIXES = (".csv", ".jsonl")
 # A name's type is the same in every model that has it (checked by tests).
@@ -28,6 +29,7 @@ FIELD_TYPES: dict[str, str] = {
 }
 _TRUE = ("true", "yes", "y", "1")
 _FALSE = ("false", "no", "n", "0")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON's only way to write a surrogate
 
 
 @dataclass
@@ -38,6 +40,7 @@ class Table:
     rows: list[dict[str, Any]] = field(default_factory=list)
     source: SourceMap = field(default_factory=SourceMap)
     problems: list[Problem] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)  # problems of a row's value, by path
 
 
 def read_table(text: str, file: str) -> Table:
@@ -86,7 +89,7 @@ def _cell_columns(line: str) -> list[int]:
 
 def _records(text: str) -> Iterator[tuple[int, list[str], list[int] | None]]:
     """(first line, cells, cell columns when the record is on one line) per CSV record."""
-    lines = text.splitlines()
+    lines = editor_lines(text)
     reader = csv.reader(io.StringIO(text))
     previous_end = 0
     for cells in reader:
@@ -153,14 +156,39 @@ def _csv_row(
         row[name] = convert_cell(name, cells[i])
         col = columns[i] if columns and i < len(columns) else 1
         table.source.values[(*path, name)] = Pos(line, col)
+        if isinstance(row[name], list) and _SURROGATE_ESCAPE.search(cells[i]):  # a JSON array
+            row[name] = _checked_text(table, path, name, row[name], Pos(line, col))
         key_col = header_columns[i] if header_columns and i < len(header_columns) else 1
         table.source.keys[(*path, name)] = Pos(header_line, key_col)
     table.rows.append(row)
 
 
+def _checked_text(table: Table, path: KeyPath, name: str, value: Any, pos: Pos) -> Any:
+    """``value`` with surrogate pairs joined; an unpaired surrogate is reported at ``pos``."""
+    clean, lone = _join_all(value)
+    if lone is not None:
+        table.issues.append(Issue((*path, name), pos, surrogate_message(lone)))
+        table.source.bad.add((*path, name))
+    return clean
+
+
+def _join_all(value: Any) -> tuple[Any, int | None]:
+    """JSON data with surrogate pairs joined in every string, and the first unpaired one."""
+    if isinstance(value, str):
+        return join_surrogates(value)
+    if isinstance(value, list):
+        items = [_join_all(v) for v in value]
+        return [v for v, _ in items], next((c for _, c in items if c is not None), None)
+    if isinstance(value, dict):
+        entries = [(_join_all(k), _join_all(v)) for k, v in value.items()]
+        lone = next((c for kc, vc in entries for _, c in (kc, vc) if c is not None), None)
+        return {k: v for (k, _), (v, _) in entries}, lone
+    return value, None
+
+
 def _read_jsonl(text: str, file: str) -> Table:
     table = Table(file)
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(editor_lines(text), start=1):
         if not raw.strip():
             continue
         try:
@@ -173,6 +201,8 @@ def _read_jsonl(text: str, file: str) -> Table:
             message = f"expected a JSON object per line (one job), got {type(row).__name__}"
             table.problems.append(Problem(table.file, message, number, 1))
             continue
+        if _SURROGATE_ESCAPE.search(raw):
+            row = _checked_row(table, number, raw, row)
         path: KeyPath = ("jobs", len(table.rows))
         table.source.items[path] = Pos(number, 1)
         table.source.values[path] = Pos(number, 1)
@@ -185,3 +215,17 @@ def _read_jsonl(text: str, file: str) -> Table:
                     table.source.values[(*path, name, i)] = Pos(number, key_col)
         table.rows.append(row)
     return table
+
+
+def _checked_row(table: Table, number: int, raw: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A JSON object whose text has a surrogate escape: pairs joined, an unpaired one reported."""
+    path: KeyPath = ("jobs", len(table.rows))
+    out: dict[str, Any] = {}
+    for name, value in row.items():
+        key, lone = join_surrogates(name)
+        pos = Pos(number, raw.find(json.dumps(name)) + 1 or 1)
+        if lone is not None:
+            _checked_text(table, path, key, name, pos)  # reports the key
+            continue
+        out[key] = _checked_text(table, path, key, value, pos)
+    return out

@@ -9,6 +9,7 @@ value's path, like ``("jobs", 3, "duration")``, to its 1-based line and column.
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, NamedTuple
 
 import yaml
 from yaml.error import Mark
+from yaml.events import CollectionEndEvent, CollectionStartEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import Reader
 from yaml.tokens import BlockEntryToken
@@ -25,6 +27,10 @@ Path = tuple[Hashable, ...]
 # Aliases may expand exponentially ("billion laughs"); values built beyond the document's own
 # nodes are capped so a hostile manifest cannot exhaust memory.
 MAX_ALIAS_EXPANSION = 100_000
+# libyaml's composer recurses in C without a limit: tens of thousands of nested '[' overflow
+# the C stack and kill the process. Documents that could nest deeper than this are composed by
+# the pure-Python parser, whose RecursionError becomes a clean "nested too deeply" error.
+MAX_C_DEPTH = 1_000
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
@@ -42,9 +48,69 @@ class Pos(NamedTuple):
 
 START = Pos(1, 1)
 
+# YAML 1.1 also breaks lines at U+0085, U+2028 and U+2029; editors do not, so after one of them
+# a mark's own line and column are not what the user sees.
+_ODD_BREAKS = ("\x85", "\u2028", "\u2029")
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # as editors (and YAML) count lines
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Only a \u or \U escape in a double-quoted scalar can make a surrogate: a document without
+# one needs no scalar checked.
+_SURROGATE_ESCAPE = re.compile(r"\\(?:u|U0000)[dD][89a-fA-F]")
+
+
+class _Lines:
+    """Positions as an editor shows them, read off a mark's character offset when needed."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.drift = any(odd in text for odd in _ODD_BREAKS)  # str.find: far faster than re
+
+    @functools.cached_property
+    def starts(self) -> list[int]:
+        """The offset at which each line starts."""
+        pattern = _LINE_BREAK if "\r" in self.text else re.compile("\n")
+        return [0, *(m.end() for m in pattern.finditer(self.text))]
+
+    @property
+    def pos(self) -> Callable[[Mark | None], Pos]:
+        """Mark to position: the mark's own count is right unless the text has odd breaks."""
+        return self._pos_by_offset if self.drift else _pos
+
+    def _pos_by_offset(self, mark: Mark | None) -> Pos:
+        if mark is None:
+            return START
+        line = bisect.bisect_right(self.starts, mark.index) - 1
+        return Pos(line + 1, mark.index - self.starts[line] + 1)
+
 
 def _pos(mark: Mark | None) -> Pos:
     return Pos(mark.line + 1, mark.column + 1) if mark is not None else START
+
+
+def editor_lines(text: str) -> list[str]:
+    """The lines of ``text`` as an editor numbers them (``str.splitlines`` also splits at
+    U+2028 and friends)."""
+    return _LINE_BREAK.split(text)
+
+
+def join_surrogates(text: str) -> tuple[str, int | None]:
+    """Join UTF-16 surrogate pairs (what JSON-style ``\\ud83d\\ude00`` escapes give) into their
+    character; an unpaired one becomes U+FFFD and its code is returned, to be reported."""
+    if not _SURROGATE.search(text):
+        return text, None
+    data = text.encode("utf-16-le", "surrogatepass")
+    try:
+        return data.decode("utf-16-le"), None
+    except UnicodeDecodeError as exc:
+        lone = int.from_bytes(data[exc.start : exc.start + 2], "little")
+        return data.decode("utf-16-le", "replace"), lone
+
+
+def surrogate_message(code: int) -> str:
+    return (
+        f"\\u{code:04x} is half of a UTF-16 surrogate pair, not a character; write the "
+        "character itself, or escape both halves (e.g. \\ud83d\\ude00)"
+    )
 
 
 @dataclass(frozen=True)
@@ -100,6 +166,7 @@ class Document:
 
 NON_PRINTABLE = Reader.NON_PRINTABLE
 _DASH_THEN_COMMENT = re.compile(r"^(\s*)-\s+#")
+_ALIAS_ITEM = re.compile(r"(?:\s|#[^\r\n]*)*(-)(?:\s|#[^\r\n]*)+\*[^\s,\[\]{}]+")
 
 
 class _Loader(yaml.SafeLoader):
@@ -111,6 +178,7 @@ class _Loader(yaml.SafeLoader):
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
+        self.lines = _Lines(stream)
         self.dashes: dict[tuple[int, int], Mark] = {}  # (id(sequence node), index) -> mark
 
     def parse_block_sequence_entry(self) -> Any:
@@ -140,25 +208,39 @@ class _Loader(yaml.SafeLoader):
         return self.dashes.get((id(node), index))
 
 
-class _FastLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+_CLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _FastLoader(_CLoader):  # type: ignore[misc,valid-type]
     """libyaml's parser, about ten times faster on large manifests. It offers no hook for the
     dash of a sequence item, so those are found in the text: the '-' before each item."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
-        self.dashes = _DashFinder(stream)
+        self.lines = _Lines(stream)
+        self.dashes = _DashFinder(self.lines)
+        self._ends: dict[int, int] = {}  # id(sequence node) -> where its last item asked ended
 
     def dash(self, node: SequenceNode, index: int) -> Mark | None:
-        """The mark of the '-' before item ``index`` of ``node``, if it had one."""
-        return self.dashes.for_item(node.value[index]) if node.flow_style is not True else None
+        """The mark of the '-' before item ``index`` of ``node``, if it had one (asked in order)."""
+        if node.flow_style is True:
+            return None
+        item = node.value[index]
+        floor = self._ends.get(id(node), node.start_mark.index) if index else node.start_mark.index
+        if item.start_mark.index >= floor:
+            self._ends[id(node)] = item.end_mark.index
+            return self.dashes.for_item(item)
+        # An alias: its node is where the anchor was written, before this item.
+        mark, self._ends[id(node)] = self.dashes.alias_after(floor)
+        return mark
 
 
 class _DashFinder:
     """Maps (sequence node, index) to the mark of the item's dash, read off the source."""
 
-    def __init__(self, text: str) -> None:
-        self._text = text
-        self._line_starts = [0, *(m.end() for m in re.finditer("\n", text))]
+    def __init__(self, lines: _Lines) -> None:
+        self._text = lines.text
+        self._line_starts = lines.starts
 
     def for_item(self, item: Node) -> Mark | None:
         """The '-' before ``item``: on its line, or alone on an earlier line (comments between)."""
@@ -179,13 +261,22 @@ class _DashFinder:
             if prefix.lstrip().startswith("#"):
                 prefix = ""
 
+    def alias_after(self, offset: int) -> tuple[Mark | None, int]:
+        """The '-' of a ``- *name`` item starting at ``offset``, and where the item ends."""
+        found = _ALIAS_ITEM.match(self._text, offset)
+        if found is None:
+            return None, offset
+        line = bisect.bisect_right(self._line_starts, found.start(1)) - 1
+        return self._mark(line, found.start(1) - self._line_starts[line]), found.end()
+
     def _mark(self, line: int, column: int) -> Mark:
         return Mark("<manifest>", self._line_starts[line] + column, line, column, "", 0)
 
 
 def compose(text: str) -> Document:
     """Build plain values from one YAML document, with positions; raise on a syntax error."""
-    if _FastLoader is not yaml.SafeLoader and not NON_PRINTABLE.search(text):
+    fast = _FastLoader is not yaml.SafeLoader and not NON_PRINTABLE.search(text)
+    if fast and not _may_nest_deeper(text, MAX_C_DEPTH):
         try:
             return _compose_with(_FastLoader, text)
         except YamlSyntaxError:
@@ -193,17 +284,60 @@ def compose(text: str) -> Document:
     return _compose_with(_Loader, text)
 
 
+# Block collections nest only with a column each (two levels may share one: an indentless
+# sequence), so only a line starting with this many indentation characters, indicators, anchors
+# or tags may hold block nesting deeper than MAX_C_DEPTH.
+_DEEP_BLOCK = re.compile(r"(?:[ \t?:-]|[&!][^ \t\r\n]*+)" + f"{{{MAX_C_DEPTH // 2}}}")
+_DEEP_BLOCK_LINE = re.compile("[\r\n\x85\u2028\u2029]" + _DEEP_BLOCK.pattern)
+_DEEP_BLOCK_LF = re.compile("\n" + _DEEP_BLOCK.pattern)  # a literal start is searched faster
+
+
+def _may_nest_deeper(text: str, limit: int) -> bool:
+    """Whether collections in ``text`` may nest more than ``limit`` levels deep.
+
+    Two cheap bounds settle nearly every manifest: flow nesting needs a '[' or '{' per level,
+    block nesting a column per level. Only past them are the parser's events counted.
+    """
+    flow = text.count("[") + text.count("{")
+    only_lf = not any(br in text for br in ("\r", *_ODD_BREAKS))
+    lines = _DEEP_BLOCK_LF if only_lf else _DEEP_BLOCK_LINE
+    if flow <= limit // 2 and not _DEEP_BLOCK.match(text) and not lines.search(text):
+        return False
+    return _deeper_than(text, limit)
+
+
+def _deeper_than(text: str, limit: int) -> bool:
+    """Count nesting in libyaml's event stream (its parser, unlike its composer, is iterative)."""
+    parser = _CLoader(text)
+    depth = 0
+    try:
+        while parser.check_event():
+            event = parser.get_event()
+            if isinstance(event, CollectionStartEvent):
+                depth += 1
+                if depth > limit:
+                    return True
+            elif isinstance(event, CollectionEndEvent):
+                depth -= 1
+    except yaml.YAMLError:
+        return True  # the pure-Python parser words syntax errors anyway
+    finally:
+        parser.dispose()
+    return False
+
+
 def _compose_with(loader_class: type[_Loader | _FastLoader], text: str) -> Document:
     try:
         loader = loader_class(text)
     except yaml.reader.ReaderError as exc:
         raise YamlSyntaxError(_reader_message(exc), _offset_pos(text, exc.position)) from exc
+    lines = loader.lines
     try:
         root = loader.get_single_node()
         builder = _Builder(loader)
         data = builder.build(root, ()) if root is not None else None
     except yaml.MarkedYAMLError as exc:
-        raise YamlSyntaxError(_syntax_message(exc), _syntax_pos(exc)) from exc
+        raise YamlSyntaxError(_syntax_message(exc, lines), _syntax_pos(exc, lines)) from exc
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(f"invalid YAML: {exc}", None) from exc
     except RecursionError as exc:
@@ -214,13 +348,14 @@ def _compose_with(loader_class: type[_Loader | _FastLoader], text: str) -> Docum
     return Document(data, builder.source, issues, empty=root is None)
 
 
-def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
+def _syntax_message(exc: yaml.MarkedYAMLError, lines: _Lines) -> str:
     parts = []
     if exc.context:
         context = exc.context
         start, end = exc.context_mark, exc.problem_mark
-        if start is not None and (end is None or start.line != end.line):
-            context += f" (started at line {start.line + 1})"
+        start_line = lines.pos(start).line
+        if start is not None and (end is None or start_line != lines.pos(end).line):
+            context += f" (started at line {start_line})"
         parts.append(context)
     if exc.problem:
         parts.append(exc.problem)
@@ -230,9 +365,9 @@ def _syntax_message(exc: yaml.MarkedYAMLError) -> str:
     return "invalid YAML: " + ", ".join(parts) + hint
 
 
-def _syntax_pos(exc: yaml.MarkedYAMLError) -> Pos | None:
+def _syntax_pos(exc: yaml.MarkedYAMLError, lines: _Lines) -> Pos | None:
     mark = exc.problem_mark or exc.context_mark
-    return _pos(mark) if mark is not None else None
+    return lines.pos(mark) if mark is not None else None
 
 
 def _reader_message(exc: yaml.reader.ReaderError) -> str:
@@ -250,6 +385,8 @@ class _Builder:
 
     def __init__(self, loader: _Loader | _FastLoader) -> None:
         self.loader = loader
+        self._pos = loader.lines.pos
+        self._escapes = _SURROGATE_ESCAPE.search(loader.lines.text) is not None
         self.source = SourceMap()
         self.issues: list[Issue] = []
         self._seen: set[int] = set()
@@ -263,16 +400,18 @@ class _Builder:
             self.source.bad.add(path)
 
     def build(self, node: Node, path: Path) -> Any:
-        self.source.values.setdefault(path, _pos(node.start_mark))
+        self.source.values.setdefault(path, self._pos(node.start_mark))
         if id(node) in self._active:
-            self.issue(path, _pos(node.start_mark), "an alias refers to its own enclosing value")
+            self.issue(
+                path, self._pos(node.start_mark), "an alias refers to its own enclosing value"
+            )
             return None
         if id(node) in self._seen:
             self._expanded += 1
             if self._expanded > MAX_ALIAS_EXPANSION:
                 raise YamlSyntaxError(
                     f"invalid YAML: aliases expand to more than {MAX_ALIAS_EXPANSION} values",
-                    _pos(node.start_mark),
+                    self._pos(node.start_mark),
                 )
         self._seen.add(id(node))
         if isinstance(node, ScalarNode):
@@ -291,10 +430,10 @@ class _Builder:
         if not node.style:  # libyaml says "" where the pure-Python parser says None
             self.source.plain.setdefault(path, node.value)
         if node.tag == _STR_TAG:  # most values: what the constructor would return, directly
-            return node.value
+            return self._text(node, path) if self._escapes else node.value
         if node.tag not in type(self.loader).yaml_constructors:
-            self.issue(path, _pos(node.start_mark), f"unsupported YAML tag {node.tag!r}")
-            return node.value
+            self.issue(path, self._pos(node.start_mark), f"unsupported YAML tag {node.tag!r}")
+            return self._text(node, path)
         try:
             return self.loader.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError) as exc:
@@ -302,8 +441,15 @@ class _Builder:
             self.loader.recursive_objects.pop(node, None)
             reason = getattr(exc, "problem", None) or str(exc)
             message = f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {reason}"
-            self.issue(path, _pos(node.start_mark), message)
-            return node.value
+            self.issue(path, self._pos(node.start_mark), message)
+            return self._text(node, path)
+
+    def _text(self, node: ScalarNode, path: Path) -> str:
+        """The scalar's text with surrogate pairs joined; an unpaired surrogate is reported."""
+        text, lone = join_surrogates(node.value)
+        if lone is not None:
+            self.issue(path, self._pos(node.start_mark), surrogate_message(lone))
+        return text
 
     def _sequence(self, node: SequenceNode, path: Path) -> list[Any]:
         self._check_tag(node, _SEQ_TAG, path)
@@ -311,7 +457,7 @@ class _Builder:
         for index, child in enumerate(node.value):
             dash = self.loader.dash(node, index)
             if dash is not None:
-                self.source.items.setdefault((*path, index), _pos(dash))
+                self.source.items.setdefault((*path, index), self._pos(dash))
             result.append(self.build(child, (*path, index)))
         return result
 
@@ -330,9 +476,9 @@ class _Builder:
             if key in result:
                 first = self.source.keys[sub].line
                 message = f"duplicate key {key!r} (first at line {first}); keep only one"
-                self.issue(sub, _pos(key_node.start_mark), message, bad=False)
+                self.issue(sub, self._pos(key_node.start_mark), message, bad=False)
                 continue
-            self.source.keys.setdefault(sub, _pos(key_node.start_mark))
+            self.source.keys.setdefault(sub, self._pos(key_node.start_mark))
             result[key] = self.build(value_node, sub)
         for merge in merges:
             self._merge(merge, path, result)
@@ -340,10 +486,17 @@ class _Builder:
 
     def _key(self, node: Node, path: Path) -> Any:
         if not isinstance(node, ScalarNode):
-            self.issue(path, _pos(node.start_mark), "a mapping key must be a plain value")
+            self.issue(path, self._pos(node.start_mark), "a mapping key must be a plain value")
             return _SKIP
         if node.tag == _STR_TAG:
-            return node.value
+            if not self._escapes:
+                return node.value
+            key, lone = join_surrogates(node.value)
+            if lone is not None:
+                message = f"this key is not usable: {surrogate_message(lone)}"
+                self.issue((*path, key), self._pos(node.start_mark), message)
+                return _SKIP
+            return key
         try:
             key = self.loader.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError):
@@ -356,11 +509,11 @@ class _Builder:
         for source in sources:
             if not isinstance(source, MappingNode):
                 message = "a merge key '<<' needs a mapping or a list of mappings"
-                self.issue(path, _pos(source.start_mark), message, bad=False)
+                self.issue(path, self._pos(source.start_mark), message, bad=False)
                 continue
             for key, value in self.build(source, path).items():
                 result.setdefault(key, value)
 
     def _check_tag(self, node: Node, expected: str, path: Path) -> None:
         if node.tag != expected:
-            self.issue(path, _pos(node.start_mark), f"unsupported YAML tag {node.tag!r}")
+            self.issue(path, self._pos(node.start_mark), f"unsupported YAML tag {node.tag!r}")
