@@ -182,6 +182,10 @@ def test_plan_warns_when_videos_sit_beside_an_empty_ledger(
     out.mkdir()
     (out / "ledger.jsonl").write_bytes(b"")
     (out / "one.mp4").write_bytes(b"video")
-    res = runner.invoke(main, ["plan", str(write(tmp_path, GOOD)), "--out", str(out)])
+    manifest = str(write(tmp_path, GOOD))
+    res = runner.invoke(main, ["plan", manifest, "--out", str(out)])
+    assert res.exit_code == 0 and "warning" not in res.stderr  # not a veobatch directory
+    (out / "results.json").write_text('{"jobs": []}')  # it was one: the video is ours
+    res = runner.invoke(main, ["plan", manifest, "--out", str(out)])
     assert res.exit_code == 0
     assert "warning: no ledger records" in res.stderr and "1 video (one.mp4)" in res.stderr

@@ -514,12 +514,48 @@ async def test_a_206_that_does_not_continue_the_part_starts_over(
     tmp_path: Path, answer: Callable[[int], tuple[bytes, str | None]]
 ) -> None:
     (tmp_path / "job1.mp4.part").write_bytes(MP4[: TOTAL // 2])
+    (tmp_path / "job1.mp4.part.meta").write_bytes(PartInfo().to_json())  # kept, no validator
     seen: list[str | None] = []
     async with serve(_range_host(answer, seen)) as base:
         got = await _get(base, tmp_path)
     assert (tmp_path / "job1.mp4").read_bytes() == MP4
     assert got.sha256 == hashlib.sha256(MP4).hexdigest()
     assert seen == [f"bytes={TOTAL // 2}-", None]  # one start over, from zero
+
+
+async def test_a_part_without_its_sidecar_is_started_again_not_resumed(tmp_path: Path) -> None:
+    # A kill mid-download, or a body cut short before its headers were noted, leaves a .part
+    # that cannot say which file it began: appending another file's tail would splice two.
+    other = b"\x00\x00\x00\x18ftypmp42" + b"\x07" * (TOTAL - 12)
+    (tmp_path / "job1.mp4.part").write_bytes(other[: TOTAL // 2])
+    seen: list[str | None] = []
+    async with serve(
+        _range_host(lambda off: (MP4[off:], f"bytes {off}-{TOTAL - 1}/{TOTAL}"), seen)
+    ) as base:
+        got = await _get(base, tmp_path)
+    assert seen == [None]
+    assert (tmp_path / "job1.mp4").read_bytes() == MP4 and got.bytes == TOTAL
+
+
+async def test_a_large_download_notes_its_sidecar_before_its_first_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # So a .part that outlives a kill can be resumed; small videos never leave a .part at all.
+    import veobatch.downloader as dl
+
+    monkeypatch.setattr(dl, "FLUSH_BYTES", 1024)
+    noted: list[bool] = []
+    real = dl._write_info
+
+    def note(part: Path, info: PartInfo) -> None:
+        noted.append(part.exists())
+        real(part, info)
+
+    monkeypatch.setattr(dl, "_write_info", note)
+    async with serve(_range_host(lambda off: (MP4[off:], None), [])) as base:
+        await _get(base, tmp_path)
+    assert noted == [False]  # written once, before the .part was created
+    assert not (tmp_path / "job1.mp4.part.meta").exists()  # and gone with the finished file
 
 
 async def test_a_206_that_fits_no_request_fails_the_attempt(tmp_path: Path) -> None:

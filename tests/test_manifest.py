@@ -34,7 +34,11 @@ IMG2 = "https://a.example/2.png"
 
 def data_uri(fmt: str = "PNG", mime: str = "image/png", size: tuple[int, int] = (1280, 720)) -> str:
     buf = io.BytesIO()
-    Image.new("RGB", size, (9, 9, 9)).save(buf, format=fmt)
+    img = Image.new("RGB", size, (9, 9, 9))
+    if fmt == "MPO":  # a JPEG with a second picture appended, as phones write them
+        img.save(buf, format=fmt, save_all=True, append_images=[img])
+    else:
+        img.save(buf, format=fmt)
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -1505,8 +1509,9 @@ def test_a_job_repeated_by_an_alias_is_located_at_the_alias() -> None:
         (data_uri("PNG", "image/jpg"), "says image/jpg, but its bytes are image/png"),
         ("data:image/png;base64,AA=A", "does not carry valid base64 data"),
         ("data:image/png;base64,", "does not carry valid base64 data"),
+        ("data:image/png;base64,iVBO Rw0K", "spaces or line breaks"),
     ],
-    ids=["text", "gif", "svg", "mismatch", "jpg-alias", "padding", "empty"],
+    ids=["text", "gif", "svg", "mismatch", "jpg-alias", "padding", "empty", "wrapped"],
 )
 def test_data_uris_are_judged_by_their_bytes(uri: str, words: str) -> None:
     (problem,) = problems_of(i2v(f"'{uri}'"))
@@ -1514,7 +1519,11 @@ def test_data_uris_are_judged_by_their_bytes(uri: str, words: str) -> None:
     assert words in problem.message
 
 
-@pytest.mark.parametrize(("fmt", "mime"), [("JPEG", "image/jpeg"), ("WEBP", "image/webp")])
+@pytest.mark.parametrize(
+    ("fmt", "mime"),
+    [("JPEG", "image/jpeg"), ("WEBP", "image/webp"), ("JPEG", "image/jpg"), ("MPO", "image/jpeg")],
+    ids=["jpeg", "webp", "jpg-spelling", "mpo-is-a-jpeg"],
+)
 def test_data_uris_of_the_apis_formats_are_sent_as_written(fmt: str, mime: str) -> None:
     uri = data_uri(fmt, mime.upper())
     (job,) = parse_manifest(i2v(uri)).jobs

@@ -178,6 +178,16 @@ async def test_a_fresh_id_may_404_for_a_while_and_still_finish() -> None:
     assert sink.finished == [("a", "completed")] and sink.lost == []
 
 
+async def test_only_404s_in_a_row_count_towards_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past the grace, a passing 404 between answers must not add up with earlier ones.
+    monkeypatch.setattr(poller_module, "NOT_FOUND_GRACE_S", 0.0)
+    flaky = [NotFoundError("replica lag")] * (MAX_NOT_FOUND - 1)
+    api = ScriptedApi({"g-a": [*flaky, "generating", *flaky, "generating", "completed"]})
+    sink = Sink()
+    await _drive(api, sink, [("a", 60)])
+    assert sink.finished == [("a", "completed")] and sink.lost == []
+
+
 async def test_a_refused_fetch_ends_the_job_at_once() -> None:
     # 400 on a fetch: asking again will not change the answer, so the job is not polled to
     # its deadline.

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from veobatch.client import LogEntry, LogPage
-from veobatch.errors import ServerError
+from veobatch.errors import RedirectedError, ServerError
 from veobatch.reconcile import (
     Cause,
     Decision,
@@ -127,6 +127,16 @@ async def test_one_sweep_pages_until_every_lookup_is_found() -> None:
 async def test_unreadable_logs_decide_nothing_yet() -> None:
     got = await _sweep(PagedLogs([], fail=True), [lk("server_error", since=900)], now=1000)
     assert got == []
+
+
+async def test_a_refused_key_or_redirect_from_the_logs_stops_the_sweep() -> None:
+    # Waiting ten graces for logs that will never answer would only hide a wrong base URL.
+    class Redirecting(PagedLogs):
+        async def logs(self, **kw: Any) -> LogPage:
+            raise RedirectedError("HTTP 308: the API base URL redirects", status=308)
+
+    with pytest.raises(RedirectedError):
+        await _sweep(Redirecting([]), [lk("server_error", since=900)], now=1000)
 
 
 async def test_search_window_covers_the_intent_with_margin() -> None:

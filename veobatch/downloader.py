@@ -143,6 +143,10 @@ async def download(
     with _disk_errors(final.name, job_id):
         have = part.stat().st_size if part.exists() else 0
         info = await offload(functools.partial(_read_info, part)) if have else None
+        if info is None:
+            # Without its sidecar a .part cannot say which file it began (a kill mid-download,
+            # a body cut short before the headers were noted): resuming could splice two files.
+            have = 0
         resp, body = await _open_body(
             session, url, api_base_url, job_id, have, info, client_timeout
         )
@@ -156,7 +160,8 @@ async def download(
                 digest = await offload(functools.partial(_hash_prefix, part, body.offset))
             elif have:
                 _info_path(part).unlink(missing_ok=True)  # a new file: its old sidecar is wrong
-            writer = _PartWriter(part, append=body.offset > 0, offload=offload)
+            note = None if body.encoded else PartInfo(validator_of(resp.headers), body.total)
+            writer = _PartWriter(part, append=body.offset > 0, offload=offload, note=note)
             size = await _take(resp, body, writer, digest, max_bytes, chunk_bytes, job_id, clock)
         return await writer.finish(
             final, size, digest.hexdigest(), job_id, sync_dir=sync_dir, probe=probe, body=body
@@ -247,7 +252,11 @@ def _keep_or_drop(part: Path, keep: PartInfo | None) -> None:
         part.unlink(missing_ok=True)
         _info_path(part).unlink(missing_ok=True)
     else:
-        _info_path(part).write_bytes(keep.to_json())
+        _write_info(part, keep)
+
+
+def _write_info(part: Path, info: PartInfo) -> None:
+    _info_path(part).write_bytes(info.to_json())
 
 
 def _info_path(part: Path) -> Path:
@@ -344,10 +353,18 @@ class _PartWriter:
     one a hop per FLUSH_BYTES, so memory stays flat whatever the size.
     """
 
-    def __init__(self, part: Path, *, append: bool, offload: Offload = to_thread) -> None:
+    def __init__(
+        self,
+        part: Path,
+        *,
+        append: bool,
+        offload: Offload = to_thread,
+        note: PartInfo | None = None,
+    ) -> None:
         self.part = part
         self._append = append
         self.offload = offload
+        self._note = note  # the sidecar a .part needs before it may be resumed
         self._buf = bytearray()
         self._file: Any = None
 
@@ -355,6 +372,10 @@ class _PartWriter:
         self._buf += chunk
         if len(self._buf) >= FLUSH_BYTES:
             if self._file is None:
+                if self._note is not None and not self._append:
+                    # Before the first byte reaches the disk, so a .part that outlives a kill
+                    # can be resumed: one small file per large video, none for small ones.
+                    await self.offload(functools.partial(_write_info, self.part, self._note))
                 self._file = await aiofiles.open(self.part, "ab" if self._append else "wb")
             # Emptied before the write: a write cut off by cancellation may finish in its
             # thread all the same, and close() must not write those bytes a second time.

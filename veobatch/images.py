@@ -27,7 +27,14 @@ MIN_SHORT_SIDE = 720  # "Should be 720p or higher resolution" (the API's schema)
 MAX_PIXELS = 100_000_000
 
 # What the API is documented to take; anything else gets a clear error before anything is sent.
-MIME_BY_FORMAT = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+# MPO is what Pillow calls a JPEG with more pictures appended (phone photos with a depth or
+# gain map): a JPEG to anything that reads its first picture.
+MIME_BY_FORMAT = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+}
 _SIGNATURES = (
     (b"%PDF", "a PDF document"),
     (b"PK\x03\x04", "a ZIP archive (or an office document)"),
@@ -114,7 +121,7 @@ def read_picture(data: bytes, shown: str) -> tuple[Picture | None, str | None, s
         return None, f"{shown} is a damaged or truncated image ({exc})", None
     mime = MIME_BY_FORMAT.get(fmt)
     if mime is None:
-        taken = ", ".join(MIME_BY_FORMAT)
+        taken = ", ".join(f for f in MIME_BY_FORMAT if f != "MPO")
         return None, f"{shown} is a {fmt or 'unknown'} image; the API takes {taken}", None
     if width * height > MAX_PIXELS:
         return None, f"{shown} is {width}x{height}, too many pixels for an input image", None

@@ -191,12 +191,21 @@ def _data_uri_problem(value: str) -> tuple[str | None, str | None]:
     except ValueError:  # binascii.Error, or text that is not ASCII
         data = b""
     if not data:
+        if any(c.isspace() for c in value[head.end() :]):
+            return (
+                "the data: URI's base64 has spaces or line breaks in it (a folded or block "
+                "YAML string adds them): write it as one unbroken line",
+                None,
+            )
         return "the data: URI does not carry valid base64 data", None
     # Judged as a local file would be: JPEG, PNG or WebP, sane pixel counts.
     picture, error, warning = read_picture(data, "the inline image")
     if picture is None:
         return error, None
-    if head[1].lower() != picture.mime:
+    declared = head[1].lower()
+    if declared == "image/jpg":  # a common misspelling that browsers and servers accept
+        declared = "image/jpeg"
+    if declared != picture.mime:
         message = f"the data: URI says {head[1]}, but its bytes are {picture.mime}"
         return f"{message}; write data:{picture.mime};base64,...", None
     if len(value) > DATA_URI_WARN_BYTES:

@@ -240,7 +240,7 @@ class Poller:
         except ApiError as exc:
             await self._on_error(t, exc)
             return
-        t.errors = 0
+        t.errors = t.not_found = 0  # only 404s in a row count towards "lost"
         if gen.completed or gen.failed:
             self._tracked.pop(t.job_id, None)
             if gen.completed:

@@ -27,7 +27,7 @@ from typing import Literal
 import anyio
 
 from .client import ApiClient, LogEntry
-from .errors import ApiError
+from .errors import ApiError, AuthError
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +192,8 @@ class Reconciler:
                 page = await self._api.logs(
                     start=start, end=end, models=models, offset=offset, limit=PAGE_SIZE
                 )
+            except AuthError:
+                raise  # a refused key or a wrong base URL: the run stops, it does not wait
             except ApiError as exc:
                 log.warning("usage logs unavailable: %s", exc.message)
                 return found, False

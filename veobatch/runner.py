@@ -192,7 +192,7 @@ class _Run:
         async with anyio.create_task_group() as tg:
             self.tg = tg
             tg.start_soon(self._poll_loop)
-            tg.start_soon(self.reconciler.run)
+            tg.start_soon(self._reconcile_loop)
             for _ in range(self.settings.download_concurrency):
                 tg.start_soon(self._download_worker, self.downloads.clone())
             tg.start_soon(self._results_loop)
@@ -209,6 +209,13 @@ class _Run:
         except* AuthError as group:
             self._stop_on_auth(group.exceptions[0])
             self.settled.set()  # with no key that works, the in-flight jobs wait for a rerun
+
+    async def _reconcile_loop(self) -> None:
+        try:
+            await self.reconciler.run()
+        except* AuthError as group:
+            self._stop_on_auth(group.exceptions[0])
+            self.settled.set()  # open look-ups stay as recorded, for a rerun to settle
 
     def _stop_on_auth(self, exc: BaseException) -> None:
         message = exc.message if isinstance(exc, AuthError) else str(exc)
@@ -326,8 +333,11 @@ class _Run:
         finished video of an earlier version of the request is kept under a versioned name.
         """
         out = self.settings.out_dir
-        drop_part(out, job.id)
         st = self.ledger.state(job.id)
+        if st.attempts or st.generation_id:
+            # Only an earlier attempt can have left a .part (one copied in has no sidecar and
+            # is never resumed), so a first submission skips the two unlinks.
+            drop_part(out, job.id)
         if st.status == "done" and st.file and st.key:  # submitted again: its request changed
             old, tag, why = out / st.file, st.key[:8], "request changed"
         else:  # a video this ledger does not vouch for (restored, copied in, altered): keep it
@@ -367,7 +377,7 @@ class _Run:
             await self.ledger.record("submitted", job.id, gen=decision.generation_id)
             self.adopted += 1
             log.info("adopted job=%s gen=%s (from the usage logs)", job.id, decision.generation_id)
-            age = max(0.0, time.time() - lookup.since_wall)
+            age = max(0.0, time.time() - lookup.settled_wall)
             self.poller.track(
                 job.id,
                 decision.generation_id,
@@ -457,13 +467,19 @@ class _Run:
         """Record the failure, free the job's slot if it holds one, and close it."""
         self._release(job_id)
         st = self.ledger.state(job_id)
-        if st.status == "done":  # re-polled for a lost file, and the generation is gone too
+        if st.status == "done" and kind in ("lost", "generation_error"):
+            # Re-polled for a lost file, and the generation is gone too.
             kind, message = (
                 REFETCH_FAILED,
                 (
                     f"the video file is gone and generation {st.generation_id} cannot be fetched "
                     f"again ({kind}: {message}); --retry-failed generates it anew (a new charge)"
                 ),
+            )
+        elif st.status == "done":  # a timeout or a failed download: the generation may deliver
+            message = (
+                f"the video file is gone and fetching it again failed ({message}); the next run "
+                f"polls generation {st.generation_id} again, at no charge"
             )
         await self.ledger.record("failed", job_id, kind=kind, message=message)
         log.error("failed job=%s kind=%s: %s", job_id, kind, message)
@@ -661,7 +677,10 @@ def unrecorded_results(out: Path, jobs: Iterable[Job], states: Mapping[str, JobS
     if states:
         return ""
     ids = {job.id for job in jobs}
-    videos = sorted(jid for jid in ids if (out / final_name(jid)).exists())
+    # Same-named videos count only in what was a veobatch output directory: elsewhere they are
+    # the user's own files, which a submission keeps aside (kept_name) rather than replaces.
+    ours = (out / RESULTS_NAME).exists() or (out / "report.html").exists()
+    videos = sorted(jid for jid in ids if ours and (out / final_name(jid)).exists())
     generations = [
         row
         for row in _results_rows(out / RESULTS_NAME)
@@ -690,9 +709,9 @@ def _refuse_unrecorded(out: Path, manifest: Manifest, ledger: Ledger) -> None:
     if found:
         raise LedgerError(
             f"{out / LEDGER_NAME} is empty or missing, but {out} holds results of this "
-            f"manifest: {found}. A run would pay for those jobs again and replace their "
-            "videos. Restore the ledger from a backup, or use another --out; to start over "
-            "here on purpose, move results.json and the videos out of the directory first."
+            f"manifest: {found}. A run would pay for those jobs again. Restore the ledger "
+            "from a backup, or use another --out; to start over here on purpose, move "
+            "results.json and the videos out of the directory first."
         )
 
 

@@ -52,7 +52,7 @@ class PartInfo:
 
     @classmethod
     def from_json(cls, raw: bytes) -> PartInfo | None:
-        """None for anything garbled: no sidecar only costs the If-Range and the total check."""
+        """None for anything garbled: its ``.part`` is then not resumed, only started again."""
         try:
             doc = json.loads(raw)
         except ValueError:
