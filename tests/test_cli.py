@@ -136,6 +136,14 @@ def test_notify_url_in_the_manifest_is_checked(runner: CliRunner, tmp_path: Path
     assert res.exit_code == 2 and "notify_url" in res.stderr and "http(s) URL" in res.stderr
 
 
+def test_a_bad_notify_url_in_the_manifest_is_not_echoed(runner: CliRunner, tmp_path: Path) -> None:
+    for url in ("hooks.example.com/T0/B0/SECRET", "ftp://hooks.example.com/T0/B0/SECRET"):
+        bad = GOOD.replace("jobs:", f"settings:\n  notify_url: {url}\njobs:", 1)
+        res = runner.invoke(main, ["plan", str(write(tmp_path, bad))])
+        assert res.exit_code == 2 and "notify_url" in res.stderr
+        assert "SECRET" not in res.stderr and "T0" not in res.stderr
+
+
 def test_status_of_a_missing_directory_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     assert runner.invoke(main, ["status", str(tmp_path / "nope")]).exit_code == 2
 

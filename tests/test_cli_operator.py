@@ -109,3 +109,36 @@ async def test_json_logs_and_a_dead_webhook_do_not_fail_the_run(tmp_path: Path) 
     assert len(failed) == 1 and failed[0]["level"] == "error"
     assert stdout.startswith("veobatch: 2 jobs: 2 done") and "report:" not in stdout
     assert not (tmp_path / "o" / "report.html").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "code", "why"),
+    [
+        ((), 75, "another veobatch run"),  # the output directory is locked
+        (("--max-cost", "nan"), 3, "the cost limit must be 0 or more, got nan"),
+    ],
+)
+async def test_a_run_that_aborts_still_tells_the_webhook(
+    tmp_path: Path,
+    webhook: tuple[str, list[dict[str, Any]]],
+    extra: tuple[str, ...],
+    code: int,
+    why: str,
+) -> None:
+    from veobatch.fsutil import DirLock
+
+    url, got = webhook
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(MANIFEST)
+    out = tmp_path / "out"
+    out.mkdir()
+    with DirLock(out):
+        args = ("run", str(manifest), "--simulate", "--out", str(out), "--notify", url, *extra)
+        exit_code, _, stderr = await run_cli(*args)
+    assert exit_code == code, stderr
+    assert len(got) == 1, stderr
+    body = got[0]
+    assert body["event"] == "veobatch.run.aborted" and body["exit_code"] == code
+    assert body["manifest"] == "m.yaml" and why in body["error"] and why in body["text"]
+    assert body["interrupted"] is (code == 75)
+    assert "secret" not in json.dumps(body) and "secret" not in stderr.replace(str(tmp_path), "")

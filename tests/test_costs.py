@@ -46,6 +46,17 @@ def test_budget_reserves_refuses_and_releases() -> None:
     b.release("unknown")  # harmless
 
 
+def test_a_risked_resubmission_reserves_again_and_releases_only_its_own() -> None:
+    b = Budget(7.0)
+    assert b.reserve(job(0))  # 3.20
+    assert b.reserve(job(0), again=True)  # an earlier POST may exist: 6.40
+    assert b.spent_usd == pytest.approx(6.4) and b.reservations == 2
+    assert not b.reserve(job(0), again=True)  # 9.60 > 7
+    assert b.refused == ["j0"]
+    b.release("j0")  # the latest POST created nothing; the first may still be billed
+    assert b.spent_usd == pytest.approx(3.2) and b.reservations == 1
+
+
 def test_no_limit_takes_everything_and_zero_takes_nothing() -> None:
     jobs = [job(i) for i in range(5)]
     assert within_budget(jobs, {}, None) == (jobs, [])

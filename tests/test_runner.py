@@ -607,3 +607,99 @@ async def test_a_video_the_ledger_does_not_know_is_kept_not_overwritten(
     assert (out / "job1.mp4").read_bytes() == MP4
     assert (out / f"job1@{tag}-2.mp4").read_bytes() == foreign
     assert (out / f"job1@{tag}.mp4").read_bytes() == b"kept earlier"
+
+
+# -- the cost limit ------------------------------------------------------------------------
+
+PRICED = {"prices": {"google/veo-3.1-t2v": 0.1}}  # the fake's 8 s jobs: $0.80 each
+
+
+async def test_each_risked_resubmission_reserves_again_under_the_limit(
+    cdn: str, tmp_path: Path
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error, api.error_after_create = NoAnswerError("reset"), True  # created, unanswered
+    api.hide_from_logs = True  # and never found: every look-up is uncertain
+    s = settings(tmp_path, resubmit_uncertain=True, max_cost_usd=1.7, **PRICED)
+    report = await run(manifest(1, tmp_path), s, api=api)
+    assert len(api.created) == 2  # $0.80 twice fits $1.70; a third would not
+    assert report.estimated_usd == pytest.approx(1.6) and report.estimated_jobs == 2
+    assert report.risked_duplicates == 1
+    # Both may exist and be billed: uncertain, not held back as if nothing were sent.
+    assert report.uncertain == ["job0"] and report.over_budget == []
+    assert report.counts == {"uncertain": 1} and report.exit_code == 1
+
+
+async def test_a_resubmission_after_a_proven_failure_needs_no_second_reservation(
+    cdn: str, tmp_path: Path
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error, api.errors_left = ServerError("HTTP 502", status=502), 2  # logged: failed
+    s = settings(tmp_path, max_cost_usd=0.8, **PRICED)
+    report = await run(manifest(1, tmp_path), s, api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1} and len(api.created) == 1
+    assert report.over_budget == [] and report.estimated_usd == pytest.approx(0.8)
+
+
+async def test_risked_resubmissions_that_run_out_leave_the_job_uncertain(
+    cdn: str, tmp_path: Path
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error, api.error_after_create = NoAnswerError("reset"), True
+    api.hide_from_logs = True
+    s = settings(tmp_path, resubmit_uncertain=True, submit_retries=2)
+    report = await run(manifest(1, tmp_path), s, api=api)
+    assert len(api.created) == 3
+    # Not failed: --retry-failed would pay for it yet again.
+    assert report.failed == [] and report.uncertain == ["job0"]
+
+
+async def test_a_done_job_whose_changed_request_is_held_back_exits_1(
+    cdn: str, tmp_path: Path
+) -> None:
+    m = manifest(1, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    changed = Manifest(m.path, (Job("job0", {**m.jobs[0].request, "seed": 5}, 0),))
+    report = await run(changed, settings(tmp_path, max_cost_usd=0.0), api=api)
+    assert len(api.created) == 1 and report.over_budget == ["job0"] and report.exit_code == 1
+
+
+async def test_a_failed_job_retried_but_held_back_exits_1(cdn: str, tmp_path: Path) -> None:
+    m = manifest(1, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1, fail={"p0"})
+    await run(m, settings(tmp_path), api=api)
+    s = settings(tmp_path, retry_failed=True, max_cost_usd=0.0)
+    report = await run(m, s, api=api)
+    assert len(api.created) == 1 and report.over_budget == ["job0"] and report.failed == []
+    assert report.exit_code == 1
+
+
+async def test_a_crash_proven_unsent_then_held_back_is_pending_not_uncertain(
+    cdn: str, tmp_path: Path
+) -> None:
+    from veobatch.ledger import Ledger
+
+    out = tmp_path / "out"
+    out.mkdir()
+    m = manifest(1, tmp_path)
+    ledger = Ledger.open(out)
+    job = m.jobs[0]
+    await ledger.record("intent", job.id, crid="crid-never-sent", key=job.key, model=job.model)
+    ledger.close()
+    api = FakeApi(cdn, polls_to_finish=1)
+    report = await run(m, settings(tmp_path, max_cost_usd=0.0), api=api)
+    assert api.created == [] and report.uncertain == []
+    assert report.over_budget == ["job0"] and report.counts == {"pending": 1}
+    assert report.exit_code == 1
+
+
+async def test_a_stop_gives_back_the_reservation_of_a_job_never_sent(
+    cdn: str, tmp_path: Path
+) -> None:
+    api = FakeApi(cdn)
+    api.create_error = AuthError("HTTP 403: no credits", status=403)
+    s = settings(tmp_path, concurrency=1, max_cost_usd=100.0, **PRICED)
+    report = await run(manifest(3, tmp_path), s, api=api)
+    assert report.exit_code == 3 and api.created == []
+    assert report.estimated_usd == pytest.approx(0.0) and report.estimated_jobs == 0

@@ -52,6 +52,15 @@ def test_key_is_not_in_the_settings_repr() -> None:
         {"download_concurrency": 0},
         {"job_timeout_s": 0},
         {"base_url": "ftp://x"},
+        # NaN fails every comparison: "x < 0" would let it through and disable the limit.
+        {"max_cost_usd": float("nan")},
+        {"job_timeout_s": float("nan")},
+        {"request_timeout_s": float("nan")},
+        {"connect_timeout_s": float("nan")},
+        {"logs_grace_s": float("nan")},
+        {"backoff_max_s": float("nan")},
+        {"lookup_interval_s": float("nan")},
+        {"prices": {"google/veo-3.1-t2v": float("nan")}},
     ],
 )
 def test_invalid_settings(kw: dict[str, object]) -> None:

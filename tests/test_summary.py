@@ -11,7 +11,7 @@ from veobatch.jobs import Job
 from veobatch.ledger import ErrorInfo, JobState
 from veobatch.outcome import RunExtras, run_extras
 from veobatch.runner import RunReport
-from veobatch.summary import rerun_action, rerun_summary, run_summary, summary_doc
+from veobatch.summary import abort_doc, rerun_action, rerun_summary, run_summary, summary_doc
 
 OUT = Path("out/nightly")
 
@@ -53,6 +53,23 @@ def test_summary_lines_carry_what_needs_attention() -> None:
     ]
     nothing = replace(report(), estimated_jobs=0, reported_jobs=0)
     assert not any("spend" in line for line in run_summary(nothing, 5))  # nothing submitted
+
+
+def test_the_first_line_counts_held_back_jobs_when_there_are_any() -> None:
+    assert "held back" not in run_summary(report(), 5)[0]
+    held = replace(report(), over_budget=["d", "e"], cost_limit_usd=4.0)
+    assert run_summary(held, 7)[0].startswith(
+        "veobatch: 7 jobs: 3 done, 1 failed, 1 uncertain, 0 not finished, 2 held back (4 "
+    )
+
+
+def test_abort_doc_says_why_and_nothing_else() -> None:
+    doc = abort_doc("nightly.yaml", OUT, 75, "veobatch: another veobatch run is working on x")
+    assert doc["text"] == (
+        "veobatch: nightly.yaml: run aborted (exit 75): another veobatch run is working on x"
+    )
+    assert doc["event"] == "veobatch.run.aborted" and doc["exit_code"] == 75
+    assert doc["interrupted"] is True and doc["error"].startswith("another veobatch run")
 
 
 def test_summary_doc_is_the_same_facts_as_json() -> None:

@@ -50,6 +50,7 @@ from .runner import (
 from .scheduler import plan_jobs
 from .settings import RunSettings, Secret, resolve_settings
 from .summary import (
+    abort_doc,
     plan_rows,
     plan_summary,
     rerun_rows,
@@ -103,30 +104,50 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return found
 
 
-def _guard(fn: Callable[[], T]) -> T:
-    """Turn the error tree into exit codes with one clear line each, never a traceback."""
+def _guard(fn: Callable[[], T], on_abort: Callable[[int, str], None] | None = None) -> T:
+    """Turn the error tree into exit codes with one clear line each, never a traceback.
+
+    ``on_abort(code, line)`` hears of the exits that end a run early (3 and 75), before exiting.
+    """
     try:
         try:
             return fn()
         except BaseExceptionGroup as group:
             raise _leaf(group) from None
-    except ManifestError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(EXIT_USAGE)
-    except LockedError as exc:
-        click.echo(f"veobatch: {exc}", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except (ConfigError, LedgerError) as exc:
-        click.echo(f"veobatch: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    except VeobatchError as exc:
-        click.echo(f"veobatch: {exc}", err=True)
-        sys.exit(1)
-    except OSError as exc:  # the disk or the system, not the jobs: a person must look (exit 3)
-        log.debug("traceback of the error below", exc_info=exc)  # shown with -v
-        where = f"{exc.filename}: " if exc.filename else ""
-        click.echo(f"veobatch: system error: {where}{exc.strerror or exc}", err=True)
-        sys.exit(EXIT_CONFIG)
+    except (VeobatchError, OSError) as exc:
+        code, line = _exit_for(exc)
+        click.echo(line, err=True)
+        if on_abort is not None and code in (EXIT_CONFIG, EXIT_INTERRUPTED):
+            on_abort(code, line)
+        sys.exit(code)
+    except SystemExit as exc:  # a signal outside the run's own handling: still exit 75
+        if on_abort is not None and exc.code == EXIT_INTERRUPTED:
+            on_abort(EXIT_INTERRUPTED, "veobatch: interrupted")
+        raise
+
+
+def _exit_for(exc: VeobatchError | OSError) -> tuple[int, str]:
+    """The exit code and the one line that says why."""
+    if isinstance(exc, ManifestError):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, LockedError):
+        return EXIT_INTERRUPTED, f"veobatch: {exc}"
+    if isinstance(exc, (ConfigError, LedgerError)):
+        return EXIT_CONFIG, f"veobatch: {exc}"
+    if isinstance(exc, VeobatchError):
+        return 1, f"veobatch: {exc}"
+    # The disk or the system, not the jobs: a person must look (exit 3).
+    log.debug("traceback of the error below", exc_info=exc)  # shown with -v
+    where = f"{exc.filename}: " if exc.filename else ""
+    return EXIT_CONFIG, f"veobatch: system error: {where}{exc.strerror or exc}"
+
+
+def _notify_abort(url: str, manifest: Path, out_dir: Path, code: int, line: str) -> None:
+    """Tell the webhook of a run that ended early; never raises, never changes the exit."""
+    try:
+        _arun(send, url, abort_doc(manifest.name, out_dir, code, line))
+    except Exception as exc:  # a courtesy: the exit code is the run's
+        log.error("notification failed: %s", type(exc).__name__)
 
 
 def _arun(fn: Callable[..., Awaitable[T]], *args: Any) -> T:
@@ -298,10 +319,15 @@ def run_cmd(
         "resubmit_uncertain": resubmit_uncertain or None,
         "max_cost_usd": max_cost_usd,
     }
-    settings = _guard(lambda: resolve_settings(out, m.settings, cli))
     notify_to = notify_url or m.settings.notify_url
     if notify_to:
         _guard(lambda: check_url(notify_to))
+
+    def abort(code: int, line: str) -> None:
+        if notify_to:
+            _notify_abort(notify_to, manifest, out, code, line)
+
+    settings = _guard(lambda: resolve_settings(out, m.settings, cli), abort)
     sim_gen_s = sim_gen_time_s if simulate else None  # None: the real API
     # The manifest's objects live as long as the run: the collector need not walk them on
     # every full collection.
@@ -309,10 +335,10 @@ def run_cmd(
     started_wall = time.time()
     if STDERR.is_terminal and not quiet and log_format == "text":
         with LiveProgress(STDERR, mute=None if verbose else console_log) as live:
-            report = _guard(lambda: _arun(_run_async, m, settings, sim_gen_s, verify, live))
+            report = _guard(lambda: _arun(_run_async, m, settings, sim_gen_s, verify, live), abort)
     else:
         observer = LogProgress() if not quiet else None
-        report = _guard(lambda: _arun(_run_async, m, settings, sim_gen_s, verify, observer))
+        report = _guard(lambda: _arun(_run_async, m, settings, sim_gen_s, verify, observer), abort)
     report_file = _final_report(m, report) if make_report and not report.interrupted else None
     extras = run_extras(report.states, m.jobs, started_wall, report_file)
     lines = run_summary(report, len(m.jobs), extras)

@@ -54,12 +54,15 @@ class Budget:
     """Estimated spend of this run's submissions against ``limit_usd`` (None: no limit).
 
     A job's estimate is reserved before its intent is recorded and given back only when the
-    API certainly created nothing or the generation ended in error (neither is billed).
+    API certainly created nothing or the generation ended in error (neither is billed). A job
+    resubmitted while an earlier POST of it may exist (a risked duplicate) reserves again: each
+    such POST may be billed.
     """
 
     limit_usd: float | None
     prices: Mapping[str, float] = field(default_factory=dict)
-    reserved: dict[str, float] = field(default_factory=dict)
+    # Per job, one estimate per POST that may be billed, oldest first.
+    reserved: dict[str, list[float]] = field(default_factory=dict)
     spent_usd: float = 0.0  # the sum of ``reserved``, kept as it changes
     # Refused job ids, in the order refused; a dict so that a membership test stays cheap
     # when thousands are refused.
@@ -69,28 +72,43 @@ class Budget:
     def refused(self) -> list[str]:
         return list(self._refused)
 
+    @property
+    def reservations(self) -> int:
+        """Submissions behind ``spent_usd``: risked duplicates count once each."""
+        return sum(len(held) for held in self.reserved.values())
+
     def was_refused(self, job_id: str) -> bool:
         return job_id in self._refused
 
-    def reserve(self, job: Job) -> bool:
-        """True when the job may be submitted; a refusal is remembered for the summary."""
-        if job.id in self.reserved:
+    def reserve(self, job: Job, *, again: bool = False) -> bool:
+        """True when the job may be submitted; a refusal is remembered for the summary.
+
+        A job already reserved keeps its reservation unless ``again``: a POST that may add a
+        second billed generation must fit under the limit too.
+        """
+        if job.id in self.reserved and not again:
             return True
         usd = estimate_usd(job, self.prices)
         if self.limit_usd is not None and self.spent_usd + usd > self.limit_usd + 1e-9:
             self._refused[job.id] = None
             return False
-        self.reserved[job.id] = usd
+        self.reserved.setdefault(job.id, []).append(usd)
         self.spent_usd += usd
         return True
 
     def estimate(self, job: Job) -> float:
         """The job's estimate: the one reserved for it, so what is recorded is what counts."""
-        usd = self.reserved.get(job.id)
-        return estimate_usd(job, self.prices) if usd is None else usd
+        held = self.reserved.get(job.id)
+        return held[-1] if held else estimate_usd(job, self.prices)
 
     def release(self, job_id: str) -> None:
-        self.spent_usd -= self.reserved.pop(job_id, 0.0)
+        """Give back the latest reservation: earlier POSTs of the job may still be billed."""
+        held = self.reserved.get(job_id)
+        if not held:
+            return
+        self.spent_usd -= held.pop()
+        if not held:
+            del self.reserved[job_id]
 
 
 def within_budget(

@@ -36,6 +36,7 @@ from .manifest_checks import (
     unquote_hint,
     variants_value,
 )
+from .notify import safe_target
 from .tables import TABLE_SUFFIXES, read_table
 from .yamlpos import Document, Pos, YamlSyntaxError, compose, editor_lines
 from .yamlpos import Path as KeyPath
@@ -326,7 +327,9 @@ class _Validator:
             return None
         if isinstance(value, str) and value.startswith(("https://", "http://")):
             return value
-        self.report.error(("settings", name), f"expected an http(s) URL, got {describe(value)}")
+        # A webhook URL's path is often a credential: name only its scheme and host.
+        got = safe_target(value) if isinstance(value, str) else describe(value)
+        self.report.error(("settings", name), f"expected an http(s) URL, got {got}")
         return None
 
     def _cost_setting(self, raw: dict[Any, Any]) -> float | None:

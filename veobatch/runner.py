@@ -141,6 +141,9 @@ class _Run:
         self.slots = anyio.CapacityLimiter(self.settings.concurrency)
         self.limit = AdaptiveLimit(self.settings.concurrency)
         self.holding: set[str] = set()
+        # Jobs resubmitted after a look-up that could not rule out an earlier generation: one
+        # of their POSTs may exist and be billed, whatever later look-ups say of the last one.
+        self.maybe_billed: set[str] = set()
         self.open: set[str] = set()
         self.settled = anyio.Event()
         self.stop_submitting = False
@@ -292,6 +295,7 @@ class _Run:
                     self.holding.add(job.id)
                 if self.stop_submitting:
                     self._release(job.id)
+                    self.budget.release(job.id)  # reserved while waiting for a slot, never sent
                     for rest in jobs[i:]:
                         self._close(rest.id)
                     return
@@ -306,12 +310,19 @@ class _Run:
             self.budget.spent_usd,
         )
 
-    async def _submit_one(self, job: Job) -> None:
+    async def _submit_one(self, job: Job, *, risked: bool = False) -> None:
+        """Submit ``job``; ``risked``: an earlier POST of it may exist, so this one may be
+        billed on top of it and reserves a fresh estimate."""
         outcome = SubmitOutcome.STOPPED
         try:
-            if not self.budget.reserve(job):  # a resubmission after a lookup, say
-                self._over_budget(job)
+            if self.stop_submitting:  # a resubmission that waited out a stop: nothing to reserve
                 return
+            if not self.budget.reserve(job, again=risked):  # a resubmission after a lookup
+                self._over_budget(job)
+                await self._settle_refused(job, risked)
+                return
+            if risked:
+                self.risked_duplicates += 1
             self._prepare_new_generation(job)
             outcome = await self.submitter.submit(job)
         except AuthError as exc:
@@ -325,6 +336,17 @@ class _Run:
                     self.budget.release(job.id)  # certainly created nothing: not billed
                 self._release(job.id)
                 self._close(job.id)
+
+    async def _settle_refused(self, job: Job, risked: bool) -> None:
+        """A crash look-up's job that the limit refused: say on record what may exist."""
+        if self.ledger.state(job.id).status != "submitting":
+            return
+        if risked or job.id in self.maybe_billed:
+            await self.ledger.record(
+                "uncertain", job.id, kind="no_answer", message="held back by the cost limit"
+            )
+        else:  # the look-up proved nothing was created: back to pending, held back
+            await self.ledger.record("unsent", job.id)
 
     def _prepare_new_generation(self, job: Job) -> None:
         """Clear the way for a new generation without losing or mixing up an earlier one.
@@ -387,21 +409,22 @@ class _Run:
                 first=False,
             )
             return
-        if decision.verdict is Verdict.UNCERTAIN and self.settings.resubmit_uncertain:
-            self.risked_duplicates += 1
-            log.warning("resubmitting uncertain job=%s: may be paid twice", job.id)
-        elif decision.verdict is Verdict.UNCERTAIN:
-            if self.ledger.state(job.id).status == "submitting":
-                await self.ledger.record(
-                    "uncertain", job.id, kind="no_answer", message=decision.reason
-                )
-            self._release(job.id)
-            self._close(job.id)
+        risked = decision.verdict is Verdict.UNCERTAIN
+        if risked and not self.settings.resubmit_uncertain:
+            await self._leave_uncertain(job, decision.reason)
             return
+        if risked:
+            self.maybe_billed.add(job.id)
         attempts = self.ledger.state(job.id).attempts
         if attempts > self.settings.submit_retries:
-            await self._fail(job.id, "submit_failed", f"{attempts} attempts: {decision.reason}")
+            why = f"{attempts} attempts: {decision.reason}"
+            if job.id in self.maybe_billed:  # failed would let --retry-failed pay again
+                await self._leave_uncertain(job, why)
+            else:
+                await self._fail(job.id, "submit_failed", why)
             return
+        if risked:
+            log.warning("resubmitting uncertain job=%s: may be paid twice", job.id)
         delay = (
             0.0
             if lookup.cause == "crash"
@@ -409,11 +432,17 @@ class _Run:
                 attempts, self.settings.backoff_base_s, self.settings.backoff_max_s, self.rng
             )
         )
-        self.tg.start_soon(self._resubmit, job, delay)
+        self.tg.start_soon(self._resubmit, job, delay, risked)
 
-    async def _resubmit(self, job: Job, delay_s: float) -> None:
+    async def _leave_uncertain(self, job: Job, reason: str) -> None:
+        if self.ledger.state(job.id).status == "submitting":
+            await self.ledger.record("uncertain", job.id, kind="no_answer", message=reason)
+        self._release(job.id)
+        self._close(job.id)
+
+    async def _resubmit(self, job: Job, delay_s: float, risked: bool) -> None:
         await anyio.sleep(delay_s)
-        await self._submit_one(job)  # the slot is still held
+        await self._submit_one(job, risked=risked)  # the slot is still held
 
     async def _on_submitted(self, job: Job, created: Created) -> None:
         self.submitted += 1
@@ -620,12 +649,14 @@ class _Run:
         pending: list[str] = []
         over_budget: list[str] = []
         for st in states:
-            if st.status == "failed" and st.error:
+            # Held back whatever it was before (done with a changed request, failed and retried),
+            # unless an earlier POST of it may exist: then it is uncertain.
+            if self.budget.was_refused(st.id) and st.id not in self.maybe_billed:
+                over_budget.append(st.id)
+            elif st.status == "failed" and st.error:
                 failed.append((st.id, st.error))
             elif st.status in ("uncertain", "submitting"):
                 uncertain.append(st.id)
-            elif st.status == "pending" and self.budget.was_refused(st.id):
-                over_budget.append(st.id)
             elif st.status != "done":
                 pending.append(st.id)
         charged = [
@@ -650,7 +681,7 @@ class _Run:
             cost_limit_usd=self.budget.limit_usd,
             over_budget=over_budget,
             estimated_usd=self.budget.spent_usd,
-            estimated_jobs=len(self.budget.reserved),
+            estimated_jobs=self.budget.reservations,
             reported_usd=sum(charged),
             reported_jobs=len(charged),
             states=self.ledger.states,

@@ -91,10 +91,29 @@ class RunSettings:
             raise ConfigError("concurrency must be at least 1")
         if self.download_concurrency < 1:
             raise ConfigError("download concurrency must be at least 1")
-        if self.job_timeout_s <= 0:
-            raise ConfigError("job timeout must be positive")
-        if self.max_cost_usd is not None and self.max_cost_usd < 0:
-            raise ConfigError("the cost limit must be 0 or more")
+        # Written as "not (x > 0)" so that NaN, which fails every comparison, is refused too.
+        for name, value in (
+            ("job timeout", self.job_timeout_s),
+            ("request timeout", self.request_timeout_s),
+            ("connect timeout", self.connect_timeout_s),
+        ):
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        for name, value in (
+            ("logs grace", self.logs_grace_s),
+            ("backoff base", self.backoff_base_s),
+            ("backoff max", self.backoff_max_s),
+            ("ledger flush interval", self.ledger_flush_interval_s),
+            ("observe interval", self.observe_interval_s),
+            ("lookup interval", self.lookup_interval_s),
+        ):
+            if not value >= 0:
+                raise ConfigError(f"{name} must be 0 or more, got {value}")
+        if self.max_cost_usd is not None and not self.max_cost_usd >= 0:
+            raise ConfigError(f"the cost limit must be 0 or more, got {self.max_cost_usd}")
+        for model, usd in self.prices.items():
+            if not usd >= 0:
+                raise ConfigError(f"the price of {model} must be 0 or more, got {usd}")
         if not self.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"API base URL must be http(s): {self.base_url!r}")
 

@@ -15,7 +15,7 @@ from .costs import estimate_by_model, estimate_usd, within_budget
 from .jobs import Job
 from .ledger import STATUSES, JobState
 from .outcome import RunExtras
-from .runner import RunReport
+from .runner import EXIT_INTERRUPTED, RunReport
 from .scheduler import CATEGORIES, Action, JobPlan, category, plan_job
 
 
@@ -25,8 +25,10 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
     c = report.counts
     head = (
         f"veobatch: {total_jobs} jobs: {c.get('done', 0)} done, {c.get('failed', 0)} failed, "
-        f"{len(report.uncertain)} uncertain, {len(report.pending)} not finished "
-        f"({report.submitted} submitted this run, {report.polls} polls, {report.elapsed_s:.1f}s)"
+        f"{len(report.uncertain)} uncertain, {len(report.pending)} not finished"
+        + (f", {len(report.over_budget)} held back" if report.over_budget else "")
+        + f" ({report.submitted} submitted this run, {report.polls} polls, "
+        f"{report.elapsed_s:.1f}s)"
     )
     lines = [head]
     if report.interrupted:
@@ -95,6 +97,20 @@ def summary_doc(
         "adopted": report.adopted,
         "risked_duplicates": report.risked_duplicates,
         "auth_error": report.auth_error,
+    }
+
+
+def abort_doc(manifest: str, out_dir: Path, exit_code: int, error_line: str) -> dict[str, Any]:
+    """A run that ended early (exit 3 or 75) as a webhook body: no summary, just why."""
+    error = error_line.removeprefix("veobatch: ")
+    return {
+        "text": f"veobatch: {manifest}: run aborted (exit {exit_code}): {error}",
+        "event": "veobatch.run.aborted",
+        "exit_code": exit_code,
+        "interrupted": exit_code == EXIT_INTERRUPTED,
+        "manifest": manifest,
+        "out_dir": str(out_dir),
+        "error": error,
     }
 
 
