@@ -89,7 +89,7 @@ def _setup_logging(verbosity: int, log_format: LogFormat = "text") -> logging.Ha
 def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The first of our own errors inside a task group's exception group, else the first OS
     error (a disk that filled up), else the group itself."""
-    leaves = list(_leaves(group))
+    leaves = _leaves(group)
     for kind in (VeobatchError, OSError):
         for exc in leaves:
             if isinstance(exc, kind):

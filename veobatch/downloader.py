@@ -141,12 +141,11 @@ async def download(
     final = out_dir / final_name(job_id)
     part = final.with_name(final.name + PART_SUFFIX)
     with _disk_errors(final.name, job_id):
-        have = part.stat().st_size if part.exists() else 0
-        info = await offload(functools.partial(_read_info, part)) if have else None
-        if info is None:
-            # Without its sidecar a .part cannot say which file it began (a kill mid-download,
-            # a body cut short before the headers were noted): resuming could splice two files.
-            have = 0
+        had = _size_or_zero(part)
+        info = await offload(functools.partial(_read_info, part)) if had else None
+        # Without its sidecar a .part cannot say which file it began (a kill mid-download, a
+        # body cut short before the headers were noted): resuming could splice two files.
+        have = had if info is not None else 0
         resp, body = await _open_body(
             session, url, api_base_url, job_id, have, info, client_timeout
         )
@@ -158,7 +157,7 @@ async def download(
             digest = hashlib.sha256()
             if body.offset:
                 digest = await offload(functools.partial(_hash_prefix, part, body.offset))
-            elif have:
+            elif had:
                 _info_path(part).unlink(missing_ok=True)  # a new file: its old sidecar is wrong
             note = None if body.encoded else PartInfo(validator_of(resp.headers), body.total)
             writer = _PartWriter(part, append=body.offset > 0, offload=offload, note=note)
@@ -197,16 +196,32 @@ async def _take(
 ) -> int:
     """Stream the body into the writer and check its length; on any failure keep what arrived
     (with a sidecar naming the file) for a Range resume, unless it was encoded."""
+    size = body.offset
+    pace = Throughput(MIN_RATE_WINDOW_S, MIN_RATE_BYTES, clock())
     try:
-        size = await _stream(
-            resp, writer, body.offset, digest, max_bytes, chunk_bytes, job_id, clock
-        )
+        try:
+            async for chunk in resp.content.iter_chunked(chunk_bytes):
+                size += len(chunk)
+                if size > max_bytes:
+                    raise DownloadError(
+                        "video exceeds the size limit", job_id=job_id, retryable=False
+                    )
+                digest.update(chunk)
+                await writer.write(chunk)  # before any slowness verdict: a resume keeps it
+                if (short := pace.feed(len(chunk), clock())) is not None:
+                    raise DownloadError(
+                        f"video host too slow: {short} bytes in the last {pace.window_s:.0f} s",
+                        job_id=job_id,
+                    )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise DownloadError(
+                f"download interrupted after {size} bytes: {type(exc).__name__}", job_id=job_id
+            ) from None
         if body.total is not None and size != body.total:
             raise DownloadError(f"truncated: got {size} of {body.total} bytes", job_id=job_id)
     except BaseException:
-        keep = None if body.encoded else PartInfo(validator_of(resp.headers), body.total)
         with anyio.CancelScope(shield=True):
-            await _after_failure(writer, keep)
+            await _after_failure(writer, writer.note)
         raise
     return size
 
@@ -249,14 +264,27 @@ async def _after_failure(writer: _PartWriter, keep: PartInfo | None) -> None:
 
 def _keep_or_drop(part: Path, keep: PartInfo | None) -> None:
     if keep is None:
-        part.unlink(missing_ok=True)
-        _info_path(part).unlink(missing_ok=True)
+        _drop(part)
     else:
         _write_info(part, keep)
 
 
+def _drop(part: Path) -> None:
+    """A ``.part`` and its sidecar go together."""
+    part.unlink(missing_ok=True)
+    _info_path(part).unlink(missing_ok=True)
+
+
 def _write_info(part: Path, info: PartInfo) -> None:
     _info_path(part).write_bytes(info.to_json())
+
+
+def _size_or_zero(path: Path) -> int:
+    """One stat, where ``exists()`` then ``stat()`` would be two."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _info_path(part: Path) -> Path:
@@ -272,9 +300,7 @@ def _read_info(part: Path) -> PartInfo | None:
 
 def drop_part(out_dir: Path, job_id: str) -> None:
     """Forget a ``.part`` and its sidecar (blocking, but only two unlinks)."""
-    part = out_dir / (final_name(job_id) + PART_SUFFIX)
-    part.unlink(missing_ok=True)
-    _info_path(part).unlink(missing_ok=True)
+    _drop(out_dir / (final_name(job_id) + PART_SUFFIX))
 
 
 async def _open(
@@ -364,7 +390,8 @@ class _PartWriter:
         self.part = part
         self._append = append
         self.offload = offload
-        self._note = note  # the sidecar a .part needs before it may be resumed
+        self.note = note  # the sidecar a .part needs before it may be resumed
+        self._sidecar = append  # a .part is only appended to when its sidecar is there
         self._buf = bytearray()
         self._file: Any = None
 
@@ -372,10 +399,11 @@ class _PartWriter:
         self._buf += chunk
         if len(self._buf) >= FLUSH_BYTES:
             if self._file is None:
-                if self._note is not None and not self._append:
+                if self.note is not None and not self._append:
                     # Before the first byte reaches the disk, so a .part that outlives a kill
                     # can be resumed: one small file per large video, none for small ones.
-                    await self.offload(functools.partial(_write_info, self.part, self._note))
+                    await self.offload(functools.partial(_write_info, self.part, self.note))
+                    self._sidecar = True
                 self._file = await aiofiles.open(self.part, "ab" if self._append else "wb")
             # Emptied before the write: a write cut off by cancellation may finish in its
             # thread all the same, and close() must not write those bytes a second time.
@@ -419,50 +447,31 @@ class _PartWriter:
             await self.close(sync=True)
             return await self.offload(
                 functools.partial(
-                    _finish, self.part, final, size, sha, job_id, None, sync_dir, probe, body
+                    _finish,
+                    self.part,
+                    final,
+                    size,
+                    sha,
+                    job_id,
+                    None,
+                    sync_dir,
+                    probe,
+                    body,
+                    self._sidecar,
                 )
             )
-        data, append = bytes(self._buf), self._append
+        data, append, sidecar = bytes(self._buf), self._append, self._sidecar
         self._buf.clear()
 
         def write_and_finish() -> Downloaded:
             self._write_all(data, True)
             # The whole file is in hand: no re-read for the type check or the probe.
             whole = None if append else data
-            return _finish(self.part, final, size, sha, job_id, whole, sync_dir, probe, body)
+            return _finish(
+                self.part, final, size, sha, job_id, whole, sync_dir, probe, body, sidecar
+            )
 
         return await self.offload(write_and_finish)
-
-
-async def _stream(
-    resp: aiohttp.ClientResponse,
-    writer: _PartWriter,
-    have: int,
-    digest: hashlib._Hash,
-    max_bytes: int,
-    chunk_bytes: int,
-    job_id: str,
-    clock: Callable[[], float],
-) -> int:
-    size = have
-    pace = Throughput(MIN_RATE_WINDOW_S, MIN_RATE_BYTES, clock())
-    try:
-        async for chunk in resp.content.iter_chunked(chunk_bytes):
-            size += len(chunk)
-            if size > max_bytes:
-                raise DownloadError("video exceeds the size limit", job_id=job_id, retryable=False)
-            digest.update(chunk)
-            await writer.write(chunk)  # before any slowness verdict: a resume keeps it
-            if (short := pace.feed(len(chunk), clock())) is not None:
-                raise DownloadError(
-                    f"video host too slow: {short} bytes in the last {pace.window_s:.0f} s",
-                    job_id=job_id,
-                )
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise DownloadError(
-            f"download interrupted after {size} bytes: {type(exc).__name__}", job_id=job_id
-        ) from None
-    return size
 
 
 def _finish(
@@ -475,23 +484,25 @@ def _finish(
     sync_dir: bool = True,
     probe: bool = False,
     body: Body | None = None,
+    sidecar: bool = True,
 ) -> Downloaded:
     """Check, rename and probe in one worker-thread hop: the type, and for a body that nothing
-    delimited, that its MP4 boxes add up (else the .part stays for a Range resume)."""
+    delimited, that its MP4 boxes add up (else the .part stays for a Range resume).
+    ``sidecar`` says whether a .meta may sit beside the part: most videos have none to remove."""
     boxes = body is not None and body.check_boxes
     with io.BytesIO(whole) if whole is not None else open(part, "rb") as f:
         head = f.read(16)
         complete = not boxes or mp4_boxes_complete(f, size)
     if not looks_like_mp4(head):
-        part.unlink(missing_ok=True)
-        _info_path(part).unlink(missing_ok=True)
+        _drop(part)
         raise DownloadError("the downloaded file is not an MP4", job_id=job_id)
     if not complete:
         if body is not None and body.encoded:  # its bytes cannot be resumed with Range
             part.unlink(missing_ok=True)
         raise DownloadError(INCOMPLETE, job_id=job_id)
     os.replace(part, final)
-    _info_path(part).unlink(missing_ok=True)
+    if sidecar:
+        _info_path(part).unlink(missing_ok=True)
     if sync_dir:
         fsync_dir(final.parent)
     figures = probe_video(final, whole) if probe else None

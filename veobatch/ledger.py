@@ -301,6 +301,9 @@ class Ledger:
         self.states = states
         self._clock = clock
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        # Where a failed batch is cut back to: known here once, not asked of the disk per batch
+        # (the output lock makes this the only writer).
+        self._end = os.fstat(self._fd).st_size
         self._buf: list[bytes] = []
         self._seq = 0  # records appended to the buffer
         self._synced = 0  # records known to be on disk
@@ -434,9 +437,8 @@ class Ledger:
         back to where this batch started before the error is raised.
         """
         data = memoryview(b"".join(lines))
-        start = -1
+        start, end = self._end, self._end + len(data)
         try:
-            start = os.fstat(self._fd).st_size
             while data:
                 written = os.write(self._fd, data)
                 if written <= 0:  # never expected from a regular file, but never loop on it
@@ -446,11 +448,10 @@ class Ledger:
         except OSError as exc:
             why = f"cannot write {self.path}: {exc.strerror or exc}"
             raise LedgerError(why + self._cut_back(start)) from exc
+        self._end = end
 
     def _cut_back(self, size: int) -> str:
         """Truncate a failed batch away; returns what the error message should add."""
-        if size < 0:
-            return ""
         try:
             os.ftruncate(self._fd, size)
             os.fsync(self._fd)
@@ -548,6 +549,15 @@ def load_states(directory: Path) -> dict[str, JobState]:
     if not path.exists():
         return {}
     return replay(parse_journal(path.read_bytes()).records)
+
+
+def result_rows(directory: Path) -> list[dict[str, Any]]:
+    """The job rows of a directory's results.json; none when it is missing or unreadable."""
+    try:
+        rows = json.loads((directory / RESULTS_NAME).read_text(encoding="utf-8")).get("jobs", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
 
 
 def current_results(

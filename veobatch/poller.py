@@ -257,12 +257,11 @@ class Poller:
         if isinstance(exc, NotFoundError):
             t.not_found += 1
             old = self._clock() - t.started >= NOT_FOUND_GRACE_S
-            if t.not_found >= MAX_NOT_FOUND and old:
-                self._tracked.pop(t.job_id, None)
-                await self._sink.generation_lost(t, exc)
-                return
-        elif isinstance(exc, BadRequestError):
+            lost = t.not_found >= MAX_NOT_FOUND and old
+        else:
             # 400 and its kin: the API refuses this id, and asking again will not change that.
+            lost = isinstance(exc, BadRequestError)
+        if lost:
             self._tracked.pop(t.job_id, None)
             await self._sink.generation_lost(t, exc)
             return

@@ -8,7 +8,6 @@ reports back here, and every state change goes through the ledger before the nex
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -41,9 +40,18 @@ from .errors import (
 )
 from .fsutil import DirLock, DiskThreads, ensure_dir, fsync_dir
 from .jobs import Job, Manifest
-from .ledger import LEDGER_NAME, RESULTS_NAME, ErrorInfo, JobState, Ledger, ResultsWriter
+from .ledger import (
+    LEDGER_NAME,
+    RESULTS_NAME,
+    ErrorInfo,
+    JobState,
+    Ledger,
+    ResultsWriter,
+    result_rows,
+)
 from .poller import Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
+from .report import REPORT_NAME
 from .scheduler import (
     Action,
     AdaptiveLimit,
@@ -498,13 +506,11 @@ class _Run:
         st = self.ledger.state(job_id)
         if st.status == "done" and kind in ("lost", "generation_error"):
             # Re-polled for a lost file, and the generation is gone too.
-            kind, message = (
-                REFETCH_FAILED,
-                (
-                    f"the video file is gone and generation {st.generation_id} cannot be fetched "
-                    f"again ({kind}: {message}); --retry-failed generates it anew (a new charge)"
-                ),
+            message = (
+                f"the video file is gone and generation {st.generation_id} cannot be fetched "
+                f"again ({kind}: {message}); --retry-failed generates it anew (a new charge)"
             )
+            kind = REFETCH_FAILED
         elif st.status == "done":  # a timeout or a failed download: the generation may deliver
             message = (
                 f"the video file is gone and fetching it again failed ({message}); the next run "
@@ -710,11 +716,11 @@ def unrecorded_results(out: Path, jobs: Iterable[Job], states: Mapping[str, JobS
     ids = {job.id for job in jobs}
     # Same-named videos count only in what was a veobatch output directory: elsewhere they are
     # the user's own files, which a submission keeps aside (kept_name) rather than replaces.
-    ours = (out / RESULTS_NAME).exists() or (out / "report.html").exists()
-    videos = sorted(jid for jid in ids if ours and (out / final_name(jid)).exists())
+    ours = (out / RESULTS_NAME).exists() or (out / REPORT_NAME).exists()
+    videos = sorted(jid for jid in ids if (out / final_name(jid)).exists()) if ours else []
     generations = [
         row
-        for row in _results_rows(out / RESULTS_NAME)
+        for row in result_rows(out)
         if row.get("id") in ids and (row.get("generation_id") or row.get("attempts"))
     ]
     found = []
@@ -725,14 +731,6 @@ def unrecorded_results(out: Path, jobs: Iterable[Job], states: Mapping[str, JobS
         names = ", ".join(map(final_name, videos[:3])) + (", ..." if len(videos) > 3 else "")
         found.append(f"{len(videos)} video{'s' * (len(videos) != 1)} ({names})")
     return " and ".join(found)
-
-
-def _results_rows(path: Path) -> list[dict[str, Any]]:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8")).get("jobs", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [row for row in rows if isinstance(row, dict)] if isinstance(rows, list) else []
 
 
 def _refuse_unrecorded(out: Path, manifest: Manifest, ledger: Ledger) -> None:
@@ -869,7 +867,7 @@ def _final_results(ledger: Ledger, manifest: Manifest) -> None:
     except OSError as exc:
         log.error(
             "cannot write %s: %s; the ledger holds every result (see `veobatch status`)",
-            ledger.directory / "results.json",
+            ledger.directory / RESULTS_NAME,
             exc.strerror or exc,
         )
 

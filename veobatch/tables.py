@@ -12,14 +12,21 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .catalogue import MODELS
 from .errors import Problem
-from .yamlpos import Issue, Pos, SourceMap, editor_lines, join_surrogates, surrogate_message
+from .yamlpos import (
+    SURROGATE_ESCAPE,
+    Issue,
+    Pos,
+    SourceMap,
+    editor_lines,
+    join_surrogates,
+    surrogate_message,
+)
 from .yamlpos import Path as KeyPath
 
 TABLE_SUFFIXES = (".csv", ".jsonl")
@@ -29,7 +36,6 @@ FIELD_TYPES: dict[str, str] = {
 }
 _TRUE = ("true", "yes", "y", "1")
 _FALSE = ("false", "no", "n", "0")
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # JSON's only way to write a surrogate
 
 
 @dataclass
@@ -156,7 +162,7 @@ def _csv_row(
         row[name] = convert_cell(name, cells[i])
         col = columns[i] if columns and i < len(columns) else 1
         table.source.values[(*path, name)] = Pos(line, col)
-        if isinstance(row[name], list) and _SURROGATE_ESCAPE.search(cells[i]):  # a JSON array
+        if isinstance(row[name], list) and SURROGATE_ESCAPE.search(cells[i]):  # a JSON array
             row[name] = _checked_text(table, path, name, row[name], Pos(line, col))
         key_col = header_columns[i] if header_columns and i < len(header_columns) else 1
         table.source.keys[(*path, name)] = Pos(header_line, key_col)
@@ -201,7 +207,7 @@ def _read_jsonl(text: str, file: str) -> Table:
             message = f"expected a JSON object per line (one job), got {type(row).__name__}"
             table.problems.append(Problem(table.file, message, number, 1))
             continue
-        if _SURROGATE_ESCAPE.search(raw):
+        if SURROGATE_ESCAPE.search(raw):
             row = _checked_row(table, number, raw, row)
         path: KeyPath = ("jobs", len(table.rows))
         table.source.items[path] = Pos(number, 1)

@@ -147,8 +147,8 @@ def parse_moov(data: bytes, start: int = 0, end: int | None = None) -> Probe:
     duration: float | None = None
     tracks: list[_Track] = []
     for kind, s, e in _boxes(data, start, end):
-        if kind == b"mvhd" and e - s >= (32 if _version(data, s, e) == 1 else 20):
-            if data[s] == 1:  # 64-bit times, then timescale and duration
+        if kind == b"mvhd" and e - s >= (32 if (v := _version(data, s, e)) == 1 else 20):
+            if v == 1:  # 64-bit times, then timescale and duration
                 timescale, length = struct.unpack_from(">IQ", data, s + 20)
             else:
                 timescale, length = struct.unpack_from(">II", data, s + 12)

@@ -55,7 +55,7 @@ _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # as editors (and YAML) count lines
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Only a \u or \U escape in a double-quoted scalar can make a surrogate: a document without
 # one needs no scalar checked.
-_SURROGATE_ESCAPE = re.compile(r"\\(?:u|U0000)[dD][89a-fA-F]")
+SURROGATE_ESCAPE = re.compile(r"\\(?:u|U0000)[dD][89a-fA-F]")
 
 
 class _Lines:
@@ -386,7 +386,7 @@ class _Builder:
     def __init__(self, loader: _Loader | _FastLoader) -> None:
         self.loader = loader
         self._pos = loader.lines.pos
-        self._escapes = _SURROGATE_ESCAPE.search(loader.lines.text) is not None
+        self._escapes = SURROGATE_ESCAPE.search(loader.lines.text) is not None
         self.source = SourceMap()
         self.issues: list[Issue] = []
         self._seen: set[int] = set()

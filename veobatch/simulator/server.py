@@ -373,7 +373,8 @@ class Simulator:
             self.stats.odd_statuses += 1
             shape = self._dice.choice(ODD_SHAPES)
             return web.json_response(odd_fetch_body(gen, shape, seconds))
-        body = fetch_body(gen, now, self._video_url(gen), seconds)
+        url = self._video_url(gen) if status == "completed" else ""  # read only when completed
+        body = fetch_body(gen, now, url, seconds)
         headers = {}
         if status == "completed":  # the charge, once there is one
             headers = {
