@@ -609,6 +609,32 @@ async def test_a_video_the_ledger_does_not_know_is_kept_not_overwritten(
     assert (out / f"job1@{tag}.mp4").read_bytes() == b"kept earlier"
 
 
+async def test_a_foreign_video_is_hashed_off_the_event_loop(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A copied-in video may be gigabytes: hashing it on the loop would stall every poll.
+    import threading
+
+    import veobatch.runner as runner_mod
+
+    threads: list[threading.Thread] = []
+    real = runner_mod.sha256_file
+
+    def spy(path: Path) -> str:
+        threads.append(threading.current_thread())
+        return real(path)
+
+    monkeypatch.setattr(runner_mod, "sha256_file", spy)
+    out = tmp_path / "out"
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    (out / "job1.mp4").write_bytes(b"someone else's video")
+    report = await run(manifest(2, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 0
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    assert [p.read_bytes() for p in out.glob("job1@*.mp4")] == [b"someone else's video"]
+
+
 # -- the cost limit ------------------------------------------------------------------------
 
 PRICED = {"prices": {"google/veo-3.1-t2v": 0.1}}  # the fake's 8 s jobs: $0.80 each

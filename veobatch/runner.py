@@ -38,7 +38,7 @@ from .errors import (
     RedirectedError,
     UrlRejectedError,
 )
-from .fsutil import DirLock, DiskThreads, ensure_dir, fsync_dir
+from .fsutil import DirLock, DiskThreads, ensure_dir, fsync_dir, to_thread
 from .jobs import Job, Manifest
 from .ledger import (
     LEDGER_NAME,
@@ -331,7 +331,7 @@ class _Run:
                 return
             if risked:
                 self.risked_duplicates += 1
-            self._prepare_new_generation(job)
+            await self._prepare_new_generation(job)
             outcome = await self.submitter.submit(job)
         except AuthError as exc:
             self._stop_on_auth(exc)
@@ -356,7 +356,7 @@ class _Run:
         else:  # the look-up proved nothing was created: back to pending, held back
             await self.ledger.record("unsent", job.id)
 
-    def _prepare_new_generation(self, job: Job) -> None:
+    async def _prepare_new_generation(self, job: Job) -> None:
         """Clear the way for a new generation without losing or mixing up an earlier one.
 
         A ``.part`` left by an earlier generation must not be resumed into this one, and a
@@ -374,9 +374,14 @@ class _Run:
             old, tag, why = out / final_name(job.id), None, "video not made by this ledger"
         if not old.exists():
             return
-        kept = kept_name(out, job.id, tag or sha256_file(old)[:8])
-        os.replace(old, kept)
-        fsync_dir(out)
+
+        def keep() -> Path:  # a foreign video may be large: hash it off the event loop
+            kept = kept_name(out, job.id, tag or sha256_file(old)[:8])
+            os.replace(old, kept)
+            fsync_dir(out)
+            return kept
+
+        kept = await to_thread(keep)
         log.info("%s job=%s: previous video kept as %s", why, job.id, kept.name)
 
     def _on_rate_limited(self) -> None:
