@@ -116,6 +116,8 @@ def test_parse_created() -> None:
         parse_created('{"status": "queued"}', {})
     with pytest.raises(ProtocolError):
         parse_created("not json", {})
+    # The generation exists: an unreadable body does not lose the id its header gives.
+    assert parse_created("<html>OK</html>", {"x-inference-id": "g"}).generation_id == "g"
 
 
 @pytest.mark.parametrize(
@@ -185,6 +187,14 @@ async def test_create_sends_key_body_and_request_id(client: HttpApiClient) -> No
     assert headers["X-Client-Request-Id"] == "vb:a:1:x"
     assert json.loads(seen["data"]) == {"model": "m", "prompt": "p"}  # type: ignore[arg-type]
     assert seen["allow_redirects"] is False
+
+
+async def test_a_json_answer_with_a_byte_order_mark_is_read(client: HttpApiClient) -> None:
+    body = b"\xef\xbb\xbf" + json.dumps({"id": "g1", "status": "generating"}).encode()
+    with aioresponses() as m:
+        m.get(URL + "?generation_id=g1", body=body, content_type="application/json")
+        gen = await client.fetch("g1")
+    assert gen.status == "generating"
 
 
 async def test_fetch_passes_generation_id(client: HttpApiClient) -> None:

@@ -27,6 +27,7 @@ from veobatch.downloader import (
     download,
     file_matches,
     looks_like_mp4,
+    request_target,
 )
 from veobatch.errors import DownloadError, UrlRejectedError
 from veobatch.simulator.video import VideoSpec, encode_test_card
@@ -622,14 +623,27 @@ def test_a_whole_mp4s_boxes_add_up_and_a_cut_ones_do_not(real_mp4: bytes) -> Non
     assert not _boxes_add_up(real_mp4 + b"\0\0\0")  # too short for one more box
 
 
+def test_an_mp4_cut_exactly_before_its_moov_box_is_not_whole(real_mp4: bytes) -> None:
+    # Cut between two boxes, the boxes still add up: only the missing moov gives it away.
+    at = 0
+    while real_mp4[at + 4 : at + 8] != b"moov":  # walk the top-level boxes to the moov
+        at += int.from_bytes(real_mp4[at : at + 4], "big")
+    assert 0 < at < len(real_mp4) and _boxes_add_up(real_mp4)
+    assert not _boxes_add_up(real_mp4[:at])
+
+
 @pytest.mark.parametrize(
     ("data", "ok"),
     [
-        (_box(b"ftyp", 16) + _box(b"mdat", 100), True),
-        (b"\0\0\0\x01mdat" + (24).to_bytes(8, "big") + bytes(8), True),  # a 64-bit size
-        (b"\0\0\0\x01mdat" + (32).to_bytes(8, "big") + bytes(8), False),  # and it overruns
-        (b"\0\0\0\x01mdat" + (8).to_bytes(8, "big"), False),  # under its own header
-        (_box(b"ftyp", 16) + b"\0\0\0\0mdat" + bytes(50), True),  # size 0: up to the end
+        (_box(b"ftyp", 16) + _box(b"moov", 40) + _box(b"mdat", 100), True),
+        (_box(b"ftyp", 16) + _box(b"mdat", 100) + _box(b"moov", 40), True),
+        (_box(b"ftyp", 16) + _box(b"mdat", 100), False),  # no moov: no player can read it
+        (_box(b"moov", 40) + b"\0\0\0\x01mdat" + (24).to_bytes(8, "big") + bytes(8), True),
+        (_box(b"moov", 40) + b"\0\0\0\x01mdat" + (32).to_bytes(8, "big") + bytes(8), False),
+        (_box(b"moov", 40) + b"\0\0\0\x01mdat" + (8).to_bytes(8, "big"), False),
+        (_box(b"moov", 40) + b"\0\0\0\0mdat" + bytes(50), True),  # size 0: up to the end
+        (_box(b"ftyp", 16) + b"\0\0\0\0mdat" + bytes(50), False),  # ... and no moov after it
+        (_box(b"ftyp", 16) + b"\0\0\0\0moov" + bytes(50), True),
         (b"\0\0\0\x04ftyp", False),  # a size under 8
         (_box(b"ftyp", 16) + _box(b"mdat", 100)[:-1], False),
         (b"", False),
@@ -662,6 +676,51 @@ async def test_a_body_without_a_length_is_whole_only_if_its_boxes_add_up(
     async with serve_raw(_answer(b"Connection: close\r\n", real_mp4)) as base:
         await _get(base, tmp_path)
     assert (tmp_path / "job1.mp4").read_bytes() == real_mp4
+
+
+# -- the URL is sent as the API gave it ------------------------------------------------------
+
+
+async def test_a_signed_url_and_its_redirect_are_requested_byte_for_byte(
+    real_mp4: bytes, tmp_path: Path
+) -> None:
+    # A CDN that checks a signature over the request target refuses ',' for '%2C'.
+    targets: list[bytes] = []
+
+    async def cdn(request: bytes, w: asyncio.StreamWriter) -> None:
+        targets.append(request.split(b" ")[1])
+        if len(targets) == 1:
+            w.write(b"HTTP/1.1 302 Found\r\nLocation: /w%2C2.mp4?k=K%2C1&s=a%2Fb%3D\r\n")
+            w.write(b"Content-Length: 0\r\n\r\n")
+        else:
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(real_mp4))
+            w.write(real_mp4)
+
+    async with serve_raw(cdn) as base, aiohttp.ClientSession() as s:
+        await download(
+            s,
+            base + "/v%2C1.mp4?Signature=ab%2Fcd%2Bef%3D%3D#part",
+            tmp_path,
+            "job1",
+            api_base_url="http://127.0.0.1:1",
+            max_bytes=1 << 30,
+            chunk_bytes=64 * 1024,
+        )
+    assert targets == [b"/v%2C1.mp4?Signature=ab%2Fcd%2Bef%3D%3D", b"/w%2C2.mp4?k=K%2C1&s=a%2Fb%3D"]
+    assert (tmp_path / "job1.mp4").read_bytes() == real_mp4
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        ("https://cdn.example/a%2Cb.mp4?x=%2F", "/a%2Cb.mp4?x=%2F"),
+        ("https://cdn.example/a b.mp4", "/a%20b.mp4"),  # no URI: encoded so it can be sent
+        ("https://cdn.example/\u00fc.mp4", "/%C3%BC.mp4"),
+        ("https://cdn.example/%zz.mp4", "/%25zz.mp4"),
+    ],
+)
+def test_request_target(url: str, sent: str) -> None:
+    assert request_target(url).raw_path_qs == sent
 
 
 # -- encoded bodies: no length to compare, nothing to resume --------------------------------

@@ -146,3 +146,36 @@ async def test_search_window_covers_the_intent_with_margin() -> None:
     window = api.calls[0]
     assert window["start"].timestamp() <= 10_000 - 60
     assert window["end"].timestamp() >= 10_100
+
+
+async def test_the_window_ends_at_the_latest_record_not_now() -> None:
+    # Rows of requests made after the lookup's was recorded cannot be it: leave them out.
+    api = PagedLogs([])
+    late = Lookup("job", "c", "m", 10_000, "no_answer", recorded_wall=10_060)
+    await _sweep(api, [late], now=50_000)
+    assert api.calls[0]["end"].timestamp() == 10_060 + 300
+
+
+async def test_a_sweep_cut_short_by_the_page_cap_goes_on_where_it_stopped() -> None:
+    # 6,000 newer rows of other requests before the one looked for: more than one sweep reads.
+    noise = [LogEntry(f"other-{i}", f"g{i}", "succeeded") for i in range(6000)]
+    api = PagedLogs([*noise, LogEntry("a", "gen-a", "succeeded")])
+    got: list[tuple[str, Decision]] = []
+
+    async def sink(lookup: Lookup, decision: Decision) -> None:
+        got.append((lookup.job_id, decision))
+
+    rec = Reconciler(
+        api,
+        sink,
+        grace_s=60,
+        interval_s=1,
+        budget=RateBudget(10**6, 60, lambda: 0),
+        wall_clock=lambda: 1000.0,
+    )
+    rec.add(Lookup("ja", "a", "m", 900, "server_error"))
+    await rec.sweep()
+    assert got == [] and len(api.calls) == 50  # the page cap: wait, do not give up
+    await rec.sweep()
+    assert [(j, d.verdict) for j, d in got] == [("ja", Verdict.ADOPT)]
+    assert api.calls[50]["offset"] == 5000 and len(api.calls) == 61

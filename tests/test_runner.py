@@ -720,6 +720,20 @@ async def test_a_crash_proven_unsent_then_held_back_is_pending_not_uncertain(
     assert report.exit_code == 1
 
 
+async def test_a_job_waiting_for_a_slot_when_a_poll_meets_401_is_not_counted_as_sent(
+    cdn: str, tmp_path: Path
+) -> None:
+    class KeyRevoked(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            raise AuthError("HTTP 401: invalid key", status=401)
+
+    api = KeyRevoked(cdn)
+    s = settings(tmp_path, concurrency=1, max_cost_usd=100.0, **PRICED)
+    report = await run(manifest(2, tmp_path), s, api=api)
+    assert report.exit_code == 3 and len(api.created) == 1  # job1 waited for job0's slot
+    assert report.estimated_usd == pytest.approx(0.8) and report.estimated_jobs == 1
+
+
 async def test_a_stop_gives_back_the_reservation_of_a_job_never_sent(
     cdn: str, tmp_path: Path
 ) -> None:

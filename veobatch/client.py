@@ -197,7 +197,15 @@ def _json_object(text: str, what: str) -> Mapping[str, Any]:
 
 
 def parse_created(text: str, headers: Mapping[str, str]) -> Created:
-    doc = _json_object(text, "create")
+    """The new generation's id, from the body or, when the body is unreadable, from the
+    ``x-inference-id`` header: the generation exists either way, and losing its id would
+    leave a paid job uncertain."""
+    try:
+        doc = _json_object(text, "create")
+    except ProtocolError:
+        if not headers.get("x-inference-id"):
+            raise
+        doc = {}
     gen_id = doc.get("id") or headers.get("x-inference-id")
     if not isinstance(gen_id, str) or not gen_id:
         raise ProtocolError(f"create: answer has no generation id: {text[:200]!r}")
@@ -339,7 +347,8 @@ class HttpApiClient:
                 allow_redirects=False,  # a redirect could carry the key to another host
             ) as resp:
                 raw = await _read_body(resp.content)
-                text = raw[:MAX_BODY_BYTES].decode("utf-8", "replace")
+                # JSON must not start with a BOM, but a parser may skip one (RFC 8259, 8.1)
+                text = raw[:MAX_BODY_BYTES].decode("utf-8-sig", "replace")
                 if resp.status >= 300:
                     raise error_from_response(resp.status, text, resp.headers)
                 if len(raw) > MAX_BODY_BYTES:

@@ -14,6 +14,7 @@ import hashlib
 import io
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 import aiofiles
 import aiohttp
 import anyio
+from yarl import URL
 
 from .client import parse_retry_after
 from .errors import DownloadError, UrlRejectedError
@@ -303,6 +305,20 @@ def drop_part(out_dir: Path, job_id: str) -> None:
     _drop(out_dir / (final_name(job_id) + PART_SUFFIX))
 
 
+# A URL made only of what RFC 3986 allows, its % escapes well formed.
+_RFC3986 = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
+
+
+def request_target(url: str) -> URL:
+    """The URL to send, byte for byte as the API gave it when it is a valid URI.
+
+    A CDN may sign the exact request target: ``%2C`` and ``,`` are not the same to it
+    (RFC 3986, 2.2), yet yarl would normalise one into the other. Only a URL with characters
+    a URI cannot hold (a space, non-ASCII) is percent-encoded, since it could not be sent as is.
+    """
+    return URL(url, encoded=True) if _RFC3986.fullmatch(url) else URL(url)
+
+
 async def _open(
     session: aiohttp.ClientSession,
     url: str,
@@ -323,7 +339,7 @@ async def _open(
         check_video_url(url, api_base_url)
         try:
             resp = await session.get(
-                url, headers=headers, allow_redirects=False, timeout=client_timeout
+                request_target(url), headers=headers, allow_redirects=False, timeout=client_timeout
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise DownloadError(

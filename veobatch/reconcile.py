@@ -142,6 +142,7 @@ class Reconciler:
         self._wall = wall_clock
         self._open: dict[str, Lookup] = {}
         self._wake = anyio.Event()
+        self._cursor: _Cursor | None = None  # where a sweep cut short by the page cap stopped
 
     def add(self, lookup: Lookup) -> None:
         self._open[lookup.client_request_id] = lookup
@@ -179,12 +180,27 @@ class Reconciler:
             await self._on_decision(lookup, d)
 
     async def _search(self, lookups: dict[str, Lookup]) -> tuple[dict[str, LogEntry], bool]:
+        """Page through the window that can hold these requests' rows.
+
+        The window ends where the latest of them was recorded (a request is logged when it is
+        made, and it was made before its answer was recorded, or just after its intent): rows
+        of later requests, thousands in a large run, are outside it. A sweep cut short by the
+        page cap leaves a cursor, and the next sweep of the same window goes on from there,
+        so a window of any size is read in the end. Newest-first or oldest-first, rows logged
+        meanwhile only shift rows already read under the cursor; none is skipped.
+        """
         since = min(lk.since_wall for lk in lookups.values()) - CLOCK_MARGIN_S
-        start = datetime.fromtimestamp(since, UTC)
-        end = datetime.fromtimestamp(self._wall() + CLOCK_MARGIN_S, UTC)
+        until = min(max(lk.settled_wall for lk in lookups.values()), self._wall())
         models = sorted({lk.model for lk in lookups.values()})
+        window = (since, until + CLOCK_MARGIN_S, tuple(models))
+        start = datetime.fromtimestamp(window[0], UTC)
+        end = datetime.fromtimestamp(window[1], UTC)
         found: dict[str, LogEntry] = {}
         offset = 0
+        if self._cursor is not None and self._cursor.window == window:
+            offset = self._cursor.offset
+            found = {c: e for c, e in self._cursor.found.items() if c in lookups}
+        self._cursor = None
         for _ in range(MAX_PAGES_PER_SWEEP):
             await anyio.sleep(self._budget.wait_s())
             self._budget.take()
@@ -196,6 +212,7 @@ class Reconciler:
                 raise  # a refused key or a wrong base URL: the run stops, it does not wait
             except ApiError as exc:
                 log.warning("usage logs unavailable: %s", exc.message)
+                self._cursor = _Cursor(window, offset, found)
                 return found, False
             for entry in page.entries:
                 if entry.client_request_id in lookups:
@@ -203,4 +220,12 @@ class Reconciler:
             if len(found) == len(lookups) or not page.has_more or not page.entries:
                 return found, True
             offset += len(page.entries)
+        self._cursor = _Cursor(window, offset, found)
         return found, False
+
+
+@dataclass(frozen=True)
+class _Cursor:
+    window: tuple[float, float, tuple[str, ...]]
+    offset: int
+    found: dict[str, LogEntry]

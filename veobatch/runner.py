@@ -71,6 +71,10 @@ MAX_URL_REFRESHES = 3
 SLOT_KINDS = frozenset({"timeout", "lost"})  # failed jobs whose generation may still be running
 REFETCH_FAILED = "refetch_failed"  # a done job's file is missing and cannot be fetched again
 RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its last rewrite
+# Servers close idle connections after a few seconds (Node's default is 5 s). A POST written
+# to a connection the server is closing gets no answer, and leaves a paid job uncertain:
+# drop idle API connections before a server would.
+API_KEEPALIVE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -299,7 +303,11 @@ class _Run:
                     self._close(job.id)
                     continue
                 if not self.stop_submitting:
-                    await self.slots.acquire_on_behalf_of(job.id)
+                    try:
+                        await self.slots.acquire_on_behalf_of(job.id)
+                    except BaseException:  # cancelled while waiting for a slot: never sent
+                        self.budget.release(job.id)
+                        raise
                     self.holding.add(job.id)
                 if self.stop_submitting:
                     self._release(job.id)
@@ -774,7 +782,10 @@ async def _http(
             yield api, cdn
             return
         assert settings.api_key is not None, "run() checks for a key before it locks"
-        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+        async with aiohttp.ClientSession(
+            cookie_jar=aiohttp.DummyCookieJar(),
+            connector=aiohttp.TCPConnector(keepalive_timeout=API_KEEPALIVE_S),
+        ) as session:
             yield (
                 HttpApiClient(
                     session,

@@ -117,13 +117,15 @@ def _length(value: str | None) -> int | None:
 
 
 def mp4_boxes_complete(f: BinaryIO, size: int) -> bool:
-    """Do the top-level boxes of the ``size`` bytes in ``f`` add up to exactly ``size``?
+    """Do the top-level boxes of the ``size`` bytes in ``f`` add up to exactly ``size``, with a
+    ``moov`` among them?
 
-    For a body nothing else delimits: a file cut short ends inside its last box. Each box
-    starts with a 32-bit size and a type; size 1 means a 64-bit size follows, size 0 that the
-    box runs to the end of the file (so it is the last one).
+    For a body nothing else delimits: a file cut short ends inside its last box, or, cut
+    exactly between boxes, lacks the ``moov`` that a player needs (it often comes last, after
+    the media data). Each box starts with a 32-bit size and a type; size 1 means a 64-bit size
+    follows, size 0 that the box runs to the end of the file (so it is the last one).
     """
-    pos = 0
+    pos, moov = 0, False
     while pos < size:
         if size - pos < 8:
             return False
@@ -132,6 +134,7 @@ def mp4_boxes_complete(f: BinaryIO, size: int) -> bool:
         if len(head) < 8:
             return False
         (box,) = struct.unpack_from(">I", head)
+        moov = moov or head[4:8] == b"moov"
         header = 8
         if box == 1:
             if len(head) < 16:
@@ -139,11 +142,11 @@ def mp4_boxes_complete(f: BinaryIO, size: int) -> bool:
             (box,) = struct.unpack_from(">Q", head, 8)
             header = 16
         elif box == 0:
-            return True
+            return moov
         if box < header:
             return False
         pos += box
-    return size > 0 and pos == size
+    return moov and pos == size
 
 
 class Throughput:
