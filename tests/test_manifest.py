@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import base64
 import io
+import json
 import re
 import socket
 from pathlib import Path
@@ -963,6 +964,256 @@ def test_quoting_is_only_advised_for_text_fields(value: str) -> None:
     assert "quotes" not in problem.message
 
 
+# --- numbers YAML 1.1 reads otherwise ------------------------------------------------------
+
+OCTAL_83 = "YAML 1.1 reads 0123 as the octal number 83; write 123 without the leading zero"
+NOT_OCTAL_08 = (
+    "YAML 1.1 reads 08 as the string '08': a leading zero means octal, and 8 and 9 are not "
+    "octal digits; write 8 without the leading zero"
+)
+
+# (text, line, column, field, the whole message): a number written other than in plain decimal
+# is refused, never sent as the number YAML 1.1 makes of it.
+ODD_NUMBERS = [
+    pytest.param(
+        t2v("seed: 0123"),
+        5,
+        11,
+        "seed",
+        f"expected an integer, got 0123 ({OCTAL_83}, or 83 if you meant octal)",
+        id="seed-octal",
+    ),
+    pytest.param(
+        t2v("duration: 010"),
+        5,
+        15,
+        "duration",
+        "expected an integer (one of 4, 6, 8), got 010 (YAML 1.1 reads 010 as the octal "
+        "number 8; write 10 without the leading zero, or 8 if you meant octal)",
+        id="duration-octal",
+    ),
+    pytest.param(
+        t2v("duration: 06"),
+        5,
+        15,
+        "duration",
+        "expected an integer (one of 4, 6, 8), got 06 (YAML 1.1 reads 06 as the octal number "
+        "6; write 6 without the leading zero)",
+        id="duration-leading-zero",
+    ),
+    pytest.param(
+        t2v("seed: -0_12"),
+        5,
+        11,
+        "seed",
+        "expected an integer, got -0_12 (YAML 1.1 reads -0_12 as the octal number -10; "
+        "write -12 without the leading zero, or -10 if you meant octal)",
+        id="seed-negative-octal",
+    ),
+    pytest.param(
+        t2v("seed: 0x1F"),
+        5,
+        11,
+        "seed",
+        "expected an integer, got 0x1F (YAML 1.1 reads 0x1F as the hexadecimal number 31; "
+        "write 31)",
+        id="seed-hex",
+    ),
+    pytest.param(
+        t2v("seed: 0b101"),
+        5,
+        11,
+        "seed",
+        "expected an integer, got 0b101 (YAML 1.1 reads 0b101 as the binary number 5; write 5)",
+        id="seed-binary",
+    ),
+    pytest.param(
+        t2v("seed: 0o17"),
+        5,
+        11,
+        "seed",
+        "expected an integer, got 0o17 (YAML 1.1 reads 0o17 as the string '0o17'; write 15)",
+        id="seed-0o",
+    ),
+    pytest.param(
+        t2v("seed: 1:30"),
+        5,
+        11,
+        "seed",
+        "expected an integer, got 1:30 (YAML 1.1 reads 1:30 as the base-60 (sexagesimal) "
+        "number 90; write 90)",
+        id="seed-sexagesimal",
+    ),
+    pytest.param(
+        t2v("seed: 1:00:00"),
+        5,
+        11,
+        "seed",
+        "expected an integer, got 1:00:00 (YAML 1.1 reads 1:00:00 as the base-60 "
+        "(sexagesimal) number 3600; write 3600)",
+        id="seed-sexagesimal-hours",
+    ),
+    pytest.param(
+        t2v("seed: 1_000"),
+        5,
+        11,
+        "seed",
+        "expected an integer, got 1_000 (YAML 1.1 reads 1_000 as 1000, ignoring its "
+        "underscores; write 1000)",
+        id="seed-underscores",
+    ),
+    pytest.param(
+        t2v("duration: 08"),
+        5,
+        15,
+        "duration",
+        f"expected an integer (one of 4, 6, 8), got 08 ({NOT_OCTAL_08})",
+        id="duration-08-not-quoted",
+    ),
+    pytest.param(
+        t2v("seed: 09"),
+        5,
+        11,
+        "seed",
+        "expected an integer, got 09 (YAML 1.1 reads 09 as the string '09': a leading zero "
+        "means octal, and 8 and 9 are not octal digits; write 9 without the leading zero)",
+        id="seed-09-not-quoted",
+    ),
+    pytest.param(
+        t2v('duration: "08"'),
+        5,
+        15,
+        "duration",
+        "expected an integer (one of 4, 6, 8), got the string '08'",
+        id="duration-08-quoted-no-unquote-hint",
+    ),
+    pytest.param(
+        t2v("variants: 08"),
+        5,
+        15,
+        "variants",
+        f"expected a number of takes from 1 to 100, got 08 ({NOT_OCTAL_08})",
+        id="variants-08",
+    ),
+    pytest.param(
+        t2v("variants: 010"),
+        5,
+        15,
+        "variants",
+        "expected a number of takes from 1 to 100, got 010 (YAML 1.1 reads 010 as the octal "
+        "number 8; write 10 without the leading zero, or 8 if you meant octal)",
+        id="variants-octal",
+    ),
+    pytest.param(
+        t2v("matrix: {seed: [1, 0123]}"),
+        5,
+        24,
+        "matrix.seed.1",
+        f"expected an integer, got 0123 ({OCTAL_83}, or 83 if you meant octal)",
+        id="matrix-octal",
+    ),
+    pytest.param(
+        t2v("matrix: {duration: [4, 8], exclude: [{duration: 010}]}"),
+        5,
+        53,
+        "matrix.exclude.0.duration",
+        "expected a plain number, got 010 (YAML 1.1 reads 010 as the octal number 8; write 10 "
+        "without the leading zero, or 8 if you meant octal)",
+        id="matrix-exclude-octal",  # would have left out duration 8
+    ),
+    pytest.param(
+        defaults("seed: 0123"),
+        3,
+        9,
+        "defaults.seed",
+        f"expected an integer, got 0123 ({OCTAL_83}, or 83 if you meant octal)",
+        id="default-octal",
+    ),
+    pytest.param(
+        t2v().replace("version: 1", "version: 01"),
+        1,
+        10,
+        "version",
+        "expected the integer 1, got 01 (YAML 1.1 reads 01 as the octal number 1; write 1 "
+        "without the leading zero)",
+        id="version-leading-zero",
+    ),
+    pytest.param(
+        t2v().replace("version: 1", "version: 08"),
+        1,
+        10,
+        "version",
+        f"expected the integer 1, got 08 ({NOT_OCTAL_08})",
+        id="version-08",
+    ),
+    pytest.param(
+        settings("concurrency: 010"),
+        3,
+        16,
+        "settings.concurrency",
+        "expected an integer from 1 to 10000, got 010 (YAML 1.1 reads 010 as the octal number "
+        "8; write 10 without the leading zero, or 8 if you meant octal)",
+        id="concurrency-octal",
+    ),
+    pytest.param(
+        settings("concurrency: 08"),
+        3,
+        16,
+        "settings.concurrency",
+        f"expected an integer from 1 to 10000, got 08 ({NOT_OCTAL_08})",
+        id="concurrency-08",
+    ),
+    pytest.param(
+        settings("job_timeout_s: 1:00:00"),
+        3,
+        18,
+        "settings.job_timeout_s",
+        "expected a number of seconds greater than 0, got 1:00:00 (YAML 1.1 reads 1:00:00 as "
+        "the base-60 (sexagesimal) number 3600; write 3600)",
+        id="timeout-sexagesimal",
+    ),
+    pytest.param(
+        settings("max_cost_usd: 1_000.5"),
+        3,
+        17,
+        "settings.max_cost_usd",
+        "expected an amount in US dollars, 0 or more (e.g. 250), got 1_000.5 (YAML 1.1 reads "
+        "1_000.5 as 1000.5, ignoring its underscores; write 1000.5)",
+        id="cost-underscores",
+    ),
+    pytest.param(
+        settings(f"prices: {{{T2V}: 1:30.5}}"),
+        3,
+        32,
+        f"settings.prices.{T2V}",
+        "expected a price in USD per second of video (e.g. 0.40), got 1:30.5 (YAML 1.1 reads "
+        "1:30.5 as the base-60 (sexagesimal) number 90.5; write 90.5)",
+        id="price-sexagesimal-float",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "column", "field", "message"), ODD_NUMBERS)
+def test_numbers_yaml_11_reads_otherwise_are_refused_not_sent(
+    text: str, line: int, column: int, field: str | None, message: str
+) -> None:
+    (problem,) = problems_of(text)  # refused: no manifest, so no request
+    assert (problem.line, problem.column, problem.field) == (line, column, field)
+    assert problem.message == message
+
+
+def test_plain_decimal_numbers_are_sent_as_written() -> None:
+    text = job_doc(f"model: {T2V}", "prompt: a", "seed: -0", "duration: +8").replace(
+        "jobs:",
+        "settings:\n  job_timeout_s: 90.5\n  max_cost_usd: 010.50\n"
+        f"  prices: {{{T2V}: .4, {T2V_FAST}: 1.5e-1}}\njobs:",
+    )
+    manifest = parse_manifest(text)
+    assert dict(manifest.jobs[0].request) == {"model": T2V, "prompt": "a", "seed": 0, "duration": 8}
+    assert manifest.settings.job_timeout_s == 90.5 and manifest.settings.max_cost_usd == 10.5
+    assert dict(manifest.settings.prices) == {T2V: 0.4, T2V_FAST: 0.15}
+
+
 def test_every_problem_is_reported_at_once_in_line_order() -> None:
     text = doc(
         "version: 1",  # 1
@@ -1224,6 +1475,113 @@ def test_data_uri_size_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     (problem,) = problems_of(i2v(PNG_URI))
     assert where(problem) == (5, 16, "#1", "image_url")
     assert "above the 0 MB limit" in problem.message
+
+
+# --- image URLs ----------------------------------------------------------------------------
+
+
+# The published schemas give image URLs "format": "uri" (RFC 3986): an API enforcing it would
+# answer 400 mid-batch, so each is refused before anything is sent, at its first bad character.
+BAD_URLS = [
+    pytest.param(
+        "https://e.com/ü.png",
+        "the URL has 'ü' at character 15, which a URL cannot carry as it is; "
+        "percent-encode it as %C3%BC",
+        id="non-ascii",
+    ),
+    pytest.param(
+        "https://e.com/{id}.png",
+        "the URL has '{' at character 15, which a URL cannot carry as it is; "
+        "percent-encode it as %7B",
+        id="brace",
+    ),
+    pytest.param(
+        "https://e.com/a|b.png",
+        "the URL has '|' at character 16, which a URL cannot carry as it is; "
+        "percent-encode it as %7C",
+        id="pipe",
+    ),
+    pytest.param(
+        "https://e.com/a^b.png",
+        "the URL has '^' at character 16, which a URL cannot carry as it is; "
+        "percent-encode it as %5E",
+        id="caret",
+    ),
+    pytest.param(
+        "https://e.com/a\\b.png",
+        "the URL has '\\' at character 16, which a URL cannot carry as it is; "
+        "percent-encode it as %5C",
+        id="backslash",
+    ),
+    pytest.param(
+        'https://e.com/a"b.png',
+        "the URL has '\"' at character 16, which a URL cannot carry as it is; "
+        "percent-encode it as %22",
+        id="double-quote",
+    ),
+    pytest.param(
+        "https://e.com/a\x7fb.png",
+        "the URL has U+007F at character 16, which a URL cannot carry as it is; "
+        "percent-encode it as %7F",
+        id="delete",
+    ),
+    pytest.param(
+        "https://e.com/%zz.png",
+        "the URL has a '%' at character 15 that is not followed by two hex digits; "
+        "percent-encode a literal % as %25",
+        id="bad-percent",
+    ),
+    pytest.param(
+        "https://e.com/a#b#c",
+        "the URL has a second '#' at character 18: only the first starts the fragment; "
+        "percent-encode this one as %23",
+        id="two-hashes",
+    ),
+    pytest.param(
+        "https://e.com/a[1].png",
+        "the URL has '[' at character 16, outside a [...] IPv6 host; percent-encode it as %5B",
+        id="bracket-in-path",
+    ),
+    pytest.param(
+        "https://bücher.example/a.png",
+        "the URL's host has 'ü' at character 10, which a URL cannot carry; write the host in "
+        "its ASCII (xn--) form, xn--bcher-kva.example",
+        id="non-ascii-host",
+    ),
+    pytest.param(
+        "https://a@b@e.com/x.png",
+        "the URL's host part 'a@b@e.com' is not user@host:port; percent-encode an '@' in a "
+        "user name as %40",
+        id="two-at-signs",
+    ),
+    pytest.param(
+        "https://[x/a.png",
+        "the URL 'https://[x/a.png' has an invalid host: [...] may only hold an IPv6 address",
+        id="unclosed-bracket",  # was an uncaught ValueError from urlsplit
+    ),
+]
+
+
+@pytest.mark.parametrize(("url", "message"), BAD_URLS)
+def test_image_urls_that_are_not_uris_are_refused_before_sending(url: str, message: str) -> None:
+    (problem,) = problems_of(i2v(json.dumps(url)))  # a YAML double-quoted string
+    assert where(problem) == (5, 16, "#1", "image_url")
+    assert problem.message == message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://e.com/a%20b%C3%BC.png?x=1&y=(2);z=$'*+,!@:/?#frag/?:@",
+        "https://[::1]:8443/a.png",
+        "https://u:p%40w@e.com/~a_b-c.png",
+        "HTTPS://E.COM/A.PNG#",
+    ],
+)
+def test_image_urls_that_are_uris_are_sent_as_written(url: str) -> None:
+    manifest = parse_manifest(i2v(json.dumps(url)))
+    assert manifest.jobs[0].request["image_url"] == url
+    assert manifest.warnings == ()
 
 
 # --- settings ------------------------------------------------------------------------------

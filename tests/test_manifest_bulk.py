@@ -11,6 +11,7 @@ from PIL import Image
 from test_catalogue import EMBEDDED, SHARED, request_schemas
 
 from veobatch.errors import ManifestError, Problem
+from veobatch.jobs import request_key
 from veobatch.jobview import compact_request
 from veobatch.manifest import load_manifest, slug, variant_seed
 from veobatch.scheduler import category, plan_jobs
@@ -232,6 +233,95 @@ def test_matrix_ids_that_collide_are_reported(tmp_path: Path) -> None:
     assert "make the id 's-a_b' twice" in p.message
 
 
+# --- one request, twice --------------------------------------------------------------------
+
+PAID_TWICE = "so one video would be made and paid for twice"
+SPACE_2 = "write seeds at least 2 apart (take n sends the job's seed plus n - 1)"
+
+
+def test_takes_of_different_jobs_must_not_send_the_same_request(tmp_path: Path) -> None:
+    """Seeds 1 and 2, two takes each: both jobs would send seed 2, one video paid twice."""
+    job = f"  - model: {T2V}\n    prompt: a red kite\n    seed: SEED\n    variants: 2\n"
+    text = "version: 1\njobs:\n" + job.replace("SEED", "1") + job.replace("SEED", "2")
+    [p] = problems(write(tmp_path, text))
+    first, second = (
+        f"t2v-{request_key({'model': T2V, 'prompt': 'a red kite', 'seed': s})[:10]}" for s in (1, 2)
+    )
+    assert (located(p), p.column) == (("m.yaml", 7, "#2", None), 3)
+    assert p.message == (
+        f"'{second}-1' is the same request as '{first}-2' of job #1 (line 3): same model, "
+        f"fields and seed 2, {PAID_TWICE}; {SPACE_2}"
+    )
+    spaced = load_manifest(write(tmp_path, text.replace("seed: 2", "seed: 3")))
+    assert [j.request["seed"] for j in spaced.jobs] == [1, 2, 3, 4]
+
+
+def test_a_matrix_of_seeds_with_variants_must_not_repeat_a_request(tmp_path: Path) -> None:
+    text = (
+        f"version: 1\njobs:\n  - id: a\n    model: {T2V}\n    prompt: x\n    variants: 2\n"
+        "    matrix:\n      seed: [1, 2]\n"
+    )
+    [p] = problems(write(tmp_path, text))
+    assert (located(p), p.column) == (("m.yaml", 3, "'a'", None), 3)
+    assert p.message == (
+        "'a-1-2' and 'a-2-1', both made by this job, are the same request: same model, fields "
+        f"and seed 2, {PAID_TWICE}; {SPACE_2}"
+    )
+    spaced = load_manifest(write(tmp_path, text.replace("[1, 2]", "[1, 3]")))
+    assert [j.request["seed"] for j in spaced.jobs] == [1, 2, 3, 4]
+
+
+def test_a_take_repeating_another_jobs_request_is_refused_whatever_the_ids(tmp_path: Path) -> None:
+    text = (
+        f"version: 1\ndefaults: {{model: {T2V}, prompt: p}}\njobs:\n"
+        "  - {id: a, seed: 1, variants: 2}\n  - {id: b, seed: 2}\n"
+    )
+    [p] = problems(write(tmp_path, text))
+    assert located(p) == ("m.yaml", 5, "'b'", None)
+    assert p.message == (
+        f"'b' is the same request as 'a-2' of job 'a' (line 4): same model, fields and seed 2, "
+        f"{PAID_TWICE}; {SPACE_2}"
+    )
+    # A table's row that repeats a take whose seed was derived from its id.
+    seed = variant_seed("hero", 2)
+    (tmp_path / "p.csv").write_text(f"id,prompt,seed\nbest,p,{seed}\n")
+    text = (
+        f"version: 1\ndefaults: {{model: {T2V}}}\njobs_from: p.csv\n"
+        "jobs:\n  - {id: hero, prompt: p, variants: 3}\n"
+    )
+    [p] = problems(write(tmp_path, text))
+    assert located(p) == ("p.csv", 2, "'best'", None)
+    assert p.message == (
+        f"'best' is the same request as 'hero-2' of the job at {tmp_path / 'm.yaml'}:5: same "
+        f"model, fields and seed {seed}, {PAID_TWICE}; give one of them another seed, or "
+        "remove one"
+    )
+
+
+def test_repeated_requests_that_are_not_refused(tmp_path: Path) -> None:
+    """Takes of one job without a seed field repeat its request on purpose; so do two jobs
+    given their own ids."""
+    r2v = f"model: {R2V}, prompt: p, image_urls: [https://x.example/a.png]"
+    text = (
+        f"version: 1\njobs:\n  - {{id: r, {r2v}, variants: 3}}\n"
+        f"  - {{id: one, {r2v}}}\n  - {{id: two, model: {T2V}, prompt: p}}\n"
+        f"  - {{id: three, model: {T2V}, prompt: p}}\n"
+    )
+    jobs = load_manifest(write(tmp_path, text)).jobs
+    assert len({j.key for j in jobs}) == 2 and len(jobs) == 6
+
+
+def test_jobs_without_ids_repeating_a_request_by_their_takes(tmp_path: Path) -> None:
+    r2v = f"model: {R2V}, prompt: p, image_urls: [https://x.example/a.png]"
+    text = f"version: 1\njobs:\n  - {{{r2v}, variants: 2}}\n  - {{{r2v}}}\n"
+    [p] = problems(write(tmp_path, text))
+    assert located(p) == ("m.yaml", 4, "#2", None)
+    assert p.message == (
+        "this job is identical to job #1 (line 3): same model and request; remove one, or "
+        "give them ids if you really want both"
+    )
+
+
 # --- jobs_from -----------------------------------------------------------------------------
 
 
@@ -269,6 +359,42 @@ def test_problems_in_a_table_point_at_its_file_line_and_cell(tmp_path: Path) -> 
     ]
     assert "unknown field 'colour'" in found[0].message
     assert "got the string 'five'" in found[1].message
+
+
+def test_a_field_a_rows_model_does_not_accept_is_located_at_its_cell(tmp_path: Path) -> None:
+    (tmp_path / "mf.csv").write_text(
+        f"id,model,prompt,image_url\na,{T2V},a,\nb,{T2V},b,https://e.com/x.png\n"
+    )
+    [p] = problems(write(tmp_path, "version: 1\njobs_from: mf.csv\n"))
+    assert (located(p), p.column) == (("mf.csv", 3, "'b'", "image_url"), 24)
+    assert p.message.startswith(f"{T2V} does not accept 'image_url'; it takes prompt,")
+
+
+def test_image_urls_are_checked_as_uris_wherever_written(tmp_path: Path) -> None:
+    flf = "google/veo-3.1-first-last-image-to-video"
+    (tmp_path / "p.csv").write_text(
+        "id,model,prompt,image_url,image_urls\n"
+        f"c1,{I2V},p,https://e.com/a|b.png,\nc2,{R2V},p,,https://e.com/ok.png|https://e.com/%zz\n"
+    )
+    (tmp_path / "p.jsonl").write_text(
+        f'{{"id": "j", "model": "{I2V}", "prompt": "p", "image_url": "https://e.com/{{id}}.png"}}\n'
+    )
+    text = (
+        f"version: 1\ndefaults:\n  image_url: https://e.com/ü.png\njobs_from: [p.csv, p.jsonl]\n"
+        f"jobs:\n  - {{id: d, model: {I2V}, prompt: p}}\n"
+        f"  - {{id: f, model: {flf}, prompt: p, image_url: 'https://e.com/a.png',\n"
+        "      last_image_url: 'https://e.com/a^b.png'}\n"
+        f"  - {{id: r, model: {R2V}, prompt: p, image_urls: ['https://e.com/a#b#c']}}\n"
+    )
+    found = problems(write(tmp_path, text))
+    assert [(located(p), p.column, p.message.split(" at ")[0]) for p in found] == [
+        (("m.yaml", 3, None, "defaults.image_url"), 14, "the URL has 'ü'"),
+        (("m.yaml", 8, "'f'", "last_image_url"), 23, "the URL has '^'"),
+        (("m.yaml", 9, "'r'", "image_urls.0"), 79, "the URL has a second '#'"),
+        (("p.csv", 2, "'c1'", "image_url"), 25, "the URL has '|'"),
+        (("p.csv", 3, "'c2'", "image_urls.1"), 41, "the URL has a '%'"),
+        (("p.jsonl", 1, "'j'", "image_url"), 59, "the URL has '{'"),
+    ]
 
 
 def test_duplicate_ids_across_the_manifest_and_a_table(tmp_path: Path) -> None:

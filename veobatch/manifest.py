@@ -22,6 +22,7 @@ from .errors import ManifestError, Problem
 from .images import ImageStore, is_local_reference
 from .jobs import Job, Manifest, ManifestSettings, canonical_json
 from .manifest_checks import (
+    At,
     Defaults,
     Report,
     derived_id,
@@ -31,6 +32,7 @@ from .manifest_checks import (
     is_int,
     model_problem,
     not_accepted,
+    number_reading,
     show,
     suggest,
     unquote_hint,
@@ -111,6 +113,15 @@ def _key_on_line(text: str, line: int | None) -> str | None:
 # --- the manifest --------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, eq=False)
+class _Origin:
+    """One request as written (a job, or a combination of its matrix), shared by its takes."""
+
+    variants: int
+    seed_written: bool  # the request has a seed, written in the job, its matrix or defaults
+    reseeded: bool  # variants gave each take its own seed
+
+
 @dataclass(frozen=True)
 class _Built:
     """One valid job, expanded from a written one (several for a matrix or variants)."""
@@ -126,6 +137,7 @@ class _Built:
     # Only its id is known (the job has an error): still checked against the others' ids, so
     # a duplicate is reported along with the job's other problems.
     placeholder: bool = False
+    origin: _Origin | None = None  # None for a placeholder
 
 
 def _job_labels(data: Any) -> dict[int, str]:
@@ -236,13 +248,14 @@ class _Validator:
             built = self._jobs(top, defaults)
             defaults.warn_unused()
             self._check_ids(built)
+        jobs = [(b, self._job(b)) for b in built if not b.placeholder]
+        self._check_requests(jobs)
         reports = [self.report, *self.tables]
         errors = [p for r in reports for p in r.errors]
         if errors:
             raise ManifestError(self._sorted(errors))
-        jobs = tuple(self._job(b) for b in built if not b.placeholder)
         warnings = [p for r in reports for p in r.warnings]
-        return Manifest(path, jobs, settings, tuple(self._sorted(warnings)))
+        return Manifest(path, tuple(j for _, j in jobs), settings, tuple(self._sorted(warnings)))
 
     def _sorted(self, problems: list[Problem]) -> list[Problem]:
         rank = {r.file: i for i, r in enumerate([self.report, *self.tables])}
@@ -289,11 +302,16 @@ class _Validator:
             )
             return
         value = data["version"]
-        if is_int(value) and value != VERSION:
+        plain = self.doc.source.plain.get(("version",))
+        reading = number_reading(value, plain)
+        if reading is not None:
+            message = f"expected the integer {VERSION}, got {plain} ({reading})"
+            self.report.error(("version",), message)
+        elif is_int(value) and value != VERSION:
             message = f"unsupported manifest version {value}; this veobatch reads version {VERSION}"
             self.report.error(("version",), message)
         elif not is_int(value):
-            hint = unquote_hint("integer", value)
+            hint = unquote_hint("integer", value, plain)
             self.report.error(
                 ("version",), f"expected the integer {VERSION}, got {describe(value)}{hint}"
             )
@@ -343,9 +361,14 @@ class _Validator:
     ) -> float | None:
         """A finite number, at least 0 (above 0 with ``above_zero``), or a reported problem."""
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if number and math.isfinite(value) and (value > 0 if above_zero else value >= 0):
+        plain = self.report.source.plain.get(at)
+        reading = number_reading(value, plain)
+        in_range = number and math.isfinite(value) and (value > 0 if above_zero else value >= 0)
+        if in_range and reading is None:
             return float(value)
         got = show(value) if number else describe(value)
+        if reading is not None:
+            got = f"{plain} ({reading})"
         self.report.error(at, f"expected {expected}, got {got}")
         return None
 
@@ -490,12 +513,12 @@ class _Validator:
                 continue
             body, identity = request
             base = self._combo_id(job_id, combo, identity)
-            for one_id, one_body, one_identity in expand_variants(
-                base, body, identity, model, variants
-            ):
-                built.append(
-                    _Built(index, line, one_id, job_id, id_pos, one_body, one_identity, report)
-                )
+            origin = _Origin(variants, "seed" in body, variants > 1 and "seed" in model.fields)
+            takes = expand_variants(base, body, identity, model, variants)
+            built.extend(
+                _Built(index, line, i, job_id, id_pos, b, k, report, origin=origin)
+                for i, b, k in takes
+            )
         return built
 
     @staticmethod
@@ -581,13 +604,20 @@ class _Validator:
             return None
         ok = True
         for i, entry in enumerate(raw):
-            for name in entry:
+            for name, value in entry.items():
+                where: KeyPath = (*at, "exclude", i, name)
+                plain = report.source.plain.get(where)
                 if name not in axes:
                     message = f"{name!r} is not one of this matrix's fields" + suggest(
                         str(name), sorted(axes)
                     )
-                    report.error((*at, "exclude", i, name), message, at="key")
+                    report.error(where, message, at="key")
                     ok = False
+                elif is_int(value) or isinstance(value, float):  # 010 would leave out 8
+                    reading = number_reading(value, plain)
+                    if reading is not None:
+                        report.error(where, f"expected a plain number, got {plain} ({reading})")
+                        ok = False
         return list(raw) if ok else None
 
     def _job_id(
@@ -649,11 +679,13 @@ class _Validator:
         """(the exact POST body, its identity), or None when a field is wrong (each reported)."""
         ok = True
         own: dict[str, Any] = {}
+        # A table's keys are its header, shared by every row: a row's problem is at its cell.
+        at: At = "key" if report is self.report else "value"
         for name, value in item.items():
             if name == "model" or name not in ALL_FIELDS:
                 continue
             if name not in model.fields:
-                report.error(where[name], not_accepted(model, name), at="key")
+                report.error(where[name], not_accepted(model, name), at=at)
                 ok = False
                 continue
             ok = report.field(model.fields[name], value, where[name]) and ok
@@ -700,6 +732,58 @@ class _Validator:
             if first is not b:
                 self._duplicate(first, b)
 
+    def _check_requests(self, jobs: list[tuple[_Built, Job]]) -> None:
+        """Variants and matrices must not make one request twice from two written requests.
+
+        Two takes would then send the same body: one video made, and paid for, twice. Takes of
+        one request may repeat it (models without a seed); two jobs given their own ids may ask
+        for the same request on purpose; a shared id is reported by :meth:`_check_ids`.
+        """
+        seen: dict[str, _Built] = {}
+        for b, job in jobs:
+            first = seen.setdefault(job.key, b)
+            one, two = first.origin, b.origin
+            if one is two or one is None or two is None or first.id.lower() == b.id.lower():
+                continue
+            if one.reseeded or two.reseeded:
+                self._same_request(first, b, one, two)
+            elif first.written_id is None and b.written_id is None:
+                self._identical(first, b)
+
+    def _identical(self, first: _Built, second: _Built) -> None:
+        message = (
+            f"this job is identical to {self._written_at(first, second)}: same model and "
+            "request; remove one, or give them ids if you really want both"
+        )
+        second.report.error(("jobs", second.index), message, at="item")
+
+    def _same_request(self, first: _Built, second: _Built, one: _Origin, two: _Origin) -> None:
+        if one.seed_written and two.seed_written:
+            apart = max(one.variants, two.variants)
+            fix = f"write seeds at least {apart} apart (take n sends the job's seed plus n - 1)"
+        else:
+            fix = "give one of them another seed, or remove one"
+        if first.report is second.report and first.index == second.index:
+            which = f"{first.id!r} and {second.id!r}, both made by this job, are the same request"
+        else:
+            which = (
+                f"{second.id!r} is the same request as {first.id!r} of "
+                f"{self._written_at(first, second)}"
+            )
+        message = (
+            f"{which}: same model, fields and seed {second.request.get('seed')}, so one video "
+            f"would be made and paid for twice; {fix}"
+        )
+        second.report.error(("jobs", second.index), message, at="item")
+
+    @staticmethod
+    def _written_at(first: _Built, second: _Built) -> str:
+        """Where ``first`` was written, as seen from ``second``'s file."""
+        if first.report is not second.report:
+            return f"the job at {first.report.file}:{first.line}"
+        label = first.report.labels.get(first.index, f"#{first.index + 1}")
+        return f"job {label} (line {first.line})"
+
     def _duplicate(self, first: _Built, second: _Built) -> None:
         path: KeyPath = ("jobs", second.index)
         report = second.report
@@ -712,14 +796,7 @@ class _Validator:
             return
         same_file = first.report is second.report
         if first.written_id is None and second.written_id is None:
-            first_at = f"job #{first.index + 1} (line {first.line})"
-            if not same_file:
-                first_at = f"the job at {first.report.file}:{first.line}"
-            message = (
-                f"this job is identical to {first_at}: same model and request; remove one, "
-                "or give them ids if you really want both"
-            )
-            report.error(path, message, at="item")
+            self._identical(first, second)
             return
         lines = f"lines {first.id_pos.line} and {second.id_pos.line}"
         if not same_file:

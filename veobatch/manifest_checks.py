@@ -12,7 +12,7 @@ import re
 from datetime import date
 from difflib import get_close_matches
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from .catalogue import ALL_FIELDS, MODELS, FieldSpec, ModelSpec
 from .errors import Problem
@@ -80,14 +80,69 @@ def quote_hint(value: Any, plain: str | None) -> str:
     return f' (YAML reads the unquoted {plain} as {kind}; write "{plain}" in quotes)'
 
 
-def unquote_hint(kind: str, value: Any) -> str:
-    if not isinstance(value, str):
+# Numbers every reader (YAML 1.1, YAML 1.2, a CSV cell) reads alike.
+_PLAIN_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
+_PLAIN_NUMBER = re.compile(
+    rf"{_PLAIN_INT.pattern}|[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
+)
+_NOT_OCTAL = re.compile(r"[-+]?0[0-9_]*[89][0-9_]*")  # YAML 1.1 leaves these as text
+_OCTAL_0O = re.compile(r"[-+]?0o[0-7_]+")  # YAML 1.2's octal; text to YAML 1.1
+
+
+def unquote_hint(kind: str, value: Any, plain: str | None) -> str:
+    """Advise removing quotes only from a value that had them (``plain`` is unquoted text)."""
+    if not isinstance(value, str) or plain is not None:
         return ""
     looks_right = {
-        "integer": re.fullmatch(r"\s*[-+]?\d+\s*", value) is not None,
+        "integer": _PLAIN_INT.fullmatch(value.strip()) is not None,
         "boolean": value.strip().lower() in ("true", "false"),
     }
     return " (remove the quotes)" if looks_right.get(kind) else ""
+
+
+def number_reading(value: Any, plain: str | None) -> str | None:
+    """How YAML 1.1 read an unquoted number not written in plain decimal, and what to write.
+
+    YAML 1.1 reads 010 as 8 (octal), 1:30 as 90 (base 60) and 1_000 as 1000, where YAML 1.2
+    and a CSV cell read 010 as 10: a number is sent only as the user plainly wrote it.
+    """
+    if plain is None or _PLAIN_NUMBER.fullmatch(plain):
+        return None
+    if isinstance(value, str):
+        return _unread_number(plain)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    digits = plain.lstrip("+-")
+    if ":" in plain:
+        form = "base-60 (sexagesimal) number"
+    elif digits[:2] in ("0x", "0b"):
+        form = "hexadecimal number" if digits[1] == "x" else "binary number"
+    elif digits[:1] == "0" and is_int(value):
+        decimal = int(plain.replace("_", ""), 10)
+        advice = f"write {decimal} without the leading zero"
+        if decimal != value:
+            advice += f", or {value} if you meant octal"
+        return f"YAML 1.1 reads {plain} as the octal number {value}; {advice}"
+    elif "_" in plain:
+        return f"YAML 1.1 reads {plain} as {value!r}, ignoring its underscores; write {value!r}"
+    else:
+        return None
+    return f"YAML 1.1 reads {plain} as the {form} {value!r}; write {value!r}"
+
+
+def _unread_number(plain: str) -> str | None:
+    """Numbers YAML 1.1 leaves as text though they look like numbers: 08, 09, 0o17."""
+    if _NOT_OCTAL.fullmatch(plain):
+        decimal = int(plain.replace("_", ""), 10)
+        return (
+            f"YAML 1.1 reads {plain} as the string {plain!r}: a leading zero means octal, "
+            f"and 8 and 9 are not octal digits; write {decimal} without the leading zero"
+        )
+    if _OCTAL_0O.fullmatch(plain):
+        number = int(plain.replace("_", ""), 0)
+        return f"YAML 1.1 reads {plain} as the string {plain!r}; write {number}"
+    return None
 
 
 def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
@@ -122,7 +177,7 @@ def _in_enum(spec: FieldSpec, value: Any) -> bool:
 def _type_hint(spec: FieldSpec, value: Any, plain: str | None) -> str:
     """Advice for a value of the wrong type; quoting is only advised when it would help."""
     if spec.type != "string":
-        return unquote_hint(spec.type, value)
+        return unquote_hint(spec.type, value, plain)
     options = [str(o) for o in spec.enum or ()]
     if options and plain and plain not in options:
         return suggest(plain, options)
@@ -131,6 +186,9 @@ def _type_hint(spec: FieldSpec, value: Any, plain: str | None) -> str:
 
 def scalar_problem(spec: FieldSpec, value: Any, plain: str | None) -> str | None:
     """What is wrong with a string, integer or boolean field value, if anything."""
+    reading = number_reading(value, plain) if spec.type == "integer" else None
+    if reading is not None:
+        return f"expected {_expected(spec)}, got {plain} ({reading})"
     right_type = {
         "integer": is_int(value),
         "boolean": isinstance(value, bool),
@@ -157,7 +215,13 @@ def image_problem(value: str) -> tuple[str | None, str | None]:
         return _data_uri_problem(value)
     if any(c.isspace() or ord(c) < 32 for c in value):
         return "the URL contains spaces or control characters; encode spaces as %20", None
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # brackets in the host that hold no IPv6 address
+        return (
+            f"the URL {show(value)} has an invalid host: [...] may only hold an IPv6 address",
+            None,
+        )
     if parts.scheme.lower() not in ("http", "https"):
         return f"expected {IMAGE_EXPECTED}, got {show(value)}", None
     try:
@@ -166,9 +230,78 @@ def image_problem(value: str) -> tuple[str | None, str | None]:
         return f"the URL {show(value)} has an invalid port", None
     if not host:
         return f"the URL {show(value)} has no host", None
+    bad = uri_problem(value, parts)
+    if bad is not None:
+        return bad, None
     if parts.scheme.lower() == "http":
         return None, "plain http image URL: the API may refuse plain http; use https if you can"
     return None, None
+
+
+# RFC 3986: unreserved, gen-delims and sub-delims; '%' only as %XX; '[' and ']' only around
+# an IPv6 host. The published schemas say "format": "uri", so the API may refuse anything else.
+_URI_BAD = re.compile(r"%(?![0-9A-Fa-f]{2})|[^\w.~:/?#\[\]@!$&'()*+,;=%-]", re.ASCII)
+_BRACKET = re.compile(r"[\[\]]")
+# [user[:password]@](reg-name | [IPv6 or IPvFuture])[:port], of characters already checked
+_USER = r"[\w.~%:!$&'()*+,;=-]*@"
+_HOST = r"[\w.~%!$&'()*+,;=-]*|\[[\w.~:%!$&'()*+,;=-]+\]"
+_AUTHORITY = re.compile(rf"(?:{_USER})?(?:{_HOST})(?::[0-9]*)?", re.ASCII)
+
+
+def uri_problem(value: str, parts: SplitResult) -> str | None:
+    """Why an http(s) URL is not an RFC 3986 URI, said at its first offending character."""
+    host_end = len(parts.scheme) + 3 + len(parts.netloc)  # scheme "://" host part
+    first_hash = value.find("#")
+    second_hash = value.find("#", first_hash + 1) if first_hash >= 0 else -1
+    found = (_URI_BAD.search(value), _BRACKET.search(value, host_end))
+    spots = [m.start() for m in found if m] + ([second_hash] if second_hash >= 0 else [])
+    if spots:
+        return _uri_char_problem(value, min(spots), parts, host_end)
+    if not _AUTHORITY.fullmatch(parts.netloc):
+        return (
+            f"the URL's host part {parts.netloc!r} is not user@host:port; "
+            "percent-encode an '@' in a user name as %40"
+        )
+    return None
+
+
+def _uri_char_problem(value: str, i: int, parts: SplitResult, host_end: int) -> str:
+    c, at = value[i], f"at character {i + 1}"
+    if c == "%":
+        return (
+            f"the URL has a '%' {at} that is not followed by two hex digits; "
+            "percent-encode a literal % as %25"
+        )
+    if c == "#":
+        return (
+            f"the URL has a second '#' {at}: only the first starts the fragment; "
+            "percent-encode this one as %23"
+        )
+    if c in "[]":
+        return (
+            f"the URL has {c!r} {at}, outside a [...] IPv6 host; percent-encode it as {_encoded(c)}"
+        )
+    shown = f"'{c}'" if c.isprintable() else f"U+{ord(c):04X}"
+    if i < host_end and ord(c) > 127:
+        return (
+            f"the URL's host has {shown} {at}, which a URL cannot carry; write the host "
+            f"in its ASCII (xn--) form, {_ascii_host(parts)}"
+        )
+    return (
+        f"the URL has {shown} {at}, which a URL cannot carry as it is; "
+        f"percent-encode it as {_encoded(c)}"
+    )
+
+
+def _encoded(c: str) -> str:
+    return "".join(f"%{b:02X}" for b in c.encode("utf-8", "surrogatepass"))
+
+
+def _ascii_host(parts: SplitResult) -> str:
+    try:
+        return (parts.hostname or "").encode("idna").decode("ascii")
+    except UnicodeError:
+        return "as the site gives it"
 
 
 def _data_uri_problem(value: str) -> tuple[str | None, str | None]:
@@ -269,9 +402,15 @@ def int_in_range(
     report: Report, value: Any, at: KeyPath, low: int, high: int, expected: str
 ) -> int | None:
     """An integer from ``low`` to ``high``, or a reported "expected {expected}, got ..."."""
-    if is_int(value) and low <= value <= high:
+    plain = report.source.plain.get(at)
+    reading = number_reading(value, plain)
+    if reading is None and is_int(value) and low <= value <= high:
         return int(value)
-    got = show(value) if is_int(value) else describe(value) + unquote_hint("integer", value)
+    if reading is not None:
+        got = f"{plain} ({reading})"
+    else:
+        got = show(value) if is_int(value) else describe(value)
+        got += unquote_hint("integer", value, plain)
     report.error(at, f"expected {expected}, got {got}")
     return None
 
