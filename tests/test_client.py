@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from typing import Any
 
 import aiohttp
 import pytest
@@ -23,6 +24,7 @@ from veobatch.client import (
     parse_retry_after,
 )
 from veobatch.errors import (
+    ApiError,
     AuthError,
     BadRequestError,
     NoAnswerError,
@@ -241,6 +243,44 @@ async def test_lost_answers_are_no_answer(client: HttpApiClient, exc: Exception)
         m.post(URL, exception=exc)
         with pytest.raises(NoAnswerError):
             await client.create({"model": "m"}, client_request_id="c")
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers"),
+    [
+        (401, {"message": f"Incorrect API key provided: {KEY}"}, {}),
+        (400, {"message": "Body validation error", "meta": [{"message": f"key={KEY[:9]}"}]}, {}),
+        (302, {}, {"Location": f"https://login.example/?token={KEY}"}),
+        (502, "<html>upstream said Bearer " + KEY + "</html>", {}),
+    ],
+)
+async def test_a_key_the_api_echoes_back_is_scrubbed_from_errors(
+    client: HttpApiClient, status: int, body: Any, headers: dict[str, str]
+) -> None:
+    # Errors are logged and recorded in the ledger, results and webhook: never the key.
+    text = body if isinstance(body, str) else json.dumps(body)
+    with aioresponses() as m:
+        m.post(URL, status=status, body=text, headers=headers)
+        with pytest.raises(ApiError) as info:
+            await client.create({"model": "m"}, client_request_id="c")
+    shown = f"{info.value} {info.value.args}"
+    assert KEY[:8] not in shown and KEY[-8:] not in shown and "***" in shown
+
+
+async def test_a_key_echoed_in_a_generation_error_is_scrubbed(client: HttpApiClient) -> None:
+    body = {"id": "g1", "status": "error", "error": {"name": "Auth", "message": f"bad {KEY}"}}
+    with aioresponses() as m:
+        m.get(URL + "?generation_id=g1", payload=body)
+        gen = await client.fetch("g1")
+    assert gen.failed and gen.error_message == "bad ***"
+
+
+async def test_a_base_url_aiohttp_cannot_use_is_not_sent() -> None:
+    # Nothing left: the job may be submitted again without any risk of paying twice.
+    async with aiohttp.ClientSession() as session:
+        bad = HttpApiClient(session, "http://127.0.0.1:187500", Secret(KEY), timeout_s=5)
+        with pytest.raises(NotSentError):
+            await bad.create({"model": "m"}, client_request_id="c")
 
 
 async def test_errors_never_carry_the_key(client: HttpApiClient) -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from veobatch.errors import ConfigError
 from veobatch.jobs import ManifestSettings
-from veobatch.settings import DEFAULT_BASE_URL, RunSettings, resolve_settings
+from veobatch.settings import DEFAULT_BASE_URL, RunSettings, Secret, resolve_settings
 
 
 def test_defaults_without_anything() -> None:
@@ -66,3 +66,43 @@ def test_key_is_not_in_the_settings_repr() -> None:
 def test_invalid_settings(kw: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         RunSettings(out_dir=Path("o"), **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("http://127.0.0.1:187500", "is not a valid URL (Port out of range"),  # a port typo
+        ("https://", "needs a host name"),
+        ("https://api.aimlapi.com:0", "a port from 1 to 65535"),
+        ("ftp://api.aimlapi.com", "must start with https://"),
+        ("https://user:hunter2@api.aimlapi.com", "must not hold a user name or password"),
+        ("https://api.aimlapi.com?v=2", "must not hold a query string"),
+    ],
+)
+def test_a_base_url_nothing_could_be_sent_to_is_refused_up_front(url: str, said: str) -> None:
+    # Refused before the lock: a POST to it would fail in a way that leaves each job uncertain.
+    with pytest.raises(ConfigError) as info:
+        resolve_settings(Path("o"), env={"AIMLAPI_BASE_URL": url})
+    assert said in str(info.value) and "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080", "http://mock-api:8080", "http://[::1]:9"])
+def test_local_and_mock_base_urls_are_accepted(url: str) -> None:
+    assert resolve_settings(Path("o"), env={"AIMLAPI_BASE_URL": url}).base_url == url
+
+
+@pytest.mark.parametrize("key", ["sk-abc\rdef", "sk-abc\ndef", "sk-abc def", "sk-\x00abc"])
+def test_a_key_with_a_line_break_or_control_character_is_refused(key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        resolve_settings(Path("o"), env={"AIMLAPI_KEY": key})
+    assert "AIMLAPI_KEY holds a space, line break or control character" in str(info.value)
+    assert "abc" not in str(info.value)
+
+
+def test_scrub_removes_the_key_and_runs_of_it() -> None:
+    key = Secret("sk-SECRET-abc123456789")
+    assert key.scrub("bad key sk-SECRET-abc123456789!") == "bad key ***!"
+    assert key.scrub("bad key sk-SECRET-abc1...") == "bad key sk-SECRET-abc1..."
+    cut = key.scrub("bad key sk-SECRET-abc1...", fragments=True)
+    assert "SECRET" not in cut and cut.startswith("bad key ") and cut.endswith("...")
+    assert key.scrub("sk-SEC", fragments=True) == "sk-SEC"  # under 8 in a row: not the key

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
+from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import (
@@ -348,9 +349,9 @@ class HttpApiClient:
             ) as resp:
                 raw = await _read_body(resp.content)
                 # JSON must not start with a BOM, but a parser may skip one (RFC 8259, 8.1)
-                text = raw[:MAX_BODY_BYTES].decode("utf-8-sig", "replace")
+                text = self._key.scrub(raw[:MAX_BODY_BYTES].decode("utf-8-sig", "replace"))
                 if resp.status >= 300:
-                    raise error_from_response(resp.status, text, resp.headers)
+                    raise self._error(resp.status, text, resp.headers)
                 if len(raw) > MAX_BODY_BYTES:
                     raise ProtocolError(f"{method} {path}: answer is over {MAX_BODY_BYTES} bytes")
                 return resp.status, text, resp.headers
@@ -359,10 +360,19 @@ class HttpApiClient:
         except (
             aiohttp.ClientConnectorError,  # refused, DNS, TLS handshake: nothing was sent
             aiohttp.ConnectionTimeoutError,
+            aiohttp.InvalidURL,  # refused before connecting
         ) as exc:
             raise NotSentError(f"{method} {path}: could not connect: {_brief(exc)}") from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise NoAnswerError(f"{method} {path}: no answer: {_brief(exc)}") from None
+
+    def _error(self, status: int, text: str, headers: Mapping[str, str]) -> ApiError:
+        """The error for an answer, with no trace of the key an API or proxy echoed back."""
+        where = headers.get("Location")
+        if where is not None:
+            headers = CIMultiDict(headers)
+            headers["Location"] = self._key.scrub(where, fragments=True)
+        return error_from_response(status, self._key.scrub(text, fragments=True), headers)
 
 
 async def _read_body(content: aiohttp.StreamReader) -> bytes:

@@ -7,10 +7,13 @@ precedence is CLI > manifest > environment > the defaults below.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+from yarl import URL
 
 from .errors import ConfigError
 from .jobs import ManifestSettings
@@ -18,6 +21,9 @@ from .jobs import ManifestSettings
 DEFAULT_BASE_URL = "https://api.aimlapi.com"
 ENV_KEY = "AIMLAPI_KEY"
 ENV_BASE_URL = "AIMLAPI_BASE_URL"
+
+
+SCRUB_RUN = 8  # this many characters of the key in a row are scrubbed from error texts
 
 
 class Secret:
@@ -30,6 +36,20 @@ class Secret:
 
     def reveal(self) -> str:
         return self._value
+
+    def scrub(self, text: str, *, fragments: bool = False) -> str:
+        """``text`` with the key replaced by ``***``: an API or proxy may echo it back
+        ("invalid key sk-...") in text that is logged and recorded. With ``fragments``, any
+        run of 8 or more of its characters goes too (an echo cut short or split)."""
+        key = self._value
+        if key and key in text:
+            text = text.replace(key, "***")
+        if fragments and len(key) > SCRUB_RUN:
+            for i in range(len(key) - SCRUB_RUN + 1):
+                piece = key[i : i + SCRUB_RUN]
+                if piece in text:
+                    text = text.replace(piece, "***")
+        return text
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -114,8 +134,17 @@ class RunSettings:
         for model, usd in self.prices.items():
             if not usd >= 0:
                 raise ConfigError(f"the price of {model} must be 0 or more, got {usd}")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"API base URL must be http(s): {self.base_url!r}")
+        problem = base_url_problem(self.base_url)
+        if problem is not None:
+            shown = re.sub(r"//[^/@]*@", "//", self.base_url)  # never a password
+            raise ConfigError(f"{ENV_BASE_URL} {problem}: {shown!r}")
+        if self.api_key is not None:
+            key = self.api_key.reveal()
+            if any(c.isspace() or not c.isprintable() for c in key):
+                raise ConfigError(
+                    f"{ENV_KEY} holds a space, line break or control character, which no key"
+                    " has (was it pasted from two lines?)"
+                )
 
     def with_overrides(self, **overrides: Any) -> RunSettings:
         """Apply the values that are not None."""
@@ -124,6 +153,26 @@ class RunSettings:
         if unknown:
             raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def base_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be the API's base, found before anything is sent: a typo such as
+    a port of 187500 would otherwise fail every POST in a way that cannot tell whether it
+    left, leaving each job uncertain."""
+    try:
+        parsed = URL(url)
+        port = parsed.port
+    except (ValueError, TypeError) as exc:
+        return f"is not a valid URL ({exc})"
+    if parsed.scheme not in ("http", "https"):
+        return "must start with https:// (or http:// for a local mock)"
+    if not parsed.raw_host or port is None or not 0 < port < 65536:
+        return "needs a host name and a port from 1 to 65535"
+    if parsed.raw_user is not None or parsed.raw_password is not None:
+        return "must not hold a user name or password (the key goes in AIMLAPI_KEY)"
+    if parsed.raw_query_string or parsed.raw_fragment:
+        return "must not hold a query string or fragment"
+    return None
 
 
 def normalize_base_url(url: str) -> str:
