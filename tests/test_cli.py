@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -197,3 +204,81 @@ def test_plan_warns_when_videos_sit_beside_an_empty_ledger(
     res = runner.invoke(main, ["plan", manifest, "--out", str(out)])
     assert res.exit_code == 0
     assert "warning: no ledger records" in res.stderr and "1 video (one.mp4)" in res.stderr
+
+
+@pytest.fixture
+def webhook() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A webhook in a thread of its own: the CLI under test blocks the test's thread."""
+    got: list[dict[str, Any]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Hook) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}/hook", got
+        finally:
+            server.shutdown()
+            thread.join()
+
+
+# What a run must stop on: a hangup is a closed terminal or a dropped ssh session.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@pytest.fixture
+def own_signals() -> Iterator[None]:
+    """`run` installs its signal handlers in this process: give the old ones back. Ignored
+    until then, so a signal the CLI leaves alone fails the test instead of killing pytest."""
+    before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.usefixtures("own_signals")
+@pytest.mark.parametrize("sig", STOP_SIGNALS, ids=lambda s: signal.Signals(s).name)
+def test_a_signal_while_the_manifest_is_validated_says_so_and_tells_the_webhook(
+    runner: CliRunner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    webhook: tuple[str, list[dict[str, Any]]],
+    sig: int,
+) -> None:
+    def validating(path: Path) -> None:  # a large manifest takes seconds to validate
+        os.kill(os.getpid(), sig)
+        time.sleep(3)  # the handler ends this at once
+        raise AssertionError("not interrupted")
+
+    monkeypatch.setattr("veobatch.cli.load_manifest", validating)
+    url, got = webhook
+    out = tmp_path / "o"
+    res = runner.invoke(
+        main, ["run", str(write(tmp_path, GOOD)), "--out", str(out), "--notify", url]
+    )
+    name = signal.Signals(sig).name
+    assert res.exit_code == 75
+    assert res.stderr.startswith(f"veobatch: interrupted by {name}; run again to resume\n")
+    assert got == [
+        {
+            "text": f"veobatch: m.yaml: run aborted (exit 75): interrupted by {name}; run again "
+            "to resume",
+            "event": "veobatch.run.aborted",
+            "exit_code": 75,
+            "interrupted": True,
+            "manifest": "m.yaml",
+            "out_dir": str(out),
+            "error": f"interrupted by {name}; run again to resume",
+        }
+    ]
+    assert res.stdout == "" and not out.exists()

@@ -142,3 +142,21 @@ async def test_a_run_that_aborts_still_tells_the_webhook(
     assert body["manifest"] == "m.yaml" and why in body["error"] and why in body["text"]
     assert body["interrupted"] is (code == 75)
     assert "secret" not in json.dumps(body) and "secret" not in stderr.replace(str(tmp_path), "")
+
+
+@pytest.mark.slow
+async def test_a_simulated_run_ignores_the_real_api_settings_of_the_environment(
+    tmp_path: Path,
+) -> None:
+    # The demo must run whatever the shell holds: these would be refused for a real run.
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(MANIFEST)
+    out = tmp_path / "out"
+    env = {"AIMLAPI_KEY": "sk-real\rkey", "AIMLAPI_BASE_URL": "http://127.0.0.1:187500"}
+    proc = start_cli(
+        "run", str(manifest), "--simulate", "--sim-gen-time", "0.2", "--out", str(out), env=env
+    )
+    stdout, stderr = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=120))
+    assert proc.returncode == 0, stderr
+    assert stdout.startswith("veobatch: 2 jobs: 2 done")
+    assert "sk-real" not in stdout + stderr

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
+import shutil
 import signal
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import anyio.to_thread
 import av
 import pytest
+from aiohttp import web
 from cli_process import start_cli
+from local_server import serve
 
 from veobatch.jobs import Job, Manifest
 from veobatch.ledger import load_states
@@ -152,35 +162,152 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert proc.returncode == 0 and "0 submitted this run" in stdout
 
 
-@pytest.mark.slow
-def test_sigterm_then_rerun_completes_without_paying_twice(tmp_path: Path) -> None:
-    out = tmp_path / "o"
-    manifest = tmp_path / "m.yaml"
+def twelve_jobs(tmp: Path) -> Path:
+    manifest = tmp / "m.yaml"
     jobs = "\n".join(
         f"  - id: j{i}\n    model: google/veo-3.1-t2v-fast\n    prompt: clip {i}\n    duration: 4"
         for i in range(12)
     )
     manifest.write_text(f"version: 1\nsettings:\n  concurrency: 4\njobs:\n{jobs}\n")
-    args = ("run", str(manifest), "--simulate", "--sim-gen-time", "1.5", "--out", str(out))
-    proc = start_cli(*args)
-    ledger = out / "ledger.jsonl"
-    deadline = time.monotonic() + 30
+    return manifest
+
+
+def wait_for_records(ledger: Path, ev: str, n: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if ledger.exists() and ledger.read_text().count('"ev":"submitted"') >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 75, stderr
-    first = ledger.read_text()
-    assert first.count('"ev":"submitted"') < 12  # it really was interrupted
-    proc = start_cli(*args)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
+        if ledger.exists() and ledger.read_text().count(f'"ev":"{ev}"') >= n:
+            return
+        time.sleep(0.02)
+
+
+def submissions_per_job(ledger: Path) -> dict[str, int]:
     records = [json.loads(line) for line in ledger.read_text().splitlines()]
     per_job: dict[str, int] = {}
     for r in records:
         if r["ev"] == "submitted":
             per_job[r["job"]] = per_job.get(r["job"], 0) + 1
-    assert per_job == {f"j{i}": 1 for i in range(12)}  # each paid for exactly once
+    return per_job
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_stop_signal_then_rerun_completes_without_paying_twice(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    out = tmp_path / "o"
+    args = ("run", str(twelve_jobs(tmp_path)), "--simulate", "--sim-gen-time", "1.5")
+    proc = start_cli(*args, "--out", str(out))
+    ledger = out / "ledger.jsonl"
+    wait_for_records(ledger, "submitted", 2)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 75, stderr
+    assert f"{sig.name}: stopping; run again to resume" in stderr
+    assert stdout.startswith("veobatch: 12 jobs: ")  # the summary, as on any stop
+    first = ledger.read_text()
+    assert first.count('"ev":"submitted"') < 12  # it really was interrupted
+    proc = start_cli(*args, "--out", str(out))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert submissions_per_job(ledger) == {f"j{i}": 1 for i in range(12)}  # paid for once
     assert len(list(out.glob("*.mp4"))) == 12 and not list(out.glob("*.part"))
+
+
+def completed_not_done(ledger: Path) -> set[str]:
+    records = [json.loads(line) for line in ledger.read_text().splitlines()]
+    done = {r["job"] for r in records if r["ev"] == "done"}
+    return {r["job"] for r in records if r["ev"] == "completed"} - done
+
+
+@pytest.mark.slow
+def test_a_simulated_run_killed_before_its_downloads_resumes_them(tmp_path: Path) -> None:
+    """The rerun's simulator is a new process: the URLs in the ledger must still lead to the
+    videos, at once (no retries against a port that is gone), with nothing paid twice."""
+    out = tmp_path / "o"
+    ledger = out / "ledger.jsonl"
+    args = ("run", str(twelve_jobs(tmp_path)), "--simulate", "--sim-gen-time", "1")
+    for _ in range(5):  # a kill lands between a completion and its download most times
+        shutil.rmtree(out, ignore_errors=True)
+        proc = start_cli(*args, "--out", str(out))
+        wait_for_records(ledger, "completed", 1)
+        proc.kill()
+        proc.communicate(timeout=30)
+        if completed_not_done(ledger):
+            break
+    assert completed_not_done(ledger)
+    proc = start_cli(*args, "--out", str(out))
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert stdout.startswith("veobatch: 12 jobs: 12 done, 0 failed")
+    assert "download retry" not in stderr and "fresh URL" not in stderr
+    assert submissions_per_job(ledger) == {f"j{i}": 1 for i in range(12)}
+    assert len(list(out.glob("*.mp4"))) == 12 and not list(out.glob("*.part"))
+
+
+@pytest.fixture
+async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
+    got: list[dict[str, Any]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", receive)
+    async with serve(app) as base:
+        yield f"{base}/hook", got
+
+
+def start_on_terminal(terminal: int, *args: str) -> subprocess.Popen[bytes]:
+    """The CLI with stdout and stderr on a terminal (the slave side of a pty)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "veobatch", *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=terminal,
+        stderr=terminal,
+    )
+
+
+def drain_until(master: int, ready: Callable[[], bool], timeout_s: float = 30) -> None:
+    """Read the terminal's output (a full one blocks its writer) until ``ready()``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not ready():
+        if select.select([master], [], [], 0.02)[0]:
+            os.read(master, 65536)
+
+
+@pytest.mark.slow
+async def test_a_terminal_that_hangs_up_stops_the_run_like_sigterm(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    """A closed terminal window or a dropped ssh session: SIGHUP, and every later write to the
+    terminal fails (EIO). The run still stops as on SIGTERM: exit 75 and the webhook told."""
+    url, got = webhook
+    out = tmp_path / "o"
+    args = ("run", str(twelve_jobs(tmp_path)), "--simulate", "--sim-gen-time", "1.5")
+    master, terminal = pty.openpty()
+    on_terminal = start_on_terminal(terminal, *args, "--out", str(out), "--notify", url)
+    os.close(terminal)
+    ledger = out / "ledger.jsonl"
+    try:
+        await anyio.to_thread.run_sync(
+            drain_until,
+            master,
+            lambda: ledger.exists() and ledger.read_text().count('"ev":"submitted"') >= 2,
+        )
+    finally:
+        os.close(master)  # the terminal hangs up; then the kernel's SIGHUP
+    on_terminal.send_signal(signal.SIGHUP)
+    assert await anyio.to_thread.run_sync(lambda: on_terminal.wait(60)) == 75
+    [body] = got
+    assert (body["event"], body["exit_code"], body["interrupted"]) == (
+        "veobatch.run.finished",
+        75,
+        True,
+    )
+    assert body["text"].startswith("veobatch: 12 jobs: ")
+    proc = start_cli(*args, "--out", str(out))
+    _, stderr = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=120))
+    assert proc.returncode == 0, stderr
+    assert submissions_per_job(ledger) == {f"j{i}": 1 for i in range(12)}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -27,10 +29,10 @@ from veobatch.errors import (
     RateLimitedError,
     ServerError,
 )
-from veobatch.fsutil import DirLock
+from veobatch.fsutil import DirLock, ensure_dir
 from veobatch.jobs import Job, Manifest
-from veobatch.ledger import parse_journal
-from veobatch.runner import run
+from veobatch.ledger import Ledger, parse_journal
+from veobatch.runner import MAX_URL_REFRESHES, RunReport, run
 from veobatch.settings import PollSettings, RunSettings, Secret
 
 MP4 = b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 5000
@@ -456,6 +458,75 @@ async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -
     assert report.exit_code == 0 and served == ["stale", "fresh"]
 
 
+def dead_host() -> str:
+    """The base URL of a loopback port nobody listens on: connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
+class MovedHost(FakeApi):
+    """Hands out URLs on a host that has gone until ``moved_after`` polls of a generation,
+    then URLs on the live host: a CDN that moved, as a restarted simulator's does."""
+
+    def __init__(self, cdn: str, polls_to_finish: int, moved_after: int) -> None:
+        super().__init__(cdn, polls_to_finish)
+        self.gone = dead_host()
+        self.moved_after = moved_after
+
+    async def fetch(self, generation_id: str) -> Generation:
+        g = await super().fetch(generation_id)
+        if g.video_url and self.polls[generation_id] <= self.moved_after:
+            return replace(g, video_url=g.video_url.replace(self.cdn, self.gone))
+        return g
+
+
+async def test_an_unreachable_video_host_gets_a_fresh_url_once_retries_run_out(
+    cdn: str, tmp_path: Path
+) -> None:
+    api = MovedHost(cdn, polls_to_finish=1, moved_after=1)
+    report = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1}
+    assert api.polls == {"g0-p0": 2} and api.created == ["g0-p0"]  # polled again, not paid
+    assert (tmp_path / "out" / "job0.mp4").read_bytes() == MP4
+
+
+async def test_a_completed_job_whose_url_names_a_host_gone_since_resumes(
+    cdn: str, tmp_path: Path
+) -> None:
+    # The ledger of a run killed between "completed" and "done": its URL names a video host
+    # that has gone since (a restarted simulator's CDN port, a CDN host retired overnight).
+    m = manifest(1, tmp_path)
+    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+    job = m.jobs[0]
+    await ledger.record("intent", job.id, crid="c", key=job.key, model=job.model)
+    await ledger.record("submitted", job.id, gen="g0-p0")
+    await ledger.record("completed", job.id, url=f"{dead_host()}/v/g0-p0.mp4")
+    ledger.close()
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.created, api.polls = ["g0-p0"], {"g0-p0": 0}
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1}
+    assert api.polls == {"g0-p0": 1} and api.created == ["g0-p0"]
+    assert (tmp_path / "out" / "job0.mp4").read_bytes() == MP4
+
+
+async def test_a_video_host_that_stays_unreachable_fails_after_the_fresh_urls(
+    cdn: str, tmp_path: Path
+) -> None:
+    api = MovedHost(cdn, polls_to_finish=1, moved_after=10**9)
+    report = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 1
+    [(job_id, error)] = report.failed
+    assert (job_id, error.kind) == ("job0", "download")
+    port = api.gone.rsplit(":", 1)[1]
+    assert error.message.startswith(
+        f"cannot fetch video: ClientConnectorError: Cannot connect to host 127.0.0.1:{port}"
+    )
+    assert error.message.endswith(f" (after {MAX_URL_REFRESHES} fresh URLs)")
+    assert api.polls == {"g0-p0": 1 + MAX_URL_REFRESHES} and api.created == ["g0-p0"]
+
+
 async def test_a_full_disk_fails_the_download_not_the_run(
     cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -743,3 +814,47 @@ async def test_a_stop_gives_back_the_reservation_of_a_job_never_sent(
     report = await run(manifest(3, tmp_path), s, api=api)
     assert report.exit_code == 3 and api.created == []
     assert report.estimated_usd == pytest.approx(0.0) and report.estimated_jobs == 0
+
+
+class Filling(FakeApi):
+    """Says when the third generation (the default concurrency) has been created."""
+
+    def __init__(self, cdn: str, polls_to_finish: int) -> None:
+        super().__init__(cdn, polls_to_finish)
+        self.full = anyio.Event()
+
+    async def create(self, body: Any, *, client_request_id: str) -> Created:
+        created = await super().create(body, client_request_id=client_request_id)
+        if len(self.created) == 3:
+            self.full.set()
+        return created
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+async def test_a_hangup_stops_the_run_like_sigterm(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, sig: signal.Signals
+) -> None:
+    # Ignored until the run takes it: a signal the run leaves alone fails the test, not pytest.
+    before = signal.signal(sig, signal.SIG_IGN)
+    api = Filling(cdn, polls_to_finish=10**9)
+    reports: list[RunReport] = []
+
+    async def go() -> None:
+        reports.append(
+            await run(manifest(4, tmp_path), settings(tmp_path), api=api, handle_signals=True)
+        )
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(go)
+                await api.full.wait()  # every slot taken, one job waiting
+                os.kill(os.getpid(), sig)
+        after = signal.getsignal(sig)
+    finally:
+        signal.signal(sig, before)
+    assert after == signal.SIG_IGN  # the run gave back what it found
+    [report] = reports
+    assert report.exit_code == 75 and report.interrupted
+    assert report.counts == {"submitted": 3, "pending": 1} and len(api.created) == 3
+    assert f"{sig.name}: stopping; run again to resume" in caplog.text

@@ -447,3 +447,38 @@ async def test_journal_never_holds_the_api_key(tmp_path: Path) -> None:
     text = journal(tmp_path).read_text()
     assert KEY not in text
     assert hashlib.sha256(KEY.encode()).hexdigest() in text
+
+
+async def test_a_restarted_simulator_serves_the_video_urls_handed_out_before(
+    tmp_path: Path,
+) -> None:
+    # A client killed between a poll and its download resumes with the URL it was given.
+    clock = FakeClock()
+    async with running(journaled(tmp_path), clock) as first:
+        url = await first.completed_url()
+        cdn_url = first.sim.cdn_url
+    async with running(journaled(tmp_path), clock) as second:
+        assert second.sim.cdn_url == cdn_url
+        got = await second.call("GET", url, None)
+        assert got.status == 200 and got.raw[4:8] == b"ftyp"
+
+
+async def test_a_restart_whose_video_port_is_taken_hands_out_urls_on_another(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    async with running(journaled(tmp_path), clock) as first:
+        gen_id = (await first.create()).json["id"]
+        clock.now += 10
+        url = (await first.fetch(gen_id)).json["video"]["url"]
+        async with running(journaled(tmp_path), clock) as idle:  # hands out no URL
+            assert idle.sim.cdn_url != first.sim.cdn_url
+        async with running(journaled(tmp_path), clock) as second:
+            moved = second.sim.cdn_url
+            assert moved != first.sim.cdn_url
+            fresh = (await second.fetch(gen_id)).json["video"]["url"]
+            assert fresh == url.replace(first.sim.cdn_url, moved)
+            assert (await second.call("GET", fresh, None)).status == 200
+    # The port the last URLs named is the one taken again; an idle process noted nothing.
+    async with running(journaled(tmp_path), clock) as third:
+        assert third.sim.cdn_url == moved

@@ -6,6 +6,7 @@ errors to exit codes. Logs go to stderr; stdout carries only results, so cron ma
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import logging
@@ -42,6 +43,7 @@ from .runner import (
     EXIT_CONFIG,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
+    STOP_SIGNALS,
     RunReport,
     Snapshot,
     run,
@@ -121,8 +123,13 @@ def _guard(fn: Callable[[], T], on_abort: Callable[[int, str], None] | None = No
             on_abort(code, line)
         sys.exit(code)
     except SystemExit as exc:  # a signal outside the run's own handling: still exit 75
-        if on_abort is not None and exc.code == EXIT_INTERRUPTED:
-            on_abort(EXIT_INTERRUPTED, "veobatch: interrupted")
+        if exc.code == EXIT_INTERRUPTED:
+            _leave_hung_up_terminal()
+            by = f" by {exc.signal_name}" if isinstance(exc, _Interrupted) else ""
+            line = f"veobatch: interrupted{by}; run again to resume"
+            click.echo(line, err=True)
+            if on_abort is not None:
+                on_abort(EXIT_INTERRUPTED, line)
         raise
 
 
@@ -176,8 +183,34 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
+class _Interrupted(SystemExit):
+    """Exit 75 for a signal outside the run's own handling, naming the signal for the line."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(EXIT_INTERRUPTED)
+        self.signal_name = signal.Signals(signum).name
+
+
 def _interrupted(signum: int, frame: object) -> None:
-    raise SystemExit(EXIT_INTERRUPTED)
+    raise _Interrupted(signum)
+
+
+def _leave_hung_up_terminal() -> None:
+    """Point stdout and stderr at /dev/null if they are on a terminal that has hung up.
+
+    A closed terminal window or a dropped ssh session sends SIGHUP, and then every write to
+    that terminal fails with EIO: the display's last redraw or the summary would end the
+    process with a traceback (exit 1) before the webhook is told. Nobody is there to read them.
+    """
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                continue  # not a hung-up terminal (closed, or a broken pipe): leave it be
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, fd)
+            os.close(devnull)
 
 
 def _default_out(manifest_path: Path) -> Path:
@@ -305,12 +338,18 @@ def run_cmd(
     console_log = _setup_logging(-1 if quiet else verbose, log_format)
     # While a run is under way its own handler takes signals; before and after it, a signal
     # still means "interrupted" (exit 75), never a bare kill.
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _interrupted)
-    m = _guard(lambda: load_manifest(manifest))
+    out = out_dir or _default_out(manifest)
+    notify_to = notify_url  # the manifest's own URL counts once the manifest is loaded
+
+    def abort(code: int, line: str) -> None:
+        if notify_to:
+            _notify_abort(notify_to, manifest, out, code, line)
+
+    m = _guard(lambda: load_manifest(manifest), abort)  # a large one takes a while
     for w in m.warnings:
         log.warning("%s", w)
-    out = out_dir or _default_out(manifest)
     cli = {
         "concurrency": concurrency,
         "job_timeout_s": job_timeout_s,
@@ -322,12 +361,10 @@ def run_cmd(
     notify_to = notify_url or m.settings.notify_url
     if notify_to:
         _guard(lambda: check_url(notify_to))
-
-    def abort(code: int, line: str) -> None:
-        if notify_to:
-            _notify_abort(notify_to, manifest, out, code, line)
-
-    settings = _guard(lambda: resolve_settings(out, m.settings, cli), abort)
+    # The simulator brings its own address and key: a real key or base URL in the
+    # environment plays no part, and one that would be refused must not stop the demo.
+    env: dict[str, str] | None = {} if simulate else None
+    settings = _guard(lambda: resolve_settings(out, m.settings, cli, env), abort)
     sim_gen_s = sim_gen_time_s if simulate else None  # None: the real API
     # The manifest's objects live as long as the run: the collector need not walk them on
     # every full collection.
@@ -336,9 +373,11 @@ def run_cmd(
     if STDERR.is_terminal and not quiet and log_format == "text":
         with LiveProgress(STDERR, mute=None if verbose else console_log) as live:
             report = _guard(lambda: _arun(_run_async, m, settings, sim_gen_s, verify, live), abort)
+            _leave_hung_up_terminal()  # before the display's last redraw
     else:
         observer = LogProgress() if not quiet else None
         report = _guard(lambda: _arun(_run_async, m, settings, sim_gen_s, verify, observer), abort)
+        _leave_hung_up_terminal()
     report_file = _final_report(m, report) if make_report and not report.interrupted else None
     extras = run_extras(report.states, m.jobs, started_wall, report_file)
     lines = run_summary(report, len(m.jobs), extras)

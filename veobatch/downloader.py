@@ -343,7 +343,11 @@ async def _open(
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise DownloadError(
-                f"cannot fetch video: {type(exc).__name__}: {exc}"[:300], job_id=job_id
+                f"cannot fetch video: {type(exc).__name__}: {exc}"[:300],
+                job_id=job_id,
+                unreachable=isinstance(
+                    exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
+                ),
             ) from None
         if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
             url = urljoin(url, resp.headers["Location"])

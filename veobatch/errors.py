@@ -181,12 +181,16 @@ class DownloadError(VeobatchError):
         retryable: bool = True,
         url_expired: bool = False,
         retry_after_s: float | None = None,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(message, job_id=job_id)
         self.retryable = retryable
         self.retry_after_s = retry_after_s  # a 429's or 503's Retry-After, capped
         # The video host refused the URL (403/404/410): a fresh one from the API may work.
         self.url_expired = url_expired
+        # No connection at all (refused, no route, no such name): the host may have gone for
+        # good, as one in a URL from an earlier run may; a fresh URL may name another.
+        self.unreachable = unreachable
 
 
 class UrlRejectedError(DownloadError):

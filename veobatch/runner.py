@@ -75,6 +75,8 @@ RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its las
 # to a connection the server is closing gets no answer, and leaves a paid job uncertain:
 # drop idle API connections before a server would.
 API_KEEPALIVE_S = 3.0
+# Each means "stop, flush and exit 75": SIGHUP is a closed terminal or a dropped ssh session.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -561,7 +563,9 @@ class _Run:
                 return await self._fail(job_id, "url_rejected", exc.message)
             except DownloadError as exc:
                 if exc.url_expired:
-                    return await self._refresh_url(job_id, exc)
+                    return await self._refresh_url(job_id, exc, "video URL refused")
+                if exc.retryable and attempt == s.download_retries and exc.unreachable:
+                    return await self._refresh_url(job_id, exc, "video host unreachable")
                 if not exc.retryable or attempt == s.download_retries:
                     return await self._fail(job_id, "download", exc.message)
                 delay = backoff_delay_s(attempt, s.backoff_base_s, s.backoff_max_s, self.rng)
@@ -591,14 +595,15 @@ class _Run:
             self._close(job_id)
             return
 
-    async def _refresh_url(self, job_id: str, exc: DownloadError) -> None:
-        """The video host refused an old URL: ask the API for the generation again."""
+    async def _refresh_url(self, job_id: str, exc: DownloadError, why: str) -> None:
+        """The video host refused an old URL, or could not be reached at all (a URL of an
+        earlier run whose host has gone): ask the API for the generation again."""
         n = self.refreshes[job_id] = self.refreshes.get(job_id, 0) + 1
         gen = self.ledger.state(job_id).generation_id
         if n > MAX_URL_REFRESHES or gen is None:
             await self._fail(job_id, "download", f"{exc.message} (after {n - 1} fresh URLs)")
             return
-        log.warning("video URL refused job=%s: polling for a fresh one", job_id)
+        log.warning("%s job=%s: polling for a fresh URL", why, job_id)
         self.poller.track(
             job_id,
             gen,
@@ -810,7 +815,7 @@ class _Control:
     async def watch_signals(self) -> None:
         # Event loops differ in what they leave behind when a receiver closes (uvloop: the
         # default action, so a late signal would kill instead of exit 75): restore it here.
-        before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        before = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         try:
             await self._receive_signals()
         finally:
@@ -819,7 +824,7 @@ class _Control:
                     signal.signal(sig, handler)
 
     async def _receive_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
             async for sig in signals:
                 if self.interrupted:
                     log.error("second signal: exiting now")

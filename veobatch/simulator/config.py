@@ -32,7 +32,7 @@ class SimConfig:
     video_mode: Literal["faithful", "tiny"] = "faithful"  # tiny: 160x90, 1 s, 8 fps
     video_fps: int = 24
     faults: Faults = field(default_factory=Faults)
-    state_dir: Path | None = None  # journal generations here so a restarted client finds them
+    state_dir: Path | None = None  # journal (and video port) kept here for a restarted client
     blob_dir: Path | None = None  # files served as-is at <cdn_url>/blobs/<name> (benchmarks)
     # GET /v2/logs per key, in any sliding window: the documented 200 per 60 s (0 = no limit)
     logs_rate_limit: int = 200

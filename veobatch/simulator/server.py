@@ -6,7 +6,8 @@ client sending the API key to "another host" is visible (``stats.cdn_auth_header
 
 With ``SimConfig.state_dir`` set, generations and failed requests are journaled there and
 reloaded on start, so a client that restarts (``veobatch run --simulate`` after a crash) finds its
-generations, and the same usage-log rows, again.
+generations, and the same usage-log rows, again. The CDN's port is noted there too and taken
+again on start, so the video URLs handed out before the restart still lead to their videos.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 GENERATIONS = "/v2/video/generations"
 JOURNAL = "generations.jsonl"
 FAILED_JOURNAL = "failed_requests.jsonl"  # usage-log rows of requests that created nothing
+CDN_PORT = "cdn_port.json"  # the port the handed-out video URLs name
 
 
 def error_body(path: str, status: int, message: str, meta: Any = None) -> dict[str, Any]:
@@ -122,6 +124,8 @@ class Simulator:
         self._runners: list[web.AppRunner] = []
         self._tmp: Path | None = None
         self._cache: VideoCache | None = None
+        self._cdn_port = 0
+        self._cdn_port_noted = False
         self.base_url = ""
         self.cdn_url = ""
 
@@ -149,17 +153,53 @@ class Simulator:
         if self.config.blob_dir is not None:
             cdn.router.add_static("/blobs/", self.config.blob_dir)
         api_port = await self._listen(api, self._ports[0])
-        cdn_port = await self._listen(cdn, self._ports[1])
+        self._cdn_port = await self._listen_cdn(cdn)
         self.base_url = f"http://{self.host}:{api_port}"
-        self.cdn_url = f"http://{self.host}:{cdn_port}"
+        self.cdn_url = f"http://{self.host}:{self._cdn_port}"
 
     async def _listen(self, app: web.Application, port: int) -> int:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, self.host, port)
-        await site.start()
+        try:
+            await web.TCPSite(runner, self.host, port).start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         self._runners.append(runner)
         return int(runner.addresses[0][1])
+
+    async def _listen_cdn(self, cdn: web.Application) -> int:
+        """The port asked for, else the one an earlier process's video URLs name: a client
+        resuming after a crash holds such URLs. Any free port when that one is taken."""
+        noted = self._noted_cdn_port() if not self._ports[1] else None
+        if noted is not None:
+            try:
+                port = await self._listen(cdn, noted)
+            except OSError as exc:
+                # Not a warning: a run locked out of the directory meets this too, harmlessly.
+                log.info("video port %d is taken (%s): URLs handed out before fail", noted, exc)
+            else:
+                self._cdn_port_noted = True
+                return port
+        return await self._listen(cdn, self._ports[1])
+
+    def _noted_cdn_port(self) -> int | None:
+        folder = self.config.state_dir
+        try:
+            port = json.loads((folder / CDN_PORT).read_text()) if folder else None
+        except (OSError, ValueError):  # none yet, or torn by a kill: any port will do
+            return None
+        return port if isinstance(port, int) and 0 < port < 65536 else None
+
+    def _note_cdn_port(self) -> None:
+        """Noted when the first URL is handed out, not on start: a process that never hands
+        one out (a second run locked out of the directory) must not replace the port that
+        the URLs in the client's ledger name."""
+        if self._cdn_port_noted or self.config.state_dir is None:
+            return
+        self._cdn_port_noted = True
+        self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        (self.config.state_dir / CDN_PORT).write_text(json.dumps(self._cdn_port), encoding="utf-8")
 
     async def stop(self) -> None:
         for runner in self._runners:
@@ -384,6 +424,7 @@ class Simulator:
         return web.json_response(body, headers=headers)
 
     def _video_url(self, gen: Generation) -> str:
+        self._note_cdn_port()
         url = f"{self.cdn_url}/files/{gen.file_token}/{gen.file_name}"
         ttl = self.config.faults.url_ttl_s
         if not ttl:
