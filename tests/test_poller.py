@@ -225,3 +225,46 @@ async def test_first_poll_waits_for_first_delay_with_fake_clock() -> None:
     assert poller._schedule.pop_due(2.0) == ["a"]
     poller.track("b", "g-b", model="m", age_s=5, remaining_s=60, first=False)  # resumed: at once
     assert poller._schedule.pop_due(0.0) == ["b"]
+
+
+async def test_a_poll_due_at_the_deadline_still_goes() -> None:
+    # Done by the deadline is done: the last poll is sent, not replaced by a timeout.
+    api = ScriptedApi({"g-a": ["completed"], "g-b": ["generating"], "g-c": [ServerError("x")]})
+    sink = Sink()
+    await _drive(api, sink, [("a", 0.0), ("b", 0.0), ("c", 0.0)])
+    assert sink.finished == [("a", "completed")] and sorted(sink.timed_out) == ["b", "c"]
+    assert sorted(api.calls) == ["g-a", "g-b", "g-c"]  # once each: no retry past the deadline
+
+
+async def test_only_generations_followed_from_submission_teach_the_durations() -> None:
+    # One polled first on resuming or on a URL refresh was done long ago: "(0, now]" is no
+    # duration, and a few such once made the fit plan one poll past the job timeout.
+    clock = FakeClock()
+    api = ScriptedApi({"g-a": ["completed"], "g-b": ["completed"], "g-c": ["generating"] * 2})
+    poller = Poller(api, Sink(), S, clock=clock)
+    poller.track("a", "g-a", model="m", age_s=0, remaining_s=60, first=False)
+    poller.track("b", "g-b", model="m", age_s=0, remaining_s=60, first=True)
+    poller.track("c", "g-c", model="m", age_s=0, remaining_s=60, first=False)
+    clock.now = 5.0
+    for job in ("a", "b", "c"):
+        await poller._poll_one(poller._tracked[job])
+    api.scripts["g-c"] = ["completed"]
+    clock.now = 9.0
+    await poller._poll_one(poller._tracked["c"])  # seen running at 5 s: (5, 9] is a sample
+    assert list(poller.durations._models["m"].intervals) == [(0.0, 5.0), (5.0, 9.0)]
+
+
+async def test_unpolled_generations_move_up_to_an_earlier_new_plan() -> None:
+    clock = FakeClock()
+    poller = Poller(ScriptedApi({}), Sink(), S, clock=clock)
+    poller.durations.observe("m", 100.0)
+    poller.durations.install("m", (100.0, 105.0), 1)
+    poller.track("a", "g-a", model="m", age_s=0, remaining_s=600, first=True)
+    poller.track("b", "g-b", model="m", age_s=0, remaining_s=600, first=False)  # due at once
+    clock.now = 4.0
+    poller.durations.install("m", (10.0, 12.0), 2)
+    poller._bring_forward("m")
+    assert poller._schedule.due("a") == 10.0 and poller._schedule.due("b") == 0.0
+    clock.now = 30.0
+    poller._bring_forward("m")  # already due: left as it is
+    assert poller._schedule.due("a") == 10.0

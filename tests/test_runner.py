@@ -858,3 +858,16 @@ async def test_a_hangup_stops_the_run_like_sigterm(
     assert report.exit_code == 75 and report.interrupted
     assert report.counts == {"submitted": 3, "pending": 1} and len(api.created) == 3
     assert f"{sig.name}: stopping; run again to resume" in caplog.text
+
+
+def test_history_samples_leave_out_completions_seen_only_much_later() -> None:
+    from veobatch.ledger import JobState
+    from veobatch.runner import history_samples
+
+    states = [
+        JobState("a", model="m", submitted_at=1000.0, completed_at=1120.0),
+        JobState("b", model="m", submitted_at=1000.0, completed_at=1000.0 + 86_400),  # next night
+        JobState("c", model="m", submitted_at=1000.0),  # never completed
+        JobState("d", model="n", submitted_at=1000.0, completed_at=1000.0 + 1800),
+    ]
+    assert list(history_samples(states, 1800.0)) == [("m", 120.0), ("n", 1800.0)]

@@ -9,6 +9,8 @@ import random
 import pytest
 
 from veobatch.schedule import (
+    DRIFT_CHECK,
+    REFIT_AFTER,
     DurationModel,
     LogNormal,
     cold_delay_s,
@@ -90,3 +92,65 @@ def test_censored_fit_is_unbiased_where_midpoints_drift() -> None:
     assert fit.sigma == pytest.approx(math.sqrt(math.log1p(0.09)), rel=0.1)
     survivors = [(lo + hi) / 2 for lo, hi in intervals if lo > 0]  # what dropping them gives
     assert sum(survivors) / len(survivors) > 3.2
+
+
+def _lognormal(mean: float, cv: float) -> LogNormal:
+    sigma2 = math.log1p(cv * cv)
+    return LogNormal(math.log(mean) - sigma2 / 2, math.sqrt(sigma2))
+
+
+@pytest.mark.parametrize(
+    ("mean", "cv"), [(240, 1.0), (120, 1.5), (600, 0.5), (1200, 0.3), (1200, 1.5)]
+)
+def test_a_wide_distribution_is_polled_within_the_cap_after_the_first_poll(
+    mean: float, cv: float
+) -> None:
+    # A grid coarser than the cap once left one poll, at the 99.95 % quantile: past any
+    # job timeout, so generations of 1-3 minutes timed out unpolled.
+    dist = _lognormal(mean, cv)
+    plan = plan_for(dist, S.lag_target_share * dist.mean, S)
+    gaps = [b - a for a, b in itertools.pairwise(plan)]
+    assert len(plan) > 1 and max(gaps) <= S.max_interval_s + 1e-9
+    assert plan[0] < dist.mean and plan[-1] <= dist.quantile(0.9995) + 1e-6
+
+
+def test_a_first_poll_most_completions_beat_is_halved_then_cold() -> None:
+    # History says 150 s; tonight everything is done by the first poll. A fit of "(0, first]"
+    # samples would keep the poll there; looking earlier shows where they really finish.
+    model = DurationModel(S, min_samples=20)
+    for d in lognormal_sample(150.0, 0.3, 200):
+        model.observe("m", d)
+    plan = model.plan("m")
+    assert plan is not None
+    for _ in range(100):
+        model.observe("m", 0.0, plan[0])
+    assert model.plan("m") == (plan[0] / 2,)
+    assert model.first_delay_s("m") == plan[0] / 2
+    assert model.next_delay_s("m", plan[0] / 2) == cold_delay_s(plan[0] / 2, S)
+
+
+def test_tonight_unlike_the_history_is_planned_from_tonight_alone() -> None:
+    model = DurationModel(S, min_samples=20)
+    for d in lognormal_sample(3.0, 0.3, 5000):
+        model.observe("m", d)
+    history_plan = model.plan("m")
+    assert history_plan is not None and history_plan[0] < 3
+    for d in lognormal_sample(150.0, 0.3, DRIFT_CHECK, seed=2):
+        model.observe("m", d)
+    plan = model.plan("m")  # after DRIFT_CHECK completions, not after 2,500 more
+    assert plan is not None and plan[0] > 50  # tonight's plan, not a blend with last week
+    for d in lognormal_sample(150.0, 0.3, 30, seed=3):
+        model.observe("m", d)
+    assert model.plan("m") is plan  # the drift is behind it: the plan stands
+
+
+def test_a_long_history_still_refits_after_refit_after_new_samples() -> None:
+    model = DurationModel(S, min_samples=20)
+    for d in lognormal_sample(3.0, 0.3, 5000):
+        model.observe("m", d)
+    first = model.plan("m")
+    for d in lognormal_sample(3.0, 0.3, REFIT_AFTER - 1, seed=2):
+        model.observe("m", d)
+    assert model.plan("m") is first
+    model.observe("m", 3.0)
+    assert model.plan("m") is not first  # not only after 2,500 (half as many again)

@@ -72,6 +72,9 @@ class PollSchedule:
     def remove(self, key: str) -> None:
         self._due.pop(key, None)
 
+    def due(self, key: str) -> float | None:
+        return self._due.get(key)
+
     def next_due(self) -> float | None:
         self._drop_stale()
         return self._heap[0][0] if self._heap else None
@@ -101,7 +104,9 @@ class Tracked:
     model: str
     started: float  # monotonic time the generation was submitted
     deadline: float  # monotonic time after which the job is given up on
-    last_running_age: float = 0.0  # age at the last poll that found it still running
+    # Age at the last poll that found it still running; None while unknown (polled first on
+    # resuming or refreshing: a finish then says nothing of how long it took).
+    last_running_age: float | None = 0.0
     errors: int = 0
     not_found: int = 0
     polls: int = 0
@@ -164,6 +169,8 @@ class Poller:
         or refreshed one is polled at once."""
         now = self._clock()
         t = Tracked(job_id, generation_id, model, started=now - age_s, deadline=now + remaining_s)
+        if not first:
+            t.last_running_age = None
         self._tracked[job_id] = t
         delay = max(0.0, self.durations.first_delay_s(model) - age_s) if first else 0.0
         self._add(job_id, min(now + delay, t.deadline))
@@ -181,10 +188,7 @@ class Poller:
                     t = self._tracked.get(job_id)
                     if t is None:
                         continue
-                    if now >= t.deadline:
-                        del self._tracked[job_id]
-                        await self._sink.generation_timed_out(t)
-                        continue
+                    # A poll due at the deadline still goes: a generation done by then is done.
                     await self._pace()
                     self._ready.append(t)
                     if self._idle:
@@ -207,7 +211,20 @@ class Poller:
             for model, intervals, samples in self.durations.stale():
                 plan = await anyio.to_thread.run_sync(fit_plan, intervals, self._s)
                 self.durations.install(model, plan, samples)
+                self._bring_forward(model)
             await anyio.sleep(REFIT_CHECK_S)
+
+    def _bring_forward(self, model: str) -> None:
+        """Generations not yet polled move to the new plan's first poll when it is earlier: a
+        plan that learnt tonight is faster must not leave hundreds waiting on the old one."""
+        first = self.durations.first_delay_s(model)
+        now = self._clock()
+        for t in self._tracked.values():
+            if t.model != model or t.polls or t.last_running_age is None:
+                continue
+            due, wanted = self._schedule.due(t.job_id), max(now, t.started + first)
+            if due is not None and wanted < due:
+                self._add(t.job_id, wanted)
 
     async def _pace(self) -> None:
         """Keep to ``max_polls_per_s`` overall, allowing a short burst."""
@@ -243,15 +260,22 @@ class Poller:
         t.errors = t.not_found = 0  # only 404s in a row count towards "lost"
         if gen.completed or gen.failed:
             self._tracked.pop(t.job_id, None)
-            if gen.completed:
+            if gen.completed and t.last_running_age is not None:
                 # It finished since the last poll that saw it running (or since submission).
                 self.durations.observe(t.model, t.last_running_age, self._clock() - t.started)
             await self._sink.generation_finished(t, gen)
             return
         now = self._clock()
         t.api_status = gen.status
-        t.last_running_age = now - t.started
-        self._reschedule(t, now + self.durations.next_delay_s(t.model, t.last_running_age))
+        if now >= t.deadline:
+            await self._time_out(t)
+            return
+        t.last_running_age = age = now - t.started
+        self._reschedule(t, now + self.durations.next_delay_s(t.model, age))
+
+    async def _time_out(self, t: Tracked) -> None:
+        if self._tracked.pop(t.job_id, None) is not None:
+            await self._sink.generation_timed_out(t)
 
     async def _on_error(self, t: Tracked, exc: ApiError) -> None:
         if isinstance(exc, NotFoundError):
@@ -264,6 +288,9 @@ class Poller:
         if lost:
             self._tracked.pop(t.job_id, None)
             await self._sink.generation_lost(t, exc)
+            return
+        if self._clock() >= t.deadline:
+            await self._time_out(t)
             return
         t.errors += 1
         delay = error_delay_s(t.errors, self._s, exc.retry_after_s, self._rng)

@@ -15,7 +15,7 @@ import random
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -254,9 +254,10 @@ class _Run:
 
     def _learn_from_history(self) -> None:
         """Earlier runs' durations give the poller a plan from the first minute of the night."""
-        for st in self.ledger.states.values():
-            if st.model and st.submitted_at is not None and st.completed_at is not None:
-                self.poller.durations.observe(st.model, st.completed_at - st.submitted_at)
+        for model, took in history_samples(
+            self.ledger.states.values(), self.settings.job_timeout_s
+        ):
+            self.poller.durations.observe(model, took)
 
     def _resume(self, plans: list[JobPlan]) -> None:
         """Pick up where an earlier run stopped: poll what is in flight, fetch what is finished."""
@@ -713,6 +714,18 @@ class _Run:
 
 
 _IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED})
+
+
+def history_samples(states: Iterable[JobState], longest_s: float) -> Iterator[tuple[str, float]]:
+    """(model, seconds from submission to completion) of the ledger's finished generations.
+
+    A completion seen only by a later run (after a crash, a timeout, a night off) took at most
+    that long, likely far less: over the job timeout, it is no sample at all."""
+    for st in states:
+        if st.model and st.submitted_at is not None and st.completed_at is not None:
+            took = st.completed_at - st.submitted_at
+            if 0 < took <= longest_s:
+                yield st.model, took
 
 
 def kept_name(out: Path, job_id: str, tag: str) -> Path:

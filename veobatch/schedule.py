@@ -48,7 +48,8 @@ class LogNormal:
         return math.exp(self.mu + self.sigma * NormalDist().inv_cdf(p))
 
 
-GRID_POINTS = 150  # candidate poll times between the 0.05% and 99.95% quantiles
+GRID_POINTS = 150  # candidate poll times between the 0.05% and 99.95% quantiles, at least
+MAX_GRID_POINTS = 1200  # more when needed to space them at most a quarter of the cap apart
 
 
 def plan_offsets(dist: LogNormal, lam: float, s: PollSettings) -> tuple[float, ...]:
@@ -59,7 +60,10 @@ def plan_offsets(dist: LogNormal, lam: float, s: PollSettings) -> tuple[float, .
     completion in between.
     """
     lo, hi = dist.quantile(0.0005), dist.quantile(0.9995)
-    grid = [0.0] + [lo + (hi - lo) * k / (GRID_POINTS - 1) for k in range(GRID_POINTS)]
+    # A grid coarser than the interval cap leaves the DP no allowed step after the first poll:
+    # a wide distribution would get one poll at its 99.95 % quantile, past any job timeout.
+    points = min(MAX_GRID_POINTS, max(GRID_POINTS, math.ceil(4 * (hi - lo) / s.max_interval_s) + 1))
+    grid = [0.0] + [lo + (hi - lo) * k / (points - 1) for k in range(points)]
     n = len(grid)
     cdf = [dist.cdf(t) for t in grid]
     tmass = [0.0] * n  # cumulative ∫ t f(t) dt, by midpoints
@@ -74,8 +78,8 @@ def plan_offsets(dist: LogNormal, lam: float, s: PollSettings) -> tuple[float, .
             gap = grid[j] - grid[i]
             if gap < s.min_interval_s and j < n - 1:
                 continue
-            if gap > s.max_interval_s and i > 0:
-                break
+            if gap > s.max_interval_s and i > 0 and j > i + 1:
+                break  # the next point is always allowed: the finest grid may still be coarse
             c = base + grid[j] * (cdf[j] - cdf[i]) - (tmass[j] - tmass[i]) + value[j]
             if c < best:
                 best, best_j = c, j
@@ -85,7 +89,19 @@ def plan_offsets(dist: LogNormal, lam: float, s: PollSettings) -> tuple[float, .
     while i < n - 1:
         i = nxt[i]
         plan.append(grid[i])
-    return tuple(plan)
+    return _within_cap(plan, s.max_interval_s)
+
+
+def _within_cap(plan: list[float], cap: float) -> tuple[float, ...]:
+    """The plan with polls added, evenly, wherever two are more than ``cap`` apart (a
+    distribution wider than even the finest grid covers)."""
+    out = plan[:1]
+    for t in plan[1:]:
+        gaps = math.ceil((t - out[-1]) / cap - 1e-9)
+        start = out[-1]
+        out.extend(start + (t - start) * k / gaps for k in range(1, gaps))
+        out.append(t)
+    return tuple(out)
 
 
 def cost(
@@ -174,12 +190,25 @@ def _truncated_moments(mu: float, sigma: float, a: float, b: float) -> tuple[flo
     return mean_x, sigma * sigma * max(var_z, 0.0) + mean_x * mean_x
 
 
+# A refit is due after half as many samples again, or this many new ones: with a long history
+# the first rule alone would wait thousands of completions to notice tonight differs.
+REFIT_AFTER = WINDOW // 2
+# When this share of the completions since the last plan were already done at their first
+# poll, that poll is too late to tell how early they finish (all the fit sees is "before
+# it"): the next plan looks earlier instead of trusting the fit.
+SATURATED_SHARE = 0.5
+DRIFT_RATIO = 2.0  # recent completions' median this far from the older ones': refit on them
+DRIFT_CHECK = 100  # new completions between two looks for drift
+
+
 @dataclass
 class _Samples:
     intervals: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=WINDOW))
     n: int = 0
     plan: tuple[float, ...] | None = None
     planned_at: int = 0
+    checked_at: int = 0  # samples when drift was last looked for
+    regime: int = 0  # the sample the current regime starts at: older ones are not fitted
 
 
 @dataclass
@@ -208,16 +237,37 @@ class DurationModel:
         return fit_intervals(list(m.intervals))
 
     def stale(self) -> list[tuple[str, list[tuple[float, float]], int]]:
-        """Models due for a refit (first plan, or half as many samples again), each with a
-        copy of its samples, so the fit can run in a worker thread while polls go on."""
-        return [
-            (name, list(m.intervals), m.n)
-            for name, m in self._models.items()
-            if m.n >= self.min_samples and (m.plan is None or m.n >= m.planned_at * 1.5)
-        ]
+        """Models due for a refit, each with a copy of the samples to fit, so the fit can run
+        in a worker thread while polls go on: a first plan, half as many samples again,
+        REFIT_AFTER new ones, or new ones (checked every DRIFT_CHECK) that tell another story
+        or were mostly done at their first poll."""
+        due = []
+        for name, m in self._models.items():
+            if m.n < self.min_samples:
+                continue
+            recent = m.n - m.planned_at
+            # Only the samples of the current regime: since the last drift, within the window.
+            intervals = list(m.intervals)[max(0, m.regime - (m.n - len(m.intervals))) :]
+            drifted = drift(intervals, recent, self.min_samples)
+            if m.plan is not None and m.n < m.planned_at * 1.5 and recent < REFIT_AFTER:
+                if m.n < m.checked_at + DRIFT_CHECK:
+                    continue
+                m.checked_at = m.n
+                if not drifted and not first_poll_saturated(m.intervals, recent):
+                    continue  # the plan stands
+            if drifted:  # tonight is not last week: forget the older samples
+                m.regime = m.planned_at
+                intervals = intervals[-recent:]
+            due.append((name, intervals, m.n))
+        return due
 
     def install(self, model: str, plan: tuple[float, ...], samples: int) -> None:
         m = self._models[model]
+        if m.plan is not None and first_poll_saturated(m.intervals, samples - m.planned_at):
+            # Look earlier: half the first poll, then the cold schedule's narrow intervals,
+            # until a refit sees where completions really fall (halving again if need be).
+            first = m.plan[0] if m.plan else self.settings.first_delay_s
+            plan = (max(self.settings.min_interval_s, first / 2),)
         m.plan, m.planned_at = plan, samples
 
     def plan(self, model: str) -> tuple[float, ...] | None:
@@ -234,7 +284,7 @@ class DurationModel:
     def next_delay_s(self, model: str, age_s: float) -> float:
         """Seconds from now to the next poll of a generation this old that is still running."""
         plan = self.current_plan(model)
-        if plan is not None:
+        if plan:
             i = bisect.bisect_right(plan, age_s + PLAN_SLACK_S)
             if i < len(plan):
                 return plan[i] - age_s
@@ -243,6 +293,32 @@ class DurationModel:
     def first_delay_s(self, model: str) -> float:
         plan = self.current_plan(model)
         return plan[0] if plan else self.settings.first_delay_s
+
+
+def drift(intervals: Sequence[tuple[float, float]], recent: int, min_samples: int) -> bool:
+    """Do the last ``recent`` samples tell another story than the ones before (medians
+    DRIFT_RATIO apart)? Tonight is not last week: a fit of both would plan for neither until
+    the old ones leave the window, thousands of completions later."""
+    if recent < min_samples or recent >= len(intervals):
+        return False
+    old = sorted(hi for _, hi in intervals[:-recent])
+    new = sorted(hi for _, hi in intervals[-recent:])
+    a, b = old[len(old) // 2], new[len(new) // 2]
+    return max(a, b) > DRIFT_RATIO * min(a, b)
+
+
+def first_poll_saturated(intervals: Sequence[tuple[float, float]], recent: int) -> bool:
+    """Were most of the last ``recent`` completions already done at their first poll?
+
+    Such a sample is (0, first poll]: it says only "earlier than that". If most are, the
+    plan's first poll is too late for tonight (history slower than tonight, say), and a fit
+    of such samples would keep it there: every generation waits for it, lag unbounded.
+    """
+    recent = min(recent, len(intervals))
+    if recent < 1:
+        return False
+    firsts = sum(1 for k in range(len(intervals) - recent, len(intervals)) if intervals[k][0] == 0)
+    return firsts >= SATURATED_SHARE * recent
 
 
 def fit_plan(intervals: Sequence[tuple[float, float]], s: PollSettings) -> tuple[float, ...]:
