@@ -18,7 +18,7 @@ from veobatch.errors import (
     ServerError,
 )
 from veobatch.poller import MAX_NOT_FOUND, Poller, PollSchedule, Tracked, error_delay_s
-from veobatch.schedule import cold_delay_s
+from veobatch.schedule import Fitted, cold_delay_s
 from veobatch.settings import PollSettings
 
 S = PollSettings(first_delay_s=2, min_interval_s=1, max_interval_s=10, growth=0.25)
@@ -258,11 +258,11 @@ async def test_unpolled_generations_move_up_to_an_earlier_new_plan() -> None:
     clock = FakeClock()
     poller = Poller(ScriptedApi({}), Sink(), S, clock=clock)
     poller.durations.observe("m", 100.0)
-    poller.durations.install("m", (100.0, 105.0), 1)
+    poller.durations.install("m", Fitted((100.0, 105.0), 0.01), 1)
     poller.track("a", "g-a", model="m", age_s=0, remaining_s=600, first=True)
     poller.track("b", "g-b", model="m", age_s=0, remaining_s=600, first=False)  # due at once
     clock.now = 4.0
-    poller.durations.install("m", (10.0, 12.0), 2)
+    poller.durations.install("m", Fitted((10.0, 12.0), 0.01), 2)
     poller._bring_forward("m")
     assert poller._schedule.due("a") == 10.0 and poller._schedule.due("b") == 0.0
     clock.now = 30.0

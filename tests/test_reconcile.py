@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import pytest
 
 from veobatch.client import LogEntry, LogPage
@@ -179,3 +181,54 @@ async def test_a_sweep_cut_short_by_the_page_cap_goes_on_where_it_stopped() -> N
     await rec.sweep()
     assert [(j, d.verdict) for j, d in got] == [("ja", Verdict.ADOPT)]
     assert api.calls[50]["offset"] == 5000 and len(api.calls) == 61
+
+
+async def test_a_row_logged_late_behind_the_cursor_is_not_taken_for_absence() -> None:
+    # The pass that stopped at the page cap began before the row was logged: the row lands
+    # among rows it has read. Finishing that pass proves nothing; a pass begun after the
+    # grace finds it. (Resubmitting here would pay twice.)
+    older = [LogEntry(f"old-{i}", f"g{i}", "succeeded") for i in range(300)]
+    newer = [LogEntry(f"new-{i}", f"h{i}", "succeeded") for i in range(5800)]
+    api = PagedLogs([*older, *newer])
+    wall = [1001.0]
+    got: list[Decision] = []
+
+    async def sink(lookup: Lookup, decision: Decision) -> None:
+        got.append(decision)
+
+    rec = Reconciler(
+        api,
+        sink,
+        grace_s=60,
+        interval_s=1,
+        budget=RateBudget(10**6, 60, lambda: 0),
+        wall_clock=lambda: wall[0],
+    )
+    rec.add(Lookup("jx", "x", "m", 940.0, "server_error", recorded_wall=1000.0))
+    await rec.sweep()
+    assert got == [] and api.calls[-1]["offset"] == 4900
+    api.entries.insert(300, LogEntry("x", "gen-x", "succeeded"))  # logged 30 s late
+    wall[0] = 1070.0
+    await rec.sweep()  # goes on from the cursor, past the row: no verdict yet
+    assert got == [] and api.calls[50]["offset"] == 5000
+    await rec.sweep()  # a new pass, begun after the grace
+    assert [(d.verdict, d.generation_id) for d in got] == [(Verdict.ADOPT, "gen-x")]
+
+
+async def test_a_lookup_added_meanwhile_starts_a_new_pass() -> None:
+    noise = [LogEntry(f"o-{i}", f"g{i}", "succeeded") for i in range(6000)]
+    api = PagedLogs([LogEntry("y", "gen-y", "succeeded"), *noise])
+    rec = Reconciler(
+        api,
+        lambda lookup, decision: anyio.lowlevel.checkpoint(),
+        grace_s=60,
+        interval_s=1,
+        budget=RateBudget(10**6, 60, lambda: 0),
+        wall_clock=lambda: 5000.0,
+    )
+    rec.add(Lookup("jx", "x", "m", 900, "server_error", recorded_wall=1000.0))
+    rec.add(Lookup("jz", "z", "m", 900, "server_error", recorded_wall=1000.0))
+    await rec.sweep()
+    rec.add(Lookup("jy", "y", "m", 900, "server_error", recorded_wall=1000.0))  # same window
+    await rec.sweep()
+    assert api.calls[50]["offset"] == 0  # y's row may be among those already read

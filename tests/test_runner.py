@@ -864,10 +864,48 @@ def test_history_samples_leave_out_completions_seen_only_much_later() -> None:
     from veobatch.ledger import JobState
     from veobatch.runner import history_samples
 
-    states = [
+    old = [  # ledgers written before completions said whether they were followed
         JobState("a", model="m", submitted_at=1000.0, completed_at=1120.0),
         JobState("b", model="m", submitted_at=1000.0, completed_at=1000.0 + 86_400),  # next night
         JobState("c", model="m", submitted_at=1000.0),  # never completed
         JobState("d", model="n", submitted_at=1000.0, completed_at=1000.0 + 1800),
     ]
-    assert list(history_samples(states, 1800.0)) == [("m", 120.0), ("n", 1800.0)]
+    assert list(history_samples(old, 1800.0)) == [
+        ("m", pytest.approx(117.6), 120.0),
+        ("n", pytest.approx(1764.0), 1800.0),
+    ]
+    new = [
+        JobState("e", model="m", submitted_at=1000.0, completed_at=1125.0, took=(110.0, 121.5)),
+        # resumed after a crash, finished meanwhile: 5 minutes from submission says nothing
+        JobState("f", model="m", submitted_at=1000.0, completed_at=1300.0, took=None),
+    ]
+    assert list(history_samples(new, 1800.0)) == [("m", 110.0, 121.5)]
+
+
+async def test_a_completion_records_when_it_finished_as_the_polls_saw_it(
+    cdn: str, tmp_path: Path
+) -> None:
+    from veobatch.ledger import Ledger
+
+    api = FakeApi(cdn, polls_to_finish=2)
+    await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    ledger = Ledger.open(tmp_path / "out")
+    took = ledger.state("job0").took
+    ledger.close()
+    assert isinstance(took, tuple) and 0 <= took[0] <= took[1] < 5  # seen running, then done
+
+
+@pytest.mark.parametrize(("ignored", "expected"), [(False, "[1, 2, 15]"), (True, "[2, 15]")])
+def test_a_hangup_ignored_at_start_stays_ignored(ignored: bool, expected: str) -> None:
+    # `nohup veobatch run ...` ignores SIGHUP so the run outlives the session: keep it so.
+    import subprocess
+    import sys
+
+    code = (
+        "import signal\n"
+        f"if {ignored}: signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "from veobatch.runner import STOP_SIGNALS\n"
+        "print(sorted(int(s) for s in STOP_SIGNALS))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected

@@ -15,6 +15,7 @@ from veobatch.schedule import (
     LogNormal,
     cold_delay_s,
     cost,
+    first_poll_saturated,
     fixed_schedule_cost,
     plan_for,
     schedule_cost,
@@ -154,3 +155,19 @@ def test_a_long_history_still_refits_after_refit_after_new_samples() -> None:
     assert model.plan("m") is first
     model.observe("m", 3.0)
     assert model.plan("m") is not first  # not only after 2,500 (half as many again)
+
+
+@pytest.mark.parametrize(
+    ("done_first", "expected", "saturated"),
+    [
+        (60, 0.02, True),  # history said slower: far more done than the fit expected
+        (20, 0.02, False),
+        (80, 0.74, False),  # a narrow distribution: its fit expects most done, and they are
+        (96, 0.74, True),  # ... all but done: the cap
+    ],
+)
+def test_saturation_is_judged_against_what_the_fit_expected(
+    done_first: int, expected: float, saturated: bool
+) -> None:
+    intervals = [(0.0, 60.0)] * done_first + [(60.0, 62.0)] * (100 - done_first)
+    assert first_poll_saturated(intervals, 100, expected) is saturated

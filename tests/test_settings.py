@@ -106,3 +106,24 @@ def test_scrub_removes_the_key_and_runs_of_it() -> None:
     cut = key.scrub("bad key sk-SECRET-abc1...", fragments=True)
     assert "SECRET" not in cut and cut.startswith("bad key ") and cut.endswith("...")
     assert key.scrub("sk-SEC", fragments=True) == "sk-SEC"  # under 8 in a row: not the key
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        (  # the two variables swapped
+            {"AIMLAPI_BASE_URL": "sk-SECRETKEY12345", "AIMLAPI_KEY": "sk-SECRETKEY12345"},
+            "are AIMLAPI_KEY and AIMLAPI_BASE_URL swapped?",
+        ),
+        ({"AIMLAPI_BASE_URL": "https://api.aimlapi.com/?api_key=sk-SECRETKEY12345"}, "query"),
+        ({"AIMLAPI_BASE_URL": "https://u:SECRET/KEY@api.aimlapi.com"}, "not a valid URL"),
+        ({"AIMLAPI_BASE_URL": "https://u:SECRETKEY@api.aimlapi.com"}, "user name or password"),
+    ],
+)
+def test_a_refused_base_url_that_may_hold_a_secret_is_not_echoed(
+    env: dict[str, str], said: str
+) -> None:
+    # The line goes to stderr, the cron mail and the --notify webhook.
+    with pytest.raises(ConfigError) as info:
+        resolve_settings(Path("o"), env=env)
+    assert said in str(info.value) and "SECRET" not in str(info.value)

@@ -78,6 +78,9 @@ class JobState:
     sha256: str | None = None
     mtime_ns: int | None = None  # of the finished file, so an unchanged file is not re-hashed
     completed_at: float | None = None  # wall clock: with submitted_at, how long it took
+    # When it finished, in seconds from submission, as (after, by) the polls saw it: None when
+    # unknown (first polled on a resume or refresh); "old" for a ledger older than the field.
+    took: tuple[float, float] | Literal["old"] | None = "old"
     error: ErrorInfo | None = None
     updated_at: float | None = None
     usd_estimate: float | None = None  # at submission, from the price table
@@ -137,6 +140,9 @@ def _on_completed(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "completed"
     s.video_url = r.get("url")
     s.completed_at = r.get("t")
+    if "took" in r:
+        took = r["took"]
+        s.took = (float(took[0]), float(took[1])) if took else None
     s.usd_spent = r.get("usd", s.usd_spent)
     s.error = None
 

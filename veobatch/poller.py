@@ -22,7 +22,7 @@ import anyio
 
 from .client import ApiClient, Generation
 from .errors import ApiError, AuthError, BadRequestError, NotFoundError
-from .schedule import PLAN_SLACK_S, DurationModel, fit_plan
+from .schedule import PLAN_SLACK_S, DurationModel, fit
 from .settings import PollSettings
 
 log = logging.getLogger(__name__)
@@ -209,8 +209,8 @@ class Poller:
         loop must not wait for."""
         while True:
             for model, intervals, samples in self.durations.stale():
-                plan = await anyio.to_thread.run_sync(fit_plan, intervals, self._s)
-                self.durations.install(model, plan, samples)
+                fitted = await anyio.to_thread.run_sync(fit, intervals, self._s)
+                self.durations.install(model, fitted, samples)
                 self._bring_forward(model)
             await anyio.sleep(REFIT_CHECK_S)
 
@@ -260,9 +260,9 @@ class Poller:
         t.errors = t.not_found = 0  # only 404s in a row count towards "lost"
         if gen.completed or gen.failed:
             self._tracked.pop(t.job_id, None)
-            if gen.completed and t.last_running_age is not None:
+            if gen.completed and (sample := self.sample_of(t)) is not None:
                 # It finished since the last poll that saw it running (or since submission).
-                self.durations.observe(t.model, t.last_running_age, self._clock() - t.started)
+                self.durations.observe(t.model, *sample)
             await self._sink.generation_finished(t, gen)
             return
         now = self._clock()
@@ -272,6 +272,13 @@ class Poller:
             return
         t.last_running_age = age = now - t.started
         self._reschedule(t, now + self.durations.next_delay_s(t.model, age))
+
+    def sample_of(self, t: Tracked) -> tuple[float, float] | None:
+        """When a generation just found finished did finish (after, by), in seconds from
+        submission; None when it was first polled on a resume or refresh (unknown)."""
+        if t.last_running_age is None:
+            return None
+        return (t.last_running_age, self._clock() - t.started)
 
     async def _time_out(self, t: Tracked) -> None:
         if self._tracked.pop(t.job_id, None) is not None:

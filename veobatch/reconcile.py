@@ -163,15 +163,18 @@ class Reconciler:
         lookups = dict(self._open)
         if not lookups:
             return
-        found, searched_all = await self._search(lookups)
+        found, searched_all, started = await self._search(lookups)
         now = self._wall()
         for crid, lookup in lookups.items():
+            # Absence counts only in a pass begun once the logs had their grace to catch up:
+            # a row logged late lands among rows an older pass has already read.
+            caught_up = started - lookup.settled_wall >= self._grace_s
             d = decide(
                 lookup,
                 found.get(crid),
                 now_wall=now,
                 grace_s=self._grace_s,
-                searched_all=searched_all,
+                searched_all=searched_all and caught_up,
             )
             if d.verdict is Verdict.WAIT:
                 continue
@@ -179,15 +182,16 @@ class Reconciler:
             log.info("lookup job=%s verdict=%s: %s", lookup.job_id, d.verdict.value, d.reason)
             await self._on_decision(lookup, d)
 
-    async def _search(self, lookups: dict[str, Lookup]) -> tuple[dict[str, LogEntry], bool]:
-        """Page through the window that can hold these requests' rows.
+    async def _search(self, lookups: dict[str, Lookup]) -> tuple[dict[str, LogEntry], bool, float]:
+        """Page through the window that can hold these requests' rows: what was found,
+        whether the whole window was read, and when that pass began (at offset 0).
 
         The window ends where the latest of them was recorded (a request is logged when it is
         made, and it was made before its answer was recorded, or just after its intent): rows
         of later requests, thousands in a large run, are outside it. A sweep cut short by the
-        page cap leaves a cursor, and the next sweep of the same window goes on from there,
-        so a window of any size is read in the end. Newest-first or oldest-first, rows logged
-        meanwhile only shift rows already read under the cursor; none is skipped.
+        page cap leaves a cursor, and the next sweep of the same window and lookups goes on
+        from there, so a window of any size is read in the end. Rows logged meanwhile may land
+        among the rows already read: the pass's start says which rows it can vouch for.
         """
         since = min(lk.since_wall for lk in lookups.values()) - CLOCK_MARGIN_S
         until = min(max(lk.settled_wall for lk in lookups.values()), self._wall())
@@ -196,11 +200,13 @@ class Reconciler:
         start = datetime.fromtimestamp(window[0], UTC)
         end = datetime.fromtimestamp(window[1], UTC)
         found: dict[str, LogEntry] = {}
-        offset = 0
-        if self._cursor is not None and self._cursor.window == window:
-            offset = self._cursor.offset
-            found = {c: e for c, e in self._cursor.found.items() if c in lookups}
+        offset, started = 0, self._wall()
+        cursor = self._cursor
+        if cursor is not None and cursor.window == window and cursor.crids >= lookups.keys():
+            offset, started = cursor.offset, cursor.started
+            found = {c: e for c, e in cursor.found.items() if c in lookups}
         self._cursor = None
+        crids = frozenset(lookups)
         for _ in range(MAX_PAGES_PER_SWEEP):
             await anyio.sleep(self._budget.wait_s())
             self._budget.take()
@@ -212,20 +218,22 @@ class Reconciler:
                 raise  # a refused key or a wrong base URL: the run stops, it does not wait
             except ApiError as exc:
                 log.warning("usage logs unavailable: %s", exc.message)
-                self._cursor = _Cursor(window, offset, found)
-                return found, False
+                self._cursor = _Cursor(window, crids, offset, found, started)
+                return found, False, started
             for entry in page.entries:
                 if entry.client_request_id in lookups:
                     found.setdefault(entry.client_request_id, entry)
             if len(found) == len(lookups) or not page.has_more or not page.entries:
-                return found, True
+                return found, True, started
             offset += len(page.entries)
-        self._cursor = _Cursor(window, offset, found)
-        return found, False
+        self._cursor = _Cursor(window, crids, offset, found, started)
+        return found, False, started
 
 
 @dataclass(frozen=True)
 class _Cursor:
     window: tuple[float, float, tuple[str, ...]]
+    crids: frozenset[str]  # the lookups the pass looks for: a new one needs a new pass
     offset: int
     found: dict[str, LogEntry]
+    started: float  # wall time the pass read its first page

@@ -76,7 +76,13 @@ RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its las
 # drop idle API connections before a server would.
 API_KEEPALIVE_S = 3.0
 # Each means "stop, flush and exit 75": SIGHUP is a closed terminal or a dropped ssh session.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# One ignored when the process started stays ignored: `nohup veobatch run ...` must outlive
+# the session it was started from (read at import, before any handler of ours is set).
+STOP_SIGNALS = tuple(
+    sig
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    if signal.getsignal(sig) is not signal.SIG_IGN
+)
 
 
 @dataclass(frozen=True)
@@ -254,10 +260,9 @@ class _Run:
 
     def _learn_from_history(self) -> None:
         """Earlier runs' durations give the poller a plan from the first minute of the night."""
-        for model, took in history_samples(
-            self.ledger.states.values(), self.settings.job_timeout_s
-        ):
-            self.poller.durations.observe(model, took)
+        states = self.ledger.states.values()
+        for model, after, by in history_samples(states, self.settings.job_timeout_s):
+            self.poller.durations.observe(model, after, by)
 
     def _resume(self, plans: list[JobPlan]) -> None:
         """Pick up where an earlier run stopped: poll what is in flight, fetch what is finished."""
@@ -486,12 +491,13 @@ class _Run:
     async def generation_finished(self, tracked: Tracked, generation: Generation) -> None:
         if generation.completed and generation.video_url:
             self._release(tracked.job_id)
-            usd: dict[str, Any] = {}
+            took = self.poller.sample_of(tracked)
+            extra: dict[str, Any] = {"took": took and [round(took[0], 3), round(took[1], 3)]}
             if generation.usd_spent is not None:
-                usd["usd"] = generation.usd_spent
+                extra["usd"] = generation.usd_spent
             # Not waited for: lost in a crash, it costs one poll for the URL again.
             await self.ledger.record(
-                "completed", tracked.job_id, durable=False, url=generation.video_url, **usd
+                "completed", tracked.job_id, durable=False, url=generation.video_url, **extra
             )
             log.info("completed job=%s polls=%d", tracked.job_id, tracked.polls)
             self.to_download.send_nowait((tracked.job_id, generation.video_url))
@@ -716,16 +722,25 @@ class _Run:
 _IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED})
 
 
-def history_samples(states: Iterable[JobState], longest_s: float) -> Iterator[tuple[str, float]]:
-    """(model, seconds from submission to completion) of the ledger's finished generations.
+def history_samples(
+    states: Iterable[JobState], longest_s: float
+) -> Iterator[tuple[str, float, float]]:
+    """(model, finished after, finished by), in seconds from submission, of the ledger's
+    completions that were followed from their submission.
 
-    A completion seen only by a later run (after a crash, a timeout, a night off) took at most
-    that long, likely far less: over the job timeout, it is no sample at all."""
+    One first polled on a resume, a refresh or an adoption finished at an unknown time, and
+    its record says so. A ledger written before the record said it gives the time from
+    submission to the completion record, over the job timeout never (seen by a later run)."""
     for st in states:
-        if st.model and st.submitted_at is not None and st.completed_at is not None:
+        if not st.model:
+            continue
+        if st.took != "old":
+            if st.took is not None:
+                yield st.model, *st.took
+        elif st.submitted_at is not None and st.completed_at is not None:
             took = st.completed_at - st.submitted_at
             if 0 < took <= longest_s:
-                yield st.model, took
+                yield st.model, 0.98 * took, took
 
 
 def kept_name(out: Path, job_id: str, tag: str) -> Path:

@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
+from typing import NamedTuple
 
 from .settings import PollSettings
 
@@ -193,10 +194,15 @@ def _truncated_moments(mu: float, sigma: float, a: float, b: float) -> tuple[flo
 # A refit is due after half as many samples again, or this many new ones: with a long history
 # the first rule alone would wait thousands of completions to notice tonight differs.
 REFIT_AFTER = WINDOW // 2
-# When this share of the completions since the last plan were already done at their first
-# poll, that poll is too late to tell how early they finish (all the fit sees is "before
-# it"): the next plan looks earlier instead of trusting the fit.
-SATURATED_SHARE = 0.5
+# When the share of the completions since the last plan that were already done at their
+# first poll exceeds what that plan's fit expected by this much (or reaches the cap), that
+# poll is too late to tell how early they finish (all the fit sees is "before it"): the next
+# plan looks earlier instead of trusting the fit. A narrow distribution may rightly expect
+# most done by its first poll: only the excess counts. (A fit of nearly all "(0, first]"
+# samples expects too few; halving then costs polls but keeps the lag near its target.)
+SATURATION_MARGIN = 0.25
+SATURATION_CAP = 0.95
+UNKNOWN_FIRST_SHARE = 0.25  # what a plan not from a fit (a halved poll) is taken to expect
 DRIFT_RATIO = 2.0  # recent completions' median this far from the older ones': refit on them
 DRIFT_CHECK = 100  # new completions between two looks for drift
 
@@ -207,6 +213,7 @@ class _Samples:
     n: int = 0
     plan: tuple[float, ...] | None = None
     planned_at: int = 0
+    first_share: float = UNKNOWN_FIRST_SHARE  # done by the plan's first poll, as its fit expects
     checked_at: int = 0  # samples when drift was last looked for
     regime: int = 0  # the sample the current regime starts at: older ones are not fitted
 
@@ -253,7 +260,7 @@ class DurationModel:
                 if m.n < m.checked_at + DRIFT_CHECK:
                     continue
                 m.checked_at = m.n
-                if not drifted and not first_poll_saturated(m.intervals, recent):
+                if not drifted and not first_poll_saturated(m.intervals, recent, m.first_share):
                     continue  # the plan stands
             if drifted:  # tonight is not last week: forget the older samples
                 m.regime = m.planned_at
@@ -261,20 +268,23 @@ class DurationModel:
             due.append((name, intervals, m.n))
         return due
 
-    def install(self, model: str, plan: tuple[float, ...], samples: int) -> None:
+    def install(self, model: str, fitted: Fitted, samples: int) -> None:
         m = self._models[model]
-        if m.plan is not None and first_poll_saturated(m.intervals, samples - m.planned_at):
+        plan, share = fitted
+        if m.plan is not None and first_poll_saturated(
+            m.intervals, samples - m.planned_at, m.first_share
+        ):
             # Look earlier: half the first poll, then the cold schedule's narrow intervals,
             # until a refit sees where completions really fall (halving again if need be).
             first = m.plan[0] if m.plan else self.settings.first_delay_s
-            plan = (max(self.settings.min_interval_s, first / 2),)
-        m.plan, m.planned_at = plan, samples
+            plan, share = (max(self.settings.min_interval_s, first / 2),), UNKNOWN_FIRST_SHARE
+        m.plan, m.planned_at, m.first_share = plan, samples, share
 
     def plan(self, model: str) -> tuple[float, ...] | None:
         """The plan, refitted here and now when it is due: for callers off the event loop."""
         for name, intervals, n in self.stale():
             if name == model:
-                self.install(model, fit_plan(intervals, self.settings), n)
+                self.install(model, fit(intervals, self.settings), n)
         return self.current_plan(model)
 
     def current_plan(self, model: str) -> tuple[float, ...] | None:
@@ -307,10 +317,13 @@ def drift(intervals: Sequence[tuple[float, float]], recent: int, min_samples: in
     return max(a, b) > DRIFT_RATIO * min(a, b)
 
 
-def first_poll_saturated(intervals: Sequence[tuple[float, float]], recent: int) -> bool:
-    """Were most of the last ``recent`` completions already done at their first poll?
+def first_poll_saturated(
+    intervals: Sequence[tuple[float, float]], recent: int, expected: float
+) -> bool:
+    """Were far more of the last ``recent`` completions already done at their first poll
+    than the plan's fit ``expected``?
 
-    Such a sample is (0, first poll]: it says only "earlier than that". If most are, the
+    Such a sample is (0, first poll]: it says only "earlier than that". If far more are, the
     plan's first poll is too late for tonight (history slower than tonight, say), and a fit
     of such samples would keep it there: every generation waits for it, lag unbounded.
     """
@@ -318,13 +331,23 @@ def first_poll_saturated(intervals: Sequence[tuple[float, float]], recent: int) 
     if recent < 1:
         return False
     firsts = sum(1 for k in range(len(intervals) - recent, len(intervals)) if intervals[k][0] == 0)
-    return firsts >= SATURATED_SHARE * recent
+    return firsts >= min(SATURATION_CAP, expected + SATURATION_MARGIN) * recent
+
+
+class Fitted(NamedTuple):
+    plan: tuple[float, ...]
+    first_share: float  # of completions done by the first poll, as the fit expects
+
+
+def fit(intervals: Sequence[tuple[float, float]], s: PollSettings) -> Fitted:
+    """Fit the samples and plan for them: the costly step (EM, then DP), pure."""
+    dist = fit_intervals(intervals)
+    plan = plan_for(dist, s.lag_target_share * dist.mean, s)
+    return Fitted(plan, dist.cdf(plan[0]) if plan else 0.0)
 
 
 def fit_plan(intervals: Sequence[tuple[float, float]], s: PollSettings) -> tuple[float, ...]:
-    """Fit the samples and plan for them: the costly step (EM, then DP), pure."""
-    dist = fit_intervals(intervals)
-    return plan_for(dist, s.lag_target_share * dist.mean, s)
+    return fit(intervals, s).plan
 
 
 def fixed_schedule_cost(durations: Sequence[float], interval_s: float) -> tuple[float, float]:

@@ -136,8 +136,7 @@ class RunSettings:
                 raise ConfigError(f"the price of {model} must be 0 or more, got {usd}")
         problem = base_url_problem(self.base_url)
         if problem is not None:
-            shown = re.sub(r"//[^/@]*@", "//", self.base_url)  # never a password
-            raise ConfigError(f"{ENV_BASE_URL} {problem}: {shown!r}")
+            raise ConfigError(f"{ENV_BASE_URL} {problem}{self._shown_base_url()}")
         if self.api_key is not None:
             key = self.api_key.reveal()
             if any(c.isspace() or not c.isprintable() for c in key):
@@ -145,6 +144,16 @@ class RunSettings:
                     f"{ENV_KEY} holds a space, line break or control character, which no key"
                     " has (was it pasted from two lines?)"
                 )
+
+    def _shown_base_url(self) -> str:
+        """The refused base URL for its error line, unless it may hold a secret: a password,
+        a query (``?api_key=``), or the key itself (the two variables swapped)."""
+        url = self.base_url
+        if self.api_key is not None and self.api_key.scrub(url, fragments=True) != url:
+            return " (it holds the API key: are AIMLAPI_KEY and AIMLAPI_BASE_URL swapped?)"
+        if _PLAIN_URL.fullmatch(url):
+            return f": {url!r}"
+        return ""  # with a user name, a query or a fragment it is not echoed
 
     def with_overrides(self, **overrides: Any) -> RunSettings:
         """Apply the values that are not None."""
@@ -155,6 +164,10 @@ class RunSettings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
+# scheme://host[:port][/path], with no user name, query or fragment: safe to echo in an error
+_PLAIN_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#@]*(?:/[^?#@]*)?", re.IGNORECASE)
+
+
 def base_url_problem(url: str) -> str | None:
     """Why ``url`` cannot be the API's base, found before anything is sent: a typo such as
     a port of 187500 would otherwise fail every POST in a way that cannot tell whether it
@@ -162,8 +175,8 @@ def base_url_problem(url: str) -> str | None:
     try:
         parsed = URL(url)
         port = parsed.port
-    except (ValueError, TypeError) as exc:
-        return f"is not a valid URL ({exc})"
+    except (ValueError, TypeError) as exc:  # the reason may quote a password: said if plain
+        return f"is not a valid URL ({exc})" if _PLAIN_URL.fullmatch(url) else "is not a valid URL"
     if parsed.scheme not in ("http", "https"):
         return "must start with https:// (or http:// for a local mock)"
     if not parsed.raw_host or port is None or not 0 < port < 65536:
