@@ -12,6 +12,7 @@ from veobatch.schedule import (
     DRIFT_CHECK,
     REFIT_AFTER,
     DurationModel,
+    Fitted,
     LogNormal,
     cold_delay_s,
     cost,
@@ -171,3 +172,12 @@ def test_saturation_is_judged_against_what_the_fit_expected(
 ) -> None:
     intervals = [(0.0, 60.0)] * done_first + [(60.0, 62.0)] * (100 - done_first)
     assert first_poll_saturated(intervals, 100, expected) is saturated
+
+
+def test_a_generation_polled_before_a_new_plans_first_poll_waits_no_more_than_the_cap() -> None:
+    model = DurationModel(S, min_samples=1)
+    model.observe("m", 100.0)
+    model.install("m", Fitted((80.0, 90.0), 0.01), 1)
+    assert model.next_delay_s("m", 10.0) == S.max_interval_s  # not 70 s
+    assert model.next_delay_s("m", 75.0) == 5.0
+    assert model.first_delay_s("m") == 80.0  # a generation not yet polled still waits for it

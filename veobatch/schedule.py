@@ -292,12 +292,15 @@ class DurationModel:
         return m.plan if m else None
 
     def next_delay_s(self, model: str, age_s: float) -> float:
-        """Seconds from now to the next poll of a generation this old that is still running."""
+        """Seconds from now to the next poll of a generation this old that is still running.
+        (Polled already: a new plan's first poll, later than its age, is no licence to wait
+        past the interval cap.)"""
         plan = self.current_plan(model)
         if plan:
             i = bisect.bisect_right(plan, age_s + PLAN_SLACK_S)
             if i < len(plan):
-                return plan[i] - age_s
+                wait = plan[i] - age_s
+                return min(wait, self.settings.max_interval_s) if i == 0 else wait
         return cold_delay_s(age_s, self.settings)
 
     def first_delay_s(self, model: str) -> float:
