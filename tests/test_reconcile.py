@@ -9,7 +9,7 @@ import anyio.lowlevel
 import pytest
 
 from veobatch.client import LogEntry, LogPage
-from veobatch.errors import RedirectedError, ServerError
+from veobatch.errors import BadRequestError, RedirectedError, ServerError
 from veobatch.reconcile import (
     Cause,
     Decision,
@@ -40,7 +40,10 @@ def lk(cause: Cause = "server_error", since: float = 1000.0) -> Lookup:
         ("no_answer", None, 1061, True, Verdict.UNCERTAIN),
         ("server_error", None, 1061, False, Verdict.WAIT),  # could not read it all: wait
         ("server_error", None, 1000 + 601, False, Verdict.UNCERTAIN),  # ...but not forever
-        ("server_error", LogEntry("c", None, "succeeded"), 1061, True, Verdict.RESUBMIT),
+        # The request was made, but the row names no generation: never taken for absence.
+        ("server_error", LogEntry("c", None, "succeeded"), 1061, True, Verdict.WAIT),
+        ("server_error", LogEntry("c", None, "succeeded"), 1000 + 601, True, Verdict.UNCERTAIN),
+        ("crash", LogEntry("c", "gen-1", "pending"), 1061, True, Verdict.WAIT),
     ],
 )
 def test_verdicts(
@@ -232,3 +235,24 @@ async def test_a_lookup_added_meanwhile_starts_a_new_pass() -> None:
     rec.add(Lookup("jy", "y", "m", 900, "server_error", recorded_wall=1000.0))  # same window
     await rec.sweep()
     assert api.calls[50]["offset"] == 0  # y's row may be among those already read
+
+
+async def test_look_ups_months_apart_are_searched_in_windows_the_logs_accept() -> None:
+    # The logs refuse a window over 92 days: an old look-up must not sink a fresh one.
+    class Strict(PagedLogs):
+        async def logs(self, **kw: Any) -> LogPage:
+            if (kw["end"] - kw["start"]).total_seconds() > 92 * 86_400:
+                self.calls.append(kw)
+                raise BadRequestError("HTTP 400: window must not exceed 92 days", status=400)
+            return await super().logs(**kw)
+
+    day = 86_400.0
+    now = 200 * day
+    api = Strict([LogEntry("new", "gen-new", "succeeded")])
+    old = Lookup("j-old", "old", "m", now - 93 * day, "no_answer", recorded_wall=now - 93 * day)
+    new = Lookup("j-new", "new", "m", now - 120, "no_answer", recorded_wall=now - 60)
+    got = await _sweep(api, [old, new], now=now)
+    verdicts = {job: d.verdict for job, d in got}
+    assert verdicts["j-new"] is Verdict.ADOPT
+    assert verdicts["j-old"] is Verdict.UNCERTAIN  # searched alone: not in the logs
+    assert all((c["end"] - c["start"]).total_seconds() <= 92 * day for c in api.calls)

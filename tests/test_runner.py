@@ -26,6 +26,7 @@ from veobatch.errors import (
     LedgerError,
     LockedError,
     NoAnswerError,
+    NotFoundError,
     RateLimitedError,
     ServerError,
 )
@@ -909,3 +910,60 @@ def test_a_hangup_ignored_at_start_stays_ignored(ignored: bool, expected: str) -
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+async def test_a_404_to_the_create_request_stops_the_run_with_nothing_uncertain(
+    cdn: str, tmp_path: Path
+) -> None:
+    # "Unknown resource" for the endpoint itself (a wrong base path): nothing was created.
+    api = FakeApi(cdn)
+    api.create_error = NotFoundError("HTTP 404: Cannot POST /api/v2/video/generations", status=404)
+    s = settings(tmp_path, concurrency=1, max_cost_usd=100.0, **PRICED)
+    report = await run(manifest(2, tmp_path), s, api=api)
+    assert report.exit_code == 3 and report.uncertain == [] and report.counts == {"pending": 2}
+    assert report.auth_error is not None and "AIMLAPI_BASE_URL" in report.auth_error
+    assert report.estimated_usd == pytest.approx(0.0)
+
+
+async def test_an_uncertain_job_of_an_earlier_run_is_looked_up_around_its_intent(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Made uncertain 10 minutes after its POST (the logs were down); the next night's look-up
+    # must search where the POST was logged, not around the later "uncertain" record.
+    m = manifest(1, tmp_path)
+    job = m.jobs[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    now = time.time()
+    crid = "vb:job0:1:abc"
+    lines = [
+        {
+            "t": now - 3600,
+            "ev": "intent",
+            "job": job.id,
+            "crid": crid,
+            "key": job.key,
+            "model": job.model,
+        },
+        {
+            "t": now - 3000,
+            "ev": "uncertain",
+            "job": job.id,
+            "kind": "no_answer",
+            "message": "the usage logs could not be read",
+        },
+    ]
+    (out / "ledger.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    logged_at = now - 3599  # when the API logged the request
+
+    class Logs(FakeApi):
+        async def logs(self, **kw: Any) -> LogPage:
+            inside = kw["start"].timestamp() <= logged_at <= kw["end"].timestamp()
+            rows = [LogEntry(crid, "gen-x", "succeeded")] if inside else []
+            return LogPage(rows, False)
+
+    api = Logs(cdn, polls_to_finish=1)
+    api.polls["gen-x"] = 0
+    report = await run(m, settings(tmp_path), api=api)
+    assert api.created == [] and report.adopted == 1
+    assert report.exit_code == 0 and report.counts == {"done": 1}

@@ -62,6 +62,8 @@ def _done_file(tmp: Path, content: bytes = b"\x00\x00\x00\x18ftypmp42") -> JobSt
         (st("completed", generation_id="g", video_url="https://c/x"), Action.DOWNLOAD),
         (st("failed", generation_id="g", error=ErrorInfo("timeout", "slow")), Action.POLL),
         (st("failed", generation_id="g", error=ErrorInfo("download", "x")), Action.POLL),
+        # Finished and paid for; its URL was refused: poll for another, never pay again.
+        (st("failed", generation_id="g", error=ErrorInfo("url_rejected", "x")), Action.POLL),
         (
             st("failed", generation_id="g", error=ErrorInfo("generation_error", "x")),
             Action.HOLD_FAILED,
@@ -322,3 +324,8 @@ def test_adaptive_limit_backs_off_and_recovers() -> None:
     for _ in range(10_000):
         limit.on_success()
     assert limit.current == 20  # never above the ceiling
+
+
+def test_retry_failed_polls_a_refused_url_again_rather_than_paying(tmp_path: Path) -> None:
+    state = st("failed", generation_id="g", error=ErrorInfo("url_rejected", "http URL"))
+    assert plan_job(JOB, state, tmp_path, retry_failed=True).action is Action.POLL

@@ -19,7 +19,8 @@ translated at one boundary each (the client, the manifest loader, the ledger) wi
     │   ├── BadRequestError      400 and other 4xx that retrying will not fix
     │   ├── NotFoundError        404
     │   ├── AuthError            401 or 403: stop submitting (exit 3)
-    │   │   └── RedirectedError  3xx: the base URL is wrong; the same, and never followed
+    │   │   └── BaseUrlError     the base URL is wrong (a 404 to a create): the same
+    │   │       └── RedirectedError  3xx: the same, and never followed
     │   └── ProtocolError        a 2xx whose body is not what the contract says
     └── DownloadError            fetching a video failed; ``retryable`` says if a retry may help,
         │                        ``retry_after_s`` how long the host asked us to wait
@@ -161,9 +162,13 @@ class AuthError(ApiError):
     """401 (key missing or invalid) or 403 (no credits): nothing else will succeed."""
 
 
-class RedirectedError(AuthError):
-    """A 3xx from the API: the base URL is not where the API answers, so nothing else will
-    succeed either. Never followed: the key must not go anywhere the user did not name."""
+class BaseUrlError(AuthError):
+    """The base URL is not where the API answers, so nothing else will succeed either."""
+
+
+class RedirectedError(BaseUrlError):
+    """A 3xx from the API. Never followed: the key must not go anywhere the user did not
+    name."""
 
 
 class ProtocolError(ApiError):

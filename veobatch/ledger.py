@@ -72,6 +72,7 @@ class JobState:
     client_request_id: str | None = None
     generation_id: str | None = None
     submitted_at: float | None = None  # wall clock, so deadlines survive restarts
+    intent_at: float | None = None  # wall clock of the last attempt's intent: its POST left then
     video_url: str | None = None
     file: str | None = None
     bytes: int | None = None
@@ -112,6 +113,7 @@ def apply_record(states: dict[str, JobState], rec: Mapping[str, Any]) -> JobStat
 def _on_intent(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "submitting"
     s.attempts += 1
+    s.intent_at = r.get("t")
     s.client_request_id = r.get("crid")
     s.key = r.get("key", s.key)
     s.model = r.get("model", s.model)

@@ -35,6 +35,10 @@ Cause = Literal["server_error", "no_answer", "crash"]
 CLOCK_MARGIN_S = 300.0  # the API's clock and ours may disagree; search a wider window
 PAGE_SIZE = 100
 MAX_PAGES_PER_SWEEP = 50
+# The logs refuse a window over 92 days: look-ups are searched in groups spanning less, with
+# room for the clock margin on both sides.
+MAX_WINDOW_S = 90 * 86_400.0
+MAX_CURSORS = 16
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,11 @@ def decide(
     if entry is not None and entry.status == "failed":
         return Decision(Verdict.RESUBMIT, "the usage logs show it failed: nothing was created")
     waited = now_wall - lookup.settled_wall
+    if entry is not None:  # it was made, but the row names no generation (yet): never absent
+        shown = f"logged as {entry.status!r} without a generation id"
+        if waited < 10 * grace_s:
+            return Decision(Verdict.WAIT, shown)
+        return Decision(Verdict.UNCERTAIN, shown)
     if waited < grace_s:
         return Decision(Verdict.WAIT, "giving the usage logs time to catch up")
     if not searched_all:
@@ -95,6 +104,19 @@ def decide(
     return Decision(
         Verdict.RESUBMIT, f"not in the usage logs after {waited:.0f}s: it was never created"
     )
+
+
+def window_groups(lookups: list[Lookup]) -> list[dict[str, Lookup]]:
+    """The open look-ups in groups of neighbouring times, each searchable at once: the logs
+    refuse a window over 92 days, and one old look-up must not make every search fail."""
+    groups: list[dict[str, Lookup]] = []
+    first = 0.0
+    for lk in sorted(lookups, key=lambda lk: lk.since_wall):
+        if not groups or max(lk.settled_wall, lk.since_wall) - first > MAX_WINDOW_S:
+            groups.append({})
+            first = lk.since_wall
+        groups[-1][lk.client_request_id] = lk
+    return groups
 
 
 class RateBudget:
@@ -142,7 +164,8 @@ class Reconciler:
         self._wall = wall_clock
         self._open: dict[str, Lookup] = {}
         self._wake = anyio.Event()
-        self._cursor: _Cursor | None = None  # where a sweep cut short by the page cap stopped
+        # Where passes cut short by the page cap stopped, by window.
+        self._cursors: dict[tuple[float, float, tuple[str, ...]], _Cursor] = {}
 
     def add(self, lookup: Lookup) -> None:
         self._open[lookup.client_request_id] = lookup
@@ -160,9 +183,10 @@ class Reconciler:
 
     async def sweep(self) -> None:
         """Read the logs once for every open lookup and act on what is settled."""
-        lookups = dict(self._open)
-        if not lookups:
-            return
+        for group in window_groups(list(self._open.values())):
+            await self._sweep(group)
+
+    async def _sweep(self, lookups: dict[str, Lookup]) -> None:
         found, searched_all, started = await self._search(lookups)
         now = self._wall()
         for crid, lookup in lookups.items():
@@ -201,11 +225,10 @@ class Reconciler:
         end = datetime.fromtimestamp(window[1], UTC)
         found: dict[str, LogEntry] = {}
         offset, started = 0, self._wall()
-        cursor = self._cursor
-        if cursor is not None and cursor.window == window and cursor.crids >= lookups.keys():
+        cursor = self._cursors.pop(window, None)
+        if cursor is not None and cursor.crids >= lookups.keys():
             offset, started = cursor.offset, cursor.started
             found = {c: e for c, e in cursor.found.items() if c in lookups}
-        self._cursor = None
         crids = frozenset(lookups)
         for _ in range(MAX_PAGES_PER_SWEEP):
             await anyio.sleep(self._budget.wait_s())
@@ -218,7 +241,7 @@ class Reconciler:
                 raise  # a refused key or a wrong base URL: the run stops, it does not wait
             except ApiError as exc:
                 log.warning("usage logs unavailable: %s", exc.message)
-                self._cursor = _Cursor(window, crids, offset, found, started)
+                self._keep(_Cursor(window, crids, offset, found, started))
                 return found, False, started
             for entry in page.entries:
                 if entry.client_request_id in lookups:
@@ -226,8 +249,13 @@ class Reconciler:
             if len(found) == len(lookups) or not page.has_more or not page.entries:
                 return found, True, started
             offset += len(page.entries)
-        self._cursor = _Cursor(window, crids, offset, found, started)
+        self._keep(_Cursor(window, crids, offset, found, started))
         return found, False, started
+
+    def _keep(self, cursor: _Cursor) -> None:
+        if len(self._cursors) >= MAX_CURSORS:  # windows of look-ups settled since
+            self._cursors.pop(next(iter(self._cursors)))
+        self._cursors[cursor.window] = cursor
 
 
 @dataclass(frozen=True)

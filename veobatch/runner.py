@@ -31,11 +31,11 @@ from .downloader import download, drop_part, final_name, sha256_file
 from .errors import (
     ApiError,
     AuthError,
+    BaseUrlError,
     ConfigError,
     DownloadError,
     LedgerError,
     NotFoundError,
-    RedirectedError,
     UrlRejectedError,
 )
 from .fsutil import DirLock, DiskThreads, ensure_dir, fsync_dir, to_thread
@@ -242,7 +242,7 @@ class _Run:
 
     def _stop_on_auth(self, exc: BaseException) -> None:
         message = exc.message if isinstance(exc, AuthError) else str(exc)
-        if not isinstance(exc, RedirectedError):
+        if not isinstance(exc, BaseUrlError):
             message = f"the API refused the key: {message}"
         self.auth_error = message
         self.stop_submitting = True
@@ -417,7 +417,14 @@ class _Run:
         st = self.ledger.state(job.id)
         assert st.client_request_id is not None
         recorded = st.updated_at if st.updated_at is not None else time.time()
-        since = recorded - self.settings.request_timeout_s  # it may have left that long before
+        timeout = self.settings.request_timeout_s
+        if st.intent_at is not None:
+            # The POST left just after its intent and was answered (or given up) within the
+            # request timeout: later records (an "uncertain" verdict, another night) move
+            # neither end of the window the logs can hold its row in.
+            since, recorded = st.intent_at, min(recorded, st.intent_at + timeout)
+        else:  # a ledger older than the intent's time: it may have left that long before
+            since = recorded - timeout
         self.reconciler.add(
             Lookup(job.id, st.client_request_id, job.model, since, cause, recorded_wall=recorded)
         )

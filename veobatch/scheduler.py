@@ -21,13 +21,15 @@ from typing import Any
 
 import anyio
 
-from .client import ApiClient, Created
+from .client import GENERATIONS_PATH, ApiClient, Created
 from .costs import estimate_usd
 from .downloader import file_matches
 from .errors import (
     ApiError,
     AuthError,
     BadRequestError,
+    BaseUrlError,
+    NotFoundError,
     NotSentError,
     RateLimitedError,
     ServerError,
@@ -35,6 +37,7 @@ from .errors import (
 from .jobs import Job
 from .jobview import compact_request
 from .ledger import JobState, Ledger
+from .settings import ENV_BASE_URL
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,9 @@ class JobPlan:
 
 
 # Failures whose generation may still deliver: a later run polls instead of paying again.
-REPOLL_KINDS = frozenset({"timeout", "download", "lost"})
+# A refused video URL too: the generation is finished and paid for, and a new poll may give
+# another URL.
+REPOLL_KINDS = frozenset({"timeout", "download", "lost", "url_rejected"})
 
 
 def request_changed(job: Job, state: JobState) -> bool:
@@ -272,6 +277,16 @@ class Submitter:
             if isinstance(exc, RateLimitedError):
                 self.on_rate_limited()
             return SubmitOutcome.REJECTED, exc
+        except NotFoundError as exc:
+            # "Unknown resource" for the create endpoint itself: nothing was created, and with
+            # this base URL nothing will be (a wrong path prefix, say). Stop, as for a 3xx.
+            await self.ledger.record("unsent", job.id)
+            message = (
+                f"{exc.message}: nothing answers POST {GENERATIONS_PATH} at this base URL;"
+                f" set {ENV_BASE_URL} to the API's address"
+            )
+            log.error("submission refused job=%s: %s", job.id, message)
+            raise BaseUrlError(message, status=404) from None
         except AuthError as exc:
             if exc.status == 303:  # "see other": the POST may have been acted on
                 await self.ledger.record("uncertain", job.id, kind="no_answer", message=exc.message)
