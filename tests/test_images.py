@@ -158,3 +158,23 @@ def test_pixel_counts_are_judged_by_our_limit_not_pillows(
     assert check.error == error
     if error is None:
         assert check.image is not None and (check.image.width, check.image.height) == size
+
+
+def noisy(fmt: str) -> bytes:
+    """A picture whose compressed data is long enough to cut anywhere."""
+    buf = io.BytesIO()
+    Image.effect_noise((1280, 720), 60).convert("RGB").save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
+@pytest.mark.parametrize("keep", [0.5, -2])  # half the data; all but the JPEG end marker
+def test_a_truncated_jpeg_or_webp_is_reported_damaged(fmt: str, keep: float) -> None:
+    data = noisy(fmt)
+    cut = data[: int(len(data) * keep)] if keep > 0 else data[: int(keep)]
+    check = inspect_image(cut, "'cut.img'")
+    assert check.image is None
+    assert check.error is not None
+    assert check.error.startswith("'cut.img' is a damaged or truncated image (")
+    whole = inspect_image(data, "'whole.img'")
+    assert whole.error is None and whole.image is not None

@@ -184,6 +184,83 @@ def test_matrix_expands_every_combination_with_stable_suffixes(tmp_path: Path) -
     assert m.jobs[2].request["aspect_ratio"] == "9:16" and m.jobs[2].request["duration"] == 8
 
 
+def test_exclude_entries_must_name_a_value_of_the_matrix_exactly(tmp_path: Path) -> None:
+    text = (
+        f"version: 1\njobs:\n  - id: t\n    model: {T2V}\n    prompt: p\n    matrix:\n"
+        '      aspect_ratio: ["16:9", "9:16"]\n      duration: [4, 8]\n'
+        "      generate_audio: [true, false]\n      exclude:\n"
+        '        - {aspect_ratio: "9:16", duration: "4"}\n'
+        '        - {aspect_ratio: "4:3"}\n'
+        "        - {generate_audio: 1}\n"
+    )
+    found = problems(write(tmp_path, text))
+    assert [(p.line, p.field, p.message) for p in found] == [
+        (
+            11,
+            "matrix.exclude.0.duration",
+            "'4' (str) is not one of the matrix's 'duration' values (4, 8), "
+            "so this entry would leave out nothing",
+        ),
+        (
+            12,
+            "matrix.exclude.1.aspect_ratio",
+            "'4:3' (str) is not one of the matrix's 'aspect_ratio' values ('16:9', '9:16'), "
+            "so this entry would leave out nothing",
+        ),
+        (
+            13,
+            "matrix.exclude.2.generate_audio",
+            "1 (int) is not one of the matrix's 'generate_audio' values (true, false), "
+            "so this entry would leave out nothing",
+        ),
+    ]
+
+
+def test_matrix_values_that_alter_alike_get_distinct_ids(tmp_path: Path) -> None:
+    values = (
+        '["a/b", "a-b", "a b", "a_b", "a:b", "axb", "Dog runs", "dog runs", "Cat", "cat", "16:9"]'
+    )
+    text = f"version: 1\njobs:\n  - id: t\n    model: {T2V}\n    matrix:\n      prompt: {values}\n"
+    ids = [j.id for j in load_manifest(write(tmp_path, text)).jobs]
+    assert ids == [
+        "t-" + slug("a/b", hashed=True),
+        "t-a-b",  # needed no alteration: the id it always had
+        "t-" + slug("a b", hashed=True),
+        "t-a_b",
+        "t-" + slug("a:b", hashed=True),
+        "t-axb",
+        "t-" + slug("Dog runs", hashed=True),
+        "t-" + slug("dog runs", hashed=True),
+        "t-" + slug("Cat", hashed=True),  # alike ignoring case, neither altered: both hashed
+        "t-" + slug("cat", hashed=True),
+        "t-16x9",  # altered, but alike to no other value: unchanged
+    ]
+    assert ids[0].startswith("t-a-b-") and len(ids[0]) == len("t-a-b-") + 6
+    assert len({i.lower() for i in ids}) == len(ids)
+
+
+def test_ids_made_longer_than_the_limit_are_shortened_with_a_hash(tmp_path: Path) -> None:
+    # A run then failed with "File name too long" once it had sent other jobs.
+    text = (
+        f"version: 1\njobs:\n  - id: {'a' * 100}\n    variants: 2\n    matrix:\n"
+        f"      model: [{T2V}]\n"
+        "      prompt: ['A very long prompt about a lighthouse at dusk']\n"
+        "      negative_prompt: ['blurry, low quality, watermark, text']\n"
+        "      seed: [123456789012345678901234567890]\n      aspect_ratio: ['16:9']\n"
+        "      resolution: [720p]\n      duration: [4]\n      generate_audio: [false]\n"
+        "      enhance_prompt: [false]\n      auto_fix: [false]\n      provider: [google]\n"
+    )
+    ids = [j.id for j in load_manifest(write(tmp_path, text)).jobs]
+    assert [len(i) for i in ids] == [236, 236]
+    assert ids[0] != ids[1]
+    assert all(i.startswith("a" * 100 + "-") for i in ids)
+    assert ids == [j.id for j in load_manifest(write(tmp_path, text)).jobs]  # stable
+    short = "version: 1\njobs:\n  - {id: s, variants: 2, prompt: p, model: " + T2V + "}\n"
+    assert [j.id for j in load_manifest(write(tmp_path, short)).jobs] == ["s-1", "s-2"]
+    [long] = problems(write(tmp_path, short.replace("id: s", "id: " + "b" * 101)))
+    assert long.message == "the id is 101 characters long; at most 100 are allowed"
+
+
 def test_matrix_over_models_and_with_variants(tmp_path: Path) -> None:
     text = (
         "version: 1\njobs:\n  - id: cmp\n    prompt: p\n    variants: 2\n"
@@ -228,9 +305,10 @@ def test_matrix_field_also_set_on_the_job_is_an_error(tmp_path: Path) -> None:
 
 
 def test_matrix_ids_that_collide_are_reported(tmp_path: Path) -> None:
-    text = f'version: 1\njobs:\n  - {{id: s, model: {T2V}, matrix: {{prompt: ["a b", "a_b"]}}}}\n'
+    matrix = '{prompt: ["a-b", "a"], negative_prompt: ["c", "b-c"]}'  # two fields' suffixes
+    text = f"version: 1\njobs:\n  - {{id: s, model: {T2V}, matrix: {matrix}}}\n"
     [p] = problems(write(tmp_path, text))
-    assert "make the id 's-a_b' twice" in p.message
+    assert "make the id 's-a-b-c' twice" in p.message
 
 
 # --- one request, twice --------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from veobatch.catalogue import MODELS
+from veobatch.manifest_checks import DATA_URI_MAX_BYTES
 from veobatch.tables import FIELD_TYPES, convert_cell, read_table
 
 
@@ -81,3 +82,54 @@ def test_jsonl_syntax_errors_and_non_objects_are_located() -> None:
     assert [(p.line, p.column) for p in table.problems] == [(1, 16), (2, 1)]
     assert table.problems[0].message.startswith("not valid JSON")
     assert "expected a JSON object per line" in table.problems[1].message
+
+
+def test_an_unclosed_quote_is_refused_at_the_record_not_swallowed_into_a_cell() -> None:
+    text = 'id,prompt,duration\nfox,"A fox trots,4\nowl,An owl,4\nbarn,A barn,6\n'
+    table = read_table(text, "p.csv")
+    [problem] = table.problems
+    assert (problem.line, problem.column) == (2, None)
+    assert problem.message.startswith(
+        "not a readable CSV file: unexpected end of data"
+        " (the record starting here runs to line 4: is a quote not closed"
+    )
+    assert table.rows == []
+
+
+def test_text_after_a_closing_quote_is_refused_with_its_line() -> None:
+    table = read_table('id,prompt\na,b\nc,"quoted"tail\n', "p.csv")
+    [problem] = table.problems
+    assert problem.line == 3
+    assert problem.message.startswith("not a readable CSV file: ',' expected after '\"'")
+    header = read_table('"id"x,prompt\n', "p.csv").problems
+    assert [(p.line, p.message[:25]) for p in header] == [(1, "not a readable CSV file: ")]
+
+
+def test_integer_cells_must_be_plain_ascii_decimals() -> None:
+    assert convert_cell("seed", "1_000") == "1_000"
+    assert convert_cell("duration", "٨") == "٨"
+    assert convert_cell("duration", "８") == "８"
+    assert convert_cell("seed", " -12 ") == -12
+    assert convert_cell("variants", "+3") == 3
+
+
+def test_a_cell_as_long_as_a_data_uri_is_read_and_a_longer_one_is_located() -> None:
+    big = "x" * 200_000
+    table = read_table(f"id,prompt\na,{big}\n", "p.csv")
+    assert table.problems == []
+    assert table.rows == [{"id": "a", "prompt": big}]
+    huge = "x" * (DATA_URI_MAX_BYTES + 2048)
+    [problem] = read_table(f"id,prompt\na,b\nc,{huge}\n", "p.csv").problems
+    assert problem.line == 3
+    assert problem.message.startswith("not a readable CSV file: field larger than field limit")
+
+
+def test_jsonl_duplicate_keys_are_refused_at_the_second_one() -> None:
+    text = '{"id": "a", "prompt": "x"}\n{"id":"b","duration":4,"duration":8}\n'
+    table = read_table(text, "p.jsonl")
+    [problem] = table.problems
+    assert (problem.line, problem.column) == (2, 24)
+    assert problem.message == "duplicate key 'duration'; keep only one"
+    assert table.rows == [{"id": "a", "prompt": "x"}]
+    nested = read_table('{"matrix": {"seed": [1], "seed": [2]}}\n', "p.jsonl").problems
+    assert [p.message for p in nested] == ["duplicate key 'seed'; keep only one"]

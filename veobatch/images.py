@@ -110,7 +110,8 @@ def read_picture(data: bytes, shown: str) -> tuple[Picture | None, str | None, s
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 fmt, (width, height) = img.format or "", img.size
-                img.verify()  # structure and checksums, without decoding every pixel
+                if width * height <= MAX_PIXELS:
+                    _check_complete(img)
     except Image.DecompressionBombError as exc:  # twice Pillow's limit, above MAX_PIXELS
         found = _BOMB_PIXELS.search(str(exc))
         count = f"{int(found[1]):,} pixels" if found else "so many pixels"
@@ -126,6 +127,18 @@ def read_picture(data: bytes, shown: str) -> tuple[Picture | None, str | None, s
     if width * height > MAX_PIXELS:
         return None, f"{shown} is {width}x{height}, too many pixels for an input image", None
     return Picture(mime, width, height), None, _warning(shown, width, height, len(data))
+
+
+def _check_complete(img: Image.Image) -> None:
+    """Raise OSError for damaged or cut-off data, which the API would be paid to fail on."""
+    if img.format not in ("JPEG", "MPO", "WEBP"):
+        img.verify()  # a PNG's every chunk and checksum, up to IEND, without decoding pixels
+        return
+    # verify() checks nothing in a JPEG or WebP, so decode: a JPEG at 1/8 scale, which still
+    # reads every byte up to the end marker; the pixels go when ``img`` is closed.
+    if img.format != "WEBP":
+        img.draft(img.mode, (img.width // 8, img.height // 8))
+    img.load()
 
 
 def _warning(shown: str, width: int, height: int, size: int) -> str | None:

@@ -156,15 +156,57 @@ def _row_labels(rows: list[Any], *, by_number: bool = True) -> dict[int, str]:
     return labels
 
 
-def slug(value: Any) -> str:
+def slug(value: Any, *, hashed: bool = False) -> str:
     """A matrix value as an id suffix: readable, file-safe, and stable across runs."""
     text = show(value) if isinstance(value, bool) else str(value)
     text = text.replace(":", "x").replace("/", "-").replace(" ", "_")
     safe = re.sub(r"[^A-Za-z0-9._-]", "", text).strip("._-")[:24]
-    if safe == text:
+    if safe == text and not hashed:
         return safe
     digest = hashlib.sha256(canonical_json(value).encode()).hexdigest()[:6]
     return f"{safe}-{digest}" if safe else digest
+
+
+def axis_slugs(values: list[Any]) -> list[str]:
+    """Suffixes for one matrix field's values, distinct even on a case-blind file system.
+
+    ``16:9`` stays ``16x9``; only when two values would give the same suffix (``a:b`` and
+    ``axb``, ``Dog runs`` and ``dog runs``) does each one that had to be altered get a hash,
+    and if that is not enough, each of them; ids that never clashed are unchanged.
+    """
+    plain = [slug(v) for v in values]
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(plain):
+        groups.setdefault(s.lower(), []).append(i)
+    out = list(plain)
+    for members in groups.values():
+        if len({canonical_json(values[i]) for i in members}) < 2:
+            continue  # one value written twice: reported as a duplicate id
+        altered = [i for i in members if plain[i] != _written(values[i])]
+        if len(members) - len(altered) > 1:  # unaltered yet alike: "Dog" and "dog", 8 and "8"
+            altered = members
+        for i in altered:
+            out[i] = slug(values[i], hashed=True)
+    return out
+
+
+def _written(value: Any) -> str:
+    return show(value) if isinstance(value, bool) else str(value)
+
+
+# A made id names files such as <id>.mp4.part.meta and <id>@<sha8>-2.mp4: past this many
+# characters it would not fit a file name (255 bytes). Ids up to here ran before, and their
+# ledgers know them by these ids, so they stay as they are.
+MADE_ID_MAX_LEN = 236
+
+
+def fit_id(text: str) -> str:
+    """A made id within MADE_ID_MAX_LEN: a longer one keeps its start and gains a hash of
+    the whole."""
+    if len(text) <= MADE_ID_MAX_LEN:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return f"{text[: MADE_ID_MAX_LEN - len(digest) - 1]}-{digest}"
 
 
 def variant_seed(base_id: str, n: int) -> int:
@@ -174,7 +216,10 @@ def variant_seed(base_id: str, n: int) -> int:
 
 
 def variant_ids(base_id: str, count: int) -> list[str]:
-    return [base_id] if count == 1 else [f"{base_id}-{n}" for n in range(1, count + 1)]
+    """The final ids of a job's takes; matrix and take suffixes may not exceed the id limit."""
+    if count == 1:
+        return [fit_id(base_id)]
+    return [fit_id(f"{base_id}-{n}") for n in range(1, count + 1)]
 
 
 def expand_variants(
@@ -221,8 +266,13 @@ def _own_copy(value: Any) -> Any:
     return value
 
 
-def _matches(combo: dict[str, tuple[Any, KeyPath]], exclude: dict[Any, Any]) -> bool:
-    return all(name in combo and combo[name][0] == value for name, value in exclude.items())
+def _matches(combo: dict[str, tuple[Any, KeyPath, str]], exclude: dict[Any, Any]) -> bool:
+    return all(name in combo and _same(combo[name][0], value) for name, value in exclude.items())
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal and of one type: ``1`` does not leave out ``true``, nor ``"4"`` leave out 4."""
+    return type(a) is type(b) and a == b
 
 
 class _Validator:
@@ -496,7 +546,7 @@ class _Validator:
         for combo in combos or [{}]:
             where = {name: (*path, name) for name in item}
             fields = {k: v for k, v in item.items() if k not in EXPANDERS}
-            for name, (value, at) in combo.items():
+            for name, (value, at, _) in combo.items():
                 fields[name], where[name] = value, at
             model = self._job_model(report, fields, path, where, defaults)
             request = None
@@ -529,13 +579,16 @@ class _Validator:
         return written if written >= item else item
 
     def _combo_id(
-        self, job_id: str | None, combo: dict[str, tuple[Any, KeyPath]], identity: dict[str, Any]
+        self,
+        job_id: str | None,
+        combo: dict[str, tuple[Any, KeyPath, str]],
+        identity: dict[str, Any],
     ) -> str:
         if job_id is None:
             return derived_id(identity)
         if not combo:
             return job_id
-        return job_id + "-" + "-".join(slug(v) for v, _ in combo.values())
+        return job_id + "-" + "-".join(suffix for _, _, suffix in combo.values())
 
     def _variants(
         self, report: Report, item: dict[Any, Any], path: KeyPath, defaults: Defaults
@@ -546,7 +599,7 @@ class _Validator:
 
     def _matrix(
         self, report: Report, item: dict[Any, Any], path: KeyPath
-    ) -> list[dict[str, tuple[Any, KeyPath]]] | None:
+    ) -> list[dict[str, tuple[Any, KeyPath, str]]] | None:
         """Every combination of the matrix's values, each value with where it was written."""
         if "matrix" not in item:
             return [{}]
@@ -557,7 +610,7 @@ class _Validator:
             message = f"expected a mapping of field names to lists of values, got {got}"
             report.error(at, message)
             return None
-        axes: list[list[tuple[str, Any, KeyPath]]] = []
+        axes: list[list[tuple[str, Any, KeyPath, str]]] = []
         for name, values in raw.items():
             if name == "exclude":
                 continue
@@ -573,12 +626,14 @@ class _Validator:
                 got = "an empty list" if values == [] else describe(values)
                 report.error((*at, name), f"expected a non-empty list of values, got {got}")
                 continue
-            axes.append([(name, v, (*at, name, k)) for k, v in enumerate(values)])
-        excluded = self._exclusions(report, raw.get("exclude"), at, {a[0][0] for a in axes})
+            suffixes = axis_slugs(values)
+            axes.append([(name, v, (*at, name, k), suffixes[k]) for k, v in enumerate(values)])
+        values = {a[0][0]: [v for _, v, _, _ in a] for a in axes}
+        excluded = self._exclusions(report, raw.get("exclude"), at, values)
         if excluded is None:
             return None
         combos = [
-            {name: (value, where) for name, value, where in combo}
+            {name: (value, where, suffix) for name, value, where, suffix in combo}
             for combo in itertools.product(*axes)
         ]
         combos = [c for c in combos if not any(_matches(c, e) for e in excluded)]
@@ -594,8 +649,10 @@ class _Validator:
         return combos
 
     def _exclusions(
-        self, report: Report, raw: Any, at: KeyPath, axes: set[str]
+        self, report: Report, raw: Any, at: KeyPath, axes: dict[str, list[Any]]
     ) -> list[dict[Any, Any]] | None:
+        """Each entry leaves out at least one combination, or it is a mistake that would be
+        paid for; every valid entry does, since the matrix has every combination."""
         if raw is None:
             return []
         if not isinstance(raw, list) or not all(isinstance(e, dict) and e for e in raw):
@@ -618,6 +675,15 @@ class _Validator:
                     if reading is not None:
                         report.error(where, f"expected a plain number, got {plain} ({reading})")
                         ok = False
+                        continue
+                if name in axes and not any(_same(v, value) for v in axes[name]):
+                    listed = ", ".join(show(v) for v in axes[name])
+                    message = (
+                        f"{show(value)} ({type(value).__name__}) is not one of the matrix's "
+                        f"{name!r} values ({listed}), so this entry would leave out nothing"
+                    )
+                    report.error(where, message)
+                    ok = False
         return list(raw) if ok else None
 
     def _job_id(

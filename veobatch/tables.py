@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .catalogue import MODELS
 from .errors import Problem
+from .manifest_checks import DATA_URI_MAX_BYTES
 from .yamlpos import (
     SURROGATE_ESCAPE,
     Issue,
@@ -36,6 +38,18 @@ FIELD_TYPES: dict[str, str] = {
 }
 _TRUE = ("true", "yes", "y", "1")
 _FALSE = ("false", "no", "n", "0")
+# int() also takes "1_000" and other scripts' digits ("٨"); a cell must read the same to a person.
+_ASCII_INT = re.compile(r"[-+]?[0-9]+")
+# A cell may hold a whole data: URI; the csv module's default limit (131,072) is far smaller.
+_CELL_MAX_CHARS = DATA_URI_MAX_BYTES + 1024
+
+
+class _BadRecord(Exception):
+    """A CSV record the reader refused, with the lines it spans."""
+
+    def __init__(self, message: str, start: int, end: int) -> None:
+        super().__init__(message)
+        self.start, self.end = start, end
 
 
 @dataclass
@@ -60,10 +74,7 @@ def convert_cell(name: str, cell: str) -> Any:
     kind = FIELD_TYPES.get(name)
     text = cell.strip()
     if name in ("variants",) or kind == "integer":
-        try:
-            return int(text)
-        except ValueError:
-            return cell
+        return int(text) if _ASCII_INT.fullmatch(text) else cell
     if kind == "boolean":
         low = text.lower()
         return True if low in _TRUE else False if low in _FALSE else cell
@@ -96,9 +107,17 @@ def _cell_columns(line: str) -> list[int]:
 def _records(text: str) -> Iterator[tuple[int, list[str], list[int] | None]]:
     """(first line, cells, cell columns when the record is on one line) per CSV record."""
     lines = editor_lines(text)
-    reader = csv.reader(io.StringIO(text))
+    csv.field_size_limit(max(csv.field_size_limit(), _CELL_MAX_CHARS))
+    # strict: an unclosed quote would otherwise swallow every later row into one cell.
+    reader = csv.reader(io.StringIO(text), strict=True)
     previous_end = 0
-    for cells in reader:
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise _BadRecord(str(exc), previous_end + 1, reader.line_num) from exc
         start, end = previous_end + 1, reader.line_num
         previous_end = end
         columns = _cell_columns(lines[start - 1]) if start == end and start <= len(lines) else None
@@ -113,8 +132,8 @@ def _read_csv(text: str, file: str) -> Table:
     except StopIteration:
         table.problems.append(Problem(file, "the file is empty: it needs a header row of fields"))
         return table
-    except csv.Error as exc:
-        table.problems.append(Problem(file, f"not a readable CSV file: {exc}", 1))
+    except _BadRecord as exc:
+        table.problems.append(_bad_record_problem(file, exc))
         return table
     names = [h.strip() for h in header]
     for i, name in enumerate(names):
@@ -133,9 +152,22 @@ def _read_csv(text: str, file: str) -> Table:
             if not any(c.strip() for c in cells):
                 continue  # blank lines and rows of empty cells
             _csv_row(table, names, header_line, header_columns, line, cells, columns)
-    except csv.Error as exc:
-        table.problems.append(Problem(file, f"not a readable CSV file: {exc}"))
+    except _BadRecord as exc:
+        table.problems.append(_bad_record_problem(file, exc))
     return table
+
+
+def _bad_record_problem(file: str, exc: _BadRecord) -> Problem:
+    """Located at the record's first line, where an unclosed quote usually starts."""
+    message = f"not a readable CSV file: {exc}"
+    if exc.end > exc.start:
+        message += (
+            f" (the record starting here runs to line {exc.end}: is a quote not closed,"
+            ' or a cell\'s own quotes not doubled ("")?)'
+        )
+    elif "expected after" in str(exc):
+        message += ' (a quoted cell must end at its closing quote; write quotes inside as "")'
+    return Problem(file, message, exc.start)
 
 
 def _csv_row(
@@ -198,10 +230,14 @@ def _read_jsonl(text: str, file: str) -> Table:
         if not raw.strip():
             continue
         try:
-            row = json.loads(raw)
+            row = json.loads(raw, object_pairs_hook=_unique_keys)
         except json.JSONDecodeError as exc:
             message = f"not valid JSON: {exc.msg}"
             table.problems.append(Problem(table.file, message, number, exc.colno))
+            continue
+        except _DuplicateKey as exc:
+            message = f"duplicate key {exc.key!r}; keep only one"
+            table.problems.append(Problem(table.file, message, number, _second_at(raw, exc.key)))
             continue
         if not isinstance(row, dict):
             message = f"expected a JSON object per line (one job), got {type(row).__name__}"
@@ -221,6 +257,30 @@ def _read_jsonl(text: str, file: str) -> Table:
                     table.source.values[(*path, name, i)] = Pos(number, key_col)
         table.rows.append(row)
     return table
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; json.loads alone keeps the last of two equal keys, silently."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _second_at(raw: str, key: str) -> int:
+    """1-based column of the key's second spelling in the line, or 1 when it is escaped."""
+    quoted = json.dumps(key)
+    first = raw.find(quoted)
+    second = raw.find(quoted, first + 1) if first >= 0 else -1
+    return second + 1 if second >= 0 else 1
 
 
 def _checked_row(table: Table, number: int, raw: str, row: dict[str, Any]) -> dict[str, Any]:
