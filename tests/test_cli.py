@@ -282,3 +282,47 @@ def test_a_signal_while_the_manifest_is_validated_says_so_and_tells_the_webhook(
         }
     ]
     assert res.stdout == "" and not out.exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGHUP"])
+def test_a_stop_signal_while_the_command_starts_exits_75(sig: str) -> None:
+    # Before the CLI's imports end its own handlers do not exist yet: a cron line that
+    # reruns on 75 must see 75, not a death by the signal.
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, time\n"
+        "from veobatch._entry import install_early_handlers\n"
+        "install_early_handlers()\n"
+        f"os.kill(os.getpid(), signal.{sig})\n"
+        "time.sleep(5)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 75
+    assert proc.stderr == f"veobatch: interrupted by {sig}; run again\n"
+
+
+def test_a_hangup_ignored_before_the_command_starts_stays_ignored() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+        "from veobatch._entry import install_early_handlers\n"
+        "install_early_handlers()\n"
+        "os.kill(os.getpid(), signal.SIGHUP)\n"
+        "print(signal.getsignal(signal.SIGHUP) is signal.SIG_IGN)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "True\n"
+
+
+def test_importing_the_package_does_not_import_the_pipeline() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, veobatch\nprint('aiohttp' in sys.modules, veobatch.Job.__name__)\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.stdout == "False Job\n", proc.stderr

@@ -8,11 +8,44 @@ The small public API below is what the CLI itself uses, so the tool can be embed
     report = anyio.run(veobatch.run, manifest, settings)
 """
 
-from .errors import ManifestError, Problem, VeobatchError
-from .jobs import Job, Manifest
-from .manifest import load_manifest, parse_manifest
-from .runner import RunReport, run
-from .settings import RunSettings, Secret, resolve_settings
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .errors import ManifestError, Problem, VeobatchError
+    from .jobs import Job, Manifest
+    from .manifest import load_manifest, parse_manifest
+    from .runner import RunReport, run
+    from .settings import RunSettings, Secret, resolve_settings
+
+# Imported on first use: `import veobatch` costs nothing, so the command's entry point can
+# set its signal handlers before the 0.2 s of importing aiohttp and the rest.
+_HOME = {
+    "ManifestError": ".errors",
+    "Problem": ".errors",
+    "VeobatchError": ".errors",
+    "Job": ".jobs",
+    "Manifest": ".jobs",
+    "load_manifest": ".manifest",
+    "parse_manifest": ".manifest",
+    "RunReport": ".runner",
+    "run": ".runner",
+    "RunSettings": ".settings",
+    "Secret": ".settings",
+    "resolve_settings": ".settings",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'veobatch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "Job",

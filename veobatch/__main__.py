@@ -1,5 +1,5 @@
 """`python -m veobatch` is the same as the `veobatch` command."""
 
-from .cli import main
+from ._entry import main
 
 main()

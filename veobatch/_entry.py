@@ -1,0 +1,35 @@
+"""The `veobatch` command's entry point: stop signals are caught from the first instant.
+
+Importing the CLI (aiohttp, pydantic, PyAV...) takes a few tenths of a second, before its
+own handlers exist; a SIGTERM then would kill the process with the signal instead of exit
+75, and a cron line that reruns on 75 would not. Nothing has been written that early, so
+exiting 75 is the truth: interrupted, run again. A signal ignored at start (``nohup``)
+stays ignored.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+
+EXIT_INTERRUPTED = 75
+
+
+def _early_stop(signum: int, frame: FrameType | None) -> None:
+    name = signal.Signals(signum).name
+    sys.stderr.write(f"veobatch: interrupted by {name}; run again\n")
+    raise SystemExit(EXIT_INTERRUPTED)
+
+
+def install_early_handlers() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, _early_stop)
+
+
+def main() -> None:
+    install_early_handlers()
+    from .cli import main as cli_main
+
+    cli_main()
