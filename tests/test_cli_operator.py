@@ -71,7 +71,7 @@ async def test_cron_run_text_logs_summary_report_and_webhook(
     assert lines[0].startswith("veobatch: 2 jobs: 2 done, 0 failed, 0 uncertain")
     assert lines[-1] == f"report: {out / 'report.html'}"
     assert (
-        "spend: about $1.20 estimated for 2 generations submitted this run; "
+        "spend: about $1.20 estimated for 2 creates this run that may be billed; "
         "the API reported $1.20 for 2 of them"
     ) in lines
     assert not any(TEXT_LINE.match(line) for line in lines)

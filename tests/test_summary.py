@@ -44,7 +44,7 @@ def test_summary_lines_carry_what_needs_attention() -> None:
     assert "videos that differ from their request: 1" in lines
     assert "  a: duration: 4.0 s, requested 8 s" in lines
     assert (
-        "spend: about $3.60 estimated for 4 generations submitted this run; "
+        "spend: about $3.60 estimated for 4 creates this run that may be billed; "
         "the API reported $3.20 for 3 of them"
     ) in lines
     assert lines[-2:] == [

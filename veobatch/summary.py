@@ -194,8 +194,10 @@ def spend_lines(report: RunReport) -> list[str]:
     if report.estimated_jobs or report.reported_jobs:
         n = report.estimated_jobs
         line = (
+            # Every create that may be billed, answered or not: the first line's "submitted"
+            # counts only answered ones, so a lost answer recovered from the logs is here only.
             f"spend: about ${report.estimated_usd:,.2f} estimated for {n} "
-            f"generation{'' if n == 1 else 's'} submitted this run"
+            f"create{'' if n == 1 else 's'} this run that may be billed"
         )
         if report.reported_jobs:
             line += (
