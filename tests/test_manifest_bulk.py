@@ -439,6 +439,15 @@ def test_problems_in_a_table_point_at_its_file_line_and_cell(tmp_path: Path) -> 
     assert "got the string 'five'" in found[1].message
 
 
+def test_an_unknown_column_is_reported_once_not_once_per_row(tmp_path: Path) -> None:
+    # 10,000 rows once made 10,000 copies of one header problem in the cron mail.
+    rows = "".join(f"j{i},p{i},red\n" for i in range(50))
+    (tmp_path / "p.csv").write_text("id,prompt,colour\n" + rows)
+    text = f"version: 1\ndefaults: {{model: {T2V}}}\njobs_from: p.csv\n"
+    [p] = problems(write(tmp_path, text))
+    assert located(p)[:2] == ("p.csv", 1) and "unknown field 'colour'" in p.message
+
+
 def test_a_field_a_rows_model_does_not_accept_is_located_at_its_cell(tmp_path: Path) -> None:
     (tmp_path / "mf.csv").write_text(
         f"id,model,prompt,image_url\na,{T2V},a,\nb,{T2V},b,https://e.com/x.png\n"
@@ -493,10 +502,15 @@ def test_duplicate_ids_across_the_manifest_and_a_table(tmp_path: Path) -> None:
         ("notes.txt", "neither a .csv nor a .jsonl file"),
         ("5", "expected a .csv or .jsonl file name"),
         ("empty.csv", "'empty.csv' has no rows"),
+        # Not Python's codec message: where the byte is, and what to do.
+        ("latin1.csv", "'latin1.csv' is not UTF-8 text (byte 0xe9 at line 2, column 4); save"),
+        ("utf16.csv", "'utf16.csv' is not UTF-8 text (byte 0xff at line 1, column 1); save"),
     ],
 )
 def test_jobs_from_problems(tmp_path: Path, value: str, words: str) -> None:
     (tmp_path / "empty.csv").write_text("id,prompt\n")
+    (tmp_path / "latin1.csv").write_bytes("id,prompt\ncaf\u00e9,p\n".encode("latin-1"))
+    (tmp_path / "utf16.csv").write_bytes("id,prompt\na,p\n".encode("utf-16"))
     [p] = problems(write(tmp_path, f"version: 1\njobs_from: {value}\n"))
     assert located(p)[:2] == ("m.yaml", 2) and words in p.message
 

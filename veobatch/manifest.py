@@ -78,12 +78,17 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line_start = raw.rfind(b"\n", 0, exc.start) + 1
-        column = len(raw[line_start : exc.start].decode("utf-8", "replace")) + 1
-        message = f"the manifest is not UTF-8 text (byte 0x{raw[exc.start]:02x}); save it as UTF-8"
-        line = raw.count(b"\n", 0, exc.start) + 1
+        line, column, byte = _first_bad_byte(raw, exc)
+        message = f"the manifest is not UTF-8 text (byte 0x{byte:02x}); save it as UTF-8"
         raise ManifestError([Problem(file, message, line, column)]) from exc
     return parse_manifest(text.removeprefix("\ufeff"), file=file, path=Path(file))
+
+
+def _first_bad_byte(raw: bytes, exc: UnicodeDecodeError) -> tuple[int, int, int]:
+    """(line, column, byte) of the first byte that is not UTF-8, 1-based."""
+    line_start = raw.rfind(b"\n", 0, exc.start) + 1
+    column = len(raw[line_start : exc.start].decode("utf-8", "replace")) + 1
+    return raw.count(b"\n", 0, exc.start) + 1, column, raw[exc.start]
 
 
 def parse_manifest(text: str, *, file: str = "<manifest>", path: Path | None = None) -> Manifest:
@@ -285,6 +290,7 @@ class _Validator:
         self.images = ImageStore(base_dir)
         self.report = Report(file, doc.source, _job_labels(doc.data), images=self.images)
         self.tables: list[Report] = []
+        self._unknown_columns: set[tuple[str, Any]] = set()  # (table file, header) told
         for issue in doc.issues:
             self.report.error(issue.path, issue.message, pos=issue.pos)
 
@@ -511,11 +517,21 @@ class _Validator:
             path = self.base_dir / name
             shown = str(Path(self.file).parent / name)
             try:
-                text = path.read_text(encoding="utf-8-sig")
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc)
+                data = path.read_bytes()
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
                 where = f" (looked for {path}; paths are relative to the manifest's folder)"
                 self.report.error(at, f"cannot read {name!r}: {reason}{where}")
+                continue
+            try:
+                text = data.decode("utf-8-sig")
+            except UnicodeDecodeError as exc:
+                line, column, byte = _first_bad_byte(data, exc)
+                message = (
+                    f"{name!r} is not UTF-8 text (byte 0x{byte:02x} at line {line}, column "
+                    f"{column}); save it as UTF-8"
+                )
+                self.report.error(at, message)
                 continue
             table = read_table(text, shown)
             report = Report(shown, table.source, _row_labels(table.rows), images=self.images)
@@ -704,12 +720,16 @@ class _Validator:
         ok = True
         for key in item:
             if key not in JOB_KEYS:
+                ok = False
+                if report is not self.report:  # a table's header: said once, not per row
+                    if (report.file, key) in self._unknown_columns:
+                        continue
+                    self._unknown_columns.add((report.file, key))
                 tail = (
                     "; a job takes 'id', 'model' and the API's request fields of its model "
                     "(and 'variants' or 'matrix')"
                 )
                 report.unknown((*path, key), "field", JOB_KEYS, tail)
-                ok = False
         return ok
 
     def _job_model(
