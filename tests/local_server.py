@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -21,6 +22,21 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def webhook_receiver(path: str) -> AsyncIterator[tuple[str, list[Any]]]:
+    """A webhook endpoint at ``path``: yields its URL and the JSON bodies posted to it."""
+    got: list[Any] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        got.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post(path, receive)
+    async with serve(app) as base:
+        yield f"{base}{path}", got
 
 
 @contextlib.asynccontextmanager

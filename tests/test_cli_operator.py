@@ -12,9 +12,8 @@ from typing import Any
 
 import anyio.to_thread
 import pytest
-from aiohttp import web
 from cli_process import start_cli
-from local_server import serve
+from local_server import webhook_receiver
 
 MANIFEST = """\
 version: 1
@@ -37,16 +36,8 @@ TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERR
 
 @pytest.fixture
 async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-    got: list[dict[str, Any]] = []
-
-    async def receive(request: web.Request) -> web.Response:
-        got.append(await request.json())
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/hook/secret", receive)
-    async with serve(app) as base:
-        yield f"{base}/hook/secret", got
+    async with webhook_receiver("/hook/secret") as hook:
+        yield hook
 
 
 async def run_cli(*args: str) -> tuple[int, str, str]:

@@ -19,9 +19,8 @@ from typing import Any
 import anyio.to_thread
 import av
 import pytest
-from aiohttp import web
 from cli_process import start_cli
-from local_server import serve
+from local_server import webhook_receiver
 
 from veobatch.jobs import Job, Manifest
 from veobatch.ledger import load_states
@@ -246,16 +245,8 @@ def test_a_simulated_run_killed_before_its_downloads_resumes_them(tmp_path: Path
 
 @pytest.fixture
 async def webhook() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
-    got: list[dict[str, Any]] = []
-
-    async def receive(request: web.Request) -> web.Response:
-        got.append(await request.json())
-        return web.Response(text="ok")
-
-    app = web.Application()
-    app.router.add_post("/hook", receive)
-    async with serve(app) as base:
-        yield f"{base}/hook", got
+    async with webhook_receiver("/hook") as hook:
+        yield hook
 
 
 def start_on_terminal(terminal: int, *args: str) -> subprocess.Popen[bytes]:

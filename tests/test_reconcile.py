@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-import anyio
-import anyio.lowlevel
 import pytest
 
 from veobatch.client import LogEntry, LogPage
@@ -92,20 +91,21 @@ class PagedLogs:
         return LogPage(self.entries[off : off + lim], off + lim < len(self.entries))
 
 
-async def _sweep(api: Any, lookups: list[Lookup], now: float) -> list[tuple[str, Decision]]:
+def _reconciler(
+    api: Any, wall: Callable[[], float], limit: int = 200
+) -> tuple[Reconciler, list[tuple[str, Decision]]]:
+    """A reconciler with a 60 s grace on ``wall``, and the (job, decision) pairs it settles."""
     got: list[tuple[str, Decision]] = []
 
     async def sink(lookup: Lookup, decision: Decision) -> None:
         got.append((lookup.job_id, decision))
 
-    rec = Reconciler(
-        api,
-        sink,
-        grace_s=60,
-        interval_s=1,
-        budget=RateBudget(200, 60, lambda: 0),
-        wall_clock=lambda: now,
-    )
+    budget = RateBudget(limit, 60, lambda: 0)
+    return Reconciler(api, sink, grace_s=60, interval_s=1, budget=budget, wall_clock=wall), got
+
+
+async def _sweep(api: Any, lookups: list[Lookup], now: float) -> list[tuple[str, Decision]]:
+    rec, got = _reconciler(api, lambda: now)
     for lookup in lookups:
         rec.add(lookup)
     await rec.sweep()
@@ -165,19 +165,7 @@ async def test_a_sweep_cut_short_by_the_page_cap_goes_on_where_it_stopped() -> N
     # 6,000 newer rows of other requests before the one looked for: more than one sweep reads.
     noise = [LogEntry(f"other-{i}", f"g{i}", "succeeded") for i in range(6000)]
     api = PagedLogs([*noise, LogEntry("a", "gen-a", "succeeded")])
-    got: list[tuple[str, Decision]] = []
-
-    async def sink(lookup: Lookup, decision: Decision) -> None:
-        got.append((lookup.job_id, decision))
-
-    rec = Reconciler(
-        api,
-        sink,
-        grace_s=60,
-        interval_s=1,
-        budget=RateBudget(10**6, 60, lambda: 0),
-        wall_clock=lambda: 1000.0,
-    )
+    rec, got = _reconciler(api, lambda: 1000.0, limit=10**6)
     rec.add(Lookup("ja", "a", "m", 900, "server_error"))
     await rec.sweep()
     assert got == [] and len(api.calls) == 50  # the page cap: wait, do not give up
@@ -194,19 +182,7 @@ async def test_a_row_logged_late_behind_the_cursor_is_not_taken_for_absence() ->
     newer = [LogEntry(f"new-{i}", f"h{i}", "succeeded") for i in range(5800)]
     api = PagedLogs([*older, *newer])
     wall = [1001.0]
-    got: list[Decision] = []
-
-    async def sink(lookup: Lookup, decision: Decision) -> None:
-        got.append(decision)
-
-    rec = Reconciler(
-        api,
-        sink,
-        grace_s=60,
-        interval_s=1,
-        budget=RateBudget(10**6, 60, lambda: 0),
-        wall_clock=lambda: wall[0],
-    )
+    rec, got = _reconciler(api, lambda: wall[0], limit=10**6)
     rec.add(Lookup("jx", "x", "m", 940.0, "server_error", recorded_wall=1000.0))
     await rec.sweep()
     assert got == [] and api.calls[-1]["offset"] == 4900
@@ -215,20 +191,13 @@ async def test_a_row_logged_late_behind_the_cursor_is_not_taken_for_absence() ->
     await rec.sweep()  # goes on from the cursor, past the row: no verdict yet
     assert got == [] and api.calls[50]["offset"] == 5000
     await rec.sweep()  # a new pass, begun after the grace
-    assert [(d.verdict, d.generation_id) for d in got] == [(Verdict.ADOPT, "gen-x")]
+    assert [(d.verdict, d.generation_id) for _, d in got] == [(Verdict.ADOPT, "gen-x")]
 
 
 async def test_a_lookup_added_meanwhile_starts_a_new_pass() -> None:
     noise = [LogEntry(f"o-{i}", f"g{i}", "succeeded") for i in range(6000)]
     api = PagedLogs([LogEntry("y", "gen-y", "succeeded"), *noise])
-    rec = Reconciler(
-        api,
-        lambda lookup, decision: anyio.lowlevel.checkpoint(),
-        grace_s=60,
-        interval_s=1,
-        budget=RateBudget(10**6, 60, lambda: 0),
-        wall_clock=lambda: 5000.0,
-    )
+    rec, _ = _reconciler(api, lambda: 5000.0, limit=10**6)
     rec.add(Lookup("jx", "x", "m", 900, "server_error", recorded_wall=1000.0))
     rec.add(Lookup("jz", "z", "m", 900, "server_error", recorded_wall=1000.0))
     await rec.sweep()

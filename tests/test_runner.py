@@ -106,6 +106,14 @@ class FakeApi:
         return Generation(generation_id, "completed", video_url=f"{self.cdn}/v/{generation_id}.mp4")
 
 
+async def seed_intents(tmp: Path, intents: list[tuple[Job, str]]) -> None:
+    """The ledger a crash right after these intents (job, client request id) leaves behind."""
+    ledger = Ledger.open(ensure_dir(tmp / "out"))
+    for job, crid in intents:
+        await ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model)
+    ledger.close()
+
+
 def manifest(n: int, tmp: Path) -> Manifest:
     jobs = tuple(
         Job(f"job{i}", {"model": "google/veo-3.1-t2v", "prompt": f"p{i}"}, i) for i in range(n)
@@ -282,16 +290,9 @@ async def test_unanswered_and_not_logged_stays_uncertain(cdn: str, tmp_path: Pat
 async def test_crash_between_intent_and_answer_is_settled_by_the_logs(
     cdn: str, tmp_path: Path
 ) -> None:
-    from veobatch.ledger import Ledger
-
-    out = tmp_path / "out"
-    out.mkdir()
     m = manifest(2, tmp_path)
     api = FakeApi(cdn, polls_to_finish=1)
-    ledger = Ledger.open(out)
-    for job, crid in ((m.jobs[0], "crid-sent"), (m.jobs[1], "crid-never-sent")):
-        await ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model)
-    ledger.close()
+    await seed_intents(tmp_path, [(m.jobs[0], "crid-sent"), (m.jobs[1], "crid-never-sent")])
     await api.create(m.jobs[0].request, client_request_id="crid-sent")  # it did get through
     report = await run(m, settings(tmp_path), api=api)
     assert report.exit_code == 0 and report.adopted == 1
@@ -776,15 +777,8 @@ async def test_a_failed_job_retried_but_held_back_exits_1(cdn: str, tmp_path: Pa
 async def test_a_crash_proven_unsent_then_held_back_is_pending_not_uncertain(
     cdn: str, tmp_path: Path
 ) -> None:
-    from veobatch.ledger import Ledger
-
-    out = tmp_path / "out"
-    out.mkdir()
     m = manifest(1, tmp_path)
-    ledger = Ledger.open(out)
-    job = m.jobs[0]
-    await ledger.record("intent", job.id, crid="crid-never-sent", key=job.key, model=job.model)
-    ledger.close()
+    await seed_intents(tmp_path, [(m.jobs[0], "crid-never-sent")])
     api = FakeApi(cdn, polls_to_finish=1)
     report = await run(m, settings(tmp_path, max_cost_usd=0.0), api=api)
     assert api.created == [] and report.uncertain == []

@@ -176,9 +176,7 @@ def _disk_errors(name: str, job_id: str) -> Iterator[None]:
     try:
         yield
     except (TimeoutError, aiohttp.ClientError) as exc:  # OSErrors too, but the network's
-        raise DownloadError(
-            f"cannot fetch video: {type(exc).__name__}: {exc}"[:300], job_id=job_id
-        ) from None
+        raise _fetch_error(exc, job_id) from None
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise DownloadError(
@@ -342,13 +340,7 @@ async def _open(
                 request_target(url), headers=headers, allow_redirects=False, timeout=client_timeout
             )
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            raise DownloadError(
-                f"cannot fetch video: {type(exc).__name__}: {exc}"[:300],
-                job_id=job_id,
-                unreachable=isinstance(
-                    exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError
-                ),
-            ) from None
+            raise _fetch_error(exc, job_id) from None
         if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
             url = urljoin(url, resp.headers["Location"])
             resp.release()
@@ -358,6 +350,15 @@ async def _open(
         resp.release()
         raise _status_error(resp.status, job_id, resp.headers.get("Retry-After"))
     raise DownloadError("too many redirects", job_id=job_id, retryable=False)
+
+
+def _fetch_error(exc: BaseException, job_id: str) -> DownloadError:
+    """A request that got no answer; ``unreachable`` when no connection was made at all."""
+    return DownloadError(
+        f"cannot fetch video: {type(exc).__name__}: {exc}"[:300],
+        job_id=job_id,
+        unreachable=isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError),
+    )
 
 
 class _RangeRefused(DownloadError):

@@ -14,6 +14,7 @@ Everything here is pure: the benchmark replays it over true durations to draw th
 from __future__ import annotations
 
 import bisect
+import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -253,12 +254,13 @@ class DurationModel:
             if m.n < self.min_samples:
                 continue
             recent = m.n - m.planned_at
+            checking = m.plan is not None and m.n < m.planned_at * 1.5 and recent < REFIT_AFTER
+            if checking and m.n < m.checked_at + DRIFT_CHECK:
+                continue  # asked four times a second: no copy, no sort until a look is due
             # Only the samples of the current regime: since the last drift, within the window.
             intervals = list(m.intervals)[max(0, m.regime - (m.n - len(m.intervals))) :]
             drifted = drift(intervals, recent, self.min_samples)
-            if m.plan is not None and m.n < m.planned_at * 1.5 and recent < REFIT_AFTER:
-                if m.n < m.checked_at + DRIFT_CHECK:
-                    continue
+            if checking:
                 m.checked_at = m.n
                 if not drifted and not first_poll_saturated(m.intervals, recent, m.first_share):
                     continue  # the plan stands
@@ -333,7 +335,7 @@ def first_poll_saturated(
     recent = min(recent, len(intervals))
     if recent < 1:
         return False
-    firsts = sum(1 for k in range(len(intervals) - recent, len(intervals)) if intervals[k][0] == 0)
+    firsts = sum(1 for lo, _ in itertools.islice(reversed(intervals), recent) if lo == 0)
     return firsts >= min(SATURATION_CAP, expected + SATURATION_MARGIN) * recent
 
 

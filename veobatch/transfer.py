@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .verify import box_header
+
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.ASCII)
 
 
@@ -122,30 +124,19 @@ def mp4_boxes_complete(f: BinaryIO, size: int) -> bool:
 
     For a body nothing else delimits: a file cut short ends inside its last box, or, cut
     exactly between boxes, lacks the ``moov`` that a player needs (it often comes last, after
-    the media data). Each box starts with a 32-bit size and a type; size 1 means a 64-bit size
-    follows, size 0 that the box runs to the end of the file (so it is the last one).
+    the media data). The boxes are read as :func:`verify.box_header` reads them.
     """
     pos, moov = 0, False
-    while pos < size:
-        if size - pos < 8:
-            return False
-        f.seek(pos)
-        head = f.read(16)
-        if len(head) < 8:
-            return False
-        (box,) = struct.unpack_from(">I", head)
-        moov = moov or head[4:8] == b"moov"
-        header = 8
-        if box == 1:
-            if len(head) < 16:
+    try:
+        while pos < size:
+            if size - pos < 8:
                 return False
-            (box,) = struct.unpack_from(">Q", head, 8)
-            header = 16
-        elif box == 0:
-            return moov
-        if box < header:
-            return False
-        pos += box
+            f.seek(pos)
+            kind, _, box = box_header(f.read(16), 0, size - pos)
+            moov = moov or kind == b"moov"
+            pos += box
+    except (ValueError, struct.error):  # a box under its header or over the file's end
+        return False
     return moov and pos == size
 
 

@@ -80,7 +80,7 @@ class _Unreadable(ValueError):
     """The bytes are not an MP4 the box reader understands."""
 
 
-def _box_header(head: bytes, at: int, room: int) -> tuple[bytes, int, int]:
+def box_header(head: bytes, at: int, room: int) -> tuple[bytes, int, int]:
     """(type, header length, box length) of the box at ``head[at:]``, which has ``room``
     bytes before its container ends (size 0: up to that end; size 1: a 64-bit size follows)."""
     size, kind = struct.unpack_from(">I4s", head, at)
@@ -101,7 +101,7 @@ def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]
     """(type, payload start, payload end) of each box in ``data[start:end]``."""
     pos = start
     while pos + 8 <= end:
-        kind, header, size = _box_header(data, pos, end - pos)
+        kind, header, size = box_header(data, pos, end - pos)
         yield kind, pos + header, pos + size
         pos += size
 
@@ -188,7 +188,7 @@ def _read_moov(path: Path) -> bytes:
         pos = 0
         while pos + 8 <= file_size:
             f.seek(pos)
-            kind, header, size = _box_header(f.read(16), 0, file_size - pos)
+            kind, header, size = box_header(f.read(16), 0, file_size - pos)
             if kind == b"moov":
                 if size > MAX_MOOV_BYTES:
                     raise _Unreadable("moov box too large")
