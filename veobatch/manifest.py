@@ -30,9 +30,9 @@ from .manifest_checks import (
     id_problem,
     int_in_range,
     is_int,
+    misread,
     model_problem,
     not_accepted,
-    number_reading,
     show,
     suggest,
     unquote_hint,
@@ -141,8 +141,11 @@ class _Built:
     report: Report
     # Only its id is known (the job has an error): still checked against the others' ids, so
     # a duplicate is reported along with the job's other problems.
-    placeholder: bool = False
     origin: _Origin | None = None  # None for a placeholder
+
+    @property
+    def placeholder(self) -> bool:
+        return self.origin is None
 
 
 def _job_labels(data: Any) -> dict[int, str]:
@@ -163,8 +166,7 @@ def _row_labels(rows: list[Any], *, by_number: bool = True) -> dict[int, str]:
 
 def slug(value: Any, *, hashed: bool = False) -> str:
     """A matrix value as an id suffix: readable, file-safe, and stable across runs."""
-    text = show(value) if isinstance(value, bool) else str(value)
-    text = text.replace(":", "x").replace("/", "-").replace(" ", "_")
+    text = _written(value).replace(":", "x").replace("/", "-").replace(" ", "_")
     safe = re.sub(r"[^A-Za-z0-9._-]", "", text).strip("._-")[:24]
     if safe == text and not hashed:
         return safe
@@ -359,9 +361,9 @@ class _Validator:
             return
         value = data["version"]
         plain = self.doc.source.plain.get(("version",))
-        reading = number_reading(value, plain)
-        if reading is not None:
-            message = f"expected the integer {VERSION}, got {plain} ({reading})"
+        got = misread(value, plain)
+        if got is not None:
+            message = f"expected the integer {VERSION}, got {got}"
             self.report.error(("version",), message)
         elif is_int(value) and value != VERSION:
             message = f"unsupported manifest version {value}; this veobatch reads version {VERSION}"
@@ -418,13 +420,11 @@ class _Validator:
         """A finite number, at least 0 (above 0 with ``above_zero``), or a reported problem."""
         number = isinstance(value, int | float) and not isinstance(value, bool)
         plain = self.report.source.plain.get(at)
-        reading = number_reading(value, plain)
+        misreading = misread(value, plain)
         in_range = number and math.isfinite(value) and (value > 0 if above_zero else value >= 0)
-        if in_range and reading is None:
+        if in_range and misreading is None:
             return float(value)
-        got = show(value) if number else describe(value)
-        if reading is not None:
-            got = f"{plain} ({reading})"
+        got = misreading or (show(value) if number else describe(value))
         self.report.error(at, f"expected {expected}, got {got}")
         return None
 
@@ -573,8 +573,7 @@ class _Validator:
                 if job_id is not None and combos is not None and variants is not None:
                     ids = variant_ids(self._combo_id(job_id, combo, {}), variants)
                     built.extend(
-                        _Built(index, line, i, job_id, id_pos, {}, {}, report, placeholder=True)
-                        for i in ids
+                        _Built(index, line, i, job_id, id_pos, {}, {}, report) for i in ids
                     )
                 continue
             body, identity = request
@@ -627,6 +626,7 @@ class _Validator:
             report.error(at, message)
             return None
         axes: list[list[tuple[str, Any, KeyPath, str]]] = []
+        axis_values: dict[str, list[Any]] = {}
         for name, values in raw.items():
             if name == "exclude":
                 continue
@@ -644,8 +644,8 @@ class _Validator:
                 continue
             suffixes = axis_slugs(values)
             axes.append([(name, v, (*at, name, k), suffixes[k]) for k, v in enumerate(values)])
-        values = {a[0][0]: [v for _, v, _, _ in a] for a in axes}
-        excluded = self._exclusions(report, raw.get("exclude"), at, values)
+            axis_values[name] = values
+        excluded = self._exclusions(report, raw.get("exclude"), at, axis_values)
         if excluded is None:
             return None
         combos = [
@@ -687,9 +687,9 @@ class _Validator:
                     report.error(where, message, at="key")
                     ok = False
                 elif is_int(value) or isinstance(value, float):  # 010 would leave out 8
-                    reading = number_reading(value, plain)
-                    if reading is not None:
-                        report.error(where, f"expected a plain number, got {plain} ({reading})")
+                    got = misread(value, plain)
+                    if got is not None:
+                        report.error(where, f"expected a plain number, got {got}")
                         ok = False
                         continue
                 if name in axes and not any(_same(v, value) for v in axes[name]):

@@ -131,6 +131,12 @@ def number_reading(value: Any, plain: str | None) -> str | None:
     return f"YAML 1.1 reads {plain} as the {form} {value!r}; write {value!r}"
 
 
+def misread(value: Any, plain: str | None) -> str | None:
+    """``plain (how YAML 1.1 read it)``, for an error's "got ...", when it misread a number."""
+    reading = number_reading(value, plain)
+    return None if reading is None else f"{plain} ({reading})"
+
+
 def _unread_number(plain: str) -> str | None:
     """Numbers YAML 1.1 leaves as text though they look like numbers: 08, 09, 0o17."""
     if _NOT_OCTAL.fullmatch(plain):
@@ -186,9 +192,9 @@ def _type_hint(spec: FieldSpec, value: Any, plain: str | None) -> str:
 
 def scalar_problem(spec: FieldSpec, value: Any, plain: str | None) -> str | None:
     """What is wrong with a string, integer or boolean field value, if anything."""
-    reading = number_reading(value, plain) if spec.type == "integer" else None
-    if reading is not None:
-        return f"expected {_expected(spec)}, got {plain} ({reading})"
+    got = misread(value, plain) if spec.type == "integer" else None
+    if got is not None:
+        return f"expected {_expected(spec)}, got {got}"
     right_type = {
         "integer": is_int(value),
         "boolean": isinstance(value, bool),
@@ -403,12 +409,10 @@ def int_in_range(
 ) -> int | None:
     """An integer from ``low`` to ``high``, or a reported "expected {expected}, got ..."."""
     plain = report.source.plain.get(at)
-    reading = number_reading(value, plain)
-    if reading is None and is_int(value) and low <= value <= high:
+    got = misread(value, plain)
+    if got is None and is_int(value) and low <= value <= high:
         return int(value)
-    if reading is not None:
-        got = f"{plain} ({reading})"
-    else:
+    if got is None:
         got = show(value) if is_int(value) else describe(value)
         got += unquote_hint("integer", value, plain)
     report.error(at, f"expected {expected}, got {got}")
@@ -527,24 +531,24 @@ class Report:
     def _inline_image(self, value: str, path: KeyPath, context: str) -> bool:
         """A data: URI, decoded and judged once however many jobs share it."""
         verdict = self._inline.get(value)
-        first = verdict is None
         if verdict is None:
-            verdict = self._inline[value] = image_problem(value)
-        error, warning = verdict
-        if error is not None:
-            self.error(path, error + context)
-        if warning is not None and first:
-            self.warn(path, warning)
-        return error is None
+            verdict = self._inline[value] = _data_uri_problem(value)
+        return self._judged(value, path, *verdict, context)
 
     def _local_image(self, value: str, path: KeyPath) -> bool:
         check = self.images.check(value)
-        if check.error is not None:
-            self.error(path, check.error)
-        if check.warning is not None and value not in self._warned_images:
-            self._warned_images.add(value)  # once per file, not once per job using it
-            self.warn(path, check.warning)
-        return check.error is None
+        return self._judged(value, path, check.error, check.warning)
+
+    def _judged(
+        self, value: str, path: KeyPath, error: str | None, warning: str | None, context: str = ""
+    ) -> bool:
+        """Report a cached image verdict: its error at every use, its warning once per image."""
+        if error is not None:
+            self.error(path, error + context)
+        if warning is not None and value not in self._warned_images:
+            self._warned_images.add(value)
+            self.warn(path, warning)
+        return error is None
 
     def _image_list(self, value: Any, path: KeyPath, context: str) -> bool:
         if not isinstance(value, list) or not value:
