@@ -239,10 +239,10 @@ def test_matrix_values_that_alter_alike_get_distinct_ids(tmp_path: Path) -> None
     assert len({i.lower() for i in ids}) == len(ids)
 
 
-def test_ids_made_longer_than_the_limit_are_shortened_with_a_hash(tmp_path: Path) -> None:
-    # A run then failed with "File name too long" once it had sent other jobs.
-    text = (
-        f"version: 1\njobs:\n  - id: {'a' * 100}\n    variants: 2\n    matrix:\n"
+def long_id_job(extra: str) -> str:
+    """A 100-character id and eleven one-value matrix fields: over 236 characters made."""
+    return (
+        f"version: 1\njobs:\n  - id: {'a' * 100}\n{extra}    matrix:\n"
         f"      model: [{T2V}]\n"
         "      prompt: ['A very long prompt about a lighthouse at dusk']\n"
         "      negative_prompt: ['blurry, low quality, watermark, text']\n"
@@ -250,6 +250,11 @@ def test_ids_made_longer_than_the_limit_are_shortened_with_a_hash(tmp_path: Path
         "      resolution: [720p]\n      duration: [4]\n      generate_audio: [false]\n"
         "      enhance_prompt: [false]\n      auto_fix: [false]\n      provider: [google]\n"
     )
+
+
+def test_ids_made_longer_than_the_limit_are_shortened_with_a_hash(tmp_path: Path) -> None:
+    # A run then failed with "File name too long" once it had sent other jobs.
+    text = long_id_job("    variants: 2\n")
     ids = [j.id for j in load_manifest(write(tmp_path, text)).jobs]
     assert [len(i) for i in ids] == [236, 236]
     assert ids[0] != ids[1]
@@ -259,6 +264,13 @@ def test_ids_made_longer_than_the_limit_are_shortened_with_a_hash(tmp_path: Path
     assert [j.id for j in load_manifest(write(tmp_path, short)).jobs] == ["s-1", "s-2"]
     [long] = problems(write(tmp_path, short.replace("id: s", "id: " + "b" * 101)))
     assert long.message == "the id is 101 characters long; at most 100 are allowed"
+
+
+def test_a_single_take_is_shortened_like_several(tmp_path: Path) -> None:
+    # Without variants the id is the job's own: it must fit a file name all the same.
+    text = long_id_job("")
+    [job] = load_manifest(write(tmp_path, text)).jobs
+    assert len(job.id) == 236 and job.id.startswith("a" * 100 + "-")
 
 
 def test_matrix_over_models_and_with_variants(tmp_path: Path) -> None:

@@ -240,8 +240,8 @@ def expand_variants(
     seed derived from the id and take number. Models without a seed field get N identical
     requests, which the API still renders as different takes.
     """
-    if count == 1:
-        return [(base_id, body, identity)]
+    if count == 1:  # one take: the job's own request, under its (possibly shortened) id
+        return [(variant_ids(base_id, 1)[0], body, identity)]
     out = []
     for n, one_id in enumerate(variant_ids(base_id, count), start=1):
         one_body, one_identity = dict(body), dict(identity)
