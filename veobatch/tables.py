@@ -41,7 +41,9 @@ _FALSE = ("false", "no", "n", "0")
 # int() also takes "1_000" and other scripts' digits ("٨"); a cell must read the same to a person.
 _ASCII_INT = re.compile(r"[-+]?[0-9]+")
 # A cell may hold a whole data: URI; the csv module's default limit (131,072) is far smaller.
+# The limit is process-wide: raised once, here.
 _CELL_MAX_CHARS = DATA_URI_MAX_BYTES + 1024
+csv.field_size_limit(max(csv.field_size_limit(), _CELL_MAX_CHARS))
 
 
 class _BadRecord(Exception):
@@ -107,7 +109,6 @@ def _cell_columns(line: str) -> list[int]:
 def _records(text: str) -> Iterator[tuple[int, list[str], list[int] | None]]:
     """(first line, cells, cell columns when the record is on one line) per CSV record."""
     lines = editor_lines(text)
-    csv.field_size_limit(max(csv.field_size_limit(), _CELL_MAX_CHARS))
     # strict: an unclosed quote would otherwise swallow every later row into one cell.
     reader = csv.reader(io.StringIO(text), strict=True)
     previous_end = 0
@@ -237,7 +238,8 @@ def _read_jsonl(text: str, file: str) -> Table:
             continue
         except _DuplicateKey as exc:
             message = f"duplicate key {exc.key!r}; keep only one"
-            table.problems.append(Problem(table.file, message, number, _second_at(raw, exc.key)))
+            column = _key_column(raw, exc.key, 2)  # the second spelling is the duplicate
+            table.problems.append(Problem(table.file, message, number, column))
             continue
         if not isinstance(row, dict):
             message = f"expected a JSON object per line (one job), got {type(row).__name__}"
@@ -249,7 +251,7 @@ def _read_jsonl(text: str, file: str) -> Table:
         table.source.items[path] = Pos(number, 1)
         table.source.values[path] = Pos(number, 1)
         for name, value in row.items():
-            key_col = raw.find(json.dumps(name)) + 1 or 1
+            key_col = _key_column(raw, name)
             table.source.keys[(*path, name)] = Pos(number, key_col)
             table.source.values[(*path, name)] = Pos(number, key_col)
             if isinstance(value, list):
@@ -275,12 +277,14 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _second_at(raw: str, key: str) -> int:
-    """1-based column of the key's second spelling in the line, or 1 when it is escaped."""
-    quoted = json.dumps(key)
-    first = raw.find(quoted)
-    second = raw.find(quoted, first + 1) if first >= 0 else -1
-    return second + 1 if second >= 0 else 1
+def _key_column(raw: str, key: str, nth: int = 1) -> int:
+    """1-based column of the key's ``nth`` spelling in the line, or 1 when it is escaped."""
+    quoted, at = json.dumps(key), -1
+    for _ in range(nth):
+        at = raw.find(quoted, at + 1)
+        if at < 0:
+            return 1
+    return at + 1
 
 
 def _checked_row(table: Table, number: int, raw: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -289,7 +293,7 @@ def _checked_row(table: Table, number: int, raw: str, row: dict[str, Any]) -> di
     out: dict[str, Any] = {}
     for name, value in row.items():
         key, lone = join_surrogates(name)
-        pos = Pos(number, raw.find(json.dumps(name)) + 1 or 1)
+        pos = Pos(number, _key_column(raw, name))
         if lone is not None:
             _checked_text(table, path, key, name, pos)  # reports the key
             continue
