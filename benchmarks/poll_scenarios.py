@@ -203,6 +203,14 @@ def scenarios(quick: bool = False) -> list[Scenario]:
             history=(History("m", lognormal(150, 0.3), 5_000),),
         ),
         Scenario(
+            "hist-150s-now-20s-c4",
+            "as above, at the default concurrency of 4",
+            n(400, 100),
+            4,
+            lognormal(20, 0.3),
+            history=(History("m", lognormal(150, 0.3), 5_000),),
+        ),
+        Scenario(
             "url-refresh",
             "uniform 60-180 s; 2 % of completions polled again for a fresh URL",
             n(5_000, 600),
@@ -382,7 +390,7 @@ class _Run:
                     )
                 )
         for model, *figures in history_samples(states, self.sc.job_timeout_s):
-            self.poller.durations.observe(model, *figures)
+            self.poller.durations.observe(model, *figures, earlier=True)
             self.history_fed += 1
 
     def submit(self) -> None:

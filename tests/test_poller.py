@@ -268,3 +268,41 @@ async def test_unpolled_generations_move_up_to_an_earlier_new_plan() -> None:
     clock.now = 30.0
     poller._bring_forward("m")  # already due: left as it is
     assert poller._schedule.due("a") == 10.0
+
+
+def _poller_with_history(clock: FakeClock, api: ScriptedApi) -> Poller:
+    poller = Poller(api, Sink(), S, clock=clock)
+    for _ in range(30):  # earlier runs: about 100 s
+        poller.durations.observe("m", 99.0, 101.0, earlier=True)
+    poller.durations.install("m", Fitted((95.0, 100.0, 105.0), 0.1), 30)
+    return poller
+
+
+async def test_scouts_go_on_the_cold_schedule_while_the_plan_rests_on_earlier_runs() -> None:
+    clock = FakeClock()
+    poller = _poller_with_history(clock, ScriptedApi({}))
+    for i in range(25):
+        poller.track(f"j{i}", f"g-{i}", model="m", age_s=0, remaining_s=600, first=True)
+    dues = [poller._schedule.due(f"j{i}") for i in range(25)]
+    # The first min_samples, then one in SCOUT_EVERY, poll cold; the rest wait for the plan.
+    assert dues == [S.first_delay_s] * 21 + [95.0] * 4  # the 21st: one in ten
+    assert poller._tracked["j0"].scout and not poller._tracked["j21"].scout
+
+
+async def test_first_polls_finding_all_done_halve_and_move_up_the_rest() -> None:
+    clock = FakeClock()
+    api = ScriptedApi({f"g-{i}": ["completed"] for i in range(40)})
+    poller = _poller_with_history(clock, api)
+    poller.durations._models["m"].unconfirmed = False  # no scouts here
+    for i in range(40):
+        poller.track(f"j{i}", f"g-{i}", model="m", age_s=0, remaining_s=600, first=True)
+    clock.now = 95.0
+    for i in range(3):
+        await poller._poll_one(poller._tracked[f"j{i}"])
+    # Three first polls, all done where the fit expected 10 %: not chance. The first poll is
+    # halved and every generation not yet polled moves up to it (now, as they are 95 s old).
+    assert poller.durations.current_plan("m") == (47.5,)
+    assert poller._schedule.due("j3") == 95.0
+    clock.now = 100.0
+    poller.track("late", "g-late", model="m", age_s=0, remaining_s=600, first=True)
+    assert poller._schedule.due("late") == 147.5

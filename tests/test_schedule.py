@@ -116,19 +116,83 @@ def test_a_wide_distribution_is_polled_within_the_cap_after_the_first_poll(
     assert plan[0] < dist.mean and plan[-1] <= dist.quantile(0.9995) + 1e-6
 
 
-def test_a_first_poll_most_completions_beat_is_halved_then_cold() -> None:
-    # History says 150 s; tonight everything is done by the first poll. A fit of "(0, first]"
-    # samples would keep the poll there; looking earlier shows where they really finish.
+def _history_plan(mean: float = 150.0) -> tuple[DurationModel, tuple[float, ...]]:
     model = DurationModel(S, min_samples=20)
-    for d in lognormal_sample(150.0, 0.3, 200):
-        model.observe("m", d)
+    for d in lognormal_sample(mean, 0.3, 200):
+        model.observe("m", d, earlier=True)
     plan = model.plan("m")
     assert plan is not None
-    for _ in range(100):
-        model.observe("m", 0.0, plan[0])
+    return model, plan
+
+
+def test_a_first_poll_most_generations_beat_is_halved_then_cold() -> None:
+    # History says 150 s; tonight every first poll finds the generation done. A fit of "(0,
+    # first]" samples would keep the poll there; looking earlier shows where they really finish.
+    model, plan = _history_plan()
+    version = model.version("m")
+    polled = 0
+    while not model.first_polled("m", version, done=True):
+        polled += 1
+        assert polled < 5  # a handful, where the fit expected few done: not chance
+    assert polled >= 1  # one alone could be
     assert model.plan("m") == (plan[0] / 2,)
     assert model.first_delay_s("m") == plan[0] / 2
     assert model.next_delay_s("m", plan[0] / 2) == cold_delay_s(plan[0] / 2, S)
+    # First polls the old plan set say nothing of the new one.
+    assert not any(model.first_polled("m", version, done=True) for _ in range(50))
+    # "(0, first]" completions say nothing of where they fall: no refit on them (the fit would
+    # expect them all done by any first poll before them, and plan there again) ...
+    for _ in range(100):
+        model.observe("m", 0.0, plan[0])
+    assert model.plan("m") == (plan[0] / 2,)
+    # ... until enough were seen running; then the fit is of tonight, not of the history.
+    for d in lognormal_sample(20.0, 0.3, 20, seed=2):
+        model.observe("m", 0.9 * d, d)
+    refitted = model.plan("m")
+    assert refitted is not None and len(refitted) > 1 and refitted[0] < 20
+
+
+def test_a_completion_found_at_the_first_poll_is_no_verdict_on_it() -> None:
+    # The first completions of a wave are the early ones, done by any first poll: judging the
+    # plan by them halved a plan that was right, on the night's first completion.
+    model, plan = _history_plan()
+    model.observe("m", 0.0, plan[0])
+    assert model.plan("m") is plan
+    version = model.version("m")
+    for done in [True] * 3 + [False] * 30:  # what the first polls found: most running
+        assert not model.first_polled("m", version, done)
+    assert model.plan("m") is plan
+
+
+def test_scouts_poll_cold_while_the_plan_rests_on_earlier_runs() -> None:
+    model, plan = _history_plan()
+    scouts = [model.scout("m") for _ in range(40)]
+    assert scouts == [True] * 21 + [False] * 9 + [True] + [False] * 9  # min_samples, then 1 in 10
+    cold = cold_delay_s(10.0, S)
+    assert model.next_delay_s("m", 10.0, scout=True) == cold < model.next_delay_s("m", 10.0)
+    # Tonight agrees with the history after min_samples: the plan stands, no more scouts.
+    for d in lognormal_sample(150.0, 0.3, 20, seed=2):
+        model.observe("m", d)
+    assert model.plan("m") is plan
+    assert not any(model.scout("m") for _ in range(30))
+    assert model.next_delay_s("m", 10.0, scout=True) == model.next_delay_s("m", 10.0)
+
+
+def test_scouts_faster_than_the_history_replan_from_tonight() -> None:
+    model, plan = _history_plan()
+    assert plan[0] > 60
+    for d in lognormal_sample(20.0, 0.3, 20, seed=2):  # the scouts' completions
+        model.observe("m", 0.9 * d, d)
+    refitted = model.plan("m")
+    assert refitted is not None and refitted[0] < 20
+
+
+def test_a_plan_fitted_on_tonight_sends_no_scouts() -> None:
+    model = DurationModel(S, min_samples=20)
+    for d in lognormal_sample(150.0, 0.3, 20):
+        model.observe("m", 0.98 * d, d)
+    assert model.plan("m") is not None
+    assert not any(model.scout("m") for _ in range(30))
 
 
 def test_tonight_unlike_the_history_is_planned_from_tonight_alone() -> None:
@@ -159,19 +223,22 @@ def test_a_long_history_still_refits_after_refit_after_new_samples() -> None:
 
 
 @pytest.mark.parametrize(
-    ("done_first", "expected", "saturated"),
+    ("done", "polled", "expected", "saturated"),
     [
-        (60, 0.02, True),  # history said slower: far more done than the fit expected
-        (20, 0.02, False),
-        (80, 0.74, False),  # a narrow distribution: its fit expects most done, and they are
-        (96, 0.74, True),  # ... all but done: the cap
+        (60, 100, 0.02, True),  # history said slower: far more done than the fit expected
+        (20, 100, 0.02, False),
+        (80, 100, 0.74, False),  # a narrow distribution: its fit expects most done, and they are
+        (96, 100, 0.74, True),  # ... all but done: the cap
+        (1, 1, 0.02, False),  # one could be chance
+        (3, 3, 0.02, True),  # three all done, where few were expected: not chance
+        (100, 100, 0.999, True),  # a fit of "(0, first]" samples alone is not believed
+        (6, 10, 0.3, False),  # the margin, but a 1-in-20 chance
     ],
 )
 def test_saturation_is_judged_against_what_the_fit_expected(
-    done_first: int, expected: float, saturated: bool
+    done: int, polled: int, expected: float, saturated: bool
 ) -> None:
-    intervals = [(0.0, 60.0)] * done_first + [(60.0, 62.0)] * (100 - done_first)
-    assert first_poll_saturated(intervals, 100, expected) is saturated
+    assert first_poll_saturated(done, polled, expected) is saturated
 
 
 def test_a_generation_polled_before_a_new_plans_first_poll_waits_no_more_than_the_cap() -> None:

@@ -110,6 +110,8 @@ class Tracked:
     errors: int = 0
     not_found: int = 0
     polls: int = 0
+    plan: int = 0  # the version of the plan that set its first poll (0: none, or not counted)
+    scout: bool = False  # polled on the cold schedule while the plan rests on earlier runs
     api_status: str = "queued"  # as the last poll saw it, for progress displays
 
 
@@ -171,8 +173,13 @@ class Poller:
         t = Tracked(job_id, generation_id, model, started=now - age_s, deadline=now + remaining_s)
         if not first:
             t.last_running_age = None
+        elif self.durations.scout(model):
+            t.scout = True
+        else:
+            t.plan = self.durations.version(model)
         self._tracked[job_id] = t
-        delay = max(0.0, self.durations.first_delay_s(model) - age_s) if first else 0.0
+        first_s = self._s.first_delay_s if t.scout else self.durations.first_delay_s(model)
+        delay = max(0.0, first_s - age_s) if first else 0.0
         self._add(job_id, min(now + delay, t.deadline))
 
     async def run(self) -> None:
@@ -218,12 +225,14 @@ class Poller:
         """Generations not yet polled move to the new plan's first poll when it is earlier: a
         plan that learnt tonight is faster must not leave hundreds waiting on the old one."""
         first = self.durations.first_delay_s(model)
+        version = self.durations.version(model)
         now = self._clock()
         for t in self._tracked.values():
-            if t.model != model or t.polls or t.last_running_age is None:
+            if t.model != model or t.polls or t.last_running_age is None or t.scout:
                 continue
             due, wanted = self._schedule.due(t.job_id), max(now, t.started + first)
             if due is not None and wanted < due:
+                t.plan = version if wanted == t.started + first else 0  # late: not counted
                 self._add(t.job_id, wanted)
 
     async def _pace(self) -> None:
@@ -258,6 +267,10 @@ class Poller:
             await self._on_error(t, exc)
             return
         t.errors = t.not_found = 0  # only 404s in a row count towards "lost"
+        if t.polls == 1 and t.plan and not gen.failed:
+            # Was the plan's first poll too late for tonight? Then polls waiting for it move up.
+            if self.durations.first_polled(t.model, t.plan, gen.completed):
+                self._bring_forward(t.model)
         if gen.completed or gen.failed:
             self._tracked.pop(t.job_id, None)
             if gen.completed and (sample := self.sample_of(t)) is not None:
@@ -271,7 +284,7 @@ class Poller:
             await self._time_out(t)
             return
         t.last_running_age = age = now - t.started
-        self._reschedule(t, now + self.durations.next_delay_s(t.model, age))
+        self._reschedule(t, now + self.durations.next_delay_s(t.model, age, scout=t.scout))
 
     def sample_of(self, t: Tracked) -> tuple[float, float] | None:
         """When a generation just found finished did finish (after, by), in seconds from

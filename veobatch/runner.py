@@ -262,7 +262,7 @@ class _Run:
         """Earlier runs' durations give the poller a plan from the first minute of the night."""
         states = self.ledger.states.values()
         for model, after, by in history_samples(states, self.settings.job_timeout_s):
-            self.poller.durations.observe(model, after, by)
+            self.poller.durations.observe(model, after, by, earlier=True)
 
     def _resume(self, plans: list[JobPlan]) -> None:
         """Pick up where an earlier run stopped: poll what is in flight, fetch what is finished."""

@@ -14,7 +14,6 @@ Everything here is pure: the benchmark replays it over true durations to draw th
 from __future__ import annotations
 
 import bisect
-import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -195,17 +194,27 @@ def _truncated_moments(mu: float, sigma: float, a: float, b: float) -> tuple[flo
 # A refit is due after half as many samples again, or this many new ones: with a long history
 # the first rule alone would wait thousands of completions to notice tonight differs.
 REFIT_AFTER = WINDOW // 2
-# When the share of the completions since the last plan that were already done at their
-# first poll exceeds what that plan's fit expected by this much (or reaches the cap), that
-# poll is too late to tell how early they finish (all the fit sees is "before it"): the next
-# plan looks earlier instead of trusting the fit. A narrow distribution may rightly expect
-# most done by its first poll: only the excess counts. (A fit of nearly all "(0, first]"
-# samples expects too few; halving then costs polls but keeps the lag near its target.)
+# Every generation's first poll under a plan finds it done or running. When far more are done
+# than the plan's fit expected (by this margin, or up to the cap), and too many to be chance,
+# that poll is too late to tell how early they finish (all a fit sees is "before it"): the
+# first poll is halved at once instead of trusting a fit. A narrow distribution may rightly
+# expect most done by its first poll: only the excess counts. First polls are counted, not
+# completions: the first completions of a wave are the early ones, done by any first poll.
 SATURATION_MARGIN = 0.25
 SATURATION_CAP = 0.95
+SATURATION_ALPHA = 1e-3  # the chance of so many done first if the fit were right, at most
+SATURATION_FLOOR = 0.05  # a fit's expected share is taken as at least this (fits err in tails)
+# ... and at most this: a fit of nothing but "(0, first]" samples can expect all done by a first
+# poll anywhere before them, and a plan judged against that could never be found too late.
+SATURATION_TRUST = 0.75
 UNKNOWN_FIRST_SHARE = 0.25  # what a plan not from a fit (a halved poll) is taken to expect
 DRIFT_RATIO = 2.0  # recent completions' median this far from the older ones': refit on them
 DRIFT_CHECK = 100  # new completions between two looks for drift
+# While a plan rests on earlier runs alone, the first min_samples generations, then one in this
+# many, are scouts, polled on the cold schedule: if tonight is faster, the scouts' completions
+# say so (drift) before the rest reach the plan's first poll. Polling them all from the plan
+# would lose a whole wave. (If tonight agrees, a night pays for some twenty scouts' polls.)
+SCOUT_EVERY = 10
 
 
 @dataclass
@@ -214,7 +223,15 @@ class _Samples:
     n: int = 0
     plan: tuple[float, ...] | None = None
     planned_at: int = 0
+    version: int = 0  # of the plan: first polls count towards the plan that set them
     first_share: float = UNKNOWN_FIRST_SHARE  # done by the plan's first poll, as its fit expects
+    firsts: int = 0  # first polls under this plan
+    firsts_done: int = 0  # ... that found the generation done
+    halved: bool = False  # the plan is a halved first poll: refit once it has min_samples
+    seen_running: int = 0  # samples since the halving that were seen running before done
+    tonight: int = 0  # samples from this run (not from the ledger's earlier runs)
+    unconfirmed: bool = False  # the plan rests on earlier runs: tonight has not yet agreed
+    tracked: int = 0  # generations started while it is unconfirmed (every SCOUT_EVERY-th scouts)
     checked_at: int = 0  # samples when drift was last looked for
     regime: int = 0  # the sample the current regime starts at: older ones are not fitted
 
@@ -227,9 +244,11 @@ class DurationModel:
     min_samples: int = 20
     _models: dict[str, _Samples] = field(default_factory=dict)
 
-    def observe(self, model: str, low_s: float, high_s: float | None = None) -> None:
+    def observe(
+        self, model: str, low_s: float, high_s: float | None = None, *, earlier: bool = False
+    ) -> None:
         """A generation of ``model`` finished after ``low_s`` and by ``high_s`` (seconds from
-        submission); with one figure, it took about that long."""
+        submission); with one figure, it took about that long. ``earlier``: in an earlier run."""
         hi = low_s if high_s is None else high_s
         lo = low_s * 0.98 if high_s is None else low_s
         if hi <= 0:
@@ -237,6 +256,40 @@ class DurationModel:
         m = self._models.setdefault(model, _Samples())
         m.intervals.append((max(lo, 0.0), hi))
         m.n += 1
+        m.seen_running += lo > 0
+        m.tonight += not earlier
+
+    def version(self, model: str) -> int:
+        """The plan a generation's first poll is set by now (0: none, the cold schedule)."""
+        m = self._models.get(model)
+        return m.version if m is not None and m.plan is not None else 0
+
+    def scout(self, model: str) -> bool:
+        """Should a generation starting now be a scout (polled on the cold schedule)?"""
+        m = self._models.get(model)
+        if m is None or not m.unconfirmed or m.halved:
+            return False
+        m.tracked += 1
+        return m.tracked <= self.min_samples or m.tracked % SCOUT_EVERY == 1
+
+    def first_polled(self, model: str, version: int, done: bool) -> bool:
+        """A first poll set by plan ``version`` found the generation done or running. True when
+        that made the plan's first poll too late and halved it (polls waiting for the old
+        one should move up)."""
+        m = self._models.get(model)
+        if m is None or m.plan is None or version != m.version:
+            return False  # set by an older plan, or by none: says nothing of this one
+        m.firsts += 1
+        m.firsts_done += done
+        if not first_poll_saturated(m.firsts_done, m.firsts, m.first_share):
+            return False
+        first = m.plan[0] if m.plan else self.settings.first_delay_s
+        # Look earlier: half the first poll, then the cold schedule's narrow intervals, until
+        # a refit sees where completions really fall (halving again if need be).
+        self._set_plan(m, (max(self.settings.min_interval_s, first / 2),), UNKNOWN_FIRST_SHARE)
+        # The samples the late plan was fitted on misled it: fit only those since it began.
+        m.regime, m.planned_at, m.halved, m.seen_running = m.planned_at, m.n, True, 0
+        return True
 
     def distribution(self, model: str) -> LogNormal | None:
         m = self._models.get(model)
@@ -247,22 +300,32 @@ class DurationModel:
     def stale(self) -> list[tuple[str, list[tuple[float, float]], int]]:
         """Models due for a refit, each with a copy of the samples to fit, so the fit can run
         in a worker thread while polls go on: a first plan, half as many samples again,
-        REFIT_AFTER new ones, or new ones (checked every DRIFT_CHECK) that tell another story
-        or were mostly done at their first poll."""
+        REFIT_AFTER new ones, min_samples seen running since a halving (which say where
+        completions fall: a "(0, first]" one does not), or new ones (checked every
+        DRIFT_CHECK) that tell another story."""
         due = []
         for name, m in self._models.items():
             if m.n < self.min_samples:
                 continue
+            if m.halved and m.seen_running < self.min_samples:
+                continue  # a halved first poll waits for samples that say where they fall
             recent = m.n - m.planned_at
-            checking = m.plan is not None and m.n < m.planned_at * 1.5 and recent < REFIT_AFTER
-            if checking and m.n < m.checked_at + DRIFT_CHECK:
+            checking = (
+                m.plan is not None
+                and m.n < m.planned_at * 1.5
+                and recent < REFIT_AFTER
+                and not m.halved
+            )
+            look = m.checked_at + (self.min_samples if m.unconfirmed else DRIFT_CHECK)
+            if checking and (m.n < look or recent < self.min_samples):
                 continue  # asked four times a second: no copy, no sort until a look is due
             # Only the samples of the current regime: since the last drift, within the window.
             intervals = list(m.intervals)[max(0, m.regime - (m.n - len(m.intervals))) :]
             drifted = drift(intervals, recent, self.min_samples)
             if checking:
                 m.checked_at = m.n
-                if not drifted and not first_poll_saturated(m.intervals, recent, m.first_share):
+                if not drifted:
+                    m.unconfirmed = False  # tonight agrees with the earlier runs
                     continue  # the plan stands
             if drifted:  # tonight is not last week: forget the older samples
                 m.regime = m.planned_at
@@ -272,15 +335,18 @@ class DurationModel:
 
     def install(self, model: str, fitted: Fitted, samples: int) -> None:
         m = self._models[model]
-        plan, share = fitted
-        if m.plan is not None and first_poll_saturated(
-            m.intervals, samples - m.planned_at, m.first_share
-        ):
-            # Look earlier: half the first poll, then the cold schedule's narrow intervals,
-            # until a refit sees where completions really fall (halving again if need be).
-            first = m.plan[0] if m.plan else self.settings.first_delay_s
-            plan, share = (max(self.settings.min_interval_s, first / 2),), UNKNOWN_FIRST_SHARE
-        m.plan, m.planned_at, m.first_share = plan, samples, share
+        if m.halved and m.planned_at >= samples:
+            return  # halved since these samples were taken: the next look refits
+        self._set_plan(m, *fitted)
+        m.planned_at, m.halved = samples, False
+        tonight = m.tonight - (m.n - samples)  # of the samples fitted
+        m.unconfirmed = tonight < min(samples, self.min_samples)
+
+    @staticmethod
+    def _set_plan(m: _Samples, plan: tuple[float, ...], first_share: float) -> None:
+        m.plan, m.first_share = plan, first_share
+        m.version += 1
+        m.firsts = m.firsts_done = 0
 
     def plan(self, model: str) -> tuple[float, ...] | None:
         """The plan, refitted here and now when it is due: for callers off the event loop."""
@@ -293,17 +359,19 @@ class DurationModel:
         m = self._models.get(model)
         return m.plan if m else None
 
-    def next_delay_s(self, model: str, age_s: float) -> float:
+    def next_delay_s(self, model: str, age_s: float, *, scout: bool = False) -> float:
         """Seconds from now to the next poll of a generation this old that is still running.
         (Polled already: a new plan's first poll, later than its age, is no licence to wait
-        past the interval cap.)"""
-        plan = self.current_plan(model)
-        if plan:
-            i = bisect.bisect_right(plan, age_s + PLAN_SLACK_S)
-            if i < len(plan):
-                wait = plan[i] - age_s
-                return min(wait, self.settings.max_interval_s) if i == 0 else wait
-        return cold_delay_s(age_s, self.settings)
+        past the interval cap.) A scout keeps to the cold schedule while the plan is unconfirmed."""
+        cold = cold_delay_s(age_s, self.settings)
+        m = self._models.get(model)
+        if m is not None and m.plan:
+            i = bisect.bisect_right(m.plan, age_s + PLAN_SLACK_S)
+            if i < len(m.plan):
+                wait = m.plan[i] - age_s
+                wait = min(wait, self.settings.max_interval_s) if i == 0 else wait
+                return min(wait, cold) if scout and m.unconfirmed else wait
+        return cold
 
     def first_delay_s(self, model: str) -> float:
         plan = self.current_plan(model)
@@ -322,21 +390,23 @@ def drift(intervals: Sequence[tuple[float, float]], recent: int, min_samples: in
     return max(a, b) > DRIFT_RATIO * min(a, b)
 
 
-def first_poll_saturated(
-    intervals: Sequence[tuple[float, float]], recent: int, expected: float
-) -> bool:
-    """Were far more of the last ``recent`` completions already done at their first poll
-    than the plan's fit ``expected``?
+def first_poll_saturated(done: int, polled: int, expected: float) -> bool:
+    """Did far more of ``polled`` first polls find the generation done than the plan's fit
+    ``expected``, and too many to be chance?
 
-    Such a sample is (0, first poll]: it says only "earlier than that". If far more are, the
-    plan's first poll is too late for tonight (history slower than tonight, say), and a fit
-    of such samples would keep it there: every generation waits for it, lag unbounded.
+    Such a completion is (0, first poll]: it says only "earlier than that". If far more are,
+    the plan's first poll is too late for tonight (history slower than tonight, say), and a
+    fit of such samples would keep it there: every generation waits for it, lag unbounded.
+    Chance is bounded by Chernoff (P[X ≥ k] ≤ exp(-n·KL(k/n ‖ p))), so a handful of first
+    polls all done is enough when the fit expected few.
     """
-    recent = min(recent, len(intervals))
-    if recent < 1:
+    if polled < 1 or done < min(SATURATION_CAP, expected + SATURATION_MARGIN) * polled:
         return False
-    firsts = sum(1 for lo, _ in itertools.islice(reversed(intervals), recent) if lo == 0)
-    return firsts >= min(SATURATION_CAP, expected + SATURATION_MARGIN) * recent
+    p, q = min(max(expected, SATURATION_FLOOR), SATURATION_TRUST), done / polled
+    if q <= p:
+        return False
+    kl = q * math.log(q / p) + (0.0 if q >= 1.0 else (1 - q) * math.log((1 - q) / (1 - p)))
+    return polled * kl >= -math.log(SATURATION_ALPHA)
 
 
 class Fitted(NamedTuple):
