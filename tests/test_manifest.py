@@ -1868,13 +1868,28 @@ def test_a_job_repeated_by_an_alias_is_located_at_the_alias() -> None:
         ("data:image/png;base64,AA=A", "does not carry valid base64 data"),
         ("data:image/png;base64,", "does not carry valid base64 data"),
         ("data:image/png;base64,iVBO Rw0K", "spaces or line breaks"),
+        # Accepted, then refused by the simulator and copied whole into every record (the
+        # records shorten only "data:" URIs).
+        ("DATA:image/png;base64,AA==", "write the scheme of a data: URI in lower case"),
     ],
-    ids=["text", "gif", "svg", "mismatch", "jpg-alias", "padding", "empty", "wrapped"],
+    ids=["text", "gif", "svg", "mismatch", "jpg-alias", "padding", "empty", "wrapped", "upper"],
 )
 def test_data_uris_are_judged_by_their_bytes(uri: str, words: str) -> None:
     (problem,) = problems_of(i2v(f"'{uri}'"))
     assert where(problem) == (5, 16, "#1", "image_url")
     assert words in problem.message
+
+
+def test_a_data_uri_without_its_prefix_is_named_briefly() -> None:
+    # It reads as a file name: the message once held all 6 MB of it, and "File name too long".
+    (problem,) = problems_of(i2v("'image/png;base64," + "A" * 5000 + "'"))
+    assert where(problem) == (5, 16, "#1", "image_url")
+    assert problem.message.startswith("'image/png;base64,AAAA")
+    assert (
+        "is not an https:// URL, a data:image/...;base64,... URI or the name of an image file"
+        in (problem.message)
+    )
+    assert len(problem.message) < 200
 
 
 @pytest.mark.parametrize(

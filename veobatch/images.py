@@ -9,6 +9,7 @@ the file's content hash, never the megabytes of base64, so keys stay cheap to co
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import os
@@ -204,7 +205,8 @@ class ImageStore:
     def _load(self, reference: str) -> ImageCheck:
         path = Path(os.path.expanduser(reference))
         full = path if path.is_absolute() else self.base_dir / path
-        shown = repr(reference)
+        # Kept short: a data: URI that lost its prefix is megabytes of "file name".
+        shown = repr(reference if len(reference) <= 60 else reference[:50] + "…")
         if not reference.strip():
             return ImageCheck(None, "the image reference is empty")
         try:
@@ -220,6 +222,12 @@ class ImageStore:
                 return ImageCheck(None, problem)
             data = full.read_bytes()
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:  # not meant as a file at all
+                return ImageCheck(
+                    None,
+                    f"{shown} is not an https:// URL, a data:image/...;base64,... URI or the "
+                    "name of an image file",
+                )
             return ImageCheck(None, f"cannot read image file {shown}: {exc.strerror or exc}")
         check = inspect_image(data, shown)
         if check.image is None:

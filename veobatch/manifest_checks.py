@@ -311,6 +311,8 @@ def _ascii_host(parts: SplitResult) -> str:
 
 
 def _data_uri_problem(value: str) -> tuple[str | None, str | None]:
+    if not value.startswith("data:"):  # records and the API's examples know only this spelling
+        return f"write the scheme of a data: URI in lower case, got {show(value[:20])}", None
     head = _DATA_URI.match(value)
     if head is None:
         return (
