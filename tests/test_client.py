@@ -275,6 +275,18 @@ async def test_a_key_echoed_in_a_generation_error_is_scrubbed(client: HttpApiCli
     assert gen.failed and gen.error_message == "bad ***"
 
 
+async def test_a_short_test_key_leaves_answers_as_they_are() -> None:
+    # A key "tp" was scrubbed out of every "http" of a successful answer: the video URL became
+    # "ht***://..." and every paid generation failed as url_rejected.
+    body = {"id": "g1", "status": "completed", "video": {"url": "http://cdn.test/tp/v.mp4"}}
+    async with aiohttp.ClientSession() as session:
+        short = HttpApiClient(session, BASE, Secret("tp"), timeout_s=5)
+        with aioresponses() as m:
+            m.get(URL + "?generation_id=g1", payload=body)
+            gen = await short.fetch("g1")
+    assert gen.video_url == "http://cdn.test/tp/v.mp4"
+
+
 async def test_a_base_url_aiohttp_cannot_use_is_not_sent() -> None:
     # Nothing left: the job may be submitted again without any risk of paying twice.
     async with aiohttp.ClientSession() as session:

@@ -275,6 +275,29 @@ async def test_logs_that_lag_get_their_grace_after_the_answer(cdn: str, tmp_path
     assert len(api.created) == 1  # found once the logs caught up, never created again
 
 
+async def test_a_model_edited_after_a_crash_is_looked_up_under_the_model_sent(
+    cdn: str, tmp_path: Path
+) -> None:
+    # The logs were searched under the manifest's new model: the row of the request sent with
+    # the old one was never seen, "absent" meant "never created", and the job was paid twice.
+    m = manifest(1, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    await seed_intents(tmp_path, [(m.jobs[0], "crid-sent")])
+    await api.create(m.jobs[0].request, client_request_id="crid-sent")  # it did get through
+    sent_with: dict[str, str] = {"crid-sent": "google/veo-3.1-t2v"}
+    logs = api.logs
+
+    async def logs_of_models(**kw: Any) -> LogPage:
+        page = await logs(**kw)
+        rows = [r for r in page.entries if sent_with.get(r.client_request_id) in kw["models"]]
+        return LogPage(rows, page.has_more)
+
+    api.logs = logs_of_models  # type: ignore[method-assign]
+    edited = Job("job0", {"model": "google/veo-3.1-t2v-fast", "prompt": "p0"}, 0)
+    report = await run(Manifest(tmp_path / "m.yaml", (edited,)), settings(tmp_path), api=api)
+    assert report.adopted == 1 and len(api.created) == 1  # finished, not paid for again
+
+
 async def test_unanswered_and_not_logged_stays_uncertain(cdn: str, tmp_path: Path) -> None:
     api = FakeApi(cdn, polls_to_finish=1)
     api.create_error, api.errors_left = NoAnswerError("read timeout"), 1

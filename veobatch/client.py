@@ -349,9 +349,11 @@ class HttpApiClient:
             ) as resp:
                 raw = await _read_body(resp.content)
                 # JSON must not start with a BOM, but a parser may skip one (RFC 8259, 8.1)
-                text = self._key.scrub(raw[:MAX_BODY_BYTES].decode("utf-8-sig", "replace"))
+                text = raw[:MAX_BODY_BYTES].decode("utf-8-sig", "replace")
                 if resp.status >= 300:
-                    raise self._error(resp.status, text, resp.headers)
+                    raise self._error(resp.status, text, resp.headers)  # scrubbed there
+                if self._key.distinctive:  # an echo of it must not reach records or logs
+                    text = self._key.scrub(text)
                 if len(raw) > MAX_BODY_BYTES:
                     raise ProtocolError(f"{method} {path}: answer is over {MAX_BODY_BYTES} bytes")
                 return resp.status, text, resp.headers

@@ -425,8 +425,11 @@ class _Run:
             since, recorded = st.intent_at, min(recorded, st.intent_at + timeout)
         else:  # a ledger older than the intent's time: it may have left that long before
             since = recorded - timeout
+        # The model the request was sent with, not the manifest's now: an edited model would
+        # filter the logs past the row, and "absent" means "submit again" (pay twice).
+        model = st.model or job.model
         self.reconciler.add(
-            Lookup(job.id, st.client_request_id, job.model, since, cause, recorded_wall=recorded)
+            Lookup(job.id, st.client_request_id, model, since, cause, recorded_wall=recorded)
         )
 
     async def _on_lookup(self, lookup: Lookup, decision: Decision) -> None:
@@ -439,7 +442,7 @@ class _Run:
             self.poller.track(
                 job.id,
                 decision.generation_id,
-                model=job.model,
+                model=lookup.model,
                 age_s=age,
                 remaining_s=max(self.settings.job_timeout_s - age, 60.0),
                 first=False,

@@ -37,6 +37,12 @@ class Secret:
     def reveal(self) -> str:
         return self._value
 
+    @property
+    def distinctive(self) -> bool:
+        """Long enough to be told from ordinary text: a test key such as "tp" would be
+        scrubbed out of every "http" in an answer, and its URLs with it."""
+        return len(self._value) >= SCRUB_RUN
+
     def scrub(self, text: str, *, fragments: bool = False) -> str:
         """``text`` with the key replaced by ``***``: an API or proxy may echo it back
         ("invalid key sk-...") in text that is logged and recorded. With ``fragments``, any
