@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -131,7 +132,7 @@ async def test_a_run_that_aborts_still_tells_the_webhook(
     body = got[0]
     assert body["event"] == "veobatch.run.aborted" and body["exit_code"] == code
     assert body["manifest"] == "m.yaml" and why in body["error"] and why in body["text"]
-    assert body["interrupted"] is (code == 75)
+    assert body["interrupted"] is False  # another run holds the directory: not interrupted
     assert "secret" not in json.dumps(body) and "secret" not in stderr.replace(str(tmp_path), "")
 
 
@@ -151,3 +152,70 @@ async def test_a_simulated_run_ignores_the_real_api_settings_of_the_environment(
     assert proc.returncode == 0, stderr
     assert stdout.startswith("veobatch: 2 jobs: 2 done")
     assert "sk-real" not in stdout + stderr
+
+
+async def test_a_bad_manifest_is_said_on_stdout_too_and_told_to_the_webhook(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    # Under cron, stdout is the mail and stderr a log file: the one line that says why a run
+    # did not start went only to the log, and the webhook heard nothing of exit 2.
+    url, got = webhook
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(MANIFEST.replace("duration: 4", "duration: 5", 1))
+    code, stdout, stderr = await run_cli("run", str(manifest), "--simulate", "--notify", url)
+    assert code == 2
+    assert "field 'duration': expected one of 4, 6, 8, got 5" in stdout
+    assert stdout.strip() in stderr  # with the webhook's line after it
+    assert len(got) == 1 and got[0]["exit_code"] == 2 and got[0]["interrupted"] is False
+    assert "got 5" in got[0]["error"]
+
+
+async def test_json_logs_say_why_a_run_did_not_start_as_json(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(MANIFEST.replace("duration: 4", "duration: 5"))
+    code, _, stderr = await run_cli("run", str(manifest), "--simulate", "--log-format", "json")
+    assert code == 2
+    records = [json.loads(line) for line in stderr.splitlines()]
+    assert records[0]["message"] == "2 problems in manifest:"
+    assert all(r["level"] == "error" and r["exit_code"] == 2 for r in records)
+    assert all(r["message"].startswith(f"{manifest}:") for r in records[1:])
+
+
+async def test_a_simulated_run_leaves_the_manifests_webhook_alone(
+    tmp_path: Path, webhook: tuple[str, list[dict[str, Any]]]
+) -> None:
+    # settings.notify_url is the team's real channel: the simulator's videos are not results.
+    url, got = webhook
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(MANIFEST.replace("jobs:", f"settings:\n  notify_url: {url}\njobs:", 1))
+    args = ("run", str(manifest), "--simulate", "--sim-gen-time", "0.1", "--out")
+    code, _, stderr = await run_cli(*args, str(tmp_path / "out"))
+    assert code == 0, stderr
+    assert got == []
+    code, _, stderr = await run_cli(*args, str(tmp_path / "out2"), "--notify", url)
+    assert code == 0 and len(got) == 1  # named on the command line: asked for
+
+
+@pytest.mark.slow
+async def test_simulated_and_real_results_never_share_a_directory(tmp_path: Path) -> None:
+    # A --simulate trial of the night's manifest recorded every job done with the simulator's
+    # test videos: the first real run then skipped them all and exited 0.
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(MANIFEST)
+    out = tmp_path / "out"
+    args = ("run", str(manifest), "--out", str(out))
+    code, _, stderr = await run_cli(*args, "--simulate", "--sim-gen-time", "0.1")
+    assert code == 0, stderr
+    real = {"AIMLAPI_KEY": "sk-test-0123456789", "AIMLAPI_BASE_URL": "http://127.0.0.1:9"}
+    proc = start_cli(*args, env=real)
+    _, stderr = await anyio.to_thread.run_sync(lambda: proc.communicate(timeout=60))
+    assert proc.returncode == 3
+    assert "holds a --simulate run's results" in stderr
+    # The other way round: a directory of real results refuses a simulated run.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "ledger.jsonl").write_text("")
+    code, _, stderr = await run_cli(*args[:2], "--out", str(tmp_path / "real"), "--simulate")
+    assert code == 0, stderr  # an empty ledger holds nothing to mix with
+    shutil.rmtree(tmp_path / "real" / ".simulator")
+    code, _, stderr = await run_cli(*args[:2], "--out", str(tmp_path / "real"), "--simulate")
+    assert code == 3 and "holds results of the real API" in stderr

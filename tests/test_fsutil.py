@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import stat
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import pytest
@@ -191,3 +193,13 @@ async def test_queued_work_fails_rather_than_hangs_when_no_thread_can_start(
             await disk(lambda: 1)
     assert await disk(lambda: 2) == 2  # threads can start again: back to normal
     disk.close()
+
+
+def test_an_atomically_written_file_is_readable_as_the_umask_says(tmp_path: Path) -> None:
+    # results.json and report.html were 0600 (mkstemp's mode) beside 0644 videos: a
+    # monitoring user could read the report's videos but not the results.
+    from veobatch.fsutil import _UMASK, atomic_write_bytes
+
+    target = tmp_path / "results.json"
+    atomic_write_bytes(target, b"{}")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_UMASK

@@ -22,7 +22,7 @@ from veobatch.manifest import load_manifest, parse_manifest
 from veobatch.yamlpos import Pos, compose
 
 REPO = Path(__file__).resolve().parent.parent
-SEEDS = Path("/work/shared/seeds")
+SEEDS = REPO.parent / "shared" / "seeds"  # beside the repository, as CI has it
 
 T2V = "google/veo-3.1-t2v"
 T2V_FAST = "google/veo-3.1-t2v-fast"

@@ -64,12 +64,16 @@ def test_the_first_line_counts_held_back_jobs_when_there_are_any() -> None:
 
 
 def test_abort_doc_says_why_and_nothing_else() -> None:
-    doc = abort_doc("nightly.yaml", OUT, 75, "veobatch: another veobatch run is working on x")
+    line = "veobatch: another veobatch run is working on x"
+    doc = abort_doc("nightly.yaml", OUT, 75, line, interrupted=False)
     assert doc["text"] == (
         "veobatch: nightly.yaml: run aborted (exit 75): another veobatch run is working on x"
     )
     assert doc["event"] == "veobatch.run.aborted" and doc["exit_code"] == 75
-    assert doc["interrupted"] is True and doc["error"].startswith("another veobatch run")
+    assert doc["interrupted"] is False and doc["error"].startswith("another veobatch run")
+    assert abort_doc("n.yaml", OUT, 75, "veobatch: interrupted by SIGTERM", interrupted=True)[
+        "interrupted"
+    ]
 
 
 def test_summary_doc_is_the_same_facts_as_json() -> None:

@@ -32,8 +32,8 @@ from .errors import (
     VeobatchError,
 )
 from .jobs import Manifest
-from .ledger import current_results, load_states
-from .logfmt import LogFormat, formatter
+from .ledger import LEDGER_NAME, current_results, load_states
+from .logfmt import LogFormat, formatter, iso_time
 from .manifest import load_manifest
 from .notify import check_url, payload, send
 from .outcome import run_extras
@@ -106,10 +106,15 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return found
 
 
-def _guard(fn: Callable[[], T], on_abort: Callable[[int, str], None] | None = None) -> T:
+SIM_STATE = ".simulator"  # in the output directory: the simulator's journal of a --simulate run
+_fatal_json = False  # --log-format json: the line that says why is a JSON record too
+
+
+def _guard(fn: Callable[[], T], on_abort: Callable[[int, str, bool], None] | None = None) -> T:
     """Turn the error tree into exit codes with one clear line each, never a traceback.
 
-    ``on_abort(code, line)`` hears of the exits that end a run early (3 and 75), before exiting.
+    ``on_abort(code, line, interrupted)`` hears of the exits that end a run early (2, 3 and
+    75), before exiting.
     """
     try:
         try:
@@ -118,19 +123,48 @@ def _guard(fn: Callable[[], T], on_abort: Callable[[int, str], None] | None = No
             raise _leaf(group) from None
     except (VeobatchError, OSError) as exc:
         code, line = _exit_for(exc)
-        click.echo(line, err=True)
-        if on_abort is not None and code in (EXIT_CONFIG, EXIT_INTERRUPTED):
-            on_abort(code, line)
+        _say_why(code, line)
+        if on_abort is not None and code in (EXIT_USAGE, EXIT_CONFIG, EXIT_INTERRUPTED):
+            on_abort(code, line, False)
         sys.exit(code)
     except SystemExit as exc:  # a signal outside the run's own handling: still exit 75
         if exc.code == EXIT_INTERRUPTED:
             _leave_hung_up_terminal()
             by = f" by {exc.signal_name}" if isinstance(exc, _Interrupted) else ""
             line = f"veobatch: interrupted{by}; run again to resume"
-            click.echo(line, err=True)
+            _say_why(EXIT_INTERRUPTED, line)
             if on_abort is not None:
-                on_abort(EXIT_INTERRUPTED, line)
+                on_abort(EXIT_INTERRUPTED, line, True)
         raise
+
+
+def _say_why(code: int, text: str) -> None:
+    """The lines that say why a command ended early: on stderr (as JSON records with
+    --log-format json), and on stdout too when it goes elsewhere, as under cron, where stdout
+    is the mail and stderr a log file nobody reads until something is wrong."""
+    if _fatal_json:
+        for line in text.splitlines():
+            record = {
+                "ts": iso_time(time.time()),
+                "level": "error",
+                "event": "exit",
+                "exit_code": code,
+            }
+            message = line.strip()
+            click.echo(json.dumps({**record, "message": message}, ensure_ascii=False), err=True)
+    else:
+        click.echo(text, err=True)
+    if _stdout_elsewhere():
+        click.echo(text)
+
+
+def _stdout_elsewhere() -> bool:
+    """Do stdout and stderr lead to different files (not one terminal, not `2>&1`)?"""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or not a real file (tests)
+        return False
+    return (out.st_dev, out.st_ino) != (err.st_dev, err.st_ino)
 
 
 def _exit_for(exc: VeobatchError | OSError) -> tuple[int, str]:
@@ -149,10 +183,12 @@ def _exit_for(exc: VeobatchError | OSError) -> tuple[int, str]:
     return EXIT_CONFIG, f"veobatch: system error: {where}{exc.strerror or exc}"
 
 
-def _notify_abort(url: str, manifest: Path, out_dir: Path, code: int, line: str) -> None:
+def _notify_abort(
+    url: str, manifest: Path, out_dir: Path, code: int, line: str, interrupted: bool
+) -> None:
     """Tell the webhook of a run that ended early; never raises, never changes the exit."""
     try:
-        _arun(send, url, abort_doc(manifest.name, out_dir, code, line))
+        _arun(send, url, abort_doc(manifest.name, out_dir, code, line, interrupted=interrupted))
     except Exception as exc:  # a courtesy: the exit code is the run's
         log.error("notification failed: %s", type(exc).__name__)
 
@@ -248,7 +284,7 @@ def main() -> None:
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 10_000),
-    help="Generations in flight at once (overrides settings.concurrency).",
+    help="Generations in flight at once (overrides settings.concurrency; default 4).",
 )
 @click.option(
     "--job-timeout",
@@ -269,7 +305,9 @@ def main() -> None:
     show_default=True,
     help="With --simulate: mean generation time in seconds.",
 )
-@click.option("--verify", is_flag=True, help="Re-hash finished files instead of trusting mtime.")
+@click.option(
+    "--verify", is_flag=True, help="Re-hash finished files instead of trusting size and mtime."
+)
 @click.option(
     "--logs-grace",
     "logs_grace_s",
@@ -335,6 +373,8 @@ def run_cmd(
     make_report: bool,
 ) -> None:
     """Validate MANIFEST, then submit, poll and download every job not yet done."""
+    global _fatal_json
+    _fatal_json = log_format == "json"
     console_log = _setup_logging(-1 if quiet else verbose, log_format)
     # While a run is under way its own handler takes signals; before and after it, a signal
     # still means "interrupted" (exit 75), never a bare kill.
@@ -343,9 +383,9 @@ def run_cmd(
     out = out_dir or _default_out(manifest)
     notify_to = notify_url  # the manifest's own URL counts once the manifest is loaded
 
-    def abort(code: int, line: str) -> None:
+    def abort(code: int, line: str, interrupted: bool) -> None:
         if notify_to:
-            _notify_abort(notify_to, manifest, out, code, line)
+            _notify_abort(notify_to, manifest, out, code, line, interrupted)
 
     m = _guard(lambda: load_manifest(manifest), abort)  # a large one takes a while
     for w in m.warnings:
@@ -358,13 +398,16 @@ def run_cmd(
         "resubmit_uncertain": resubmit_uncertain or None,
         "max_cost_usd": max_cost_usd,
     }
-    notify_to = notify_url or m.settings.notify_url
+    # A simulated run tells only a webhook named on its command line: the manifest's is the
+    # team's real one, and the simulator's videos are not results.
+    notify_to = notify_url or (None if simulate else m.settings.notify_url)
     if notify_to:
         _guard(lambda: check_url(notify_to))
     # The simulator brings its own address and key: a real key or base URL in the
     # environment plays no part, and one that would be refused must not stop the demo.
     env: dict[str, str] | None = {} if simulate else None
     settings = _guard(lambda: resolve_settings(out, m.settings, cli, env), abort)
+    _guard(lambda: _check_not_mixed(out, simulate), abort)
     sim_gen_s = sim_gen_time_s if simulate else None  # None: the real API
     # The manifest's objects live as long as the run: the collector need not walk them on
     # every full collection.
@@ -387,6 +430,28 @@ def run_cmd(
         body = payload(summary_doc(report, len(m.jobs), extras), lines)
         _arun(send, notify_to, body)
     _exit_now(report.exit_code)
+
+
+def _check_not_mixed(out: Path, simulate: bool) -> None:
+    """Refuse to mix the simulator's results and the real API's in one directory: a real run
+    would take the simulator's test videos as done, and a simulated one would find the real
+    generations unknown to its simulator and record them lost."""
+    try:
+        if (out / LEDGER_NAME).stat().st_size == 0:
+            return
+    except FileNotFoundError:
+        return
+    simulated = (out / SIM_STATE).is_dir()
+    if simulate and not simulated:
+        raise ConfigError(
+            f"{out} holds results of the real API: a --simulate run must not mix the "
+            "simulator's test videos into them; give it another --out"
+        )
+    if simulated and not simulate:
+        raise ConfigError(
+            f"{out} holds a --simulate run's results: a real run there would take the "
+            f"simulator's test videos as done; use another --out, or delete {out} first"
+        )
 
 
 def _final_report(m: Manifest, report: RunReport) -> Path | None:
@@ -413,7 +478,7 @@ async def _run_async(
     # usage logs it restores belong to a digest of the key, so the key stays the same.
     key = SIM_KEY
     config = SimConfig(
-        api_keys=None, gen_time_mean_s=sim_gen_s, state_dir=settings.out_dir / ".simulator"
+        api_keys=None, gen_time_mean_s=sim_gen_s, state_dir=settings.out_dir / SIM_STATE
     )
     async with Simulator(config) as server:
         log.info("simulator listening on %s (videos on %s)", server.base_url, server.cdn_url)

@@ -73,7 +73,7 @@ def json_record(record: logging.LogRecord) -> dict[str, Any]:
     parsed = parse_message(message)
     fields = dict(parsed.fields)
     doc: dict[str, Any] = {
-        "ts": _iso(record.created),
+        "ts": iso_time(record.created),
         "level": record.levelname.lower(),
         "event": parsed.event,
         "job": fields.pop("job", None),
@@ -87,7 +87,7 @@ def json_record(record: logging.LogRecord) -> dict[str, Any]:
     return doc
 
 
-def _iso(created: float) -> str:
+def iso_time(created: float) -> str:
     ms = int(created * 1000) % 1000
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
 

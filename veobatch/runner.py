@@ -242,8 +242,12 @@ class _Run:
 
     def _stop_on_auth(self, exc: BaseException) -> None:
         message = exc.message if isinstance(exc, AuthError) else str(exc)
-        if not isinstance(exc, BaseUrlError):
-            message = f"the API refused the key: {message}"
+        if isinstance(exc, AuthError) and not isinstance(exc, BaseUrlError):
+            # 401: the key; 403: the account (no credits, say), as the API's message tells.
+            whose = "the key" if exc.status == 401 else "the request"
+            message = f"the API refused {whose}: {message}"
+        if self.stop_submitting and self.auth_error is not None:
+            return  # every job in flight hears it too: said once
         self.auth_error = message
         self.stop_submitting = True
         log.error("%s; no new submissions", message)

@@ -15,7 +15,7 @@ from .costs import estimate_by_model, estimate_usd, within_budget
 from .jobs import Job
 from .ledger import STATUSES, JobState
 from .outcome import RunExtras
-from .runner import EXIT_INTERRUPTED, RunReport
+from .runner import RunReport
 from .scheduler import CATEGORIES, Action, JobPlan, category, plan_job
 
 
@@ -100,14 +100,17 @@ def summary_doc(
     }
 
 
-def abort_doc(manifest: str, out_dir: Path, exit_code: int, error_line: str) -> dict[str, Any]:
-    """A run that ended early (exit 3 or 75) as a webhook body: no summary, just why."""
+def abort_doc(
+    manifest: str, out_dir: Path, exit_code: int, error_line: str, *, interrupted: bool
+) -> dict[str, Any]:
+    """A run that ended early (exit 2, 3 or 75) as a webhook body: no summary, just why.
+    (Exit 75 is also a directory another run holds: that is not an interruption.)"""
     error = error_line.removeprefix("veobatch: ")
     return {
         "text": f"veobatch: {manifest}: run aborted (exit {exit_code}): {error}",
         "event": "veobatch.run.aborted",
         "exit_code": exit_code,
-        "interrupted": exit_code == EXIT_INTERRUPTED,
+        "interrupted": interrupted,
         "manifest": manifest,
         "out_dir": str(out_dir),
         "error": error,
