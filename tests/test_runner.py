@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import signal
 import socket
@@ -200,6 +201,20 @@ async def test_auth_error_stops_submitting_and_exits_3(cdn: str, tmp_path: Path)
     assert report.exit_code == 3 and "no credits" in (report.auth_error or "")
     assert report.counts == {"pending": 10}
     assert api.created == []
+
+
+async def test_the_stop_on_a_refusal_is_said_once_in_its_own_words(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every job in flight hears the 403: it was logged once per job, each time calling an
+    # account out of credits "the API refused the key".
+    api = FakeApi(cdn)
+    api.create_error = AuthError("HTTP 403: no credits", status=403)
+    with caplog.at_level(logging.ERROR, logger="veobatch"):
+        report = await run(manifest(10, tmp_path), settings(tmp_path, concurrency=5), api=api)
+    stops = [r.getMessage() for r in caplog.records if "no new submissions" in r.getMessage()]
+    assert stops == ["the API refused the request: HTTP 403: no credits; no new submissions"]
+    assert report.auth_error == "the API refused the request: HTTP 403: no credits"
 
 
 async def test_an_api_base_that_redirects_stops_the_run_and_keeps_the_key(
