@@ -377,3 +377,12 @@ async def test_an_oversized_answer_is_refused_but_an_error_still_reads(
         answers["/v2/video/generations"] = (503, b"busy " * (MAX_BODY_BYTES // 4))
         with pytest.raises(ServerError, match="HTTP 503: busy"):
             await api.fetch("g1")
+
+
+async def test_a_free_form_generation_error_keeps_its_text(client: HttpApiClient) -> None:
+    # fetch-video.json gives `error` no schema: one without name or message lost its detail.
+    body = {"id": "g1", "status": "error", "error": {"code": "E42", "detail": "blocked by safety"}}
+    with aioresponses() as m:
+        m.get(URL + "?generation_id=g1", payload=body)
+        gen = await client.fetch("g1")
+    assert gen.failed and gen.error_message == '{"code": "E42", "detail": "blocked by safety"}'

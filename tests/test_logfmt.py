@@ -79,3 +79,12 @@ def test_text_lines_are_timestamped_and_greppable() -> None:
     stamp, level, rest = line.split(" ", 2)
     assert len(stamp) == 19 and stamp[10] == "T" and level == "INFO"
     assert rest == "done job=a file=a.mp4"
+
+
+def test_a_value_from_the_api_cannot_forge_a_text_line() -> None:
+    # A generation id with a line break wrote a second, forged line ("INFO done job=fake")
+    # and an ESC sequence into the log cron users grep.
+    forged = "ab\n2026-11-21T00:00:00 INFO done job=fake file=x\x1b[31m"
+    line = formatter("text").format(record("submitted job=%s gen=%s", "a", forged))
+    assert "\n" not in line and "\x1b" not in line
+    assert line.endswith("gen=ab\\n2026-11-21T00:00:00 INFO done job=fake file=x\\x1b[31m")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -565,6 +566,26 @@ async def test_a_video_host_that_stays_unreachable_fails_after_the_fresh_urls(
     )
     assert error.message.endswith(f" (after {MAX_URL_REFRESHES} fresh URLs)")
     assert api.polls == {"g0-p0": 1 + MAX_URL_REFRESHES} and api.created == ["g0-p0"]
+
+
+async def test_fresh_urls_after_the_first_come_after_a_growing_pause(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Three refreshes went within 0.1 s: a host refusing a fresh URL for a few seconds (a copy
+    # still spreading) failed the job for the night.
+    polled: list[float] = []
+
+    class Timed(MovedHost):
+        async def fetch(self, generation_id: str) -> Generation:
+            polled.append(time.monotonic())
+            return await super().fetch(generation_id)
+
+    api = Timed(cdn, polls_to_finish=1, moved_after=10**9)
+    s = settings(tmp_path, backoff_base_s=0.02, backoff_max_s=1.0, download_retries=0)
+    report = await run(manifest(1, tmp_path), s, api=api)
+    assert report.exit_code == 1 and len(polled) == 1 + MAX_URL_REFRESHES
+    gaps = [b - a for a, b in itertools.pairwise(polled)]
+    assert gaps[1] >= 0.1 and gaps[2] >= 0.4  # 5 and 20 times the base (5 s, 20 s by default)
 
 
 async def test_a_full_disk_fails_the_download_not_the_run(

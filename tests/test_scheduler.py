@@ -258,6 +258,12 @@ async def test_a_long_job_id_is_sent_and_recorded_with_the_same_valid_id(
             ["intent", "unsent", "intent", "submitted"],
             "submitted",
         ),
+        (  # the API's limits, more often than the tries for requests that never arrived
+            [RateLimitedError("429", retry_after_s=0)] * 6 + ["g1"],
+            SubmitOutcome.SUBMITTED,
+            ["intent", "unsent"] * 6 + ["intent", "submitted"],
+            "submitted",
+        ),
         (
             [NotSentError("x")] * 4,
             SubmitOutcome.REJECTED,
@@ -305,6 +311,38 @@ async def test_submit_outcomes(
     assert ledger.state("a").status == status
     assert len(set(api.sent)) == len(api.sent)  # a fresh request id per attempt
     ledger.close()
+
+
+async def test_a_job_refused_by_the_limits_for_its_patience_fails_unpaid(tmp_path: Path) -> None:
+    api = ScriptedCreate([RateLimitedError("429", retry_after_s=0)] * 50)
+    ledger = Ledger.open(tmp_path)
+    now = [0.0]
+    yielded: list[str] = []
+
+    async def on_submitted(job: Job, created: Created) -> None:
+        raise AssertionError("nothing is created")
+
+    async def yield_slot(job: Job) -> None:
+        yielded.append(job.id)
+        now[0] += 400.0  # waiting for a slot again, behind the generations in flight
+
+    sub = Submitter(
+        api, ledger, 3, 0, 0, lambda: False, on_submitted,
+        rate_limit_patience_s=1800.0, yield_slot=yield_slot, clock=lambda: now[0],
+    )  # fmt: skip
+    assert await sub.submit(JOB) is SubmitOutcome.REJECTED
+    st = ledger.state(JOB.id)
+    assert st.status == "failed" and st.error is not None and st.error.kind == "submit_failed"
+    assert "refused by the API's limits for 33 min" in st.error.message
+    assert len(api.sent) == 6 and yielded == ["a"] * 5
+    ledger.close()
+
+
+def test_a_job_never_created_is_submitted_again_by_the_next_run(tmp_path: Path) -> None:
+    # submit_failed: the API never took it (unreachable, or its limits all along): unpaid, so
+    # the next night tries again without --retry-failed.
+    st = JobState(JOB.id, status="failed", key=JOB.key, error=ErrorInfo("submit_failed", "429"))
+    assert plan_job(JOB, st, tmp_path).action is Action.SUBMIT
 
 
 def test_adaptive_limit_backs_off_and_recovers() -> None:

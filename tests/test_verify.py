@@ -218,3 +218,24 @@ def test_what_the_box_reader_cannot_follow_goes_to_ffmpeg(tmp_path: Path) -> Non
     path = tmp_path / "odd.mp4"
     path.write_bytes(overrun)
     assert probe_video(path).error  # FFmpeg could not read it either: an error, not a raise
+
+
+def test_a_file_cut_inside_its_late_moov_is_unreadable_not_a_crash(
+    portrait_clip: Path, tmp_path: Path
+) -> None:
+    # A CDN that sent a cut file with a matching Content-Length: FFmpeg found a video stream
+    # with no codec context, and AttributeError ended the whole run with a traceback.
+    late = tmp_path / "late.mp4"
+    with av.open(str(portrait_clip)) as src, av.open(str(late), "w", format="mp4") as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    data = late.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    for end in range(data.index(b"moov") - 4, len(data), 13):
+        cut.write_bytes(data[:end])
+        probe = probe_video(cut)
+        assert probe.error is not None or probe.width == 180
+        thumbnail_jpeg(cut)  # a picture or None, never a raise

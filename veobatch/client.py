@@ -236,6 +236,8 @@ def parse_generation(
     name = message = None
     if isinstance(err, Mapping):
         name, message = err.get("name"), err.get("message")
+        if not name and not message and err:  # free-form ("Description of the error"): keep it
+            message = json.dumps(err, ensure_ascii=False, default=str)[:500]
     elif err:
         message = str(err)
     return Generation(

@@ -99,7 +99,21 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(json_record(record), ensure_ascii=False, default=str)
 
 
+# Control characters (line breaks, ESC) in a logged value: shown escaped, one line per event.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class TextFormatter(logging.Formatter):
+    """Plain lines: values from the API (a generation id, an error message) are shown with
+    their control characters escaped, so one cannot forge a line ("\\n... INFO done job=x") or
+    colour a terminal; a traceback (-v) keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], line)
+
+
 def formatter(kind: LogFormat) -> logging.Formatter:
     if kind == "json":
         return JsonFormatter()
-    return logging.Formatter(TEXT_FORMAT, TEXT_DATEFMT)
+    return TextFormatter(TEXT_FORMAT, TEXT_DATEFMT)

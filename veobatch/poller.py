@@ -166,9 +166,10 @@ class Poller:
         age_s: float,
         remaining_s: float,
         first: bool,
+        after_s: float = 0.0,
     ) -> None:
         """Start following a generation. ``first`` waits for the first poll time; a resumed
-        or refreshed one is polled at once."""
+        or refreshed one is polled after ``after_s`` (at once by default)."""
         now = self._clock()
         t = Tracked(job_id, generation_id, model, started=now - age_s, deadline=now + remaining_s)
         if not first:
@@ -179,7 +180,7 @@ class Poller:
             t.plan = self.durations.version(model)
         self._tracked[job_id] = t
         first_s = self._s.first_delay_s if t.scout else self.durations.first_delay_s(model)
-        delay = max(0.0, first_s - age_s) if first else 0.0
+        delay = max(0.0, first_s - age_s) if first else after_s
         self._add(job_id, min(now + delay, t.deadline))
 
     async def run(self) -> None:

@@ -193,6 +193,9 @@ class _Run:
             rng=self.rng,
             on_rate_limited=self._on_rate_limited,
             estimate=self.budget.estimate,
+            rate_limit_patience_s=self.settings.job_timeout_s,
+            yield_slot=self._yield_slot,
+            clock=self.clock,
         )
         self.reconciler = Reconciler(
             self.api,
@@ -403,6 +406,16 @@ class _Run:
 
         kept = await to_thread(keep)
         log.info("%s job=%s: previous video kept as %s", why, job.id, kept.name)
+
+    async def _yield_slot(self, job: Job) -> None:
+        """After a 429 that lowered the limit, a job over it waits for a slot again rather
+        than keep asking: the API said it has enough from us in flight."""
+        if job.id not in self.holding or self.slots.borrowed_tokens <= self.slots.total_tokens:
+            return
+        self.holding.remove(job.id)
+        self.slots.release_on_behalf_of(job.id)
+        await self.slots.acquire_on_behalf_of(job.id)
+        self.holding.add(job.id)
 
     def _on_rate_limited(self) -> None:
         self._apply_limit(self.limit.on_rate_limited(self.clock()))
@@ -624,7 +637,11 @@ class _Run:
         if n > MAX_URL_REFRESHES or gen is None:
             await self._fail(job_id, "download", f"{exc.message} (after {n - 1} fresh URLs)")
             return
-        log.warning("%s job=%s: polling for a fresh URL", why, job_id)
+        # The first at once (an expired URL); then a pause, growing: a host that refuses a
+        # fresh URL too (a copy still spreading, a brief 403) may take a while to come round.
+        s = self.settings
+        pause = 0.0 if n == 1 else min(s.backoff_max_s, 5 * s.backoff_base_s * 4 ** (n - 2))
+        log.warning("%s job=%s: polling for a fresh URL in %.0fs", why, job_id, pause)
         self.poller.track(
             job_id,
             gen,
@@ -632,6 +649,7 @@ class _Run:
             age_s=0.0,
             remaining_s=self.settings.job_timeout_s,
             first=False,
+            after_s=pause,
         )
 
     # -- housekeeping --------------------------------------------------------------------

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import random
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ def plan_job(
             return p(Action.POLL, f"failed ({kind}) earlier: polling its generation again")
         if retry_failed:
             return p(Action.SUBMIT, f"failed ({kind}) earlier: --retry-failed")
+        if kind == "submit_failed":  # never reached the API, or refused by its limits: unpaid
+            return p(Action.SUBMIT, "never created earlier (submit_failed): submitting again")
         return p(Action.HOLD_FAILED, f"failed: {state.error.message if state.error else kind}")
     # "submitting" (a crash between intent and answer) or "uncertain": the POST may have
     # created a billed generation that we cannot see. Never resubmit blindly: ask the logs.
@@ -236,12 +239,19 @@ class Submitter:
     on_submitted: Callable[[Job, Created], Awaitable[None]]
     rng: random.Random | None = None
     on_rate_limited: Callable[[], None] = lambda: None
+    # A 429 is the API's rate or concurrency limit: nothing was created and waiting is the cure,
+    # so 429s do not use up the tries meant for requests that never arrived; a job gives up
+    # after this long refused. ``yield_slot`` lets the limit a 429 lowered apply to this job.
+    rate_limit_patience_s: float = 1800.0
+    yield_slot: Callable[[Job], Awaitable[None]] | None = None
+    clock: Callable[[], float] = time.monotonic
     # The estimate the intent records: the run's budget holds it already (Budget.estimate).
     estimate: Callable[[Job], float] = lambda job: estimate_usd(job, {})
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Submit until the outcome is known; waits between tries can be cancelled."""
-        attempt = 0
+        attempt = limited = 0
+        limited_since: float | None = None
         while True:
             if self.should_stop():
                 return SubmitOutcome.STOPPED
@@ -251,6 +261,19 @@ class Submitter:
                 outcome, retry = await self._attempt(job)
             if retry is None:
                 return outcome
+            if isinstance(retry, RateLimitedError):
+                limited += 1
+                limited_since = self.clock() if limited_since is None else limited_since
+                waited = self.clock() - limited_since
+                if waited > self.rate_limit_patience_s:  # nothing was created: fail outright
+                    why = f"refused by the API's limits for {waited / 60:.0f} min: {retry}"
+                    await self._fail(job, "submit_failed", why)
+                    return SubmitOutcome.REJECTED
+                await self.ledger.record("unsent", job.id)
+                await self._wait(retry, limited, job)
+                if self.yield_slot is not None:
+                    await self.yield_slot(job)
+                continue
             attempt += 1
             if attempt > self.retries:  # nothing was created: safe to fail outright
                 await self._fail(job, "submit_failed", f"gave up after {attempt} tries: {retry}")

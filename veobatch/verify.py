@@ -213,14 +213,14 @@ def probe_video(path: Path, data: bytes | None = None) -> Probe:
 
 
 def _probe_with_av(path: Path) -> Probe:
-    import av  # only for files the box reader cannot read: FFmpeg's libraries are large
 
     try:
         probe = _av_read(path, _FAST_OPEN)
         if not probe.width or probe.duration_s is None:
             probe = _av_read(path, None)  # not in the header: let FFmpeg look further
         return probe
-    except (av.FFmpegError, OSError, ValueError, IndexError) as exc:
+    except Exception as exc:  # FFmpeg's wrapper on hostile bytes: "never raises" is the promise
+        # (a cut moov gave a stream with no codec context: AttributeError ended the whole run)
         reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
         return Probe(error=str(reason)[:200])
 
@@ -232,15 +232,18 @@ def _av_read(path: Path, options: dict[str, str] | None) -> Probe:
         if not container.streams.video:
             return Probe(error="no video stream")
         video = container.streams.video[0]
+        codec = video.codec_context
+        if codec is None:  # a stream FFmpeg found but could not open (a cut moov, say)
+            return Probe(error="the video stream cannot be decoded")
         duration = container.duration / 1e6 if container.duration is not None else None
         if duration is None and video.duration is not None and video.time_base is not None:
             duration = float(video.duration * video.time_base)
         return Probe(
             duration_s=round(duration, 3) if duration is not None else None,
-            width=video.codec_context.width or None,
-            height=video.codec_context.height or None,
+            width=codec.width or None,
+            height=codec.height or None,
             audio=bool(container.streams.audio),
-            codec=video.codec_context.name,
+            codec=codec.name,
         )
 
 
@@ -297,6 +300,8 @@ def thumbnail_jpeg(path: Path, width: int = THUMB_WIDTH) -> bytes | None:
     try:
         with av.open(str(path)) as container:
             video = container.streams.video[0]
+            if video.codec_context is None:
+                return None
             video.codec_context.skip_frame = "NONKEY"  # decode key frames only: cheap
             if container.duration:
                 container.seek(container.duration // 3)
@@ -304,7 +309,7 @@ def thumbnail_jpeg(path: Path, width: int = THUMB_WIDTH) -> bytes | None:
             if frame is None:
                 return None
             return _encode_jpeg(frame, min(width, frame.width))
-    except (av.FFmpegError, OSError, ValueError, IndexError, StopIteration):
+    except Exception:  # a picture for the report, never a reason for it to fail
         return None
 
 
