@@ -65,6 +65,23 @@ def test_invalid_manifest_exits_2_with_every_problem(runner: CliRunner, tmp_path
     assert not (tmp_path / "o").exists()  # nothing started, nothing sent
 
 
+def test_a_bug_is_one_line_and_exit_3_not_a_traceback(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A crash inside a run (a video PyAV could not read) ended in a traceback and exit 1,
+    # which the README's systemd unit counts as success.
+    def boom(path: Path) -> None:
+        raise AttributeError("'NoneType' object has no attribute 'width'")
+
+    monkeypatch.setattr("veobatch.cli.load_manifest", boom)
+    res = runner.invoke(main, ["run", str(write(tmp_path, BAD)), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 3
+    assert "veobatch: internal error: AttributeError: 'NoneType' object has no attribute" in (
+        res.stderr
+    )
+    assert "Traceback" not in res.stderr
+
+
 def test_plan_invalid_manifest_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     res = runner.invoke(main, ["plan", str(write(tmp_path, BAD))])
     assert res.exit_code == 2

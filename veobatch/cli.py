@@ -127,6 +127,16 @@ def _guard(fn: Callable[[], T], on_abort: Callable[[int, str, bool], None] | Non
         if on_abort is not None and code in (EXIT_USAGE, EXIT_CONFIG, EXIT_INTERRUPTED):
             on_abort(code, line, False)
         sys.exit(code)
+    except Exception as exc:  # a bug: still one line, and an exit a unit counts as failed
+        log.debug("traceback of the error below", exc_info=exc)  # shown with -v
+        line = (
+            f"veobatch: internal error: {type(exc).__name__}: {exc} (a bug: please report it;"
+            " -v shows the traceback; what is on record is safe, and a rerun resumes)"
+        )
+        _say_why(EXIT_CONFIG, line)
+        if on_abort is not None:
+            on_abort(EXIT_CONFIG, line, False)
+        sys.exit(EXIT_CONFIG)
     except SystemExit as exc:  # a signal outside the run's own handling: still exit 75
         if exc.code == EXIT_INTERRUPTED:
             _leave_hung_up_terminal()
