@@ -16,10 +16,9 @@ What is kept as a run has it:
 - plan fits run inline: `anyio.to_thread.run_sync` is replaced while a scenario runs, and only
   then (in a thread, the idle loop would move the clock on while the fit computes);
 - the fake API answers queued / generating / completed / error by virtual time;
-- ledger history goes through `runner.history_samples` into `durations.observe`, as the
-  runner's `_learn_from_history` does, and the first submission goes once the poller has started
-  (the runner starts it before any create request has come back), so a plan from the history
-  is in place for the first generation;
+- ledger history goes through `runner.learn_history`, as in a run, and the first submission
+  goes once the poller has started (the runner starts it before any create request has come
+  back), so a plan from the history is in place for the first generation;
 - each generation is tracked with the job timeout (`remaining_s`), and the poller's own
   deadline handling declares timeouts;
 - a URL refresh re-tracks the generation with `age_s=0, first=False`, as `runner._refresh_url`.
@@ -59,7 +58,7 @@ from veobatch.client import Generation  # noqa: E402
 from veobatch.errors import ApiError  # noqa: E402
 from veobatch.ledger import JobState  # noqa: E402
 from veobatch.poller import Poller, Tracked  # noqa: E402
-from veobatch.runner import history_samples  # noqa: E402
+from veobatch.runner import learn_history  # noqa: E402
 from veobatch.settings import PollSettings  # noqa: E402
 
 # (rng, job index) -> (seconds queued, seconds from submission to the end), the first within
@@ -374,8 +373,7 @@ class _Run:
 
     def learn_history(self, seed: int) -> None:
         """Ledger records of earlier runs (submitted and completed times, detected at once),
-        fed as ``Runner._learn_from_history`` feeds them: through ``history_samples``, each
-        sample (model, then its figures) into ``durations.observe``."""
+        fed as the runner feeds them (``runner.learn_history``)."""
         rng, states, t0 = random.Random(seed), [], 1.7e9  # wall-clock times, as the ledger's
         for h in self.sc.history:
             for k in range(h.samples):
@@ -389,9 +387,7 @@ class _Run:
                         completed_at=t0 + took,
                     )
                 )
-        for model, *figures in history_samples(states, self.sc.job_timeout_s):
-            self.poller.durations.observe(model, *figures, earlier=True)
-            self.history_fed += 1
+        self.history_fed += learn_history(self.poller.durations, states, self.sc.job_timeout_s)
 
     def submit(self) -> None:
         i, sc = self.next, self.sc

@@ -192,15 +192,20 @@ def test_box_reader_agrees_with_ffmpeg(spec: VideoSpec, tmp_path: Path) -> None:
     assert (ours.width, ours.height, ours.audio) == (spec.width, spec.height, spec.audio)
 
 
-def test_box_reader_finds_a_moov_after_the_media_data(portrait_clip: Path, tmp_path: Path) -> None:
-    """Without faststart the moov box comes last: it is found by seeking past the mdat."""
-    late = tmp_path / "late.mp4"
-    with av.open(str(portrait_clip)) as src, av.open(str(late), "w", format="mp4") as dst:
+def late_moov(clip: Path, late: Path) -> Path:
+    """``clip`` remuxed without faststart: its moov box after the media data."""
+    with av.open(str(clip)) as src, av.open(str(late), "w", format="mp4") as dst:
         stream = dst.add_stream_from_template(src.streams.video[0])
         for packet in src.demux(src.streams.video[0]):
             if packet.dts is not None:
                 packet.stream = stream
                 dst.mux(packet)
+    return late
+
+
+def test_box_reader_finds_a_moov_after_the_media_data(portrait_clip: Path, tmp_path: Path) -> None:
+    """Without faststart the moov box comes last: it is found by seeking past the mdat."""
+    late = late_moov(portrait_clip, tmp_path / "late.mp4")
     data = late.read_bytes()
     assert data.index(b"mdat") < data.index(b"moov")
     p = probe_video(late)
@@ -225,14 +230,7 @@ def test_a_file_cut_inside_its_late_moov_is_unreadable_not_a_crash(
 ) -> None:
     # A CDN that sent a cut file with a matching Content-Length: FFmpeg found a video stream
     # with no codec context, and AttributeError ended the whole run with a traceback.
-    late = tmp_path / "late.mp4"
-    with av.open(str(portrait_clip)) as src, av.open(str(late), "w", format="mp4") as dst:
-        stream = dst.add_stream_from_template(src.streams.video[0])
-        for packet in src.demux(src.streams.video[0]):
-            if packet.dts is not None:
-                packet.stream = stream
-                dst.mux(packet)
-    data = late.read_bytes()
+    data = late_moov(portrait_clip, tmp_path / "late.mp4").read_bytes()
     cut = tmp_path / "cut.mp4"
     for end in range(data.index(b"moov") - 4, len(data), 13):
         cut.write_bytes(data[:end])

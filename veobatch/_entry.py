@@ -14,6 +14,14 @@ import sys
 from types import FrameType
 
 EXIT_INTERRUPTED = 75
+# Each means "stop, flush and exit 75": SIGHUP is a closed terminal or a dropped ssh session.
+# One ignored when the process started stays ignored: `nohup veobatch run ...` must outlive
+# the session it was started from (read at import, before any handler of ours is set).
+STOP_SIGNALS = tuple(
+    sig
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    if signal.getsignal(sig) is not signal.SIG_IGN
+)
 
 
 def _early_stop(signum: int, frame: FrameType | None) -> None:
@@ -23,9 +31,8 @@ def _early_stop(signum: int, frame: FrameType | None) -> None:
 
 
 def install_early_handlers() -> None:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            signal.signal(sig, _early_stop)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _early_stop)
 
 
 def main() -> None:

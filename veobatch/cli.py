@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import anyio
 import click
@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from ._entry import EXIT_INTERRUPTED, STOP_SIGNALS
 from .errors import (
     ConfigError,
     LedgerError,
@@ -41,9 +42,7 @@ from .progress import LiveProgress, LogProgress
 from .report import write_report
 from .runner import (
     EXIT_CONFIG,
-    EXIT_INTERRUPTED,
     EXIT_USAGE,
-    STOP_SIGNALS,
     RunReport,
     Snapshot,
     run,
@@ -122,30 +121,35 @@ def _guard(fn: Callable[[], T], on_abort: Callable[[int, str, bool], None] | Non
         except BaseExceptionGroup as group:
             raise _leaf(group) from None
     except (VeobatchError, OSError) as exc:
-        code, line = _exit_for(exc)
-        _say_why(code, line)
-        if on_abort is not None and code in (EXIT_USAGE, EXIT_CONFIG, EXIT_INTERRUPTED):
-            on_abort(code, line, False)
-        sys.exit(code)
+        _end(*_exit_for(exc), on_abort)
     except Exception as exc:  # a bug: still one line, and an exit a unit counts as failed
         log.debug("traceback of the error below", exc_info=exc)  # shown with -v
         line = (
             f"veobatch: internal error: {type(exc).__name__}: {exc} (a bug: please report it;"
             " -v shows the traceback; what is on record is safe, and a rerun resumes)"
         )
-        _say_why(EXIT_CONFIG, line)
-        if on_abort is not None:
-            on_abort(EXIT_CONFIG, line, False)
-        sys.exit(EXIT_CONFIG)
+        _end(EXIT_CONFIG, line, on_abort)
     except SystemExit as exc:  # a signal outside the run's own handling: still exit 75
         if exc.code == EXIT_INTERRUPTED:
             _leave_hung_up_terminal()
             by = f" by {exc.signal_name}" if isinstance(exc, _Interrupted) else ""
             line = f"veobatch: interrupted{by}; run again to resume"
-            _say_why(EXIT_INTERRUPTED, line)
-            if on_abort is not None:
-                on_abort(EXIT_INTERRUPTED, line, True)
+            _end(EXIT_INTERRUPTED, line, on_abort, interrupted=True)
         raise
+
+
+def _end(
+    code: int,
+    line: str,
+    on_abort: Callable[[int, str, bool], None] | None,
+    *,
+    interrupted: bool = False,
+) -> NoReturn:
+    """Say why, tell ``on_abort`` of a run ended early (2, 3 or 75), and exit ``code``."""
+    _say_why(code, line)
+    if on_abort is not None and code in (EXIT_USAGE, EXIT_CONFIG, EXIT_INTERRUPTED):
+        on_abort(code, line, interrupted)
+    sys.exit(code)
 
 
 def _say_why(code: int, text: str) -> None:
@@ -153,15 +157,10 @@ def _say_why(code: int, text: str) -> None:
     --log-format json), and on stdout too when it goes elsewhere, as under cron, where stdout
     is the mail and stderr a log file nobody reads until something is wrong."""
     if _fatal_json:
+        record = {"ts": iso_time(time.time()), "level": "error", "event": "exit", "exit_code": code}
         for line in text.splitlines():
-            record = {
-                "ts": iso_time(time.time()),
-                "level": "error",
-                "event": "exit",
-                "exit_code": code,
-            }
-            message = line.strip()
-            click.echo(json.dumps({**record, "message": message}, ensure_ascii=False), err=True)
+            doc = {**record, "message": line.strip()}
+            click.echo(json.dumps(doc, ensure_ascii=False), err=True)
     else:
         click.echo(text, err=True)
     if _stdout_elsewhere():

@@ -241,7 +241,7 @@ def expand_variants(
     requests, which the API still renders as different takes.
     """
     if count == 1:  # one take: the job's own request, under its (possibly shortened) id
-        return [(variant_ids(base_id, 1)[0], body, identity)]
+        return [(fit_id(base_id), body, identity)]
     out = []
     for n, one_id in enumerate(variant_ids(base_id, count), start=1):
         one_body, one_identity = dict(body), dict(identity)

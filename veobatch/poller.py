@@ -231,9 +231,10 @@ class Poller:
         for t in self._tracked.values():
             if t.model != model or t.polls or t.last_running_age is None or t.scout:
                 continue
-            due, wanted = self._schedule.due(t.job_id), max(now, t.started + first)
+            planned = t.started + first
+            due, wanted = self._schedule.due(t.job_id), max(now, planned)
             if due is not None and wanted < due:
-                t.plan = version if wanted == t.started + first else 0  # late: not counted
+                t.plan = version if planned >= now else 0  # polled late: says nothing of it
                 self._add(t.job_id, wanted)
 
     async def _pace(self) -> None:

@@ -25,6 +25,7 @@ import anyio
 import anyio.to_thread
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from ._entry import EXIT_INTERRUPTED, STOP_SIGNALS
 from .client import ApiClient, Created, Generation, HttpApiClient
 from .costs import Budget
 from .downloader import download, drop_part, final_name, sha256_file
@@ -52,6 +53,7 @@ from .ledger import (
 from .poller import Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .report import REPORT_NAME
+from .schedule import DurationModel
 from .scheduler import (
     Action,
     AdaptiveLimit,
@@ -66,7 +68,7 @@ from .verify import check
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG, EXIT_INTERRUPTED = 0, 1, 2, 3, 75
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3  # EXIT_INTERRUPTED: 75
 MAX_URL_REFRESHES = 3
 SLOT_KINDS = frozenset({"timeout", "lost"})  # failed jobs whose generation may still be running
 REFETCH_FAILED = "refetch_failed"  # a done job's file is missing and cannot be fetched again
@@ -75,14 +77,6 @@ RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its las
 # to a connection the server is closing gets no answer, and leaves a paid job uncertain:
 # drop idle API connections before a server would.
 API_KEEPALIVE_S = 3.0
-# Each means "stop, flush and exit 75": SIGHUP is a closed terminal or a dropped ssh session.
-# One ignored when the process started stays ignored: `nohup veobatch run ...` must outlive
-# the session it was started from (read at import, before any handler of ours is set).
-STOP_SIGNALS = tuple(
-    sig
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    if signal.getsignal(sig) is not signal.SIG_IGN
-)
 
 
 @dataclass(frozen=True)
@@ -244,13 +238,13 @@ class _Run:
             self.settled.set()  # open look-ups stay as recorded, for a rerun to settle
 
     def _stop_on_auth(self, exc: BaseException) -> None:
+        if self.stop_submitting and self.auth_error is not None:
+            return  # every job in flight hears it too: said once
         message = exc.message if isinstance(exc, AuthError) else str(exc)
         if isinstance(exc, AuthError) and not isinstance(exc, BaseUrlError):
             # 401: the key; 403: the account (no credits, say), as the API's message tells.
             whose = "the key" if exc.status == 401 else "the request"
             message = f"the API refused {whose}: {message}"
-        if self.stop_submitting and self.auth_error is not None:
-            return  # every job in flight hears it too: said once
         self.auth_error = message
         self.stop_submitting = True
         log.error("%s; no new submissions", message)
@@ -267,9 +261,9 @@ class _Run:
 
     def _learn_from_history(self) -> None:
         """Earlier runs' durations give the poller a plan from the first minute of the night."""
-        states = self.ledger.states.values()
-        for model, after, by in history_samples(states, self.settings.job_timeout_s):
-            self.poller.durations.observe(model, after, by, earlier=True)
+        learn_history(
+            self.poller.durations, self.ledger.states.values(), self.settings.job_timeout_s
+        )
 
     def _resume(self, plans: list[JobPlan]) -> None:
         """Pick up where an earlier run stopped: poll what is in flight, fetch what is finished."""
@@ -773,6 +767,15 @@ def history_samples(
             took = st.completed_at - st.submitted_at
             if 0 < took <= longest_s:
                 yield st.model, 0.98 * took, took
+
+
+def learn_history(durations: DurationModel, states: Iterable[JobState], longest_s: float) -> int:
+    """Feed the ledger's earlier completions to the poll plan; returns how many there were."""
+    n = 0
+    for model, after, by in history_samples(states, longest_s):
+        durations.observe(model, after, by, earlier=True)
+        n += 1
+    return n
 
 
 def kept_name(out: Path, job_id: str, tag: str) -> Path:

@@ -283,7 +283,7 @@ class DurationModel:
         m.firsts_done += done
         if not first_poll_saturated(m.firsts_done, m.firsts, m.first_share):
             return False
-        first = m.plan[0] if m.plan else self.settings.first_delay_s
+        first = self.first_delay_s(model)
         # Look earlier: half the first poll, then the cold schedule's narrow intervals, until
         # a refit sees where completions really fall (halving again if need be).
         self._set_plan(m, (max(self.settings.min_interval_s, first / 2),), UNKNOWN_FIRST_SHARE)

@@ -261,25 +261,25 @@ class Submitter:
                 outcome, retry = await self._attempt(job)
             if retry is None:
                 return outcome
-            if isinstance(retry, RateLimitedError):
+            limited_by_api = isinstance(retry, RateLimitedError)
+            give_up = None
+            if limited_by_api:
                 limited += 1
                 limited_since = self.clock() if limited_since is None else limited_since
                 waited = self.clock() - limited_since
-                if waited > self.rate_limit_patience_s:  # nothing was created: fail outright
-                    why = f"refused by the API's limits for {waited / 60:.0f} min: {retry}"
-                    await self._fail(job, "submit_failed", why)
-                    return SubmitOutcome.REJECTED
-                await self.ledger.record("unsent", job.id)
-                await self._wait(retry, limited, job)
-                if self.yield_slot is not None:
-                    await self.yield_slot(job)
-                continue
-            attempt += 1
-            if attempt > self.retries:  # nothing was created: safe to fail outright
-                await self._fail(job, "submit_failed", f"gave up after {attempt} tries: {retry}")
+                if waited > self.rate_limit_patience_s:
+                    give_up = f"refused by the API's limits for {waited / 60:.0f} min: {retry}"
+            else:
+                attempt += 1
+                if attempt > self.retries:
+                    give_up = f"gave up after {attempt} tries: {retry}"
+            if give_up is not None:  # nothing was created: safe to fail outright
+                await self._fail(job, "submit_failed", give_up)
                 return SubmitOutcome.REJECTED
             await self.ledger.record("unsent", job.id)
-            await self._wait(retry, attempt, job)
+            await self._wait(retry, limited if limited_by_api else attempt, job)
+            if limited_by_api and self.yield_slot is not None:
+                await self.yield_slot(job)
 
     async def _attempt(self, job: Job) -> tuple[SubmitOutcome, ApiError | None]:
         """One POST. Returns the outcome, or the error when trying again is safe."""

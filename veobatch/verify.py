@@ -213,7 +213,7 @@ def probe_video(path: Path, data: bytes | None = None) -> Probe:
 
 
 def _probe_with_av(path: Path) -> Probe:
-
+    """For files the box reader cannot follow: FFmpeg's libraries are large, imported here."""
     try:
         probe = _av_read(path, _FAST_OPEN)
         if not probe.width or probe.duration_s is None:
@@ -300,8 +300,6 @@ def thumbnail_jpeg(path: Path, width: int = THUMB_WIDTH) -> bytes | None:
     try:
         with av.open(str(path)) as container:
             video = container.streams.video[0]
-            if video.codec_context is None:
-                return None
             video.codec_context.skip_frame = "NONKEY"  # decode key frames only: cheap
             if container.duration:
                 container.seek(container.duration // 3)
