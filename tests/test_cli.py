@@ -82,6 +82,26 @@ def test_a_bug_is_one_line_and_exit_3_not_a_traceback(
     assert "Traceback" not in res.stderr
 
 
+def test_a_simulated_run_marks_its_directory_before_anything_is_recorded(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # .simulator/ appeared only when the simulator journaled its first request: a simulated
+    # run stopped between its first intent and that (a Ctrl-C) left a ledger that the next
+    # simulated run took for the real API's, and refused (exit 3).
+    from veobatch.errors import ConfigError
+
+    seen: list[bool] = []
+
+    async def first_record(manifest: object, settings: Any, **kw: object) -> None:
+        seen.append((settings.out_dir / ".simulator").is_dir())
+        raise ConfigError("stopped before the first record")
+
+    monkeypatch.setattr("veobatch.cli.run", first_record)
+    out = tmp_path / "o"
+    res = runner.invoke(main, ["run", str(write(tmp_path, GOOD)), "--simulate", "--out", str(out)])
+    assert res.exit_code == 3 and seen == [True]
+
+
 def test_plan_invalid_manifest_exits_2(runner: CliRunner, tmp_path: Path) -> None:
     res = runner.invoke(main, ["plan", str(write(tmp_path, BAD))])
     assert res.exit_code == 2

@@ -486,9 +486,11 @@ async def _run_async(
     # Generations are journaled beside the run's ledger, so an interrupted demo resumes; the
     # usage logs it restores belong to a digest of the key, so the key stays the same.
     key = SIM_KEY
-    config = SimConfig(
-        api_keys=None, gen_time_mean_s=sim_gen_s, state_dir=settings.out_dir / SIM_STATE
-    )
+    state = settings.out_dir / SIM_STATE
+    # Made before the ledger holds anything: it is what marks the directory as simulated
+    # (_check_not_mixed), even for a run stopped before the simulator journaled a request.
+    state.mkdir(parents=True, exist_ok=True)
+    config = SimConfig(api_keys=None, gen_time_mean_s=sim_gen_s, state_dir=state)
     async with Simulator(config) as server:
         log.info("simulator listening on %s (videos on %s)", server.base_url, server.cdn_url)
         sim_settings = settings.with_overrides(base_url=server.base_url, api_key=Secret(key))
