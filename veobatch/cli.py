@@ -1,7 +1,8 @@
 """The command line: `run`, `plan`, `status`, `simulate`.
 
 Thin by design: parse flags into :class:`RunSettings`, call the library, print, and map
-errors to exit codes. Logs go to stderr; stdout carries only results, so cron mails what matters.
+errors to exit codes. Logs go to stderr; stdout carries only results (or why there are none),
+so cron mails what matters.
 """
 
 from __future__ import annotations
