@@ -363,3 +363,17 @@ def test_importing_the_package_does_not_import_the_pipeline() -> None:
     code = "import sys, veobatch\nprint('aiohttp' in sys.modules, veobatch.Job.__name__)\n"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout == "False Job\n", proc.stderr
+
+
+@pytest.mark.parametrize("command", ["status", "report"])
+def test_a_folder_no_run_wrote_is_refused_with_the_runs_in_it(
+    runner: CliRunner, tmp_path: Path, command: str
+) -> None:
+    # `status output` for `status output/nightly`: "0 jobs" would read as a run that did nothing.
+    (tmp_path / "nightly").mkdir()
+    (tmp_path / "nightly" / "ledger.jsonl").write_bytes(b"")
+    res = runner.invoke(main, [command, str(tmp_path)])
+    assert res.exit_code == 2
+    assert "has no ledger.jsonl" in res.stderr
+    assert str(tmp_path / "nightly") in res.stderr
+    assert not (tmp_path / "report.html").exists()

@@ -542,9 +542,20 @@ def schema_cmd() -> None:
 
 
 def _need_dir(directory: Path) -> None:
+    """Refuse a folder no run wrote: "0 jobs" there would read as a run that did nothing."""
     if not directory.is_dir():
         click.echo(f"veobatch: {directory} is not a directory", err=True)
         sys.exit(EXIT_USAGE)
+    if (directory / LEDGER_NAME).is_file():
+        return
+    found = sorted(p.parent for p in directory.glob(f"*/{LEDGER_NAME}"))
+    hint = f"; run output folders in it: {', '.join(map(str, found[:5]))}" if found else ""
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    click.echo(
+        f"veobatch: {directory} has no {LEDGER_NAME}: not a veobatch run's output folder{hint}{more}",
+        err=True,
+    )
+    sys.exit(EXIT_USAGE)
 
 
 @main.command("status")
