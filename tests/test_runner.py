@@ -187,6 +187,33 @@ async def test_resume_polls_recorded_generations_instead_of_paying(
     assert set(api2.created[:3]) == set(first)
 
 
+async def test_a_job_removed_from_the_manifest_mid_flight_is_still_fetched_never_resubmitted(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = manifest(4, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=10_000)  # nothing finishes: interrupt mid-flight
+    with anyio.move_on_after(0.3):
+        await run(m, settings(tmp_path), api=api)
+    first = list(api.created)
+    assert len(first) == 3
+    gone = next(j for j in m.jobs if first[0].endswith("-" + j.request["prompt"]))
+    api2 = FakeApi(cdn, polls_to_finish=1)
+    api2.polls = dict.fromkeys(first, 0)
+    api2.created = list(first)
+    shorter = replace(m, jobs=tuple(j for j in m.jobs if j.id != gone.id))
+    with caplog.at_level(logging.WARNING, logger="veobatch"):
+        report = await run(shorter, settings(tmp_path), api=api2)
+    assert report.exit_code == 0 and report.counts == {"done": 4} and report.total == 4
+    assert len(api2.created) == 4  # only the never-submitted job was paid for
+    assert api2.polls[first[0]] == 1  # the removed job's paid generation was followed
+    assert (tmp_path / "out" / f"{gone.id}.mp4").read_bytes() == MP4
+    assert "1 job in the ledger is not in the manifest: 1 with a generation paid for" in caplog.text
+    api3 = FakeApi(cdn)
+    report = await run(shorter, settings(tmp_path), api=api3)  # done: nothing more for it
+    assert report.exit_code == 0 and api3.created == [] and api3.polls == {}
+    assert report.counts == {"done": 3}
+
+
 async def test_generation_error_fails_the_job_and_exit_1(cdn: str, tmp_path: Path) -> None:
     report = await run(manifest(3, tmp_path), settings(tmp_path), api=FakeApi(cdn, fail={"p1"}))
     assert report.exit_code == 1

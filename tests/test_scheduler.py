@@ -28,8 +28,10 @@ from veobatch.scheduler import (
     SubmitOutcome,
     Submitter,
     backoff_delay_s,
+    category,
     client_request_id,
     plan_job,
+    plan_run,
 )
 
 JOB = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "p"})
@@ -367,3 +369,39 @@ def test_adaptive_limit_backs_off_and_recovers() -> None:
 def test_retry_failed_polls_a_refused_url_again_rather_than_paying(tmp_path: Path) -> None:
     state = st("failed", generation_id="g", error=ErrorInfo("url_rejected", "http URL"))
     assert plan_job(JOB, state, tmp_path, retry_failed=True).action is Action.POLL
+
+
+def test_a_removed_job_with_a_paid_generation_is_fetched_and_the_rest_left_as_recorded(
+    tmp_path: Path,
+) -> None:
+    kept = Job("kept", {"model": "google/veo-3.1-t2v", "prompt": "a"})
+    t2v = "google/veo-3.1-t2v"
+    states = {
+        "kept": JobState("kept"),
+        "flying": JobState(
+            "flying", "submitted", model=t2v, generation_id="g1", request={"duration": 4}
+        ),
+        "finished": JobState(
+            "finished", "completed", model=t2v, generation_id="g2", video_url="https://c/v.mp4"
+        ),
+        "done": JobState("done", "done", model=t2v, generation_id="g3", file="done.mp4"),
+        "maybe": JobState("maybe", "uncertain", model=t2v),
+        "crashed": JobState("crashed", "submitting", model=t2v),
+        "never": JobState("never", "pending"),
+    }
+    plans, note = plan_run([kept], states, tmp_path)
+    assert [(p.job.id, p.action, p.removed) for p in plans] == [
+        ("kept", Action.SUBMIT, False),
+        ("flying", Action.POLL, True),
+        ("finished", Action.DOWNLOAD, True),
+    ]
+    # the request recorded with the intent: the downloaded video is checked against it
+    assert plans[1].job.request == {"model": t2v, "duration": 4}
+    assert [category(p) for p in plans] == ["new", "removed", "removed"]
+    assert note == (
+        "4 jobs in the ledger are not in the manifest: 2 with a generation paid for, fetched all"
+        " the same (flying, finished); 2 whose submission may have created a generation, left"
+        " uncertain (maybe, crashed): put them back in the manifest to settle them"
+    )
+    states.pop("maybe"), states.pop("crashed"), states.pop("flying"), states.pop("finished")
+    assert plan_run([kept], states, tmp_path)[1] is None  # done or never sent: nothing to say

@@ -49,7 +49,7 @@ from .runner import (
     run,
     unrecorded_results,
 )
-from .scheduler import plan_jobs
+from .scheduler import plan_run
 from .settings import RunSettings, Secret, resolve_settings
 from .summary import (
     abort_doc,
@@ -433,11 +433,11 @@ def run_cmd(
         _leave_hung_up_terminal()
     report_file = _final_report(m, report) if make_report and not report.interrupted else None
     extras = run_extras(report.states, m.jobs, started_wall, report_file)
-    lines = run_summary(report, len(m.jobs), extras)
+    lines = run_summary(report, report.total, extras)
     for line in lines:
         click.echo(line)
     if notify_to:
-        body = payload(summary_doc(report, len(m.jobs), extras), lines)
+        body = payload(summary_doc(report, report.total, extras), lines)
         _arun(send, notify_to, body)
     _exit_now(report.exit_code)
 
@@ -524,7 +524,9 @@ def plan_cmd(
     # The run's own precedence (command line over manifest); no environment: plan sends nothing.
     cli = {"retry_failed": retry_failed or None, "max_cost_usd": max_cost}
     s = _guard(lambda: resolve_settings(out, m.settings, cli, env={}))
-    plans = plan_jobs(m.jobs, states, out, retry_failed=s.retry_failed)
+    plans, removed = plan_run(m.jobs, states, out, retry_failed=s.retry_failed)
+    if removed:
+        click.echo(f"warning: {removed}", err=True)
     if found := unrecorded_results(out, m.jobs, states):
         click.echo(f"warning: no ledger records in {out}, but {found}: `run` refuses", err=True)
     columns = ("job", "model", "standing", "action", "why")
@@ -551,10 +553,8 @@ def _need_dir(directory: Path) -> None:
     found = sorted(p.parent for p in directory.glob(f"*/{LEDGER_NAME}"))
     hint = f"; run output folders in it: {', '.join(map(str, found[:5]))}" if found else ""
     more = f" and {len(found) - 5} more" if len(found) > 5 else ""
-    click.echo(
-        f"veobatch: {directory} has no {LEDGER_NAME}: not a veobatch run's output folder{hint}{more}",
-        err=True,
-    )
+    what = f"has no {LEDGER_NAME}: not a veobatch run's output folder"
+    click.echo(f"veobatch: {directory} {what}{hint}{more}", err=True)
     sys.exit(EXIT_USAGE)
 
 

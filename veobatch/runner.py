@@ -61,7 +61,7 @@ from .scheduler import (
     SubmitOutcome,
     Submitter,
     backoff_delay_s,
-    plan_jobs,
+    plan_run,
 )
 from .settings import RunSettings
 from .verify import check
@@ -104,6 +104,11 @@ class RunReport:
     reported_jobs: int = 0
     # The ledger's view at the end, so the summary need not replay the journal again.
     states: Mapping[str, JobState] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def total(self) -> int:
+        """Jobs the run accounted for: the manifest's and any removed one it fetched."""
+        return sum(self.counts.values())
 
     @property
     def exit_code(self) -> int:
@@ -203,6 +208,7 @@ class _Run:
     # -- orchestration -------------------------------------------------------------------
 
     async def execute(self, plans: list[JobPlan]) -> None:
+        self.jobs.update((p.job.id, p.job) for p in plans if p.removed)
         self.open = {p.job.id for p in plans if p.action not in _IDLE}
         with self.to_download, self.downloads:
             if self.open:
@@ -684,13 +690,14 @@ class _Run:
             await anyio.sleep(self.settings.observe_interval_s)
 
     def _states(self) -> list[JobState]:
-        """The manifest's jobs as the ledger knows them, in manifest order."""
-        return [self.ledger.state(job.id) for job in self.manifest.jobs]
+        """This run's jobs as the ledger knows them: the manifest's in its order, then any
+        removed from it whose paid generation this run fetches."""
+        return [self.ledger.state(job_id) for job_id in self.jobs]
 
     def snapshot(self, elapsed_s: float) -> Snapshot:
         counts: dict[str, int] = dict(Counter(st.status for st in self._states()))
         return Snapshot(
-            len(self.manifest.jobs),
+            len(self.jobs),
             counts,
             elapsed_s,
             self.submitted,
@@ -966,13 +973,15 @@ async def _run_locked(
 ) -> RunReport:
     started = time.monotonic()
     ledger = control.ledger
-    plans = plan_jobs(
+    plans, removed = plan_run(
         manifest.jobs,
         ledger.states,
         settings.out_dir,
         verify=verify,
         retry_failed=settings.retry_failed,
     )
+    if removed:
+        log.warning("%s", removed)
     async with _http(settings, api) as (client, cdn):
         r = control.run = _Run(manifest, settings, ledger, client, cdn, observer=observer)
         r.stop_submitting = control.interrupted

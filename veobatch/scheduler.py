@@ -15,7 +15,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ class JobPlan:
     action: Action
     reason: str
     state: JobState
+    removed: bool = False  # in the ledger, no longer in the manifest (see removed_plans)
 
 
 # Failures whose generation may still deliver: a later run polls instead of paying again.
@@ -115,12 +116,79 @@ def plan_job(
     return p(Action.LOOKUP, "submission outcome unknown: checking the usage logs")
 
 
-CATEGORIES = ("new", "changed", "unchanged", "resumable", "failed")
+def plan_run(
+    jobs: Iterable[Job],
+    states: Mapping[str, JobState],
+    out_dir: Path,
+    *,
+    verify: bool = False,
+    retry_failed: bool = False,
+) -> tuple[list[JobPlan], str | None]:
+    """Every job's plan, the manifest's then any it no longer lists that a run still fetches,
+    and a line on those, when there are any a user should hear of."""
+    jobs = list(jobs)
+    plans = plan_jobs(jobs, states, out_dir, verify=verify, retry_failed=retry_failed)
+    listed = {job.id for job in jobs}
+    removed = removed_plans(states, listed)
+    unsettled = [st.id for st in states.values() if st.id not in listed and st.status in _MAY_EXIST]
+    return plans + removed, removed_note(removed, unsettled)
+
+
+def removed_plans(states: Mapping[str, JobState], listed: Set[str]) -> list[JobPlan]:
+    """Jobs the manifest no longer lists whose generation is paid for and still to fetch.
+
+    Taking a job out of the manifest must not throw away a video already bought: its
+    generation is followed and downloaded as if it were still listed, and nothing new is ever
+    submitted for it. Whatever else such a job holds (done, failed, a look-up) stays as recorded.
+    """
+    plans = []
+    why = "not in the manifest any more: fetching the generation already paid for"
+    for st in states.values():
+        if st.id in listed or st.status not in ("submitted", "completed"):
+            continue
+        if not (st.generation_id and st.model):
+            continue
+        job = Job(st.id, {"model": st.model, **(st.request or {})}, index=-1)
+        action = Action.DOWNLOAD if st.status == "completed" and st.video_url else Action.POLL
+        plans.append(JobPlan(job, action, why, st, removed=True))
+    return plans
+
+
+_MAY_EXIST = frozenset({"submitting", "uncertain"})  # a POST may have created a generation
+
+
+def removed_note(removed: Sequence[JobPlan], unsettled: Sequence[str]) -> str | None:
+    """A line on removed jobs with a generation paid for or perhaps paid for; None if none.
+
+    Removed jobs that are done, failed or never sent need no word: `status` lists them."""
+    if not removed and not unsettled:
+        return None
+
+    def some(ids: Sequence[str]) -> str:
+        return ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+
+    parts = []
+    if removed:
+        ids = [p.job.id for p in removed]
+        parts.append(f"{len(ids)} with a generation paid for, fetched all the same ({some(ids)})")
+    if unsettled:
+        parts.append(
+            f"{len(unsettled)} whose submission may have created a generation, left uncertain"
+            f" ({some(unsettled)}): put them back in the manifest to settle them"
+        )
+    total = len(removed) + len(unsettled)
+    jobs = "job in the ledger is" if total == 1 else "jobs in the ledger are"
+    return f"{total} {jobs} not in the manifest: " + "; ".join(parts)
+
+
+CATEGORIES = ("new", "changed", "unchanged", "resumable", "failed", "removed")
 
 
 def category(plan: JobPlan) -> str:
     """Where a job stands against the ledger, as `plan` groups them."""
     st, action = plan.state, plan.action
+    if plan.removed:
+        return "removed"
     if st.status == "pending":
         return "new"
     if action is Action.SUBMIT and request_changed(plan.job, st):
