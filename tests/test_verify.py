@@ -40,12 +40,15 @@ def test_duration_spellings(value: object, seconds: float | None) -> None:
 @pytest.mark.parametrize(
     ("model", "request_fields", "expected"),
     [
-        (T2V, {}, Expected(8.0, 1920, 1080, True)),  # the catalogue's defaults
-        (T2V, {"duration": 4, "resolution": "720p"}, Expected(4.0, 1280, 720, True)),
+        # The catalogue's defaults; no aspect ratio is documented as the default, so a video
+        # of either orientation is as requested.
+        (T2V, {}, Expected(8.0, 1920, 1080, True, any_orientation=True)),
+        (T2V, {"duration": 4, "resolution": "720p"}, Expected(4.0, 1280, 720, True, True)),
         (T2V, {"aspect_ratio": "9:16", "resolution": "720p"}, Expected(8.0, 720, 1280, True)),
-        (T2V, {"duration": "6s", "generate_audio": False}, Expected(6.0, 1920, 1080, False)),
-        ("google/veo-3.1-reference-to-video", {}, Expected(8.0, 1920, 1080, True)),
-        (T2V, {"resolution": "4k"}, Expected(8.0, None, None, True)),
+        (T2V, {"aspect_ratio": "16:9"}, Expected(8.0, 1920, 1080, True)),
+        (T2V, {"duration": "6s", "generate_audio": False}, Expected(6.0, 1920, 1080, False, True)),
+        ("google/veo-3.1-reference-to-video", {}, Expected(8.0, 1920, 1080, True, True)),
+        (T2V, {"resolution": "4k"}, Expected(8.0, None, None, True, True)),
     ],
 )
 def test_expected_video(model: str, request_fields: dict[str, object], expected: Expected) -> None:
@@ -69,6 +72,20 @@ FULL_HD = Expected(8.0, 1920, 1080, True)
 )
 def test_compare(probe: Probe, flags: list[str]) -> None:
     assert compare(FULL_HD, probe) == flags
+
+
+def test_with_no_aspect_ratio_asked_either_orientation_is_as_requested() -> None:
+    # An image-to-video job with a portrait first frame and no aspect_ratio: a portrait video.
+    free = expected_video("google/veo-3.1-i2v", {"resolution": "720p", "duration": 8})
+    assert compare(free, Probe(8.0, 720, 1280, True)) == []
+    assert compare(free, Probe(8.0, 1280, 720, True)) == []
+    assert compare(free, Probe(8.0, 1920, 1080, True)) == [
+        "resolution: 1920×1080, requested 1280×720"
+    ]
+    landscape = expected_video("google/veo-3.1-i2v", {"resolution": "720p", "aspect_ratio": "16:9"})
+    assert compare(landscape, Probe(8.0, 720, 1280, True)) == [
+        "resolution: 720×1280, requested 1280×720"
+    ]
 
 
 def test_audio_present_but_not_requested_is_flagged() -> None:

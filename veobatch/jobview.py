@@ -66,11 +66,15 @@ class Expected:
     width: int | None  # None: a resolution this table does not know
     height: int | None
     audio: bool
+    # No aspect ratio asked for and none documented as the default (a portrait first frame
+    # may well give a portrait video): either orientation of the size is as requested.
+    any_orientation: bool = False
 
 
 def expected_video(model: str, request: Mapping[str, Any]) -> Expected:
     resolution = request.get("resolution") or _default(model, "resolution") or "1080p"
-    aspect = request.get("aspect_ratio") or _default(model, "aspect_ratio") or "16:9"
+    asked = request.get("aspect_ratio") or _default(model, "aspect_ratio")
+    aspect = asked or "16:9"
     size = SIZES.get(str(resolution))
     width, height = size if size else (None, None)
     if aspect == "9:16" and size:
@@ -79,7 +83,7 @@ def expected_video(model: str, request: Mapping[str, Any]) -> Expected:
     if not isinstance(audio, bool):
         default = _default(model, "generate_audio")
         audio = default if isinstance(default, bool) else True
-    return Expected(requested_duration_s(model, request), width, height, audio)
+    return Expected(requested_duration_s(model, request), width, height, audio, not asked)
 
 
 def list_price_usd(model: str, request: Mapping[str, Any]) -> float:

@@ -256,15 +256,11 @@ def compare(expected: Expected, probe: Probe) -> list[str]:
         flags.append("duration: unknown")
     elif abs(probe.duration_s - expected.duration_s) > DURATION_TOLERANCE_S:
         flags.append(f"duration: {probe.duration_s:.1f} s, requested {expected.duration_s:g} s")
-    if (
-        expected.width
-        and expected.height
-        and (probe.width, probe.height)
-        != (
-            expected.width,
-            expected.height,
-        )
-    ):
+    size = (probe.width, probe.height)
+    wanted = {(expected.width, expected.height)}
+    if expected.any_orientation:
+        wanted.add((expected.height, expected.width))
+    if expected.width and expected.height and size not in wanted:
         flags.append(
             f"resolution: {probe.width}×{probe.height}, "
             f"requested {expected.width}×{expected.height}"
