@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from veobatch.cli import main
+from veobatch.fsutil import ensure_dir
 from veobatch.ledger import Ledger
 
 GOOD = """\
@@ -377,3 +378,23 @@ def test_a_folder_no_run_wrote_is_refused_with_the_runs_in_it(
     assert "has no ledger.jsonl" in res.stderr
     assert str(tmp_path / "nightly") in res.stderr
     assert not (tmp_path / "report.html").exists()
+
+
+def test_a_run_from_another_directory_does_not_start_a_second_ledger(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cron starts in $HOME: the default output/<stem> would be a new, empty ledger there.
+    proj = tmp_path / "proj"
+    m = write(ensure_dir(proj / "jobs"), GOOD)
+    earlier = ensure_dir(proj / "output" / "m")
+    (earlier / "ledger.jsonl").write_text('{"ev":"intent","job":"one"}\n')
+    monkeypatch.chdir(ensure_dir(tmp_path / "home"))
+    res = runner.invoke(main, ["run", str(m), "--simulate"])
+    assert res.exit_code == 3
+    assert "holds earlier runs of m.yaml" in res.stderr and f"--out {earlier}" in res.stderr
+    assert not (tmp_path / "home" / "output").exists()  # nothing started, nothing sent
+    res = runner.invoke(main, ["plan", str(m)])
+    assert res.exit_code == 0 and f"compare with it by --out {earlier}" in res.stderr
+    # Saying where is enough, even to start anew.
+    res = runner.invoke(main, ["plan", str(m), "--out", "output/m"])
+    assert res.exit_code == 0 and "earlier runs" not in res.stderr

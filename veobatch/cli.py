@@ -263,6 +263,36 @@ def _default_out(manifest_path: Path) -> Path:
     return Path("output") / manifest_path.stem
 
 
+def _ledger_elsewhere(manifest_path: Path, out: Path) -> Path | None:
+    """An earlier run's output folder for this manifest, when the default one (relative to the
+    working directory) has no ledger: a run from another directory, cron's home say, would
+    start a new ledger there and pay for every job again."""
+    if _has_records(out):
+        return None
+    here = out.resolve()
+    for base in (manifest_path.parent, manifest_path.parent.parent):
+        found = (base / _default_out(manifest_path)).resolve()
+        if found != here and _has_records(found):
+            return found
+    return None
+
+
+def _check_default_out(manifest_path: Path, out: Path) -> None:
+    if found := _ledger_elsewhere(manifest_path, out):
+        raise ConfigError(
+            f"{out} (relative to {Path.cwd()}) has no ledger, but {found} holds earlier runs"
+            f" of {manifest_path.name}: a run here would pay for every job again; run from"
+            f" {found.parent.parent} or pass --out {found} (or --out {out} to start anew)"
+        )
+
+
+def _has_records(out: Path) -> bool:
+    try:
+        return (out / LEDGER_NAME).stat().st_size > 0
+    except OSError:
+        return False
+
+
 def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     console = Console(soft_wrap=not sys.stdout.isatty())
     if not sys.stdout.isatty():
@@ -418,6 +448,8 @@ def run_cmd(
     env: dict[str, str] | None = {} if simulate else None
     settings = _guard(lambda: resolve_settings(out, m.settings, cli, env), abort)
     _guard(lambda: _check_not_mixed(out, simulate), abort)
+    if out_dir is None:
+        _guard(lambda: _check_default_out(manifest, out), abort)
     sim_gen_s = sim_gen_time_s if simulate else None  # None: the real API
     # The manifest's objects live as long as the run: the collector need not walk them on
     # every full collection.
@@ -446,10 +478,7 @@ def _check_not_mixed(out: Path, simulate: bool) -> None:
     """Refuse to mix the simulator's results and the real API's in one directory: a real run
     would take the simulator's test videos as done, and a simulated one would find the real
     generations unknown to its simulator and record them lost."""
-    try:
-        if (out / LEDGER_NAME).stat().st_size == 0:
-            return
-    except FileNotFoundError:
+    if not _has_records(out):
         return
     simulated = (out / SIM_STATE).is_dir()
     if simulate and not simulated:
@@ -520,6 +549,12 @@ def plan_cmd(
     for w in m.warnings:
         click.echo(f"warning: {w}", err=True)
     out = out_dir or _default_out(manifest)
+    if out_dir is None and (earlier := _ledger_elsewhere(manifest, out)):
+        click.echo(
+            f"warning: {out} has no ledger, but {earlier} holds earlier runs of {manifest.name}:"
+            f" compare with it by --out {earlier}",
+            err=True,
+        )
     states = _guard(lambda: load_states(out))
     # The run's own precedence (command line over manifest); no environment: plan sends nothing.
     cli = {"retry_failed": retry_failed or None, "max_cost_usd": max_cost}
