@@ -15,7 +15,7 @@ from aiohttp import web
 from local_server import serve
 
 from veobatch.errors import ConfigError
-from veobatch.notify import check_url, payload, safe_target, send
+from veobatch.notify import check_url, payload, safe_target, send, url_problem
 
 SECRET_PATH = "/services/T000/B000/secret-token-123"
 
@@ -98,3 +98,28 @@ def test_urls_are_checked_and_logged_without_their_path() -> None:
         check_url("hooks.slack.com/services/x")
     assert safe_target("https://hooks.slack.com" + SECRET_PATH) == "https://hooks.slack.com"
     assert json.dumps(payload({}, [])) == '{"text": ""}'
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("https://hooks.slack.com/services/T0/B0/x", None),
+        ("HTTPS://hooks.example.com/h", None),  # schemes are case-insensitive (RFC 3986)
+        ("http://[::1]:8080/h", None),
+        ("ftp://[::1", "malformed"),  # urlsplit raises: must not become an internal error
+        ("http://[::1", "malformed"),
+        ("https://x.com:99999/h", "malformed"),
+        ("https://", "with a host"),
+        ("https://x.com/a b", "no spaces"),
+        ("ftp://example.com/x", "got ftp://example.com"),
+        ("hooks.slack.com/services/x", "got (not a URL)"),
+    ],
+)
+def test_url_problems_never_raise_and_never_echo_the_path(url: str, problem: str | None) -> None:
+    found = url_problem(url)
+    assert (found is None) == (problem is None)
+    if problem is not None:
+        assert found is not None and problem in found and "/services" not in found
+        with pytest.raises(ConfigError):
+            check_url(url)
+    assert "services" not in safe_target(url)

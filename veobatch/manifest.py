@@ -38,7 +38,7 @@ from .manifest_checks import (
     unquote_hint,
     variants_value,
 )
-from .notify import safe_target
+from .notify import url_problem
 from .tables import TABLE_SUFFIXES, read_table
 from .yamlpos import Document, Pos, YamlSyntaxError, compose, editor_lines
 from .yamlpos import Path as KeyPath
@@ -401,11 +401,12 @@ class _Validator:
         value = raw.get(name)
         if value is None:
             return None
-        if isinstance(value, str) and value.startswith(("https://", "http://")):
+        # A webhook URL's path is often a credential: problems name only its scheme and host.
+        problem = url_problem(value) if isinstance(value, str) else None
+        if isinstance(value, str) and problem is None:
             return value
-        # A webhook URL's path is often a credential: name only its scheme and host.
-        got = safe_target(value) if isinstance(value, str) else describe(value)
-        self.report.error(("settings", name), f"expected an http(s) URL, got {got}")
+        problem = problem or f"expected an http(s) URL, got {describe(value)}"
+        self.report.error(("settings", name), problem)
         return None
 
     def _cost_setting(self, raw: dict[Any, Any]) -> float | None:

@@ -4,7 +4,8 @@ The body is Slack-compatible (incoming webhooks read ``text``; the structured fi
 for anything else). A notification is a courtesy: it has a short timeout, follows no
 redirects, never carries the API key, and never raises; a failure is logged and the run's exit
 code stays what the run earned. The webhook URL itself may be a secret (Slack's are), so logs
-name only its host. Pure: :func:`payload`, :func:`check_url`, :func:`safe_target`.
+name only its host. Pure: :func:`payload`, :func:`url_problem`, :func:`check_url`,
+:func:`safe_target`.
 """
 
 from __future__ import annotations
@@ -23,17 +24,37 @@ log = logging.getLogger(__name__)
 TIMEOUT_S = 10.0
 
 
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot take a notification, or None; never raises, never echoes the path.
+
+    The manifest's check and the command line's are this one, so `plan` passes exactly what
+    `run` accepts."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises for a port out of range)
+    except ValueError:
+        return "expected an http(s) URL, got a malformed one (look at its [host] and :port)"
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"expected an http(s) URL, got {safe_target(url)}"
+    if not parts.hostname or any(c.isspace() for c in url):
+        return f"expected an http(s) URL with a host and no spaces, got {safe_target(url)}"
+    return None
+
+
 def check_url(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"notify URL must be an http(s) URL, got {safe_target(url)!r}")
+    if (problem := url_problem(url)) is not None:
+        raise ConfigError(f"notify URL: {problem}")
     return url
 
 
 def safe_target(url: str) -> str:
     """Scheme and host only: webhook paths and queries are often credentials."""
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.hostname or '?'}" if parts.scheme else "(not a URL)"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return "(not a URL)"
+    return f"{parts.scheme}://{host or '?'}" if parts.scheme else "(not a URL)"
 
 
 def payload(doc: Mapping[str, Any], text_lines: Sequence[str]) -> dict[str, Any]:
