@@ -10,10 +10,20 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-from report_fixture import EVIL, REQUESTS, make_output_dir
+from report_fixture import EVIL, REQUESTS, T2V, VIDEOS, make_output_dir
 
 from veobatch.ledger import ErrorInfo, JobState
-from veobatch.report import THUMBS_DIR, Card, build_cards, card_for, render_html, write_report
+from veobatch.manifest import MADE_ID_MAX_LEN
+from veobatch.report import (
+    THUMBS_DIR,
+    Card,
+    _thumb,
+    build_cards,
+    card_for,
+    render_html,
+    write_report,
+)
+from veobatch.simulator.video import encode_test_card
 from veobatch.verify import Probe
 
 
@@ -105,6 +115,21 @@ async def test_ledgers_without_probes_are_probed_for_the_report(tmp_path: Path) 
     cards = {c.id: c for c in build_cards(tmp_path)}
     assert cards["short"].video is not None and cards["short"].video.duration_s == 1.0
     assert cards["short"].flags[0] == "duration: 1.0 s, requested 8 s"
+
+
+def test_a_thumbnail_of_the_longest_made_id_fits_a_file_name(tmp_path: Path) -> None:
+    # A made id may be 236 characters; "<id>-<tag>.jpg" and its temporary name must fit 255.
+    jid = "x" * MADE_ID_MAX_LEN
+    encode_test_card(VIDEOS["sunrise"], tmp_path / f"{jid}.mp4")
+    card = Card(jid, "done", T2V, file=f"{jid}.mp4", file_bytes=1)
+    thumb = _thumb(tmp_path, card, "ab" * 32)
+    assert thumb is not None and thumb.startswith(b"\xff\xd8")  # a JPEG
+    (cached,) = (tmp_path / THUMBS_DIR).iterdir()
+    assert len(cached.name) <= 255 and cached.read_bytes() == thumb
+    assert _thumb(tmp_path, card, "ab" * 32) == thumb  # read from the cache
+    other = Card("x" * (MADE_ID_MAX_LEN - 1) + "y", "done", T2V, file=f"{jid}.mp4", file_bytes=1)
+    _thumb(tmp_path, other, "ab" * 32)
+    assert len(list((tmp_path / THUMBS_DIR).iterdir())) == 2  # ids alike in their start
 
 
 # -- in a real browser ---------------------------------------------------------------------

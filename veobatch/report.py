@@ -10,9 +10,11 @@ Pure core: :class:`Card`, :func:`card_for`, :func:`render_html`. Shell: :func:`w
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import json
 import os
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -30,6 +32,7 @@ from .verify import Probe, compare, probe_video, thumbnail_jpeg
 
 REPORT_NAME = "report.html"
 THUMBS_DIR = ".thumbs"  # cached thumbnails, so a second report does not decode again
+THUMB_ID_MAX_LEN = 200  # of the id in a thumbnail's name, which adds "-<12 hex>.jpg"
 GROUPS = ("done", "failed", "uncertain", "unfinished")
 _GROUP_OF = {
     "done": "done",
@@ -285,14 +288,18 @@ def _thumb(directory: Path, card: Card, sha256: str | None) -> bytes | None:
     """A cached thumbnail, keyed by the file's hash so a new video gets a new one."""
     assert card.file is not None
     tag = (sha256 or f"{card.file_bytes}")[:12]
-    cached = directory / THUMBS_DIR / f"{card.id}-{tag}.jpg"
+    name = card.id
+    if len(name) > THUMB_ID_MAX_LEN:  # a made id may be 236 characters: too long with the tag
+        name = f"{name[: THUMB_ID_MAX_LEN - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
+    cached = directory / THUMBS_DIR / f"{name}-{tag}.jpg"
     if cached.exists():
         return cached.read_bytes()
     data = thumbnail_jpeg(directory / card.file)
     if data is not None:
         cached.parent.mkdir(exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=cached.parent)  # a short name, always
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, cached)
     return data
 
