@@ -1927,3 +1927,21 @@ def test_a_data_uri_is_decoded_once_and_warned_about_once(
     assert len(manifest.jobs) == 3 and len(decoded) == 1
     (warning,) = manifest.warnings
     assert "the inline image is 320x180, smaller than 720p" in warning.message
+
+
+def test_thousands_of_problems_show_the_first_fifty_then_where_the_rest_are(
+    tmp_path: Path,
+) -> None:
+    jobs = "".join(
+        f"  - model: google/veo-3.1-t2v\n    prompt: p{i}\n    duration: 5\n" for i in range(3000)
+    )
+    jobs += "  - model: google/veo-3.1-t2v\n    prompt: ''\n"
+    m = tmp_path / "m.yaml"
+    m.write_text("version: 1\njobs:\n" + jobs)
+    with pytest.raises(ManifestError) as err:
+        load_manifest(m)
+    assert len(err.value.problems) == 3001  # all kept for whoever reads them
+    lines = str(err.value).splitlines()
+    assert lines[0] == "3,001 problems in manifest:" and len(lines) == 52
+    assert lines[1].startswith(f"  {m}:5:15: job #1: field 'duration': expected one of 4, 6, 8")
+    assert lines[-1] == "  ... and 2,951 more (2,950 in 'duration', 1 in 'prompt')"

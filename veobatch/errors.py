@@ -29,6 +29,7 @@ translated at one boundary each (the client, the manifest loader, the ledger) wi
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 
@@ -77,8 +78,20 @@ class ManifestError(VeobatchError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         count = len(problems)
-        head = f"{count} problem{'s' if count != 1 else ''} in manifest"
-        super().__init__(head + ":\n" + "\n".join(f"  {p}" for p in problems))
+        head = f"{count:,} problem{'s' if count != 1 else ''} in manifest"
+        lines = [f"  {p}" for p in problems[:SHOWN_PROBLEMS]]
+        if count > SHOWN_PROBLEMS:
+            # Thousands of lines bury the few distinct mistakes behind them (and fill cron's
+            # mail): show the first ones, then where the rest are.
+            rest = problems[SHOWN_PROBLEMS:]
+            fields = Counter(p.field or "(no field)" for p in rest)
+            where = [f"{n:,} in '{f}'" for f, n in fields.most_common(3)]
+            where += ["..."] if len(fields) > 3 else []
+            lines.append(f"  ... and {len(rest):,} more ({', '.join(where)})")
+        super().__init__(head + ":\n" + "\n".join(lines))
+
+
+SHOWN_PROBLEMS = 50  # in a manifest error's text; ``problems`` keeps them all
 
 
 class ConfigError(VeobatchError):
