@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from veobatch.catalogue import MODELS
 from veobatch.manifest_checks import DATA_URI_MAX_BYTES
 from veobatch.tables import FIELD_TYPES, convert_cell, read_table
@@ -133,3 +135,14 @@ def test_jsonl_duplicate_keys_are_refused_at_the_second_one() -> None:
     assert table.rows == [{"id": "a", "prompt": "x"}]
     nested = read_table('{"matrix": {"seed": [1], "seed": [2]}}\n', "p.jsonl").problems
     assert [p.message for p in nested] == ["duplicate key 'seed'; keep only one"]
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_every_line_end_excel_writes_reads_alike(end: str) -> None:
+    # "\r" alone: Excel's "CSV (Macintosh)"; csv refused it as a newline in an unquoted field.
+    text = end.join(["id,prompt", "owl,hi", 'cat,"two', 'lines"', "dog,a,b", ""])
+    table = read_table(text, "p.csv")
+    assert [r["id"] for r in table.rows] == ["owl", "cat", "dog"]
+    assert table.rows[1]["prompt"] == f"two{end}lines"
+    (extra,) = table.problems
+    assert (extra.line, extra.column) == (5, 7) and "3 cells" in extra.message

@@ -110,7 +110,8 @@ def _records(text: str) -> Iterator[tuple[int, list[str], list[int] | None]]:
     """(first line, cells, cell columns when the record is on one line) per CSV record."""
     lines = editor_lines(text)
     # strict: an unclosed quote would otherwise swallow every later row into one cell.
-    reader = csv.reader(io.StringIO(text), strict=True)
+    # newline="": a record may end in \n, \r\n or a lone \r (old Mac Excel), as csv asks.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     previous_end = 0
     while True:
         try:
