@@ -48,8 +48,7 @@ class Pos(NamedTuple):
 
 START = Pos(1, 1)
 
-# YAML 1.1 also breaks lines at U+0085, U+2028 and U+2029; editors do not, so after one of them
-# a mark's own line and column are not what the user sees.
+# YAML 1.1 also breaks lines at U+0085, U+2028 and U+2029; editors and YAML 1.2 do not.
 _ODD_BREAKS = ("\x85", "\u2028", "\u2029")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")  # as editors (and YAML) count lines
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -59,28 +58,19 @@ SURROGATE_ESCAPE = re.compile(r"\\(?:u|U0000)[dD][89a-fA-F]")
 
 
 class _Lines:
-    """Positions as an editor shows them, read off a mark's character offset when needed."""
+    """The text a loader reads, and where each of its lines starts."""
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.drift = any(odd in text for odd in _ODD_BREAKS)  # str.find: far faster than re
+        # A mark's own line and column are the editor's: the loader never sees U+0085, U+2028
+        # or U+2029 (see _hide_odd_breaks), the only breaks YAML 1.1 and editors count apart.
+        self.pos = _pos
 
     @functools.cached_property
     def starts(self) -> list[int]:
         """The offset at which each line starts."""
         pattern = _LINE_BREAK if "\r" in self.text else re.compile("\n")
         return [0, *(m.end() for m in pattern.finditer(self.text))]
-
-    @property
-    def pos(self) -> Callable[[Mark | None], Pos]:
-        """Mark to position: the mark's own count is right unless the text has odd breaks."""
-        return self._pos_by_offset if self.drift else _pos
-
-    def _pos_by_offset(self, mark: Mark | None) -> Pos:
-        if mark is None:
-            return START
-        line = bisect.bisect_right(self.starts, mark.index) - 1
-        return Pos(line + 1, mark.index - self.starts[line] + 1)
 
 
 def _pos(mark: Mark | None) -> Pos:
@@ -275,13 +265,32 @@ class _DashFinder:
 
 def compose(text: str) -> Document:
     """Build plain values from one YAML document, with positions; raise on a syntax error."""
+    text, back = _hide_odd_breaks(text)
     fast = _FastLoader is not yaml.SafeLoader and not NON_PRINTABLE.search(text)
     if fast and not _may_nest_deeper(text, MAX_C_DEPTH):
         try:
-            return _compose_with(_FastLoader, text)
+            return _compose_with(_FastLoader, text, back)
         except YamlSyntaxError:
             pass  # let the pure-Python parser word the error, as the tests and users expect
-    return _compose_with(_Loader, text)
+    return _compose_with(_Loader, text, back)
+
+
+def _hide_odd_breaks(text: str) -> tuple[str, dict[int, str]]:
+    """U+0085, U+2028 and U+2029 swapped for private-use characters the text does not hold.
+
+    YAML 1.1's parsers break lines at them, which editors and YAML 1.2 do not: a prompt pasted
+    with one folded it to a space inside quotes, or ended a plain prompt with an error blamed on
+    the next field. Hidden, each is an ordinary character, as written; ``back`` restores it in
+    every string the document yields.
+    """
+    odd = [c for c in _ODD_BREAKS if c in text]
+    if not odd:
+        return text, {}
+    free = (chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text)
+    stand_ins = dict(zip(odd, free, strict=False))
+    return text.translate({ord(c): s for c, s in stand_ins.items()}), {
+        ord(s): c for c, s in stand_ins.items()
+    }
 
 
 # Block collections nest only with a column each (two levels may share one: an indentless
@@ -326,7 +335,9 @@ def _deeper_than(text: str, limit: int) -> bool:
     return False
 
 
-def _compose_with(loader_class: type[_Loader | _FastLoader], text: str) -> Document:
+def _compose_with(
+    loader_class: type[_Loader | _FastLoader], text: str, back: dict[int, str] | None = None
+) -> Document:
     try:
         loader = loader_class(text)
     except yaml.reader.ReaderError as exc:
@@ -334,7 +345,7 @@ def _compose_with(loader_class: type[_Loader | _FastLoader], text: str) -> Docum
     lines = loader.lines
     try:
         root = loader.get_single_node()
-        builder = _Builder(loader)
+        builder = _Builder(loader, back)
         data = builder.build(root, ()) if root is not None else None
     except yaml.MarkedYAMLError as exc:
         raise YamlSyntaxError(_syntax_message(exc, lines), _syntax_pos(exc, lines)) from exc
@@ -383,10 +394,11 @@ def _offset_pos(text: str, offset: int) -> Pos:
 class _Builder:
     """Walks composed nodes into dicts, lists and scalars, recording positions on the way."""
 
-    def __init__(self, loader: _Loader | _FastLoader) -> None:
+    def __init__(self, loader: _Loader | _FastLoader, back: dict[int, str] | None = None) -> None:
         self.loader = loader
         self._pos = loader.lines.pos
-        self._escapes = SURROGATE_ESCAPE.search(loader.lines.text) is not None
+        self._back = back or {}  # hidden line separators to restore (see _hide_odd_breaks)
+        self._escapes = bool(self._back) or SURROGATE_ESCAPE.search(loader.lines.text) is not None
         self.source = SourceMap()
         self.issues: list[Issue] = []
         self._seen: set[int] = set()
@@ -446,7 +458,7 @@ class _Builder:
 
     def _text(self, node: ScalarNode, path: Path) -> str:
         """The scalar's text with surrogate pairs joined; an unpaired surrogate is reported."""
-        text, lone = join_surrogates(node.value)
+        text, lone = join_surrogates(node.value.translate(self._back))
         if lone is not None:
             self.issue(path, self._pos(node.start_mark), surrogate_message(lone))
         return text
@@ -491,7 +503,7 @@ class _Builder:
         if node.tag == _STR_TAG:
             if not self._escapes:
                 return node.value
-            key, lone = join_surrogates(node.value)
+            key, lone = join_surrogates(node.value.translate(self._back))
             if lone is not None:
                 message = f"this key is not usable: {surrogate_message(lone)}"
                 self.issue((*path, key), self._pos(node.start_mark), message)
