@@ -275,6 +275,34 @@ async def test_a_key_echoed_in_a_generation_error_is_scrubbed(client: HttpApiCli
     assert gen.failed and gen.error_message == "bad ***"
 
 
+async def test_a_piece_of_the_key_in_an_error_is_scrubbed_but_not_from_a_video_url(
+    client: HttpApiClient,
+) -> None:
+    # 8 of its characters in a row, in an error's words, go too (the README's promise); the
+    # rest of a 2xx answer keeps them: a signed URL may hold 8 of them by chance.
+    piece = KEY[3:13]
+    failed = {"id": "g1", "status": "error", "error": {"name": f"N{piece}", "message": f"m{piece}"}}
+    done = {"id": "g2", "status": "completed", "video": {"url": f"https://cdn.test/{piece}.mp4"}}
+    created = {"id": "g3", "status": "error", "error": {"message": f"no: {piece}"}}
+    with aioresponses() as m:
+        m.get(URL + "?generation_id=g1", payload=failed)
+        m.get(URL + "?generation_id=g2", payload=done)
+        m.post(URL, payload=created)
+        gen, ok = await client.fetch("g1"), await client.fetch("g2")
+        made = await client.create({"model": "m"}, client_request_id="c")
+    assert piece not in f"{gen.error_name} {gen.error_message}" and "***" in gen.error_message
+    assert ok.video_url == f"https://cdn.test/{piece}.mp4"
+    assert made.failed and made.error_message is not None and piece not in made.error_message
+
+
+def test_a_create_answered_with_an_error_says_why() -> None:
+    body = {"id": "g1", "status": "error", "error": {"name": "Policy", "message": "blocked"}}
+    made = parse_created(json.dumps(body), {})
+    assert made.failed and (made.error_name, made.error_message) == ("Policy", "blocked")
+    queued = parse_created('{"id": "g2"}', {})
+    assert queued.status == "queued" and not queued.failed and queued.error_message is None
+
+
 async def test_a_short_test_key_leaves_answers_as_they_are() -> None:
     # A key "tp" was scrubbed out of every "http" of a successful answer: the video URL became
     # "ht***://..." and every paid generation failed as url_rejected.

@@ -222,6 +222,26 @@ async def test_generation_error_fails_the_job_and_exit_1(cdn: str, tmp_path: Pat
     assert report.counts == {"done": 2, "failed": 1}
 
 
+async def test_a_create_answered_with_an_error_fails_the_job_with_the_apis_words(
+    cdn: str, tmp_path: Path
+) -> None:
+    class RefusedAtOnce(FakeApi):
+        async def create(self, body: Any, *, client_request_id: str) -> Created:
+            made = await super().create(body, client_request_id=client_request_id)
+            if body["prompt"] != "p1":
+                return made
+            return Created(made.generation_id, "error", None, "ContentPolicy", "blocked at once")
+
+    api = RefusedAtOnce(cdn)
+    report = await run(manifest(3, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 1 and report.counts == {"done": 2, "failed": 1}
+    ((jid, error),) = report.failed
+    assert jid == "job1" and error.kind == "generation_error"
+    assert error.message == "ContentPolicy: blocked at once"
+    assert api.polls[next(g for g in api.created if g.endswith("-p1"))] == 0  # nothing to poll
+    assert report.estimated_jobs == 2  # an error is not billed: its estimate is given back
+
+
 async def test_auth_error_stops_submitting_and_exits_3(cdn: str, tmp_path: Path) -> None:
     api = FakeApi(cdn)
     api.create_error = AuthError("HTTP 403: no credits", status=403)

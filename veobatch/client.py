@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -52,6 +52,12 @@ class Created:
     generation_id: str
     status: str
     usd_spent: float | None = None
+    error_name: str | None = None  # a create may answer "error" at once, saying why
+    error_message: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "error"
 
 
 @dataclass(frozen=True)
@@ -210,7 +216,9 @@ def parse_created(text: str, headers: Mapping[str, str]) -> Created:
     gen_id = doc.get("id") or headers.get("x-inference-id")
     if not isinstance(gen_id, str) or not gen_id:
         raise ProtocolError(f"create: answer has no generation id: {text[:200]!r}")
-    return Created(gen_id, str(doc.get("status") or "queued"), usd_spent(headers))
+    view = _generation_of(doc, gen_id, headers)
+    status = view.status if doc.get("status") else "queued"
+    return Created(gen_id, status, view.usd_spent, view.error_name, view.error_message)
 
 
 def usd_spent(headers: Mapping[str, str]) -> float | None:
@@ -225,7 +233,13 @@ def usd_spent(headers: Mapping[str, str]) -> float | None:
 def parse_generation(
     text: str, generation_id: str, headers: Mapping[str, str] | None = None
 ) -> Generation:
-    doc = _json_object(text, "fetch")
+    return _generation_of(_json_object(text, "fetch"), generation_id, headers)
+
+
+def _generation_of(
+    doc: Mapping[str, Any], generation_id: str, headers: Mapping[str, str] | None
+) -> Generation:
+    """A generation as a fetch's (or a create's) JSON object describes it."""
     status = doc.get("status")
     status = status.strip().lower() if isinstance(status, str) else "unknown"
     video = doc.get("video")
@@ -307,12 +321,28 @@ class HttpApiClient:
             json_body=body,
             extra={"X-Client-Request-Id": client_request_id},
         )
-        return parse_created(text, headers)
+        created = parse_created(text, headers)
+        if created.error_name or created.error_message:
+            name, message = self._scrub_error(created.error_name, created.error_message)
+            created = replace(created, error_name=name, error_message=message)
+        return created
 
     async def fetch(self, generation_id: str) -> Generation:
         url = URL(self._fetch_prefix + quote(generation_id, safe=""), encoded=True)
         _, text, headers = await self._call("GET", GENERATIONS_PATH, url=url)
-        return parse_generation(text, generation_id, headers)
+        gen = parse_generation(text, generation_id, headers)
+        if gen.error_name or gen.error_message:
+            name, message = self._scrub_error(gen.error_name, gen.error_message)
+            gen = replace(gen, error_name=name, error_message=message)
+        return gen
+
+    def _scrub_error(self, *texts: str | None) -> tuple[str | None, ...]:
+        """An error's words go to records and logs: no run of 8 of the key's characters either.
+        (Only the whole key is scrubbed from the rest of a 2xx answer, where a signed video URL
+        may hold 8 of its characters by chance.)"""
+        if not self._key.distinctive:
+            return texts
+        return tuple(self._key.scrub(t, fragments=True) if t else t for t in texts)
 
     async def logs(
         self, *, start: datetime, end: datetime, models: Sequence[str], offset: int, limit: int

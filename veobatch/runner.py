@@ -504,6 +504,9 @@ class _Run:
         self.submitted += 1
         self._apply_limit(self.limit.on_success())
         log.info("submitted job=%s gen=%s", job.id, created.generation_id)
+        if created.failed:  # refused at once (a content policy, say): nothing to poll for
+            await self._generation_failed(job.id, created.error_name, created.error_message)
+            return
         self.poller.track(
             job.id,
             created.generation_id,
@@ -529,10 +532,14 @@ class _Run:
             log.info("completed job=%s polls=%d", tracked.job_id, tracked.polls)
             self.to_download.send_nowait((tracked.job_id, generation.video_url))
             return
-        self.budget.release(tracked.job_id)  # generations that end in error are not billed
-        name = generation.error_name or "error"
-        message = generation.error_message or "the generation ended in error"
-        await self._fail(tracked.job_id, "generation_error", f"{name}: {message}")
+        await self._generation_failed(
+            tracked.job_id, generation.error_name, generation.error_message
+        )
+
+    async def _generation_failed(self, job_id: str, name: str | None, message: str | None) -> None:
+        self.budget.release(job_id)  # generations that end in error are not billed
+        why = f"{name or 'error'}: {message or 'the generation ended in error'}"
+        await self._fail(job_id, "generation_error", why)
 
     async def generation_timed_out(self, tracked: Tracked) -> None:
         await self._fail(
