@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from veobatch.client import LogEntry, LogPage
-from veobatch.errors import BadRequestError, RedirectedError, ServerError
+from veobatch.errors import AuthError, BadRequestError, RedirectedError, ServerError
 from veobatch.reconcile import (
     Cause,
     Decision,
@@ -142,6 +142,19 @@ async def test_a_refused_key_or_redirect_from_the_logs_stops_the_sweep() -> None
 
     with pytest.raises(RedirectedError):
         await _sweep(Redirecting([]), [lk("server_error", since=900)], now=1000)
+
+
+async def test_a_refusal_from_the_logs_says_it_was_the_look_up() -> None:
+    # The run stops on it; a user must see the look-up, not a create, was refused.
+    class NoCredits(PagedLogs):
+        async def logs(self, **kw: Any) -> LogPage:
+            raise AuthError("HTTP 403: Forbidden resource", status=403)
+
+    with pytest.raises(AuthError) as err:
+        await _sweep(NoCredits([]), [lk("server_error", since=900)], now=1000)
+    assert err.value.message == (
+        "HTTP 403: Forbidden resource (to the usage-logs look-up, GET /v2/logs)"
+    )
 
 
 async def test_search_window_covers_the_intent_with_margin() -> None:

@@ -26,7 +26,7 @@ from typing import Literal
 
 import anyio
 
-from .client import ApiClient, LogEntry
+from .client import LOGS_PATH, ApiClient, LogEntry
 from .errors import ApiError, AuthError
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,11 @@ class Reconciler:
                 page = await self._api.logs(
                     start=start, end=end, models=models, offset=offset, limit=PAGE_SIZE
                 )
-            except AuthError:
-                raise  # a refused key or a wrong base URL: the run stops, it does not wait
+            except AuthError as exc:
+                # A refused key, no credits or a wrong base URL: the run stops, it does not
+                # wait. Said of the look-up, as the run may not have sent anything else yet.
+                exc.message = f"{exc.message} (to the usage-logs look-up, GET {LOGS_PATH})"
+                raise
             except ApiError as exc:
                 log.warning("usage logs unavailable: %s", exc.message)
                 self._keep(_Cursor(window, crids, offset, found, started))
