@@ -405,3 +405,31 @@ def test_a_removed_job_with_a_paid_generation_is_fetched_and_the_rest_left_as_re
     )
     states.pop("maybe"), states.pop("crashed"), states.pop("flying"), states.pop("finished")
     assert plan_run([kept], states, tmp_path)[1] is None  # done or never sent: nothing to say
+
+
+async def test_a_5xx_asking_for_rest_holds_every_submission_until_then(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "retry later": a new job, or one the logs proved unsent, waits as long as the API asked.
+    now = [100.0]
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        now[0] += seconds
+
+    monkeypatch.setattr("veobatch.scheduler.anyio.sleep", sleep)
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    api = ScriptedCreate([ServerError("503", status=503, retry_after_s=30), "g2"])
+    ledger = Ledger.open(tmp_path)
+    sub = Submitter(api, ledger, 3, 0, 0, lambda: False, noop, clock=lambda: now[0])
+    assert await sub.submit(JOB) is SubmitOutcome.UNCERTAIN
+    rests = lambda: [s for s in slept if s >= 1]  # noqa: E731 (the ledger's own waits are ms)
+    assert rests() == [] and sub.paused_until == pytest.approx(130.0, abs=0.1)
+    other = Job("b", {"model": "google/veo-3.1-t2v", "prompt": "q"})
+    assert await sub.submit(other) is SubmitOutcome.SUBMITTED
+    assert rests() == [pytest.approx(30.0, abs=0.1)] and len(api.sent) == 2
+    ledger.close()

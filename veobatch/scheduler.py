@@ -315,12 +315,18 @@ class Submitter:
     clock: Callable[[], float] = time.monotonic
     # The estimate the intent records: the run's budget holds it already (Budget.estimate).
     estimate: Callable[[Job], float] = lambda job: estimate_usd(job, {})
+    # A 5xx to a create that says Retry-After: the API is overloaded, so no submission (a new
+    # one, or one the usage logs proved safe to send again) goes before then.
+    paused_until: float = float("-inf")
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Submit until the outcome is known; waits between tries can be cancelled."""
         attempt = limited = 0
         limited_since: float | None = None
         while True:
+            if (pause := self.paused_until - self.clock()) > 0:
+                await anyio.sleep(pause)  # then looks again: another 5xx may have moved it
+                continue
             if self.should_stop():
                 return SubmitOutcome.STOPPED
             # Once the intent is on disk the POST and the record of its answer run to the end
@@ -390,6 +396,13 @@ class Submitter:
             return SubmitOutcome.REJECTED, None
         except ApiError as exc:  # 5xx, no answer, unreadable 2xx: it may exist
             kind = "server_error" if isinstance(exc, ServerError) else "no_answer"
+            if exc.retry_after_s and self.clock() + exc.retry_after_s > self.paused_until:
+                self.paused_until = self.clock() + exc.retry_after_s
+                log.warning(
+                    "the API asked for %.0fs of rest (HTTP %s): no submission before then",
+                    exc.retry_after_s,
+                    exc.status,
+                )
             await self.ledger.record("uncertain", job.id, kind=kind, message=exc.message)
             log.warning("submission outcome unknown job=%s: %s", job.id, exc.message)
             return SubmitOutcome.UNCERTAIN, None
