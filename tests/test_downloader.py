@@ -717,10 +717,23 @@ async def test_a_signed_url_and_its_redirect_are_requested_byte_for_byte(
         ("https://cdn.example/a b.mp4", "/a%20b.mp4"),  # no URI: encoded so it can be sent
         ("https://cdn.example/\u00fc.mp4", "/%C3%BC.mp4"),
         ("https://cdn.example/%zz.mp4", "/%25zz.mp4"),
+        # One character a URI cannot hold must not re-quote the rest: a signature's %2F and
+        # %2C stay as signed, and a space is %20, never + (which a signer reads as "+").
+        (
+            "https://cdn.example/v.mp4?sig=ab%2Fcd%2C&rcd=attachment; filename=my video.mp4",
+            "/v.mp4?sig=ab%2Fcd%2C&rcd=attachment;%20filename=my%20video.mp4",
+        ),
+        ("https://cdn.example?k=%2C x", "/?k=%2C%20x"),
     ],
 )
 def test_request_target(url: str, sent: str) -> None:
     assert request_target(url).raw_path_qs == sent
+
+
+def test_request_target_of_an_international_host() -> None:
+    target = request_target("https://b\u00fccher.example:8443/\u00e4.mp4?s=%2C")
+    assert (target.raw_host, target.port) == ("xn--bcher-kva.example", 8443)
+    assert target.raw_path_qs == "/%C3%A4.mp4?s=%2C"
 
 
 # -- encoded bodies: no length to compare, nothing to resume --------------------------------

@@ -307,14 +307,29 @@ def drop_part(out_dir: Path, job_id: str) -> None:
 _RFC3986 = re.compile(r"(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})*")
 
 
+_NOT_URI = re.compile(r"%(?![0-9A-Fa-f]{2})|[^A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+")
+
+
 def request_target(url: str) -> URL:
     """The URL to send, byte for byte as the API gave it when it is a valid URI.
 
     A CDN may sign the exact request target: ``%2C`` and ``,`` are not the same to it
-    (RFC 3986, 2.2), yet yarl would normalise one into the other. Only a URL with characters
-    a URI cannot hold (a space, non-ASCII) is percent-encoded, since it could not be sent as is.
+    (RFC 3986, 2.2), yet yarl would normalise one into the other. Only the characters a URI
+    cannot hold (a space, non-ASCII, a stray %) are percent-encoded, each where it stands, since
+    they could not be sent as they are; every other byte, escapes included, stays as given.
     """
-    return URL(url, encoded=True) if _RFC3986.fullmatch(url) else URL(url)
+    if _RFC3986.fullmatch(url):
+        return URL(url, encoded=True)
+    scheme, sep, rest = url.partition("://")
+    end = next((i for i, c in enumerate(rest) if c in "/?#"), len(rest))
+    authority, tail = rest[:end], rest[end:]
+    if not authority.isascii():  # an international host name: its IDNA (punycode) form
+        authority = URL(f"{scheme}://{authority}").raw_authority
+    return URL(f"{scheme}{sep}{authority}{_NOT_URI.sub(_escape, tail)}", encoded=True)
+
+
+def _escape(match: re.Match[str]) -> str:
+    return "".join(f"%{b:02X}" for b in match[0].encode())
 
 
 async def _open(
