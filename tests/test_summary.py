@@ -40,7 +40,7 @@ def test_summary_lines_carry_what_needs_attention() -> None:
     lines = run_summary(report(), 5, EXTRAS)
     assert lines[0].startswith("veobatch: 5 jobs: 3 done, 1 failed, 1 uncertain")
     assert "  b: generation_error: policy: blocked" in lines
-    assert "  c" in lines
+    assert "  c: sent, and the run stopped before the usage logs were asked" in lines
     assert "videos that differ from their request: 1" in lines
     assert "  a: duration: 4.0 s, requested 8 s" in lines
     assert (
@@ -51,6 +51,12 @@ def test_summary_lines_carry_what_needs_attention() -> None:
         "output: out/nightly (results.json, ledger.jsonl)",
         "report: out/nightly/report.html",
     ]
+    # An uncertain job says why: "not in the usage logs" only when the logs said so.
+    unread = JobState(
+        "c", "uncertain", error=ErrorInfo("no_answer", "the usage logs could not be read")
+    )
+    looked = replace(report(), states={"c": unread})
+    assert "  c: the usage logs could not be read" in run_summary(looked, 5, EXTRAS)
     nothing = replace(report(), estimated_jobs=0, reported_jobs=0)
     assert not any("spend" in line for line in run_summary(nothing, 5))  # nothing submitted
 

@@ -49,9 +49,9 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
     lines.extend(_listing("failed", [f"{jid}: {e.kind}: {e.message}" for jid, e in report.failed]))
     lines.extend(
         _listing(
-            "uncertain (may have been created and billed; not in the usage logs; resubmit "
-            "with --resubmit-uncertain at the risk of paying twice)",
-            report.uncertain,
+            "uncertain (may have been created and billed; a rerun looks them up in the usage "
+            "logs again; --resubmit-uncertain submits them again at the risk of paying twice)",
+            [f"{jid}: {_why_uncertain(report.states.get(jid))}" for jid in report.uncertain],
         )
     )
     lines.extend(_listing("not finished", report.pending))
@@ -115,6 +115,13 @@ def abort_doc(
         "out_dir": str(out_dir),
         "error": error,
     }
+
+
+def _why_uncertain(state: JobState | None) -> str:
+    """What is known of an uncertain job: the look-up's own words, when it got that far."""
+    if state is not None and state.status == "uncertain" and state.error is not None:
+        return state.error.message
+    return "sent, and the run stopped before the usage logs were asked"
 
 
 def _listing(title: str, items: Sequence[str], limit: int = 20) -> list[str]:
