@@ -6,8 +6,10 @@ import re
 
 import jsonschema
 import pytest
+import yaml
 from pydantic import BaseModel
 
+from veobatch.errors import ManifestError
 from veobatch.manifest import JOB_KEYS, SETTING_KEYS, TOP_KEYS, parse_manifest
 from veobatch.schema import (
     JobModel,
@@ -69,3 +71,35 @@ def test_any_case_pattern_is_portable_regex() -> None:
     assert "(?" not in pattern  # inline flags are not ECMA-262
     odd = any_case_pattern(["a.b", "x-1"])
     assert re.fullmatch(odd, "A.b") and not re.fullmatch(odd, "aXb") and re.fullmatch(odd, "X-1")
+
+
+JOB = f"  - model: {T2V}\n    prompt: a cat\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "valid"),
+    [
+        (f"version: 1\njobs:\n{JOB}", True),
+        (f"version: 1\nsettings:\ndefaults:\njobs_from:\njobs:\n{JOB}", True),  # all unset
+        (f"version: 1\nsettings:\n  prices:\n  notify_url:\njobs:\n{JOB}", True),
+        (f"version: 1\njobs_from: []\njobs:\n{JOB}", True),
+        ("version: 1\njobs: []\n", False),  # no job anywhere
+        ("version: 1\njobs_from: []\n", False),
+        ("version: 1\njobs_from: jobs.txt\n", False),  # only .csv and .jsonl are read
+        (f"version: 1\njobs:\n{JOB}    matrix: {{}}\n", False),
+        (f"version: 1\njobs:\n{JOB}    matrix: {{duration: []}}\n", False),
+        (f"version: 1\njobs:\n{JOB}    matrix: {{duration: [4, 6], exclude: }}\n", True),
+        (f"version: 1\njobs:\n  - model: {T2V}\n    prompt: ' '\n", False),
+        (f"version: 1\nsettings:\n  prices: {{{T2V}: -1}}\njobs:\n{JOB}", False),
+        (f"version: 1\nsettings:\n  prices: {{{T2V}: 0}}\njobs:\n{JOB}", True),
+    ],
+)
+def test_the_schema_and_the_validator_agree(text: str, valid: bool) -> None:
+    # An editor's red squiggle must mean the same as `veobatch plan`'s refusal.
+    in_schema = jsonschema.Draft202012Validator(manifest_schema()).is_valid(yaml.safe_load(text))
+    try:
+        parse_manifest(text)
+        by_validator = True
+    except ManifestError:
+        by_validator = False
+    assert (in_schema, by_validator) == (valid, valid)

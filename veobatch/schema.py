@@ -211,13 +211,50 @@ def _tidy(node: Any) -> Any:
     return node
 
 
+TABLE_PATTERN = any_case_pattern(["csv", "jsonl"]).replace("^(", r"\.(", 1)  # "\.(...)$"
+NULLABLE = ("settings", "defaults", "jobs_from")  # "settings:" with all below commented out
+NULLABLE_SETTINGS = ("prices", "notify_url")
+
+
 def manifest_schema() -> dict[str, Any]:
     schema = _tidy(ManifestModel.model_json_schema(by_alias=True))
     schema["title"] = "veobatch manifest"
     schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-    schema["$defs"]["Job"]["allOf"] = _per_model_rules()
-    schema["anyOf"] = [{"required": ["jobs"]}, {"required": ["jobs_from"]}]
+    defs, props = schema["$defs"], schema["properties"]
+    defs["Job"]["allOf"] = _per_model_rules()
+    # The validator's rules the pydantic types cannot say: at least one job somewhere, table
+    # files by their suffix, no empty matrix, a prompt that is not blank, no negative price.
+    schema["anyOf"] = [
+        {"required": ["jobs"], "properties": {"jobs": {"minItems": 1}}},
+        {"required": ["jobs_from"], "properties": {"jobs_from": {"minItems": 1}}},
+    ]
+    table = {"type": "string", "pattern": TABLE_PATTERN}
+    props["jobs_from"] = {
+        "description": props["jobs_from"]["description"],
+        "anyOf": [table, {"type": "array", "items": table}],
+    }
+    defs["Job"]["properties"]["matrix"].update(
+        minProperties=1,
+        properties={"exclude": _or_null({"type": "array", "items": {"type": "object"}})},
+        additionalProperties={"type": "array", "minItems": 1},
+    )
+    for model in ("Job", "Defaults"):
+        defs[model]["properties"]["prompt"]["pattern"] = r"\S"
+    defs["SettingsModel"]["properties"]["prices"]["additionalProperties"]["minimum"] = 0
+    for name in NULLABLE:
+        props[name] = _or_null(props[name])
+    for name in NULLABLE_SETTINGS:
+        settings = defs["SettingsModel"]["properties"]
+        settings[name] = _or_null(settings[name])
     return schema
+
+
+def _or_null(node: dict[str, Any]) -> dict[str, Any]:
+    """What the validator takes as "not set" too: a key written with nothing after it."""
+    described = {k: v for k, v in node.items() if k == "description"}
+    rest = {k: v for k, v in node.items() if k != "description"}
+    options = rest["anyOf"] if list(rest) == ["anyOf"] else [rest]
+    return {**described, "anyOf": [*options, {"type": "null"}]}
 
 
 def schema_text() -> str:
