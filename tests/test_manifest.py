@@ -1947,3 +1947,29 @@ def test_thousands_of_problems_show_the_first_fifty_then_where_the_rest_are(
     assert lines[0] == "3,001 problems in manifest:" and len(lines) == 52
     assert lines[1].startswith(f"  {m}:5:15: job #1: field 'duration': expected one of 4, 6, 8")
     assert lines[-1] == "  ... and 2,951 more (2,950 in 'duration', 1 in 'prompt')"
+
+
+@pytest.mark.parametrize(
+    ("written", "words"),
+    [
+        ("yes", "got yes (YAML 1.1 reads it as true; write true)"),
+        ("off", "got off (YAML 1.1 reads it as false; write false)"),
+        ("~", "got nothing (an empty value)"),
+        ('"true"', "got the string 'true'"),
+    ],
+)
+def test_a_setting_refuses_the_yes_and_no_a_job_field_refuses(written: str, words: str) -> None:
+    text = doc(
+        "version: 1",
+        "settings:",
+        f"  retry_failed: {written}",
+        "jobs:",
+        f"  - model: {T2V}",
+        "    prompt: a",
+    )
+    (problem,) = problems_of(text)
+    assert (problem.line, problem.field) == (3, "settings.retry_failed")
+    assert problem.message == f"expected true or false, {words}"
+    for ok in ("true", "True", "FALSE"):
+        settings = parse_manifest(text.replace(written, ok, 1)).settings
+        assert settings.retry_failed is (ok.lower() == "true")

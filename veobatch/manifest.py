@@ -453,10 +453,16 @@ class _Validator:
     def _bool_setting(self, raw: dict[Any, Any], name: str) -> bool | None:
         if name not in raw:
             return None
-        value = raw[name]
-        if isinstance(value, bool):
+        value, at = raw[name], ("settings", name)
+        plain = self.report.source.plain.get(at)
+        if isinstance(value, bool) and (plain is None or plain.lower() in ("true", "false")):
             return value
-        self.report.error(("settings", name), f"expected true or false, got {show(value)}")
+        if isinstance(value, bool):  # yes, on, y...: what a job field refuses, a setting does
+            word = show(value)
+            got = f"{plain} (YAML 1.1 reads it as {word}; write {word})"
+        else:
+            got = describe(value)
+        self.report.error(at, f"expected true or false, got {got}")
         return None
 
     def _int_setting(self, raw: dict[Any, Any], name: str) -> int | None:
