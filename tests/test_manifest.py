@@ -1973,3 +1973,11 @@ def test_a_setting_refuses_the_yes_and_no_a_job_field_refuses(written: str, word
     for ok in ("true", "True", "FALSE"):
         settings = parse_manifest(text.replace(written, ok, 1)).settings
         assert settings.retry_failed is (ok.lower() == "true")
+
+
+@pytest.mark.parametrize("written", ["con", "NUL", "Com1", "lpt9.take", "aux."])
+def test_a_windows_device_name_is_no_id(written: str) -> None:
+    (problem,) = problems_of(t2v(f"id: {written}"))
+    assert problem.field == "id" and "a device name on Windows" in problem.message
+    for fine in ("console", "aux-1", "nul_take", "a.con"):
+        assert parse_manifest(t2v(f"id: {fine}")).jobs[0].id == fine

@@ -92,6 +92,9 @@ JOB = f"  - model: {T2V}\n    prompt: a cat\n"
         (f"version: 1\njobs:\n  - model: {T2V}\n    prompt: ' '\n", False),
         (f"version: 1\nsettings:\n  prices: {{{T2V}: -1}}\njobs:\n{JOB}", False),
         (f"version: 1\nsettings:\n  prices: {{{T2V}: 0}}\njobs:\n{JOB}", True),
+        (f"version: 1\njobs:\n{JOB}    id: Con\n", False),  # a Windows device name
+        (f"version: 1\njobs:\n{JOB}    id: nul.take\n", False),
+        (f"version: 1\njobs:\n{JOB}    id: console\n", True),
     ],
 )
 def test_the_schema_and_the_validator_agree(text: str, valid: bool) -> None:

@@ -403,7 +403,23 @@ def id_problem(value: Any, plain: str | None) -> str | None:
         )
     if value.startswith("."):
         return f"the id {show(value)} must not start with '.' (ids name the output files)"
+    if _WINDOWS_DEVICE.fullmatch(stem := value.split(".", 1)[0]):
+        return (
+            f"the id {show(value)} starts with {stem!r}, a device name on Windows: its video"
+            " could not be written to a Windows or SMB share; choose another id"
+        )
     return None
+
+
+# CON.mp4, nul.x.mp4...: names Windows keeps for devices, whatever their case and extension.
+WINDOWS_DEVICES = (
+    "con",
+    "prn",
+    "aux",
+    "nul",
+    *(f"{p}{n}" for p in ("com", "lpt") for n in range(10)),
+)
+_WINDOWS_DEVICE = re.compile("|".join(WINDOWS_DEVICES), re.IGNORECASE)
 
 
 def int_in_range(

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_mod
 
 from .catalogue import ALL_FIELDS, MODELS, FieldSpec
 from .manifest import MAX_MATRIX, SETTING_LIMITS, VERSION
-from .manifest_checks import ID_MAX_LEN, MAX_VARIANTS
+from .manifest_checks import ID_MAX_LEN, MAX_VARIANTS, WINDOWS_DEVICES
 
 ModelName = Literal[tuple(MODELS)]  # type: ignore[valid-type]
 
@@ -98,9 +98,10 @@ def _request_fields() -> dict[str, Any]:
 
 _FORBID = ConfigDict(extra="forbid")
 
+ID_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"
 _ID = _opt(
     str,
-    pattern=r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$",
+    pattern=ID_PATTERN,
     max_length=ID_MAX_LEN,
     description="Names the output file <id>.mp4; derived from the request when left out.",
 )
@@ -211,6 +212,9 @@ def _tidy(node: Any) -> Any:
     return node
 
 
+# An id is not a Windows device name (con, nul.x, ...) in any case, as the validator says. Only
+# in the JSON: pydantic's regex engine has no look-ahead.
+_NOT_DEVICE = "(?!(" + any_case_pattern(WINDOWS_DEVICES)[2:-2] + r")(\.|$))"
 TABLE_PATTERN = any_case_pattern(["csv", "jsonl"]).replace("^(", r"\.(", 1)  # "\.(...)$"
 NULLABLE = ("settings", "defaults", "jobs_from")  # "settings:" with all below commented out
 NULLABLE_SETTINGS = ("prices", "notify_url")
@@ -240,6 +244,7 @@ def manifest_schema() -> dict[str, Any]:
     )
     for model in ("Job", "Defaults"):
         defs[model]["properties"]["prompt"]["pattern"] = r"\S"
+    defs["Job"]["properties"]["id"]["pattern"] = "^" + _NOT_DEVICE + ID_PATTERN[1:]
     defs["SettingsModel"]["properties"]["prices"]["additionalProperties"]["minimum"] = 0
     for name in NULLABLE:
         props[name] = _or_null(props[name])
