@@ -97,8 +97,10 @@ def test_two_signals_exit_at_once_with_a_consistent_ledger(tmp_path: Path) -> No
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
+    out, err = proc.communicate(timeout=30)
     assert proc.returncode == 75, err
+    # cron mails stdout: it says why, whether the second signal cut the shutdown short or not
+    assert "again to resume" in out, out
     replay(parse_journal(ledger.read_bytes()).records)  # consistent: replays cleanly
     proc = cli(*args)
     _, err = proc.communicate(timeout=120)
@@ -107,3 +109,18 @@ def test_two_signals_exit_at_once_with_a_consistent_ledger(tmp_path: Path) -> No
         json.loads(x)["job"] for x in ledger.read_text().splitlines() if '"ev":"submitted"' in x
     ]
     assert sorted(submitted) == sorted(f"j{i}" for i in range(8))  # each paid for once
+
+
+@pytest.mark.parametrize("after_s", [0.05, 0.2, 0.4])
+def test_two_signals_close_together_while_starting_exit_75(tmp_path: Path, after_s: float) -> None:
+    # The first one decides the exit; a second, 5 ms later, arrived during the interpreter's
+    # finalization and killed the process by the signal (-15), so cron's "rerun on 75" did not.
+    m = tmp_path / "m.yaml"
+    m.write_text(MANIFEST)
+    proc = cli("run", str(m), "--out", str(tmp_path / "out"), "--no-report")
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 75, err

@@ -25,9 +25,18 @@ STOP_SIGNALS = tuple(
 
 
 def _early_stop(signum: int, frame: FrameType | None) -> None:
+    ignore_stop_signals()
     name = signal.Signals(signum).name
     sys.stderr.write(f"veobatch: interrupted by {name}; run again\n")
     raise SystemExit(EXIT_INTERRUPTED)
+
+
+def ignore_stop_signals() -> None:
+    """Once leaving with 75 is decided, a second signal must not change the exit: the
+    interpreter's finalization puts back the default action (death by the signal) of every
+    handler written in Python, but leaves an ignored signal ignored."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def install_early_handlers() -> None:

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ._entry import EXIT_INTERRUPTED, STOP_SIGNALS
+from ._entry import EXIT_INTERRUPTED, STOP_SIGNALS, ignore_stop_signals
 from .errors import (
     ConfigError,
     LedgerError,
@@ -168,6 +168,14 @@ def _say_why(code: int, text: str) -> None:
         click.echo(text)
 
 
+def _last_words(line: str) -> None:
+    """The why-line for cron's mail when the process is about to leave with os._exit: the log
+    line on stderr is said already, and nothing will flush stdout for us."""
+    if _stdout_elsewhere():
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def _stdout_elsewhere() -> bool:
     """Do stdout and stderr lead to different files (not one terminal, not `2>&1`)?"""
     try:
@@ -238,6 +246,7 @@ class _Interrupted(SystemExit):
 
 
 def _interrupted(signum: int, frame: object) -> None:
+    ignore_stop_signals()
     raise _Interrupted(signum)
 
 
@@ -510,7 +519,14 @@ async def _run_async(
     observer: Callable[[Snapshot], None] | None,
 ) -> RunReport:
     if sim_gen_s is None:
-        return await run(m, settings, handle_signals=True, verify=verify, observer=observer)
+        return await run(
+            m,
+            settings,
+            handle_signals=True,
+            last_words=_last_words,
+            verify=verify,
+            observer=observer,
+        )
     from .simulator import SimConfig, Simulator
 
     # Generations are journaled beside the run's ledger, so an interrupted demo resumes; the
@@ -524,7 +540,14 @@ async def _run_async(
     async with Simulator(config) as server:
         log.info("simulator listening on %s (videos on %s)", server.base_url, server.cdn_url)
         sim_settings = settings.with_overrides(base_url=server.base_url, api_key=Secret(key))
-        return await run(m, sim_settings, handle_signals=True, verify=verify, observer=observer)
+        return await run(
+            m,
+            sim_settings,
+            handle_signals=True,
+            last_words=_last_words,
+            verify=verify,
+            observer=observer,
+        )
 
 
 @main.command("plan")

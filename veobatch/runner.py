@@ -888,6 +888,8 @@ class _Control:
     main: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     run: _Run | None = None
     interrupted: bool = False
+    # Told the line that says why, on a second signal: the summary will never be printed.
+    last_words: Callable[[str], None] | None = None
 
     async def watch_signals(self) -> None:
         # Event loops differ in what they leave behind when a receiver closes (uvloop: the
@@ -907,6 +909,12 @@ class _Control:
                     log.error("second signal: exiting now")
                     try:
                         self.ledger.flush_sync()
+                        if self.last_words is not None:
+                            name = signal.Signals(sig).name
+                            self.last_words(
+                                f"veobatch: interrupted; a second {name} ended the"
+                                " run at once; run again to resume"
+                            )
                     finally:  # even when the disk refuses the last batch: exit means exit
                         os._exit(EXIT_INTERRUPTED)
                 self.interrupted = True
@@ -922,6 +930,7 @@ async def run(
     *,
     api: ApiClient | None = None,
     handle_signals: bool = False,
+    last_words: Callable[[str], None] | None = None,
     verify: bool = False,
     observer: Callable[[Snapshot], None] | None = None,
 ) -> RunReport:
@@ -932,7 +941,7 @@ async def run(
     out = ensure_dir(settings.out_dir)
     disk = DiskThreads()  # the ledger's writes and the videos' last write share its batches
     with DirLock(out):
-        control = _Control(Ledger.open(out, offload=disk))
+        control = _Control(Ledger.open(out, offload=disk), last_words=last_words)
         try:
             _refuse_unrecorded(out, manifest, control.ledger)
         except LedgerError:
