@@ -174,6 +174,18 @@ async def test_open_recovers_torn_tail_and_keeps_it(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("after", [b"", b'{"t": 3, "ev": "completed", "job": "a", "url": "u"}\n'])
+def test_a_whole_record_of_an_unknown_kind_is_refused_not_cut(tmp_path: Path, after: bytes) -> None:
+    # A newer veobatch's record: a crash never leaves a whole one, so it is no torn write.
+    newer = b'{"t": 2, "ev": "note", "job": "a", "text": "x"}\n'
+    ledger = tmp_path / LEDGER_NAME
+    ledger.write_bytes(_lines(HAPPY[:2]) + newer + after)
+    with pytest.raises(LedgerCorruptError, match=r"line 3 is of a kind .* \('note'\): .*newer"):
+        Ledger.open(tmp_path)
+    assert ledger.read_bytes().endswith(newer + after)  # nothing cut
+    assert not list(tmp_path.glob("*.torn-*"))
+
+
 async def test_open_terminates_a_last_record_missing_its_newline(tmp_path: Path) -> None:
     (tmp_path / LEDGER_NAME).write_bytes(_lines(HAPPY[:2]).rstrip(b"\n"))
     ledger = Ledger.open(tmp_path)

@@ -197,7 +197,16 @@ def _parse_line(line: bytes) -> dict[str, Any] | None:
         rec = json.loads(line)
     except ValueError:
         return None
-    return rec if isinstance(rec, dict) and rec.get("ev") in EVENTS else None
+    if not isinstance(rec, dict):
+        return None
+    if rec.get("ev") not in EVENTS and isinstance(rec.get("ev"), str) and "job" in rec:
+        raise _UnknownRecord(str(rec["ev"]))
+    return rec if rec.get("ev") in EVENTS else None
+
+
+class _UnknownRecord(Exception):
+    """A whole record of a kind this version does not know: written by a newer one, never
+    by a torn write (a crash leaves a prefix, and a prefix that parses is a known record)."""
 
 
 def parse_journal(data: bytes, *, name: str = LEDGER_NAME) -> Journal:
@@ -210,7 +219,15 @@ def parse_journal(data: bytes, *, name: str = LEDGER_NAME) -> Journal:
     pos = 0
     bad_at: int | None = None
     for raw in data.splitlines(keepends=True):
-        rec = _parse_line(raw.rstrip(b"\r\n")) if raw.strip() else None
+        try:
+            rec = _parse_line(raw.rstrip(b"\r\n")) if raw.strip() else None
+        except _UnknownRecord as exc:
+            line_no = data[:pos].count(b"\n") + 1
+            raise LedgerCorruptError(
+                f"{name}: the record at line {line_no} is of a kind this veobatch does not know"
+                f" ({exc.args[0]!r}): was the ledger written by a newer version? Run that"
+                " version, or move the file aside; nothing is cut or sent."
+            ) from None
         if rec is None and not raw.strip() and b"\x00" not in raw:
             pos += len(raw)  # blank lines are harmless
             continue
