@@ -214,6 +214,35 @@ async def test_a_job_removed_from_the_manifest_mid_flight_is_still_fetched_never
     assert report.counts == {"done": 3}
 
 
+async def test_a_job_edited_mid_flight_is_finished_then_made_as_it_now_reads(
+    cdn: str, tmp_path: Path
+) -> None:
+    m = manifest(2, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=10_000)  # nothing finishes: interrupt mid-flight
+    with anyio.move_on_after(0.3):
+        await run(m, settings(tmp_path), api=api)
+    first = list(api.created)
+    assert len(first) == 2
+    api2 = FakeApi(cdn, polls_to_finish=1)
+    api2.polls = dict.fromkeys(first, 0)
+    api2.created = list(first)
+    edited = Job("job0", {"model": "google/veo-3.1-t2v", "prompt": "p0 at dusk"}, 0)
+    report = await run(replace(m, jobs=(edited, m.jobs[1])), settings(tmp_path), api=api2)
+    assert report.exit_code == 0 and report.counts == {"done": 2}
+    assert api2.created[2:] == ["g2-p0 at dusk"]  # the current request, made in the same run
+    assert all(api2.polls[g] == 1 for g in first)  # the paid ones were followed, not dropped
+    out = tmp_path / "out"
+    ledger = Ledger.open(out)
+    st = ledger.state("job0")
+    ledger.close()
+    assert st.key == edited.key and st.generation_id == "g2-p0 at dusk"
+    kept = [p.name for p in out.glob("job0@*.mp4")]
+    assert len(kept) == 1 and (out / "job0.mp4").exists()  # the first video kept beside it
+    api3 = FakeApi(cdn)
+    again = await run(replace(m, jobs=(edited, m.jobs[1])), settings(tmp_path), api=api3)
+    assert again.exit_code == 0 and api3.created == []
+
+
 async def test_generation_error_fails_the_job_and_exit_1(cdn: str, tmp_path: Path) -> None:
     report = await run(manifest(3, tmp_path), settings(tmp_path), api=FakeApi(cdn, fail={"p1"}))
     assert report.exit_code == 1

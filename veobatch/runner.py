@@ -62,6 +62,7 @@ from .scheduler import (
     Submitter,
     backoff_delay_s,
     plan_run,
+    request_changed,
 )
 from .settings import RunSettings
 from .verify import check
@@ -167,6 +168,7 @@ class _Run:
         self.settled = anyio.Event()
         self.stop_submitting = False
         self.refreshes: dict[str, int] = {}
+        self.remake: set[str] = set()  # see execute
         self.results_warned = False
         self.budget = Budget(self.settings.max_cost_usd, self.settings.prices)
         # No total: a large video may take long; a stalled read or connect still times out.
@@ -209,6 +211,15 @@ class _Run:
 
     async def execute(self, plans: list[JobPlan]) -> None:
         self.jobs.update((p.job.id, p.job) for p in plans if p.removed)
+        # Edited while in flight: the generation paid for is finished first, then the request
+        # the manifest now holds is made, in this run (the first video is kept beside it).
+        self.remake = {
+            p.job.id
+            for p in plans
+            if p.action in (Action.POLL, Action.DOWNLOAD)
+            and not p.removed
+            and request_changed(p.job, p.state)
+        }
         self.open = {p.job.id for p in plans if p.action not in _IDLE}
         with self.to_download, self.downloads:
             if self.open:
@@ -633,8 +644,29 @@ class _Run:
             log.info("done job=%s file=%s bytes=%d", job_id, got.file, got.bytes)
             if checked.flags:
                 log.warning("video differs job=%s: %s", job_id, "; ".join(checked.flags))
+            if job_id in self.remake:
+                self.remake.discard(job_id)
+                self.tg.start_soon(self._make_current_request, job)
+                return
             self._close(job_id)
             return
+
+    async def _make_current_request(self, job: Job) -> None:
+        log.info(
+            "request changed while in flight job=%s: the generation paid for is done;"
+            " submitting the request the manifest now holds",
+            job.id,
+        )
+        if self.stop_submitting:
+            self._close(job.id)
+            return
+        try:
+            await self.slots.acquire_on_behalf_of(job.id)
+        except BaseException:  # cancelled while waiting: never sent
+            self._close(job.id)
+            raise
+        self.holding.add(job.id)
+        await self._submit_one(job)
 
     async def _refresh_url(self, job_id: str, exc: DownloadError, why: str) -> None:
         """The video host refused an old URL, or could not be reached at all (a URL of an
