@@ -389,7 +389,7 @@ def test_a_removed_job_with_a_paid_generation_is_fetched_and_the_rest_left_as_re
         "crashed": JobState("crashed", "submitting", model=t2v),
         "never": JobState("never", "pending"),
     }
-    plans, note = plan_run([kept], states, tmp_path)
+    plans, (note,) = plan_run([kept], states, tmp_path)
     assert [(p.job.id, p.action, p.removed) for p in plans] == [
         ("kept", Action.SUBMIT, False),
         ("flying", Action.POLL, True),
@@ -404,7 +404,26 @@ def test_a_removed_job_with_a_paid_generation_is_fetched_and_the_rest_left_as_re
         " uncertain (maybe, crashed): put them back in the manifest to settle them"
     )
     states.pop("maybe"), states.pop("crashed"), states.pop("flying"), states.pop("finished")
-    assert plan_run([kept], states, tmp_path)[1] is None  # done or never sent: nothing to say
+    assert plan_run([kept], states, tmp_path)[1] == []  # done or never sent: nothing to say
+
+
+def test_a_new_job_asking_what_a_removed_one_got_is_said_to_be_paid_again(
+    tmp_path: Path,
+) -> None:
+    renamed = Job("beta-2", {"model": "google/veo-3.1-t2v", "prompt": "b"})
+    other = Job("gamma", {"model": "google/veo-3.1-t2v", "prompt": "c"})
+    states = {
+        "beta": JobState("beta", "done", key=renamed.key, generation_id="g1", file="beta.mp4"),
+    }
+    plans, warnings = plan_run([renamed, other], states, tmp_path)
+    assert [p.action for p in plans] == [Action.SUBMIT, Action.SUBMIT]  # said, not refused
+    assert warnings == [
+        "job 'beta-2' asks exactly what 'beta' in the ledger got (done, generation g1): renamed?"
+        " As it is, it is generated and paid for again; give it back the id 'beta' to keep that"
+        " video instead"
+    ]
+    states["beta-2"] = JobState("beta-2", "done", key=renamed.key)  # both listed: no rename
+    assert plan_run([renamed, other, Job("beta", renamed.request)], states, tmp_path)[1] == []
 
 
 async def test_a_5xx_asking_for_rest_holds_every_submission_until_then(

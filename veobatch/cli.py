@@ -582,9 +582,9 @@ def plan_cmd(
     # The run's own precedence (command line over manifest); no environment: plan sends nothing.
     cli = {"retry_failed": retry_failed or None, "max_cost_usd": max_cost}
     s = _guard(lambda: resolve_settings(out, m.settings, cli, env={}))
-    plans, removed = plan_run(m.jobs, states, out, retry_failed=s.retry_failed)
-    if removed:
-        click.echo(f"warning: {removed}", err=True)
+    plans, warnings = plan_run(m.jobs, states, out, retry_failed=s.retry_failed)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
     if found := unrecorded_results(out, m.jobs, states):
         click.echo(f"warning: no ledger records in {out}, but {found}: `run` refuses", err=True)
     columns = ("job", "model", "standing", "action", "why")

@@ -1021,15 +1021,15 @@ async def _run_locked(
 ) -> RunReport:
     started = time.monotonic()
     ledger = control.ledger
-    plans, removed = plan_run(
+    plans, warnings = plan_run(
         manifest.jobs,
         ledger.states,
         settings.out_dir,
         verify=verify,
         retry_failed=settings.retry_failed,
     )
-    if removed:
-        log.warning("%s", removed)
+    for warning in warnings:
+        log.warning("%s", warning)
     async with _http(settings, api) as (client, cdn):
         r = control.run = _Run(manifest, settings, ledger, client, cdn, observer=observer)
         r.stop_submitting = control.interrupted

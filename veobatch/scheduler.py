@@ -15,7 +15,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,15 +123,36 @@ def plan_run(
     *,
     verify: bool = False,
     retry_failed: bool = False,
-) -> tuple[list[JobPlan], str | None]:
+) -> tuple[list[JobPlan], list[str]]:
     """Every job's plan, the manifest's then any it no longer lists that a run still fetches,
-    and a line on those, when there are any a user should hear of."""
+    and the warnings a user should hear: jobs it no longer lists, and ids renamed."""
     jobs = list(jobs)
     plans = plan_jobs(jobs, states, out_dir, verify=verify, retry_failed=retry_failed)
     listed = {job.id for job in jobs}
     removed = removed_plans(states, listed)
     unsettled = [st.id for st in states.values() if st.id not in listed and st.status in _MAY_EXIST]
-    return plans + removed, removed_note(removed, unsettled)
+    note = removed_note(removed, unsettled)
+    warnings = [note] if note else []
+    return plans + removed, warnings + list(renamed_notes(plans, states, listed))
+
+
+def renamed_notes(
+    plans: Iterable[JobPlan], states: Mapping[str, JobState], listed: Set[str]
+) -> Iterator[str]:
+    """A new job asking exactly what a job no longer listed got (or is getting): most likely
+    the same job under a new id, about to be paid for again. Said, not refused: a second take
+    of a request may be wanted."""
+    earlier: dict[str, JobState] = {}
+    for st in states.values():
+        if st.id not in listed and st.key and st.status in ("done", "submitted", "completed"):
+            earlier.setdefault(st.key, st)
+    for p in plans:
+        if p.state.status == "pending" and (was := earlier.get(p.job.key)) is not None:
+            yield (
+                f"job {p.job.id!r} asks exactly what {was.id!r} in the ledger got ({was.status},"
+                f" generation {was.generation_id}): renamed? As it is, it is generated and paid"
+                f" for again; give it back the id {was.id!r} to keep that video instead"
+            )
 
 
 def removed_plans(states: Mapping[str, JobState], listed: Set[str]) -> list[JobPlan]:
