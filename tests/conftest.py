@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 import types
 from typing import Any
 
 import aioresponses.core
 from aiohttp import ClientResponse
+
+# Started under nohup or in a shell's background (`.ci/run &`), pytest inherits SIGHUP or
+# SIGINT ignored, and veobatch keeps a signal ignored at start ignored, by design: the signal
+# tests would then test that instead. Before veobatch is imported, and for the CLI processes
+# the tests start, they get their defaults back; the tests of "ignored at start" set it up.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 class _CompatResponse(ClientResponse):

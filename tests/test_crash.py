@@ -73,11 +73,14 @@ def simulator() -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    while True:
         try:
             urllib.request.urlopen(base + "/_sim/stats", timeout=1).read()
             break
         except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"the simulator did not answer on {base} within 20 s")
             time.sleep(0.1)
     yield base
     proc.terminate()

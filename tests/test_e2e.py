@@ -177,6 +177,7 @@ def wait_for_records(ledger: Path, ev: str, n: int, timeout_s: float = 30) -> No
         if ledger.exists() and ledger.read_text().count(f'"ev":"{ev}"') >= n:
             return
         time.sleep(0.02)
+    pytest.fail(f"no {n} {ev!r} records in {ledger} after {timeout_s:.0f}s")
 
 
 def submissions_per_job(ledger: Path) -> dict[str, int]:
@@ -263,7 +264,9 @@ def start_on_terminal(terminal: int, *args: str) -> subprocess.Popen[bytes]:
 def drain_until(master: int, ready: Callable[[], bool], timeout_s: float = 30) -> None:
     """Read the terminal's output (a full one blocks its writer) until ``ready()``."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not ready():
+    while not ready():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not ready after {timeout_s:.0f}s")
         if select.select([master], [], [], 0.02)[0]:
             os.read(master, 65536)
 

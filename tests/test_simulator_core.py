@@ -186,7 +186,14 @@ def test_unknown_field_is_rejected(model: str, key: str) -> None:
 
 @pytest.mark.parametrize("provider", ["auto", "google", "fal", "GOOGLE", "Fal", "AuTo"])
 def test_provider_is_case_insensitive(provider: str) -> None:
-    validate_body(body(T2V, provider=provider), SCHEMAS)
+    made = validate_body(body(T2V, provider=provider), SCHEMAS)
+    assert made.model == T2V and made.duration_s == 8  # accepted, with the schema's defaults
+
+
+@pytest.mark.parametrize("provider", ["googel", "fal.ai", " auto", ""])
+def test_other_providers_are_rejected(provider: str) -> None:
+    [(path, _)] = issues_of(body(T2V, provider=provider))
+    assert path == ("provider",)
 
 
 @pytest.mark.parametrize("prompt", ["", " ", "\n\t "])
