@@ -194,14 +194,13 @@ def test_status_of_a_missing_directory_exits_2(runner: CliRunner, tmp_path: Path
 
 
 def test_errors_inside_task_groups_are_reported_plainly() -> None:
-    from veobatch.cli import _leaf
-    from veobatch.errors import LedgerError
+    from veobatch.errors import LedgerError, first_leaf
 
     inner = LedgerError("cannot write ledger.jsonl: No space left on device")
     group = ExceptionGroup("outer", [ExceptionGroup("inner", [inner])])
-    assert _leaf(group) is inner
+    assert first_leaf(group) is inner
     plain = ExceptionGroup("g", [ValueError("x")])
-    assert _leaf(plain) is plain
+    assert first_leaf(plain) is plain
 
 
 def test_an_os_error_is_one_line_and_exit_3(

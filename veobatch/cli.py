@@ -32,6 +32,7 @@ from .errors import (
     LockedError,
     ManifestError,
     VeobatchError,
+    first_leaf,
 )
 from .jobs import Manifest
 from .ledger import LEDGER_NAME, current_results, load_states
@@ -88,24 +89,6 @@ def _setup_logging(verbosity: int, log_format: LogFormat = "text") -> logging.Ha
     return handler
 
 
-def _leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first of our own errors inside a task group's exception group, else the first OS
-    error (a disk that filled up), else the group itself."""
-    leaves = _leaves(group)
-    for kind in (VeobatchError, OSError):
-        for exc in leaves:
-            if isinstance(exc, kind):
-                return exc
-    return group
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    found: list[BaseException] = []
-    for exc in group.exceptions:
-        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return found
-
-
 SIM_STATE = ".simulator"  # in the output directory: the simulator's journal of a --simulate run
 _fatal_json = False  # --log-format json: the line that says why is a JSON record too
 
@@ -120,7 +103,7 @@ def _guard(fn: Callable[[], T], on_abort: Callable[[int, str, bool], None] | Non
         try:
             return fn()
         except BaseExceptionGroup as group:
-            raise _leaf(group) from None
+            raise first_leaf(group) from None
     except (VeobatchError, OSError) as exc:
         _end(*_exit_for(exc), on_abort)
     except Exception as exc:  # a bug: still one line, and an exit a unit counts as failed

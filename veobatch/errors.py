@@ -216,3 +216,21 @@ class UrlRejectedError(DownloadError):
 
     def __init__(self, message: str, *, job_id: str | None = None) -> None:
         super().__init__(message, job_id=job_id, retryable=False)
+
+
+def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first of our own errors inside a task group's exception group, else the first OS
+    error (a disk that filled up), else the group itself: what a caller should see."""
+    leaves = _leaves(group)
+    for kind in (VeobatchError, OSError):
+        for exc in leaves:
+            if isinstance(exc, kind):
+                return exc
+    return group
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found

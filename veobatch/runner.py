@@ -38,6 +38,7 @@ from .errors import (
     LedgerError,
     NotFoundError,
     UrlRejectedError,
+    first_leaf,
 )
 from .fsutil import DirLock, DiskThreads, ensure_dir, fsync_dir, to_thread
 from .jobs import Job, Manifest
@@ -966,7 +967,28 @@ async def run(
     verify: bool = False,
     observer: Callable[[Snapshot], None] | None = None,
 ) -> RunReport:
-    """Run a manifest to completion (or interruption) and report; resumes what the ledger holds."""
+    """Run a manifest to completion (or interruption) and report; resumes what the ledger holds.
+
+    Raises the package's own errors (or the OSError of a failing disk), never the task
+    groups' exception groups that carry them."""
+    try:
+        return await _run(manifest, settings, api, handle_signals, last_words, verify, observer)
+    except BaseExceptionGroup as group:
+        leaf = first_leaf(group)
+        if leaf is group:
+            raise
+        raise leaf from None
+
+
+async def _run(
+    manifest: Manifest,
+    settings: RunSettings,
+    api: ApiClient | None,
+    handle_signals: bool,
+    last_words: Callable[[str], None] | None,
+    verify: bool,
+    observer: Callable[[Snapshot], None] | None,
+) -> RunReport:
     started = time.monotonic()
     if api is None and settings.api_key is None:
         raise ConfigError("no API key: set AIMLAPI_KEY (or use --simulate)")
