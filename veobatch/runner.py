@@ -8,6 +8,7 @@ reports back here, and every state change goes through the ledger before the nex
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -1043,12 +1044,17 @@ async def _run_locked(
 ) -> RunReport:
     started = time.monotonic()
     ledger = control.ledger
-    plans, warnings = plan_run(
-        manifest.jobs,
-        ledger.states,
-        settings.out_dir,
-        verify=verify,
-        retry_failed=settings.retry_failed,
+    # Off the event loop: it stats every finished video, and with --verify hashes each one,
+    # which for a night's worth of videos takes long enough to leave a signal unanswered.
+    plans, warnings = await to_thread(
+        functools.partial(
+            plan_run,
+            manifest.jobs,
+            ledger.states,
+            settings.out_dir,
+            verify=verify,
+            retry_failed=settings.retry_failed,
+        )
     )
     for warning in warnings:
         log.warning("%s", warning)
