@@ -34,8 +34,8 @@ from veobatch.simulator.video import VideoSpec, encode_test_card
 from veobatch.transfer import (
     Body,
     ContentRange,
+    MinimumRate,
     PartInfo,
-    Throughput,
     mp4_boxes_complete,
     parse_content_range,
     plan_body,
@@ -824,11 +824,11 @@ async def test_cancellation_stays_cancellation_when_the_disk_fails_too(
 
 
 def test_throughput_windows() -> None:
-    pace = Throughput(60.0, 1000, now=0.0)
+    pace = MinimumRate(60.0, 1000, now=0.0)
     assert pace.feed(500, 30.0) is None
     assert pace.feed(400, 59.0) is None
     assert pace.feed(50, 61.0) == 950  # the window ended with fewer than 1000
-    pace = Throughput(60.0, 1000, now=0.0)
+    pace = MinimumRate(60.0, 1000, now=0.0)
     assert pace.feed(2000, 61.0) is None  # enough: the next window starts here
     assert pace.feed(10, 100.0) is None
     assert pace.feed(10, 122.0) == 20

@@ -29,7 +29,7 @@ from yarl import URL
 from .client import parse_retry_after
 from .errors import DownloadError, UrlRejectedError
 from .fsutil import Offload, fsync_dir, to_thread
-from .transfer import Body, PartInfo, Throughput, mp4_boxes_complete, plan_body, validator_of
+from .transfer import Body, MinimumRate, PartInfo, mp4_boxes_complete, plan_body, validator_of
 from .verify import Probe, probe_video
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ async def _take(
     """Stream the body into the writer and check its length; on any failure keep what arrived
     (with a sidecar naming the file) for a Range resume, unless it was encoded."""
     size = body.offset
-    pace = Throughput(MIN_RATE_WINDOW_S, MIN_RATE_BYTES, clock())
+    pace = MinimumRate(MIN_RATE_WINDOW_S, MIN_RATE_BYTES, clock())
     try:
         try:
             async for chunk in resp.content.iter_chunked(chunk_bytes):

@@ -1,6 +1,7 @@
 """Load a manifest: YAML in, a validated :class:`Manifest` out, or every problem at once.
 
-Pure apart from :func:`load_manifest` reading one file; it never touches the network. Each job
+It reads the manifest, the tables its ``jobs_from`` names and the local images its jobs name,
+and nothing else; it never touches the network. Each job
 is checked against its own model's fields from the catalogue, and each problem points at the
 line to fix and says what was expected and what was found: a batch that fails on job 37 after
 an hour of generating is exactly what this module exists to prevent.

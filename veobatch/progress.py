@@ -37,21 +37,15 @@ DISPLAY_STATES = (
     "failed",
     "uncertain",
 )
-STYLES = {
-    "pending": "white",
-    "submitted": "cyan",
-    "generating": "blue",
-    "downloading": "magenta",
-    "done": "green",
-    "failed": "red",
-    "uncertain": "yellow",
-}
+STYLES = dict(
+    zip(DISPLAY_STATES, ("white", "cyan", "blue", "magenta", "green", "red", "yellow"), strict=True)
+)
 
 
 def display_counts(s: Snapshot) -> dict[str, int]:
     c = s.counts
     generating = min(s.generating, c.get("submitted", 0))
-    return {
+    shown = {
         "pending": c.get("pending", 0),
         "submitted": c.get("submitting", 0) + c.get("submitted", 0) - generating,
         "generating": generating,
@@ -60,6 +54,7 @@ def display_counts(s: Snapshot) -> dict[str, int]:
         "failed": c.get("failed", 0),
         "uncertain": c.get("uncertain", 0),
     }
+    return {state: shown[state] for state in DISPLAY_STATES}  # in the order shown
 
 
 class Throughput:

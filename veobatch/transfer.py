@@ -140,7 +140,7 @@ def mp4_boxes_complete(f: BinaryIO, size: int) -> bool:
     return moov and pos == size
 
 
-class Throughput:
+class MinimumRate:
     """A body must bring ``min_bytes`` per ``window_s``: a trickle would hold a worker forever.
 
     Checked as chunks arrive; a host that sends nothing at all is the read timeout's to stop.
