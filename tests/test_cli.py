@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from click.testing import CliRunner
 
@@ -81,6 +82,25 @@ def test_a_bug_is_one_line_and_exit_3_not_a_traceback(
         res.stderr
     )
     assert "Traceback" not in res.stderr
+
+
+def test_a_bug_inside_a_task_group_names_its_leaf_and_where_it_was_raised(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "ExceptionGroup: unhandled errors in a TaskGroup (1 sub-exception)" was all a cron log
+    # kept of a rare bug: the line must say what and where without -v.
+    def boom(*args: object) -> None:
+        raise KeyError("job7")
+
+    async def grouped(*args: object, **kw: object) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(boom)
+
+    monkeypatch.setattr("veobatch.cli.run", grouped)
+    res = runner.invoke(main, ["run", str(write(tmp_path, GOOD)), "--out", str(tmp_path / "o")])
+    assert res.exit_code == 3, res.stderr
+    assert "internal error: KeyError: 'job7' at test_cli.py:" in res.stderr
+    assert "in boom" in res.stderr and "ExceptionGroup" not in res.stderr
 
 
 def test_a_simulated_run_marks_its_directory_before_anything_is_recorded(

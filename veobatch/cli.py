@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -109,8 +110,8 @@ def _guard(fn: Callable[[], T], on_abort: Callable[[int, str, bool], None] | Non
     except Exception as exc:  # a bug: still one line, and an exit a unit counts as failed
         log.debug("traceback of the error below", exc_info=exc)  # shown with -v
         line = (
-            f"veobatch: internal error: {type(exc).__name__}: {exc} (a bug: please report it;"
-            " -v shows the traceback; what is on record is safe, and a rerun resumes)"
+            f"veobatch: internal error: {_where(exc)} (a bug: please report it with this"
+            " line; -v shows the traceback; what is on record is safe, and a rerun resumes)"
         )
         _end(EXIT_CONFIG, line, on_abort)
     except SystemExit as exc:  # a signal outside the run's own handling: still exit 75
@@ -120,6 +121,17 @@ def _guard(fn: Callable[[], T], on_abort: Callable[[int, str, bool], None] | Non
             line = f"veobatch: interrupted{by}; run again to resume"
             _end(EXIT_INTERRUPTED, line, on_abort, interrupted=True)
         raise
+
+
+def _where(exc: BaseException) -> str:
+    """A bug's first leaf, with the place it was raised: a rare one seen only in a cron log
+    must be traceable from that one line, without -v."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    frames = traceback.extract_tb(exc.__traceback__)
+    own = [f for f in frames if "veobatch" in f.filename] or frames
+    at = f" at {Path(own[-1].filename).name}:{own[-1].lineno} in {own[-1].name}" if own else ""
+    return f"{type(exc).__name__}: {exc}{at}"[:500]
 
 
 def _end(
