@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import beside_or_skip
 
 from veobatch.catalogue import MODELS, PROVIDERS
 
@@ -32,8 +33,7 @@ def request_schemas(folder: Path) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.parametrize("folder", [SHARED, EMBEDDED], ids=["shared", "embedded"])
 def test_catalogue_matches_the_published_schemas(folder: Path) -> None:
-    if not folder.exists():
-        pytest.skip(f"{folder} is not beside the repository")
+    beside_or_skip(folder, "the published schemas")
     schemas = request_schemas(folder)
     assert set(schemas) == set(MODELS)
     for name, schema in schemas.items():
@@ -56,7 +56,6 @@ def test_catalogue_matches_the_published_schemas(folder: Path) -> None:
 
 
 def test_embedded_copies_equal_the_shared_files() -> None:
-    if not SHARED.exists():
-        pytest.skip("../shared/aimlapi is not beside the repository")
+    beside_or_skip(SHARED, "the published schemas")
     for path in EMBEDDED.glob("*.json"):
         assert path.read_bytes() == (SHARED / path.name).read_bytes(), path.name

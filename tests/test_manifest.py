@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import beside_or_skip
 from PIL import Image
 
 from veobatch import manifest_checks
@@ -1728,8 +1729,8 @@ def _seed_request(page: Path) -> dict[str, Any]:
     return value
 
 
-@pytest.mark.skipif(not SEEDS.is_dir(), reason="the API's doc pages are not beside the repository")
 def test_seed_requests_match_the_api_documentation() -> None:
+    beside_or_skip(SEEDS, "the API's doc pages")
     documented = {
         "ballerina": _seed_request(SEEDS / "veo-3.1-reference-to-video.md"),
         "hello-world": _seed_request(SEEDS / "veo-3.1-first-last-image-to-video.md"),
