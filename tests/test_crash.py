@@ -11,10 +11,11 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
-import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -42,49 +43,46 @@ FAULTS = [
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def simulator() -> Iterator[str]:
-    port = free_port()
-    args = [
-        "simulate",
-        "--port",
-        str(port),
-        "--gen-time",
-        "1.0",
-        "--tiny-videos",
-        "--key",
-        CANARY,
-        "--seed",
-        "7",
-    ]
+    # Port 0, read back from its own log line: a port picked here and bound there could be
+    # taken by another process in between.
+    args = ["simulate", "--port", "0", "--gen-time", "1.0", "--tiny-videos", "--key", CANARY]
+    args += ["--seed", "7"]
     for fault in FAULTS:
         args += ["--fault", fault]
     proc = subprocess.Popen(
         [sys.executable, "-m", "veobatch", *args],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    base = f"http://127.0.0.1:{port}"
+    assert proc.stderr is not None
+    drain = threading.Thread(target=proc.stderr.read, daemon=True)  # a full pipe would block it
+    try:
+        base = _listening_on(proc)
+        drain.start()
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if drain.is_alive():
+            drain.join(timeout=10)  # at the end of the pipe now
+        proc.stderr.close()
+
+
+def _listening_on(proc: subprocess.Popen[str]) -> str:
+    assert proc.stderr is not None
     deadline = time.monotonic() + 20
-    while True:
-        try:
-            urllib.request.urlopen(base + "/_sim/stats", timeout=1).read()
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if found := re.search(r"simulator API on (http://[^,\s]+)", line):
+            return found[1]
+        if not line and proc.poll() is not None:
             break
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"the simulator did not answer on {base} within 20 s")
-            time.sleep(0.1)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=10)
+    proc.kill()
+    pytest.fail("the simulator did not say where it listens within 20 s")
 
 
 def write_manifest(path: Path) -> None:

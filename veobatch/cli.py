@@ -733,7 +733,6 @@ def simulate_cmd(
         video_fps=video_fps,
         blob_dir=blob_dir,
     )
-    click.echo(f"simulator: AIMLAPI_BASE_URL=http://{host}:{port}", err=True)
     try:
         _arun(serve, config, host, port, cdn_port)
     except KeyboardInterrupt:

@@ -621,5 +621,7 @@ def _digest(key: str) -> str:
 async def serve(config: SimConfig, host: str, port: int, cdn_port: int = 0) -> None:
     """Serve until cancelled (``veobatch simulate``)."""
     async with Simulator(config, host=host, port=port, cdn_port=cdn_port) as sim:
+        # The ports it got (--port 0 asks for any free one): what a client is to be given.
         log.info("simulator API on %s, videos on %s", sim.base_url, sim.cdn_url)
+        log.info("simulator: AIMLAPI_BASE_URL=%s", sim.base_url)
         await anyio.sleep_forever()
