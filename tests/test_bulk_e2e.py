@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner
-from test_e2e import CANARY, fast_settings
+from run_helpers import CANARY, fast_settings
 
 from veobatch.cli import main
 from veobatch.ledger import load_states

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,36 +20,14 @@ import av
 import pytest
 from cli_process import start_cli
 from local_server import webhook_receiver
+from run_helpers import CANARY, fast_settings, mixed_manifest
 
-from veobatch.jobs import Job, Manifest
 from veobatch.ledger import load_states
 from veobatch.manifest import load_manifest
 from veobatch.runner import run
-from veobatch.settings import PollSettings, RunSettings, Secret
 from veobatch.simulator import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
-CANARY = "canary-key-7f3a9d5e1b2c"
-IMG = "https://example.com/frame.png"
-
-MODELS_AND_FIELDS = [
-    ("google/veo-3.1-t2v", {"duration": 4, "aspect_ratio": "9:16"}),
-    ("google/veo-3.1-t2v-fast", {"seed": 7, "generate_audio": False}),
-    ("google/veo-3.1-i2v", {"image_url": IMG}),
-    ("google/veo-3.1-i2v-fast", {"image_url": IMG, "resolution": "1080p"}),
-    ("google/veo-3.1-first-last-image-to-video", {"image_url": IMG, "last_image_url": IMG}),
-    ("google/veo-3.1-first-last-image-to-video-fast", {"image_url": IMG, "last_image_url": IMG}),
-    ("google/veo-3.1-reference-to-video", {"image_urls": [IMG, IMG]}),
-]
-
-
-def mixed_manifest(n: int, tmp: Path) -> Manifest:
-    jobs = []
-    for i in range(n):
-        model, fields = MODELS_AND_FIELDS[i % len(MODELS_AND_FIELDS)]
-        request = {"model": model, "prompt": f"scene {i}", **fields}
-        jobs.append(Job(f"job-{i:03d}", request, i))
-    return Manifest(tmp / "mixed.yaml", tuple(jobs))
 
 
 @pytest.fixture
@@ -63,20 +40,6 @@ async def sim() -> AsyncIterator[Simulator]:
     )
     async with Simulator(config) as s:
         yield s
-
-
-def fast_settings(out: Path, base_url: str, key: str = CANARY, **kw: object) -> RunSettings:
-    poll = PollSettings(first_delay_s=0.1, min_interval_s=0.05, max_interval_s=0.2, growth=0.25)
-    s = RunSettings(
-        out_dir=out,
-        api_key=Secret(key),
-        base_url=base_url,
-        concurrency=4,
-        poll=poll,
-        backoff_base_s=0.01,
-        backoff_max_s=0.05,
-    )
-    return replace(s, **kw)  # type: ignore[arg-type]
 
 
 def all_bytes_under(path: Path) -> bytes:

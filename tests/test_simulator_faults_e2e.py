@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import av
-from test_e2e import CANARY, fast_settings, mixed_manifest
+from run_helpers import CANARY, fast_settings, mixed_manifest
 
 from veobatch.ledger import load_states
 from veobatch.runner import run
