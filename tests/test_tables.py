@@ -146,3 +146,12 @@ def test_every_line_end_excel_writes_reads_alike(end: str) -> None:
     assert table.rows[1]["prompt"] == f"two{end}lines"
     (extra,) = table.problems
     assert (extra.line, extra.column) == (5, 7) and "3 cells" in extra.message
+
+
+def test_a_jsonl_field_is_located_at_its_key_not_at_a_value_that_reads_the_same() -> None:
+    line = '{"prompt": "duration", "model": "m", "dur\\u0061tion": 5, "seed": {"seed": 1}}'
+    table = read_table(line + "\n", "p.jsonl")
+    keys = {path[-1]: pos.column for path, pos in table.source.keys.items()}
+    assert keys["duration"] == line.index('"dur\\u0061tion"') + 1  # escaped: still found
+    assert keys["seed"] == line.index('"seed"') + 1  # the top-level key, not the nested one
+    assert keys["prompt"] == 2

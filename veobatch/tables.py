@@ -279,13 +279,38 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _key_column(raw: str, key: str, nth: int = 1) -> int:
-    """1-based column of the key's ``nth`` spelling in the line, or 1 when it is escaped."""
-    quoted, at = json.dumps(key), -1
-    for _ in range(nth):
-        at = raw.find(quoted, at + 1)
-        if at < 0:
-            return 1
-    return at + 1
+    """1-based column of the object's key ``key`` (its ``nth`` spelling) in a line of valid
+    JSON; 1 when it is not found. Keys only: a value holding the same text is not one."""
+    seen = 0
+    for column, name in _top_keys(raw):
+        if name == key:
+            seen += 1
+            if seen == nth:
+                return column
+    return 1
+
+
+def _top_keys(raw: str) -> Iterator[tuple[int, str]]:
+    """(1-based column, decoded name) of each key of the line's top-level object."""
+    depth, i, n = 0, 0, len(raw)
+    while i < n:
+        c = raw[i]
+        if c == '"':
+            end = i + 1
+            while raw[end] != '"':
+                end += 2 if raw[end] == "\\" else 1
+            after = end + 1
+            while after < n and raw[after] in " \t\r":
+                after += 1
+            if depth == 1 and after < n and raw[after] == ":":
+                yield i + 1, json.loads(raw[i : end + 1])
+            i = end + 1
+            continue
+        if c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+        i += 1
 
 
 def _checked_row(table: Table, number: int, raw: str, row: dict[str, Any]) -> dict[str, Any]:
