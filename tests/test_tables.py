@@ -7,6 +7,7 @@ import pytest
 from veobatch.catalogue import MODELS
 from veobatch.manifest_checks import DATA_URI_MAX_BYTES
 from veobatch.tables import FIELD_TYPES, convert_cell, read_table
+from veobatch.yamlpos import Pos
 
 
 def test_field_types_are_the_same_in_every_model() -> None:
@@ -155,3 +156,13 @@ def test_a_jsonl_field_is_located_at_its_key_not_at_a_value_that_reads_the_same(
     assert keys["duration"] == line.index('"dur\\u0061tion"') + 1  # escaped: still found
     assert keys["seed"] == line.index('"seed"') + 1  # the top-level key, not the nested one
     assert keys["prompt"] == 2
+
+
+def test_a_cell_after_a_quoted_multi_line_cell_is_located_on_its_own_line() -> None:
+    text = 'id,prompt,duration\nowl,"two\nlines, here",5,extra\n'
+    table = read_table(text, "p.csv")
+    positions = {path[-1]: pos for path, pos in table.source.values.items() if len(path) == 3}
+    assert positions["id"] == Pos(2, 1) and positions["prompt"] == Pos(2, 5)
+    assert positions["duration"] == Pos(3, 14)  # after the cell's second line, not 2:1
+    (extra,) = table.problems
+    assert (extra.line, extra.column) == (3, 16)

@@ -93,21 +93,21 @@ def convert_cell(name: str, cell: str) -> Any:
     return cell
 
 
-def _cell_columns(line: str) -> list[int]:
-    """1-based start column of each cell of a one-line CSV record (quotes respected)."""
-    starts, quoted, i = [1], False, 0
-    while i < len(line):
-        c = line[i]
-        if c == '"':
-            quoted = not quoted
-        elif c == "," and not quoted:
-            starts.append(i + 2)
-        i += 1
+def _cell_starts(lines: list[str], first: int) -> list[Pos]:
+    """Where each cell of a CSV record starts (quotes respected), the record on ``lines``
+    from line ``first``: a quoted cell may run over several lines."""
+    starts, quoted = [Pos(first, 1)], False
+    for offset, line in enumerate(lines):
+        for i, c in enumerate(line):
+            if c == '"':
+                quoted = not quoted
+            elif c == "," and not quoted:
+                starts.append(Pos(first + offset, i + 2))
     return starts
 
 
-def _records(text: str) -> Iterator[tuple[int, list[str], list[int] | None]]:
-    """(first line, cells, cell columns when the record is on one line) per CSV record."""
+def _records(text: str) -> Iterator[tuple[int, list[str], list[Pos]]]:
+    """(first line, cells, where each cell starts) per CSV record."""
     lines = editor_lines(text)
     # strict: an unclosed quote would otherwise swallow every later row into one cell.
     # newline="": a record may end in \n, \r\n or a lone \r (old Mac Excel), as csv asks.
@@ -122,15 +122,14 @@ def _records(text: str) -> Iterator[tuple[int, list[str], list[int] | None]]:
             raise _BadRecord(str(exc), previous_end + 1, reader.line_num) from exc
         start, end = previous_end + 1, reader.line_num
         previous_end = end
-        columns = _cell_columns(lines[start - 1]) if start == end and start <= len(lines) else None
-        yield start, cells, columns
+        yield start, cells, _cell_starts(lines[start - 1 : end], start)
 
 
 def _read_csv(text: str, file: str) -> Table:
     table = Table(file)
     records = _records(text)
     try:
-        header_line, header, header_columns = next(records)
+        header_line, header, header_starts = next(records)
     except StopIteration:
         table.problems.append(Problem(file, "the file is empty: it needs a header row of fields"))
         return table
@@ -139,21 +138,20 @@ def _read_csv(text: str, file: str) -> Table:
         return table
     names = [h.strip() for h in header]
     for i, name in enumerate(names):
-        col = header_columns[i] if header_columns and i < len(header_columns) else None
+        at = header_starts[i] if i < len(header_starts) else Pos(header_line, 1)
         if not name:
             message = f"column {i + 1} has no name in the header row"
-            table.problems.append(Problem(file, message, header_line, col))
+            table.problems.append(Problem(file, message, at.line, at.column))
         elif names.index(name) != i:
-            table.problems.append(
-                Problem(file, f"column {name!r} appears twice in the header row", header_line, col)
-            )
+            message = f"column {name!r} appears twice in the header row"
+            table.problems.append(Problem(file, message, at.line, at.column))
     if table.problems:
         return table
     try:
-        for line, cells, columns in records:
+        for line, cells, starts in records:
             if not any(c.strip() for c in cells):
                 continue  # blank lines and rows of empty cells
-            _csv_row(table, names, header_line, header_columns, line, cells, columns)
+            _csv_row(table, names, header_line, header_starts, line, cells, starts)
     except _BadRecord as exc:
         table.problems.append(_bad_record_problem(file, exc))
     return table
@@ -176,30 +174,32 @@ def _csv_row(
     table: Table,
     names: list[str],
     header_line: int,
-    header_columns: list[int] | None,
+    header_starts: list[Pos],
     line: int,
     cells: list[str],
-    columns: list[int] | None,
+    starts: list[Pos],
 ) -> None:
     index = len(table.rows)
     path: KeyPath = ("jobs", index)
     table.source.items[path] = Pos(line, 1)
     table.source.values[path] = Pos(line, 1)
     if len(cells) > len(names):
-        col = columns[len(names)] if columns and len(columns) > len(names) else None
+        extra = starts[len(names)] if len(starts) > len(names) else Pos(line, 1)
         message = f"this row has {len(cells)} cells but the header names {len(names)} columns"
-        table.problems.append(Problem(table.file, message, line, col, f"row {index + 1}"))
+        table.problems.append(
+            Problem(table.file, message, extra.line, extra.column, f"row {index + 1}")
+        )
     row: dict[str, Any] = {}
     for i, name in enumerate(names):
         if name.startswith("#") or i >= len(cells) or not cells[i].strip():
             continue
         row[name] = convert_cell(name, cells[i])
-        col = columns[i] if columns and i < len(columns) else 1
-        table.source.values[(*path, name)] = Pos(line, col)
+        at = starts[i] if i < len(starts) else Pos(line, 1)
+        table.source.values[(*path, name)] = at
         if isinstance(row[name], list) and SURROGATE_ESCAPE.search(cells[i]):  # a JSON array
-            row[name] = _checked_text(table, path, name, row[name], Pos(line, col))
-        key_col = header_columns[i] if header_columns and i < len(header_columns) else 1
-        table.source.keys[(*path, name)] = Pos(header_line, key_col)
+            row[name] = _checked_text(table, path, name, row[name], at)
+        key_at = header_starts[i] if i < len(header_starts) else Pos(header_line, 1)
+        table.source.keys[(*path, name)] = key_at
     table.rows.append(row)
 
 
