@@ -238,3 +238,15 @@ async def test_look_ups_months_apart_are_searched_in_windows_the_logs_accept() -
     assert verdicts["j-new"] is Verdict.ADOPT
     assert verdicts["j-old"] is Verdict.UNCERTAIN  # searched alone: not in the logs
     assert all((c["end"] - c["start"]).total_seconds() <= 92 * day for c in api.calls)
+
+
+def test_unreadable_logs_get_a_minute_even_with_no_grace() -> None:
+    # --logs-grace 0: absence counts at once, but logs that refused (a 429 after a restart)
+    # said nothing; 71 look-ups turned uncertain on one refusal.
+    unread = {"grace_s": 0, "searched_all": False}
+    assert decide(lk(since=1000), None, now_wall=1030, **unread).verdict is Verdict.WAIT
+    assert decide(lk(since=1000), None, now_wall=1061, **unread).verdict is Verdict.UNCERTAIN
+    assert (
+        decide(lk(since=1000), None, now_wall=1001, grace_s=0, searched_all=True).verdict
+        is Verdict.RESUBMIT
+    )

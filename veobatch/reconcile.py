@@ -71,6 +71,9 @@ class Decision:
     generation_id: str | None = None
 
 
+UNREADABLE_PATIENCE_S = 60.0
+
+
 def decide(
     lookup: Lookup,
     entry: LogEntry | None,
@@ -94,7 +97,9 @@ def decide(
     if waited < grace_s:
         return Decision(Verdict.WAIT, "giving the usage logs time to catch up")
     if not searched_all:
-        if waited < 10 * grace_s:
+        # Logs that refuse a while (a 429 at a restart, a brief outage) get a minute at least,
+        # even with no grace for their lag: unread is not absent.
+        if waited < max(10 * grace_s, UNREADABLE_PATIENCE_S):
             return Decision(Verdict.WAIT, "the usage logs could not be read in full yet")
         return Decision(Verdict.UNCERTAIN, "the usage logs could not be read")
     if lookup.cause == "no_answer":
