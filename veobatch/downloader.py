@@ -39,6 +39,10 @@ MP4_BOXES = (b"ftyp", b"styp")
 PART_SUFFIX = ".part"
 INFO_SUFFIX = ".meta"  # <id>.mp4.part.meta: the sidecar that says what the .part is part of
 FLUSH_BYTES = 4 << 20  # below this a video is written in one go
+# A large video's pages are handed to the disk and dropped from the page cache every this
+# many bytes: nobody reads them back soon, and a page cache grown by a GB is slow to grow
+# (each new page faulted in, on a VM) and left for the final fsync to write all at once.
+DROP_BEHIND_BYTES = 32 << 20
 # A body slower than this holds a download worker for nothing: give up and resume later.
 MIN_RATE_WINDOW_S = 60.0
 MIN_RATE_BYTES = 64 << 10
@@ -408,6 +412,18 @@ def _hash_prefix(part: Path, have: int) -> hashlib._Hash:
     return h
 
 
+_DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", None)  # Linux and most Unixes; not macOS
+
+
+def _drop_behind(fd: int) -> None:
+    """Start writing the file's dirty pages and drop the clean ones from the page cache.
+
+    Only caching changes: the final fsync still decides durability. Pages still being
+    written stay, and go at the next call."""
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, _DONTNEED)  # type: ignore[arg-type]
+
+
 class _PartWriter:
     """Buffers a download in memory up to FLUSH_BYTES, then streams it through aiofiles.
 
@@ -430,6 +446,7 @@ class _PartWriter:
         self._sidecar = append  # a .part is only appended to when its sidecar is there
         self._buf = bytearray()
         self._file: Any = None
+        self._undropped = 0  # bytes written since the page cache was last told to let go
 
     async def write(self, chunk: bytes) -> None:
         self._buf += chunk
@@ -445,6 +462,11 @@ class _PartWriter:
             # thread all the same, and close() must not write those bytes a second time.
             data, self._buf = self._buf, bytearray()
             await self._file.write(data)
+            self._undropped += len(data)
+            if self._undropped >= DROP_BEHIND_BYTES and _DONTNEED is not None:
+                self._undropped = 0
+                await self._file.flush()
+                await self.offload(functools.partial(_drop_behind, self._file.fileno()))
 
     async def close(self, *, sync: bool) -> None:
         """Write what is buffered and close; with ``sync``, fsync first."""
