@@ -169,18 +169,25 @@ async def test_rerun_sends_nothing(cdn: str, tmp_path: Path) -> None:
     assert report.exit_code == 0 and api.created == [] and api.polls == {}
 
 
+async def stopped_mid_flight(m: Manifest, tmp: Path, cdn: str) -> tuple[list[str], FakeApi]:
+    """Run ``m`` until interrupted with generations in flight; return them, and an API that
+    knows them and finishes each at its next poll (the API a rerun meets)."""
+    api = FakeApi(cdn, polls_to_finish=10_000)  # nothing finishes: interrupt mid-flight
+    with anyio.move_on_after(0.3):
+        await run(m, settings(tmp), api=api)
+    first = list(api.created)
+    again = FakeApi(cdn, polls_to_finish=1)
+    again.polls = dict.fromkeys(first, 0)
+    again.created = list(first)
+    return first, again
+
+
 async def test_resume_polls_recorded_generations_instead_of_paying(
     cdn: str, tmp_path: Path
 ) -> None:
     m = manifest(4, tmp_path)
-    api = FakeApi(cdn, polls_to_finish=10_000)  # nothing finishes: interrupt mid-flight
-    with anyio.move_on_after(0.3):
-        await run(m, settings(tmp_path), api=api)
-    first = list(api.created)
+    first, api2 = await stopped_mid_flight(m, tmp_path, cdn)
     assert len(first) == 3  # the limit held
-    api2 = FakeApi(cdn, polls_to_finish=1)
-    api2.polls = dict.fromkeys(first, 0)
-    api2.created = list(first)
     report = await run(m, settings(tmp_path), api=api2)
     assert report.exit_code == 0
     assert len(api2.created) == 4  # only the never-submitted job was paid for
@@ -191,15 +198,9 @@ async def test_a_job_removed_from_the_manifest_mid_flight_is_still_fetched_never
     cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     m = manifest(4, tmp_path)
-    api = FakeApi(cdn, polls_to_finish=10_000)  # nothing finishes: interrupt mid-flight
-    with anyio.move_on_after(0.3):
-        await run(m, settings(tmp_path), api=api)
-    first = list(api.created)
+    first, api2 = await stopped_mid_flight(m, tmp_path, cdn)
     assert len(first) == 3
     gone = next(j for j in m.jobs if first[0].endswith("-" + j.request["prompt"]))
-    api2 = FakeApi(cdn, polls_to_finish=1)
-    api2.polls = dict.fromkeys(first, 0)
-    api2.created = list(first)
     shorter = replace(m, jobs=tuple(j for j in m.jobs if j.id != gone.id))
     with caplog.at_level(logging.WARNING, logger="veobatch"):
         report = await run(shorter, settings(tmp_path), api=api2)
@@ -218,14 +219,8 @@ async def test_a_job_edited_mid_flight_is_finished_then_made_as_it_now_reads(
     cdn: str, tmp_path: Path
 ) -> None:
     m = manifest(2, tmp_path)
-    api = FakeApi(cdn, polls_to_finish=10_000)  # nothing finishes: interrupt mid-flight
-    with anyio.move_on_after(0.3):
-        await run(m, settings(tmp_path), api=api)
-    first = list(api.created)
+    first, api2 = await stopped_mid_flight(m, tmp_path, cdn)
     assert len(first) == 2
-    api2 = FakeApi(cdn, polls_to_finish=1)
-    api2.polls = dict.fromkeys(first, 0)
-    api2.created = list(first)
     edited = Job("job0", {"model": "google/veo-3.1-t2v", "prompt": "p0 at dusk"}, 0)
     report = await run(replace(m, jobs=(edited, m.jobs[1])), settings(tmp_path), api=api2)
     assert report.exit_code == 0 and report.counts == {"done": 2}
