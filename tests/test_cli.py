@@ -417,3 +417,12 @@ def test_a_run_from_another_directory_does_not_start_a_second_ledger(
     # Saying where is enough, even to start anew.
     res = runner.invoke(main, ["plan", str(m), "--out", "output/m"])
     assert res.exit_code == 0 and "earlier runs" not in res.stderr
+    # From the manifest's own folder, named relatively: its parent's output/ is found too.
+    monkeypatch.chdir(proj / "jobs")
+    res = runner.invoke(main, ["run", "m.yaml", "--simulate"])
+    assert res.exit_code == 3 and f"--out {earlier}" in res.stderr
+    # Another manifest of the same name, whose jobs that ledger never saw, is its own.
+    other = write(ensure_dir(proj / "archive"), GOOD.replace("id: one", "id: uno"))
+    other.write_text(other.read_text().replace("id: two", "id: dos"))
+    res = runner.invoke(main, ["plan", str(other)])
+    assert res.exit_code == 0 and "earlier runs" not in res.stderr

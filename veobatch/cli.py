@@ -16,7 +16,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -267,22 +267,31 @@ def _default_out(manifest_path: Path) -> Path:
     return Path("output") / manifest_path.stem
 
 
-def _ledger_elsewhere(manifest_path: Path, out: Path) -> Path | None:
+def _ledger_elsewhere(manifest_path: Path, out: Path, job_ids: Iterable[str]) -> Path | None:
     """An earlier run's output folder for this manifest, when the default one (relative to the
     working directory) has no ledger: a run from another directory, cron's home say, would
-    start a new ledger there and pay for every job again."""
+    start a new ledger there and pay for every job again. Only a ledger that knows some of
+    these jobs counts: another manifest of the same name has its own."""
     if _has_records(out):
         return None
-    here = out.resolve()
-    for base in (manifest_path.parent, manifest_path.parent.parent):
+    here, folder = out.resolve(), manifest_path.resolve().parent
+    ids = set(job_ids)
+    for base in (folder, folder.parent):
         found = (base / _default_out(manifest_path)).resolve()
-        if found != here and _has_records(found):
+        if found != here and _has_records(found) and _knows_any(found, ids):
             return found
     return None
 
 
-def _check_default_out(manifest_path: Path, out: Path) -> None:
-    if found := _ledger_elsewhere(manifest_path, out):
+def _knows_any(out: Path, job_ids: set[str]) -> bool:
+    try:
+        return not job_ids.isdisjoint(load_states(out))
+    except (VeobatchError, OSError):
+        return True  # unreadable: say so rather than start beside it
+
+
+def _check_default_out(manifest_path: Path, out: Path, job_ids: Iterable[str]) -> None:
+    if found := _ledger_elsewhere(manifest_path, out, job_ids):
         raise ConfigError(
             f"{out} (relative to {Path.cwd()}) has no ledger, but {found} holds earlier runs"
             f" of {manifest_path.name}: a run here would pay for every job again; run from"
@@ -453,7 +462,7 @@ def run_cmd(
     settings = _guard(lambda: resolve_settings(out, m.settings, cli, env), abort)
     _guard(lambda: _check_not_mixed(out, simulate), abort)
     if out_dir is None:
-        _guard(lambda: _check_default_out(manifest, out), abort)
+        _guard(lambda: _check_default_out(manifest, out, (j.id for j in m.jobs)), abort)
     sim_gen_s = sim_gen_time_s if simulate else None  # None: the real API
     # The manifest's objects live as long as the run: the collector need not walk them on
     # every full collection.
@@ -567,7 +576,7 @@ def plan_cmd(
     for w in m.warnings:
         click.echo(f"warning: {w}", err=True)
     out = out_dir or _default_out(manifest)
-    if out_dir is None and (earlier := _ledger_elsewhere(manifest, out)):
+    if out_dir is None and (earlier := _ledger_elsewhere(manifest, out, (j.id for j in m.jobs))):
         click.echo(
             f"warning: {out} has no ledger, but {earlier} holds earlier runs of {manifest.name}:"
             f" compare with it by --out {earlier}",
