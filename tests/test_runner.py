@@ -382,7 +382,10 @@ async def test_a_model_edited_after_a_crash_is_looked_up_under_the_model_sent(
     api.logs = logs_of_models  # type: ignore[method-assign]
     edited = Job("job0", {"model": "google/veo-3.1-t2v-fast", "prompt": "p0"}, 0)
     report = await run(Manifest(tmp_path / "m.yaml", (edited,)), settings(tmp_path), api=api)
-    assert report.adopted == 1 and len(api.created) == 1  # finished, not paid for again
+    assert report.adopted == 1  # found under the model it was sent with, and finished
+    # ...and then, as the manifest now reads, made once with the new model (not twice).
+    assert len(api.created) == 2 and report.exit_code == 0
+    assert api.polls[api.created[0]] == 1 and api.created[1].endswith("-p0")
 
 
 async def test_unanswered_and_not_logged_stays_uncertain(cdn: str, tmp_path: Path) -> None:
@@ -428,6 +431,22 @@ async def test_job_timeout_keeps_generation_id(cdn: str, tmp_path: Path) -> None
     api2.polls = dict.fromkeys(api.created, 0)
     report2 = await run(manifest(1, tmp_path), settings(tmp_path), api=api2)
     assert report2.exit_code == 0 and api2.created == []
+
+
+async def test_a_timed_out_job_removed_from_the_manifest_is_still_polled_and_fetched(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Its record says the next run polls it; taken out of the manifest, it was left alone.
+    api = FakeApi(cdn, polls_to_finish=10**9)
+    await run(manifest(2, tmp_path), settings(tmp_path, job_timeout_s=0.05), api=api)
+    api2 = FakeApi(cdn, polls_to_finish=1)
+    api2.polls = dict.fromkeys(api.created, 0)
+    api2.created = list(api.created)
+    kept = replace(manifest(2, tmp_path), jobs=manifest(2, tmp_path).jobs[1:])
+    report = await run(kept, settings(tmp_path), api=api2)
+    assert report.exit_code == 0 and report.counts == {"done": 2}
+    assert len(api2.created) == 2 and all(n == 1 for n in api2.polls.values())
+    assert (tmp_path / "out" / "job0.mp4").read_bytes() == MP4
 
 
 async def test_missing_file_is_fetched_again_without_paying(cdn: str, tmp_path: Path) -> None:

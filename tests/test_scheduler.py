@@ -32,6 +32,7 @@ from veobatch.scheduler import (
     client_request_id,
     plan_job,
     plan_run,
+    will_remake,
 )
 
 JOB = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "p"})
@@ -452,3 +453,31 @@ async def test_a_5xx_asking_for_rest_holds_every_submission_until_then(
     assert await sub.submit(other) is SubmitOutcome.SUBMITTED
     assert rests() == [pytest.approx(30.0, abs=0.1)] and len(api.sent) == 2
     ledger.close()
+
+
+def test_a_timed_out_generation_is_followed_again_even_when_removed_or_edited(
+    tmp_path: Path,
+) -> None:
+    # Paid for: its record says the next run polls it. An edit or a removal from the manifest
+    # dropped it (the edited job was submitted anew, the removed one left alone).
+    timeout = ErrorInfo("timeout", "not finished after 1800s")
+    t2v = "google/veo-3.1-t2v"
+    edited = Job("a", {"model": t2v, "prompt": "edited"})
+    states = {
+        "a": JobState("a", "failed", key=JOB.key, model=t2v, generation_id="g1", error=timeout),
+        "gone": JobState("gone", "failed", model=t2v, generation_id="g2", error=timeout),
+        "bad": JobState(
+            "bad",
+            "failed",
+            model=t2v,
+            generation_id="g3",
+            error=ErrorInfo("generation_error", "policy"),
+        ),
+    }
+    plans, _ = plan_run([edited], states, tmp_path)
+    assert [(p.job.id, p.action, p.removed) for p in plans] == [
+        ("a", Action.POLL, False),
+        ("gone", Action.POLL, True),
+    ]
+    assert "then making it as it now reads" in plans[0].reason
+    assert will_remake(plans[0]) and not will_remake(plans[1])

@@ -147,3 +147,17 @@ def test_a_done_job_with_its_file_is_skipped_even_with_a_recorded_key(tmp_path: 
     assert (
         rerun_summary([("skip", ""), ("poll", ""), ("skip", "")]) == "a rerun would: 2 skip, 1 poll"
     )
+
+
+def test_plan_counts_the_new_request_an_edited_in_flight_job_will_be_remade_with() -> None:
+    # "would submit nothing: no cost" while the run then paid for the edited request.
+    from veobatch.scheduler import Action, JobPlan
+    from veobatch.summary import plan_summary
+
+    old = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "dawn", "duration": 8})
+    edited = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "dusk", "duration": 8})
+    flying = JobState("a", "submitted", key=old.key, generation_id="g1")
+    plans = [JobPlan(edited, Action.POLL, "in flight", flying)]
+    assert plan_summary(plans)[2] == "would submit 1 generation, about $3.20 (estimated; see below)"
+    held = plan_summary(plans, {}, 1.0)[-1]
+    assert held.startswith("cost limit $1.00: 1 job (about $3.20) held back: a")

@@ -65,6 +65,7 @@ from .scheduler import (
     backoff_delay_s,
     plan_run,
     request_changed,
+    will_remake,
 )
 from .settings import RunSettings
 from .verify import check
@@ -215,13 +216,7 @@ class _Run:
         self.jobs.update((p.job.id, p.job) for p in plans if p.removed)
         # Edited while in flight: the generation paid for is finished first, then the request
         # the manifest now holds is made, in this run (the first video is kept beside it).
-        self.remake = {
-            p.job.id
-            for p in plans
-            if p.action in (Action.POLL, Action.DOWNLOAD)
-            and not p.removed
-            and request_changed(p.job, p.state)
-        }
+        self.remake = {p.job.id for p in plans if will_remake(p)}
         self.open = {p.job.id for p in plans if p.action not in _IDLE}
         with self.to_download, self.downloads:
             if self.open:
@@ -465,6 +460,8 @@ class _Run:
     async def _on_lookup(self, lookup: Lookup, decision: Decision) -> None:
         job = self.jobs[lookup.job_id]
         if decision.verdict is Verdict.ADOPT and decision.generation_id:
+            if request_changed(job, self.ledger.state(job.id)):  # edited since its POST
+                self.remake.add(job.id)
             await self.ledger.record("submitted", job.id, gen=decision.generation_id)
             self.adopted += 1
             log.info("adopted job=%s gen=%s (from the usage logs)", job.id, decision.generation_id)

@@ -96,16 +96,20 @@ def plan_job(
             return p(Action.SKIP, "done")
         return p(Action.REFETCH, "file missing or altered: fetching it again")
     if st in ("submitted", "completed"):
-        suffix = " (request changed: finishing the one already paid for)" if changed else ""
+        suffix = (
+            " (request changed: finishing the one paid for, then the new one)" if changed else ""
+        )
         if st == "completed" and state.video_url:
             return p(Action.DOWNLOAD, "completed, not yet downloaded" + suffix)
         return p(Action.POLL, "in flight" + suffix)
     if st == "failed":
         kind = state.error.kind if state.error else ""
+        if kind in REPOLL_KINDS and state.generation_id and not (retry_failed and kind == "lost"):
+            # Paid for: followed again even when the request changed since (then remade).
+            suffix = " (request changed: then making it as it now reads)" if changed else ""
+            return p(Action.POLL, f"failed ({kind}) earlier: polling its generation again{suffix}")
         if changed:
             return p(Action.SUBMIT, "request changed since it failed")
-        if kind in REPOLL_KINDS and state.generation_id and not (retry_failed and kind == "lost"):
-            return p(Action.POLL, f"failed ({kind}) earlier: polling its generation again")
         if retry_failed:
             return p(Action.SUBMIT, f"failed ({kind}) earlier: --retry-failed")
         if kind == "submit_failed":  # never reached the API, or refused by its limits: unpaid
@@ -165,14 +169,27 @@ def removed_plans(states: Mapping[str, JobState], listed: Set[str]) -> list[JobP
     plans = []
     why = "not in the manifest any more: fetching the generation already paid for"
     for st in states.values():
-        if st.id in listed or st.status not in ("submitted", "completed"):
+        if st.id in listed or not (st.generation_id and st.model):
             continue
-        if not (st.generation_id and st.model):
+        kind = st.error.kind if st.error else ""
+        if st.status not in ("submitted", "completed") and not (
+            st.status == "failed" and kind in REPOLL_KINDS  # timed out, say: still paid for
+        ):
             continue
         job = Job(st.id, {"model": st.model, **(st.request or {})}, index=-1)
         action = Action.DOWNLOAD if st.status == "completed" and st.video_url else Action.POLL
         plans.append(JobPlan(job, action, why, st, removed=True))
     return plans
+
+
+def will_remake(plan: JobPlan) -> bool:
+    """A listed job whose request changed while a paid generation of the old one is followed:
+    the run finishes that one, then submits the request as the manifest now reads."""
+    return (
+        plan.action in (Action.POLL, Action.DOWNLOAD)
+        and not plan.removed
+        and (request_changed(plan.job, plan.state))
+    )
 
 
 _MAY_EXIST = frozenset({"submitting", "uncertain"})  # a POST may have created a generation

@@ -16,7 +16,7 @@ from .jobs import Job
 from .ledger import STATUSES, JobState
 from .outcome import RunExtras
 from .runner import RunReport
-from .scheduler import CATEGORIES, Action, JobPlan, category, plan_job
+from .scheduler import CATEGORIES, Action, JobPlan, category, plan_job, will_remake
 
 
 def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = None) -> list[str]:
@@ -150,7 +150,7 @@ def plan_summary(
     prices = prices or {}
     kinds = Counter(category(p) for p in plans)
     counts = Counter(p.action for p in plans)
-    to_pay = [p.job for p in plans if p.action is Action.SUBMIT]
+    to_pay = [p.job for p in plans if p.action is Action.SUBMIT or will_remake(p)]
     taken, held = within_budget(to_pay, prices, limit_usd)
     usd = sum(estimate_usd(j, prices) for j in taken)
     lines = [
