@@ -66,6 +66,13 @@ def test_odd_line_breaks_are_ordinary_characters_as_editors_read_them(odd: str) 
     assert doc.source.keys[("e",)] == Pos(6, 1)
 
 
+def test_a_stand_in_never_takes_the_place_of_an_escaped_character() -> None:
+    # "\ue000" makes U+E000 without it being in the text: it must not be the stand-in that
+    # the other value's U+2028 is restored from.
+    doc = compose('a: "logo \\ue000 and \\U0000e001"\nb: "x\u2028y"\n')
+    assert doc.data == {"a": "logo \ue000 and \ue001", "b": "x\u2028y"}
+
+
 def test_syntax_errors_after_an_odd_line_break_name_the_editors_line() -> None:
     text = 'a: "x\u2028y"\nb: [1, 2\nc: 3\n'
     with pytest.raises(YamlSyntaxError) as err:

@@ -275,6 +275,9 @@ def compose(text: str) -> Document:
     return _compose_with(_Loader, text, back)
 
 
+_ESCAPED_CODE = re.compile(r"\\u([0-9A-Fa-f]{4})|\\U([0-9A-Fa-f]{8})")
+
+
 def _hide_odd_breaks(text: str) -> tuple[str, dict[int, str]]:
     """U+0085, U+2028 and U+2029 swapped for private-use characters the text does not hold.
 
@@ -286,7 +289,9 @@ def _hide_odd_breaks(text: str) -> tuple[str, dict[int, str]]:
     odd = [c for c in _ODD_BREAKS if c in text]
     if not odd:
         return text, {}
-    free = (chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text)
+    # Nor one a double-quoted escape makes ("\ue000"): that one must come out as written.
+    escaped = {int(m[1] or m[2], 16) for m in _ESCAPED_CODE.finditer(text)}
+    free = (chr(c) for c in range(0xE000, 0xF900) if chr(c) not in text and c not in escaped)
     stand_ins = dict(zip(odd, free, strict=False))
     return text.translate({ord(c): s for c, s in stand_ins.items()}), {
         ord(s): c for c, s in stand_ins.items()
