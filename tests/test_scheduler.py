@@ -445,13 +445,25 @@ async def test_a_5xx_asking_for_rest_holds_every_submission_until_then(
 
     api = ScriptedCreate([ServerError("503", status=503, retry_after_s=30), "g2"])
     ledger = Ledger.open(tmp_path)
-    sub = Submitter(api, ledger, 3, 0, 0, lambda: False, noop, clock=lambda: now[0])
+    stop = [False]
+    sub = Submitter(api, ledger, 3, 0, 0, lambda: stop[0], noop, clock=lambda: now[0])
     assert await sub.submit(JOB) is SubmitOutcome.UNCERTAIN
-    rests = lambda: [s for s in slept if s >= 1]  # noqa: E731 (the ledger's own waits are ms)
-    assert rests() == [] and sub.paused_until == pytest.approx(130.0, abs=0.1)
+    rests = lambda: sum(s for s in slept if s >= 0.5)  # noqa: E731 (the ledger's waits are ms)
+    assert rests() == 0 and sub.paused_until == pytest.approx(130.0, abs=0.1)
     other = Job("b", {"model": "google/veo-3.1-t2v", "prompt": "q"})
     assert await sub.submit(other) is SubmitOutcome.SUBMITTED
-    assert rests() == [pytest.approx(30.0, abs=0.1)] and len(api.sent) == 2
+    assert rests() == pytest.approx(30.0, abs=0.1) and len(api.sent) == 2
+    # A stop (a 401 elsewhere, a signal) does not wait a pause out: it is looked at each second.
+    sub.paused_until = now[0] + 900
+
+    async def stop_soon(seconds: float) -> None:
+        await sleep(seconds)
+        stop[0] = True
+
+    monkeypatch.setattr("veobatch.scheduler.anyio.sleep", stop_soon)
+    before = now[0]
+    assert await sub.submit(other) is SubmitOutcome.STOPPED
+    assert now[0] - before <= 1.0 and len(api.sent) == 2
     ledger.close()
 
 

@@ -362,11 +362,12 @@ class Submitter:
         attempt = limited = 0
         limited_since: float | None = None
         while True:
-            if (pause := self.paused_until - self.clock()) > 0:
-                await anyio.sleep(pause)  # then looks again: another 5xx may have moved it
-                continue
             if self.should_stop():
                 return SubmitOutcome.STOPPED
+            if (pause := self.paused_until - self.clock()) > 0:
+                # In short steps: a stop (a 401 elsewhere, a signal) must not wait it out.
+                await anyio.sleep(min(pause, 1.0))
+                continue
             # Once the intent is on disk the POST and the record of its answer run to the end
             # even on shutdown: cutting them off would leave a generation with no id on record.
             with anyio.CancelScope(shield=True):
