@@ -971,6 +971,42 @@ class Filling(FakeApi):
         return created
 
 
+async def test_a_stop_signal_while_the_run_plans_ends_it_without_waiting_for_the_plan(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With --verify the plan hashes every finished video: minutes for a night's worth, and a
+    # service manager's stop would end in a kill, not exit 75.
+    import veobatch.runner as runner_module
+
+    real = runner_module.plan_run
+
+    def slow_plan(*args: Any, **kw: Any) -> Any:
+        time.sleep(3)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner_module, "plan_run", slow_plan)
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    api = FakeApi(cdn)
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+
+                async def stop_soon() -> None:
+                    await anyio.sleep(0.3)
+                    os.kill(os.getpid(), signal.SIGTERM)
+
+                tg.start_soon(stop_soon)
+                started = time.monotonic()
+                report = await run(
+                    manifest(2, tmp_path), settings(tmp_path), api=api, handle_signals=True
+                )
+                took = time.monotonic() - started
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert report.exit_code == 75 and api.created == []
+    assert took < 2.5  # not the plan's 3 s
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 async def test_a_hangup_stops_the_run_like_sigterm(
     cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, sig: signal.Signals

@@ -916,6 +916,7 @@ class _Control:
     """What the signal watcher needs: alive from the lock to the last byte of the results."""
 
     ledger: Ledger
+    planning: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     main: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     run: _Run | None = None
     interrupted: bool = False
@@ -952,6 +953,7 @@ class _Control:
                 if self.run is not None:
                     self.run.stop_submitting = True
                 log.warning("%s: stopping; run again to resume", signal.Signals(sig).name)
+                self.planning.cancel()
                 self.main.cancel()
 
 
@@ -1041,20 +1043,24 @@ async def _run_locked(
 ) -> RunReport:
     started = time.monotonic()
     ledger = control.ledger
-    # Off the event loop: it stats every finished video, and with --verify hashes each one,
-    # which for a night's worth of videos takes long enough to leave a signal unanswered.
-    plans, warnings = await to_thread(
-        functools.partial(
-            plan_run,
-            manifest.jobs,
-            ledger.states,
-            settings.out_dir,
-            verify=verify,
-            retry_failed=settings.retry_failed,
+    # Off the event loop, and given up at a stop signal (it only reads): it stats every
+    # finished video, and with --verify hashes each one, long enough for a night's videos
+    # that a service manager's stop would otherwise end in a kill.
+    plans: list[JobPlan] = []
+    with control.planning:
+        plans, warnings = await anyio.to_thread.run_sync(
+            functools.partial(
+                plan_run,
+                manifest.jobs,
+                ledger.states,
+                settings.out_dir,
+                verify=verify,
+                retry_failed=settings.retry_failed,
+            ),
+            abandon_on_cancel=True,
         )
-    )
-    for warning in warnings:
-        log.warning("%s", warning)
+        for warning in warnings:
+            log.warning("%s", warning)
     async with _http(settings, api) as (client, cdn):
         r = control.run = _Run(manifest, settings, ledger, client, cdn, observer=observer)
         r.stop_submitting = control.interrupted
