@@ -10,6 +10,7 @@ set", so `defaults` apply. Columns whose name starts with '#' are notes and are 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import re
@@ -281,36 +282,49 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _key_column(raw: str, key: str, nth: int = 1) -> int:
     """1-based column of the object's key ``key`` (its ``nth`` spelling) in a line of valid
     JSON; 1 when it is not found. Keys only: a value holding the same text is not one."""
-    seen = 0
+    columns = _key_columns(raw).get(key, [])
+    return columns[nth - 1] if len(columns) >= nth else 1
+
+
+@functools.lru_cache(maxsize=4)
+def _key_columns(raw: str) -> dict[str, list[int]]:
+    """Each top-level key of a line of valid JSON, with the columns it is spelled at."""
+    found: dict[str, list[int]] = {}
     for column, name in _top_keys(raw):
-        if name == key:
-            seen += 1
-            if seen == nth:
-                return column
-    return 1
+        found.setdefault(name, []).append(column)
+    return found
+
+
+_STRUCTURE = re.compile(r'["{}\[\]]')
 
 
 def _top_keys(raw: str) -> Iterator[tuple[int, str]]:
-    """(1-based column, decoded name) of each key of the line's top-level object."""
-    depth, i, n = 0, 0, len(raw)
-    while i < n:
-        c = raw[i]
-        if c == '"':
-            end = i + 1
-            while raw[end] != '"':
-                end += 2 if raw[end] == "\\" else 1
-            after = end + 1
-            while after < n and raw[after] in " \t\r":
-                after += 1
-            if depth == 1 and after < n and raw[after] == ":":
-                yield i + 1, json.loads(raw[i : end + 1])
-            i = end + 1
+    """(1-based column, decoded name) of each key of the line's top-level object. Strings are
+    skipped with str.find, so a 4 MB data: URI costs one search, not a loop per character."""
+    depth, i = 0, 0
+    while (m := _STRUCTURE.search(raw, i)) is not None:
+        i, c = m.start(), m[0]
+        if c != '"':
+            depth += 1 if c in "{[" else -1
+            i += 1
             continue
-        if c in "{[":
-            depth += 1
-        elif c in "}]":
-            depth -= 1
-        i += 1
+        end = raw.find('"', i + 1)
+        while _escaped(raw, end):  # the string goes on past an escaped quote
+            end = raw.find('"', end + 1)
+        after = end + 1
+        while after < len(raw) and raw[after] in " \t\r":
+            after += 1
+        if depth == 1 and after < len(raw) and raw[after] == ":":
+            yield i + 1, json.loads(raw[i : end + 1])
+        i = end + 1
+
+
+def _escaped(raw: str, at: int) -> bool:
+    """Is the character at ``at`` escaped: an odd run of backslashes before it?"""
+    k = at - 1
+    while raw[k] == "\\":
+        k -= 1
+    return (at - 1 - k) % 2 == 1
 
 
 def _checked_row(table: Table, number: int, raw: str, row: dict[str, Any]) -> dict[str, Any]:
