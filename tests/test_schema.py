@@ -85,6 +85,7 @@ JOB = f"  - model: {T2V}\n    prompt: a cat\n"
         (f"version: 1\njobs_from: []\njobs:\n{JOB}", True),
         ("version: 1\njobs: []\n", False),  # no job anywhere
         ("version: 1\njobs_from: []\n", False),
+        ("version: 1\njobs_from:\n", False),  # unset, and no jobs either
         ("version: 1\njobs_from: jobs.txt\n", False),  # only .csv and .jsonl are read
         (f"version: 1\njobs:\n{JOB}    matrix: {{}}\n", False),
         (f"version: 1\njobs:\n{JOB}    matrix: {{duration: []}}\n", False),

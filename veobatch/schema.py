@@ -230,7 +230,11 @@ def manifest_schema() -> dict[str, Any]:
     # files by their suffix, no empty matrix, a prompt that is not blank, no negative price.
     schema["anyOf"] = [
         {"required": ["jobs"], "properties": {"jobs": {"minItems": 1}}},
-        {"required": ["jobs_from"], "properties": {"jobs_from": {"minItems": 1}}},
+        # a file, or a non-empty list: "jobs_from:" with nothing after it names no file
+        {
+            "required": ["jobs_from"],
+            "properties": {"jobs_from": {"type": ["string", "array"], "minItems": 1}},
+        },
     ]
     table = {"type": "string", "pattern": TABLE_PATTERN}
     props["jobs_from"] = {
