@@ -117,9 +117,26 @@ def test_two_signals_close_together_while_starting_exit_75(tmp_path: Path, after
     m = tmp_path / "m.yaml"
     m.write_text(MANIFEST)
     proc = cli("run", str(m), "--out", str(tmp_path / "out"), "--no-report")
+    # No process can answer a signal before its handler exists: the interpreter's own start
+    # comes first (slow under load). From the moment the kernel says it is caught:
+    deadline = time.monotonic() + 10
+    while not catches(proc.pid, signal.SIGTERM):
+        assert time.monotonic() < deadline, "SIGTERM never caught"
+        time.sleep(0.002)
     time.sleep(after_s)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.005)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 75, err
+
+
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Has the process a handler for ``sig`` (its SigCgt mask in /proc)?"""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    caught = int(fields.get("SigCgt", "0").strip(), 16)
+    return bool(caught >> (sig - 1) & 1)
