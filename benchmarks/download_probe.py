@@ -15,7 +15,7 @@ import aiohttp
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from veobatch.downloader import download
+from veobatch.downloader import READ_BUFFER_BYTES, download
 
 
 def rss_mb() -> float:
@@ -27,7 +27,9 @@ def rss_mb() -> float:
 
 async def main(url: str, out: Path, api: str) -> None:
     await anyio.Path(out).mkdir(parents=True, exist_ok=True)
-    async with aiohttp.ClientSession(headers={"Accept-Encoding": "identity"}) as session:
+    # The video session of a run (runner._http): no compression, the same read buffer.
+    headers = {"Accept-Encoding": "identity"}
+    async with aiohttp.ClientSession(headers=headers, read_bufsize=READ_BUFFER_BYTES) as session:
         baseline = rss_mb()
         t0 = time.monotonic()
         got = await download(session, url, out, "big", api_base_url=api, max_bytes=8 << 30)

@@ -322,8 +322,9 @@ async def test_large_bodies_stream_through_the_file_in_pieces(
     with pytest.raises(DownloadError):
         await _get(cdn, tmp_path)
     assert (tmp_path / "job1.mp4.part").stat().st_size > 0  # kept for a Range resume
-    await _get(cdn, tmp_path)
+    resumed = await _get(cdn, tmp_path)
     assert (tmp_path / "job1.mp4").read_bytes() == MP4
+    assert resumed.sha256 == hashlib.sha256(MP4).hexdigest()  # the kept part's bytes counted
 
 
 async def test_a_large_body_is_dropped_from_the_page_cache_as_it_goes(
@@ -395,7 +396,7 @@ async def test_a_flush_cut_off_by_cancellation_is_not_written_twice(tmp_path: Pa
     from veobatch.downloader import FLUSH_BYTES, _PartWriter
 
     part = tmp_path / "v.mp4.part"
-    writer = _PartWriter(part, append=False)
+    writer = _PartWriter(part, hashlib.sha256(), append=False)
     chunk = b"x" * FLUSH_BYTES  # one flush's worth: each write goes to a worker thread
     await writer.write(chunk)  # opens the file and writes the first flush
     file = writer._file

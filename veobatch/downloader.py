@@ -39,6 +39,9 @@ MP4_BOXES = (b"ftyp", b"styp")
 PART_SUFFIX = ".part"
 INFO_SUFFIX = ".meta"  # <id>.mp4.part.meta: the sidecar that says what the .part is part of
 FLUSH_BYTES = 4 << 20  # below this a video is written in one go
+# aiohttp's read buffer for the video host (its default is 64 KiB): while a block is hashed and
+# written in worker threads, the loop keeps reading up to twice this before the socket waits.
+READ_BUFFER_BYTES = 4 << 20
 # A large video's pages are handed to the disk and dropped from the page cache every this
 # many bytes: nobody reads them back soon, and a page cache grown by a GB is slow to grow
 # (each new page faulted in, on a VM) and left for the final fsync to write all at once.
@@ -166,11 +169,9 @@ async def download(
             elif had:
                 _info_path(part).unlink(missing_ok=True)  # a new file: its old sidecar is wrong
             note = None if body.encoded else PartInfo(validator_of(resp.headers), body.total)
-            writer = _PartWriter(part, append=body.offset > 0, offload=offload, note=note)
-            size = await _take(resp, body, writer, digest, max_bytes, chunk_bytes, job_id, clock)
-        return await writer.finish(
-            final, size, digest.hexdigest(), job_id, sync_dir=sync_dir, probe=probe, body=body
-        )
+            writer = _PartWriter(part, digest, append=body.offset > 0, offload=offload, note=note)
+            size = await _take(resp, body, writer, max_bytes, chunk_bytes, job_id, clock)
+        return await writer.finish(final, size, job_id, sync_dir=sync_dir, probe=probe, body=body)
 
 
 @contextlib.contextmanager
@@ -192,7 +193,6 @@ async def _take(
     resp: aiohttp.ClientResponse,
     body: Body,
     writer: _PartWriter,
-    digest: hashlib._Hash,
     max_bytes: int,
     chunk_bytes: int,
     job_id: str,
@@ -210,7 +210,6 @@ async def _take(
                     raise DownloadError(
                         "video exceeds the size limit", job_id=job_id, retryable=False
                     )
-                digest.update(chunk)
                 await writer.write(chunk)  # before any slowness verdict: a resume keeps it
                 if (short := pace.feed(len(chunk), clock())) is not None:
                     raise DownloadError(
@@ -434,12 +433,14 @@ class _PartWriter:
     def __init__(
         self,
         part: Path,
+        digest: hashlib._Hash,
         *,
         append: bool,
         offload: Offload = to_thread,
         note: PartInfo | None = None,
     ) -> None:
         self.part = part
+        self.digest = digest  # of every byte written, in order
         self._append = append
         self.offload = offload
         self.note = note  # the sidecar a .part needs before it may be resumed
@@ -461,6 +462,9 @@ class _PartWriter:
             # Emptied before the write: a write cut off by cancellation may finish in its
             # thread all the same, and close() must not write those bytes a second time.
             data, self._buf = self._buf, bytearray()
+            # Hashed in a worker thread (sha256 lets go of the GIL): the event loop goes on
+            # reading the socket into aiohttp's buffer (READ_BUFFER_BYTES) meanwhile.
+            await anyio.to_thread.run_sync(self.digest.update, data)
             await self._file.write(data)
             self._undropped += len(data)
             if self._undropped >= DROP_BEHIND_BYTES and _DONTNEED is not None:
@@ -472,12 +476,14 @@ class _PartWriter:
         """Write what is buffered and close; with ``sync``, fsync first."""
         if self._file is not None:
             data, self._buf = self._buf, bytearray()
+            self.digest.update(data)  # under FLUSH_BYTES: quick
             await self._file.write(data)
             if sync:
                 await self._file.flush()
                 await self.offload(functools.partial(os.fsync, self._file.fileno()))
             await self._file.close()
         elif self._buf or not self._append:
+            self.digest.update(self._buf)
             await self.offload(functools.partial(self._write_all, bytes(self._buf), sync))
         self._buf.clear()
         self._file = None
@@ -494,7 +500,6 @@ class _PartWriter:
         self,
         final: Path,
         size: int,
-        sha: str,
         job_id: str,
         *,
         sync_dir: bool = True,
@@ -509,7 +514,7 @@ class _PartWriter:
                     self.part,
                     final,
                     size,
-                    sha,
+                    self.digest.hexdigest(),
                     job_id,
                     None,
                     sync_dir,
@@ -520,6 +525,8 @@ class _PartWriter:
             )
         data, append, sidecar = bytes(self._buf), self._append, self._sidecar
         self._buf.clear()
+        self.digest.update(data)
+        sha = self.digest.hexdigest()
 
         def write_and_finish() -> Downloaded:
             self._write_all(data, True)

@@ -29,7 +29,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ._entry import EXIT_INTERRUPTED, STOP_SIGNALS
 from .client import ApiClient, Created, Generation, HttpApiClient
 from .costs import Budget
-from .downloader import download, drop_part, final_name, sha256_file
+from .downloader import READ_BUFFER_BYTES, download, drop_part, final_name, sha256_file
 from .errors import (
     ApiError,
     AuthError,
@@ -889,7 +889,9 @@ async def _http(
     """The API client (with the key) and the CDN session (without it): never the same session."""
     # No cookie jar: neither host sets cookies we need, and a jar costs time on every answer.
     async with aiohttp.ClientSession(
-        headers={"Accept-Encoding": "identity"}, cookie_jar=aiohttp.DummyCookieJar()
+        headers={"Accept-Encoding": "identity"},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        read_bufsize=READ_BUFFER_BYTES,
     ) as cdn:
         if api is not None:
             yield api, cdn
