@@ -13,7 +13,7 @@ from test_catalogue import EMBEDDED, SHARED, request_schemas
 from veobatch.errors import ManifestError, Problem
 from veobatch.jobs import request_key
 from veobatch.jobview import compact_request
-from veobatch.manifest import load_manifest, slug, variant_seed
+from veobatch.manifest import load_manifest, parse_manifest, slug, variant_seed
 from veobatch.scheduler import category, plan_jobs
 
 T2V = "google/veo-3.1-t2v"
@@ -640,3 +640,26 @@ def test_a_csv_json_list_with_an_unpaired_surrogate(tmp_path: Path) -> None:
     (problem,) = problems(write(tmp_path, text))
     assert located(problem) == ("p.csv", 2, "'r'", "image_urls")
     assert "surrogate" in problem.message
+
+
+def test_jobs_that_differ_only_in_a_default_written_out_or_in_case_are_one_video(
+    tmp_path: Path,
+) -> None:
+    # The API ignores provider's case, and a default written out asks what it would do
+    # anyway: two id-less jobs like these were one video, paid for twice.
+    job = "  - model: google/veo-3.1-t2v\n    prompt: hi\n    seed: 1\n"
+    pairs = [
+        ("    provider: google\n", "    provider: GOOGLE\n"),
+        ("", "    resolution: 1080p\n"),
+        ("", "    generate_audio: true\n"),
+        ("    duration: 8\n", ""),
+    ]
+    for one, two in pairs:
+        text = f"version: 1\njobs:\n{job}{one}{job}{two}"
+        with pytest.raises(ManifestError) as err:
+            parse_manifest(text, path=tmp_path / "m.yaml")
+        assert "identical" in str(err.value), (one, two)
+    # A value other than the default is another video; a key is as it always was.
+    text = f"version: 1\njobs:\n{job}{job}    resolution: 720p\n"
+    first, second = parse_manifest(text, path=tmp_path / "m.yaml").jobs
+    assert first.key == request_key(first.request) and first.key != second.key

@@ -15,6 +15,7 @@ FieldType = Literal["string", "integer", "boolean", "image", "image_list"]
 
 # Providers named by the API's prose; the schema only says "string", matched case-insensitively.
 PROVIDERS = ("auto", "google", "fal")
+CASE_INSENSITIVE = frozenset({"provider"})  # fields the API matches in any case
 
 
 @dataclass(frozen=True)

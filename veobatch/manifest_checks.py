@@ -14,7 +14,7 @@ from difflib import get_close_matches
 from typing import Any, Literal
 from urllib.parse import SplitResult, urlsplit
 
-from .catalogue import ALL_FIELDS, MODELS, FieldSpec, ModelSpec
+from .catalogue import ALL_FIELDS, CASE_INSENSITIVE, MODELS, FieldSpec, ModelSpec
 from .errors import Problem
 from .images import ImageStore, is_local_reference, read_picture
 from .jobs import request_key
@@ -169,13 +169,13 @@ def _expected(spec: FieldSpec) -> str:
     kind = {"integer": "an integer", "boolean": "true or false"}.get(spec.type, "a string")
     if spec.enum is None:
         return kind
-    options = _one_of(spec.enum) + (" (any case)" if spec.name == "provider" else "")
+    options = _one_of(spec.enum) + (" (any case)" if spec.name in CASE_INSENSITIVE else "")
     return options if spec.type == "string" else f"{kind} ({options})"
 
 
 def _in_enum(spec: FieldSpec, value: Any) -> bool:
     assert spec.enum is not None
-    if spec.name == "provider" and isinstance(value, str):
+    if spec.name in CASE_INSENSITIVE and isinstance(value, str):
         return value.lower() in {str(o).lower() for o in spec.enum}
     return any(value == o and type(value) is type(o) for o in spec.enum)
 

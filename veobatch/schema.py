@@ -14,15 +14,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
 
-from .catalogue import ALL_FIELDS, MODELS, FieldSpec
+from .catalogue import ALL_FIELDS, CASE_INSENSITIVE, MODELS, FieldSpec
 from .manifest import MAX_MATRIX, SETTING_LIMITS, VERSION
 from .manifest_checks import ID_MAX_LEN, MAX_VARIANTS, WINDOWS_DEVICES
 
 ModelName = Literal[tuple(MODELS)]  # type: ignore[valid-type]
 
 
-# Fields the API matches case-insensitively (the validator's rule too: manifest_checks).
-CASE_INSENSITIVE = frozenset({"provider"})
 _REGEX_SYNTAX = frozenset("\\^$.|?*+()[]{}/")  # ECMA-262 SyntaxCharacter: escape these only
 
 
