@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -292,6 +292,9 @@ def iso_utc(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_View = TypeVar("_View", Created, Generation)  # an answer that may carry an error's words
+
+
 class HttpApiClient:
     """The real client over aiohttp. One instance per run; the session is the caller's."""
 
@@ -321,28 +324,26 @@ class HttpApiClient:
             json_body=body,
             extra={"X-Client-Request-Id": client_request_id},
         )
-        created = parse_created(text, headers)
-        if created.error_name or created.error_message:
-            name, message = self._scrub_error(created.error_name, created.error_message)
-            created = replace(created, error_name=name, error_message=message)
-        return created
+        return self._scrubbed(parse_created(text, headers))
 
     async def fetch(self, generation_id: str) -> Generation:
         url = URL(self._fetch_prefix + quote(generation_id, safe=""), encoded=True)
         _, text, headers = await self._call("GET", GENERATIONS_PATH, url=url)
-        gen = parse_generation(text, generation_id, headers)
-        if gen.error_name or gen.error_message:
-            name, message = self._scrub_error(gen.error_name, gen.error_message)
-            gen = replace(gen, error_name=name, error_message=message)
-        return gen
+        return self._scrubbed(parse_generation(text, generation_id, headers))
 
-    def _scrub_error(self, *texts: str | None) -> tuple[str | None, ...]:
+    def _scrubbed(self, view: _View) -> _View:
         """An error's words go to records and logs: no run of 8 of the key's characters either.
         (Only the whole key is scrubbed from the rest of a 2xx answer, where a signed video URL
         may hold 8 of its characters by chance.)"""
-        if not self._key.distinctive:
-            return texts
-        return tuple(self._key.scrub(t, fragments=True) if t else t for t in texts)
+        if not (view.error_name or view.error_message) or not self._key.distinctive:
+            return view
+
+        def scrub(text: str | None) -> str | None:
+            return self._key.scrub(text, fragments=True) if text else text
+
+        return replace(
+            view, error_name=scrub(view.error_name), error_message=scrub(view.error_message)
+        )
 
     async def logs(
         self, *, start: datetime, end: datetime, models: Sequence[str], offset: int, limit: int

@@ -104,7 +104,7 @@ def plan_job(
         return p(Action.POLL, "in flight" + suffix)
     if st == "failed":
         kind = state.error.kind if state.error else ""
-        if kind in REPOLL_KINDS and state.generation_id and not (retry_failed and kind == "lost"):
+        if _repollable(state) and not (retry_failed and kind == "lost"):
             # Paid for: followed again even when the request changed since (then remade).
             suffix = " (request changed: then making it as it now reads)" if changed else ""
             return p(Action.POLL, f"failed ({kind}) earlier: polling its generation again{suffix}")
@@ -163,18 +163,17 @@ def removed_plans(states: Mapping[str, JobState], listed: Set[str]) -> list[JobP
     """Jobs the manifest no longer lists whose generation is paid for and still to fetch.
 
     Taking a job out of the manifest must not throw away a video already bought: its
-    generation is followed and downloaded as if it were still listed, and nothing new is ever
-    submitted for it. Whatever else such a job holds (done, failed, a look-up) stays as recorded.
+    generation is followed and downloaded as if it were still listed (in flight, or failed in
+    a way a later poll may mend), and nothing new is ever submitted for it. Whatever else such
+    a job holds (done, failed for good, a look-up) stays as recorded.
     """
     plans = []
     why = "not in the manifest any more: fetching the generation already paid for"
     for st in states.values():
-        if st.id in listed or not (st.generation_id and st.model):
+        if st.id in listed or not st.model:
             continue
-        kind = st.error.kind if st.error else ""
-        if st.status not in ("submitted", "completed") and not (
-            st.status == "failed" and kind in REPOLL_KINDS  # timed out, say: still paid for
-        ):
+        in_flight = st.status in ("submitted", "completed") and bool(st.generation_id)
+        if not (in_flight or _repollable(st)):
             continue
         job = Job(st.id, {"model": st.model, **(st.request or {})}, index=-1)
         action = Action.DOWNLOAD if st.status == "completed" and st.video_url else Action.POLL
@@ -185,11 +184,14 @@ def removed_plans(states: Mapping[str, JobState], listed: Set[str]) -> list[JobP
 def will_remake(plan: JobPlan) -> bool:
     """A listed job whose request changed while a paid generation of the old one is followed:
     the run finishes that one, then submits the request as the manifest now reads."""
-    return (
-        plan.action in (Action.POLL, Action.DOWNLOAD)
-        and not plan.removed
-        and (request_changed(plan.job, plan.state))
-    )
+    followed = plan.action in (Action.POLL, Action.DOWNLOAD)
+    return followed and not plan.removed and request_changed(plan.job, plan.state)
+
+
+def _repollable(st: JobState) -> bool:
+    """Failed, but its paid generation may still deliver: a later run polls it again."""
+    kind = st.error.kind if st.error else ""
+    return st.status == "failed" and kind in REPOLL_KINDS and bool(st.generation_id)
 
 
 _MAY_EXIST = frozenset({"submitting", "uncertain"})  # a POST may have created a generation
