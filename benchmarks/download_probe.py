@@ -27,7 +27,7 @@ def rss_mb() -> float:
 
 async def main(url: str, out: Path, api: str) -> None:
     await anyio.Path(out).mkdir(parents=True, exist_ok=True)
-    # The video session of a run (runner._http): no compression, the same read buffer.
+    # The video session of a run (session._http): no compression, the same read buffer.
     headers = {"Accept-Encoding": "identity"}
     async with aiohttp.ClientSession(headers=headers, read_bufsize=READ_BUFFER_BYTES) as session:
         baseline = rss_mb()

@@ -21,7 +21,7 @@ What is kept as a run has it:
   back), so a plan from the history is in place for the first generation;
 - each generation is tracked with the job timeout (`remaining_s`), and the poller's own
   deadline handling declares timeouts;
-- a URL refresh re-tracks the generation with `age_s=0, first=False`, as `runner._refresh_url`.
+- a URL refresh re-tracks the generation with `age_s=0, first=False`, as `Runner._refresh_url`.
 
 Per scenario: polls per generation (mean, max), detection lag (the poll that saw a completion
 minus the completion) mean / p95 / max in seconds and its mean as a share of the mean duration
@@ -443,7 +443,7 @@ class _Run:
         lags.append(lag)
         durations.append(g.ends - g.submitted)
         if self.sc.refresh_share and self.refresh_rng.random() < self.sc.refresh_share:
-            # The video host refuses the URL: poll for a fresh one, as runner._refresh_url does.
+            # The video host refuses the URL: poll for a fresh one, as Runner._refresh_url does.
             self.refreshing[tracked.job_id] = now
             self.poller.track(
                 tracked.job_id,

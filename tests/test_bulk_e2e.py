@@ -15,8 +15,8 @@ from run_helpers import CANARY, fast_settings
 from veobatch.cli import main
 from veobatch.ledger import load_states
 from veobatch.manifest import load_manifest
-from veobatch.runner import run
 from veobatch.schema import manifest_schema, schema_text
+from veobatch.session import run
 from veobatch.simulator import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent

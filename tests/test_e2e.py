@@ -24,7 +24,7 @@ from run_helpers import CANARY, fast_settings, mixed_manifest
 
 from veobatch.ledger import load_states
 from veobatch.manifest import load_manifest
-from veobatch.runner import run
+from veobatch.session import run
 from veobatch.simulator import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -35,7 +35,8 @@ from veobatch.errors import (
 from veobatch.fsutil import DirLock, ensure_dir
 from veobatch.jobs import Job, Manifest
 from veobatch.ledger import Ledger, parse_journal
-from veobatch.runner import MAX_URL_REFRESHES, RunReport, run
+from veobatch.runner import MAX_URL_REFRESHES, RunReport
+from veobatch.session import run
 from veobatch.settings import PollSettings, RunSettings, Secret
 
 MP4 = b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 5000
@@ -976,7 +977,7 @@ async def test_a_stop_signal_while_the_run_plans_ends_it_without_waiting_for_the
 ) -> None:
     # With --verify the plan hashes every finished video: minutes for a night's worth, and a
     # service manager's stop would end in a kill, not exit 75.
-    import veobatch.runner as runner_module
+    import veobatch.session as runner_module
 
     real = runner_module.plan_run
 
@@ -1081,7 +1082,7 @@ def test_a_hangup_ignored_at_start_stays_ignored(ignored: bool, expected: str) -
     code = (
         "import signal\n"
         f"if {ignored}: signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
-        "from veobatch.runner import STOP_SIGNALS\n"
+        "from veobatch.session import STOP_SIGNALS\n"
         "print(sorted(int(s) for s in STOP_SIGNALS))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -11,7 +11,7 @@ import av
 from run_helpers import CANARY, fast_settings, mixed_manifest
 
 from veobatch.ledger import load_states
-from veobatch.runner import run
+from veobatch.session import run
 from veobatch.simulator import Faults, SimConfig, Simulator
 
 

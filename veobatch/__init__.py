@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from .errors import ManifestError, Problem, VeobatchError
     from .jobs import Job, Manifest
     from .manifest import load_manifest, parse_manifest
-    from .runner import RunReport, run
+    from .runner import RunReport
+    from .session import run
     from .settings import RunSettings, Secret, resolve_settings
 
 # Imported on first use: `import veobatch` costs nothing, so the command's entry point can
@@ -31,7 +32,7 @@ _HOME = {
     "load_manifest": ".manifest",
     "parse_manifest": ".manifest",
     "RunReport": ".runner",
-    "run": ".runner",
+    "run": ".session",
     "RunSettings": ".settings",
     "Secret": ".settings",
     "resolve_settings": ".settings",

@@ -43,15 +43,9 @@ from .notify import check_url, payload, send
 from .outcome import run_extras
 from .progress import LiveProgress, LogProgress
 from .report import write_report
-from .runner import (
-    EXIT_CONFIG,
-    EXIT_USAGE,
-    RunReport,
-    Snapshot,
-    run,
-    unrecorded_results,
-)
+from .runner import EXIT_CONFIG, EXIT_USAGE, RunReport, Snapshot
 from .scheduler import plan_run
+from .session import run, unrecorded_results
 from .settings import RunSettings, Secret, resolve_settings
 from .summary import (
     abort_doc,
