@@ -1982,3 +1982,122 @@ def test_a_windows_device_name_is_no_id(written: str) -> None:
     assert problem.field == "id" and "a device name on Windows" in problem.message
     for fine in ("console", "aux-1", "nul_take", "a.con"):
         assert parse_manifest(t2v(f"id: {fine}")).jobs[0].id == fine
+
+
+# --- text YAML reads other than it was written ------------------------------------------
+
+
+def test_a_comment_after_an_unquoted_prompt_is_refused_not_cut_off() -> None:
+    # "model #42" is a hashtag to the writer and a comment to YAML: the prompt sent would
+    # stop at "model", and be paid for.
+    text = t2v("negative_prompt: blurry, logos #no-watermarks").replace(
+        "prompt: a cat", "prompt: Sneaker model #42 on a table"
+    )
+    first, second = problems_of(text)
+    assert where(first) == (4, 13, "#1", "prompt")
+    assert "YAML reads '#42 on a table' as a comment" in first.message
+    assert "would end at 'Sneaker model'" in first.message
+    assert where(second) == (5, 22, "#1", "negative_prompt")
+    # Quoted, the '#' is text; a comment after a quoted value or a one-word field is fine.
+    ok = parse_manifest(
+        t2v("seed: 3  # a comment").replace("prompt: a cat", 'prompt: "model #42"  # v2')
+    )
+    assert ok.jobs[0].request["prompt"] == "model #42"
+
+
+def test_a_field_missing_its_colon_inside_a_prompt_is_refused() -> None:
+    # Indented under a multi-line prompt, "duration 4" becomes prompt text and 8 s is billed.
+    text = job_doc(f"model: {T2V}", "prompt: A cat walks", "  on the beach.", "  duration 4")
+    (problem,) = problems_of(text)
+    assert where(problem) == (4, 13, "#1", "prompt")
+    assert "line 6 ('duration 4') reads like the field 'duration' missing its ':'" in (
+        problem.message
+    )
+    # Prose that merely starts with a field's name is not mistaken for one.
+    prose = job_doc(f"model: {T2V}", "prompt: A shiny red", "  model of a car")
+    assert parse_manifest(prose).jobs[0].request["prompt"] == "A shiny red model of a car"
+
+
+def test_top_level_x_keys_hold_anchors_and_are_skipped() -> None:
+    text = doc(
+        "version: 1",
+        f"x-common: &common {{model: {T2V_FAST}, duration: 4}}",
+        "jobs:",
+        "  - <<: *common",
+        "    prompt: a cat",
+    )
+    (job,) = parse_manifest(text).jobs
+    assert job.request == {"model": T2V_FAST, "prompt": "a cat", "duration": 4}
+    (problem,) = problems_of(text.replace("x-common", "common"))
+    assert "unknown top-level key 'common'" in problem.message
+
+
+def test_a_model_name_missing_its_prefix_still_has_its_fields_checked() -> None:
+    # One round of fixes, not two: the fields are checked as for the model it most likely means.
+    text = job_doc("model: veo-3.1-t2v", "prompt: a cat", "duration: 5", "seeed: 3")
+    model, duration, seeed = problems_of(text)
+    assert "did you mean 'google/veo-3.1-t2v'?" in model.message
+    assert (duration.field, seeed.field) == ("duration", "seeed")
+
+
+def test_a_refused_matrix_still_has_its_values_checked() -> None:
+    bad_exclude = job_doc(
+        f"model: {T2V}",
+        "prompt: a cat",
+        "matrix:",
+        '  duration: [4, "8", 5]',
+        "  exclude: [{resolution: 720p}]",
+    )
+    problems = problems_of(bad_exclude)
+    assert [p.field for p in problems] == [
+        "matrix.duration.1",
+        "matrix.duration.2",
+        "matrix.exclude.0.resolution",
+    ]
+    too_big = job_doc(
+        f"model: {T2V}",
+        "prompt: a cat",
+        "matrix:",
+        f"  seed: [{', '.join(map(str, range(1001)))}]",
+        "  duration: [5]",
+    )
+    fields = {p.field for p in problems_of(too_big)}
+    assert fields == {"matrix", "matrix.duration.0"}
+
+
+def test_two_jobs_with_their_own_ids_and_the_same_seed_are_warned_of() -> None:
+    text = doc(
+        "version: 1",
+        "jobs:",
+        f"  - {{id: a, model: {T2V}, prompt: x, seed: 5}}",
+        f"  - {{id: b, model: {T2V}, prompt: x, seed: 5}}",
+        f"  - {{id: c, model: {T2V}, prompt: x}}",
+        f"  - {{id: d, model: {T2V}, prompt: x}}",
+    )
+    manifest = parse_manifest(text)
+    (warning,) = manifest.warnings
+    assert (warning.line, warning.job) == (4, "'b'")
+    assert "same request and seed as job 'a' (line 3)" in warning.message
+
+
+def test_a_table_listed_twice_is_one_problem_not_one_per_row(tmp_path: Path) -> None:
+    (tmp_path / "t.csv").write_text(f"id,model,prompt\na,{T2V},x\nb,{T2V},y\n")
+    (tmp_path / "m.yaml").write_text("version: 1\njobs_from: [t.csv, ./t.csv]\n")
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(tmp_path / "m.yaml")
+    (problem,) = caught.value.problems
+    assert (problem.line, problem.field) == (2, "jobs_from.1")
+    assert "'./t.csv' is the file already listed as 't.csv'" in problem.message
+
+
+def test_duplicate_ids_say_which_file_each_is_in_and_which_was_made() -> None:
+    made = doc(
+        "version: 1",
+        "jobs:",
+        f"  - {{id: hero, model: {T2V}, prompt: a, variants: 2}}",
+        f"  - {{id: hero-1, model: {T2V}, prompt: b}}",
+    )
+    (problem,) = problems_of(made)
+    assert "(lines 3 and 4; 'hero-1' is made from the id 'hero' by its variants" in (
+        problem.message
+    )

@@ -96,6 +96,8 @@ JOB = f"  - model: {T2V}\n    prompt: a cat\n"
         (f"version: 1\njobs:\n{JOB}    id: Con\n", False),  # a Windows device name
         (f"version: 1\njobs:\n{JOB}    id: nul.take\n", False),
         (f"version: 1\njobs:\n{JOB}    id: console\n", True),
+        (f"version: 1\nx-base: &b {{seed: 1}}\njobs:\n{JOB}", True),  # a place for anchors
+        (f"version: 1\nbase: &b {{seed: 1}}\njobs:\n{JOB}", False),
     ],
 )
 def test_the_schema_and_the_validator_agree(text: str, valid: bool) -> None:

@@ -166,3 +166,23 @@ def test_a_cell_after_a_quoted_multi_line_cell_is_located_on_its_own_line() -> N
     assert positions["duration"] == Pos(3, 14)  # after the cell's second line, not 2:1
     (extra,) = table.problems
     assert (extra.line, extra.column) == (3, 16)
+
+
+def test_a_row_with_fewer_cells_than_columns_is_refused() -> None:
+    # "A fox,9:16" under "prompt,negative_prompt,aspect_ratio": the ratio would be sent as
+    # the negative prompt, and a landscape video made where a vertical one was meant.
+    table = read_table("id,prompt,negative_prompt,aspect_ratio\nshort,A fox,9:16\n", "p.csv")
+    [problem] = table.problems
+    assert (problem.line, problem.column, problem.job) == (2, 13, "row 1")
+    assert "3 cells but the header names 4 columns (none for 'aspect_ratio')" in problem.message
+    # Comment columns may be left out; empty cells are how a field is left unset.
+    assert not read_table("id,prompt,#note\na,b\n", "p.csv").problems
+    assert not read_table("id,prompt,seed\na,b,\n", "p.csv").problems
+
+
+def test_a_file_separated_by_semicolons_or_tabs_says_so() -> None:
+    for sep, word in ((";", "';'"), ("\t", "tabs")):
+        table = read_table(f"id{sep}prompt\na{sep}b\n", "p.csv")
+        [problem] = table.problems
+        assert problem.line == 1
+        assert f"seems to separate its cells with {word}" in problem.message

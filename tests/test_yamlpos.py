@@ -157,3 +157,38 @@ def test_many_shallow_lists_still_use_the_fast_parser() -> None:
     items = "".join(f"  - {{id: j{i}, image_urls: [a, b]}}\n" for i in range(2000))
     assert yamlpos._may_nest_deeper("jobs:\n" + items, yamlpos.MAX_C_DEPTH) is False
     assert yamlpos._may_nest_deeper("a: " + "[" * 1100 + "]" * 1100, yamlpos.MAX_C_DEPTH)
+
+
+def test_two_merge_keys_in_one_mapping_are_refused() -> None:
+    # Tools disagree on which wins; veobatch mixed both silently.
+    text = "a: &a {x: 1}\nb: &b {x: 2, y: 3}\nc:\n  <<: *a\n  <<: *b\n"
+    document = compose(text)
+    (issue,) = document.issues
+    assert issue.pos == Pos(5, 3)
+    assert "a second merge key '<<' (the first at line 4)" in issue.message
+    assert compose("a: &a {x: 1}\nb: &b {x: 2}\nc: {<<: [*a, *b]}\n").issues == ()
+
+
+@pytest.mark.parametrize(
+    ("line", "pos", "hint"),
+    [
+        ("prompt: *sparkles* everywhere", None, "starts with '*' must be quoted"),
+        ("prompt: @brand", None, "starts with '@' must be quoted"),
+        ("prompt: [Draft] a cat", None, "must be quoted whole"),
+        ("\tseed: 3", None, "indent with spaces"),
+        ("duration 4", Pos(3, 3), "a line with no ':' after its key"),
+        ("   seed: 3", None, "indented deeper than the one before it"),
+        ("prompt: a: b", None, "a value containing ': ' must be quoted"),
+    ],
+)
+def test_syntax_errors_say_what_the_writer_most_likely_did(
+    line: str, pos: Pos | None, hint: str
+) -> None:
+    text = f"- id: a\n  model: m\n  {line}\n  prompt: x\n"
+    if line.startswith(("\t", "   ")):
+        text = f"- id: a\n  model: m\n{line}\n  prompt: x\n"
+    with pytest.raises(YamlSyntaxError) as caught:
+        compose(text)
+    assert hint in caught.value.message
+    if pos is not None:
+        assert caught.value.pos == pos

@@ -31,6 +31,7 @@ from .manifest_checks import (
     id_problem,
     int_in_range,
     is_int,
+    likely_model,
     misread,
     model_problem,
     not_accepted,
@@ -48,6 +49,9 @@ __all__ = ["load_manifest", "parse_manifest"]
 
 VERSION = 1
 TOP_KEYS = ("version", "settings", "defaults", "jobs", "jobs_from")
+# Top-level keys the loader skips: a place for anchors (`x-base: &base {...}`) that jobs merge
+# with `<<: *base`, as in Compose files.
+EXTENSION_PREFIX = "x-"
 MAX_MATRIX = 1000
 EXPANDERS = ("id", "variants", "matrix")  # job keys that shape jobs rather than requests
 SETTING_LIMITS: dict[str, tuple[int, int]] = {
@@ -83,6 +87,17 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
         message = f"the manifest is not UTF-8 text (byte 0x{byte:02x}); save it as UTF-8"
         raise ManifestError([Problem(file, message, line, column)]) from exc
     return parse_manifest(text.removeprefix("\ufeff"), file=file, path=Path(file))
+
+
+def is_extension(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith(EXTENSION_PREFIX)
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop: reading it will say so
+        return path
 
 
 def _first_bad_byte(raw: bytes, exc: UnicodeDecodeError) -> tuple[int, int, int]:
@@ -298,6 +313,18 @@ def _own_copy(value: Any) -> Any:
     return value
 
 
+def _covering(
+    axes: list[list[tuple[str, Any, KeyPath, str]]],
+) -> list[dict[str, tuple[Any, KeyPath, str]]]:
+    """A few combinations that hold every value of every axis: enough to check each value
+    when the matrix itself is refused."""
+    longest = max((len(axis) for axis in axes), default=0)
+    return [
+        {name: (value, where, suffix) for name, value, where, suffix in combo}
+        for combo in (tuple(axis[min(i, len(axis) - 1)] for axis in axes) for i in range(longest))
+    ] or [{}]
+
+
 def _matches(combo: dict[str, tuple[Any, KeyPath, str]], exclude: dict[Any, Any]) -> bool:
     return all(name in combo and _same(combo[name][0], value) for name, value in exclude.items())
 
@@ -372,7 +399,7 @@ class _Validator:
             self.report.error((), message)
             return None
         for key in data:
-            if key not in TOP_KEYS:
+            if key not in TOP_KEYS and not is_extension(key):
                 tail = "; expected " + ", ".join(repr(k) for k in TOP_KEYS)
                 self.report.unknown((key,), "top-level key", TOP_KEYS, tail)
         self._version(data)
@@ -536,6 +563,7 @@ class _Validator:
         """Each `jobs_from` file read into rows, with a report that points into that file."""
         names = raw if isinstance(raw, list) else [raw]
         out: list[tuple[Report, list[dict[str, Any]]]] = []
+        listed: dict[Path, str] = {}
         for i, name in enumerate(names):
             at: KeyPath = ("jobs_from", i) if isinstance(raw, list) else ("jobs_from",)
             if not isinstance(name, str) or not name.strip():
@@ -548,6 +576,12 @@ class _Validator:
                 continue
             path = self.base_dir / name
             shown = str(Path(self.file).parent / name)
+            same = _resolved(path)
+            if same in listed:
+                message = f"{name!r} is the file already listed as {listed[same]!r}: list it once"
+                self.report.error(at, message)
+                continue
+            listed[same] = name
             try:
                 data = path.read_bytes()
             except OSError as exc:
@@ -678,23 +712,27 @@ class _Validator:
             axes.append([(name, v, (*at, name, k), suffixes[k]) for k, v in enumerate(values)])
             axis_values[name] = values
         excluded = self._exclusions(report, raw.get("exclude"), at, axis_values)
-        if excluded is None:
-            return None
+        count = math.prod(len(axis) for axis in axes)
+        # No exclude list brings it back under (and a huge one is not worth building).
+        if count > MAX_MATRIX and (not excluded or count > 100 * MAX_MATRIX):
+            message = f"the matrix makes {count} jobs; at most {MAX_MATRIX} per job entry"
+            report.error(at, message, at="key")
+            return _covering(axes)
         combos = [
             {name: (value, where, suffix) for name, value, where, suffix in combo}
             for combo in itertools.product(*axes)
         ]
-        combos = [c for c in combos if not any(_matches(c, e) for e in excluded)]
-        if not combos:
+        kept = [c for c in combos if not any(_matches(c, e) for e in excluded or ())]
+        if not kept:
             report.error(at, "the matrix's exclude list removes every combination", at="key")
-            return None
-        if len(combos) > MAX_MATRIX:
-            message = f"the matrix makes {len(combos)} jobs; at most {MAX_MATRIX} per job entry"
+        elif len(kept) > MAX_MATRIX:
+            message = f"the matrix makes {len(kept)} jobs; at most {MAX_MATRIX} per job entry"
             report.error(at, message, at="key")
-            return None
-        # With a broken axis the others are still checked (all problems at once); the
-        # error already reported keeps the manifest from being used.
-        return combos
+        else:
+            return kept if excluded is not None else combos
+        # Its values are still checked (every problem at once); the error already reported
+        # keeps the manifest from being used.
+        return _covering(axes)
 
     def _exclusions(
         self, report: Report, raw: Any, at: KeyPath, axes: dict[str, list[Any]]
@@ -782,7 +820,10 @@ class _Validator:
         problem = model_problem(item["model"])
         if problem is not None:
             report.error(where["model"], problem)
-            return None
+            # The job's other fields are still checked, as for the model it most likely
+            # means: a table of 20,000 rows missing 'google/' should not take two rounds.
+            likely = likely_model(item["model"])
+            return MODELS[likely] if likely is not None else None
         return MODELS[item["model"]]
 
     def _request(
@@ -867,6 +908,12 @@ class _Validator:
                 self._same_request(first, b, one, two)
             elif first.written_id is None and b.written_id is None:
                 self._identical(first, b)
+            elif "seed" in b.request:  # asked for on purpose, but what for? Said, not refused
+                message = (
+                    f"the same request and seed as {self._written_at(first, b)}: the API will"
+                    " most likely make the same video for both, and each is paid for"
+                )
+                b.report.warn(("jobs", b.index), message, at="item")
 
     def _identical(self, first: _Built, second: _Built) -> None:
         message = (
@@ -918,7 +965,14 @@ class _Validator:
             return
         lines = f"lines {first.id_pos.line} and {second.id_pos.line}"
         if not same_file:
-            lines = f"{first.report.file}:{first.id_pos.line} and line {second.id_pos.line}"
+            lines = (
+                f"{first.report.file}:{first.id_pos.line} and "
+                f"{second.report.file}:{second.id_pos.line}"
+            )
+        made = next((b for b in (first, second) if b.written_id not in (None, b.id)), None)
+        if made is not None:  # one was made by a job's variants or matrix, from another id
+            lines += f"; {made.id!r} is made from the id {made.written_id!r} by its variants"
+            lines += " or matrix"
         if first.id == second.id:
             message = f"duplicate id {second.id!r} ({lines})"
         else:

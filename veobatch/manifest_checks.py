@@ -32,6 +32,11 @@ DATA_URI_MAX_BYTES = 20_000_000
 _DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+);base64,", re.IGNORECASE)
 IMAGE_EXPECTED = "an https:// image URL, a data:image/...;base64,... URI or a local image file"
 
+# Free text, where a '#' or a line that reads like a field may well have been meant as text.
+FREE_TEXT = frozenset({"prompt", "negative_prompt"})
+_JOB_WORDS = ALL_FIELDS | {"id", "model", "variants", "matrix"}
+_FIELD_WITHOUT_COLON = re.compile(r"\s*([A-Za-z_]+)(?:\s*=\s*|\s+)([^\s=]+)\s*$")
+
 # Names people reach for that difflib alone would match to the wrong model.
 _MODEL_SYNONYMS = (("text-to-video", "t2v"), ("image-to-video", "i2v"))
 
@@ -188,6 +193,30 @@ def _type_hint(spec: FieldSpec, value: Any, plain: str | None) -> str:
     if options and plain and plain not in options:
         return suggest(plain, options)
     return quote_hint(value, plain)
+
+
+def cut_text_problem(
+    name: str, value: str, comment: str | None, folded: tuple[tuple[int, str], ...]
+) -> str | None:
+    """An unquoted text that YAML read other than it reads: cut at a ' #' (the rest is a
+    comment), or one that swallowed a field whose ':' is missing. Either way the request
+    would differ from what was written, and be paid for."""
+    if comment is not None:
+        end = value if len(value) <= 40 else "…" + value[-39:]
+        return (
+            f"YAML reads {show(comment)} as a comment, so the {name} sent would end at "
+            f"{end!r}; quote the whole {name} to keep the text after '#', or put the comment "
+            "on a line of its own"
+        )
+    for line, text in folded:
+        m = _FIELD_WITHOUT_COLON.match(text)
+        if m is not None and m.group(1) in _JOB_WORDS:
+            return (
+                f"line {line} ({text.strip()!r}) reads like the field '{m.group(1)}' missing "
+                f"its ':', and YAML made it part of the {name}; write "
+                f"'{m.group(1)}: {m.group(2)}' on a line of its own (or quote the {name})"
+            )
+    return None
 
 
 def scalar_problem(spec: FieldSpec, value: Any, plain: str | None) -> str | None:
@@ -357,16 +386,25 @@ def _data_uri_problem(value: str) -> tuple[str | None, str | None]:
     return None, warning
 
 
+def likely_model(value: Any) -> str | None:
+    """The catalogue model an unknown name most likely meant, if one is close."""
+    if not isinstance(value, str):
+        return None
+    probe = value
+    for long, short in _MODEL_SYNONYMS:
+        probe = probe.replace(long, short)
+    match = get_close_matches(probe, list(MODELS), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def model_problem(value: Any) -> str | None:
     """Unknown models get the nearest catalogue name, or the whole (short) catalogue."""
     if not isinstance(value, str):
         return f"expected a model name such as 'google/veo-3.1-t2v', got {describe(value)}"
     if value in MODELS:
         return None
-    probe = value
-    for long, short in _MODEL_SYNONYMS:
-        probe = probe.replace(long, short)
-    suggestion = suggest(probe, list(MODELS))
+    likely = likely_model(value)
+    suggestion = f"; did you mean {likely!r}?" if likely else ""
     if not suggestion:
         suggestion = "; expected one of " + ", ".join(repr(m) for m in MODELS)
     return f"unknown model {value!r}{suggestion}"
@@ -525,6 +563,9 @@ class Report:
         if spec.type == "image":
             return self._image(value, path, context)
         message = scalar_problem(spec, value, self.source.plain.get(path))
+        if message is None and spec.name in FREE_TEXT:
+            comment, folded = self.source.comments.get(path), self.source.folded.get(path, ())
+            message = cut_text_problem(spec.name, value, comment, folded)
         if message is not None:
             self.error(path, message + context)
         return message is None

@@ -234,6 +234,7 @@ def manifest_schema() -> dict[str, Any]:
             "properties": {"jobs_from": {"type": ["string", "array"], "minItems": 1}},
         },
     ]
+    schema["patternProperties"] = {"^x-": {}}  # skipped: a place for anchors
     table = {"type": "string", "pattern": TABLE_PATTERN}
     props["jobs_from"] = {
         "description": props["jobs_from"]["description"],

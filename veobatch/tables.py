@@ -138,6 +138,14 @@ def _read_csv(text: str, file: str) -> Table:
         table.problems.append(_bad_record_problem(file, exc))
         return table
     names = [h.strip() for h in header]
+    if len(names) == 1 and (sep := next((s for s in ";\t|" if s in names[0]), None)):
+        shown = {"\t": "tabs", ";": "';'", "|": "'|'"}[sep]
+        message = (
+            f"the header row is one column, {names[0]!r}: the file seems to separate its cells"
+            f" with {shown}; veobatch reads CSV with commas (save it as comma-separated)"
+        )
+        table.problems.append(Problem(file, message, header_line, 1))
+        return table
     for i, name in enumerate(names):
         at = header_starts[i] if i < len(header_starts) else Pos(header_line, 1)
         if not name:
@@ -190,6 +198,17 @@ def _csv_row(
         table.problems.append(
             Problem(table.file, message, extra.line, extra.column, f"row {index + 1}")
         )
+    missing = [n for n in names[len(cells) :] if n.strip() and not n.startswith("#")]
+    if missing:
+        # Is a trailing cell unset, or was a cell in the middle left out and the rest moved
+        # left? Only the writer knows, and the second sends a value to the wrong field.
+        at = starts[-1] if starts else Pos(line, 1)
+        message = (
+            f"this row has {len(cells)} cells but the header names {len(names)} columns (none"
+            f" for {', '.join(map(repr, missing))}): a cell left out moves the ones after it"
+            " to the wrong column; write an empty cell (,,) for a field that is not set"
+        )
+        table.problems.append(Problem(table.file, message, at.line, at.column, f"row {index + 1}"))
     row: dict[str, Any] = {}
     for i, name in enumerate(names):
         if name.startswith("#") or i >= len(cells) or not cells[i].strip():

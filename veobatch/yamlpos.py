@@ -129,6 +129,10 @@ class SourceMap:
     keys: dict[Path, Pos] = field(default_factory=dict)
     items: dict[Path, Pos] = field(default_factory=dict)  # the "- " of a block sequence item
     plain: dict[Path, str] = field(default_factory=dict)  # source text of unquoted scalars
+    # An unquoted value's comment on its own last line: '#' may have been meant as text.
+    comments: dict[Path, str] = field(default_factory=dict)
+    # The lines an unquoted value went on to (line, text): a key missing its ':' lands there.
+    folded: dict[Path, tuple[tuple[int, str], ...]] = field(default_factory=dict)
     bad: set[Path] = field(default_factory=set)  # values already reported as issues
 
     def value(self, path: Path) -> Pos:
@@ -375,14 +379,61 @@ def _syntax_message(exc: yaml.MarkedYAMLError, lines: _Lines) -> str:
         parts.append(context)
     if exc.problem:
         parts.append(exc.problem)
-    hint = ""
-    if exc.problem == "mapping values are not allowed here":
-        hint = " (a value containing ': ' must be quoted)"
-    return "invalid YAML: " + ", ".join(parts) + hint
+    return "invalid YAML: " + ", ".join(parts) + _syntax_hint(exc, lines)
+
+
+# What a user most likely did, for the parser's messages that do not say it.
+_TOKEN_START = re.compile(r"found character '(.+)' that cannot start any token")
+
+
+def _syntax_hint(exc: yaml.MarkedYAMLError, lines: _Lines) -> str:
+    problem, context = exc.problem or "", exc.context or ""
+    if _no_colon(exc):
+        return " (a line with no ':' after its key: write 'key: value')"
+    if problem == "mapping values are not allowed here":
+        if _indented_deeper(exc.problem_mark, lines):
+            return " (this line is indented deeper than the one before it: line up the keys)"
+        return " (a value containing ': ' must be quoted)"
+    if (found := _TOKEN_START.search(problem)) is not None:
+        char = found.group(1)
+        if char == "\\t":
+            return " (indent with spaces: YAML does not allow tabs there)"
+        return f" (a value that starts with {char!r} must be quoted)"
+    if context in ("while scanning an alias", "while scanning an anchor"):
+        sign = "*" if "alias" in context else "&"
+        return f" (a value that starts with {sign!r} must be quoted)"
+    if problem.startswith("expected <block end>, but found '<scalar>'"):
+        return " (a value that starts with a quote, '[' or '{' must be quoted whole)"
+    return ""
+
+
+def _no_colon(exc: yaml.MarkedYAMLError) -> bool:
+    return exc.context == "while scanning a simple key" and exc.context_mark is not None
+
+
+def _indented_deeper(mark: Mark | None, lines: _Lines) -> bool:
+    """Whether the line of ``mark`` starts deeper than the last non-blank line before it."""
+    if mark is None:
+        return False
+    starts, text = lines.starts, lines.text
+    line = lines.pos(mark).line
+    if not 2 <= line <= len(starts):
+        return False
+
+    def indent(n: int) -> int | None:
+        stop = starts[n] if n < len(starts) else len(text)
+        row = text[starts[n - 1] : stop].rstrip("\r\n")
+        body = row.lstrip(" ")
+        return None if not body or body.startswith("#") else len(row) - len(body.lstrip("- "))
+
+    here = indent(line)
+    before = next((i for n in range(line - 1, 0, -1) if (i := indent(n)) is not None), None)
+    return here is not None and before is not None and here > before
 
 
 def _syntax_pos(exc: yaml.MarkedYAMLError, lines: _Lines) -> Pos | None:
-    mark = exc.problem_mark or exc.context_mark
+    # A key without its ':' is found only at the next line: point at the key itself.
+    mark = exc.context_mark if _no_colon(exc) else exc.problem_mark or exc.context_mark
     return lines.pos(mark) if mark is not None else None
 
 
@@ -404,6 +455,7 @@ class _Builder:
         self._pos = loader.lines.pos
         self._back = back or {}  # hidden line separators to restore (see _hide_odd_breaks)
         self._escapes = bool(self._back) or SURROGATE_ESCAPE.search(loader.lines.text) is not None
+        self._comments = "#" in loader.lines.text  # else no value can be followed by one
         self.source = SourceMap()
         self.issues: list[Issue] = []
         self._seen: set[int] = set()
@@ -446,6 +498,10 @@ class _Builder:
     def _scalar(self, node: ScalarNode, path: Path) -> Any:
         if not node.style:  # libyaml says "" where the pure-Python parser says None
             self.source.plain.setdefault(path, node.value)
+            if node.end_mark.line != node.start_mark.line:
+                self._note_folded(node, path)
+            if self._comments:
+                self._note_comment(node.end_mark.index, path)
         if node.tag == _STR_TAG:  # most values: what the constructor would return, directly
             return self._text(node, path) if self._escapes else node.value
         if node.tag not in type(self.loader).yaml_constructors:
@@ -460,6 +516,23 @@ class _Builder:
             message = f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {reason}"
             self.issue(path, self._pos(node.start_mark), message)
             return self._text(node, path)
+
+    def _note_comment(self, end: int, path: Path) -> None:
+        text = self.loader.lines.text
+        stop = text.find("\n", end)
+        rest = text[end : len(text) if stop < 0 else stop].strip(" \t\r")
+        if rest.startswith("#"):
+            self.source.comments.setdefault(path, rest)
+
+    def _note_folded(self, node: ScalarNode, path: Path) -> None:
+        lines = self.loader.lines
+        starts, text = lines.starts, lines.text
+        first, last = lines.pos(node.start_mark).line, lines.pos(node.end_mark).line
+        rows = []
+        for line in range(first + 1, min(last, len(starts)) + 1):
+            stop = starts[line] if line < len(starts) else len(text)
+            rows.append((line, text[starts[line - 1] : stop].rstrip("\r\n")))
+        self.source.folded.setdefault(path, tuple(rows))
 
     def _text(self, node: ScalarNode, path: Path) -> str:
         """The scalar's text with surrogate pairs joined; an unpaired surrogate is reported."""
@@ -481,10 +554,18 @@ class _Builder:
     def _mapping(self, node: MappingNode, path: Path) -> dict[Any, Any]:
         self._check_tag(node, _MAP_TAG, path)
         result: dict[Any, Any] = {}
-        merges = []
+        merges: list[tuple[Node, Node]] = []
         for key_node, value_node in node.value:
             if key_node.tag == _MERGE_TAG:
-                merges.append(value_node)
+                if merges:  # YAML tools disagree on which wins: say what is meant instead
+                    first = self._pos(merges[0][0].start_mark).line
+                    message = (
+                        f"a second merge key '<<' (the first at line {first}); merge several"
+                        " mappings with one: '<<: [*first, *second]' (the first listed wins)"
+                    )
+                    self.issue(path, self._pos(key_node.start_mark), message, bad=False)
+                    continue
+                merges.append((key_node, value_node))
                 continue
             key = self._key(key_node, path)
             if key is _SKIP:
@@ -497,7 +578,7 @@ class _Builder:
                 continue
             self.source.keys.setdefault(sub, self._pos(key_node.start_mark))
             result[key] = self.build(value_node, sub)
-        for merge in merges:
+        for _, merge in merges:
             self._merge(merge, path, result)
         return result
 
