@@ -358,6 +358,7 @@ def test_a_stop_signal_while_the_command_starts_exits_75(sig: str) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 75
     assert proc.stderr == f"veobatch: interrupted by {sig}; run again\n"
+    assert proc.stdout == proc.stderr  # cron's mail (stdout) is told too, as for any early end
 
 
 def test_a_hangup_ignored_before_the_command_starts_stays_ignored() -> None:

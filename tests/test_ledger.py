@@ -78,6 +78,8 @@ def test_happy_path_walks_every_state() -> None:
         ([*HAPPY[:2], rec("failed", kind="timeout")], "completed", True),
         ([*HAPPY[:1], rec("uncertain")], "submitted", True),  # adopted from the usage logs
         ([*HAPPY[:1], rec("uncertain")], "intent", True),  # deliberate resubmission
+        ([*HAPPY[:1], rec("uncertain")], "uncertain", True),  # a later look-up's verdict
+        (HAPPY[:2], "uncertain", False),  # a generation id is certain
     ],
 )
 def test_transitions(history: list[dict[str, Any]], event: str, allowed: bool) -> None:

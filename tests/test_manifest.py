@@ -735,8 +735,17 @@ BAD = [
         16,
         "#1",
         "image_url",
-        ("contains spaces or control characters",),
+        ("has a space at character 21", "percent-encode it as %20"),
         id="image-space",
+    ),
+    pytest.param(
+        i2v('"https://a.example/x\\ty.png"'),
+        5,
+        16,
+        "#1",
+        "image_url",
+        ("has U+0009 at character 20", "percent-encode it as %09"),
+        id="image-tab",
     ),
     pytest.param(
         i2v("https://a.example:99999/x.png"),

@@ -401,6 +401,33 @@ async def test_unanswered_and_not_logged_stays_uncertain(cdn: str, tmp_path: Pat
     assert forced.exit_code == 0 and forced.risked_duplicates == 1 and len(api.created) == 1
 
 
+async def test_an_uncertain_job_says_the_latest_look_ups_verdict(cdn: str, tmp_path: Path) -> None:
+    # Left uncertain by a redirect; the next run's look-up finds nothing: the summary and
+    # results.json must say that, not the first run's redirect.
+    m = manifest(1, tmp_path)
+    job = m.jobs[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    crid = "vb:job0:1:abc"
+    lines = [
+        {"t": time.time() - 3600, "ev": "intent", "job": job.id, "crid": crid, "key": job.key},
+        {
+            "t": time.time() - 3599,
+            "ev": "uncertain",
+            "job": job.id,
+            "kind": "no_answer",
+            "message": "HTTP 303: the API base URL redirects",
+        },
+    ]
+    (out / "ledger.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.hide_from_logs = True
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.uncertain == ["job0"] and api.created == []
+    error = report.states["job0"].error
+    assert error is not None and "usage logs" in error.message and "303" not in error.message
+
+
 async def test_crash_between_intent_and_answer_is_settled_by_the_logs(
     cdn: str, tmp_path: Path
 ) -> None:

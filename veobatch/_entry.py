@@ -9,6 +9,7 @@ stays ignored.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -26,9 +27,20 @@ STOP_SIGNALS = tuple(
 
 def _early_stop(signum: int, frame: FrameType | None) -> None:
     ignore_stop_signals()
-    name = signal.Signals(signum).name
-    sys.stderr.write(f"veobatch: interrupted by {name}; run again\n")
+    line = f"veobatch: interrupted by {signal.Signals(signum).name}; run again\n"
+    sys.stderr.write(line)
+    if stdout_elsewhere():  # cron's mail, as for every early end (the command line is unread)
+        sys.stdout.write(line)
     raise SystemExit(EXIT_INTERRUPTED)
+
+
+def stdout_elsewhere() -> bool:
+    """Do stdout and stderr lead to different files (not one terminal, not `2>&1`)?"""
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or not a real file (tests)
+        return False
+    return (out.st_dev, out.st_ino) != (err.st_dev, err.st_ino)
 
 
 def ignore_stop_signals() -> None:

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ._entry import EXIT_INTERRUPTED, STOP_SIGNALS, ignore_stop_signals
+from ._entry import EXIT_INTERRUPTED, STOP_SIGNALS, ignore_stop_signals, stdout_elsewhere
 from .errors import (
     ConfigError,
     LedgerError,
@@ -153,25 +153,16 @@ def _say_why(code: int, text: str) -> None:
             click.echo(json.dumps(doc, ensure_ascii=False), err=True)
     else:
         click.echo(text, err=True)
-    if _stdout_elsewhere():
+    if stdout_elsewhere():
         click.echo(text)
 
 
 def _last_words(line: str) -> None:
     """The why-line for cron's mail when the process is about to leave with os._exit: the log
     line on stderr is said already, and nothing will flush stdout for us."""
-    if _stdout_elsewhere():
+    if stdout_elsewhere():
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
-
-
-def _stdout_elsewhere() -> bool:
-    """Do stdout and stderr lead to different files (not one terminal, not `2>&1`)?"""
-    try:
-        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
-    except (OSError, ValueError, AttributeError):  # closed, or not a real file (tests)
-        return False
-    return (out.st_dev, out.st_ino) != (err.st_dev, err.st_ino)
 
 
 def _exit_for(exc: VeobatchError | OSError) -> tuple[int, str]:

@@ -46,7 +46,7 @@ _ALLOWED_FROM: dict[str, frozenset[str]] = {
     "done": frozenset({"completed"}),
     # From "done": the file was lost and fetching it again failed (the video is gone).
     "failed": frozenset({"submitting", "submitted", "completed", "uncertain", "failed", "done"}),
-    "uncertain": frozenset({"submitting"}),
+    "uncertain": frozenset({"submitting", "uncertain"}),  # a later look-up's own verdict
 }
 EVENTS = frozenset(_ALLOWED_FROM)
 

@@ -248,8 +248,13 @@ def image_problem(value: str) -> tuple[str | None, str | None]:
     """(error, warning) for one image reference."""
     if value[:5].lower() == "data:":
         return _data_uri_problem(value)
-    if any(c.isspace() or ord(c) < 32 for c in value):
-        return "the URL contains spaces or control characters; encode spaces as %20", None
+    if (i := next((i for i, c in enumerate(value) if c.isspace() or ord(c) < 32), -1)) >= 0:
+        c = value[i]
+        shown = "a space" if c == " " else f"U+{ord(c):04X}"
+        return (
+            f"the URL has {shown} at character {i + 1}, which a URL cannot carry as it is; "
+            f"percent-encode it as {_encoded(c)}"
+        ), None
     try:
         parts = urlsplit(value)
     except ValueError:  # brackets in the host that hold no IPv6 address

@@ -264,7 +264,8 @@ def render_html(cards: Sequence[Card], *, title: str, generated_at: float) -> st
     stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(generated_at))
     summary = ", ".join(f"{n} {s}" for s, n in statuses.most_common())
     meta = (
-        f"{len(cards)} jobs: {summary or 'none'} · {_size(size) or '0 kB'} of video · "
+        f"{len(cards)} job{'s' * (len(cards) != 1)}: {summary or 'none'} · "
+        f"{_size(size) or '0 kB'} of video · "
         f"about ${spend:,.2f} spent · generated {stamp}"
     )
     return (

@@ -486,7 +486,12 @@ class Runner:
         self.tg.start_soon(self._resubmit, job, delay, risked)
 
     async def _leave_uncertain(self, job: Job, reason: str) -> None:
-        if self.ledger.state(job.id).status == "submitting":
+        st = self.ledger.state(job.id)
+        # Again uncertain after a later run's look-up: its verdict replaces the first error,
+        # which is what the summary and results.json then say.
+        if st.status == "submitting" or (
+            st.status == "uncertain" and (st.error is None or st.error.message != reason)
+        ):
             await self.ledger.record("uncertain", job.id, kind="no_answer", message=reason)
         self._release(job.id)
         self._close(job.id)

@@ -24,7 +24,7 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
     extras = extras or RunExtras()
     c = report.counts
     head = (
-        f"veobatch: {total_jobs} jobs: {c.get('done', 0)} done, {c.get('failed', 0)} failed, "
+        f"veobatch: {jobs(total_jobs)}: {c.get('done', 0)} done, {c.get('failed', 0)} failed, "
         f"{len(report.uncertain)} uncertain, {len(report.pending)} not finished"
         + (f", {len(report.over_budget)} held back" if report.over_budget else "")
         + f" ({report.submitted} submitted this run, {report.polls} polls, "
@@ -117,6 +117,10 @@ def abort_doc(
     }
 
 
+def jobs(n: int) -> str:
+    return f"{n} job" + "s" * (n != 1)
+
+
 def _why_uncertain(state: JobState | None) -> str:
     """What is known of an uncertain job: the look-up's own words, when it got that far."""
     if state is not None and state.status == "uncertain" and state.error is not None:
@@ -154,7 +158,7 @@ def plan_summary(
     taken, held = within_budget(to_pay, prices, limit_usd)
     usd = sum(estimate_usd(j, prices) for j in taken)
     lines = [
-        f"{len(plans)} jobs: " + ", ".join(f"{kinds[k]} {k}" for k in CATEGORIES if kinds[k]),
+        f"{jobs(len(plans))}: " + ", ".join(f"{kinds[k]} {k}" for k in CATEGORIES if kinds[k]),
         "actions: " + ", ".join(f"{counts[a]} {a.value}" for a in Action if counts[a]),
         f"would submit {len(taken)} generation{'' if len(taken) == 1 else 's'}, "
         f"about ${usd:,.2f} (estimated; see below)",
@@ -308,4 +312,4 @@ def rerun_summary(reruns: Sequence[tuple[str, str]]) -> str:
 def status_counts(results: Mapping[str, Any]) -> str:
     summary = results.get("summary", {})
     parts = [f"{summary.get(s, 0)} {s}" for s in STATUSES if summary.get(s)]
-    return f"{summary.get('total', 0)} jobs: " + (", ".join(parts) or "none")
+    return f"{jobs(summary.get('total', 0))}: " + (", ".join(parts) or "none")
