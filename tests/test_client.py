@@ -414,3 +414,38 @@ async def test_a_free_form_generation_error_keeps_its_text(client: HttpApiClient
         m.get(URL + "?generation_id=g1", payload=body)
         gen = await client.fetch("g1")
     assert gen.failed and gen.error_message == '{"code": "E42", "detail": "blocked by safety"}'
+
+
+@pytest.mark.parametrize("fault", ["cut", "stall"])
+async def test_a_create_whose_body_is_lost_keeps_the_id_its_header_gave(fault: str) -> None:
+    # Status 200 and x-inference-id arrived, then the body was cut off or never came: the
+    # generation exists and is paid for, so its id must not be thrown away (job "uncertain").
+    async def handle(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(status=200, headers={"x-inference-id": "gen-1:m"})
+        resp.content_length = 100
+        await resp.prepare(request)
+        await resp.write(b'{"id": "gen')
+        if fault == "stall":
+            await asyncio.sleep(5)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+        base = str(server.make_url("")).rstrip("/")
+        api = HttpApiClient(session, base, Secret(KEY), timeout_s=0.5)
+        created = await api.create({"model": "m"}, client_request_id="vb:j:1:abc")
+        assert created.generation_id == "gen-1:m"
+        with pytest.raises(NoAnswerError):  # a poll whose answer is lost is simply asked again
+            await api.fetch("gen-1:m")
+
+
+async def test_a_generation_id_header_never_carries_the_key_into_records() -> None:
+    with aioresponses() as mocked:
+        mocked.post(URL, status=200, body="<html>OK</html>", headers={"x-inference-id": f"g-{KEY}"})
+        async with aiohttp.ClientSession() as session:
+            api = HttpApiClient(session, BASE, Secret(KEY))
+            created = await api.create({"model": "m"}, client_request_id="vb:j:1:abc")
+    assert KEY not in created.generation_id and created.generation_id == "g-***"

@@ -8,7 +8,13 @@ import pytest
 
 from veobatch.errors import ConfigError
 from veobatch.jobs import ManifestSettings
-from veobatch.settings import DEFAULT_BASE_URL, RunSettings, Secret, resolve_settings
+from veobatch.settings import (
+    DEFAULT_BASE_URL,
+    RunSettings,
+    Secret,
+    resolve_settings,
+    sends_key_in_clear,
+)
 
 
 def test_defaults_without_anything() -> None:
@@ -127,3 +133,37 @@ def test_a_refused_base_url_that_may_hold_a_secret_is_not_echoed(
     with pytest.raises(ConfigError) as info:
         resolve_settings(Path("o"), env=env)
     assert said in str(info.value) and "SECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "clear"),
+    [
+        ("https://api.aimlapi.com", False),
+        ("http://127.0.0.1:8750", False),
+        ("http://127.3.2.1:8750", False),
+        ("http://[::1]:8750", False),
+        ("http://localhost:8750", False),
+        ("http://api.localhost", False),
+        ("http://api.aimlapi.com", True),  # one letter off https: the key in clear text
+        ("http://192.0.2.2:8080", True),
+        ("http://mock-api:8080", True),
+    ],
+)
+def test_plain_http_off_this_machine_is_told_apart(url: str, clear: bool) -> None:
+    assert sends_key_in_clear(url) is clear
+
+
+@pytest.mark.parametrize("before", ["", "B", "Be", "Bearer "])
+def test_the_key_is_scrubbed_from_error_texts_in_base64_too(before: str) -> None:
+    # A proxy may echo the Authorization header encoded; at any of base64's 3 alignments.
+    import base64
+
+    key = "sk-canary-0123456789abcdef"
+    secret = Secret(key)
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        echoed = encode(f"{before}{key} and more".encode()).decode()
+        scrubbed = secret.scrub(f"denied: {echoed}", fragments=True)
+        # The key's own stretch of the encoding is gone (base64 is 4/3 its length).
+        assert "***" in scrubbed
+        assert len(f"denied: {echoed}") - len(scrubbed) + 3 >= len(key)
+    assert secret.scrub("https://cdn.example/v.mp4?sig=abc123", fragments=True).endswith("abc123")

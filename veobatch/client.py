@@ -324,6 +324,10 @@ class HttpApiClient:
             json_body=body,
             extra={"X-Client-Request-Id": client_request_id},
         )
+        inference_id = headers.get("x-inference-id")
+        if inference_id and self._key.distinctive and self._key.reveal() in inference_id:
+            headers = CIMultiDict(headers)  # an id is recorded and logged: no key in it
+            headers["x-inference-id"] = self._key.scrub(inference_id)
         return self._scrubbed(parse_created(text, headers))
 
     async def fetch(self, generation_id: str) -> Generation:
@@ -380,7 +384,14 @@ class HttpApiClient:
                 timeout=self._timeout,
                 allow_redirects=False,  # a redirect could carry the key to another host
             ) as resp:
-                raw = await _read_body(resp.content)
+                try:
+                    raw = await _read_body(resp.content)
+                except (TimeoutError, aiohttp.ClientError, OSError):
+                    # The body of a create's 2xx was cut off or stalled: its header already
+                    # named the generation, which exists and is paid for (parse_created).
+                    if method != "POST" or resp.status >= 300 or not _id_header(resp.headers):
+                        raise
+                    raw = b""
                 # JSON must not start with a BOM, but a parser may skip one (RFC 8259, 8.1)
                 text = raw[:MAX_BODY_BYTES].decode("utf-8-sig", "replace")
                 if resp.status >= 300:
@@ -408,6 +419,10 @@ class HttpApiClient:
             headers = CIMultiDict(headers)
             headers["Location"] = self._key.scrub(where, fragments=True)
         return error_from_response(status, self._key.scrub(text, fragments=True), headers)
+
+
+def _id_header(headers: Mapping[str, str]) -> bool:
+    return bool(headers.get("x-inference-id", "").strip())
 
 
 async def _read_body(content: aiohttp.StreamReader) -> bytes:

@@ -31,7 +31,7 @@ from .ledger import LEDGER_NAME, RESULTS_NAME, JobState, Ledger, result_rows
 from .report import REPORT_NAME
 from .runner import Runner, RunReport, Snapshot
 from .scheduler import JobPlan, plan_run
-from .settings import RunSettings
+from .settings import ENV_BASE_URL, RunSettings, sends_key_in_clear
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,12 @@ async def _run(
     started = time.monotonic()
     if api is None and settings.api_key is None:
         raise ConfigError("no API key: set AIMLAPI_KEY (or use --simulate)")
+    if api is None and sends_key_in_clear(settings.base_url):
+        log.warning(
+            "%s is plain http to another machine: the API key crosses the network unencrypted"
+            " (use https://)",
+            ENV_BASE_URL,
+        )
     out = ensure_dir(settings.out_dir)
     disk = DiskThreads()  # the ledger's writes and the videos' last write share its batches
     with DirLock(out):

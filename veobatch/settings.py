@@ -6,6 +6,8 @@ precedence is CLI > manifest > environment > the defaults below.
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -29,10 +31,11 @@ SCRUB_RUN = 8  # this many characters of the key in a row are scrubbed from erro
 class Secret:
     """A string that never shows itself in repr, str, logs or tracebacks."""
 
-    __slots__ = ("_value",)
+    __slots__ = ("_encoded", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        self._encoded: tuple[str, ...] | None = None
 
     def reveal(self) -> str:
         return self._value
@@ -55,7 +58,26 @@ class Secret:
                 piece = key[i : i + SCRUB_RUN]
                 if piece in text:
                     text = text.replace(piece, "***")
+        if fragments and len(key) >= SCRUB_RUN:
+            for piece in self._base64_forms():
+                if piece in text:
+                    text = text.replace(piece, "***")
         return text
+
+    def _base64_forms(self) -> tuple[str, ...]:
+        """The key as it reads inside base64 at any of the 3 byte alignments (a proxy may echo
+        an Authorization header encoded), less the characters its neighbours also shape."""
+        if self._encoded is None:
+            raw, forms = self._value.encode(), set[str]()
+            for pad in range(3):
+                text = base64.b64encode(b"\0" * pad + raw).decode()
+                lead = -(-pad * 4 // 3)  # characters shaped by the padding bytes before it
+                end = (pad + len(raw)) // 3 * 4  # whole groups only: the rest meets what follows
+                core = text[lead:end]
+                if len(core) >= SCRUB_RUN:
+                    forms.update((core, core.replace("+", "-").replace("/", "_")))
+            self._encoded = tuple(forms)
+        return self._encoded
 
     def __repr__(self) -> str:
         return "Secret('***')"
@@ -192,6 +214,21 @@ def base_url_problem(url: str) -> str | None:
     if parsed.raw_query_string or parsed.raw_fragment:
         return "must not hold a query string or fragment"
     return None
+
+
+def sends_key_in_clear(url: str) -> bool:
+    """Plain http to another machine: the key would cross the network readable by anyone on
+    the way. (Allowed, with a warning: a test double of the API may live on another host.)"""
+    parsed = URL(url)
+    if parsed.scheme != "http":
+        return False
+    host = (parsed.raw_host or "").strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True
 
 
 def normalize_base_url(url: str) -> str:
