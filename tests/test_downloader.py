@@ -148,6 +148,12 @@ class Cdn:
                 await asyncio.sleep(0.005)  # let the client consume what was sent
             request.transport.close()  # type: ignore[union-attr]
             return resp
+        if self.mode == "headers-only-once":  # the headers, then not one byte
+            self.mode = "ok"
+            resp = web.StreamResponse(headers={"Content-Length": str(len(MP4)), "ETag": '"v1"'})
+            await resp.prepare(request)
+            request.transport.close()  # type: ignore[union-attr]
+            return resp
         if self.mode == "slow":  # a little at a time, then cut off
             resp = web.StreamResponse(headers={"Content-Length": str(len(MP4))})
             await resp.prepare(request)
@@ -239,6 +245,19 @@ async def test_truncated_body_resumes_with_range(cdn: Cdn, tmp_path: Path) -> No
     assert 0 < have <= len(MP4) // 3
     assert (tmp_path / "job1.mp4").read_bytes() == MP4
     assert got.sha256 == hashlib.sha256(MP4).hexdigest()
+
+
+async def test_an_answer_cut_before_its_first_byte_leaves_nothing_behind(
+    cdn: Cdn, tmp_path: Path
+) -> None:
+    # Nothing arrived, so there is nothing to resume: no .part, and no sidecar to outlive
+    # the finished video beside it.
+    cdn.mode = "headers-only-once"
+    with pytest.raises(DownloadError):
+        await _get(cdn, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == []
+    await _get(cdn, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["job1.mp4"]
 
 
 async def test_server_ignoring_range_restarts_cleanly(cdn: Cdn, tmp_path: Path) -> None:
@@ -488,6 +507,22 @@ CR = "Content-Range"
         (206, {CR: "bytes 50-99/*"}, 50, None, None),  # no total to hold it to
         (206, {}, 50, None, None),
         (206, {CR: "bytes 50-99/100"}, 50, PartInfo(None, 120), None),  # another file
+        # A host that ignored If-Range names another version: its bytes must not be spliced on.
+        (206, {CR: "bytes 50-99/100", "ETag": '"f"'}, 50, PartInfo('"e"', 100), None),
+        (
+            206,
+            {CR: "bytes 50-99/100", "ETag": '"e"'},
+            50,
+            PartInfo('"e"', 100),
+            Body(50, 100, False, False),
+        ),
+        (
+            206,
+            {CR: "bytes 50-99/100", "Last-Modified": "Sun, 22 Nov 2026 01:00:00 GMT"},
+            50,
+            PartInfo("Sat, 21 Nov 2026 01:00:00 GMT", 100),
+            None,
+        ),
         (206, {CR: "bytes 50-99/100", "Content-Encoding": "gzip"}, 50, None, None),
     ],
 )
@@ -673,7 +708,8 @@ def test_an_mp4_cut_exactly_before_its_moov_box_is_not_whole(real_mp4: bytes) ->
         (_box(b"moov", 40) + b"\0\0\0\x01mdat" + (8).to_bytes(8, "big"), False),
         (_box(b"moov", 40) + b"\0\0\0\0mdat" + bytes(50), True),  # size 0: up to the end
         (_box(b"ftyp", 16) + b"\0\0\0\0mdat" + bytes(50), False),  # ... and no moov after it
-        (_box(b"ftyp", 16) + b"\0\0\0\0moov" + bytes(50), True),
+        (_box(b"ftyp", 16) + b"\0\0\0\0moov" + bytes(50), False),  # no media data at all
+        (_box(b"ftyp", 16) + _box(b"moov", 40) + _box(b"free", 16), False),  # cut before mdat
         (b"\0\0\0\x04ftyp", False),  # a size under 8
         (_box(b"ftyp", 16) + _box(b"mdat", 100)[:-1], False),
         (b"", False),
@@ -681,6 +717,57 @@ def test_an_mp4_cut_exactly_before_its_moov_box_is_not_whole(real_mp4: bytes) ->
 )
 def test_box_walking(data: bytes, ok: bool) -> None:
     assert _boxes_add_up(data) is ok
+
+
+def _boxed(kind: bytes, payload: bytes) -> bytes:
+    return (8 + len(payload)).to_bytes(4, "big") + kind + payload
+
+
+def _faststart(offsets: list[int], wide: bool = False) -> bytes:
+    """ftyp, a moov whose one track's chunks start at ``offsets``, then two mdat boxes."""
+    table = b"co64" if wide else b"stco"
+    entries = b"".join(o.to_bytes(8 if wide else 4, "big") for o in offsets)
+    stco = _boxed(table, bytes(4) + len(offsets).to_bytes(4, "big") + entries)
+    stbl = _boxed(b"stbl", _boxed(b"stsd", bytes(8)) + stco)
+    moov = _boxed(b"moov", _boxed(b"trak", _boxed(b"mdia", _boxed(b"minf", stbl))))
+    return _box(b"ftyp", 16) + moov + _box(b"mdat", 100) + _box(b"mdat", 100)
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_a_faststart_mp4_cut_between_boxes_is_not_whole(wide: bool) -> None:
+    # moov first, then the media: cut on a box boundary, the boxes still add up; only the
+    # missing media data, or chunks the index puts past the end, give it away.
+    whole = _faststart([], wide)
+    head = len(whole) - 200
+    whole = _faststart([head + 8, head + 108], wide)
+    assert _boxes_add_up(whole)
+    assert not _boxes_add_up(whole[:head])  # no mdat at all
+    assert not _boxes_add_up(whole[: head + 100])  # the second mdat's chunk is missing
+    assert not _boxes_add_up(_faststart([head + 8, 10**9], wide))
+
+
+def test_a_real_faststart_mp4_cut_before_its_media_is_not_whole(
+    real_mp4: bytes, tmp_path: Path
+) -> None:
+    import av
+
+    out = tmp_path / "faststart.mp4"  # the muxer rewrites the file to move the moov first
+    with (
+        av.open(io.BytesIO(real_mp4)) as src,
+        av.open(str(out), "w", format="mp4", options={"movflags": "faststart"}) as dst,
+    ):
+        streams = {s.index: dst.add_stream_from_template(s) for s in src.streams}
+        for packet in src.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                dst.mux(packet)
+    data = out.read_bytes()
+    assert data[4:8] == b"ftyp" and _boxes_add_up(data)
+    at = 0
+    while data[at + 4 : at + 8] != b"mdat":
+        at += int.from_bytes(data[at : at + 4], "big")
+    assert b"moov" in data[:at]  # faststart: the index before the media
+    assert not _boxes_add_up(data[:at])
 
 
 def _answer(head: bytes, body: bytes) -> Callable[[bytes, asyncio.StreamWriter], Any]:

@@ -466,3 +466,24 @@ def test_request_and_verification_figures_replay() -> None:
 def test_ledgers_written_before_verification_still_replay() -> None:
     s = replay(HAPPY)["a"]
     assert s.status == "done" and s.video is None and s.flags is None and s.request is None
+
+
+@pytest.mark.parametrize(
+    ("at_create", "at_completion", "want"),
+    [
+        (0.6, 0.0, 0.6),  # the completing poll reported its own cost, not the generation's
+        (0.0, 3.2, 3.2),  # charged after completion, as the contract says
+        (None, 3.2, 3.2),
+        (0.6, None, 0.6),
+        (None, None, None),
+    ],
+)
+def test_a_generations_charge_is_the_larger_of_the_two_reports(
+    at_create: float | None, at_completion: float | None, want: float | None
+) -> None:
+    created = {} if at_create is None else {"usd": at_create}
+    completed = {} if at_completion is None else {"usd": at_completion}
+    states = replay(
+        [HAPPY[0], rec("submitted", gen="g1", **created), rec("completed", **completed)]
+    )
+    assert states["a"].usd_spent == want

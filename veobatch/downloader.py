@@ -266,7 +266,7 @@ async def _after_failure(writer: _PartWriter, keep: PartInfo | None) -> None:
 
 
 def _keep_or_drop(part: Path, keep: PartInfo | None) -> None:
-    if keep is None:
+    if keep is None or not _size_or_zero(part):  # nothing arrived: nothing to resume
         _drop(part)
     else:
         _write_info(part, keep)

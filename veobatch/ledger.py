@@ -145,8 +145,17 @@ def _on_completed(s: JobState, r: Mapping[str, Any]) -> None:
     if "took" in r:
         took = r["took"]
         s.took = (float(took[0]), float(took[1])) if took else None
-    s.usd_spent = r.get("usd", s.usd_spent)
+    s.usd_spent = _charge(s.usd_spent, r.get("usd"))
     s.error = None
+
+
+def _charge(at_create: float | None, at_completion: float | None) -> float | None:
+    """One generation's charge, reported by the create, the completing poll, or both: the
+    contract says the charge is recorded after completion, while a poll's own answer may
+    report its own cost (nothing): the larger is the generation's."""
+    if at_create is None or at_completion is None:
+        return at_completion if at_create is None else at_create
+    return max(at_create, at_completion)
 
 
 def _on_done(s: JobState, r: Mapping[str, Any]) -> None:

@@ -92,8 +92,9 @@ def plan_body(
     """The plan for a 200 or 206 that answered a request for the bytes from ``have`` on.
 
     None when a 206 does not prove that it continues the ``.part``: no or a malformed
-    Content-Range, another start, not up to the end, a length that disagrees, a total other
-    than the one the ``.part`` started with, or an encoding (its ranges count encoded bytes).
+    Content-Range, another start, not up to the end, a length that disagrees, a total or a
+    validator (ETag, Last-Modified) other than the ``.part`` started with, or an encoding (its
+    ranges count encoded bytes).
     """
     encoding = headers.get("Content-Encoding", "").strip().lower()
     encoded = encoding not in ("", "identity")
@@ -109,6 +110,11 @@ def plan_body(
         return None
     if part is not None and part.total is not None and part.total != got.total:
         return None
+    # A host that ignored If-Range says which file it sent: not the .part's, no splice.
+    if part is not None and part.validator is not None:
+        now = validator_of(headers)
+        if now is not None and now != part.validator:
+            return None
     return Body(have, got.total, check_boxes=False, encoded=False)
 
 
@@ -120,24 +126,59 @@ def _length(value: str | None) -> int | None:
 
 def mp4_boxes_complete(f: BinaryIO, size: int) -> bool:
     """Do the top-level boxes of the ``size`` bytes in ``f`` add up to exactly ``size``, with a
-    ``moov`` among them?
+    ``moov`` and media data among them, and the ``moov``'s chunks inside the file?
 
     For a body nothing else delimits: a file cut short ends inside its last box, or, cut
     exactly between boxes, lacks the ``moov`` that a player needs (it often comes last, after
-    the media data). The boxes are read as :func:`verify.box_header` reads them.
+    the media data) or, with the ``moov`` first (faststart), the media data it indexes. The
+    boxes are read as :func:`verify.box_header` reads them.
     """
-    pos, moov = 0, False
+    pos, moov, mdat = 0, None, False
     try:
         while pos < size:
             if size - pos < 8:
                 return False
             f.seek(pos)
             kind, _, box = box_header(f.read(16), 0, size - pos)
-            moov = moov or kind == b"moov"
+            if kind == b"moov" and moov is None:
+                moov = (pos, box)
+            mdat = mdat or kind == b"mdat"
             pos += box
+        if moov is None or not mdat or pos != size or moov[1] > MAX_MOOV_BYTES:
+            return False
+        f.seek(moov[0])
+        return _chunks_inside(f.read(moov[1]), size)
     except (ValueError, struct.error):  # a box under its header or over the file's end
         return False
-    return moov and pos == size
+
+
+MAX_MOOV_BYTES = 64 << 20  # a moov this large is not a video's index (hours of video: a few MB)
+_TABLE_PATH = (b"moov", b"trak", b"mdia", b"minf", b"stbl")
+
+
+def _chunks_inside(moov: bytes, size: int) -> bool:
+    """Does every chunk offset the ``moov`` lists (stco/co64) fall inside the file? A file cut
+    exactly between two media data boxes still adds up, but its index points past the end."""
+    stack = [(0, len(moov), 0)]  # (start, end, depth in _TABLE_PATH)
+    while stack:
+        start, end, depth = stack.pop()
+        pos = start
+        while pos + 8 <= end:
+            kind, header, box = box_header(moov, pos, end - pos)
+            body = pos + header
+            if depth < len(_TABLE_PATH) and kind == _TABLE_PATH[depth]:
+                stack.append((body, pos + box, depth + 1))
+            elif depth == len(_TABLE_PATH) and kind in (b"stco", b"co64"):
+                wide = kind == b"co64"
+                (count,) = struct.unpack_from(">I", moov, body + 4)
+                width = 8 if wide else 4
+                if body + 8 + count * width > pos + box:
+                    return False
+                offsets = struct.unpack_from(f">{count}{'Q' if wide else 'I'}", moov, body + 8)
+                if offsets and max(offsets) >= size:
+                    return False
+            pos += box
+    return True
 
 
 class MinimumRate:
