@@ -48,7 +48,7 @@ def lk(cause: Cause = "server_error", since: float = 1000.0) -> Lookup:
 def test_verdicts(
     cause: Cause, entry: LogEntry | None, now: float, searched_all: bool, verdict: Verdict
 ) -> None:
-    d = decide(lk(cause), entry, now_wall=now, grace_s=60, searched_all=searched_all)
+    d = decide(lk(cause), entry, waited_s=now - 1000, grace_s=60, searched_all=searched_all)
     assert d.verdict is verdict
     if verdict is Verdict.ADOPT:
         assert d.generation_id == "gen-1"
@@ -57,10 +57,8 @@ def test_verdicts(
 def test_grace_runs_from_the_answer_not_from_the_search_start() -> None:
     # The search reaches back a request timeout (60 s) before the answer at 1060.
     lookup = Lookup("job", "c", "m", 1000.0, "server_error", recorded_wall=1060.0)
-    assert decide(lookup, None, now_wall=1061, grace_s=60, searched_all=True).verdict is (
-        Verdict.WAIT
-    )
-    assert decide(lookup, None, now_wall=1121, grace_s=60, searched_all=True).verdict is (
+    assert decide(lookup, None, waited_s=1, grace_s=60, searched_all=True).verdict is (Verdict.WAIT)
+    assert decide(lookup, None, waited_s=61, grace_s=60, searched_all=True).verdict is (
         Verdict.RESUBMIT
     )
 
@@ -101,7 +99,10 @@ def _reconciler(
         got.append((lookup.job_id, decision))
 
     budget = RateBudget(limit, 60, lambda: 0)
-    return Reconciler(api, sink, grace_s=60, interval_s=1, budget=budget, wall_clock=wall), got
+    rec = Reconciler(
+        api, sink, grace_s=60, interval_s=1, budget=budget, wall_clock=wall, clock=wall
+    )
+    return rec, got
 
 
 async def _sweep(api: Any, lookups: list[Lookup], now: float) -> list[tuple[str, Decision]]:
@@ -244,9 +245,32 @@ def test_unreadable_logs_get_a_minute_even_with_no_grace() -> None:
     # --logs-grace 0: absence counts at once, but logs that refused (a 429 after a restart)
     # said nothing; 71 look-ups turned uncertain on one refusal.
     unread = {"grace_s": 0, "searched_all": False}
-    assert decide(lk(since=1000), None, now_wall=1030, **unread).verdict is Verdict.WAIT
-    assert decide(lk(since=1000), None, now_wall=1061, **unread).verdict is Verdict.UNCERTAIN
+    assert decide(lk(since=1000), None, waited_s=30, **unread).verdict is Verdict.WAIT
+    assert decide(lk(since=1000), None, waited_s=61, **unread).verdict is Verdict.UNCERTAIN
     assert (
-        decide(lk(since=1000), None, now_wall=1001, grace_s=0, searched_all=True).verdict
+        decide(lk(since=1000), None, waited_s=1, grace_s=0, searched_all=True).verdict
         is Verdict.RESUBMIT
     )
+
+
+async def test_a_wall_clock_step_forward_does_not_count_as_waiting() -> None:
+    # An NTP step of +120 s one second after a 5xx: the logs have had 1 s, not 121, to show
+    # the request. Taken for absent, the job would be created again and paid twice.
+    wall, steady = [10_000.0], [5.0]
+    rec, got = _reconciler(PagedLogs([]), lambda: wall[0])
+    rec._clock = lambda: steady[0]
+    rec.add(Lookup("job", "c", "m", 10_000.0, "server_error"))
+    wall[0], steady[0] = 10_121.0, 6.0
+    await rec.sweep()
+    assert got == []  # still waiting
+    steady[0] = 66.0  # the grace, truly passed
+    await rec.sweep()
+    assert [d.verdict for _, d in got] == [Verdict.RESUBMIT]
+
+
+async def test_a_wall_clock_step_back_still_searches_up_to_the_request() -> None:
+    # Stepped back 600 s: a window ending "now" would end before the request was logged.
+    api = PagedLogs([LogEntry("c", "gen-1", "succeeded")])
+    got = await _sweep(api, [Lookup("job", "c", "m", 10_000.0, "server_error")], now=9_400.0)
+    assert api.calls[0]["end"].timestamp() >= 10_000
+    assert [d.verdict for _, d in got] == [Verdict.ADOPT]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -78,17 +79,17 @@ def decide(
     lookup: Lookup,
     entry: LogEntry | None,
     *,
-    now_wall: float,
+    waited_s: float,
     grace_s: float,
     searched_all: bool,
 ) -> Decision:
-    """What the logs say about one attempt. Absence counts only once the logs had time to
-    catch up and the whole window was read."""
+    """What the logs say about one attempt, ``waited_s`` after its last record. Absence counts
+    only once the logs had time to catch up and the whole window was read."""
     if entry is not None and entry.status == "succeeded" and entry.inference_id:
         return Decision(Verdict.ADOPT, "found in the usage logs", entry.inference_id)
     if entry is not None and entry.status == "failed":
         return Decision(Verdict.RESUBMIT, "the usage logs show it failed: nothing was created")
-    waited = now_wall - lookup.settled_wall
+    waited = waited_s
     if entry is not None:  # it was made, but the row names no generation (yet): never absent
         shown = f"logged as {entry.status!r} without a generation id"
         if waited < 10 * grace_s:
@@ -160,19 +161,26 @@ class Reconciler:
         interval_s: float,
         budget: RateBudget,
         wall_clock: Callable[[], float],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._api = api
         self._on_decision = on_decision
         self._grace_s = grace_s
         self._interval_s = interval_s
         self._budget = budget
-        self._wall = wall_clock
+        self._wall = wall_clock  # where to search: the logs are stamped in wall time
+        self._clock = clock  # how long was waited: a step of the wall clock must not count
         self._open: dict[str, Lookup] = {}
+        # When each look-up's grace began, on ``clock``: its record's age on the wall clock
+        # when it was opened (an earlier run's: never below zero), then steady time.
+        self._settled_at: dict[str, float] = {}
         self._wake = anyio.Event()
         # Where passes cut short by the page cap stopped, by window.
         self._cursors: dict[tuple[float, float, tuple[str, ...]], _Cursor] = {}
 
     def add(self, lookup: Lookup) -> None:
+        age = max(0.0, self._wall() - lookup.settled_wall)
+        self._settled_at[lookup.client_request_id] = self._clock() - age
         self._open[lookup.client_request_id] = lookup
         self._wake.set()
 
@@ -193,27 +201,30 @@ class Reconciler:
 
     async def _sweep(self, lookups: dict[str, Lookup]) -> None:
         found, searched_all, started = await self._search(lookups)
-        now = self._wall()
+        now = self._clock()
         for crid, lookup in lookups.items():
+            settled = self._settled_at[crid]
             # Absence counts only in a pass begun once the logs had their grace to catch up:
             # a row logged late lands among rows an older pass has already read.
-            caught_up = started - lookup.settled_wall >= self._grace_s
+            caught_up = started - settled >= self._grace_s
             d = decide(
                 lookup,
                 found.get(crid),
-                now_wall=now,
+                waited_s=now - settled,
                 grace_s=self._grace_s,
                 searched_all=searched_all and caught_up,
             )
             if d.verdict is Verdict.WAIT:
                 continue
             del self._open[crid]
+            del self._settled_at[crid]
             log.info("lookup job=%s verdict=%s: %s", lookup.job_id, d.verdict.value, d.reason)
             await self._on_decision(lookup, d)
 
     async def _search(self, lookups: dict[str, Lookup]) -> tuple[dict[str, LogEntry], bool, float]:
         """Page through the window that can hold these requests' rows: what was found,
-        whether the whole window was read, and when that pass began (at offset 0).
+        whether the whole window was read, and when that pass began (at offset 0, on the
+        steady clock).
 
         The window ends where the latest of them was recorded (a request is logged when it is
         made, and it was made before its answer was recorded, or just after its intent): rows
@@ -223,13 +234,15 @@ class Reconciler:
         among the rows already read: the pass's start says which rows it can vouch for.
         """
         since = min(lk.since_wall for lk in lookups.values()) - CLOCK_MARGIN_S
-        until = min(max(lk.settled_wall for lk in lookups.values()), self._wall())
+        # Up to the last record, even if the wall clock now reads earlier (stepped back): a
+        # window ending before the request would never find it, and absence would be wrong.
+        until = max(lk.settled_wall for lk in lookups.values())
         models = sorted({lk.model for lk in lookups.values()})
         window = (since, until + CLOCK_MARGIN_S, tuple(models))
         start = datetime.fromtimestamp(window[0], UTC)
         end = datetime.fromtimestamp(window[1], UTC)
         found: dict[str, LogEntry] = {}
-        offset, started = 0, self._wall()
+        offset, started = 0, self._clock()
         cursor = self._cursors.pop(window, None)
         if cursor is not None and cursor.crids >= lookups.keys():
             offset, started = cursor.offset, cursor.started
@@ -272,4 +285,4 @@ class _Cursor:
     crids: frozenset[str]  # the lookups the pass looks for: a new one needs a new pass
     offset: int
     found: dict[str, LogEntry]
-    started: float  # wall time the pass read its first page
+    started: float  # when the pass read its first page (on the reconciler's steady clock)
