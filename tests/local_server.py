@@ -25,12 +25,16 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def webhook_receiver(path: str) -> AsyncIterator[tuple[str, list[Any]]]:
-    """A webhook endpoint at ``path``: yields its URL and the JSON bodies posted to it."""
+async def webhook_receiver(
+    path: str, *, answer_after_s: float = 0.0
+) -> AsyncIterator[tuple[str, list[Any]]]:
+    """A webhook endpoint at ``path``: yields its URL and the JSON bodies posted to it (each
+    recorded on arrival, answered ``answer_after_s`` later)."""
     got: list[Any] = []
 
     async def receive(request: web.Request) -> web.Response:
         got.append(await request.json())
+        await asyncio.sleep(answer_after_s)
         return web.Response(text="ok")
 
     app = web.Application()

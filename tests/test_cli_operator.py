@@ -219,3 +219,36 @@ async def test_simulated_and_real_results_never_share_a_directory(tmp_path: Path
     shutil.rmtree(tmp_path / "real" / ".simulator")
     code, _, stderr = await run_cli(*args[:2], "--out", str(tmp_path / "real"), "--simulate")
     assert code == 3 and "holds results of the real API" in stderr
+
+
+@pytest.mark.slow
+async def test_the_lock_is_held_and_the_exit_kept_while_the_webhook_is_told(
+    tmp_path: Path,
+) -> None:
+    # The report and the webhook belong to the run: another run must not start on its
+    # directory meanwhile, and a stop signal then (the work is done) must not turn the run's
+    # exit into a silent 75.
+    import signal
+    import time
+
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(MANIFEST)
+    out = tmp_path / "out"
+    async with webhook_receiver("/slow", answer_after_s=4.0) as (url, got):
+        args = ("run", str(manifest), "--simulate", "--sim-gen-time", "0.2", "--out", str(out))
+        first = start_cli(*args, "--notify", url)
+        deadline = time.monotonic() + 60
+        while not got:
+            assert time.monotonic() < deadline and first.poll() is None, "never told the hook"
+            await anyio.sleep(0.05)
+        journal = out / ".simulator" / "generations.jsonl"
+        before = journal.read_bytes()
+        code, _, stderr = await run_cli(*args)
+        assert code == 75 and "another veobatch run" in stderr
+        assert journal.read_bytes() == before  # its simulator never started on a busy folder
+        assert "simulator listening" not in stderr
+        first.send_signal(signal.SIGTERM)
+        stdout, _ = await anyio.to_thread.run_sync(lambda: first.communicate(timeout=30))
+    assert first.returncode == 0
+    assert stdout.startswith("veobatch: 2 jobs: 2 done")
+    assert (out / "report.html").exists()

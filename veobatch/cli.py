@@ -35,6 +35,7 @@ from .errors import (
     VeobatchError,
     first_leaf,
 )
+from .fsutil import DirLock, ensure_dir
 from .jobs import Manifest
 from .ledger import LEDGER_NAME, current_results, load_states
 from .logfmt import LogFormat, formatter, iso_time
@@ -453,15 +454,31 @@ def run_cmd(
     # every full collection.
     gc.freeze()
     started_wall = time.time()
+    # Held until the process exits, past the run: its report and webhook are the run's too,
+    # and a --simulate run's simulator must not touch a directory another run is working on.
+    lock = DirLock(settings.out_dir)
+    _guard(lambda: _lock(lock), abort)
     if STDERR.is_terminal and not quiet and log_format == "text":
         with LiveProgress(STDERR, mute=None if verbose else console_log) as live:
-            report = _guard(lambda: _arun(_run_async, m, settings, sim_gen_s, verify, live), abort)
+            report = _guard(
+                lambda: _arun(_run_async, m, settings, sim_gen_s, verify, live, lock), abort
+            )
             _leave_hung_up_terminal()  # before the display's last redraw
     else:
         observer = LogProgress() if not quiet else None
-        report = _guard(lambda: _arun(_run_async, m, settings, sim_gen_s, verify, observer), abort)
+        report = _guard(
+            lambda: _arun(_run_async, m, settings, sim_gen_s, verify, observer, lock), abort
+        )
         _leave_hung_up_terminal()
-    report_file = _final_report(m, report) if make_report and not report.interrupted else None
+    report_file = None
+    try:
+        if make_report and not report.interrupted:
+            report_file = _final_report(m, report)
+    except _Interrupted as exc:  # the work is done and on record: only its view is cut short
+        log.warning("%s: report.html not written; the run itself finished", exc.signal_name)
+    # The summary and the webhook (10 s at most) are said whatever comes now, and the exit
+    # is the run's own: a stop signal after the work is done does not make it "interrupted".
+    ignore_stop_signals()
     extras = run_extras(report.states, m.jobs, started_wall, report_file)
     lines = run_summary(report, report.total, extras)
     for line in lines:
@@ -470,6 +487,11 @@ def run_cmd(
         body = payload(summary_doc(report, report.total, extras), lines)
         _arun(send, notify_to, body)
     _exit_now(report.exit_code)
+
+
+def _lock(lock: DirLock) -> None:
+    ensure_dir(lock.path.parent)
+    lock.acquire()
 
 
 def _check_not_mixed(out: Path, simulate: bool) -> None:
@@ -506,6 +528,7 @@ async def _run_async(
     sim_gen_s: float | None,
     verify: bool,
     observer: Callable[[Snapshot], None] | None,
+    lock: DirLock,
 ) -> RunReport:
     if sim_gen_s is None:
         return await run(
@@ -515,6 +538,7 @@ async def _run_async(
             last_words=_last_words,
             verify=verify,
             observer=observer,
+            held_lock=lock,
         )
     from .simulator import SimConfig, Simulator
 
@@ -536,6 +560,7 @@ async def _run_async(
             last_words=_last_words,
             verify=verify,
             observer=observer,
+            held_lock=lock,
         )
 
 

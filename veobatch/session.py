@@ -164,13 +164,18 @@ async def run(
     last_words: Callable[[str], None] | None = None,
     verify: bool = False,
     observer: Callable[[Snapshot], None] | None = None,
+    held_lock: DirLock | None = None,
 ) -> RunReport:
     """Run a manifest to completion (or interruption) and report; resumes what the ledger holds.
 
+    ``held_lock``: the output directory's lock, taken by the caller, who keeps it past the
+    run (the command line, for its report and webhook); else the run takes and drops it.
     Raises the package's own errors (or the OSError of a failing disk), never the task
     groups' exception groups that carry them."""
     try:
-        return await _run(manifest, settings, api, handle_signals, last_words, verify, observer)
+        return await _run(
+            manifest, settings, api, handle_signals, last_words, verify, observer, held_lock
+        )
     except BaseExceptionGroup as group:
         leaf = first_leaf(group)
         if leaf is group:
@@ -186,6 +191,7 @@ async def _run(
     last_words: Callable[[str], None] | None,
     verify: bool,
     observer: Callable[[Snapshot], None] | None,
+    held_lock: DirLock | None,
 ) -> RunReport:
     started = time.monotonic()
     if api is None and settings.api_key is None:
@@ -198,7 +204,9 @@ async def _run(
         )
     out = ensure_dir(settings.out_dir)
     disk = DiskThreads()  # the ledger's writes and the videos' last write share its batches
-    with DirLock(out):
+    if held_lock is not None and not (held_lock.held and held_lock.path.parent == out):
+        raise ValueError(f"held_lock is not a held lock of {out}")
+    with contextlib.nullcontext() if held_lock is not None else DirLock(out):
         control = _Control(Ledger.open(out, offload=disk), last_words=last_words)
         try:
             _refuse_unrecorded(out, manifest, control.ledger)
