@@ -449,6 +449,22 @@ async def test_rate_limits_lower_the_concurrency(cdn: str, tmp_path: Path) -> No
     assert report.exit_code == 0 and len(api.created) == 30
 
 
+async def test_429s_without_end_stop_the_submissions_and_leave_the_rest_pending(
+    cdn: str, tmp_path: Path
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error = RateLimitedError("HTTP 429", retry_after_s=0.05)
+    api.errors_left = 10**9
+    s = settings(tmp_path, concurrency=2, job_timeout_s=0.3)
+    started = time.monotonic()
+    report = await run(manifest(20, tmp_path), s, api=api)
+    assert time.monotonic() - started < 5  # not 20 jobs x their own patience, one by one
+    assert api.created == [] and report.exit_code == 1
+    assert report.gave_up is not None and "refused every create" in report.gave_up
+    assert len(report.pending) + len(report.failed) == 20 and len(report.pending) >= 17
+    assert all(e.kind == "submit_failed" for _, e in report.failed)
+
+
 async def test_job_timeout_keeps_generation_id(cdn: str, tmp_path: Path) -> None:
     api = FakeApi(cdn, polls_to_finish=10**9)
     report = await run(manifest(1, tmp_path), settings(tmp_path, job_timeout_s=0.05), api=api)

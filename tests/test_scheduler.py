@@ -493,3 +493,54 @@ def test_a_timed_out_generation_is_followed_again_even_when_removed_or_edited(
     ]
     assert "then making it as it now reads" in plans[0].reason
     assert will_remake(plans[0]) and not will_remake(plans[1])
+
+
+async def test_429s_without_end_stop_the_runs_submissions_not_one_job_after_another(
+    tmp_path: Path,
+) -> None:
+    # Each job waiting out its own patience in turn would take jobs x 30 min: days for a
+    # night's manifest, and the next night's run then finds the directory locked.
+    api = ScriptedCreate([RateLimitedError("429", retry_after_s=0)] * 50)
+    ledger = Ledger.open(tmp_path)
+    now = [0.0]
+
+    async def on_submitted(job: Job, created: Created) -> None:
+        raise AssertionError("nothing is created")
+
+    async def yield_slot(job: Job) -> None:
+        now[0] += 400.0
+
+    sub = Submitter(
+        api, ledger, 3, 0, 0, lambda: False, on_submitted,
+        rate_limit_patience_s=1800.0, yield_slot=yield_slot, clock=lambda: now[0],
+    )  # fmt: skip
+    first = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "a"})
+    assert await sub.submit(first) is SubmitOutcome.REJECTED  # its own patience, as before
+    assert sub.gave_up is not None and "refused every create for 33 min" in sub.gave_up
+    sent = len(api.sent)
+    second = Job("b", {"model": "google/veo-3.1-t2v", "prompt": "b"})
+    assert await sub.submit(second) is SubmitOutcome.STOPPED
+    assert len(api.sent) == sent and ledger.state("b").status == "pending"
+    ledger.close()
+
+
+async def test_a_create_that_goes_through_ends_the_refusal_streak(tmp_path: Path) -> None:
+    api = ScriptedCreate([RateLimitedError("429", retry_after_s=0), "g1"] * 3)
+    ledger = Ledger.open(tmp_path)
+    now = [0.0]
+
+    async def on_submitted(job: Job, created: Created) -> None:
+        pass
+
+    async def yield_slot(job: Job) -> None:
+        now[0] += 1000.0  # each job refused once for 1,000 s: 3,000 s of 429s in all
+
+    sub = Submitter(
+        api, ledger, 3, 0, 0, lambda: False, on_submitted,
+        rate_limit_patience_s=1800.0, yield_slot=yield_slot, clock=lambda: now[0],
+    )  # fmt: skip
+    for name in "abc":
+        job = Job(name, {"model": "google/veo-3.1-t2v", "prompt": name})
+        assert await sub.submit(job) is SubmitOutcome.SUBMITTED
+    assert sub.gave_up is None
+    ledger.close()

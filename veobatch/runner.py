@@ -79,6 +79,7 @@ class RunReport:
     pending: list[str]
     interrupted: bool = False
     auth_error: str | None = None
+    gave_up: str | None = None  # why submitting stopped before the end (429s without end)
     submitted: int = 0
     polls: int = 0
     elapsed_s: float = 0.0
@@ -349,6 +350,8 @@ class Runner:
                 self.risked_duplicates += 1
             await self._prepare_new_generation(job)
             outcome = await self.submitter.submit(job)
+            if self.submitter.gave_up is not None:
+                self.stop_submitting = True  # the slots waiting must not send one more
         except AuthError as exc:
             self._stop_on_auth(exc)
             outcome = SubmitOutcome.AUTH
@@ -764,6 +767,7 @@ class Runner:
             pending=pending,
             interrupted=interrupted,
             auth_error=self.auth_error,
+            gave_up=self.submitter.gave_up,
             submitted=self.submitted,
             adopted=self.adopted,
             risked_duplicates=self.risked_duplicates,

@@ -288,6 +288,10 @@ class AdaptiveLimit:
         return self.current
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
 def backoff_delay_s(
     attempt: int, base_s: float, cap_s: float, rng: random.Random | None = None
 ) -> float:
@@ -358,13 +362,18 @@ class Submitter:
     # A 5xx to a create that says Retry-After: the API is overloaded, so no submission (a new
     # one, or one the usage logs proved safe to send again) goes before then.
     paused_until: float = float("-inf")
+    # Since when every create, of any job, has been refused with a 429 (None: one went through
+    # since). Past the patience the run submits nothing more: one job after another waiting out
+    # its own patience would stretch a night's run to days, then lock out the next night's.
+    refused_since: float | None = None
+    gave_up: str | None = None  # why this run submits nothing more
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Submit until the outcome is known; waits between tries can be cancelled."""
         attempt = limited = 0
         limited_since: float | None = None
         while True:
-            if self.should_stop():
+            if self.should_stop() or self.gave_up is not None:
                 return SubmitOutcome.STOPPED
             if (pause := self.paused_until - self.clock()) > 0:
                 # In short steps: a stop (a 401 elsewhere, a signal) must not wait it out.
@@ -380,10 +389,17 @@ class Submitter:
             give_up = None
             if limited_by_api:
                 limited += 1
-                limited_since = self.clock() if limited_since is None else limited_since
-                waited = self.clock() - limited_since
+                now = self.clock()
+                limited_since = now if limited_since is None else limited_since
+                self.refused_since = now if self.refused_since is None else self.refused_since
+                waited = now - limited_since
                 if waited > self.rate_limit_patience_s:
-                    give_up = f"refused by the API's limits for {waited / 60:.0f} min: {retry}"
+                    give_up = f"refused by the API's limits for {_minutes(waited)}: {retry}"
+                if now - self.refused_since > self.rate_limit_patience_s:
+                    self._give_up_run(now - self.refused_since, retry)
+                    if give_up is None:  # not this job's own patience: it waits for a rerun
+                        await self.ledger.record("unsent", job.id)
+                        return SubmitOutcome.STOPPED
             else:
                 attempt += 1
                 if attempt > self.retries:
@@ -395,6 +411,15 @@ class Submitter:
             await self._wait(retry, limited if limited_by_api else attempt, job)
             if limited_by_api and self.yield_slot is not None:
                 await self.yield_slot(job)
+
+    def _give_up_run(self, refused_s: float, retry: ApiError) -> None:
+        if self.gave_up is None:
+            self.gave_up = (
+                f"the API has refused every create for {_minutes(refused_s)} ({retry.message});"
+                " no more submissions this run: the jobs not yet submitted stay pending for"
+                " the next run"
+            )
+            log.error("%s", self.gave_up)
 
     async def _attempt(self, job: Job) -> tuple[SubmitOutcome, ApiError | None]:
         """One POST. Returns the outcome, or the error when trying again is safe."""
@@ -449,6 +474,7 @@ class Submitter:
             return SubmitOutcome.UNCERTAIN, None
         # Async video is charged on completion, so a create answer often reports 0 spent.
         usd: dict[str, Any] = {"usd": created.usd_spent} if created.usd_spent else {}
+        self.refused_since = None
         await self.ledger.record("submitted", job.id, gen=created.generation_id, **usd)
         await self.on_submitted(job, created)
         return SubmitOutcome.SUBMITTED, None

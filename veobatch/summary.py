@@ -42,8 +42,8 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
             f"resubmitted {report.risked_duplicates} uncertain jobs: up to "
             f"{report.risked_duplicates} possible duplicate charges"
         )
-    if report.auth_error:
-        lines.append(f"stopped submitting: {report.auth_error}")
+    if report.auth_error or report.gave_up:
+        lines.append(f"stopped submitting: {report.auth_error or report.gave_up}")
     if report.recovered_tail:
         lines.append(f"ledger: a torn last record was cut and kept in {report.recovered_tail}")
     lines.extend(_listing("failed", [f"{jid}: {e.kind}: {e.message}" for jid, e in report.failed]))
