@@ -1187,3 +1187,17 @@ async def test_an_uncertain_job_of_an_earlier_run_is_looked_up_around_its_intent
     report = await run(m, settings(tmp_path), api=api)
     assert api.created == [] and report.adopted == 1
     assert report.exit_code == 0 and report.counts == {"done": 1}
+
+
+async def test_jobs_held_back_by_the_cost_limit_do_not_bury_the_log(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    with caplog.at_level(logging.INFO, logger="veobatch"):
+        report = await run(
+            manifest(50, tmp_path), settings(tmp_path, max_cost_usd=0.0, **PRICED), api=api
+        )
+    assert len(report.over_budget) == 50 and api.created == []
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum(m.startswith("not submitted job=") for m in warned) == 20
+    assert "not submitted: 30 more jobs over the cost limit (listed in the summary)" in warned

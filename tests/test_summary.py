@@ -11,7 +11,14 @@ from veobatch.jobs import Job
 from veobatch.ledger import ErrorInfo, JobState
 from veobatch.outcome import RunExtras, run_extras
 from veobatch.runner import RunReport
-from veobatch.summary import abort_doc, rerun_action, rerun_summary, run_summary, summary_doc
+from veobatch.summary import (
+    abort_doc,
+    rerun_action,
+    rerun_summary,
+    run_summary,
+    status_rows,
+    summary_doc,
+)
 
 OUT = Path("out/nightly")
 
@@ -161,3 +168,22 @@ def test_plan_counts_the_new_request_an_edited_in_flight_job_will_be_remade_with
     assert plan_summary(plans)[2] == "would submit 1 generation, about $3.20 (estimated; see below)"
     held = plan_summary(plans, {}, 1.0)[-1]
     assert held.startswith("cost limit $1.00: 1 job (about $3.20) held back: a")
+
+
+def test_status_rows_stay_one_line_whatever_the_api_said() -> None:
+    # `veobatch status | grep | cut` reads one job per line: a generation id or an error
+    # message holding a line break must not make two.
+    results = {
+        "jobs": [
+            {
+                "id": "a",
+                "status": "failed",
+                "model": "google/veo-3.1-t2v",
+                "generation_id": "gen\nb\tdone",
+                "error": {"kind": "generation_error", "message": "blocked\r\n\x1b[31mred"},
+            }
+        ]
+    }
+    (row,) = status_rows(results)
+    assert row[3] == "gen\\nb\\tdone"
+    assert "\n" not in "\t".join(row) and "\x1b" not in row[4]

@@ -109,8 +109,12 @@ class TextFormatter(logging.Formatter):
     colour a terminal; a traceback (-v) keeps its lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        line = super().formatMessage(record)
-        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], line)
+        return one_line(super().formatMessage(record))
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): one line, no colours."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def formatter(kind: LogFormat) -> logging.Formatter:

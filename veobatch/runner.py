@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3  # EXIT_INTERRUPTED: 75
 MAX_URL_REFRESHES = 3
+HELD_BACK_LOGGED = 20  # jobs held back by the cost limit, one log line each; the rest counted
 SLOT_KINDS = frozenset({"timeout", "lost"})  # failed jobs whose generation may still be running
 REFETCH_FAILED = "refetch_failed"  # a done job's file is missing and cannot be fetched again
 RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its last rewrite
@@ -143,6 +144,7 @@ class Runner:
     submitted: int = 0
     adopted: int = 0
     risked_duplicates: int = 0
+    held_back: int = 0  # jobs the cost limit kept from being submitted
     observer: Callable[[Snapshot], None] | None = None
 
     def __post_init__(self) -> None:
@@ -325,10 +327,19 @@ class Runner:
                         self._close(rest.id)
                     return
                 tg.start_soon(self._submit_one, job)
+        if self.held_back > HELD_BACK_LOGGED:
+            log.warning(
+                "not submitted: %d more jobs over the cost limit (listed in the summary)",
+                self.held_back - HELD_BACK_LOGGED,
+            )
 
     def _over_budget(self, job: Job) -> None:
+        self.held_back += 1
         limit = self.budget.limit_usd
-        log.warning(
+        # A night's manifest over a small limit would bury the log in one line per job: the
+        # first ones are said, the rest counted (all are in the summary and results.json).
+        log.log(
+            logging.WARNING if self.held_back <= HELD_BACK_LOGGED else logging.DEBUG,
             "not submitted job=%s: over the cost limit of $%.2f (estimated $%.2f committed)",
             job.id,
             limit or 0.0,

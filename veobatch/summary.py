@@ -14,6 +14,7 @@ from typing import Any
 from .costs import estimate_by_model, estimate_usd, within_budget
 from .jobs import Job
 from .ledger import STATUSES, JobState
+from .logfmt import one_line
 from .outcome import RunExtras
 from .runner import RunReport
 from .scheduler import CATEGORIES, Action, JobPlan, category, plan_job, will_remake
@@ -236,13 +237,14 @@ def status_rows(results: Mapping[str, Any]) -> list[tuple[str, str, str, str, st
         detail = f"{err.get('kind')}: {err.get('message')}" if err else (job.get("file") or "")
         if job.get("flags"):
             detail += f" (differs: {'; '.join(job['flags'])})"
+        # Tab-separated lines for grep and cut: an API value must not break one in two.
         rows.append(
             (
-                str(job.get("id")),
-                str(job.get("status")),
-                str(job.get("model") or "").removeprefix("google/"),
-                str(job.get("generation_id") or ""),
-                detail,
+                one_line(str(job.get("id"))),
+                one_line(str(job.get("status"))),
+                one_line(str(job.get("model") or "").removeprefix("google/")),
+                one_line(str(job.get("generation_id") or "")),
+                one_line(detail),
             )
         )
     return rows
