@@ -2,10 +2,14 @@
 
 The small public API below is what the CLI itself uses, so the tool can be embedded::
 
+    from pathlib import Path
     import anyio, veobatch
     manifest = veobatch.load_manifest("jobs/demo.yaml")
     settings = veobatch.resolve_settings(Path("output/demo"), manifest.settings)
     report = anyio.run(veobatch.run, manifest, settings)
+
+``run`` does the run itself (and holds the output directory's lock meanwhile); the command
+line's extras around it, ``report.html`` and the webhook, are not part of it.
 """
 
 from __future__ import annotations

@@ -444,5 +444,5 @@ async def _read_body(content: aiohttp.StreamReader) -> bytes:
 
 def _brief(exc: BaseException) -> str:
     """An exception as one line, with no request headers in it."""
-    text = str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {text}"[:300]
+    text = str(exc)
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:300]
