@@ -97,6 +97,7 @@ def test_a_bug_inside_a_task_group_names_its_leaf_and_where_it_was_raised(
             tg.start_soon(boom)
 
     monkeypatch.setattr("veobatch.cli.run", grouped)
+    monkeypatch.setenv("AIMLAPI_KEY", "sk-test-0123456789")  # checked before the run starts
     res = runner.invoke(main, ["run", str(write(tmp_path, GOOD)), "--out", str(tmp_path / "o")])
     assert res.exit_code == 3, res.stderr
     assert "internal error: KeyError: 'job7' at test_cli.py:" in res.stderr
@@ -135,6 +136,7 @@ def test_missing_key_exits_3(
     res = runner.invoke(main, ["run", str(write(tmp_path, GOOD)), "--out", str(tmp_path / "o")])
     assert res.exit_code == 3
     assert "AIMLAPI_KEY" in res.stderr
+    assert not (tmp_path / "o").exists()  # a run that cannot start leaves no folder behind
 
 
 def test_usage_error_exits_2(runner: CliRunner, tmp_path: Path) -> None:

@@ -2023,8 +2023,18 @@ def test_a_field_missing_its_colon_inside_a_prompt_is_refused() -> None:
         problem.message
     )
     # Prose that merely starts with a field's name is not mistaken for one.
-    prose = job_doc(f"model: {T2V}", "prompt: A shiny red", "  model of a car")
-    assert parse_manifest(prose).jobs[0].request["prompt"] == "A shiny red model of a car"
+    for first, rest in (
+        ("A shiny red", "model of a car"),
+        ("A runway show with a", "model walking"),  # two words: only the value tells
+        ("Dandelion clocks burst as each", "seed drifts"),
+        ("blurry, low", "resolution artifacts"),
+        ("The", "duration matters"),
+    ):
+        prose = job_doc(f"model: {T2V}", f"prompt: {first}", f"  {rest}")
+        assert parse_manifest(prose).jobs[0].request["prompt"] == f"{first} {rest}"
+    for line in ("resolution 720p", "seed=42", "aspect_ratio 9:16", "generate_audio false"):
+        text = job_doc(f"model: {T2V}", "prompt: A cat", f"  {line}")
+        assert "missing its ':'" in problems_of(text)[0].message, line
 
 
 def test_top_level_x_keys_hold_anchors_and_are_skipped() -> None:

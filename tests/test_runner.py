@@ -428,6 +428,39 @@ async def test_an_uncertain_job_says_the_latest_look_ups_verdict(cdn: str, tmp_p
     assert error is not None and "usage logs" in error.message and "303" not in error.message
 
 
+async def test_a_later_verdict_keeps_what_the_post_met(cdn: str, tmp_path: Path) -> None:
+    # A 5xx answered the POST; one night the logs cannot be read. Its words may change, but
+    # not its kind: the night the logs are read and it is absent, it is submitted again.
+    m = manifest(1, tmp_path)
+    job = m.jobs[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = [
+        {"t": time.time() - 3600, "ev": "intent", "job": job.id, "crid": "vb:job0:1:abc"},
+        {
+            "t": time.time() - 3599,
+            "ev": "uncertain",
+            "job": job.id,
+            "kind": "server_error",
+            "message": "HTTP 502",
+        },
+    ]
+    (out / "ledger.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    class Unreadable(FakeApi):
+        async def logs(self, **kw: Any) -> LogPage:
+            raise ServerError("HTTP 503")
+
+    down = Unreadable(cdn, polls_to_finish=1)
+    report = await run(m, settings(tmp_path, logs_grace_s=0.01), api=down)
+    error = report.states["job0"].error
+    assert report.uncertain == ["job0"] and error is not None
+    assert error.kind == "server_error" and "could not be read" in error.message
+    api = FakeApi(cdn, polls_to_finish=1)
+    again = await run(m, settings(tmp_path), api=api)
+    assert again.exit_code == 0 and len(api.created) == 1
+
+
 async def test_crash_between_intent_and_answer_is_settled_by_the_logs(
     cdn: str, tmp_path: Path
 ) -> None:

@@ -544,3 +544,27 @@ async def test_a_create_that_goes_through_ends_the_refusal_streak(tmp_path: Path
         assert await sub.submit(job) is SubmitOutcome.SUBMITTED
     assert sub.gave_up is None
     ledger.close()
+
+
+async def test_a_streak_of_429s_ends_with_any_other_answer(tmp_path: Path) -> None:
+    # A 429, then no answer (the job goes uncertain): the API answered otherwise, so a single
+    # 429 much later must not read as "every create refused for 30 min".
+    refused = RateLimitedError("429", retry_after_s=0)
+    api = ScriptedCreate([refused, NoAnswerError("timeout"), refused, "g2"])
+    ledger = Ledger.open(tmp_path)
+    now = [0.0]
+
+    async def on_submitted(job: Job, created: Created) -> None:
+        pass
+
+    sub = Submitter(
+        api, ledger, 3, 0, 0, lambda: False, on_submitted,
+        rate_limit_patience_s=1800.0, clock=lambda: now[0],
+    )  # fmt: skip
+    first = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "a"})
+    assert await sub.submit(first) is SubmitOutcome.UNCERTAIN
+    now[0] = 4000.0  # slots held by look-ups and long generations meanwhile
+    second = Job("b", {"model": "google/veo-3.1-t2v", "prompt": "b"})
+    assert await sub.submit(second) is SubmitOutcome.SUBMITTED
+    assert sub.gave_up is None
+    ledger.close()

@@ -46,7 +46,7 @@ from .progress import LiveProgress, LogProgress
 from .report import write_report
 from .runner import EXIT_CONFIG, EXIT_USAGE, RunReport, Snapshot
 from .scheduler import plan_run
-from .session import run, unrecorded_results
+from .session import NO_KEY, run, unrecorded_results
 from .settings import RunSettings, Secret, resolve_settings
 from .summary import (
     abort_doc,
@@ -457,7 +457,7 @@ def run_cmd(
     # Held until the process exits, past the run: its report and webhook are the run's too,
     # and a --simulate run's simulator must not touch a directory another run is working on.
     lock = DirLock(settings.out_dir)
-    _guard(lambda: _lock(lock), abort)
+    _guard(lambda: _lock(lock, settings, simulated=sim_gen_s is not None), abort)
     if STDERR.is_terminal and not quiet and log_format == "text":
         with LiveProgress(STDERR, mute=None if verbose else console_log) as live:
             report = _guard(
@@ -489,7 +489,10 @@ def run_cmd(
     _exit_now(report.exit_code)
 
 
-def _lock(lock: DirLock) -> None:
+def _lock(lock: DirLock, settings: RunSettings, *, simulated: bool) -> None:
+    """The output directory, made and locked; not for a run that cannot start (no key)."""
+    if not simulated and settings.api_key is None:
+        raise ConfigError(NO_KEY)
     ensure_dir(lock.path.parent)
     lock.acquire()
 

@@ -34,8 +34,25 @@ IMAGE_EXPECTED = "an https:// image URL, a data:image/...;base64,... URI or a lo
 
 # Free text, where a '#' or a line that reads like a field may well have been meant as text.
 FREE_TEXT = frozenset({"prompt", "negative_prompt"})
-_JOB_WORDS = ALL_FIELDS | {"id", "model", "variants", "matrix"}
 _FIELD_WITHOUT_COLON = re.compile(r"\s*([A-Za-z_]+)(?:\s*=\s*|\s+)([^\s=]+)\s*$")
+_SPECS = {name: spec for m in MODELS.values() for name, spec in m.fields.items()}
+
+
+def _reads_as_field(name: str, value: str) -> bool:
+    """Is ``name value`` a field and a value it takes ('duration 4'), not prose that happens
+    to start with a field's name ('model walking', 'seed drifts', 'resolution artifacts')?"""
+    if name == "variants":
+        return value.isdigit()
+    if name == "model":
+        return value.lower().startswith(("google/", "veo-"))
+    spec = _SPECS.get(name)
+    if spec is None or (spec.type in ("string", "image", "image_list") and spec.enum is None):
+        return False
+    if spec.enum is not None:
+        return value.lower() in {str(o).lower() for o in spec.enum}
+    if spec.type == "integer":
+        return value.lstrip("-").isdigit()
+    return value.lower() in ("true", "false")
 
 # Names people reach for that difflib alone would match to the wrong model.
 _MODEL_SYNONYMS = (("text-to-video", "t2v"), ("image-to-video", "i2v"))
@@ -210,7 +227,7 @@ def cut_text_problem(
         )
     for line, text in folded:
         m = _FIELD_WITHOUT_COLON.match(text)
-        if m is not None and m.group(1) in _JOB_WORDS:
+        if m is not None and _reads_as_field(m.group(1), m.group(2)):
             return (
                 f"line {line} ({text.strip()!r}) reads like the field '{m.group(1)}' missing "
                 f"its ':', and YAML made it part of the {name}; write "

@@ -384,8 +384,11 @@ class Submitter:
             with anyio.CancelScope(shield=True):
                 outcome, retry = await self._attempt(job)
             if retry is None:
+                self.refused_since = None  # answered: the API is not refusing every create
                 return outcome
             limited_by_api = isinstance(retry, RateLimitedError)
+            if not limited_by_api:  # any other answer ends "every create refused with 429"
+                self.refused_since = None
             give_up = None
             if limited_by_api:
                 limited += 1
@@ -474,7 +477,6 @@ class Submitter:
             return SubmitOutcome.UNCERTAIN, None
         # Async video is charged on completion, so a create answer often reports 0 spent.
         usd: dict[str, Any] = {"usd": created.usd_spent} if created.usd_spent else {}
-        self.refused_since = None
         await self.ledger.record("submitted", job.id, gen=created.generation_id, **usd)
         await self.on_submitted(job, created)
         return SubmitOutcome.SUBMITTED, None

@@ -31,7 +31,7 @@ from .ledger import LEDGER_NAME, RESULTS_NAME, JobState, Ledger, result_rows
 from .report import REPORT_NAME
 from .runner import Runner, RunReport, Snapshot
 from .scheduler import JobPlan, plan_run
-from .settings import ENV_BASE_URL, RunSettings, sends_key_in_clear
+from .settings import ENV_BASE_URL, ENV_KEY, RunSettings, sends_key_in_clear
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 # to a connection the server is closing gets no answer, and leaves a paid job uncertain:
 # drop idle API connections before a server would.
 API_KEEPALIVE_S = 3.0
+NO_KEY = f"no API key: set {ENV_KEY} (or use --simulate)"
 
 
 def unrecorded_results(out: Path, jobs: Iterable[Job], states: Mapping[str, JobState]) -> str:
@@ -195,7 +196,7 @@ async def _run(
 ) -> RunReport:
     started = time.monotonic()
     if api is None and settings.api_key is None:
-        raise ConfigError("no API key: set AIMLAPI_KEY (or use --simulate)")
+        raise ConfigError(NO_KEY)
     if api is None and sends_key_in_clear(settings.base_url):
         log.warning(
             "%s is plain http to another machine: the API key crosses the network unencrypted"
