@@ -54,6 +54,7 @@ def _reads_as_field(name: str, value: str) -> bool:
         return value.lstrip("-").isdigit()
     return value.lower() in ("true", "false")
 
+
 # Names people reach for that difflib alone would match to the wrong model.
 _MODEL_SYNONYMS = (("text-to-video", "t2v"), ("image-to-video", "i2v"))
 
