@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from veobatch.jobs import Job  # noqa: E402
 from veobatch.ledger import Ledger  # noqa: E402
 from veobatch.manifest import load_manifest  # noqa: E402
-from veobatch.scheduler import plan_jobs  # noqa: E402
+from veobatch.scheduler import plan_run  # noqa: E402
 
 
 def build(records: int, work: Path) -> Path:
@@ -78,7 +78,7 @@ def main() -> None:
     t1 = time.monotonic()
     m = load_manifest(manifest)
     t2 = time.monotonic()
-    plans = plan_jobs(m.jobs, ledger.states, out)
+    plans, _ = plan_run(m.jobs, ledger.states, out)  # what a run plans, removed jobs too
     t3 = time.monotonic()
     ledger.close()
     assert all(p.action.value == "done" for p in plans)

@@ -117,6 +117,41 @@ async def seed_intents(tmp: Path, intents: list[tuple[Job, str]]) -> None:
     ledger.close()
 
 
+def seed_uncertain(
+    tmp: Path,
+    job: Job,
+    kind: str,
+    message: str,
+    *,
+    now: float,
+    posted_s_ago: float = 3600.0,
+    uncertain_s_ago: float = 3599.0,
+) -> str:
+    """A ledger an earlier run left with ``job`` uncertain (by default a second after its
+    POST, an hour ago); returns the request id its intent recorded."""
+    crid = f"vb:{job.id}:1:abc"
+    lines = [
+        {
+            "t": now - posted_s_ago,
+            "ev": "intent",
+            "job": job.id,
+            "crid": crid,
+            "key": job.key,
+            "model": job.model,
+        },
+        {
+            "t": now - uncertain_s_ago,
+            "ev": "uncertain",
+            "job": job.id,
+            "kind": kind,
+            "message": message,
+        },
+    ]
+    ensure_dir(tmp / "out")
+    (tmp / "out" / "ledger.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return crid
+
+
 def manifest(n: int, tmp: Path) -> Manifest:
     jobs = tuple(
         Job(f"job{i}", {"model": "google/veo-3.1-t2v", "prompt": f"p{i}"}, i) for i in range(n)
@@ -405,21 +440,8 @@ async def test_an_uncertain_job_says_the_latest_look_ups_verdict(cdn: str, tmp_p
     # Left uncertain by a redirect; the next run's look-up finds nothing: the summary and
     # results.json must say that, not the first run's redirect.
     m = manifest(1, tmp_path)
-    job = m.jobs[0]
-    out = tmp_path / "out"
-    out.mkdir()
-    crid = "vb:job0:1:abc"
-    lines = [
-        {"t": time.time() - 3600, "ev": "intent", "job": job.id, "crid": crid, "key": job.key},
-        {
-            "t": time.time() - 3599,
-            "ev": "uncertain",
-            "job": job.id,
-            "kind": "no_answer",
-            "message": "HTTP 303: the API base URL redirects",
-        },
-    ]
-    (out / "ledger.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    redirected = "HTTP 303: the API base URL redirects"
+    seed_uncertain(tmp_path, m.jobs[0], "no_answer", redirected, now=time.time())
     api = FakeApi(cdn, polls_to_finish=1)
     api.hide_from_logs = True
     report = await run(m, settings(tmp_path), api=api)
@@ -432,20 +454,7 @@ async def test_a_later_verdict_keeps_what_the_post_met(cdn: str, tmp_path: Path)
     # A 5xx answered the POST; one night the logs cannot be read. Its words may change, but
     # not its kind: the night the logs are read and it is absent, it is submitted again.
     m = manifest(1, tmp_path)
-    job = m.jobs[0]
-    out = tmp_path / "out"
-    out.mkdir()
-    lines = [
-        {"t": time.time() - 3600, "ev": "intent", "job": job.id, "crid": "vb:job0:1:abc"},
-        {
-            "t": time.time() - 3599,
-            "ev": "uncertain",
-            "job": job.id,
-            "kind": "server_error",
-            "message": "HTTP 502",
-        },
-    ]
-    (out / "ledger.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    seed_uncertain(tmp_path, m.jobs[0], "server_error", "HTTP 502", now=time.time())
 
     class Unreadable(FakeApi):
         async def logs(self, **kw: Any) -> LogPage:
@@ -1184,29 +1193,9 @@ async def test_an_uncertain_job_of_an_earlier_run_is_looked_up_around_its_intent
     # Made uncertain 10 minutes after its POST (the logs were down); the next night's look-up
     # must search where the POST was logged, not around the later "uncertain" record.
     m = manifest(1, tmp_path)
-    job = m.jobs[0]
-    out = tmp_path / "out"
-    out.mkdir()
     now = time.time()
-    crid = "vb:job0:1:abc"
-    lines = [
-        {
-            "t": now - 3600,
-            "ev": "intent",
-            "job": job.id,
-            "crid": crid,
-            "key": job.key,
-            "model": job.model,
-        },
-        {
-            "t": now - 3000,
-            "ev": "uncertain",
-            "job": job.id,
-            "kind": "no_answer",
-            "message": "the usage logs could not be read",
-        },
-    ]
-    (out / "ledger.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    unread = "the usage logs could not be read"
+    crid = seed_uncertain(tmp_path, m.jobs[0], "no_answer", unread, now=now, uncertain_s_ago=3000)
     logged_at = now - 3599  # when the API logged the request
 
     class Logs(FakeApi):

@@ -8,6 +8,7 @@ so cron mails what matters.
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import json
 import logging
@@ -533,16 +534,17 @@ async def _run_async(
     observer: Callable[[Snapshot], None] | None,
     lock: DirLock,
 ) -> RunReport:
+    go = functools.partial(
+        run,
+        m,
+        handle_signals=True,
+        last_words=_last_words,
+        verify=verify,
+        observer=observer,
+        held_lock=lock,
+    )
     if sim_gen_s is None:
-        return await run(
-            m,
-            settings,
-            handle_signals=True,
-            last_words=_last_words,
-            verify=verify,
-            observer=observer,
-            held_lock=lock,
-        )
+        return await go(settings)
     from .simulator import SimConfig, Simulator
 
     # Generations are journaled beside the run's ledger, so an interrupted demo resumes; the
@@ -555,16 +557,7 @@ async def _run_async(
     config = SimConfig(api_keys=None, gen_time_mean_s=sim_gen_s, state_dir=state)
     async with Simulator(config) as server:
         log.info("simulator listening on %s (videos on %s)", server.base_url, server.cdn_url)
-        sim_settings = settings.with_overrides(base_url=server.base_url, api_key=Secret(key))
-        return await run(
-            m,
-            sim_settings,
-            handle_signals=True,
-            last_words=_last_words,
-            verify=verify,
-            observer=observer,
-            held_lock=lock,
-        )
+        return await go(settings.with_overrides(base_url=server.base_url, api_key=Secret(key)))
 
 
 @main.command("plan")

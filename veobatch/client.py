@@ -324,11 +324,10 @@ class HttpApiClient:
             json_body=body,
             extra={"X-Client-Request-Id": client_request_id},
         )
-        inference_id = headers.get("x-inference-id")
-        if inference_id and self._key.distinctive and self._key.reveal() in inference_id:
-            headers = CIMultiDict(headers)  # an id is recorded and logged: no key in it
-            headers["x-inference-id"] = self._key.scrub(inference_id)
-        return self._scrubbed(parse_created(text, headers))
+        created = parse_created(text, headers)
+        if self._key.distinctive:  # an id from the header was not scrubbed with the body
+            created = replace(created, generation_id=self._key.scrub(created.generation_id))
+        return self._scrubbed(created)
 
     async def fetch(self, generation_id: str) -> Generation:
         url = URL(self._fetch_prefix + quote(generation_id, safe=""), encoded=True)

@@ -14,6 +14,7 @@ import itertools
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -319,10 +320,13 @@ def _covering(
     """A few combinations that hold every value of every axis: enough to check each value
     when the matrix itself is refused."""
     longest = max((len(axis) for axis in axes), default=0)
-    return [
-        {name: (value, where, suffix) for name, value, where, suffix in combo}
-        for combo in (tuple(axis[min(i, len(axis) - 1)] for axis in axes) for i in range(longest))
-    ] or [{}]
+    covering = [_combo(axis[min(i, len(axis) - 1)] for axis in axes) for i in range(longest)]
+    return covering or [{}]
+
+
+def _combo(cells: Iterable[tuple[str, Any, KeyPath, str]]) -> dict[str, tuple[Any, KeyPath, str]]:
+    """One combination of a matrix: each field's value, where it was written, its id suffix."""
+    return {name: (value, where, suffix) for name, value, where, suffix in cells}
 
 
 def _matches(combo: dict[str, tuple[Any, KeyPath, str]], exclude: dict[Any, Any]) -> bool:
@@ -718,10 +722,7 @@ class _Validator:
             message = f"the matrix makes {count} jobs; at most {MAX_MATRIX} per job entry"
             report.error(at, message, at="key")
             return _covering(axes)
-        combos = [
-            {name: (value, where, suffix) for name, value, where, suffix in combo}
-            for combo in itertools.product(*axes)
-        ]
+        combos = [_combo(cells) for cells in itertools.product(*axes)]
         kept = [c for c in combos if not any(_matches(c, e) for e in excluded or ())]
         if not kept:
             report.error(at, "the matrix's exclude list removes every combination", at="key")
@@ -729,7 +730,7 @@ class _Validator:
             message = f"the matrix makes {len(kept)} jobs; at most {MAX_MATRIX} per job entry"
             report.error(at, message, at="key")
         else:
-            return kept if excluded is not None else combos
+            return kept
         # Its values are still checked (every problem at once); the error already reported
         # keeps the manifest from being used.
         return _covering(axes)

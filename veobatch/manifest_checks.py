@@ -35,24 +35,26 @@ IMAGE_EXPECTED = "an https:// image URL, a data:image/...;base64,... URI or a lo
 # Free text, where a '#' or a line that reads like a field may well have been meant as text.
 FREE_TEXT = frozenset({"prompt", "negative_prompt"})
 _FIELD_WITHOUT_COLON = re.compile(r"\s*([A-Za-z_]+)(?:\s*=\s*|\s+)([^\s=]+)\s*$")
-_SPECS = {name: spec for m in MODELS.values() for name, spec in m.fields.items()}
 
 
-def _reads_as_field(name: str, value: str) -> bool:
-    """Is ``name value`` a field and a value it takes ('duration 4'), not prose that happens
-    to start with a field's name ('model walking', 'seed drifts', 'resolution artifacts')?"""
+def _reads_as_field(name: str, word: str) -> bool:
+    """Is ``name word`` a field and a value some model takes for it ('duration 4'), not prose
+    that happens to start with a field's name ('model walking', 'seed drifts')? Free text and
+    images take any word, so only typed and listed fields count."""
     if name == "variants":
-        return value.isdigit()
+        return word.isdigit()
     if name == "model":
-        return value.lower().startswith(("google/", "veo-"))
-    spec = _SPECS.get(name)
-    if spec is None or (spec.type in ("string", "image", "image_list") and spec.enum is None):
-        return False
-    if spec.enum is not None:
-        return value.lower() in {str(o).lower() for o in spec.enum}
-    if spec.type == "integer":
-        return value.lstrip("-").isdigit()
-    return value.lower() in ("true", "false")
+        return word.lower().startswith(("google/", "veo-"))
+    value: Any = int(word) if re.fullmatch(r"-?[0-9]+", word) else _BOOLEAN.get(word, word)
+    specs = (m.fields[name] for m in MODELS.values() if name in m.fields)
+    return any(
+        (spec.enum is not None or spec.type in ("integer", "boolean"))
+        and scalar_problem(spec, value, word) is None
+        for spec in specs
+    )
+
+
+_BOOLEAN = {"true": True, "false": False}
 
 
 # Names people reach for that difflib alone would match to the wrong model.

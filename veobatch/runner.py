@@ -501,13 +501,12 @@ class Runner:
 
     async def _leave_uncertain(self, job: Job, reason: str) -> None:
         st = self.ledger.state(job.id)
-        # Again uncertain after a later run's look-up: its verdict replaces the first error,
-        # which is what the summary and results.json then say.
         if st.status == "submitting":
             await self.ledger.record("uncertain", job.id, kind="no_answer", message=reason)
         elif st.status == "uncertain" and (st.error is None or st.error.message != reason):
-            # Only the words change: the kind says what the POST met (a 5xx, or no answer),
-            # which decides what a later absence from the logs means (_cause).
+            # Again uncertain after a later run's look-up: its verdict is what the summary and
+            # results.json say. Only the words change: the kind says what the POST met (a 5xx,
+            # or no answer), which decides what a later absence from the logs means (_cause).
             kind = st.error.kind if st.error is not None else "no_answer"
             await self.ledger.record("uncertain", job.id, kind=kind, message=reason)
         self._release(job.id)

@@ -383,37 +383,45 @@ class Submitter:
             # even on shutdown: cutting them off would leave a generation with no id on record.
             with anyio.CancelScope(shield=True):
                 outcome, retry = await self._attempt(job)
-            if retry is None:
-                self.refused_since = None  # answered: the API is not refusing every create
-                return outcome
             limited_by_api = isinstance(retry, RateLimitedError)
             if not limited_by_api:  # any other answer ends "every create refused with 429"
                 self.refused_since = None
-            give_up = None
+            if retry is None:
+                return outcome
             if limited_by_api:
                 limited += 1
-                now = self.clock()
-                limited_since = now if limited_since is None else limited_since
-                self.refused_since = now if self.refused_since is None else self.refused_since
-                waited = now - limited_since
-                if waited > self.rate_limit_patience_s:
-                    give_up = f"refused by the API's limits for {_minutes(waited)}: {retry}"
-                if now - self.refused_since > self.rate_limit_patience_s:
-                    self._give_up_run(now - self.refused_since, retry)
-                    if give_up is None:  # not this job's own patience: it waits for a rerun
-                        await self.ledger.record("unsent", job.id)
-                        return SubmitOutcome.STOPPED
+                limited_since = self.clock() if limited_since is None else limited_since
+                stop = await self._refused(job, retry, limited_since)
+                if stop is not None:
+                    return stop
             else:
                 attempt += 1
-                if attempt > self.retries:
-                    give_up = f"gave up after {attempt} tries: {retry}"
-            if give_up is not None:  # nothing was created: safe to fail outright
-                await self._fail(job, "submit_failed", give_up)
-                return SubmitOutcome.REJECTED
+                if attempt > self.retries:  # nothing was created: safe to fail outright
+                    why = f"gave up after {attempt} tries: {retry}"
+                    await self._fail(job, "submit_failed", why)
+                    return SubmitOutcome.REJECTED
             await self.ledger.record("unsent", job.id)
             await self._wait(retry, limited if limited_by_api else attempt, job)
             if limited_by_api and self.yield_slot is not None:
                 await self.yield_slot(job)
+
+    async def _refused(
+        self, job: Job, retry: ApiError, limited_since: float
+    ) -> SubmitOutcome | None:
+        """After a 429: the job fails past its own patience; the run's submissions stop once
+        every create has been refused that long (the job then waits for a rerun, pending)."""
+        now = self.clock()
+        self.refused_since = now if self.refused_since is None else self.refused_since
+        if now - self.refused_since > self.rate_limit_patience_s:
+            self._give_up_run(now - self.refused_since, retry)
+        if (waited := now - limited_since) > self.rate_limit_patience_s:
+            refused = f"refused by the API's limits for {_minutes(waited)}: {retry}"
+            await self._fail(job, "submit_failed", refused)  # nothing was created: unpaid
+            return SubmitOutcome.REJECTED
+        if self.gave_up is not None:
+            await self.ledger.record("unsent", job.id)
+            return SubmitOutcome.STOPPED
+        return None
 
     def _give_up_run(self, refused_s: float, retry: ApiError) -> None:
         if self.gave_up is None:

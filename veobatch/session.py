@@ -204,9 +204,9 @@ async def _run(
             ENV_BASE_URL,
         )
     out = ensure_dir(settings.out_dir)
-    disk = DiskThreads()  # the ledger's writes and the videos' last write share its batches
     if held_lock is not None and not (held_lock.held and held_lock.path.parent == out):
         raise ValueError(f"held_lock is not a held lock of {out}")
+    disk = DiskThreads()  # the ledger's writes and the videos' last write share its batches
     with contextlib.nullcontext() if held_lock is not None else DirLock(out):
         control = _Control(Ledger.open(out, offload=disk), last_words=last_words)
         try:

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from .verify import box_header
+from .verify import MAX_MOOV_BYTES, box_header, boxes
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.ASCII)
 
@@ -139,46 +139,36 @@ def mp4_boxes_complete(f: BinaryIO, size: int) -> bool:
             if size - pos < 8:
                 return False
             f.seek(pos)
-            kind, _, box = box_header(f.read(16), 0, size - pos)
+            kind, header, box = box_header(f.read(16), 0, size - pos)
             if kind == b"moov" and moov is None:
-                moov = (pos, box)
+                moov = (pos + header, box - header)  # its payload
             mdat = mdat or kind == b"mdat"
             pos += box
         if moov is None or not mdat or pos != size or moov[1] > MAX_MOOV_BYTES:
             return False
         f.seek(moov[0])
-        return _chunks_inside(f.read(moov[1]), size)
+        payload = f.read(moov[1])
+        # A file cut exactly between two media data boxes still adds up, but its index
+        # (the chunk offsets of stco/co64) points past the end.
+        return max(_chunk_offsets(payload, 0, len(payload), _TABLE_PATH), default=-1) < size
     except (ValueError, struct.error):  # a box under its header or over the file's end
         return False
 
 
-MAX_MOOV_BYTES = 64 << 20  # a moov this large is not a video's index (hours of video: a few MB)
-_TABLE_PATH = (b"moov", b"trak", b"mdia", b"minf", b"stbl")
+_TABLE_PATH = (b"trak", b"mdia", b"minf", b"stbl")  # from a moov to its chunk tables
 
 
-def _chunks_inside(moov: bytes, size: int) -> bool:
-    """Does every chunk offset the ``moov`` lists (stco/co64) fall inside the file? A file cut
-    exactly between two media data boxes still adds up, but its index points past the end."""
-    stack = [(0, len(moov), 0)]  # (start, end, depth in _TABLE_PATH)
-    while stack:
-        start, end, depth = stack.pop()
-        pos = start
-        while pos + 8 <= end:
-            kind, header, box = box_header(moov, pos, end - pos)
-            body = pos + header
-            if depth < len(_TABLE_PATH) and kind == _TABLE_PATH[depth]:
-                stack.append((body, pos + box, depth + 1))
-            elif depth == len(_TABLE_PATH) and kind in (b"stco", b"co64"):
-                wide = kind == b"co64"
-                (count,) = struct.unpack_from(">I", moov, body + 4)
-                width = 8 if wide else 4
-                if body + 8 + count * width > pos + box:
-                    return False
-                offsets = struct.unpack_from(f">{count}{'Q' if wide else 'I'}", moov, body + 8)
-                if offsets and max(offsets) >= size:
-                    return False
-            pos += box
-    return True
+def _chunk_offsets(data: bytes, start: int, end: int, path: tuple[bytes, ...]) -> Iterator[int]:
+    """Every chunk offset of the stco/co64 tables below ``path``."""
+    for kind, s, e in boxes(data, start, end):
+        if path and kind == path[0]:
+            yield from _chunk_offsets(data, s, e, path[1:])
+        elif not path and kind in (b"stco", b"co64"):
+            wide = kind == b"co64"
+            (count,) = struct.unpack_from(">I", data, s + 4)
+            if s + 8 + count * (8 if wide else 4) > e:
+                raise ValueError(f"{kind.decode()} lists more chunks than it holds")
+            yield from struct.unpack_from(f">{count}{'Q' if wide else 'I'}", data, s + 8)
 
 
 class MinimumRate:

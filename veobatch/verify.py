@@ -97,7 +97,7 @@ def box_header(head: bytes, at: int, room: int) -> tuple[bytes, int, int]:
     return kind, header, size
 
 
-def _boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
+def boxes(data: bytes, start: int, end: int) -> Iterator[tuple[bytes, int, int]]:
     """(type, payload start, payload end) of each box in ``data[start:end]``."""
     pos = start
     while pos + 8 <= end:
@@ -120,7 +120,7 @@ class _Track:
 
 
 def _walk_track(data: bytes, start: int, end: int, track: _Track) -> None:
-    for kind, s, e in _boxes(data, start, end):
+    for kind, s, e in boxes(data, start, end):
         if kind in _CONTAINERS:
             _walk_track(data, s, e, track)
         elif kind == b"hdlr" and e - s >= 12:
@@ -146,7 +146,7 @@ def parse_moov(data: bytes, start: int = 0, end: int | None = None) -> Probe:
     end = len(data) if end is None else end
     duration: float | None = None
     tracks: list[_Track] = []
-    for kind, s, e in _boxes(data, start, end):
+    for kind, s, e in boxes(data, start, end):
         if kind == b"mvhd" and e - s >= (32 if (v := _version(data, s, e)) == 1 else 20):
             if v == 1:  # 64-bit times, then timescale and duration
                 timescale, length = struct.unpack_from(">IQ", data, s + 20)
@@ -172,7 +172,7 @@ def parse_moov(data: bytes, start: int = 0, end: int | None = None) -> Probe:
 
 def probe_mp4(data: bytes) -> Probe:
     """The figures of a whole MP4 held in memory."""
-    for kind, s, e in _boxes(data, 0, len(data)):
+    for kind, s, e in boxes(data, 0, len(data)):
         if kind == b"moov":
             return parse_moov(data, s, e)
     raise _Unreadable("no moov box")

@@ -72,6 +72,12 @@ class _Lines:
         pattern = _LINE_BREAK if "\r" in self.text else re.compile("\n")
         return [0, *(m.end() for m in pattern.finditer(self.text))]
 
+    def line(self, n: int) -> str:
+        """Line ``n`` (1-based, as :attr:`starts` counts them), without its line break."""
+        starts = self.starts
+        stop = starts[n] if n < len(starts) else len(self.text)
+        return self.text[starts[n - 1] : stop].rstrip("\r\n")
+
 
 def _pos(mark: Mark | None) -> Pos:
     return Pos(mark.line + 1, mark.column + 1) if mark is not None else START
@@ -415,14 +421,12 @@ def _indented_deeper(mark: Mark | None, lines: _Lines) -> bool:
     """Whether the line of ``mark`` starts deeper than the last non-blank line before it."""
     if mark is None:
         return False
-    starts, text = lines.starts, lines.text
     line = lines.pos(mark).line
-    if not 2 <= line <= len(starts):
+    if not 2 <= line <= len(lines.starts):
         return False
 
     def indent(n: int) -> int | None:
-        stop = starts[n] if n < len(starts) else len(text)
-        row = text[starts[n - 1] : stop].rstrip("\r\n")
+        row = lines.line(n)
         body = row.lstrip(" ")
         return None if not body or body.startswith("#") else len(row) - len(body.lstrip("- "))
 
@@ -526,13 +530,9 @@ class _Builder:
 
     def _note_folded(self, node: ScalarNode, path: Path) -> None:
         lines = self.loader.lines
-        starts, text = lines.starts, lines.text
         first, last = lines.pos(node.start_mark).line, lines.pos(node.end_mark).line
-        rows = []
-        for line in range(first + 1, min(last, len(starts)) + 1):
-            stop = starts[line] if line < len(starts) else len(text)
-            rows.append((line, text[starts[line - 1] : stop].rstrip("\r\n")))
-        self.source.folded.setdefault(path, tuple(rows))
+        rows = tuple((n, lines.line(n)) for n in range(first + 1, min(last, len(lines.starts)) + 1))
+        self.source.folded.setdefault(path, rows)
 
     def _text(self, node: ScalarNode, path: Path) -> str:
         """The scalar's text with surrogate pairs joined; an unpaired surrogate is reported."""
