@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from veobatch.ledger import ErrorInfo, JobState
 from veobatch.outcome import RunExtras, run_extras
 from veobatch.runner import RunReport
 from veobatch.summary import (
+    WEBHOOK_LIST_LIMIT,
     abort_doc,
     rerun_action,
     rerun_summary,
@@ -97,6 +99,17 @@ def test_summary_doc_is_the_same_facts_as_json() -> None:
     assert doc["flagged"] == [{"id": "a", "flags": ["duration: 4.0 s, requested 8 s"]}]
     assert doc["spend_usd_estimate"] == 3.6 and doc["generations_created"] == 4
     assert doc["spend_usd_reported"] == 3.2 and doc["spend_reported_jobs"] == 3
+
+
+def test_summary_doc_lists_at_most_a_hundred_of_each_with_whole_counts() -> None:
+    held = [f"j{i}" for i in range(20_000)]
+    big = replace(report(), over_budget=held, pending=held[:150], gave_up="429 for 30 min")
+    doc = summary_doc(big, 20_005, EXTRAS)
+    assert doc["over_budget"] == held[:WEBHOOK_LIST_LIMIT] and doc["over_budget_count"] == 20_000
+    assert len(doc["not_finished"]) == 100 and doc["not_finished_count"] == 150
+    assert doc["failed_count"] == 1 and doc["uncertain_count"] == 1 and doc["flagged_count"] == 1
+    assert doc["gave_up"] == "429 for 30 min"
+    assert len(json.dumps(doc)) < 10_000
 
 
 def test_run_extras_counts_only_this_runs_generations() -> None:

@@ -69,12 +69,26 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
     return lines
 
 
+WEBHOOK_LIST_LIMIT = 100
+"""Ids listed per kind in a webhook body: 20,000 held-back jobs made a 191 KB body that chat
+webhooks refuse (Slack takes 40,000 characters of text); `results.json` has them all."""
+
+
 def summary_doc(
     report: RunReport, total_jobs: int, extras: RunExtras | None = None
 ) -> dict[str, Any]:
-    """The run summary as JSON (for webhooks): the same facts as :func:`run_summary`."""
+    """The run summary as JSON (for webhooks): the same facts as :func:`run_summary`.
+
+    Each list holds at most :data:`WEBHOOK_LIST_LIMIT` entries; its ``*_count`` field is whole."""
     extras = extras or RunExtras()
-    return {
+    lists: dict[str, list[Any]] = {
+        "over_budget": list(report.over_budget),
+        "failed": [{"id": jid, "kind": e.kind, "message": e.message} for jid, e in report.failed],
+        "uncertain": list(report.uncertain),
+        "not_finished": list(report.pending),
+        "flagged": [{"id": jid, "flags": flags} for jid, flags in extras.flagged],
+    }
+    doc: dict[str, Any] = {
         "event": "veobatch.run.finished",
         "exit_code": report.exit_code,
         "interrupted": report.interrupted,
@@ -90,15 +104,17 @@ def summary_doc(
         "spend_usd_reported": round(report.reported_usd, 2),
         "spend_reported_jobs": report.reported_jobs,
         "cost_limit_usd": report.cost_limit_usd,
-        "over_budget": list(report.over_budget),
-        "failed": [{"id": jid, "kind": e.kind, "message": e.message} for jid, e in report.failed],
-        "uncertain": list(report.uncertain),
-        "not_finished": list(report.pending),
-        "flagged": [{"id": jid, "flags": flags} for jid, flags in extras.flagged],
-        "adopted": report.adopted,
-        "risked_duplicates": report.risked_duplicates,
-        "auth_error": report.auth_error,
     }
+    for name, items in lists.items():
+        doc[name] = items[:WEBHOOK_LIST_LIMIT]
+        doc[f"{name}_count"] = len(items)
+    doc.update(
+        adopted=report.adopted,
+        risked_duplicates=report.risked_duplicates,
+        auth_error=report.auth_error,
+        gave_up=report.gave_up,
+    )
+    return doc
 
 
 def abort_doc(
