@@ -363,6 +363,46 @@ def test_a_stop_signal_while_the_command_starts_exits_75(sig: str) -> None:
     assert proc.stdout == proc.stderr  # cron's mail (stdout) is told too, as for any early end
 
 
+def test_a_stop_signal_while_the_command_starts_is_a_json_record_when_asked() -> None:
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import os, signal, sys, time\n"
+        "sys.argv = ['veobatch', 'run', 'm.yaml', '--log-format', 'json']\n"
+        "from veobatch._entry import install_early_handlers\n"
+        "install_early_handlers()\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(5)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 75
+    record = json.loads(proc.stderr)
+    assert record["event"] == "exit" and record["exit_code"] == 75 and record["level"] == "error"
+    assert record["message"] == "veobatch: interrupted by SIGTERM; run again"
+    assert proc.stdout == "veobatch: interrupted by SIGTERM; run again\n"  # the mail stays text
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["run", "m.yaml", "--log-format", "json"], True),
+        (["run", "--log-format=json", "m.yaml"], True),
+        (["run", "m.yaml", "--log-format", "text"], False),
+        (["run", "m.yaml", "--log-format"], False),
+        (["run", "--", "--log-format=json"], False),
+        (["run", "m.yaml"], False),
+    ],
+)
+def test_the_early_handler_reads_the_log_format_from_the_unread_command_line(
+    args: list[str], expected: bool
+) -> None:
+    from veobatch._entry import wants_json
+
+    assert wants_json(args) is expected
+
+
 def test_a_hangup_ignored_before_the_command_starts_stays_ignored() -> None:
     import subprocess
     import sys
@@ -429,3 +469,13 @@ def test_a_run_from_another_directory_does_not_start_a_second_ledger(
     other.write_text(other.read_text().replace("id: two", "id: dos"))
     res = runner.invoke(main, ["plan", str(other)])
     assert res.exit_code == 0 and "earlier runs" not in res.stderr
+
+
+@pytest.mark.parametrize(("value", "ok"), [("0.5", True), ("0", False), ("-1", False)])
+def test_job_timeout_takes_what_the_manifest_setting_takes(
+    runner: CliRunner, tmp_path: Path, value: str, ok: bool
+) -> None:
+    # settings.job_timeout_s takes any positive number; the flag that overrides it refused 0.5.
+    res = runner.invoke(main, ["run", str(tmp_path / "none.yaml"), "--job-timeout", value])
+    assert res.exit_code == 2
+    assert ("--job-timeout" in res.stderr) is not ok

@@ -9,9 +9,12 @@ stays ignored.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
+import time
+from collections.abc import Sequence
 from types import FrameType
 
 EXIT_INTERRUPTED = 75
@@ -28,10 +31,30 @@ STOP_SIGNALS = tuple(
 def _early_stop(signum: int, frame: FrameType | None) -> None:
     ignore_stop_signals()
     line = f"veobatch: interrupted by {signal.Signals(signum).name}; run again\n"
-    sys.stderr.write(line)
+    sys.stderr.write(json_line(line, time.time()) if wants_json(sys.argv[1:]) else line)
     if stdout_elsewhere():  # cron's mail, as for every early end (the command line is unread)
         sys.stdout.write(line)
     raise SystemExit(EXIT_INTERRUPTED)
+
+
+def wants_json(args: Sequence[str]) -> bool:
+    """Does the unread command line ask for ``--log-format json``? A log collector that reads
+    stderr as JSON must get its one line as JSON even this early."""
+    for i, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--log-format=json" or (
+            arg == "--log-format" and i + 1 < len(args) and args[i + 1] == "json"
+        ):
+            return True
+    return False
+
+
+def json_line(line: str, now: float) -> str:
+    """``line`` as the JSON record the command line writes for an early end."""
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
+    record = {"ts": ts, "level": "error", "event": "exit", "exit_code": EXIT_INTERRUPTED}
+    return json.dumps({**record, "message": line.strip()}, ensure_ascii=False) + "\n"
 
 
 def stdout_elsewhere() -> bool:

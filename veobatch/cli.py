@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -329,7 +329,7 @@ def main() -> None:
 @click.option(
     "--job-timeout",
     "job_timeout_s",
-    type=click.FloatRange(min=1),
+    type=click.FloatRange(min=0, min_open=True),  # as settings.job_timeout_s takes
     help="Seconds from submission before a job is given up (default 1800).",
 )
 @click.option(
@@ -717,6 +717,12 @@ def report_cmd(directory: Path) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Also serve the files of this folder at <video host>/blobs/<name>.",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Journal generations here: a simulator restarted with it still knows them, "
+    "and serves their videos on the same video port.",
+)
 def simulate_cmd(
     host: str,
     port: int,
@@ -729,8 +735,9 @@ def simulate_cmd(
     tiny_videos: bool,
     video_fps: int,
     blob_dir: Path | None,
+    state_dir: Path | None,
 ) -> None:
-    """Serve the built-in API simulator until interrupted."""
+    """Serve the built-in API simulator until stopped (Ctrl-C or SIGTERM: exit 0)."""
     _setup_logging(0)
     from .simulator import Faults, SimConfig, serve
 
@@ -747,8 +754,21 @@ def simulate_cmd(
         video_mode="tiny" if tiny_videos else "faithful",
         video_fps=video_fps,
         blob_dir=blob_dir,
+        state_dir=state_dir,
     )
-    try:
-        _arun(serve, config, host, port, cdn_port)
-    except KeyboardInterrupt:
-        pass
+    stopped_by = _guard(lambda: _arun(_serve_until_stopped, serve, config, host, port, cdn_port))
+    log.info("simulator stopped by %s", stopped_by)
+
+
+async def _serve_until_stopped(serve: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> str:
+    """Serve until a stop signal, and name it: stopping is how a simulator's work ends, so
+    it is exit 0, not the run's 75 ("interrupted; run again")."""
+    with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve, *args)
+            async for received in signals:
+                name = signal.Signals(received).name
+                tg.cancel_scope.cancel()
+                break
+    ignore_stop_signals()  # a second signal while the listeners close changes nothing
+    return name
