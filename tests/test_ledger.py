@@ -476,6 +476,8 @@ def test_ledgers_written_before_verification_still_replay() -> None:
         (None, 3.2, 3.2),
         (0.6, None, 0.6),
         (None, None, None),
+        (0.0, 0.0, None),  # each answer's own cost: the generation's charge was not reported
+        (None, 0.0, None),
     ],
 )
 def test_a_generations_charge_is_the_larger_of_the_two_reports(

@@ -8,7 +8,13 @@ from typing import Any
 import pytest
 
 from veobatch.client import LogEntry, LogPage
-from veobatch.errors import AuthError, BadRequestError, RedirectedError, ServerError
+from veobatch.errors import (
+    AuthError,
+    BadRequestError,
+    RateLimitedError,
+    RedirectedError,
+    ServerError,
+)
 from veobatch.reconcile import (
     Cause,
     Decision,
@@ -133,6 +139,25 @@ async def test_one_sweep_pages_until_every_lookup_is_found() -> None:
 async def test_unreadable_logs_decide_nothing_yet() -> None:
     got = await _sweep(PagedLogs([], fail=True), [lk("server_error", since=900)], now=1000)
     assert got == []
+
+
+async def test_a_retry_after_from_the_logs_holds_back_every_later_page() -> None:
+    # A 429 with Retry-After: 60 was followed by a page every lookup interval (5 s).
+    class Limited(PagedLogs):
+        async def logs(self, **kw: Any) -> LogPage:
+            self.calls.append(kw)
+            raise RateLimitedError("HTTP 429", retry_after_s=60.0)
+
+    now = [1000.0]
+    rec, got = _reconciler(Limited([]), lambda: now[0])
+    rec.add(lk("server_error", since=900))
+    assert rec.pause_s() == 0
+    await rec.sweep()
+    assert got == [] and rec.pause_s() == pytest.approx(60.0)
+    now[0] += 45
+    assert rec.pause_s() == pytest.approx(15.0)
+    now[0] += 15
+    assert rec.pause_s() == 0
 
 
 async def test_a_refused_key_or_redirect_from_the_logs_stops_the_sweep() -> None:

@@ -151,11 +151,12 @@ def _on_completed(s: JobState, r: Mapping[str, Any]) -> None:
 
 def _charge(at_create: float | None, at_completion: float | None) -> float | None:
     """One generation's charge, reported by the create, the completing poll, or both: the
-    contract says the charge is recorded after completion, while a poll's own answer may
-    report its own cost (nothing): the larger is the generation's."""
-    if at_create is None or at_completion is None:
-        return at_completion if at_create is None else at_create
-    return max(at_create, at_completion)
+    contract says the charge is recorded after completion, while an answer may report only its
+    own cost, nothing. A 0 is that, never a completed generation's charge (failed ones are not
+    billed, and those never complete): with no other figure the charge is unknown, and costs
+    fall back to the estimate rather than report $0 spent."""
+    known = [usd for usd in (at_create, at_completion) if usd]
+    return max(known) if known else None
 
 
 def _on_done(s: JobState, r: Mapping[str, Any]) -> None:

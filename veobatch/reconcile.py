@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -177,6 +178,7 @@ class Reconciler:
         self._wake = anyio.Event()
         # Where passes cut short by the page cap stopped, by window.
         self._cursors: dict[tuple[float, float, tuple[str, ...]], _Cursor] = {}
+        self._not_before = -math.inf  # a 429's or 503's Retry-After, on ``clock``
 
     def add(self, lookup: Lookup) -> None:
         age = max(0.0, self._wall() - lookup.settled_wall)
@@ -249,7 +251,7 @@ class Reconciler:
             found = {c: e for c, e in cursor.found.items() if c in lookups}
         crids = frozenset(lookups)
         for _ in range(MAX_PAGES_PER_SWEEP):
-            await anyio.sleep(self._budget.wait_s())
+            await anyio.sleep(self.pause_s())
             self._budget.take()
             try:
                 page = await self._api.logs(
@@ -262,6 +264,8 @@ class Reconciler:
                 raise
             except ApiError as exc:
                 log.warning("usage logs unavailable: %s", exc.message)
+                if exc.retry_after_s:  # asked by the API itself: every later page waits too
+                    self._not_before = self._clock() + exc.retry_after_s
                 self._keep(_Cursor(window, crids, offset, found, started))
                 return found, False, started
             for entry in page.entries:
@@ -272,6 +276,10 @@ class Reconciler:
             offset += len(page.entries)
         self._keep(_Cursor(window, crids, offset, found, started))
         return found, False, started
+
+    def pause_s(self) -> float:
+        """How long the next page must wait: for the rate budget, and for a Retry-After."""
+        return max(self._budget.wait_s(), self._not_before - self._clock())
 
     def _keep(self, cursor: _Cursor) -> None:
         if len(self._cursors) >= MAX_CURSORS:  # windows of look-ups settled since

@@ -539,7 +539,7 @@ class Runner:
             self._release(tracked.job_id)
             took = self.poller.sample_of(tracked)
             extra: dict[str, Any] = {"took": took and [round(took[0], 3), round(took[1], 3)]}
-            if generation.usd_spent is not None:
+            if generation.usd_spent:  # a 0 is the poll's own cost, not the generation's
                 extra["usd"] = generation.usd_spent
             # Not waited for: lost in a crash, it costs one poll for the URL again.
             await self.ledger.record(
