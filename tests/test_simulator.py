@@ -224,6 +224,13 @@ async def test_fetch_of_unknown_id_is_404(api: Api) -> None:
     assert_error_shape(reply, 404, GENERATIONS)
 
 
+async def test_another_accounts_generation_is_404(api: Api) -> None:
+    # A client that polled with the wrong key must see it, as it would on the real API.
+    gen_id = (await api.create()).json["id"]
+    assert_error_shape(await api.fetch(gen_id, key=OTHER), 404, GENERATIONS)
+    assert (await api.fetch(gen_id)).status == 200
+
+
 async def test_generation_walks_queued_generating_completed(api: Api) -> None:
     gen_id = (await api.create()).json["id"]
     seen = []

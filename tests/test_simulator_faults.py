@@ -63,6 +63,18 @@ async def test_out_of_credits_refuses_only_creates() -> None:
         assert rows[0]["cost"] == {"usd": 0.0, "credits": 0}
 
 
+@pytest.mark.parametrize("fault", [{"create_429": 1.0}, {"create_429_bare": 1.0}])
+async def test_a_create_refused_with_429_is_a_failed_row_in_the_logs(
+    fault: dict[str, float],
+) -> None:
+    # The logs have "one row per request, failed ones included (cost 0)".
+    async with running(with_faults(**fault), FakeClock()) as api:
+        assert (await api.create(crid="vb:j1:1:x")).status == 429
+        rows = (await api.logs()).json["data"]
+        assert [(r["status"], r["client_request_id"]) for r in rows] == [("failed", "vb:j1:1:x")]
+        assert rows[0]["cost"] == {"usd": 0.0, "credits": 0} and not api.sim.generations
+
+
 async def test_credits_used_survive_a_restart_until_topped_up(tmp_path: Path) -> None:
     journaled = replace(with_faults(credits_for=1), state_dir=tmp_path / "state")
     clock = FakeClock()

@@ -262,12 +262,16 @@ class Simulator:
             self._log_failed(key, crid, model)
             return _error(request, 403, "Insufficient credits: top up your balance to continue")
         wait_s = f.retry_after_s
+        refusal: tuple[str, float | None] | None = None
         if self._dice.roll(f.create_429):
-            return self._too_many(request, "Too many requests", retry_after_s=wait_s)
-        if self._dice.roll(f.create_429_bare):
-            return self._too_many(request, "Too many requests", retry_after_s=None)
-        if f.max_concurrent and self._in_flight(key) >= f.max_concurrent:
-            return self._too_many(request, "Concurrency limit reached", retry_after_s=wait_s)
+            refusal = ("Too many requests", wait_s)
+        elif self._dice.roll(f.create_429_bare):
+            refusal = ("Too many requests", None)
+        elif f.max_concurrent and self._in_flight(key) >= f.max_concurrent:
+            refusal = ("Concurrency limit reached", wait_s)
+        if refusal is not None:
+            self._log_failed(key, crid, model)  # the logs have a row for every request
+            return self._too_many(request, refusal[0], retry_after_s=refusal[1])
         if self._dice.roll(f.create_5xx_before):
             self._log_failed(key, crid, model)
             return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
@@ -387,14 +391,15 @@ class Simulator:
         self._created[gen.api_key_sha] += 1
 
     async def _fetch(self, request: web.Request) -> web.Response:
-        if self._authorize(request) is None:
+        key = self._authorize(request)
+        if key is None:
             return _error(request, 401, "Unauthorized: a valid Bearer key is required")
         gen_id = request.query.get("generation_id")
         if not gen_id:
             meta = [Issue(("generation_id",), "Required").to_json()]
             return _error(request, 400, "Query validation error", meta)
         gen = self.generations.get(gen_id)
-        if gen is None:
+        if gen is None or gen.api_key_sha != _digest(key):  # another account's is not yours
             return _error(request, 404, f"Generation {gen_id} not found")
         f = self.config.faults
         if self._dice.roll(f.poll_5xx):
