@@ -479,3 +479,23 @@ def test_job_timeout_takes_what_the_manifest_setting_takes(
     res = runner.invoke(main, ["run", str(tmp_path / "none.yaml"), "--job-timeout", value])
     assert res.exit_code == 2
     assert ("--job-timeout" in res.stderr) is not ok
+
+
+def test_a_signal_the_start_up_handler_took_is_said_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # `veobatch report` interrupted printed its line twice: the start-up handler's, then
+    # _guard's. The webhook of a run is still told.
+    from veobatch._entry import EarlyStop
+    from veobatch.cli import _guard
+
+    told: list[tuple[int, bool]] = []
+
+    def stopped() -> None:
+        raise EarlyStop(signal.SIGTERM)
+
+    with pytest.raises(SystemExit) as exc:
+        _guard(stopped, lambda code, line, interrupted: told.append((code, interrupted)))
+    assert exc.value.code == 75
+    assert capsys.readouterr().err == ""
+    assert told == [(75, True)]

@@ -2014,6 +2014,22 @@ def test_a_comment_after_an_unquoted_prompt_is_refused_not_cut_off() -> None:
     assert ok.jobs[0].request["prompt"] == "model #42"
 
 
+def test_a_prompt_starting_with_an_unused_anchor_is_refused_not_cut() -> None:
+    # '&hero a cat' is text to the writer and an anchor named 'hero' to YAML: the prompt sent
+    # would be 'a cat', and be paid for.
+    text = t2v("seed: 3").replace("prompt: a cat", "prompt: &hero a cat on a table")
+    (problem,) = problems_of(text)
+    assert where(problem) == (4, 13, "#1", "prompt")
+    assert "YAML reads '&hero' as an anchor (no alias uses it)" in problem.message
+    assert "would start at 'a cat on a table'" in problem.message
+    # An anchor some alias uses is YAML meant as YAML; quoted, '&' is text.
+    shared = job_doc(f"model: {T2V}", "prompt: &p a dog") + f"  - model: {T2V}\n    prompt: *p\n"
+    shared += "    seed: 2\n"
+    assert [j.request["prompt"] for j in parse_manifest(shared).jobs] == ["a dog", "a dog"]
+    quoted = t2v("seed: 3").replace("prompt: a cat", 'prompt: "&hero a cat"')
+    assert parse_manifest(quoted).jobs[0].request["prompt"] == "&hero a cat"
+
+
 def test_a_field_missing_its_colon_inside_a_prompt_is_refused() -> None:
     # Indented under a multi-line prompt, "duration 4" becomes prompt text and 8 s is billed.
     text = job_doc(f"model: {T2V}", "prompt: A cat walks", "  on the beach.", "  duration 4")

@@ -34,6 +34,8 @@ DOCS = [
     # Line breaks only YAML counts, and CR-only line ends.
     'a: "x\u2028y"\nb:\n  - "p\x85q"\n  - "r\u2029s"\n  - t\n',
     "a: 1\rb:\r  - x\r  - y\r",
+    # An anchor no alias uses, on a plain, a quoted and a block scalar.
+    "a: &x one two\nb: &y 'q'\nc: &z |\n  text\nd: &u used\ne: *u\n",
 ]
 
 
@@ -48,6 +50,7 @@ def test_fast_and_pure_python_composers_agree(text: str) -> None:
     assert fast.source.keys == pure.source.keys
     assert fast.source.items == pure.source.items
     assert fast.source.plain == pure.source.plain
+    assert fast.source.unused_anchors == pure.source.unused_anchors
     assert fast.issues == pure.issues
 
 

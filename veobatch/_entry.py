@@ -28,13 +28,21 @@ STOP_SIGNALS = tuple(
 )
 
 
+class EarlyStop(SystemExit):
+    """Exit 75 for a signal the command line's own handling never took: its line is said."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(EXIT_INTERRUPTED)
+        self.signal_name = signal.Signals(signum).name
+
+
 def _early_stop(signum: int, frame: FrameType | None) -> None:
     ignore_stop_signals()
     line = f"veobatch: interrupted by {signal.Signals(signum).name}; run again\n"
     sys.stderr.write(json_line(line, time.time()) if wants_json(sys.argv[1:]) else line)
     if stdout_elsewhere():  # cron's mail, as for every early end (the command line is unread)
         sys.stdout.write(line)
-    raise SystemExit(EXIT_INTERRUPTED)
+    raise EarlyStop(signum)
 
 
 def wants_json(args: Sequence[str]) -> bool:

@@ -27,7 +27,13 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from ._entry import EXIT_INTERRUPTED, STOP_SIGNALS, ignore_stop_signals, stdout_elsewhere
+from ._entry import (
+    EXIT_INTERRUPTED,
+    STOP_SIGNALS,
+    EarlyStop,
+    ignore_stop_signals,
+    stdout_elsewhere,
+)
 from .errors import (
     ConfigError,
     LedgerError,
@@ -113,9 +119,12 @@ def _guard(fn: Callable[[], T], on_abort: Callable[[int, str, bool], None] | Non
     except SystemExit as exc:  # a signal outside the run's own handling: still exit 75
         if exc.code == EXIT_INTERRUPTED:
             _leave_hung_up_terminal()
-            by = f" by {exc.signal_name}" if isinstance(exc, _Interrupted) else ""
+            by = f" by {exc.signal_name}" if isinstance(exc, (_Interrupted, EarlyStop)) else ""
             line = f"veobatch: interrupted{by}; run again to resume"
-            _end(EXIT_INTERRUPTED, line, on_abort, interrupted=True)
+            # The start-up handler (status, report, ...) has said its line already.
+            _end(
+                EXIT_INTERRUPTED, line, on_abort, interrupted=True, said=isinstance(exc, EarlyStop)
+            )
         raise
 
 
@@ -136,9 +145,11 @@ def _end(
     on_abort: Callable[[int, str, bool], None] | None,
     *,
     interrupted: bool = False,
+    said: bool = False,
 ) -> NoReturn:
     """Say why, tell ``on_abort`` of a run ended early (2, 3 or 75), and exit ``code``."""
-    _say_why(code, line)
+    if not said:
+        _say_why(code, line)
     if on_abort is not None and code in (EXIT_USAGE, EXIT_CONFIG, EXIT_INTERRUPTED):
         on_abort(code, line, interrupted)
     sys.exit(code)

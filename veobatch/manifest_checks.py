@@ -239,6 +239,15 @@ def cut_text_problem(
     return None
 
 
+def anchor_problem(name: str, value: Any, anchor: str) -> str:
+    """A text starting with '&word ': YAML takes the word for an anchor, and no alias uses it."""
+    start = str(value) if len(str(value)) <= 40 else str(value)[:39] + "…"
+    return (
+        f"YAML reads {anchor!r} as an anchor (no alias uses it), not as text, so the {name} "
+        f"sent would start at {start!r}; quote the whole {name} to keep {anchor!r}"
+    )
+
+
 def scalar_problem(spec: FieldSpec, value: Any, plain: str | None) -> str | None:
     """What is wrong with a string, integer or boolean field value, if anything."""
     got = misread(value, plain) if spec.type == "integer" else None
@@ -591,6 +600,9 @@ class Report:
         if message is None and spec.name in FREE_TEXT:
             comment, folded = self.source.comments.get(path), self.source.folded.get(path, ())
             message = cut_text_problem(spec.name, value, comment, folded)
+            anchor = self.source.unused_anchors.get(path)
+            if message is None and anchor is not None:
+                message = anchor_problem(spec.name, value, anchor)
         if message is not None:
             self.error(path, message + context)
         return message is None

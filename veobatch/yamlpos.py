@@ -139,6 +139,8 @@ class SourceMap:
     comments: dict[Path, str] = field(default_factory=dict)
     # The lines an unquoted value went on to (line, text): a key missing its ':' lands there.
     folded: dict[Path, tuple[tuple[int, str], ...]] = field(default_factory=dict)
+    # A scalar's anchor that no alias uses: '&' may have been meant as the start of its text.
+    unused_anchors: dict[Path, str] = field(default_factory=dict)
     bad: set[Path] = field(default_factory=set)  # values already reported as issues
 
     def value(self, path: Path) -> Pos:
@@ -166,6 +168,7 @@ class Document:
 
 NON_PRINTABLE = Reader.NON_PRINTABLE
 _DASH_THEN_COMMENT = re.compile(r"^(\s*)-\s+#")
+_ANCHOR = re.compile(r"&([^\s,\[\]{}]+)")
 _ALIAS_ITEM = re.compile(r"(?:\s|#[^\r\n]*)*(-)(?:\s|#[^\r\n]*)+\*[^\s,\[\]{}]+")
 
 
@@ -500,6 +503,11 @@ class _Builder:
             self._active.discard(id(node))
 
     def _scalar(self, node: ScalarNode, path: Path) -> Any:
+        text = self.loader.lines.text
+        if text.startswith("&", node.start_mark.index):  # a node's mark is at its anchor
+            anchor = _ANCHOR.match(text, node.start_mark.index)
+            if anchor is not None and f"*{anchor[1]}" not in text:
+                self.source.unused_anchors.setdefault(path, anchor[0])
         if not node.style:  # libyaml says "" where the pure-Python parser says None
             self.source.plain.setdefault(path, node.value)
             if node.end_mark.line != node.start_mark.line:
