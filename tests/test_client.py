@@ -449,3 +449,20 @@ async def test_a_generation_id_header_never_carries_the_key_into_records() -> No
             api = HttpApiClient(session, BASE, Secret(KEY))
             created = await api.create({"model": "m"}, client_request_id="vb:j:1:abc")
     assert KEY not in created.generation_id and created.generation_id == "g-***"
+
+
+def test_half_a_surrogate_pair_in_an_answer_becomes_a_replacement_character() -> None:
+    # '"\ud83d"' alone is valid JSON and no valid UTF-8: recorded in the ledger, the error
+    # message of one generation stopped every run at the same poll (UnicodeEncodeError).
+    body = '{"id": "g", "status": "error", "error": {"name": "x", "message": "blocked \\ud83d"}}'
+    failed = parse_generation(body, "g")
+    assert failed.error_message == "blocked \ufffd"
+    assert describe_error_body('{"message": "bad \\udc00 key"}') == "bad \ufffd key"
+    pair = parse_generation(body.replace("\\ud83d", "\\ud83d\\ude00"), "g")
+    assert pair.error_message == "blocked \U0001f600"  # a whole pair is one character
+    # Undecodable header bytes arrive as surrogates (aiohttp's surrogateescape).
+    created = parse_created("", {"x-inference-id": "gen-\udcff-1"})
+    assert created.generation_id == "gen-\ufffd-1"
+    moved = error_from_response(302, "", {"Location": "https://x/\udce9"})
+    for text in (failed.error_message, created.generation_id, moved.message):
+        text.encode("utf-8")  # each can be written to the ledger and results.json

@@ -60,6 +60,18 @@ def test_verdicts(
         assert d.generation_id == "gen-1"
 
 
+@pytest.mark.parametrize("cause", ["server_error", "crash", "no_answer"])
+def test_absence_from_another_keys_logs_proves_nothing(cause: Cause) -> None:
+    other = Lookup("job", "c", "m", 1000.0, cause, other_key="1a2b3c4d")
+    d = decide(other, None, waited_s=61, grace_s=60, searched_all=True)
+    assert d.verdict is Verdict.UNCERTAIN and "another API key (fingerprint 1a2b3c4d)" in d.reason
+    assert decide(other, None, waited_s=1, grace_s=60, searched_all=True).verdict is Verdict.WAIT
+    assert decide(other, OK, waited_s=61, grace_s=60, searched_all=True).verdict is Verdict.ADOPT
+    assert decide(other, FAILED, waited_s=61, grace_s=60, searched_all=True).verdict is (
+        Verdict.RESUBMIT
+    )
+
+
 def test_grace_runs_from_the_answer_not_from_the_search_start() -> None:
     # The search reaches back a request timeout (60 s) before the answer at 1060.
     lookup = Lookup("job", "c", "m", 1000.0, "server_error", recorded_wall=1060.0)

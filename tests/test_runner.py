@@ -482,6 +482,44 @@ async def test_crash_between_intent_and_answer_is_settled_by_the_logs(
     assert len(api.created) == 2  # job0 adopted, job1 submitted for the first time
 
 
+async def test_a_request_sent_with_another_key_is_never_taken_for_never_created(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Its intent was recorded, the run was killed mid-POST, and the rerun has a rotated key:
+    # that key's usage logs do not show the old key's requests, and "absent" paid twice.
+    m = manifest(2, tmp_path)
+    old_key, new_key = Secret("key-AAAA-1111-old"), Secret("key-BBBB-2222-new")
+    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+    for job in m.jobs:
+        crid = f"crid-{job.id}"
+        acct = old_key.fingerprint() if job.id == "job0" else new_key.fingerprint()
+        await ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model, acct=acct)
+    ledger.close()
+    api = FakeApi(cdn, polls_to_finish=1)
+    s = settings(tmp_path, api_key=new_key, logs_grace_s=0.01)
+    report = await run(m, s, api=api)
+    assert report.uncertain == ["job0"] and len(api.created) == 1  # job1: this key's, absent
+    error = report.states["job0"].error
+    assert error is not None and f"another API key (fingerprint {old_key.fingerprint()})" in (
+        error.message
+    )
+    # Back on the key it was sent with, absence from the logs is proof again.
+    back = await run(m, settings(tmp_path, api_key=old_key, logs_grace_s=0.01), api=api)
+    assert back.exit_code == 0 and len(api.created) == 2, (api.created, back.states["job0"])
+
+
+async def test_the_intent_records_the_keys_fingerprint_never_the_key(
+    cdn: str, tmp_path: Path
+) -> None:
+    key = Secret("sk-live-0123456789abcdef")
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(manifest(1, tmp_path), settings(tmp_path, api_key=key), api=api)
+    raw = (tmp_path / "out" / "ledger.jsonl").read_bytes()
+    intent = parse_journal(raw).records[0]
+    assert intent["ev"] == "intent" and intent["acct"] == key.fingerprint()
+    assert len(key.fingerprint()) == 8 and b"0123456789abcdef" not in raw
+
+
 async def test_rate_limits_lower_the_concurrency(cdn: str, tmp_path: Path) -> None:
     api = FakeApi(cdn, polls_to_finish=3)
     api.create_error = RateLimitedError("HTTP 429", retry_after_s=0)
@@ -1223,3 +1261,33 @@ async def test_jobs_held_back_by_the_cost_limit_do_not_bury_the_log(
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum(m.startswith("not submitted job=") for m in warned) == 20
     assert "not submitted: 30 more jobs over the cost limit (listed in the summary)" in warned
+
+
+async def test_a_run_removes_what_an_interrupted_write_left_long_ago(
+    cdn: str, tmp_path: Path
+) -> None:
+    out = ensure_dir(tmp_path / "out")
+    stale = [out / ".results.json.ab12cd_9.tmp", ensure_dir(out / ".thumbs") / "tmpab12cd_9.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    report = await run(manifest(1, tmp_path), settings(tmp_path), api=FakeApi(cdn))
+    assert report.exit_code == 0 and not any(p.exists() for p in stale)
+
+
+async def test_a_removed_job_whose_post_may_have_created_one_is_looked_up_never_resubmitted(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Killed mid-POST, then taken out of the manifest: the rerun did nothing and exited 0,
+    # and a generation paid for was never fetched.
+    m = manifest(3, tmp_path)
+    await seed_intents(tmp_path, [(m.jobs[1], "crid-paid"), (m.jobs[2], "crid-unsent")])
+    api = FakeApi(cdn, polls_to_finish=1)
+    await api.create(m.jobs[1].request, client_request_id="crid-paid")  # it did get through
+    kept = Manifest(m.path, m.jobs[:1])
+    s = settings(tmp_path, logs_grace_s=0.01, resubmit_uncertain=True)
+    report = await run(kept, s, api=api)
+    assert report.exit_code == 0 and report.adopted == 1, report
+    assert len(api.created) == 2  # job0, and job1's one from before: job2 never again
+    assert report.states["job1"].status == "done" and (tmp_path / "out" / "job1.mp4").exists()
+    assert report.states["job2"].status == "pending" and report.total == 2  # job2: not ours

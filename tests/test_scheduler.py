@@ -408,6 +408,27 @@ def test_a_removed_job_with_a_paid_generation_is_fetched_and_the_rest_left_as_re
     assert plan_run([kept], states, tmp_path)[1] == []  # done or never sent: nothing to say
 
 
+def test_removed_jobs_whose_post_may_have_created_one_are_looked_up(tmp_path: Path) -> None:
+    # Their intent recorded the request id and model: the logs can say whether it was paid.
+    t2v = "google/veo-3.1-t2v"
+    kept = Job("kept", {"model": t2v, "prompt": "x"})
+    states = {
+        "maybe": JobState("maybe", "uncertain", model=t2v, client_request_id="vb:maybe:1:a"),
+        "crashed": JobState("crashed", "submitting", model=t2v, client_request_id="vb:c:1:b"),
+    }
+    plans, (note,) = plan_run([kept], states, tmp_path)
+    assert [(p.job.id, p.action, p.removed) for p in plans] == [
+        ("kept", Action.SUBMIT, False),
+        ("maybe", Action.LOOKUP, True),
+        ("crashed", Action.LOOKUP, True),
+    ]
+    assert note == (
+        "2 jobs in the ledger are not in the manifest: 2 whose submission may have created a"
+        " generation, looked up in the usage logs and fetched if it did, never submitted again"
+        " (maybe, crashed)"
+    )
+
+
 def test_a_new_job_asking_what_a_removed_one_got_is_said_to_be_paid_again(
     tmp_path: Path,
 ) -> None:

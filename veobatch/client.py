@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -148,10 +149,33 @@ def _error_details(doc: Mapping[str, Any]) -> list[str]:
     return out
 
 
+# Half of a UTF-16 pair: JSON's "\ud83d" escape alone parses to one, which no UTF-8 file
+# can hold; written to the ledger, it stopped every run at the same poll.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _whole_text(value: Any) -> Any:
+    """``value`` with every lone surrogate in its strings (keys too) made U+FFFD."""
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [_whole_text(v) for v in value]
+    if isinstance(value, dict):
+        return {_whole_text(k): _whole_text(v) for k, v in value.items()}
+    return value
+
+
+def _loads(text: str) -> Any:
+    """JSON from an answer, whose strings can be recorded: only an escape makes a surrogate,
+    so answers without one are not walked."""
+    doc = json.loads(text)
+    return _whole_text(doc) if "\\u" in text else doc
+
+
 def describe_error_body(text: str) -> str:
     """A one-line reason from an error body: its message plus any validation details."""
     try:
-        doc = json.loads(text)
+        doc = _loads(text)
     except ValueError:
         return " ".join(text.split())[:300] or "(empty body)"
     if not isinstance(doc, Mapping):
@@ -179,7 +203,7 @@ def error_from_response(
     if status == 404:
         return NotFoundError(reason, status=status)
     if 300 <= status < 400:
-        where = headers.get("Location")
+        where = _whole_text(headers.get("Location"))  # undecodable bytes: surrogates
         to = f" to {where[:200]}" if where else ""
         fix = f"set {ENV_BASE_URL} to the address that answers"
         return RedirectedError(
@@ -195,7 +219,7 @@ def error_from_response(
 
 def _json_object(text: str, what: str) -> Mapping[str, Any]:
     try:
-        doc = json.loads(text)
+        doc = _loads(text)
     except ValueError:
         raise ProtocolError(f"{what}: answer is not JSON: {text[:200]!r}") from None
     if not isinstance(doc, Mapping):
@@ -213,7 +237,7 @@ def parse_created(text: str, headers: Mapping[str, str]) -> Created:
         if not headers.get("x-inference-id"):
             raise
         doc = {}
-    gen_id = doc.get("id") or headers.get("x-inference-id")
+    gen_id = doc.get("id") or _whole_text(headers.get("x-inference-id"))
     if not isinstance(gen_id, str) or not gen_id:
         raise ProtocolError(f"create: answer has no generation id: {text[:200]!r}")
     view = _generation_of(doc, gen_id, headers)

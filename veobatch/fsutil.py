@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import re
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
@@ -215,6 +216,31 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+# What a kill -9 in the middle of atomic_write_bytes (".results.json.ab12cd_9.tmp") or of a
+# thumbnail's write ("tmpab12cd_9.tmp") leaves: mkstemp's eight random characters.
+_TEMP_NAME = re.compile(r"(?:\..+\.|tmp)[a-z0-9_]{8}\.tmp")
+STALE_TEMP_S = 900.0  # older than any write in progress: a report may be written meanwhile
+
+
+def remove_stale_temps(directory: Path, now: float, older_than_s: float = STALE_TEMP_S) -> int:
+    """Remove the temporary files an interrupted atomic write left in ``directory``; how many.
+
+    Only old ones: `veobatch report` takes no lock, and its write in progress must survive."""
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not _TEMP_NAME.fullmatch(entry.name):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > older_than_s:
+                os.unlink(entry.path)
+                removed += 1
+    return removed
 
 
 def ensure_dir(path: Path) -> Path:

@@ -39,7 +39,7 @@ _ALLOWED_FROM: dict[str, frozenset[str]] = {
     # A new attempt: first try, retry after a certain non-creation, or a deliberate resubmit.
     "intent": frozenset({"pending", "submitting", "failed", "uncertain", "done"}),
     # The attempt certainly created nothing (e.g. answered 401): back to pending.
-    "unsent": frozenset({"submitting"}),
+    "unsent": frozenset({"submitting", "uncertain"}),  # proved never created
     "submitted": frozenset({"submitting", "uncertain"}),
     # A later run may re-poll a timed-out job, or fetch a fresh URL for a lost file.
     "completed": frozenset({"submitted", "completed", "failed", "done"}),
@@ -68,6 +68,7 @@ class JobState:
     status: Status = "pending"
     key: str | None = None
     model: str | None = None
+    account: str | None = None  # the last intent's API key fingerprint (Secret.fingerprint)
     attempts: int = 0
     client_request_id: str | None = None
     generation_id: str | None = None
@@ -117,6 +118,7 @@ def _on_intent(s: JobState, r: Mapping[str, Any]) -> None:
     s.client_request_id = r.get("crid")
     s.key = r.get("key", s.key)
     s.model = r.get("model", s.model)
+    s.account = r.get("acct")
     s.usd_estimate = r.get("est", s.usd_estimate)
     s.usd_spent = None
     s.request = r.get("req", s.request)
@@ -128,6 +130,7 @@ def _on_intent(s: JobState, r: Mapping[str, Any]) -> None:
 
 def _on_unsent(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "pending"
+    s.error = None
 
 
 def _on_submitted(s: JobState, r: Mapping[str, Any]) -> None:

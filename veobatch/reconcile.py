@@ -53,6 +53,9 @@ class Lookup:
     # When the attempt's last record was written (the answer, or the intent after a crash): the
     # logs' grace runs from here, never from the widened search start, which would eat it.
     recorded_wall: float | None = None
+    # Sent with another API key than this run's (its fingerprint): the logs show only the
+    # asking key's requests, so absence from them proves nothing.
+    other_key: str | None = None
 
     @property
     def settled_wall(self) -> float:
@@ -104,6 +107,12 @@ def decide(
         if waited < max(10 * grace_s, UNREADABLE_PATIENCE_S):
             return Decision(Verdict.WAIT, "the usage logs could not be read in full yet")
         return Decision(Verdict.UNCERTAIN, "the usage logs could not be read")
+    if lookup.other_key is not None:
+        return Decision(
+            Verdict.UNCERTAIN,
+            f"sent with another API key (fingerprint {lookup.other_key}), whose requests this "
+            "key's usage logs do not show; a run with that key looks it up",
+        )
     if lookup.cause == "no_answer":
         return Decision(
             Verdict.UNCERTAIN, f"sent, unanswered, and not in the usage logs after {waited:.0f}s"

@@ -162,6 +162,9 @@ class Runner:
         self.remake: set[str] = set()  # see execute
         self.results_warned = False
         self.budget = Budget(self.settings.max_cost_usd, self.settings.prices)
+        key = self.settings.api_key
+        self.account = key.fingerprint() if key is not None else None
+        self.removed: set[str] = set()  # jobs the manifest no longer lists (execute)
         # No total: a large video may take long; a stalled read or connect still times out.
         self.download_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -188,6 +191,7 @@ class Runner:
             rate_limit_patience_s=self.settings.job_timeout_s,
             yield_slot=self._yield_slot,
             clock=self.clock,
+            account=self.account,
         )
         self.reconciler = Reconciler(
             self.api,
@@ -202,6 +206,7 @@ class Runner:
 
     async def execute(self, plans: list[JobPlan]) -> None:
         self.jobs.update((p.job.id, p.job) for p in plans if p.removed)
+        self.removed.update(p.job.id for p in plans if p.removed)
         # Edited while in flight: the generation paid for is finished first, then the request
         # the manifest now holds is made, in this run (the first video is kept beside it).
         self.remake = {p.job.id for p in plans if will_remake(p)}
@@ -452,14 +457,25 @@ class Runner:
         # The model the request was sent with, not the manifest's now: an edited model would
         # filter the logs past the row, and "absent" means "submit again" (pay twice).
         model = st.model or job.model
+        other = st.account if st.account and self.account and st.account != self.account else None
         self.reconciler.add(
-            Lookup(job.id, st.client_request_id, model, since, cause, recorded_wall=recorded)
+            Lookup(
+                job.id,
+                st.client_request_id,
+                model,
+                since,
+                cause,
+                recorded_wall=recorded,
+                other_key=other,
+            )
         )
 
     async def _on_lookup(self, lookup: Lookup, decision: Decision) -> None:
         job = self.jobs[lookup.job_id]
         if decision.verdict is Verdict.ADOPT and decision.generation_id:
-            if request_changed(job, self.ledger.state(job.id)):  # edited since its POST
+            # Edited since its POST: made again as it now reads, once this one is fetched (not
+            # a job no longer listed, whose request here is the ledger's copy, not the manifest's).
+            if job.id not in self.removed and request_changed(job, self.ledger.state(job.id)):
                 self.remake.add(job.id)
             await self.ledger.record("submitted", job.id, gen=decision.generation_id)
             self.adopted += 1
@@ -474,9 +490,12 @@ class Runner:
                 first=False,
             )
             return
+        if job.id in self.removed:  # nothing is ever submitted for a job no longer listed
+            await self._settle_removed(job, lookup, decision)
+            return
         risked = decision.verdict is Verdict.UNCERTAIN
         if risked and not self.settings.resubmit_uncertain:
-            await self._leave_uncertain(job, decision.reason)
+            await self._leave_uncertain(job, decision.reason, lookup.cause)
             return
         if risked:
             self.maybe_billed.add(job.id)
@@ -484,7 +503,7 @@ class Runner:
         if attempts > self.settings.submit_retries:
             why = f"{attempts} attempts: {decision.reason}"
             if job.id in self.maybe_billed:  # failed would let --retry-failed pay again
-                await self._leave_uncertain(job, why)
+                await self._leave_uncertain(job, why, lookup.cause)
             else:
                 await self._fail(job.id, "submit_failed", why)
             return
@@ -499,10 +518,27 @@ class Runner:
         )
         self.tg.start_soon(self._resubmit, job, delay, risked)
 
-    async def _leave_uncertain(self, job: Job, reason: str) -> None:
+    async def _settle_removed(self, job: Job, lookup: Lookup, decision: Decision) -> None:
+        if decision.verdict is not Verdict.RESUBMIT:
+            await self._leave_uncertain(job, decision.reason, lookup.cause)
+            return
+        # Never created, and not wanted any more: back to never sent, and out of this run's
+        # accounts (it is no job of the manifest's to finish).
+        await self.ledger.record("unsent", job.id)
+        log.info(
+            "lookup job=%s: %s; not in the manifest, so not submitted", job.id, decision.reason
+        )
+        self.jobs.pop(job.id, None)
+        self._release(job.id)
+        self._close(job.id)
+
+    async def _leave_uncertain(self, job: Job, reason: str, cause: Cause) -> None:
         st = self.ledger.state(job.id)
         if st.status == "submitting":
-            await self.ledger.record("uncertain", job.id, kind="no_answer", message=reason)
+            # A crash's kind stays "crash": the night its logs can be read (with the key that
+            # sent it), absence means it was never created, as for a crash looked up at once.
+            kind = "crash" if cause == "crash" else "no_answer"
+            await self.ledger.record("uncertain", job.id, kind=kind, message=reason)
         elif st.status == "uncertain" and (st.error is None or st.error.message != reason):
             # Again uncertain after a later run's look-up: its verdict is what the summary and
             # results.json say. Only the words change: the kind says what the POST met (a 5xx,
@@ -570,6 +606,12 @@ class Runner:
             why = f"the API no longer knows it: {error.message}"
         else:
             why = f"the API refuses to report on it: {error.message}"
+        sent_with = self.ledger.state(tracked.job_id).account
+        if sent_with and self.account and sent_with != self.account:
+            why += (
+                f" (it was created with another API key, fingerprint {sent_with}: a run with"
+                " that key polls it again)"
+            )
         await self._fail(tracked.job_id, "lost", why)
 
     async def _fail(self, job_id: str, kind: str, message: str) -> None:
@@ -842,7 +884,9 @@ def kept_name(out: Path, job_id: str, tag: str) -> Path:
 
 def _cause(state: JobState) -> Cause:
     kind = state.error.kind if state.error else ""
-    return "server_error" if kind == "server_error" else "no_answer"
+    if kind == "server_error":
+        return "server_error"
+    return "crash" if kind == "crash" else "no_answer"
 
 
 def _holds_slot(p: JobPlan) -> bool:

@@ -134,7 +134,11 @@ def plan_run(
     plans = plan_jobs(jobs, states, out_dir, verify=verify, retry_failed=retry_failed)
     listed = {job.id for job in jobs}
     removed = removed_plans(states, listed)
-    unsettled = [st.id for st in states.values() if st.id not in listed and st.status in _MAY_EXIST]
+    unsettled = [
+        st.id
+        for st in states.values()
+        if st.id not in listed and st.status in _MAY_EXIST and not _can_look_up(st)
+    ]
     note = removed_note(removed, unsettled)
     warnings = [note] if note else []
     return plans + removed, warnings + list(renamed_notes(plans, states, listed))
@@ -172,13 +176,22 @@ def removed_plans(states: Mapping[str, JobState], listed: Set[str]) -> list[JobP
     for st in states.values():
         if st.id in listed or not st.model:
             continue
+        job = Job(st.id, {"model": st.model, **(st.request or {})}, index=-1)
+        if _can_look_up(st):  # its POST may have created one: found, it is fetched
+            looked_up = "not in the manifest any more: looking up whether its POST created one"
+            plans.append(JobPlan(job, Action.LOOKUP, looked_up, st, removed=True))
+            continue
         in_flight = st.status in ("submitted", "completed") and bool(st.generation_id)
         if not (in_flight or _repollable(st)):
             continue
-        job = Job(st.id, {"model": st.model, **(st.request or {})}, index=-1)
         action = Action.DOWNLOAD if st.status == "completed" and st.video_url else Action.POLL
         plans.append(JobPlan(job, action, why, st, removed=True))
     return plans
+
+
+def _can_look_up(st: JobState) -> bool:
+    """A POST that may have created a generation, recorded well enough to find in the logs."""
+    return st.status in _MAY_EXIST and bool(st.client_request_id) and bool(st.model)
 
 
 def will_remake(plan: JobPlan) -> bool:
@@ -208,9 +221,17 @@ def removed_note(removed: Sequence[JobPlan], unsettled: Sequence[str]) -> str | 
         return ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
 
     parts = []
-    if removed:
-        ids = [p.job.id for p in removed]
-        parts.append(f"{len(ids)} with a generation paid for, fetched all the same ({some(ids)})")
+    fetched = [p.job.id for p in removed if p.action is not Action.LOOKUP]
+    looked_up = [p.job.id for p in removed if p.action is Action.LOOKUP]
+    if fetched:
+        parts.append(
+            f"{len(fetched)} with a generation paid for, fetched all the same ({some(fetched)})"
+        )
+    if looked_up:
+        parts.append(
+            f"{len(looked_up)} whose submission may have created a generation, looked up in the"
+            f" usage logs and fetched if it did, never submitted again ({some(looked_up)})"
+        )
     if unsettled:
         parts.append(
             f"{len(unsettled)} whose submission may have created a generation, left uncertain"
@@ -367,6 +388,7 @@ class Submitter:
     # its own patience would stretch a night's run to days, then lock out the next night's.
     refused_since: float | None = None
     gave_up: str | None = None  # why this run submits nothing more
+    account: str | None = None  # the API key's fingerprint, recorded with each intent
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Submit until the outcome is known; waits between tries can be cancelled."""
@@ -436,6 +458,7 @@ class Submitter:
         """One POST. Returns the outcome, or the error when trying again is safe."""
         crid = client_request_id(job.id, self.ledger.state(job.id).attempts + 1)
         est = round(self.estimate(job), 4)
+        account: dict[str, Any] = {"acct": self.account} if self.account else {}
         await self.ledger.record(
             "intent",
             job.id,
@@ -444,6 +467,7 @@ class Submitter:
             model=job.model,
             est=est,
             req=compact_request(job.request),
+            **account,
         )
         try:
             created = await self.api.create(job.request, client_request_id=crid)

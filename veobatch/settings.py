@@ -7,6 +7,7 @@ precedence is CLI > manifest > environment > the defaults below.
 from __future__ import annotations
 
 import base64
+import hashlib
 import ipaddress
 import os
 import re
@@ -39,6 +40,12 @@ class Secret:
 
     def reveal(self) -> str:
         return self._value
+
+    def fingerprint(self) -> str:
+        """Eight hex digits of a hash of the key: the ledger tells the key a request was sent
+        with from another one (the usage logs show only the asking key's requests) without
+        recording the key, or anything that would find it."""
+        return hashlib.sha256(b"veobatch-account\0" + self._value.encode()).hexdigest()[:8]
 
     @property
     def distinctive(self) -> bool:
