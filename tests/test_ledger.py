@@ -489,3 +489,16 @@ def test_a_generations_charge_is_the_larger_of_the_two_reports(
         [HAPPY[0], rec("submitted", gen="g1", **created), rec("completed", **completed)]
     )
     assert states["a"].usd_spent == want
+
+
+async def test_half_a_surrogate_pair_from_any_host_is_written_not_fatal(tmp_path: Path) -> None:
+    # A CDN redirect's undecodable Location reached a failure message as a lone surrogate:
+    # the record could never be written, and every rerun stopped at it.
+    ledger = Ledger.open(tmp_path)
+    await ledger.record("intent", "a", crid="c", key="k", model="m")
+    await ledger.record("submitted", "a", gen="g")
+    await ledger.record("failed", "a", kind="url_rejected", message="https://x/v\udcff.mp4")
+    ledger.close()
+    assert Ledger.open(tmp_path).state("a").error.message == "https://x/v?.mp4"  # type: ignore[union-attr]
+    doc = {"version": 1, "jobs": [{"id": "a", "error": "https://x/v\udcff.mp4"}]}
+    assert json.loads(encode_results(doc))["jobs"][0]["error"] == "https://x/v?.mp4"

@@ -2026,6 +2026,11 @@ def test_a_prompt_starting_with_an_unused_anchor_is_refused_not_cut() -> None:
     shared = job_doc(f"model: {T2V}", "prompt: &p a dog") + f"  - model: {T2V}\n    prompt: *p\n"
     shared += "    seed: 2\n"
     assert [j.request["prompt"] for j in parse_manifest(shared).jobs] == ["a dog", "a dog"]
+    # Text that merely contains '*hero' is no alias of it.
+    lookalike = t2v("negative_prompt: no *hero* poses, *heroic").replace(
+        "prompt: a cat", "prompt: &hero a cat"
+    )
+    assert "as an anchor" in problems_of(lookalike)[0].message
     quoted = t2v("seed: 3").replace("prompt: a cat", 'prompt: "&hero a cat"')
     assert parse_manifest(quoted).jobs[0].request["prompt"] == "&hero a cat"
 

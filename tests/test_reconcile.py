@@ -172,6 +172,25 @@ async def test_a_retry_after_from_the_logs_holds_back_every_later_page() -> None
     assert rec.pause_s() == 0
 
 
+async def test_a_pass_begins_when_it_reads_not_when_a_retry_after_stopped_it() -> None:
+    # The pass cut off by a 429 kept its start: read in full after the wait, it still counted
+    # as begun before the logs' grace, and the job was left uncertain.
+    class LimitedOnce(PagedLogs):
+        async def logs(self, **kw: Any) -> LogPage:
+            if not self.calls:
+                self.calls.append(kw)
+                raise RateLimitedError("HTTP 429", retry_after_s=70.0)
+            return await super().logs(**kw)
+
+    now = [1000.0]
+    rec, got = _reconciler(LimitedOnce([]), lambda: now[0])
+    rec.add(Lookup("job", "c", "m", 1000.0, "server_error"))
+    await rec.sweep()
+    now[0] = 1100.0
+    await rec.sweep()
+    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.RESUBMIT)]
+
+
 async def test_a_refused_key_or_redirect_from_the_logs_stops_the_sweep() -> None:
     # Waiting ten graces for logs that will never answer would only hide a wrong base URL.
     class Redirecting(PagedLogs):

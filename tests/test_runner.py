@@ -1291,3 +1291,64 @@ async def test_a_removed_job_whose_post_may_have_created_one_is_looked_up_never_
     assert len(api.created) == 2  # job0, and job1's one from before: job2 never again
     assert report.states["job1"].status == "done" and (tmp_path / "out" / "job1.mp4").exists()
     assert report.states["job2"].status == "pending" and report.total == 2  # job2: not ours
+
+
+async def test_a_generation_another_key_created_is_never_remade_by_retry_failed(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Refused to a rotated key, it failed as 'lost', and --retry-failed paid for it again.
+    m = manifest(1, tmp_path)
+    key_a, key_b = Secret("key-AAAA-1111-old"), Secret("key-BBBB-2222-new")
+    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+    job = m.jobs[0]
+    await ledger.record(
+        "intent", job.id, crid="c", key=job.key, model=job.model, acct=key_a.fingerprint()
+    )
+    await ledger.record("submitted", job.id, gen="gA")
+    ledger.close()
+
+    class Refusing(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            raise BadRequestError("HTTP 400: not yours")
+
+    refusing = Refusing(cdn, polls_to_finish=1)
+    report = await run(m, settings(tmp_path, api_key=key_b), api=refusing)
+    (error,) = [e for _, e in report.failed]
+    assert error.kind == "other_key" and key_a.fingerprint() in error.message
+    again = await run(m, settings(tmp_path, api_key=key_b, retry_failed=True), api=refusing)
+    assert refusing.created == [] and again.failed[0][1].kind == "other_key"
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.polls["gA"] = 0
+    back = await run(m, settings(tmp_path, api_key=key_a), api=api)
+    assert back.exit_code == 0 and api.created == [] and back.states[job.id].status == "done"
+
+
+async def test_a_request_the_logs_showed_made_is_never_taken_for_absent_later(
+    cdn: str, tmp_path: Path
+) -> None:
+    # A crash's look-up found its row without a generation id: uncertain. A later night the
+    # row had aged out of the logs, and the crash's kind read that as "never created".
+    m = manifest(1, tmp_path)
+    await seed_intents(tmp_path, [(m.jobs[0], "crid-made")])
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.log.append(LogEntry("crid-made", None, "pending"))
+    s = settings(tmp_path, logs_grace_s=0.01, lookup_interval_s=0.01)
+    first = await run(m, s, api=api)
+    error = first.states["job0"].error
+    assert first.uncertain == ["job0"] and error is not None and error.kind == "no_answer"
+    api.log.clear()
+    again = await run(m, s, api=api)
+    assert again.uncertain == ["job0"] and api.created == []
+
+
+async def test_a_removed_job_still_uncertain_is_warned_of_not_failing_every_night(
+    cdn: str, tmp_path: Path
+) -> None:
+    m = manifest(2, tmp_path)
+    seed_uncertain(tmp_path, m.jobs[1], "no_answer", "read timeout", now=time.time())
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.hide_from_logs = True
+    s = settings(tmp_path, logs_grace_s=0.01, resubmit_uncertain=True)
+    report = await run(Manifest(m.path, m.jobs[:1]), s, api=api)
+    assert report.exit_code == 0 and report.uncertain == [] and len(api.created) == 1
+    assert report.states["job1"].status == "uncertain"  # on record, never resubmitted

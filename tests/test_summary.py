@@ -200,3 +200,10 @@ def test_status_rows_stay_one_line_whatever_the_api_said() -> None:
     (row,) = status_rows(results)
     assert row[3] == "gen\\nb\\tdone"
     assert "\n" not in "\t".join(row) and "\x1b" not in row[4]
+
+
+def test_status_says_an_uncertain_crash_absent_from_the_logs_is_submitted_again() -> None:
+    crash = JobState("j", "uncertain", error=ErrorInfo("crash", "the usage logs could not be read"))
+    assert "if absent from its key's usage logs: submitted again" in rerun_action(crash, OUT)[1]
+    unanswered = replace(crash, error=ErrorInfo("no_answer", "sent, unanswered"))
+    assert "left uncertain" in rerun_action(unanswered, OUT)[1]

@@ -169,7 +169,12 @@ def _loads(text: str) -> Any:
     """JSON from an answer, whose strings can be recorded: only an escape makes a surrogate,
     so answers without one are not walked."""
     doc = json.loads(text)
-    return _whole_text(doc) if "\\u" in text else doc
+    if "\\u" not in text:
+        return doc
+    try:
+        return _whole_text(doc)
+    except RecursionError:  # nested deeper than any answer: not one to act on
+        raise ValueError("JSON nested too deeply") from None
 
 
 def describe_error_body(text: str) -> str:

@@ -218,13 +218,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-# What a kill -9 in the middle of atomic_write_bytes (".results.json.ab12cd_9.tmp") or of a
-# thumbnail's write ("tmpab12cd_9.tmp") leaves: mkstemp's eight random characters.
-_TEMP_NAME = re.compile(r"(?:\..+\.|tmp)[a-z0-9_]{8}\.tmp")
+# What a kill -9 in the middle of atomic_write_bytes leaves: mkstemp's eight random characters
+# after the name it was writing. Only the names veobatch writes: --out may be a shared folder.
+OWN_TEMPS = re.compile(r"\.(?:results\.json|report\.html|ledger\.jsonl\S*)\.[a-z0-9_]{8}\.tmp")
+ANY_TEMP = re.compile(r"tmp[a-z0-9_]{8}\.tmp")  # in veobatch's own folders (.thumbs)
 STALE_TEMP_S = 900.0  # older than any write in progress: a report may be written meanwhile
 
 
-def remove_stale_temps(directory: Path, now: float, older_than_s: float = STALE_TEMP_S) -> int:
+def remove_stale_temps(
+    directory: Path,
+    now: float,
+    names: re.Pattern[str] = OWN_TEMPS,
+    older_than_s: float = STALE_TEMP_S,
+) -> int:
     """Remove the temporary files an interrupted atomic write left in ``directory``; how many.
 
     Only old ones: `veobatch report` takes no lock, and its write in progress must survive."""
@@ -234,7 +240,7 @@ def remove_stale_temps(directory: Path, now: float, older_than_s: float = STALE_
     except OSError:
         return 0
     for entry in entries:
-        if not _TEMP_NAME.fullmatch(entry.name):
+        if not names.fullmatch(entry.name):
             continue
         with contextlib.suppress(OSError):
             if entry.is_file(follow_symlinks=False) and now - entry.stat().st_mtime > older_than_s:

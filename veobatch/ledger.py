@@ -404,7 +404,9 @@ class Ledger:
         rec: dict[str, Any] = {"t": round(self._clock(), 3), "ev": ev, "job": job_id, **data}
         state = apply_record(self.states, rec)
         self.changed.add(job_id)
-        line = _encode_record(rec).encode() + b"\n"
+        # "replace": half a surrogate pair, from any text an API or host sent, is a "?" on
+        # disk rather than a record that can never be written (and a run stopped at it).
+        line = _encode_record(rec).encode("utf-8", "replace") + b"\n"
         with self._buf_lock:
             self._buf.append(line)
             self._seq += 1
@@ -563,7 +565,7 @@ def _join_results(head: dict[str, Any], rows: list[str]) -> bytes:
     parts = [f"{_encode_row(k)}: {_encode_row(v)}" for k, v in head.items()]
     joined = ",\n    ".join(rows)
     parts.append(f'"jobs": [\n    {joined}\n  ]' if joined else '"jobs": []')
-    return ("{" + ", ".join(parts) + "}\n").encode()
+    return ("{" + ", ".join(parts) + "}\n").encode("utf-8", "replace")
 
 
 def _cut_tail(path: Path, journal: Journal, now: float) -> Path:

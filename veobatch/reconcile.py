@@ -74,6 +74,9 @@ class Decision:
     verdict: Verdict
     reason: str
     generation_id: str | None = None
+    # The logs showed the request was made: absence from a later read (a row aged out) must
+    # never count as "never created".
+    seen: bool = False
 
 
 UNREADABLE_PATIENCE_S = 60.0
@@ -97,8 +100,8 @@ def decide(
     if entry is not None:  # it was made, but the row names no generation (yet): never absent
         shown = f"logged as {entry.status!r} without a generation id"
         if waited < 10 * grace_s:
-            return Decision(Verdict.WAIT, shown)
-        return Decision(Verdict.UNCERTAIN, shown)
+            return Decision(Verdict.WAIT, shown, seen=True)
+        return Decision(Verdict.UNCERTAIN, shown, seen=True)
     if waited < grace_s:
         return Decision(Verdict.WAIT, "giving the usage logs time to catch up")
     if not searched_all:
@@ -253,14 +256,18 @@ class Reconciler:
         start = datetime.fromtimestamp(window[0], UTC)
         end = datetime.fromtimestamp(window[1], UTC)
         found: dict[str, LogEntry] = {}
-        offset, started = 0, self._clock()
+        offset, resumed = 0, None
         cursor = self._cursors.pop(window, None)
         if cursor is not None and cursor.crids >= lookups.keys():
-            offset, started = cursor.offset, cursor.started
+            offset, resumed = cursor.offset, cursor.started
             found = {c: e for c, e in cursor.found.items() if c in lookups}
         crids = frozenset(lookups)
         for _ in range(MAX_PAGES_PER_SWEEP):
             await anyio.sleep(self.pause_s())
+            # A pass begins when its first page is asked for, after any wait for a
+            # Retry-After: rows logged during the wait are in what it reads.
+            started = self._clock() if resumed is None else resumed
+            resumed = started
             self._budget.take()
             try:
                 page = await self._api.logs(
@@ -275,7 +282,8 @@ class Reconciler:
                 log.warning("usage logs unavailable: %s", exc.message)
                 if exc.retry_after_s:  # asked by the API itself: every later page waits too
                     self._not_before = self._clock() + exc.retry_after_s
-                self._keep(_Cursor(window, crids, offset, found, started))
+                if offset:  # a pass with nothing read yet begins again, when it reads
+                    self._keep(_Cursor(window, crids, offset, found, started))
                 return found, False, started
             for entry in page.entries:
                 if entry.client_request_id in lookups:
@@ -283,8 +291,8 @@ class Reconciler:
             if len(found) == len(lookups) or not page.has_more or not page.entries:
                 return found, True, started
             offset += len(page.entries)
-        self._keep(_Cursor(window, crids, offset, found, started))
-        return found, False, started
+        self._keep(_Cursor(window, crids, offset, found, resumed or self._clock()))
+        return found, False, resumed or self._clock()
 
     def pause_s(self) -> float:
         """How long the next page must wait: for the rate budget, and for a Retry-After."""

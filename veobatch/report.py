@@ -352,6 +352,6 @@ def write_report(
     name = title or f"veobatch report: {directory.resolve().name}"
     page = render_html(cards, title=name, generated_at=time.time())
     path = directory / REPORT_NAME
-    atomic_write_bytes(path, page.encode("utf-8"))
+    atomic_write_bytes(path, page.encode("utf-8", "replace"))
     path.chmod(0o644)  # a page to share or serve, unlike the ledger
     return path

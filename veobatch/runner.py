@@ -64,7 +64,9 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3  # EXIT_INTERRUPTED: 75
 MAX_URL_REFRESHES = 3
 HELD_BACK_LOGGED = 20  # jobs held back by the cost limit, one log line each; the rest counted
-SLOT_KINDS = frozenset({"timeout", "lost"})  # failed jobs whose generation may still be running
+SLOT_KINDS = frozenset(
+    {"timeout", "lost", "other_key"}
+)  # failed jobs whose generation may still be running
 REFETCH_FAILED = "refetch_failed"  # a done job's file is missing and cannot be fetched again
 RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its last rewrite
 
@@ -495,7 +497,7 @@ class Runner:
             return
         risked = decision.verdict is Verdict.UNCERTAIN
         if risked and not self.settings.resubmit_uncertain:
-            await self._leave_uncertain(job, decision.reason, lookup.cause)
+            await self._leave_uncertain(job, decision.reason, _kept_cause(lookup, decision))
             return
         if risked:
             self.maybe_billed.add(job.id)
@@ -503,7 +505,7 @@ class Runner:
         if attempts > self.settings.submit_retries:
             why = f"{attempts} attempts: {decision.reason}"
             if job.id in self.maybe_billed:  # failed would let --retry-failed pay again
-                await self._leave_uncertain(job, why, lookup.cause)
+                await self._leave_uncertain(job, why, _kept_cause(lookup, decision))
             else:
                 await self._fail(job.id, "submit_failed", why)
             return
@@ -520,15 +522,16 @@ class Runner:
 
     async def _settle_removed(self, job: Job, lookup: Lookup, decision: Decision) -> None:
         if decision.verdict is not Verdict.RESUBMIT:
-            await self._leave_uncertain(job, decision.reason, lookup.cause)
-            return
-        # Never created, and not wanted any more: back to never sent, and out of this run's
-        # accounts (it is no job of the manifest's to finish).
-        await self.ledger.record("unsent", job.id)
-        log.info(
-            "lookup job=%s: %s; not in the manifest, so not submitted", job.id, decision.reason
-        )
-        self.jobs.pop(job.id, None)
+            # Still unknown: recorded and warned of, but no job of the manifest's, so it does
+            # not fail the run night after night (`status` still lists it).
+            await self._leave_uncertain(job, decision.reason, _kept_cause(lookup, decision))
+            log.warning("job %s, not in the manifest, stays uncertain: %s", job.id, decision.reason)
+        else:  # never created, and not wanted any more: back to never sent
+            await self.ledger.record("unsent", job.id)
+            log.info(
+                "lookup job=%s: %s; not in the manifest: not submitted", job.id, decision.reason
+            )
+        self.jobs.pop(job.id, None)  # out of this run's accounts
         self._release(job.id)
         self._close(job.id)
 
@@ -542,8 +545,10 @@ class Runner:
         elif st.status == "uncertain" and (st.error is None or st.error.message != reason):
             # Again uncertain after a later run's look-up: its verdict is what the summary and
             # results.json say. Only the words change: the kind says what the POST met (a 5xx,
-            # or no answer), which decides what a later absence from the logs means (_cause).
+            # or no answer), which decides what a later absence from the logs means (_cause);
+            # once the logs showed it made, it is no_answer for good.
             kind = st.error.kind if st.error is not None else "no_answer"
+            kind = "no_answer" if cause == "no_answer" else kind
             await self.ledger.record("uncertain", job.id, kind=kind, message=reason)
         self._release(job.id)
         self._close(job.id)
@@ -608,10 +613,14 @@ class Runner:
             why = f"the API refuses to report on it: {error.message}"
         sent_with = self.ledger.state(tracked.job_id).account
         if sent_with and self.account and sent_with != self.account:
+            # Not "lost": --retry-failed would pay for one that exists. Polled again by the
+            # next run, which finds it if its key is the one that created it.
             why += (
                 f" (it was created with another API key, fingerprint {sent_with}: a run with"
                 " that key polls it again)"
             )
+            await self._fail(tracked.job_id, "other_key", why)
+            return
         await self._fail(tracked.job_id, "lost", why)
 
     async def _fail(self, job_id: str, kind: str, message: str) -> None:
@@ -880,6 +889,12 @@ def kept_name(out: Path, job_id: str, tag: str) -> Path:
         n += 1
         kept = out / f"{job_id}@{tag}-{n}.mp4"
     return kept
+
+
+def _kept_cause(lookup: Lookup, decision: Decision) -> Cause:
+    """What an uncertain job's record keeps: a request the logs showed was made is never
+    taken for absent again, whatever its POST met (a row may age out of the logs)."""
+    return "no_answer" if decision.seen else lookup.cause
 
 
 def _cause(state: JobState) -> Cause:

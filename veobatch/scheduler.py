@@ -67,7 +67,9 @@ class JobPlan:
 # Failures whose generation may still deliver: a later run polls instead of paying again.
 # A refused video URL too: the generation is finished and paid for, and a new poll may give
 # another URL.
-REPOLL_KINDS = frozenset({"timeout", "download", "lost", "url_rejected"})
+# other_key: the API does not show it to this run's key; a run with the key that created it
+# can (never remade by --retry-failed: that would pay for one that exists).
+REPOLL_KINDS = frozenset({"timeout", "download", "lost", "url_rejected", "other_key"})
 
 
 def request_changed(job: Job, state: JobState) -> bool:

@@ -25,7 +25,7 @@ from ._entry import EXIT_INTERRUPTED, STOP_SIGNALS
 from .client import ApiClient, HttpApiClient
 from .downloader import READ_BUFFER_BYTES, final_name
 from .errors import ConfigError, LedgerError, first_leaf
-from .fsutil import DirLock, DiskThreads, ensure_dir, remove_stale_temps
+from .fsutil import ANY_TEMP, DirLock, DiskThreads, ensure_dir, remove_stale_temps
 from .jobs import Job, Manifest
 from .ledger import LEDGER_NAME, RESULTS_NAME, JobState, Ledger, result_rows
 from .report import REPORT_NAME, THUMBS_DIR
@@ -208,8 +208,9 @@ async def _run(
         raise ValueError(f"held_lock is not a held lock of {out}")
     disk = DiskThreads()  # the ledger's writes and the videos' last write share its batches
     with contextlib.nullcontext() if held_lock is not None else DirLock(out):
-        for folder in (out, out / THUMBS_DIR):  # what a kill -9 mid-write left, long ago
-            remove_stale_temps(folder, time.time())
+        # What a kill -9 mid-write left, long ago.
+        remove_stale_temps(out, time.time())
+        remove_stale_temps(out / THUMBS_DIR, time.time(), ANY_TEMP)
         control = _Control(Ledger.open(out, offload=disk), last_words=last_words)
         try:
             _refuse_unrecorded(out, manifest, control.ledger)

@@ -289,12 +289,16 @@ def rerun_action(
     stand_in = Job(state.id, {})  # unread: with no key on the state, nothing compares it
     plan = plan_job(stand_in, replace(state, key=None), out_dir, retry_failed=retry_failed)
     reason = plan.reason
+    kind = state.error.kind if state.error is not None else ""
     if plan.action is Action.LOOKUP and state.status == "uncertain":
-        reason += (
-            "; if still absent: resubmit (may pay twice)"
-            if resubmit_uncertain
-            else "; if still absent: left uncertain (see --resubmit-uncertain)"
-        )
+        if kind in ("crash", "server_error"):  # absence is proof for these (runner._cause)
+            reason += "; if absent from its key's usage logs: submitted again"
+        else:
+            reason += (
+                "; if still absent: resubmit (may pay twice)"
+                if resubmit_uncertain
+                else "; if still absent: left uncertain (see --resubmit-uncertain)"
+            )
     return _RERUN_WORD[plan.action], reason
 
 

@@ -169,6 +169,16 @@ class Document:
 NON_PRINTABLE = Reader.NON_PRINTABLE
 _DASH_THEN_COMMENT = re.compile(r"^(\s*)-\s+#")
 _ANCHOR = re.compile(r"&([^\s,\[\]{}]+)")
+
+
+def _used_as_alias(name: str, text: str) -> bool:
+    """Is there a '*name' alias, the whole name (not '*heroic' for 'hero')? Text that only
+    looks like one inside a quoted value counts too: then nothing is refused."""
+    return (
+        re.search(rf"(?:^|[\s,\[{{:-])\*{re.escape(name)}(?=[\s,\]}}]|$)", text, re.M) is not None
+    )
+
+
 _ALIAS_ITEM = re.compile(r"(?:\s|#[^\r\n]*)*(-)(?:\s|#[^\r\n]*)+\*[^\s,\[\]{}]+")
 
 
@@ -506,7 +516,7 @@ class _Builder:
         text = self.loader.lines.text
         if text.startswith("&", node.start_mark.index):  # a node's mark is at its anchor
             anchor = _ANCHOR.match(text, node.start_mark.index)
-            if anchor is not None and f"*{anchor[1]}" not in text:
+            if anchor is not None and not _used_as_alias(anchor[1], text):
                 self.source.unused_anchors.setdefault(path, anchor[0])
         if not node.style:  # libyaml says "" where the pure-Python parser says None
             self.source.plain.setdefault(path, node.value)
