@@ -109,11 +109,17 @@ class FakeApi:
         return Generation(generation_id, "completed", video_url=f"{self.cdn}/v/{generation_id}.mp4")
 
 
-async def seed_intents(tmp: Path, intents: list[tuple[Job, str]]) -> None:
-    """The ledger a crash right after these intents (job, client request id) leaves behind."""
+async def seed_intents(
+    tmp: Path, intents: list[tuple[Job, str]], *, key: Secret | None = None, gen: str | None = None
+) -> None:
+    """The ledger a crash right after these intents (job, client request id) leaves behind;
+    sent with ``key`` (its fingerprint recorded), and answered with ``gen`` if given."""
     ledger = Ledger.open(ensure_dir(tmp / "out"))
+    acct = {"acct": key.fingerprint()} if key is not None else {}
     for job, crid in intents:
-        await ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model)
+        await ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model, **acct)
+        if gen is not None:
+            await ledger.record("submitted", job.id, gen=gen)
     ledger.close()
 
 
@@ -489,12 +495,8 @@ async def test_a_request_sent_with_another_key_is_never_taken_for_never_created(
     # that key's usage logs do not show the old key's requests, and "absent" paid twice.
     m = manifest(2, tmp_path)
     old_key, new_key = Secret("key-AAAA-1111-old"), Secret("key-BBBB-2222-new")
-    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
-    for job in m.jobs:
-        crid = f"crid-{job.id}"
-        acct = old_key.fingerprint() if job.id == "job0" else new_key.fingerprint()
-        await ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model, acct=acct)
-    ledger.close()
+    await seed_intents(tmp_path, [(m.jobs[0], "crid-job0")], key=old_key)
+    await seed_intents(tmp_path, [(m.jobs[1], "crid-job1")], key=new_key)
     api = FakeApi(cdn, polls_to_finish=1)
     s = settings(tmp_path, api_key=new_key, logs_grace_s=0.01)
     report = await run(m, s, api=api)
@@ -1299,13 +1301,8 @@ async def test_a_generation_another_key_created_is_never_remade_by_retry_failed(
     # Refused to a rotated key, it failed as 'lost', and --retry-failed paid for it again.
     m = manifest(1, tmp_path)
     key_a, key_b = Secret("key-AAAA-1111-old"), Secret("key-BBBB-2222-new")
-    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
     job = m.jobs[0]
-    await ledger.record(
-        "intent", job.id, crid="c", key=job.key, model=job.model, acct=key_a.fingerprint()
-    )
-    await ledger.record("submitted", job.id, gen="gA")
-    ledger.close()
+    await seed_intents(tmp_path, [(job, "c")], key=key_a, gen="gA")
 
     class Refusing(FakeApi):
         async def fetch(self, generation_id: str) -> Generation:

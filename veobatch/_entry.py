@@ -9,7 +9,6 @@ stays ignored.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -39,7 +38,12 @@ class EarlyStop(SystemExit):
 def _early_stop(signum: int, frame: FrameType | None) -> None:
     ignore_stop_signals()
     line = f"veobatch: interrupted by {signal.Signals(signum).name}; run again\n"
-    sys.stderr.write(json_line(line, time.time()) if wants_json(sys.argv[1:]) else line)
+    if wants_json(sys.argv[1:]):
+        from .logfmt import exit_record  # only now: nothing but this is loaded this early
+
+        sys.stderr.write(exit_record(line, time.time(), EXIT_INTERRUPTED) + "\n")
+    else:
+        sys.stderr.write(line)
     if stdout_elsewhere():  # cron's mail, as for every early end (the command line is unread)
         sys.stdout.write(line)
     raise EarlyStop(signum)
@@ -56,13 +60,6 @@ def wants_json(args: Sequence[str]) -> bool:
         ):
             return True
     return False
-
-
-def json_line(line: str, now: float) -> str:
-    """``line`` as the JSON record the command line writes for an early end."""
-    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
-    record = {"ts": ts, "level": "error", "event": "exit", "exit_code": EXIT_INTERRUPTED}
-    return json.dumps({**record, "message": line.strip()}, ensure_ascii=False) + "\n"
 
 
 def stdout_elsewhere() -> bool:

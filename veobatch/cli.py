@@ -45,7 +45,7 @@ from .errors import (
 from .fsutil import DirLock, ensure_dir
 from .jobs import Manifest
 from .ledger import LEDGER_NAME, current_results, load_states
-from .logfmt import LogFormat, formatter, iso_time
+from .logfmt import LogFormat, exit_record, formatter
 from .manifest import load_manifest
 from .notify import check_url, payload, send
 from .outcome import run_extras
@@ -160,10 +160,9 @@ def _say_why(code: int, text: str) -> None:
     --log-format json), and on stdout too when it goes elsewhere, as under cron, where stdout
     is the mail and stderr a log file nobody reads until something is wrong."""
     if _fatal_json:
-        record = {"ts": iso_time(time.time()), "level": "error", "event": "exit", "exit_code": code}
+        now = time.time()
         for line in text.splitlines():
-            doc = {**record, "message": line.strip()}
-            click.echo(json.dumps(doc, ensure_ascii=False), err=True)
+            click.echo(exit_record(line, now, code), err=True)
     else:
         click.echo(text, err=True)
     if stdout_elsewhere():

@@ -92,6 +92,12 @@ def iso_time(created: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
 
 
+def exit_record(line: str, now: float, code: int) -> str:
+    """The JSON record of a line that says why a command ended early (--log-format json)."""
+    record = {"ts": iso_time(now), "level": "error", "event": "exit", "exit_code": code}
+    return json.dumps({**record, "message": line.strip()}, ensure_ascii=False)
+
+
 class JsonFormatter(logging.Formatter):
     """For log collectors: one JSON object per line (ts, level, event, job, fields, ...)."""
 

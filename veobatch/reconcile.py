@@ -96,18 +96,17 @@ def decide(
         return Decision(Verdict.ADOPT, "found in the usage logs", entry.inference_id)
     if entry is not None and entry.status == "failed":
         return Decision(Verdict.RESUBMIT, "the usage logs show it failed: nothing was created")
-    waited = waited_s
     if entry is not None:  # it was made, but the row names no generation (yet): never absent
         shown = f"logged as {entry.status!r} without a generation id"
-        if waited < 10 * grace_s:
+        if waited_s < 10 * grace_s:
             return Decision(Verdict.WAIT, shown, seen=True)
         return Decision(Verdict.UNCERTAIN, shown, seen=True)
-    if waited < grace_s:
+    if waited_s < grace_s:
         return Decision(Verdict.WAIT, "giving the usage logs time to catch up")
     if not searched_all:
         # Logs that refuse a while (a 429 at a restart, a brief outage) get a minute at least,
         # even with no grace for their lag: unread is not absent.
-        if waited < max(10 * grace_s, UNREADABLE_PATIENCE_S):
+        if waited_s < max(10 * grace_s, UNREADABLE_PATIENCE_S):
             return Decision(Verdict.WAIT, "the usage logs could not be read in full yet")
         return Decision(Verdict.UNCERTAIN, "the usage logs could not be read")
     if lookup.other_key is not None:
@@ -118,10 +117,10 @@ def decide(
         )
     if lookup.cause == "no_answer":
         return Decision(
-            Verdict.UNCERTAIN, f"sent, unanswered, and not in the usage logs after {waited:.0f}s"
+            Verdict.UNCERTAIN, f"sent, unanswered, and not in the usage logs after {waited_s:.0f}s"
         )
     return Decision(
-        Verdict.RESUBMIT, f"not in the usage logs after {waited:.0f}s: it was never created"
+        Verdict.RESUBMIT, f"not in the usage logs after {waited_s:.0f}s: it was never created"
     )
 
 
@@ -256,18 +255,16 @@ class Reconciler:
         start = datetime.fromtimestamp(window[0], UTC)
         end = datetime.fromtimestamp(window[1], UTC)
         found: dict[str, LogEntry] = {}
-        offset, resumed = 0, None
+        offset, started = 0, None
         cursor = self._cursors.pop(window, None)
         if cursor is not None and cursor.crids >= lookups.keys():
-            offset, resumed = cursor.offset, cursor.started
+            offset, started = cursor.offset, cursor.started
             found = {c: e for c, e in cursor.found.items() if c in lookups}
         crids = frozenset(lookups)
         for _ in range(MAX_PAGES_PER_SWEEP):
             await anyio.sleep(self.pause_s())
-            # A pass begins when its first page is asked for, after any wait for a
-            # Retry-After: rows logged during the wait are in what it reads.
-            started = self._clock() if resumed is None else resumed
-            resumed = started
+            if started is None:  # a pass begins when it reads, after any Retry-After wait:
+                started = self._clock()  # rows logged during the wait are in what it reads
             self._budget.take()
             try:
                 page = await self._api.logs(
@@ -291,8 +288,9 @@ class Reconciler:
             if len(found) == len(lookups) or not page.has_more or not page.entries:
                 return found, True, started
             offset += len(page.entries)
-        self._keep(_Cursor(window, crids, offset, found, resumed or self._clock()))
-        return found, False, resumed or self._clock()
+        assert started is not None  # set by the first page
+        self._keep(_Cursor(window, crids, offset, found, started))
+        return found, False, started
 
     def pause_s(self) -> float:
         """How long the next page must wait: for the rate budget, and for a Retry-After."""

@@ -64,9 +64,8 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3  # EXIT_INTERRUPTED: 75
 MAX_URL_REFRESHES = 3
 HELD_BACK_LOGGED = 20  # jobs held back by the cost limit, one log line each; the rest counted
-SLOT_KINDS = frozenset(
-    {"timeout", "lost", "other_key"}
-)  # failed jobs whose generation may still be running
+# Failed jobs whose generation may still be running.
+SLOT_KINDS = frozenset({"timeout", "lost", "other_key"})
 REFETCH_FAILED = "refetch_failed"  # a done job's file is missing and cannot be fetched again
 RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its last rewrite
 
@@ -263,6 +262,12 @@ class Runner:
         if not self.open:
             self.settled.set()
 
+    def _other_key(self, st: JobState) -> str | None:
+        """The fingerprint of the key this job's last POST was sent with, when not this run's."""
+        if st.account and self.account and st.account != self.account:
+            return st.account
+        return None
+
     def _release(self, job_id: str) -> None:
         if job_id in self.holding:
             self.holding.remove(job_id)
@@ -305,7 +310,7 @@ class Runner:
             )
             log.info("resume job=%s action=%s gen=%s", p.job.id, p.action.value, st.generation_id)
         for p in lookups:
-            cause: Cause = "crash" if p.state.status == "submitting" else _cause(p.state)
+            cause: Cause = "crash" if p.state.status == "submitting" else lookup_cause(p.state)
             self._lookup(p.job, cause)
         for p in plans:
             if p.action is Action.DOWNLOAD and p.state.video_url:
@@ -375,7 +380,7 @@ class Runner:
             outcome = SubmitOutcome.AUTH
         finally:
             if outcome is SubmitOutcome.UNCERTAIN:
-                self._lookup(job, _cause(self.ledger.state(job.id)))  # keeps its slot
+                self._lookup(job, lookup_cause(self.ledger.state(job.id)))  # keeps its slot
             elif outcome is not SubmitOutcome.SUBMITTED:
                 if self.ledger.state(job.id).status in ("pending", "failed"):
                     self.budget.release(job.id)  # certainly created nothing: not billed
@@ -459,7 +464,6 @@ class Runner:
         # The model the request was sent with, not the manifest's now: an edited model would
         # filter the logs past the row, and "absent" means "submit again" (pay twice).
         model = st.model or job.model
-        other = st.account if st.account and self.account and st.account != self.account else None
         self.reconciler.add(
             Lookup(
                 job.id,
@@ -468,7 +472,7 @@ class Runner:
                 since,
                 cause,
                 recorded_wall=recorded,
-                other_key=other,
+                other_key=self._other_key(st),
             )
         )
 
@@ -536,20 +540,13 @@ class Runner:
         self._close(job.id)
 
     async def _leave_uncertain(self, job: Job, reason: str, cause: Cause) -> None:
+        """Record the look-up's verdict. Its kind is the cause the next look-up starts from
+        (lookup_cause): what the POST met (a crash, a 5xx, no answer), or no_answer once the
+        logs showed the request made; a later run's verdict is what the summary says."""
         st = self.ledger.state(job.id)
-        if st.status == "submitting":
-            # A crash's kind stays "crash": the night its logs can be read (with the key that
-            # sent it), absence means it was never created, as for a crash looked up at once.
-            kind = "crash" if cause == "crash" else "no_answer"
-            await self.ledger.record("uncertain", job.id, kind=kind, message=reason)
-        elif st.status == "uncertain" and (st.error is None or st.error.message != reason):
-            # Again uncertain after a later run's look-up: its verdict is what the summary and
-            # results.json say. Only the words change: the kind says what the POST met (a 5xx,
-            # or no answer), which decides what a later absence from the logs means (_cause);
-            # once the logs showed it made, it is no_answer for good.
-            kind = st.error.kind if st.error is not None else "no_answer"
-            kind = "no_answer" if cause == "no_answer" else kind
-            await self.ledger.record("uncertain", job.id, kind=kind, message=reason)
+        again = st.status == "uncertain" and (st.error is None or st.error.message != reason)
+        if st.status == "submitting" or again:
+            await self.ledger.record("uncertain", job.id, kind=cause, message=reason)
         self._release(job.id)
         self._close(job.id)
 
@@ -611,8 +608,7 @@ class Runner:
             why = f"the API no longer knows it: {error.message}"
         else:
             why = f"the API refuses to report on it: {error.message}"
-        sent_with = self.ledger.state(tracked.job_id).account
-        if sent_with and self.account and sent_with != self.account:
+        if sent_with := self._other_key(self.ledger.state(tracked.job_id)):
             # Not "lost": --retry-failed would pay for one that exists. Polled again by the
             # next run, which finds it if its key is the one that created it.
             why += (
@@ -897,7 +893,9 @@ def _kept_cause(lookup: Lookup, decision: Decision) -> Cause:
     return "no_answer" if decision.seen else lookup.cause
 
 
-def _cause(state: JobState) -> Cause:
+def lookup_cause(state: JobState) -> Cause:
+    """What an uncertain job's POST met, as its recorded kind says: after a crash or a 5xx
+    absence from the usage logs proves it never created anything; after no answer it does not."""
     kind = state.error.kind if state.error else ""
     if kind == "server_error":
         return "server_error"

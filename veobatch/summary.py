@@ -16,7 +16,7 @@ from .jobs import Job
 from .ledger import STATUSES, JobState
 from .logfmt import one_line
 from .outcome import RunExtras
-from .runner import RunReport
+from .runner import RunReport, lookup_cause
 from .scheduler import CATEGORIES, Action, JobPlan, category, plan_job, will_remake
 
 
@@ -289,9 +289,8 @@ def rerun_action(
     stand_in = Job(state.id, {})  # unread: with no key on the state, nothing compares it
     plan = plan_job(stand_in, replace(state, key=None), out_dir, retry_failed=retry_failed)
     reason = plan.reason
-    kind = state.error.kind if state.error is not None else ""
     if plan.action is Action.LOOKUP and state.status == "uncertain":
-        if kind in ("crash", "server_error"):  # absence is proof for these (runner._cause)
+        if lookup_cause(state) != "no_answer":  # absence from the logs is proof for these
             reason += "; if absent from its key's usage logs: submitted again"
         else:
             reason += (
