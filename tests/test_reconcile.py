@@ -29,6 +29,10 @@ OK = LogEntry("c", "gen-1", "succeeded")
 FAILED = LogEntry("c", None, "failed")
 
 
+# Read in full, with a 60 s grace, in logs that show later requests: absence counts.
+READ: dict[str, Any] = {"grace_s": 60, "searched_all": True, "later_logged": True}
+
+
 def lk(cause: Cause = "server_error", since: float = 1000.0) -> Lookup:
     return Lookup("job", "c", "google/veo-3.1-t2v", since, cause)
 
@@ -54,7 +58,8 @@ def lk(cause: Cause = "server_error", since: float = 1000.0) -> Lookup:
 def test_verdicts(
     cause: Cause, entry: LogEntry | None, now: float, searched_all: bool, verdict: Verdict
 ) -> None:
-    d = decide(lk(cause), entry, waited_s=now - 1000, grace_s=60, searched_all=searched_all)
+    read = {**READ, "searched_all": searched_all}
+    d = decide(lk(cause), entry, waited_s=now - 1000, **read)
     assert d.verdict is verdict
     if verdict is Verdict.ADOPT:
         assert d.generation_id == "gen-1"
@@ -63,22 +68,18 @@ def test_verdicts(
 @pytest.mark.parametrize("cause", ["server_error", "crash", "no_answer"])
 def test_absence_from_another_keys_logs_proves_nothing(cause: Cause) -> None:
     other = Lookup("job", "c", "m", 1000.0, cause, other_key="1a2b3c4d")
-    d = decide(other, None, waited_s=61, grace_s=60, searched_all=True)
+    d = decide(other, None, waited_s=61, **READ)
     assert d.verdict is Verdict.UNCERTAIN and "another API key (fingerprint 1a2b3c4d)" in d.reason
-    assert decide(other, None, waited_s=1, grace_s=60, searched_all=True).verdict is Verdict.WAIT
-    assert decide(other, OK, waited_s=61, grace_s=60, searched_all=True).verdict is Verdict.ADOPT
-    assert decide(other, FAILED, waited_s=61, grace_s=60, searched_all=True).verdict is (
-        Verdict.RESUBMIT
-    )
+    assert decide(other, None, waited_s=1, **READ).verdict is Verdict.WAIT
+    assert decide(other, OK, waited_s=61, **READ).verdict is Verdict.ADOPT
+    assert decide(other, FAILED, waited_s=61, **READ).verdict is (Verdict.RESUBMIT)
 
 
 def test_grace_runs_from_the_answer_not_from_the_search_start() -> None:
     # The search reaches back a request timeout (60 s) before the answer at 1060.
     lookup = Lookup("job", "c", "m", 1000.0, "server_error", recorded_wall=1060.0)
-    assert decide(lookup, None, waited_s=1, grace_s=60, searched_all=True).verdict is (Verdict.WAIT)
-    assert decide(lookup, None, waited_s=61, grace_s=60, searched_all=True).verdict is (
-        Verdict.RESUBMIT
-    )
+    assert decide(lookup, None, waited_s=1, **READ).verdict is (Verdict.WAIT)
+    assert decide(lookup, None, waited_s=61, **READ).verdict is (Verdict.RESUBMIT)
 
 
 def test_rate_budget_keeps_to_the_window() -> None:
@@ -93,16 +94,31 @@ def test_rate_budget_keeps_to_the_window() -> None:
     assert budget.wait_s() == 0
 
 
+# A row stamped long after every look-up of these tests: the logs have caught up past them.
+LATER = LogEntry("later", "gen-later", "succeeded", created=10**9)
+
+
 class PagedLogs:
-    def __init__(self, entries: list[LogEntry], fail: bool = False) -> None:
+    """Pages of ``entries``, newest first; the probe for the newest row of any model (limit 1,
+    no model) is answered with ``newest`` and counted apart in ``probes``."""
+
+    def __init__(
+        self, entries: list[LogEntry], fail: bool = False, newest: LogEntry | None = LATER
+    ) -> None:
         self.entries = entries
         self.calls: list[dict[str, Any]] = []
+        self.probes: list[dict[str, Any]] = []
         self.fail = fail
+        self.newest = newest
 
     async def logs(self, **kw: Any) -> LogPage:
-        self.calls.append(kw)
         if self.fail:
+            self.calls.append(kw)
             raise ServerError("HTTP 503")
+        if kw["limit"] == 1 and not kw["models"]:
+            self.probes.append(kw)
+            return LogPage([self.newest] if self.newest else [], False)
+        self.calls.append(kw)
         off, lim = kw["offset"], kw["limit"]
         return LogPage(self.entries[off : off + lim], off + lim < len(self.entries))
 
@@ -300,11 +316,11 @@ async def test_look_ups_months_apart_are_searched_in_windows_the_logs_accept() -
 def test_unreadable_logs_get_a_minute_even_with_no_grace() -> None:
     # --logs-grace 0: absence counts at once, but logs that refused (a 429 after a restart)
     # said nothing; 71 look-ups turned uncertain on one refusal.
-    unread = {"grace_s": 0, "searched_all": False}
+    unread = {"grace_s": 0, "searched_all": False, "later_logged": True}
     assert decide(lk(since=1000), None, waited_s=30, **unread).verdict is Verdict.WAIT
     assert decide(lk(since=1000), None, waited_s=61, **unread).verdict is Verdict.UNCERTAIN
     assert (
-        decide(lk(since=1000), None, waited_s=1, grace_s=0, searched_all=True).verdict
+        decide(lk(since=1000), None, waited_s=1, **{**READ, "grace_s": 0}).verdict
         is Verdict.RESUBMIT
     )
 
@@ -330,3 +346,94 @@ async def test_a_wall_clock_step_back_still_searches_up_to_the_request() -> None
     got = await _sweep(api, [Lookup("job", "c", "m", 10_000.0, "server_error")], now=9_400.0)
     assert api.calls[0]["end"].timestamp() >= 10_000
     assert [d.verdict for _, d in got] == [Verdict.ADOPT]
+
+
+@pytest.mark.parametrize("cause", ["server_error", "crash"])
+def test_absence_counts_only_once_the_logs_show_a_later_request(cause: Cause) -> None:
+    # Logs lagging past the grace showed nothing yet: resubmitted at 60 s, 131 of 2,000 jobs
+    # were paid twice. Absence proves nothing until a later request is logged.
+    def at(waited: float, later: bool) -> Decision:
+        return decide(
+            lk(cause), None, waited_s=waited, grace_s=60, searched_all=True, later_logged=later
+        )
+
+    assert at(61, later=True).verdict is Verdict.RESUBMIT
+    assert at(61, later=False).verdict is Verdict.WAIT
+    assert at(599, later=False).verdict is Verdict.WAIT
+    d = at(601, later=False)  # ten graces: a lag that long is past what the grace allows
+    assert d.verdict is Verdict.RESUBMIT and "ten times their grace" in d.reason
+    assert decide(
+        lk("no_answer"), None, waited_s=61, grace_s=60, searched_all=True, later_logged=True
+    ).verdict is (Verdict.UNCERTAIN)
+
+
+async def test_logs_that_show_nothing_later_prove_absence_only_after_ten_graces() -> None:
+    api = PagedLogs([], newest=None)  # nothing logged at all: the logs lag behind everything
+    now = [1000.0]
+    rec, got = _reconciler(api, lambda: now[0])
+    rec.add(Lookup("job", "c", "m", 1000.0, "server_error"))
+    for t in (1061.0, 1300.0, 1599.0):
+        now[0] = t
+        await rec.sweep()
+        assert got == []
+    now[0] = 1601.0
+    await rec.sweep()
+    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.RESUBMIT)]
+    assert api.probes and all(p["models"] == [] and p["limit"] == 1 for p in api.probes)
+
+
+async def test_a_row_of_a_create_sent_after_the_look_up_proves_the_logs_caught_up() -> None:
+    # Clock-free: this process sent it after the 5xx was answered, and it is logged.
+    now = [1000.0]
+    api = PagedLogs([], newest=LogEntry("before", "g0", "succeeded", created=1000.0))
+    rec, got = _reconciler(api, lambda: now[0])
+    rec.note_sent("before")  # sent while no look-up was open
+    rec.add(Lookup("job", "c", "m", 1000.0, "server_error", recorded_wall=1000.0))
+    now[0] = 1061.0
+    await rec.sweep()
+    assert got == []  # the newest row is a request older than the look-up's answer
+    rec.note_sent("after")
+    api.newest = LogEntry("after", "g1", "succeeded", created=1001.0)  # skew: stamped "early"
+    await rec.sweep()
+    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.RESUBMIT)]
+    assert "though they show later requests" in got[0][1].reason
+    assert rec._sent == {}  # nothing open: the order of creates is not kept
+
+
+async def test_a_row_stamped_within_the_clock_margin_proves_nothing() -> None:
+    now = [1000.0]
+    api = PagedLogs([], newest=LogEntry("someone", "g", "succeeded", created=1000.0 + 299))
+    rec, got = _reconciler(api, lambda: now[0])
+    rec.add(Lookup("job", "c", "m", 1000.0, "crash", recorded_wall=1000.0))
+    now[0] = 1061.0
+    await rec.sweep()
+    assert got == []
+    api.newest = LogEntry("someone", "g2", "succeeded", created=1000.0 + 301)
+    await rec.sweep()
+    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.RESUBMIT)]
+
+
+async def test_no_probe_where_absence_decides_nothing() -> None:
+    # Unanswered, another key's, or still in its grace: the newest row would not be used.
+    api = PagedLogs([])
+    rec, _ = _reconciler(api, lambda: 1030.0)
+    rec.add(Lookup("a", "ca", "m", 1000.0, "no_answer"))
+    rec.add(Lookup("b", "cb", "m", 1000.0, "crash", other_key="1a2b3c4d"))
+    rec.add(Lookup("c", "cc", "m", 1000.0, "server_error"))
+    await rec.sweep()
+    assert api.probes == []
+
+
+async def test_a_refused_probe_reads_nothing_and_waits_its_retry_after() -> None:
+    class LimitedProbe(PagedLogs):
+        async def logs(self, **kw: Any) -> LogPage:
+            if kw["limit"] == 1:
+                self.probes.append(kw)
+                raise RateLimitedError("HTTP 429", retry_after_s=30.0)
+            return await super().logs(**kw)
+
+    api = LimitedProbe([])
+    rec, got = _reconciler(api, lambda: 1061.0)
+    rec.add(Lookup("job", "c", "m", 1000.0, "server_error"))
+    await rec.sweep()
+    assert got == [] and api.calls == [] and rec.pause_s() == pytest.approx(30.0)

@@ -66,3 +66,20 @@ async def test_odd_statuses_are_read_as_running_and_every_job_finishes(tmp_path:
         assert st.file is not None
         with av.open(str(out / st.file)) as container:
             assert container.streams.video, job.id
+
+
+async def test_logs_lagging_past_the_grace_never_make_a_5xx_pay_twice(tmp_path: Path) -> None:
+    # Usage logs 1.5 s behind, a grace of 0.2 s: absence was taken for "never created" and
+    # each create answered 5xx after creating was made again (2,131 creates for 2,000 jobs in
+    # a soak with logs 90 s late). Absence now counts only in logs that show later requests.
+    m = mixed_manifest(16, tmp_path)
+    out = tmp_path / "out"
+    faults = Faults(seed=3, create_5xx_after=0.3, logs_delay_s=1.5)
+    async with Simulator(quick(faults)) as sim:
+        settings = fast_settings(out, sim.base_url, logs_grace_s=0.2, lookup_interval_s=0.1)
+        report = await run(m, settings)
+        created = sim.stats.creates_ok
+    assert created == 16, f"{created} generations created for 16 jobs"
+    assert report.adopted >= 3  # the fault did strike, and each was found in the logs
+    assert report.exit_code == 0 and report.counts == {"done": 16}
+    assert report.risked_duplicates == 0

@@ -90,6 +90,8 @@ class LogEntry:
     client_request_id: str | None
     inference_id: str | None
     status: str  # "succeeded" or "failed"
+    # When the API says the request was made (epoch seconds, its clock); None if unreadable.
+    created: float | None = None
 
 
 @dataclass(frozen=True)
@@ -304,6 +306,7 @@ def parse_log_page(text: str) -> LogPage:
             client_request_id=_opt_str(row.get("client_request_id")),
             inference_id=_opt_str(row.get("inference_id")),
             status=str(row.get("status") or ""),
+            created=_epoch(row.get("created")),
         )
         for row in rows
         if isinstance(row, Mapping)
@@ -311,6 +314,19 @@ def parse_log_page(text: str) -> LogPage:
     pagination = doc.get("pagination")
     has_more = bool(pagination.get("has_more")) if isinstance(pagination, Mapping) else False
     return LogPage(entries, has_more)
+
+
+def _epoch(value: Any) -> float | None:
+    """An ISO-8601 time as epoch seconds (UTC when it names no offset); None if unreadable."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
 
 
 def _opt_str(value: Any) -> str | None:

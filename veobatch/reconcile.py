@@ -8,8 +8,15 @@ within the endpoint's own rate limit, and decides:
 
 - logged as succeeded → adopt its generation id and poll it (nothing is paid twice);
 - logged as failed → nothing was created: submit again;
-- not logged after a grace period → after a 5xx or a crash, submit again (the API's advice);
-  after a request that went unanswered, the job is ``uncertain``.
+- not logged after a grace period, in logs that already show a request made after it, or after
+  ten graces → after a 5xx or a crash, submit again (the API's advice); after a request that
+  went unanswered, the job is ``uncertain``. Logs that show nothing later may lag behind more
+  than the grace: absence from them proves nothing until ten graces have passed.
+
+The logs list requests newest first, and a row shows up once the request is logged. A row of a
+request made after ours (one this process sent after ours was answered, or one stamped later
+than ours by more than any clock skew) shows the logs have caught up past ours: that is the
+evidence absence needs. One ``limit=1`` read per sweep asks for the newest row.
 
 Pure core: :func:`decide`, :class:`RateBudget`. Shell: :class:`Reconciler`.
 """
@@ -89,9 +96,11 @@ def decide(
     waited_s: float,
     grace_s: float,
     searched_all: bool,
+    later_logged: bool,
 ) -> Decision:
     """What the logs say about one attempt, ``waited_s`` after its last record. Absence counts
-    only once the logs had time to catch up and the whole window was read."""
+    only once the logs had time to catch up, the whole window was read, and the logs were seen
+    holding a request made after this one (``later_logged``) before that read began."""
     if entry is not None and entry.status == "succeeded" and entry.inference_id:
         return Decision(Verdict.ADOPT, "found in the usage logs", entry.inference_id)
     if entry is not None and entry.status == "failed":
@@ -119,9 +128,25 @@ def decide(
         return Decision(
             Verdict.UNCERTAIN, f"sent, unanswered, and not in the usage logs after {waited_s:.0f}s"
         )
+    if later_logged:
+        return Decision(
+            Verdict.RESUBMIT,
+            f"not in the usage logs after {waited_s:.0f}s, though they show later requests:"
+            " it was never created",
+        )
+    # Logs lagging more than the grace made each such 5xx a second payment: with nothing later
+    # logged, absence counts only after ten graces (a crash of an earlier night is long past).
+    if waited_s < 10 * grace_s:
+        return Decision(Verdict.WAIT, "the usage logs show no request made after it yet")
     return Decision(
-        Verdict.RESUBMIT, f"not in the usage logs after {waited_s:.0f}s: it was never created"
+        Verdict.RESUBMIT,
+        f"not in the usage logs after {waited_s:.0f}s, ten times their grace: it was never created",
     )
+
+
+def made_after(entry: LogEntry, lookup: Lookup) -> bool:
+    """The row's request was made after the look-up's, whatever the two clocks' skew."""
+    return entry.created is not None and entry.created > lookup.settled_wall + CLOCK_MARGIN_S
 
 
 def window_groups(lookups: list[Lookup]) -> list[dict[str, Lookup]]:
@@ -190,11 +215,27 @@ class Reconciler:
         # Where passes cut short by the page cap stopped, by window.
         self._cursors: dict[tuple[float, float, tuple[str, ...]], _Cursor] = {}
         self._not_before = -math.inf  # a 429's or 503's Retry-After, on ``clock``
+        # The order of this process's creates (note_sent), kept only while a look-up is open:
+        # a row of one sent after a look-up was opened shows the logs caught up past it.
+        self._sends = 0
+        self._sent: dict[str, int] = {}
+        self._after: dict[str, int] = {}  # per open look-up: creates sent before it opened
+        self._pruned_to = 0
+        # Per open look-up: when the logs were first seen holding a request made after it.
+        self._later_seen_at: dict[str, float] = {}
+
+    def note_sent(self, client_request_id: str) -> None:
+        """A create is about to leave: its row, once logged, vouches for every look-up opened
+        before it."""
+        self._sends += 1
+        if self._open:
+            self._sent[client_request_id] = self._sends
 
     def add(self, lookup: Lookup) -> None:
         age = max(0.0, self._wall() - lookup.settled_wall)
         self._settled_at[lookup.client_request_id] = self._clock() - age
         self._open[lookup.client_request_id] = lookup
+        self._after[lookup.client_request_id] = self._sends
         self._wake.set()
 
     async def run(self) -> None:
@@ -209,11 +250,17 @@ class Reconciler:
 
     async def sweep(self) -> None:
         """Read the logs once for every open lookup and act on what is settled."""
+        self._prune()
         for group in window_groups(list(self._open.values())):
             await self._sweep(group)
+        if not self._open:
+            self._sent.clear()
 
     async def _sweep(self, lookups: dict[str, Lookup]) -> None:
-        found, searched_all, started = await self._search(lookups)
+        if await self._probe(lookups):
+            found, searched_all, started = await self._search(lookups)
+        else:  # the logs refused: unread, as if the search had failed
+            found, searched_all, started = {}, False, self._clock()
         now = self._clock()
         for crid, lookup in lookups.items():
             settled = self._settled_at[crid]
@@ -226,11 +273,16 @@ class Reconciler:
                 waited_s=now - settled,
                 grace_s=self._grace_s,
                 searched_all=searched_all and caught_up,
+                # Seen before this pass began: a row logged during a pass may land among rows
+                # it has already read.
+                later_logged=self._later_seen_at.get(crid, math.inf) <= started,
             )
             if d.verdict is Verdict.WAIT:
                 continue
             del self._open[crid]
             del self._settled_at[crid]
+            del self._after[crid]
+            self._later_seen_at.pop(crid, None)
             log.info("lookup job=%s verdict=%s: %s", lookup.job_id, d.verdict.value, d.reason)
             await self._on_decision(lookup, d)
 
@@ -291,6 +343,61 @@ class Reconciler:
         assert started is not None  # set by the first page
         self._keep(_Cursor(window, crids, offset, found, started))
         return found, False, started
+
+    async def _probe(self, lookups: dict[str, Lookup]) -> bool:
+        """Read the newest row of the logs (any model), and note which of these look-ups it
+        shows the logs have caught up past. Only for look-ups whose absence would be acted on,
+        once their grace is over. False when the logs refused."""
+        now = self._clock()
+        waiting = [
+            lk
+            for crid, lk in lookups.items()
+            if crid not in self._later_seen_at
+            and lk.cause != "no_answer"
+            and lk.other_key is None
+            and now - self._settled_at[crid] >= self._grace_s
+        ]
+        if not waiting:
+            return True
+        wall = self._wall()
+        start = max(min(lk.since_wall for lk in waiting) - CLOCK_MARGIN_S, wall - MAX_WINDOW_S)
+        await anyio.sleep(self.pause_s())
+        probed = self._clock()
+        self._budget.take()
+        try:
+            page = await self._api.logs(
+                start=datetime.fromtimestamp(start, UTC),
+                end=datetime.fromtimestamp(max(wall, start) + CLOCK_MARGIN_S, UTC),
+                models=[],
+                offset=0,
+                limit=1,
+            )
+        except AuthError as exc:
+            exc.message = f"{exc.message} (to the usage-logs look-up, GET {LOGS_PATH})"
+            raise
+        except ApiError as exc:
+            log.warning("usage logs unavailable: %s", exc.message)
+            if exc.retry_after_s:
+                self._not_before = self._clock() + exc.retry_after_s
+            return False
+        if not page.entries:
+            return True
+        newest = page.entries[0]
+        order = self._sent.get(newest.client_request_id or "", 0)
+        for lk in waiting:
+            crid = lk.client_request_id
+            if order > self._after[crid] or made_after(newest, lk):
+                self._later_seen_at[crid] = probed
+        return True
+
+    def _prune(self) -> None:
+        """Forget creates sent before every open look-up: they vouch for none of them."""
+        if not self._after:
+            return
+        floor = min(self._after.values())
+        if floor > self._pruned_to and len(self._sent) > 1024:
+            self._sent = {c: n for c, n in self._sent.items() if n > floor}
+            self._pruned_to = floor
 
     def pause_s(self) -> float:
         """How long the next page must wait: for the rate budget, and for a Retry-After."""

@@ -193,6 +193,7 @@ class Runner:
             yield_slot=self._yield_slot,
             clock=self.clock,
             account=self.account,
+            on_sent=lambda crid: self.reconciler.note_sent(crid),
         )
         self.reconciler = Reconciler(
             self.api,

@@ -391,6 +391,9 @@ class Submitter:
     refused_since: float | None = None
     gave_up: str | None = None  # why this run submits nothing more
     account: str | None = None  # the API key's fingerprint, recorded with each intent
+    # Told each create's client request id as it leaves, after its intent is on disk: the
+    # usage-logs look-ups take a logged row of a later create as proof the logs caught up.
+    on_sent: Callable[[str], None] = lambda crid: None
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Submit until the outcome is known; waits between tries can be cancelled."""
@@ -471,6 +474,7 @@ class Submitter:
             req=compact_request(job.request),
             **account,
         )
+        self.on_sent(crid)
         try:
             created = await self.api.create(job.request, client_request_id=crid)
         except (NotSentError, RateLimitedError) as exc:
