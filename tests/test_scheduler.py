@@ -448,6 +448,21 @@ def test_a_new_job_asking_what_a_removed_one_got_is_said_to_be_paid_again(
     assert plan_run([renamed, other, Job("beta", renamed.request)], states, tmp_path)[1] == []
 
 
+@pytest.mark.parametrize("status", ["uncertain", "submitting"])
+def test_a_new_job_asking_what_a_removed_uncertain_one_asked_is_said_too(
+    tmp_path: Path, status: str
+) -> None:
+    # Its POST may have made the video: under the new id it is paid for again regardless.
+    renamed = Job("beta-2", {"model": "google/veo-3.1-t2v", "prompt": "b"})
+    states = {"beta": JobState("beta", status, key=renamed.key, client_request_id="vb:beta:1:x")}
+    _, warnings = plan_run([renamed], states, tmp_path)
+    assert warnings[-1] == (
+        f"job 'beta-2' asks exactly what 'beta' in the ledger asked ({status}: its POST may have"
+        " created a generation): renamed? As it is, it is generated and paid for again; give it"
+        " back the id 'beta' to have it looked up instead"
+    )
+
+
 async def test_a_5xx_asking_for_rest_holds_every_submission_until_then(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

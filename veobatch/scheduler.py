@@ -154,14 +154,20 @@ def renamed_notes(
     of a request may be wanted."""
     earlier: dict[str, JobState] = {}
     for st in states.values():
-        if st.id not in listed and st.key and st.status in ("done", "submitted", "completed"):
+        if st.id not in listed and st.key and st.status in _PAID_OR_MAYBE:
             earlier.setdefault(st.key, st)
     for p in plans:
         if p.state.status == "pending" and (was := earlier.get(p.job.key)) is not None:
+            if was.status in _MAY_EXIST:  # its POST's outcome is unknown: it may have been made
+                got = f"asked ({was.status}: its POST may have created a generation)"
+                keep = "to have it looked up instead"
+            else:
+                got = f"got ({was.status}, generation {was.generation_id})"
+                keep = "to keep that video instead"
             yield (
-                f"job {p.job.id!r} asks exactly what {was.id!r} in the ledger got ({was.status},"
-                f" generation {was.generation_id}): renamed? As it is, it is generated and paid"
-                f" for again; give it back the id {was.id!r} to keep that video instead"
+                f"job {p.job.id!r} asks exactly what {was.id!r} in the ledger {got}: renamed?"
+                f" As it is, it is generated and paid for again; give it back the id {was.id!r}"
+                f" {keep}"
             )
 
 
@@ -210,6 +216,7 @@ def _repollable(st: JobState) -> bool:
 
 
 _MAY_EXIST = frozenset({"submitting", "uncertain"})  # a POST may have created a generation
+_PAID_OR_MAYBE = frozenset({"done", "submitted", "completed"}) | _MAY_EXIST
 
 
 def removed_note(removed: Sequence[JobPlan], unsettled: Sequence[str]) -> str | None:
