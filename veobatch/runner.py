@@ -364,15 +364,18 @@ class Runner:
         outcome = SubmitOutcome.STOPPED
         try:
             if self.stop_submitting:  # a resubmission that waited out a stop: nothing to reserve
+                await self._settle_unsent(job, risked, "submissions stopped before it was resent")
                 return
             if not self.budget.reserve(job, again=risked):  # a resubmission after a lookup
                 self._over_budget(job)
-                await self._settle_refused(job, risked)
+                await self._settle_unsent(job, risked, "held back by the cost limit")
                 return
             if risked:
                 self.risked_duplicates += 1
             await self._prepare_new_generation(job)
             outcome = await self.submitter.submit(job)
+            if outcome is SubmitOutcome.STOPPED:  # stopped before its POST: as above
+                await self._settle_unsent(job, risked, "submissions stopped before it was resent")
             if self.submitter.gave_up is not None:
                 self.stop_submitting = True  # the slots waiting must not send one more
         except AuthError as exc:
@@ -387,15 +390,16 @@ class Runner:
                 self._release(job.id)
                 self._close(job.id)
 
-    async def _settle_refused(self, job: Job, risked: bool) -> None:
-        """A crash look-up's job that the limit refused: say on record what may exist."""
-        if self.ledger.state(job.id).status != "submitting":
-            return
+    async def _settle_unsent(self, job: Job, risked: bool, why: str) -> None:
+        """A look-up's job not sent again after all (the cost limit, a stop): say on record
+        what may exist, not what its last POST met before the look-up settled it."""
+        status = self.ledger.state(job.id).status
+        if status not in ("submitting", "uncertain"):
+            return  # a job's first submission: nothing was sent
         if risked or job.id in self.maybe_billed:
-            await self.ledger.record(
-                "uncertain", job.id, kind="no_answer", message="held back by the cost limit"
-            )
-        else:  # the look-up proved nothing was created: back to pending, held back
+            if status == "submitting":  # an uncertain one keeps its look-up's words
+                await self.ledger.record("uncertain", job.id, kind="no_answer", message=why)
+        else:  # the look-up proved nothing was created: back to never sent
             await self.ledger.record("unsent", job.id)
 
     async def _prepare_new_generation(self, job: Job) -> None:
@@ -513,11 +517,11 @@ class Runner:
             else:
                 await self._fail(job.id, "submit_failed", why)
             return
-        if risked:
+        if risked and not self.stop_submitting:
             log.warning("resubmitting uncertain job=%s: may be paid twice", job.id)
         delay = (
             0.0
-            if lookup.cause == "crash"
+            if lookup.cause == "crash" or self.stop_submitting  # a stop settles it at once
             else backoff_delay_s(
                 attempts, self.settings.backoff_base_s, self.settings.backoff_max_s, self.rng
             )
