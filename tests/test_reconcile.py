@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -102,7 +103,7 @@ class PagedLogs:
     async def logs(self, **kw: Any) -> LogPage:
         self.calls.append(kw)
         if self.fail:
-            raise ServerError("HTTP 503")
+            raise ServerError("HTTP 503", status=503)
         off, lim = kw["offset"], kw["limit"]
         return LogPage(self.entries[off : off + lim], off + lim < len(self.entries))
 
@@ -330,3 +331,27 @@ async def test_a_wall_clock_step_back_still_searches_up_to_the_request() -> None
     got = await _sweep(api, [Lookup("job", "c", "m", 10_000.0, "server_error")], now=9_400.0)
     assert api.calls[0]["end"].timestamp() >= 10_000
     assert [d.verdict for _, d in got] == [Verdict.ADOPT]
+
+
+async def test_logs_down_for_a_while_are_a_few_lines_not_one_per_sweep(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A sweep every 5 s for 500 s of an outage: 100 warnings; now the first, a summary a
+    # window, and one line when the logs can be read again.
+    now = [1000.0]
+    api = PagedLogs([], fail=True)
+    rec, _ = _reconciler(api, lambda: now[0])
+    rec.add(lk("no_answer", since=990))
+    with caplog.at_level(logging.INFO, logger="veobatch.reconcile"):
+        for _ in range(100):
+            await rec.sweep()
+            now[0] += 5
+        api.fail = False
+        await rec.sweep()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said[0] == "usage logs unavailable: HTTP 503"
+    assert said[1] == (
+        "usage-logs read failures window=30s failed=6 succeeded=0: HTTP 503 ×6; look-ups wait"
+    )
+    assert len(said) == 1 + 16 + 1
+    assert said[-1] == "usage-logs reads succeed again after=500s failed=100: HTTP 503 ×100"

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -29,6 +30,7 @@ from veobatch.errors import (
     LockedError,
     NoAnswerError,
     NotFoundError,
+    NotSentError,
     RateLimitedError,
     ServerError,
 )
@@ -468,6 +470,28 @@ async def test_lost_answer_after_creation_is_adopted_from_logs(
     assert len(api.created) == 3 and report.adopted == 2
 
 
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (NotSentError("POST /v2/video/generations: could not connect: OSError"), "submit retry"),
+        (ServerError("HTTP 503: unavailable", status=503), "submission outcome unknown"),
+    ],
+)
+async def test_a_create_outage_is_a_few_lines_not_one_per_attempt(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception, line: str
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error, api.errors_left = error, 40  # nothing created by these
+    s = settings(tmp_path, concurrency=4, submit_retries=100)
+    with caplog.at_level(logging.DEBUG, logger="veobatch"):
+        report = await run(manifest(8, tmp_path), s, api=api)
+    assert report.exit_code == 0 and len(api.created) == 8
+    attempts = [r for r in caplog.records if r.getMessage().startswith(line)]
+    assert len(attempts) == 40 and sum(r.levelno > logging.DEBUG for r in attempts) == 1
+    (end,) = [r.getMessage() for r in caplog.records if "succeed again" in r.getMessage()]
+    assert re.match(r"submissions succeed again after=\d+s failed=40: ", end)
+
+
 async def test_logs_that_lag_get_their_grace_after_the_answer(cdn: str, tmp_path: Path) -> None:
     # The search starts a request timeout before the answer; the grace must not start there
     # too, or it is used up before the first sweep and a created job is paid for twice.
@@ -800,6 +824,42 @@ async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -
     async with serve(app) as base:
         report = await run(manifest(1, tmp_path), settings(tmp_path), api=Expiring(base, 1))
     assert report.exit_code == 0 and served == ["stale", "fresh"]
+
+
+async def test_video_urls_expiring_by_the_thousand_are_not_a_warning_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every URL handed out has expired by the time its download starts (downloads queue
+    # behind a slow host): one warning a job was thousands. The first is said, the rest counted.
+    async def video(request: web.Request) -> web.Response:
+        return (
+            web.Response(status=410)
+            if request.query.get("v") == "stale"
+            else web.Response(body=MP4)
+        )
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+
+    class Expiring(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            g = await super().fetch(generation_id)
+            fresh = "fresh" if self.polls[generation_id] > 1 else "stale"
+            return replace(g, video_url=f"{g.video_url}?v={fresh}") if g.video_url else g
+
+    async with serve(app) as base:
+        with caplog.at_level(logging.DEBUG, logger="veobatch"):
+            s = settings(tmp_path, concurrency=20)
+            report = await run(manifest(20, tmp_path), s, api=Expiring(base, 1))
+    assert report.exit_code == 0 and report.counts == {"done": 20}
+    refused = [r for r in caplog.records if "fresh URL" in r.getMessage()]
+    assert len(refused) == 20 and [r.levelno for r in refused].count(logging.WARNING) == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warned = [w for w in warned if not w.startswith("video differs")]  # the fake's bytes
+    assert len(warned) <= 3, warned
+    told = " ".join(warned)  # what the lines after the first add up to: all 20
+    counts = [int(n) for n in re.findall(r"failed=(\d+)", told)]
+    assert sum(counts) == 20 and "video host answered 410: the URL has expired ×" in told
 
 
 def dead_host() -> str:

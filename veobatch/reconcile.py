@@ -30,6 +30,7 @@ import anyio
 
 from .client import LOGS_PATH, ApiClient, LogEntry
 from .errors import ApiError, AuthError
+from .outage import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,10 @@ class Reconciler:
         # Where passes cut short by the page cap stopped, by window.
         self._cursors: dict[tuple[float, float, tuple[str, ...]], _Cursor] = {}
         self._not_before = -math.inf  # a 429's or 503's Retry-After, on ``clock``
+        # Logs down for an hour would fail a sweep every few seconds: counted, not a line each.
+        self.failures = OutageLog(
+            log, "usage-logs read", "usage-logs reads succeed again", "look-ups wait", clock=clock
+        )
 
     def add(self, lookup: Lookup) -> None:
         age = max(0.0, self._wall() - lookup.settled_wall)
@@ -276,12 +281,13 @@ class Reconciler:
                 exc.message = f"{exc.message} (to the usage-logs look-up, GET {LOGS_PATH})"
                 raise
             except ApiError as exc:
-                log.warning("usage logs unavailable: %s", exc.message)
+                self.failures.failed(exc, "usage logs unavailable: %s", exc.message)
                 if exc.retry_after_s:  # asked by the API itself: every later page waits too
                     self._not_before = self._clock() + exc.retry_after_s
                 if offset:  # a pass with nothing read yet begins again, when it reads
                     self._keep(_Cursor(window, crids, offset, found, started))
                 return found, False, started
+            self.failures.succeeded()
             for entry in page.entries:
                 if entry.client_request_id in lookups:
                     found.setdefault(entry.client_request_id, entry)

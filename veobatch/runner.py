@@ -43,6 +43,7 @@ from .ledger import (
     Ledger,
     ResultsWriter,
 )
+from .outage import OutageLog
 from .poller import Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .schedule import DurationModel
@@ -173,6 +174,11 @@ class Runner:
             sock_read=self.settings.request_timeout_s,
         )
         self.poller = Poller(self.api, self, self.settings.poll, clock=self.clock, rng=self.rng)
+        # A video host down, or URLs expiring while downloads queue: a line per job would bury
+        # the log, so failures are counted and summed up (the jobs that fail are said each).
+        self.download_failures = OutageLog(
+            log, "download", "downloads succeed again", "downloads continue", clock=self.clock
+        )
         self.to_download: MemoryObjectSendStream[tuple[str, str]]
         self.downloads: MemoryObjectReceiveStream[tuple[str, str]]
         self.to_download, self.downloads = anyio.create_memory_object_stream[tuple[str, str]](
@@ -213,8 +219,20 @@ class Runner:
         self.remake = {p.job.id for p in plans if will_remake(p)}
         self.open = {p.job.id for p in plans if p.action not in _IDLE}
         with self.to_download, self.downloads:
-            if self.open:
-                await self._execute(plans)
+            try:
+                if self.open:
+                    await self._execute(plans)
+            finally:  # what the logs have not told of the failures counted in silence
+                for failures in self._failure_logs():
+                    failures.flush()
+
+    def _failure_logs(self) -> tuple[OutageLog, ...]:
+        return (
+            self.submitter.failures,
+            self.poller.failures,
+            self.download_failures,
+            self.reconciler.failures,
+        )
 
     async def _execute(self, plans: list[JobPlan]) -> None:
         async with anyio.create_task_group() as tg:
@@ -678,9 +696,11 @@ class Runner:
                     return await self._fail(job_id, "download", exc.message)
                 delay = backoff_delay_s(attempt, s.backoff_base_s, s.backoff_max_s, self.rng)
                 delay = max(delay, exc.retry_after_s or 0.0)  # the host said how long
-                log.warning("download retry job=%s in %.1fs: %s", job_id, delay, exc.message)
+                what = "download retry job=%s in %.1fs: %s"
+                self.download_failures.failed(exc, what, job_id, delay, exc.message)
                 await anyio.sleep(delay)
                 continue
+            self.download_failures.succeeded()
             job = self.jobs[job_id]
             assert got.probe is not None
             checked = check(got.probe, job.model, job.request)
@@ -736,7 +756,8 @@ class Runner:
         # fresh URL too (a copy still spreading, a brief 403) may take a while to come round.
         s = self.settings
         pause = 0.0 if n == 1 else min(s.backoff_max_s, 5 * s.backoff_base_s * 4 ** (n - 2))
-        log.warning("%s job=%s: polling for a fresh URL in %.0fs", why, job_id, pause)
+        what = "%s job=%s: polling for a fresh URL in %.0fs: %s"
+        self.download_failures.failed(exc, what, why, job_id, pause, exc.message)
         self.poller.track(
             job_id,
             gen,
