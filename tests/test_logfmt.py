@@ -27,6 +27,18 @@ from veobatch.logfmt import JsonFormatter, Parsed, formatter, parse_message
             Parsed("poll_failed", {"job": "a", "attempt": 2, "retry_in": "0.4s"}, "HTTP 500: boom"),
         ),
         (
+            "poll failures window=30s failed=6000 succeeded=0: HTTP 503 ×6,000; polling continues",
+            Parsed(
+                "poll_failures",
+                {"window": "30s", "failed": 6000, "succeeded": 0},
+                "HTTP 503 ×6,000; polling continues",
+            ),
+        ),
+        (
+            "polls succeed again after=40s failed=8000: HTTP 503 ×8,000",
+            Parsed("polls_succeed_again", {"after": "40s", "failed": 8000}, "HTTP 503 ×8,000"),
+        ),
+        (
             "429 from the API: concurrency lowered to 3",
             Parsed("429_from_the_api", {}, "concurrency lowered to 3"),
         ),

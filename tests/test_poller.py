@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import anyio
@@ -306,3 +307,32 @@ async def test_first_polls_finding_all_done_halve_and_move_up_the_rest() -> None
     clock.now = 100.0
     poller.track("late", "g-late", model="m", age_s=0, remaining_s=600, first=True)
     assert poller._schedule.due("late") == 147.5
+
+
+async def test_a_poll_outage_is_a_few_lines_not_one_per_failed_poll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 200 generations in flight while the API answers 503 for 40 s (a round of polls a
+    # second): 8,000 failed polls were 8,000 warnings. Now the first, a summary, the end.
+    clock = FakeClock()
+    outage = [ServerError("HTTP 503: unavailable", status=503)] * 40
+    api = ScriptedApi({f"g-{i}": [*outage, "completed"] for i in range(200)})
+    sink = Sink()
+    poller = Poller(api, sink, FAST, clock=clock, rng=random.Random(0))
+    for i in range(200):
+        poller.track(str(i), f"g-{i}", model="m", age_s=0, remaining_s=600, first=False)
+    with caplog.at_level(logging.INFO, logger="veobatch"):
+        for second in range(41):
+            clock.now = float(second)
+            for i in range(200):
+                await poller._poll_one(poller._tracked[str(i)])
+    assert len(sink.finished) == 200
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3, said
+    assert said[0].startswith("poll failed job=0 attempt=1 ") and said[0].endswith(
+        "HTTP 503: unavailable"
+    )
+    assert said[1] == (
+        "poll failures window=30s failed=6000 succeeded=0: HTTP 503 ×6,000; polling continues"
+    )
+    assert said[2] == "polls succeed again after=40s failed=8000: HTTP 503 ×8,000"

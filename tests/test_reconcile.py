@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -114,7 +115,7 @@ class PagedLogs:
     async def logs(self, **kw: Any) -> LogPage:
         if self.fail:
             self.calls.append(kw)
-            raise ServerError("HTTP 503")
+            raise ServerError("HTTP 503", status=503)
         if kw["limit"] == 1 and not kw["models"]:
             self.probes.append(kw)
             return LogPage([self.newest] if self.newest else [], False)
@@ -437,3 +438,27 @@ async def test_a_refused_probe_reads_nothing_and_waits_its_retry_after() -> None
     rec.add(Lookup("job", "c", "m", 1000.0, "server_error"))
     await rec.sweep()
     assert got == [] and api.calls == [] and rec.pause_s() == pytest.approx(30.0)
+
+
+async def test_logs_down_for_a_while_are_a_few_lines_not_one_per_sweep(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A sweep every 5 s for 500 s of an outage: 100 warnings; now the first, a summary a
+    # window, and one line when the logs can be read again.
+    now = [1000.0]
+    api = PagedLogs([], fail=True)
+    rec, _ = _reconciler(api, lambda: now[0])
+    rec.add(lk("no_answer", since=990))
+    with caplog.at_level(logging.INFO, logger="veobatch.reconcile"):
+        for _ in range(100):
+            await rec.sweep()
+            now[0] += 5
+        api.fail = False
+        await rec.sweep()
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert said[0] == "usage logs unavailable: HTTP 503"
+    assert said[1] == (
+        "usage-logs read failures window=30s failed=6 succeeded=0: HTTP 503 ×6; look-ups wait"
+    )
+    assert len(said) == 1 + 16 + 1
+    assert said[-1] == "usage-logs reads succeed again after=500s failed=100: HTTP 503 ×100"

@@ -7,6 +7,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
@@ -29,15 +30,17 @@ from veobatch.errors import (
     LockedError,
     NoAnswerError,
     NotFoundError,
+    NotSentError,
     RateLimitedError,
     ServerError,
 )
 from veobatch.fsutil import DirLock, ensure_dir
 from veobatch.jobs import Job, Manifest
-from veobatch.ledger import Ledger, parse_journal
+from veobatch.ledger import Ledger, load_states, parse_journal
 from veobatch.runner import MAX_URL_REFRESHES, RunReport
 from veobatch.session import run
 from veobatch.settings import PollSettings, RunSettings, Secret
+from veobatch.summary import run_summary
 
 MP4 = b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 5000
 
@@ -331,6 +334,92 @@ async def test_the_stop_on_a_refusal_is_said_once_in_its_own_words(
     assert report.auth_error == "the API refused the request: HTTP 403: no credits"
 
 
+class CreditsRunOut(FakeApi):
+    """Out of credits: the jobs named in ``answers`` get those answers, every other create a 403
+    (logged as failed) once they all have; the usage logs are read only after that 403, so
+    their look-ups settle jobs after the run stopped submitting."""
+
+    def __init__(self, cdn: str, answers: dict[str, Exception | None]) -> None:
+        super().__init__(cdn, polls_to_finish=1)
+        self.answers = answers  # by prompt: how that job's first POST is answered
+        self.refused = anyio.Event()
+        self.answered = anyio.Event()  # every job in ``answers`` has had its answer
+        if not answers:
+            self.answered.set()
+
+    async def create(self, body: Any, *, client_request_id: str) -> Created:
+        if body["prompt"] not in self.answers:
+            await self.answered.wait()  # the 403 comes after every answer above
+            self.log.append(LogEntry(client_request_id, None, "failed"))
+            self.refused.set()
+            raise AuthError("HTTP 403: Insufficient credits", status=403)
+        error = self.answers.pop(body["prompt"])
+        if not self.answers:
+            self.answered.set()
+        if isinstance(error, ServerError):  # refused before creating anything: logged failed
+            self.log.append(LogEntry(client_request_id, None, "failed"))
+            raise error
+        created = await super().create(body, client_request_id=client_request_id)
+        if error is not None:  # created, and the answer lost
+            raise error
+        return created
+
+    async def logs(self, **kw: Any) -> LogPage:
+        await self.refused.wait()
+        await anyio.sleep(0.2)  # time for the run to hear the 403 (it gets there either way)
+        return await super().logs(**kw)
+
+
+async def test_jobs_the_usage_logs_settled_after_a_403_are_reported_as_what_they_are(
+    cdn: str, tmp_path: Path
+) -> None:
+    # job0's POST met a 502 the logs show failed, job1's a lost answer the logs show created;
+    # job2 is refused 403 (out of credits). The look-ups settle both after the stop: job0 was
+    # never created (pending, not billed), job1 is fetched. Neither "may have been billed".
+    answers: dict[str, Exception | None] = {
+        "p0": ServerError("HTTP 502: bad gateway", status=502),
+        "p1": NoAnswerError("read timeout"),
+    }
+    api = CreditsRunOut(cdn, answers)
+    # A resubmission's backoff of up to 1000 s: a run that no longer submits must not wait it.
+    slow = {"backoff_base_s": 1000.0, "backoff_max_s": 1000.0}
+    s = settings(tmp_path, concurrency=3, max_cost_usd=100.0, **slow, **PRICED)
+    with anyio.fail_after(60):
+        report = await run(manifest(3, tmp_path), s, api=api)
+    assert report.exit_code == 3 and "credits" in (report.auth_error or "")
+    assert report.uncertain == [] and report.adopted == 1
+    assert report.counts == {"pending": 2, "done": 1}
+    assert report.pending == ["job0", "job2"] and len(api.created) == 1
+    assert report.estimated_jobs == 1  # only job1's generation may be billed
+    lines = run_summary(report, report.total)
+    assert not any(line.startswith("uncertain") for line in lines)
+
+
+async def test_a_crash_the_usage_logs_proved_unsent_is_pending_after_a_403(
+    cdn: str, tmp_path: Path
+) -> None:
+    m = manifest(2, tmp_path)
+    await seed_intents(tmp_path, [(m.jobs[0], "crid-never-sent")])
+    api = CreditsRunOut(cdn, {})
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 3 and report.uncertain == [] and api.created == []
+    assert report.counts == {"pending": 2}
+    assert load_states(tmp_path / "out")["job0"].status == "pending"
+
+
+async def test_a_risked_resubmission_a_403_stopped_stays_uncertain(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Unanswered and absent from the logs: with --resubmit-uncertain it would be sent again,
+    # but the 403 stops that. Its first POST may still exist: uncertain, never pending.
+    api = CreditsRunOut(cdn, {"p0": NoAnswerError("read timeout")})
+    api.hide_from_logs = True
+    s = settings(tmp_path, concurrency=2, resubmit_uncertain=True)
+    report = await run(manifest(2, tmp_path), s, api=api)
+    assert report.exit_code == 3 and report.uncertain == ["job0"]
+    assert report.counts == {"uncertain": 1, "pending": 1}
+
+
 async def test_an_api_base_that_redirects_stops_the_run_and_keeps_the_key(
     tmp_path: Path,
 ) -> None:
@@ -379,6 +468,28 @@ async def test_lost_answer_after_creation_is_adopted_from_logs(
     report = await run(manifest(3, tmp_path), settings(tmp_path), api=api)
     assert report.exit_code == 0 and report.counts == {"done": 3}
     assert len(api.created) == 3 and report.adopted == 2
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (NotSentError("POST /v2/video/generations: could not connect: OSError"), "submit retry"),
+        (ServerError("HTTP 503: unavailable", status=503), "submission outcome unknown"),
+    ],
+)
+async def test_a_create_outage_is_a_few_lines_not_one_per_attempt(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, error: Exception, line: str
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error, api.errors_left = error, 40  # nothing created by these
+    s = settings(tmp_path, concurrency=4, submit_retries=100)
+    with caplog.at_level(logging.DEBUG, logger="veobatch"):
+        report = await run(manifest(8, tmp_path), s, api=api)
+    assert report.exit_code == 0 and len(api.created) == 8
+    attempts = [r for r in caplog.records if r.getMessage().startswith(line)]
+    assert len(attempts) == 40 and sum(r.levelno > logging.DEBUG for r in attempts) == 1
+    (end,) = [r.getMessage() for r in caplog.records if "succeed again" in r.getMessage()]
+    assert re.match(r"submissions succeed again after=\d+s failed=40: ", end)
 
 
 async def test_logs_that_lag_get_their_grace_after_the_answer(cdn: str, tmp_path: Path) -> None:
@@ -713,6 +824,42 @@ async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -
     async with serve(app) as base:
         report = await run(manifest(1, tmp_path), settings(tmp_path), api=Expiring(base, 1))
     assert report.exit_code == 0 and served == ["stale", "fresh"]
+
+
+async def test_video_urls_expiring_by_the_thousand_are_not_a_warning_each(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every URL handed out has expired by the time its download starts (downloads queue
+    # behind a slow host): one warning a job was thousands. The first is said, the rest counted.
+    async def video(request: web.Request) -> web.Response:
+        return (
+            web.Response(status=410)
+            if request.query.get("v") == "stale"
+            else web.Response(body=MP4)
+        )
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+
+    class Expiring(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            g = await super().fetch(generation_id)
+            fresh = "fresh" if self.polls[generation_id] > 1 else "stale"
+            return replace(g, video_url=f"{g.video_url}?v={fresh}") if g.video_url else g
+
+    async with serve(app) as base:
+        with caplog.at_level(logging.DEBUG, logger="veobatch"):
+            s = settings(tmp_path, concurrency=20)
+            report = await run(manifest(20, tmp_path), s, api=Expiring(base, 1))
+    assert report.exit_code == 0 and report.counts == {"done": 20}
+    refused = [r for r in caplog.records if "fresh URL" in r.getMessage()]
+    assert len(refused) == 20 and [r.levelno for r in refused].count(logging.WARNING) == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    warned = [w for w in warned if not w.startswith("video differs")]  # the fake's bytes
+    assert len(warned) <= 3, warned
+    told = " ".join(warned)  # what the lines after the first add up to: all 20
+    counts = [int(n) for n in re.findall(r"failed=(\d+)", told)]
+    assert sum(counts) == 20 and "video host answered 410: the URL has expired ×" in told
 
 
 def dead_host() -> str:
@@ -1056,6 +1203,20 @@ async def test_a_crash_proven_unsent_then_held_back_is_pending_not_uncertain(
     assert api.created == [] and report.uncertain == []
     assert report.over_budget == ["job0"] and report.counts == {"pending": 1}
     assert report.exit_code == 1
+
+
+async def test_a_5xx_proven_unsent_then_held_back_is_pending_not_uncertain(
+    cdn: str, tmp_path: Path
+) -> None:
+    # An earlier run's 5xx, absent from the usage logs: never created. Held back by the limit,
+    # it is pending on record too (it stayed "uncertain" in the ledger, and in `status`).
+    m = manifest(1, tmp_path)
+    seed_uncertain(tmp_path, m.jobs[0], "server_error", "HTTP 502", now=time.time())
+    api = FakeApi(cdn, polls_to_finish=1)
+    report = await run(m, settings(tmp_path, max_cost_usd=0.0), api=api)
+    assert api.created == [] and report.uncertain == [] and report.over_budget == ["job0"]
+    assert report.counts == {"pending": 1}
+    assert load_states(tmp_path / "out")["job0"].status == "pending"
 
 
 async def test_a_job_waiting_for_a_slot_when_a_poll_meets_401_is_not_counted_as_sent(

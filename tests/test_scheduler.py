@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -501,6 +502,29 @@ async def test_a_5xx_asking_for_rest_holds_every_submission_until_then(
     assert await sub.submit(other) is SubmitOutcome.STOPPED
     assert now[0] - before <= 1.0 and len(api.sent) == 2
     ledger.close()
+
+
+async def test_a_pause_every_post_in_flight_stretches_is_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # 500 creates in flight, each answered 503 with Retry-After a moment later than the one
+    # before: each moved the pause on a little, and each said so in a warning.
+    now = [100.0]
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    api = ScriptedCreate([ServerError("503", status=503, retry_after_s=30)] * 5)
+    ledger = Ledger.open(tmp_path)
+    sub = Submitter(api, ledger, 3, 0, 0, lambda: False, noop, clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="veobatch"):
+        for i in range(5):
+            now[0] += 0.1
+            await sub._attempt(Job(f"j{i}", {"model": "google/veo-3.1-t2v", "prompt": "p"}))
+    ledger.close()
+    assert sub.paused_until == pytest.approx(130.5)
+    rests = [r.getMessage() for r in caplog.records if "of rest" in r.getMessage()]
+    assert rests == ["the API asked for 30s of rest (HTTP 503): no submission before then"]
 
 
 def test_a_timed_out_generation_is_followed_again_even_when_removed_or_edited(

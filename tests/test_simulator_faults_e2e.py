@@ -83,3 +83,21 @@ async def test_logs_lagging_past_the_grace_never_make_a_5xx_pay_twice(tmp_path: 
     assert report.adopted >= 3  # the fault did strike, and each was found in the logs
     assert report.exit_code == 0 and report.counts == {"done": 16}
     assert report.risked_duplicates == 0
+
+
+async def test_jobs_the_usage_logs_proved_unsent_are_not_uncertain_after_running_out(
+    tmp_path: Path,
+) -> None:
+    # Creates refused with a 5xx before anything is made (logged as failed), then out of
+    # credits: every look-up settles its job as never created, some while their resubmission
+    # waits out its backoff when the 403 comes. None "may have been billed".
+    m = mixed_manifest(16, tmp_path)
+    out = tmp_path / "out"
+    faults = Faults(seed=3, credits_for=6, create_5xx_before=0.4)
+    async with Simulator(quick(faults)) as sim:
+        s = fast_settings(out, sim.base_url, concurrency=8, backoff_base_s=0.5, backoff_max_s=2.0)
+        report = await run(m, s)
+        assert sim.stats.creates_ok == 6 and sim.stats.out_of_credits >= 1
+    assert report.exit_code == 3 and report.uncertain == [], report.states
+    assert report.counts == {"done": 6, "pending": 10}
+    assert report.estimated_jobs == 6  # the creates refused are not counted as maybe billed

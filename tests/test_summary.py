@@ -49,7 +49,7 @@ def test_summary_lines_carry_what_needs_attention() -> None:
     lines = run_summary(report(), 5, EXTRAS)
     assert lines[0].startswith("veobatch: 5 jobs: 3 done, 1 failed, 1 uncertain")
     assert "  b: generation_error: policy: blocked" in lines
-    assert "  c: sent, and the run stopped before the usage logs were asked" in lines
+    assert "  c: sent, and the run stopped before the usage logs settled it" in lines
     assert "videos that differ from their request: 1" in lines
     assert "  a: duration: 4.0 s, requested 8 s" in lines
     assert (

@@ -37,6 +37,7 @@ import anyio
 
 from .client import LOGS_PATH, ApiClient, LogEntry
 from .errors import ApiError, AuthError
+from .outage import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +224,10 @@ class Reconciler:
         self._pruned_to = 0
         # Per open look-up: when the logs were first seen holding a request made after it.
         self._later_seen_at: dict[str, float] = {}
+        # Logs down for an hour would fail a sweep every few seconds: counted, not a line each.
+        self.failures = OutageLog(
+            log, "usage-logs read", "usage-logs reads succeed again", "look-ups wait", clock=clock
+        )
 
     def note_sent(self, client_request_id: str) -> None:
         """A create is about to leave: its row, once logged, vouches for every look-up opened
@@ -328,12 +333,13 @@ class Reconciler:
                 exc.message = f"{exc.message} (to the usage-logs look-up, GET {LOGS_PATH})"
                 raise
             except ApiError as exc:
-                log.warning("usage logs unavailable: %s", exc.message)
+                self.failures.failed(exc, "usage logs unavailable: %s", exc.message)
                 if exc.retry_after_s:  # asked by the API itself: every later page waits too
                     self._not_before = self._clock() + exc.retry_after_s
                 if offset:  # a pass with nothing read yet begins again, when it reads
                     self._keep(_Cursor(window, crids, offset, found, started))
                 return found, False, started
+            self.failures.succeeded()
             for entry in page.entries:
                 if entry.client_request_id in lookups:
                     found.setdefault(entry.client_request_id, entry)
@@ -376,10 +382,11 @@ class Reconciler:
             exc.message = f"{exc.message} (to the usage-logs look-up, GET {LOGS_PATH})"
             raise
         except ApiError as exc:
-            log.warning("usage logs unavailable: %s", exc.message)
+            self.failures.failed(exc, "usage logs unavailable: %s", exc.message)
             if exc.retry_after_s:
                 self._not_before = self._clock() + exc.retry_after_s
             return False
+        self.failures.succeeded()
         if not page.entries:
             return True
         newest = page.entries[0]

@@ -43,6 +43,7 @@ from .ledger import (
     Ledger,
     ResultsWriter,
 )
+from .outage import OutageLog
 from .poller import Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .schedule import DurationModel
@@ -173,6 +174,11 @@ class Runner:
             sock_read=self.settings.request_timeout_s,
         )
         self.poller = Poller(self.api, self, self.settings.poll, clock=self.clock, rng=self.rng)
+        # A video host down, or URLs expiring while downloads queue: a line per job would bury
+        # the log, so failures are counted and summed up (the jobs that fail are said each).
+        self.download_failures = OutageLog(
+            log, "download", "downloads succeed again", "downloads continue", clock=self.clock
+        )
         self.to_download: MemoryObjectSendStream[tuple[str, str]]
         self.downloads: MemoryObjectReceiveStream[tuple[str, str]]
         self.to_download, self.downloads = anyio.create_memory_object_stream[tuple[str, str]](
@@ -214,8 +220,20 @@ class Runner:
         self.remake = {p.job.id for p in plans if will_remake(p)}
         self.open = {p.job.id for p in plans if p.action not in _IDLE}
         with self.to_download, self.downloads:
-            if self.open:
-                await self._execute(plans)
+            try:
+                if self.open:
+                    await self._execute(plans)
+            finally:  # what the logs have not told of the failures counted in silence
+                for failures in self._failure_logs():
+                    failures.flush()
+
+    def _failure_logs(self) -> tuple[OutageLog, ...]:
+        return (
+            self.submitter.failures,
+            self.poller.failures,
+            self.download_failures,
+            self.reconciler.failures,
+        )
 
     async def _execute(self, plans: list[JobPlan]) -> None:
         async with anyio.create_task_group() as tg:
@@ -365,15 +383,18 @@ class Runner:
         outcome = SubmitOutcome.STOPPED
         try:
             if self.stop_submitting:  # a resubmission that waited out a stop: nothing to reserve
+                await self._settle_unsent(job, risked, "submissions stopped before it was resent")
                 return
             if not self.budget.reserve(job, again=risked):  # a resubmission after a lookup
                 self._over_budget(job)
-                await self._settle_refused(job, risked)
+                await self._settle_unsent(job, risked, "held back by the cost limit")
                 return
             if risked:
                 self.risked_duplicates += 1
             await self._prepare_new_generation(job)
             outcome = await self.submitter.submit(job)
+            if outcome is SubmitOutcome.STOPPED:  # stopped before its POST: as above
+                await self._settle_unsent(job, risked, "submissions stopped before it was resent")
             if self.submitter.gave_up is not None:
                 self.stop_submitting = True  # the slots waiting must not send one more
         except AuthError as exc:
@@ -388,15 +409,16 @@ class Runner:
                 self._release(job.id)
                 self._close(job.id)
 
-    async def _settle_refused(self, job: Job, risked: bool) -> None:
-        """A crash look-up's job that the limit refused: say on record what may exist."""
-        if self.ledger.state(job.id).status != "submitting":
-            return
+    async def _settle_unsent(self, job: Job, risked: bool, why: str) -> None:
+        """A look-up's job not sent again after all (the cost limit, a stop): say on record
+        what may exist, not what its last POST met before the look-up settled it."""
+        status = self.ledger.state(job.id).status
+        if status not in ("submitting", "uncertain"):
+            return  # a job's first submission: nothing was sent
         if risked or job.id in self.maybe_billed:
-            await self.ledger.record(
-                "uncertain", job.id, kind="no_answer", message="held back by the cost limit"
-            )
-        else:  # the look-up proved nothing was created: back to pending, held back
+            if status == "submitting":  # an uncertain one keeps its look-up's words
+                await self.ledger.record("uncertain", job.id, kind="no_answer", message=why)
+        else:  # the look-up proved nothing was created: back to never sent
             await self.ledger.record("unsent", job.id)
 
     async def _prepare_new_generation(self, job: Job) -> None:
@@ -514,11 +536,11 @@ class Runner:
             else:
                 await self._fail(job.id, "submit_failed", why)
             return
-        if risked:
+        if risked and not self.stop_submitting:
             log.warning("resubmitting uncertain job=%s: may be paid twice", job.id)
         delay = (
             0.0
-            if lookup.cause == "crash"
+            if lookup.cause == "crash" or self.stop_submitting  # a stop settles it at once
             else backoff_delay_s(
                 attempts, self.settings.backoff_base_s, self.settings.backoff_max_s, self.rng
             )
@@ -675,9 +697,11 @@ class Runner:
                     return await self._fail(job_id, "download", exc.message)
                 delay = backoff_delay_s(attempt, s.backoff_base_s, s.backoff_max_s, self.rng)
                 delay = max(delay, exc.retry_after_s or 0.0)  # the host said how long
-                log.warning("download retry job=%s in %.1fs: %s", job_id, delay, exc.message)
+                what = "download retry job=%s in %.1fs: %s"
+                self.download_failures.failed(exc, what, job_id, delay, exc.message)
                 await anyio.sleep(delay)
                 continue
+            self.download_failures.succeeded()
             job = self.jobs[job_id]
             assert got.probe is not None
             checked = check(got.probe, job.model, job.request)
@@ -733,7 +757,8 @@ class Runner:
         # fresh URL too (a copy still spreading, a brief 403) may take a while to come round.
         s = self.settings
         pause = 0.0 if n == 1 else min(s.backoff_max_s, 5 * s.backoff_base_s * 4 ** (n - 2))
-        log.warning("%s job=%s: polling for a fresh URL in %.0fs", why, job_id, pause)
+        what = "%s job=%s: polling for a fresh URL in %.0fs: %s"
+        self.download_failures.failed(exc, what, why, job_id, pause, exc.message)
         self.poller.track(
             job_id,
             gen,

@@ -16,7 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from .errors import (
 from .jobs import Job
 from .jobview import compact_request
 from .ledger import JobState, Ledger
+from .outage import OutageLog
 from .settings import ENV_BASE_URL
 
 log = logging.getLogger(__name__)
@@ -401,6 +402,13 @@ class Submitter:
     # Told each create's client request id as it leaves, after its intent is on disk: the
     # usage-logs look-ups take a logged row of a later create as proof the logs caught up.
     on_sent: Callable[[str], None] = lambda crid: None
+    # A create outage fails every submission in flight, again and again: counted, not a line each.
+    failures: OutageLog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.failures = OutageLog(
+            log, "submission", "submissions succeed again", "submitting continues", clock=self.clock
+        )
 
     async def submit(self, job: Job) -> SubmitOutcome:
         """Submit until the outcome is known; waits between tries can be cancelled."""
@@ -511,15 +519,19 @@ class Submitter:
         except ApiError as exc:  # 5xx, no answer, unreadable 2xx: it may exist
             kind = "server_error" if isinstance(exc, ServerError) else "no_answer"
             if exc.retry_after_s and self.clock() + exc.retry_after_s > self.paused_until:
+                # Said when the pause begins: every POST in flight may stretch it a little.
+                paused = self.paused_until > self.clock()
                 self.paused_until = self.clock() + exc.retry_after_s
-                log.warning(
+                log.log(
+                    logging.DEBUG if paused else logging.WARNING,
                     "the API asked for %.0fs of rest (HTTP %s): no submission before then",
                     exc.retry_after_s,
                     exc.status,
                 )
             await self.ledger.record("uncertain", job.id, kind=kind, message=exc.message)
-            log.warning("submission outcome unknown job=%s: %s", job.id, exc.message)
+            self.failures.failed(exc, "submission outcome unknown job=%s: %s", job.id, exc.message)
             return SubmitOutcome.UNCERTAIN, None
+        self.failures.succeeded()
         # Async video is charged on completion, so a create answer often reports 0 spent.
         usd: dict[str, Any] = {"usd": created.usd_spent} if created.usd_spent else {}
         await self.ledger.record("submitted", job.id, gen=created.generation_id, **usd)
@@ -534,5 +546,6 @@ class Submitter:
         delay = backoff_delay_s(attempt, self.backoff_base_s, self.backoff_max_s, self.rng)
         if isinstance(exc, RateLimitedError) and exc.retry_after_s is not None:
             delay = max(delay, exc.retry_after_s)
-        log.info("submit retry job=%s attempt=%d in %.1fs: %s", job.id, attempt, delay, exc.message)
+        what = "submit retry job=%s attempt=%d in %.1fs: %s"
+        self.failures.failed(exc, what, job.id, attempt, delay, exc.message, level=logging.INFO)
         await anyio.sleep(delay)

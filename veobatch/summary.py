@@ -142,7 +142,7 @@ def _why_uncertain(state: JobState | None) -> str:
     """What is known of an uncertain job: the look-up's own words, when it got that far."""
     if state is not None and state.status == "uncertain" and state.error is not None:
         return state.error.message
-    return "sent, and the run stopped before the usage logs were asked"
+    return "sent, and the run stopped before the usage logs settled it"
 
 
 def _listing(title: str, items: Sequence[str], limit: int = 20) -> list[str]:
