@@ -27,8 +27,8 @@ from veobatch.logfmt import JsonFormatter, Parsed, formatter, parse_message
             Parsed("poll_failed", {"job": "a", "attempt": 2, "retry_in": "0.4s"}, "HTTP 500: boom"),
         ),
         (
-            "429 from the API: concurrency lowered to 3",
-            Parsed("429_from_the_api", {}, "concurrency lowered to 3"),
+            "429 from the API in_flight=3: concurrency lowered to 3",
+            Parsed("429_from_the_api", {"in_flight": 3}, "concurrency lowered to 3"),
         ),
         (
             "adopted job=x gen=y (from the usage logs)",
