@@ -39,8 +39,8 @@ from veobatch.logfmt import JsonFormatter, Parsed, formatter, parse_message
             Parsed("polls_succeed_again", {"after": "40s", "failed": 8000}, "HTTP 503 ×8,000"),
         ),
         (
-            "429 from the API: concurrency lowered to 3",
-            Parsed("429_from_the_api", {}, "concurrency lowered to 3"),
+            "429 from the API in_flight=3: concurrency lowered to 3",
+            Parsed("429_from_the_api", {"in_flight": 3}, "concurrency lowered to 3"),
         ),
         (
             "adopted job=x gen=y (from the usage logs)",

@@ -73,6 +73,10 @@ class FakeApi:
         self.errors_left = 10**9  # how many creates fail before they work
         self.log: list[LogEntry] = []
         self.hide_from_logs = False
+        self.sent_at: list[float] = []  # time.monotonic() of each create
+        self.cap = 0  # a create while this many are in flight is refused with a 429 (0: none)
+        self.cap_retry_after_s: float | None = None
+        self.refused = 0  # creates refused by the cap
 
     def _maybe_clear(self) -> None:
         self.errors_left -= 1
@@ -85,6 +89,13 @@ class FakeApi:
         return LogPage(rows[offset : offset + limit], offset + limit < len(rows))
 
     async def create(self, body: Any, *, client_request_id: str) -> Created:
+        self.sent_at.append(time.monotonic())
+        if self.cap and self.in_flight >= self.cap:
+            self.refused += 1
+            self.log.append(LogEntry(client_request_id, None, "failed"))
+            raise RateLimitedError(
+                "HTTP 429: Concurrency limit reached", retry_after_s=self.cap_retry_after_s
+            )
         error = self.create_error
         if error is not None and not self.error_after_create:
             self.log.append(LogEntry(client_request_id, None, "failed"))
@@ -640,6 +651,35 @@ async def test_rate_limits_lower_the_concurrency(cdn: str, tmp_path: Path) -> No
     s = settings(tmp_path, concurrency=8)
     report = await run(manifest(30, tmp_path), s, api=api)
     assert report.exit_code == 0 and len(api.created) == 30
+
+
+async def test_a_429_asking_for_rest_holds_the_runs_other_submissions(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error = RateLimitedError("HTTP 429", retry_after_s=0.3)
+    api.errors_left = 1
+    s = settings(tmp_path, concurrency=4)
+    with caplog.at_level(logging.WARNING):
+        report = await run(manifest(12, tmp_path), s, api=api)
+    assert report.exit_code == 0 and len(api.created) == 12
+    # The first four were on their way when the 429 came; every later one waited the rest
+    # out, even those whose slot a finished generation freed in the meantime.
+    refused, later = api.sent_at[0], api.sent_at[4:]
+    assert later and all(t - refused >= 0.3 for t in later)
+    rests = [r for r in caplog.records if "of rest" in r.getMessage()]
+    assert len(rests) == 1
+
+
+async def test_a_concurrency_cap_is_found_and_kept(cdn: str, tmp_path: Path) -> None:
+    # The API refuses a create while 3 of ours are in flight; asked for 12 at once.
+    api = FakeApi(cdn, polls_to_finish=3)
+    api.cap, api.cap_retry_after_s = 3, 0.01
+    report = await run(manifest(40, tmp_path), settings(tmp_path, concurrency=12), api=api)
+    assert report.exit_code == 0 and len(api.created) == 40
+    # 9 in the first wave, then about one per round of the slow probe above the cap (85 when
+    # each 429 took a quarter off and every slot back was asked for again).
+    assert api.refused <= 40, api.refused
 
 
 async def test_429s_without_end_stop_the_submissions_and_leave_the_rest_pending(

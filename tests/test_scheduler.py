@@ -349,25 +349,6 @@ def test_a_job_never_created_is_submitted_again_by_the_next_run(tmp_path: Path) 
     assert plan_job(JOB, st, tmp_path).action is Action.SUBMIT
 
 
-def test_adaptive_limit_backs_off_and_recovers() -> None:
-    from veobatch.scheduler import AdaptiveLimit
-
-    limit = AdaptiveLimit(ceiling=20, cooldown_s=2.0)
-    assert limit.current == 20
-    assert limit.on_rate_limited(0.0) == 15
-    assert limit.on_rate_limited(1.0) == 15  # same burst: one cut
-    assert limit.on_rate_limited(2.5) == 11
-    for now in range(3, 40, 3):
-        limit.on_rate_limited(float(now))
-    assert limit.current == 1  # never below one
-    for _ in range(1 + 2 + 3):
-        limit.on_success()
-    assert limit.current == 4  # one more slot per `current` successes
-    for _ in range(10_000):
-        limit.on_success()
-    assert limit.current == 20  # never above the ceiling
-
-
 def test_retry_failed_polls_a_refused_url_again_rather_than_paying(tmp_path: Path) -> None:
     state = st("failed", generation_id="g", error=ErrorInfo("url_rejected", "http URL"))
     assert plan_job(JOB, state, tmp_path, retry_failed=True).action is Action.POLL
@@ -627,4 +608,47 @@ async def test_a_streak_of_429s_ends_with_any_other_answer(tmp_path: Path) -> No
     second = Job("b", {"model": "google/veo-3.1-t2v", "prompt": "b"})
     assert await sub.submit(second) is SubmitOutcome.SUBMITTED
     assert sub.gave_up is None
+    ledger.close()
+
+
+async def test_a_429_asking_for_rest_holds_every_submission_of_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # "Rate or concurrency limit" with Retry-After: the run rests, not only the job refused.
+    now = [100.0]
+    sent_at: list[float] = []
+    other = Job("b", {"model": "google/veo-3.1-t2v", "prompt": "q"})
+    refused_while_paused: list[float | None] = []
+    outcomes: list[SubmitOutcome] = []
+
+    async def sleep(seconds: float) -> None:
+        if seconds >= 30 and not outcomes:  # while the refused job waits, another one comes
+            outcomes.append(await sub.submit(other))
+        elif seconds >= 0.5:
+            refused_while_paused.append(sub.refused_since)
+        now[0] += seconds
+
+    monkeypatch.setattr("veobatch.scheduler.anyio.sleep", sleep)
+
+    class Timed(ScriptedCreate):
+        async def create(self, body: Any, *, client_request_id: str) -> Created:
+            sent_at.append(now[0])
+            return await super().create(body, client_request_id=client_request_id)
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    api = Timed([RateLimitedError("HTTP 429", retry_after_s=30), "g1", "g2"])
+    ledger = Ledger.open(tmp_path)
+    sub = Submitter(api, ledger, 3, 0, 0, lambda: False, noop, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="veobatch.scheduler"):
+        assert await sub.submit(JOB) is SubmitOutcome.SUBMITTED
+    assert outcomes == [SubmitOutcome.SUBMITTED]
+    assert sent_at[1] - sent_at[0] >= 30.0  # the other job waited for the rest
+    # A pause is neither an answer nor a success: the streak of refusals stood through it.
+    (since,) = set(refused_while_paused)
+    assert since is not None and since - sent_at[0] < 1.0
+    assert sub.refused_since is None  # ended by the creates that went through after it
+    rests = [r.getMessage() for r in caplog.records if "of rest" in r.getMessage()]
+    assert rests == ["the API asked for 30s of rest (HTTP 429): no submission before then"]
     ledger.close()

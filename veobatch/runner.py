@@ -460,15 +460,23 @@ class Runner:
         self.holding.add(job.id)
 
     def _on_rate_limited(self) -> None:
-        self._apply_limit(self.limit.on_rate_limited(self.clock()))
+        # The generations the API has accepted and we have not seen finish: what it evidently
+        # holds for us, whatever else holds a slot (a create on its way, a look-up).
+        in_flight = len(self.poller)
+        limit = self.limit.on_rate_limited(self.clock(), in_flight)
+        if limit < self.slots.total_tokens:
+            log.warning(
+                "429 from the API in_flight=%d: concurrency lowered to %d%s",
+                in_flight,
+                limit,
+                " (429s again at that level: taken for the API's cap)" if self.limit.capped else "",
+            )
+        self._apply_limit(limit)
 
     def _apply_limit(self, limit: int) -> None:
         """The adaptive limit becomes the slots' size, touched only when it moved."""
-        if limit == self.slots.total_tokens:
-            return
-        if limit < self.slots.total_tokens:
-            log.warning("429 from the API: concurrency lowered to %d", limit)
-        self.slots.total_tokens = limit
+        if limit != self.slots.total_tokens:
+            self.slots.total_tokens = limit
 
     # -- ambiguous submissions -----------------------------------------------------------
 
@@ -579,7 +587,7 @@ class Runner:
 
     async def _on_submitted(self, job: Job, created: Created) -> None:
         self.submitted += 1
-        self._apply_limit(self.limit.on_success())
+        self._apply_limit(self.limit.on_success(len(self.poller)))  # before it is tracked
         log.info("submitted job=%s gen=%s", job.id, created.generation_id)
         if created.failed:  # refused at once (a content policy, say): nothing to poll for
             await self._generation_failed(job.id, created.error_name, created.error_message)

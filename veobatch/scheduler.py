@@ -1,7 +1,8 @@
 """The scheduler: decide what each job needs, then submit new ones under the concurrency limit.
 
 Pure core: :func:`plan_jobs` maps (manifest job, ledger state, file on disk) to one
-:class:`Action`; :func:`backoff_delay_s` and :func:`client_request_id` are small pure helpers.
+:class:`Action`; :class:`AdaptiveLimit` is the concurrency the API's 429s allow;
+:func:`backoff_delay_s`, :func:`rest_until` and :func:`client_request_id` are small pure helpers.
 Shell: :class:`Submitter`, which records the intent durably before every POST and the
 generation id durably before anything else happens to the job.
 """
@@ -289,34 +290,97 @@ def plan_jobs(
 
 @dataclass
 class AdaptiveLimit:
-    """Concurrency that backs off while the API answers 429 and recovers as submissions pass.
+    """Concurrency that backs off while the API answers 429 and settles at a cap it enforces.
 
-    Multiplicative decrease at most once per ``cooldown_s`` (a burst of 429s is one signal),
-    additive increase of one slot per ``current`` successes, never above ``ceiling``.
+    A 429 is either a passing refusal or a cap on the generations a key may have in flight; the
+    number of ours in flight when it comes (its level) tells them apart: a cap refuses again and
+    again at the same level, and never accepts a create above it.
+
+    - A 429 at about the level of the last one, with no create accepted above that level since,
+      is taken for a cap: the limit goes down to that level (one slot lower if already there,
+      at most once per ``cooldown_s``) and grows above it only by the slow probe.
+    - Any other 429 takes a quarter off (at most once per ``cooldown_s``: a burst of 429s is one
+      signal), and the level the limit had is regained at one slot per accepted create; above
+      it, the slow probe adds one slot per ``current`` accepted creates (as TCP grows fast up
+      to its threshold, then additively).
+    - A create accepted above the level of the last 429 shows it was no cap: what a cut for it
+      took away is regained at one slot per accepted create too.
+    - The limit never goes below the level of a 429: the API evidently holds that many, so a
+      lower limit would only idle slots.
     """
 
     ceiling: int
     cooldown_s: float = 2.0
     current: int = 0
+    threshold: int = 0  # regained at one slot per accepted create up to here
+    # The in-flight level of the last 429, until a create accepted above it says it was no cap.
+    level: int | None = None
+    capped: bool = False  # the last cut was taken for a cap
+    _regain: int = 0  # what the last cut taken for a cap took away, given back if it was none
     _last_cut: float = float("-inf")
     _successes: int = 0
 
     def __post_init__(self) -> None:
         self.current = self.current or self.ceiling
+        self.threshold = self.threshold or self.current
 
-    def on_rate_limited(self, now: float) -> int:
-        if now - self._last_cut >= self.cooldown_s:
-            self.current = max(1, min(self.current - 1, self.current * 3 // 4))
-            self._last_cut = now
-            self._successes = 0
+    def on_rate_limited(self, now: float, in_flight: int) -> int:
+        """A 429 came with ``in_flight`` generations of ours accepted and not seen finished."""
+        level, last = max(1, in_flight), self.level
+        self.level = level
+        cooling = now - self._last_cut < self.cooldown_s
+        if last is not None and level >= last - _slack(last):  # refused again there: a cap
+            cap = max(level, last)
+            if self.current > cap or not cooling:
+                self._regain = max(self.threshold, self.current)
+                self._cut(now, min(self.current - 1, cap))
+                self.threshold, self.capped = self.current, True
+        elif not cooling:
+            self.threshold, self._regain = max(self.threshold, self.current), 0
+            self._cut(now, min(self.current - 1, self.current * 3 // 4))
+            self.capped = False
+        # Never below what the API holds (the first answers to a burst of creates can come
+        # before acceptances still on their way: the level rises as they land).
+        self.current = max(self.current, min(level, self.ceiling))
         return self.current
 
-    def on_success(self) -> int:
+    def on_success(self, in_flight: int) -> int:
+        """A create accepted with ``in_flight`` generations of ours already in flight."""
+        if self.level is not None and in_flight > self.level:  # so that 429 was no cap
+            self.level = None
+            self.threshold, self._regain = max(self.threshold, self._regain), 0
+        if self.current < self.threshold:
+            self.current += 1
+            return self.current
         self._successes += 1
         if self._successes >= self.current and self.current < self.ceiling:
             self.current += 1
             self._successes = 0
         return self.current
+
+    def _cut(self, now: float, to: int) -> None:
+        self.current = max(1, to)
+        self._last_cut, self._successes = now, 0
+
+
+def _slack(level: int) -> int:
+    """How far apart two in-flight levels may be and still be the same: our count runs ahead
+    of the API's by the generations finished and not yet polled."""
+    return max(1, level // 10)
+
+
+REST_SAID_AGAIN_S = 60.0  # a pause under way lengthened by this much is said again
+
+
+def rest_until(paused_until: float, now: float, retry_after_s: float | None) -> tuple[float, bool]:
+    """When submissions may go again after an answer with ``retry_after_s`` (None or 0: not
+    asked), and whether that is worth a log line: a new pause is, and so is one lengthened by
+    a minute or more; the 429s of creates sent before a pause began only lengthen it silently.
+    """
+    if not retry_after_s or now + retry_after_s <= paused_until:
+        return paused_until, False
+    until = now + retry_after_s
+    return until, paused_until <= now or until - paused_until >= REST_SAID_AGAIN_S
 
 
 def _minutes(seconds: float) -> str:
@@ -390,8 +454,9 @@ class Submitter:
     clock: Callable[[], float] = time.monotonic
     # The estimate the intent records: the run's budget holds it already (Budget.estimate).
     estimate: Callable[[Job], float] = lambda job: estimate_usd(job, {})
-    # A 5xx to a create that says Retry-After: the API is overloaded, so no submission (a new
-    # one, or one the usage logs proved safe to send again) goes before then.
+    # A 429 or 5xx to a create that says Retry-After: the API asks for rest, so no submission
+    # (a new one, a refused one, or one the usage logs proved safe to send again) goes before
+    # then. A wait, not an answer: it neither ends nor extends a streak of refusals by itself.
     paused_until: float = float("-inf")
     # Since when every create, of any job, has been refused with a 429 (None: one went through
     # since). Past the patience the run submits nothing more: one job after another waiting out
@@ -494,6 +559,7 @@ class Submitter:
             created = await self.api.create(job.request, client_request_id=crid)
         except (NotSentError, RateLimitedError) as exc:
             if isinstance(exc, RateLimitedError):
+                self._rest(exc)
                 self.on_rate_limited()
             return SubmitOutcome.REJECTED, exc
         except NotFoundError as exc:
@@ -518,16 +584,7 @@ class Submitter:
             return SubmitOutcome.REJECTED, None
         except ApiError as exc:  # 5xx, no answer, unreadable 2xx: it may exist
             kind = "server_error" if isinstance(exc, ServerError) else "no_answer"
-            if exc.retry_after_s and self.clock() + exc.retry_after_s > self.paused_until:
-                # Said when the pause begins: every POST in flight may stretch it a little.
-                paused = self.paused_until > self.clock()
-                self.paused_until = self.clock() + exc.retry_after_s
-                log.log(
-                    logging.DEBUG if paused else logging.WARNING,
-                    "the API asked for %.0fs of rest (HTTP %s): no submission before then",
-                    exc.retry_after_s,
-                    exc.status,
-                )
+            self._rest(exc)
             await self.ledger.record("uncertain", job.id, kind=kind, message=exc.message)
             self.failures.failed(exc, "submission outcome unknown job=%s: %s", job.id, exc.message)
             return SubmitOutcome.UNCERTAIN, None
@@ -537,6 +594,18 @@ class Submitter:
         await self.ledger.record("submitted", job.id, gen=created.generation_id, **usd)
         await self.on_submitted(job, created)
         return SubmitOutcome.SUBMITTED, None
+
+    def _rest(self, exc: ApiError) -> None:
+        """A Retry-After holds every submission of the run; said once per pause."""
+        now = self.clock()
+        until, announce = rest_until(self.paused_until, now, exc.retry_after_s)
+        if announce:
+            log.warning(
+                "the API asked for %ss of rest (HTTP %s): no submission before then",
+                f"{until - now:.3g}",
+                exc.status,
+            )
+        self.paused_until = until
 
     async def _fail(self, job: Job, kind: str, message: str) -> None:
         await self.ledger.record("failed", job.id, kind=kind, message=message)
