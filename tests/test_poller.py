@@ -13,6 +13,7 @@ from veobatch.errors import (
     ApiError,
     AuthError,
     BadRequestError,
+    NoAnswerError,
     NotFoundError,
     RateLimitedError,
     ServerError,
@@ -204,6 +205,40 @@ async def test_a_server_error_retry_after_is_honoured() -> None:
     poller.track("a", "g-a", model="m", age_s=0, remaining_s=60, first=False)
     await poller._poll_one(poller._tracked["a"])
     assert poller._schedule.next_due() == pytest.approx(7.0)
+
+
+async def test_a_poll_with_no_answer_is_asked_again_at_its_next_poll_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A poll that hung past the poll timeout is no news, not a failure: its generation keeps
+    # its schedule (S: 25 % of its age), with no error backoff and no warning.
+    clock = FakeClock()
+    hung = NoAnswerError("GET /v2/video/generations: no answer: TimeoutError")
+    api = ScriptedApi({"g-a": ["generating", hung, hung, "completed"]})
+    sink = Sink()
+    poller = Poller(api, sink, S, clock=clock, rng=random.Random(0))
+    poller.track("a", "g-a", model="m", age_s=0, remaining_s=600, first=True)
+    t = poller._tracked["a"]
+    for now in (2.0, 20.0, 40.0):
+        clock.now = now
+        await poller._poll_one(t)
+        assert poller._schedule.due("a") == pytest.approx(now + cold_delay_s(now, S))
+    assert t.errors == 0 and t.last_running_age == 2.0  # it learnt nothing from the two
+    clock.now = 50.0
+    await poller._poll_one(t)
+    assert sink.finished == [("a", "completed")]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+async def test_a_poll_with_no_answer_at_the_deadline_times_out() -> None:
+    clock = FakeClock()
+    api = ScriptedApi({"g-a": [NoAnswerError("no answer")]})
+    sink = Sink()
+    poller = Poller(api, sink, S, clock=clock)
+    poller.track("a", "g-a", model="m", age_s=0, remaining_s=10, first=False)
+    clock.now = 10.0
+    await poller._poll_one(poller._tracked["a"])
+    assert sink.timed_out == ["a"] and len(poller) == 0
 
 
 async def test_auth_error_stops_the_poller() -> None:
