@@ -481,6 +481,29 @@ def test_job_timeout_takes_what_the_manifest_setting_takes(
     assert ("--job-timeout" in res.stderr) is not ok
 
 
+def test_poll_timeout_reaches_the_run_settings(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import veobatch.cli as cli
+    from veobatch.errors import ConfigError
+    from veobatch.settings import RunSettings
+
+    seen: list[RunSettings] = []
+    real = cli.resolve_settings
+
+    def resolve(*args: Any) -> RunSettings:
+        seen.append(real(*args))
+        raise ConfigError("stop here")  # nothing is sent
+
+    monkeypatch.setattr(cli, "resolve_settings", resolve)
+    m = write(tmp_path, GOOD)
+    out = str(tmp_path / "o")
+    res = runner.invoke(main, ["run", str(m), "--out", out, "--poll-timeout", "2.5"])
+    assert res.exit_code == 3 and [s.poll_timeout_s for s in seen] == [2.5]
+    res = runner.invoke(main, ["run", str(m), "--poll-timeout", "0"])
+    assert res.exit_code == 2 and "--poll-timeout" in res.stderr
+
+
 def test_a_signal_the_start_up_handler_took_is_said_once(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -440,6 +441,34 @@ async def test_a_create_whose_body_is_lost_keeps_the_id_its_header_gave(fault: s
         assert created.generation_id == "gen-1:m"
         with pytest.raises(NoAnswerError):  # a poll whose answer is lost is simply asked again
             await api.fetch("gen-1:m")
+
+
+async def test_a_hung_poll_is_cut_short_by_the_poll_timeout_a_create_is_not() -> None:
+    # 64 poll workers each held for the 60 s request timeout by a poll that hung: a poll is a
+    # small GET, safe to ask again, so it has a short timeout of its own. A create keeps the
+    # long one: a POST cut short leaves its outcome unknown.
+    release = asyncio.Event()
+
+    async def handle(request: web.Request) -> web.Response:
+        if request.method == "GET":  # hangs until the test ends
+            await release.wait()
+        else:  # answered, slower than a poll may take
+            await asyncio.sleep(0.6)
+        return web.json_response({"id": "g1", "status": "queued"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    async with TestServer(app, host="127.0.0.1") as server, aiohttp.ClientSession() as session:
+        base = str(server.make_url("")).rstrip("/")
+        api = HttpApiClient(session, base, Secret(KEY), timeout_s=60, poll_timeout_s=0.3)
+        try:
+            with anyio.fail_after(10):  # not the 60 s of the request timeout
+                with pytest.raises(NoAnswerError, match="no answer"):
+                    await api.fetch("g1")
+                created = await api.create({"model": "m"}, client_request_id="vb:j:1:abc")
+        finally:
+            release.set()
+    assert created.generation_id == "g1"
 
 
 async def test_a_generation_id_header_never_carries_the_key_into_records() -> None:

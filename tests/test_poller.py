@@ -14,6 +14,7 @@ from veobatch.errors import (
     ApiError,
     AuthError,
     BadRequestError,
+    NoAnswerError,
     NotFoundError,
     RateLimitedError,
     ServerError,
@@ -207,6 +208,40 @@ async def test_a_server_error_retry_after_is_honoured() -> None:
     assert poller._schedule.next_due() == pytest.approx(7.0)
 
 
+async def test_a_poll_with_no_answer_is_asked_again_at_its_next_poll_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A poll that hung past the poll timeout is no news, not a failure: its generation keeps
+    # its schedule (S: 25 % of its age), with no error backoff and no warning.
+    clock = FakeClock()
+    hung = NoAnswerError("GET /v2/video/generations: no answer: TimeoutError")
+    api = ScriptedApi({"g-a": ["generating", hung, hung, "completed"]})
+    sink = Sink()
+    poller = Poller(api, sink, S, clock=clock, rng=random.Random(0))
+    poller.track("a", "g-a", model="m", age_s=0, remaining_s=600, first=True)
+    t = poller._tracked["a"]
+    for now in (2.0, 20.0, 40.0):
+        clock.now = now
+        await poller._poll_one(t)
+        assert poller._schedule.due("a") == pytest.approx(now + cold_delay_s(now, S))
+    assert t.errors == 0 and t.last_running_age == 2.0  # it learnt nothing from the two
+    clock.now = 50.0
+    await poller._poll_one(t)
+    assert sink.finished == [("a", "completed")]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+async def test_a_poll_with_no_answer_at_the_deadline_times_out() -> None:
+    clock = FakeClock()
+    api = ScriptedApi({"g-a": [NoAnswerError("no answer")]})
+    sink = Sink()
+    poller = Poller(api, sink, S, clock=clock)
+    poller.track("a", "g-a", model="m", age_s=0, remaining_s=10, first=False)
+    clock.now = 10.0
+    await poller._poll_one(poller._tracked["a"])
+    assert sink.timed_out == ["a"] and len(poller) == 0
+
+
 async def test_auth_error_stops_the_poller() -> None:
     api = ScriptedApi({"g-a": [AuthError("bad key", status=401)]})
     poller = Poller(api, Sink(), FAST, clock=anyio.current_time)
@@ -336,3 +371,24 @@ async def test_a_poll_outage_is_a_few_lines_not_one_per_failed_poll(
         "poll failures window=30s failed=6000 succeeded=0: HTTP 503 ×6,000; polling continues"
     )
     assert said[2] == "polls succeed again after=40s failed=8000: HTTP 503 ×8,000"
+
+
+async def test_polls_left_unanswered_by_the_thousand_are_a_few_lines_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # An API that stops answering (every poll cut off at the poll timeout) is no failure of
+    # any job, but a line per unanswered poll would bury the log all the same.
+    clock = FakeClock()
+    quiet = [NoAnswerError("no answer within the poll timeout")] * 40
+    api = ScriptedApi({f"g-{i}": [*quiet, "completed"] for i in range(200)})
+    poller = Poller(api, Sink(), FAST, clock=clock, rng=random.Random(0))
+    for i in range(200):
+        poller.track(str(i), f"g-{i}", model="m", age_s=0, remaining_s=600, first=False)
+    with caplog.at_level(logging.INFO, logger="veobatch"):
+        for second in range(41):
+            clock.now = float(second)
+            for i in range(200):
+                await poller._poll_one(poller._tracked[str(i)])
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) <= 4, said
+    assert said[0].startswith("poll unanswered job=0: ")

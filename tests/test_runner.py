@@ -991,6 +991,81 @@ async def test_fresh_urls_after_the_first_come_after_a_growing_pause(
     assert gaps[1] >= 0.1 and gaps[2] >= 0.4  # 5 and 20 times the base (5 s, 20 s by default)
 
 
+class HandsOut(FakeApi):
+    """Sets ``all_out`` once every job's first video URL has been handed out; with
+    ``refuse_first``, the first URL handed out is marked ``?v=stale``, its next ``?v=fresh``."""
+
+    def __init__(self, cdn: str, jobs: int, *, refuse_first: bool = False) -> None:
+        super().__init__(cdn, polls_to_finish=1)
+        self.jobs = jobs
+        self.refuse_first = refuse_first
+        self.stale: str | None = None
+        self.all_out = anyio.Event()
+
+    async def fetch(self, generation_id: str) -> Generation:
+        g = await super().fetch(generation_id)
+        if self.refuse_first and self.stale is None and g.video_url:
+            self.stale = generation_id
+        if g.video_url and generation_id == self.stale:
+            tag = "stale" if self.polls[generation_id] == 1 else "fresh"
+            g = replace(g, video_url=f"{g.video_url}?v={tag}")
+        if sum(1 for n in self.polls.values() if n) == self.jobs:
+            self.all_out.set()
+        return g
+
+
+async def test_a_fresh_url_is_fetched_before_the_videos_queued_before_it(tmp_path: Path) -> None:
+    # A refreshed URL queued behind every pending download expired again before its turn
+    # (32 of 2,000 jobs failed in a soak with URLs valid for 15 s and a slow video host).
+    served: list[str] = []
+    api: HandsOut
+
+    async def video(request: web.Request) -> web.Response:
+        await api.all_out.wait()  # the whole backlog is queued before the refusal
+        await anyio.sleep(0.05)  # and recorded by the runner, after the last poll's answer
+        name = request.match_info["gen"] + ":" + request.query.get("v", "")
+        served.append(name)
+        return web.Response(status=410) if name.endswith(":stale") else web.Response(body=MP4)
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+    async with serve(app) as base:
+        api = HandsOut(base, jobs=6, refuse_first=True)
+        s = settings(tmp_path, concurrency=6, download_concurrency=1)
+        report = await run(manifest(6, tmp_path), s, api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 6}
+    assert len(served) == 7 and served[0] == f"{api.stale}:stale"
+    # Only the video the worker took up while the fresh URL was asked for goes before it,
+    # not the four others queued before it.
+    assert served.index(f"{api.stale}:fresh") <= 2
+
+
+async def test_a_retry_wait_does_not_hold_a_download_worker(tmp_path: Path) -> None:
+    # The only download worker slept through a video's backoff while finished videos waited.
+    served: list[tuple[str, float]] = []
+    api: HandsOut
+
+    async def video(request: web.Request) -> web.Response:
+        await api.all_out.wait()
+        await anyio.sleep(0.05)
+        served.append((request.match_info["gen"], time.monotonic()))
+        if len(served) == 1:  # the first video asked for: come back in two seconds
+            return web.Response(status=503, headers={"Retry-After": "2"})
+        return web.Response(body=MP4)
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+    async with serve(app) as base:
+        api = HandsOut(base, jobs=3)
+        s = settings(tmp_path, concurrency=3, download_concurrency=1)
+        report = await run(manifest(3, tmp_path), s, api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 3}
+    gens = [gen for gen, _ in served]
+    # The two other videos went while the first waited out its two seconds, then the first.
+    assert len(gens) == 4 and len(set(gens[:3])) == 3 and gens[3] == gens[0]
+    assert served[3][1] - served[0][1] >= 2 - 0.01  # and not before the host asked
+
+
 async def test_a_full_disk_fails_the_download_not_the_run(
     cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -62,6 +62,8 @@ def test_key_is_not_in_the_settings_repr() -> None:
         {"max_cost_usd": float("nan")},
         {"job_timeout_s": float("nan")},
         {"request_timeout_s": float("nan")},
+        {"poll_timeout_s": 0},
+        {"poll_timeout_s": float("nan")},
         {"connect_timeout_s": float("nan")},
         {"logs_grace_s": float("nan")},
         {"backoff_max_s": float("nan")},

@@ -7,11 +7,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import anyio
 import pytest
 from test_simulator import (
     BAD,
     CONFIG,
     GENERATIONS,
+    KEY,
     OTHER,
     Api,
     FakeClock,
@@ -212,3 +215,31 @@ async def test_odd_polls_still_count_as_polls_of_a_running_generation() -> None:
         await api.fetch(gen_id)
         [gen] = api.sim.generations.values()
         assert gen.polls == 2 and api.sim.stats.summary()["generations_detected"] == 1
+
+
+# -- stalled polls ---------------------------------------------------------------------------
+
+
+async def test_a_stalled_poll_is_answered_after_the_stall() -> None:
+    async with running(with_faults(poll_stall=1.0, stall_s=0.3), FakeClock()) as api:
+        gen_id = (await api.create()).json["id"]
+        started = anyio.current_time()
+        reply = await api.fetch(gen_id)
+        assert reply.status == 200 and anyio.current_time() - started >= 0.3
+        assert api.sim.stats.stalled_polls == 1 and api.sim.stats.polls == 1
+
+
+async def test_a_stalled_poll_given_up_is_no_poll_and_does_not_hold_the_stop() -> None:
+    # The client gave up waiting: the simulator must not count it as a poll that saw the
+    # generation (its detection lag would be wrong), nor wait an hour to stop.
+    with anyio.fail_after(10):
+        async with running(with_faults(poll_stall=1.0, stall_s=3600), FakeClock()) as api:
+            gen_id = (await api.create()).json["id"]
+            api.clock.now += 10
+            with pytest.raises(TimeoutError):
+                url, params = api.sim.base_url + GENERATIONS, {"generation_id": gen_id}
+                quick = aiohttp.ClientTimeout(total=0.2)
+                await api.call("GET", url, f"Bearer {KEY}", params=params, timeout=quick)
+            await anyio.sleep(0.1)  # the connection is seen closed
+    assert api.sim.stats.stalled_polls == 1
+    assert api.sim.stats.polls == 0 and api.sim.generations[gen_id].detected_at is None

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import anyio
 import av
 from run_helpers import CANARY, fast_settings, mixed_manifest
 
@@ -101,3 +102,22 @@ async def test_jobs_the_usage_logs_proved_unsent_are_not_uncertain_after_running
     assert report.exit_code == 3 and report.uncertain == [], report.states
     assert report.counts == {"done": 6, "pending": 10}
     assert report.estimated_jobs == 6  # the creates refused are not counted as maybe billed
+
+
+async def test_hung_polls_are_asked_again_soon_not_after_the_request_timeout(
+    tmp_path: Path,
+) -> None:
+    # 2 % of polls hanging held the 64 poll workers for the 60 s request timeout each: mean
+    # detection lag 26.9 s for 3 s generations. A poll has a short timeout of its own, and a
+    # hung one is no failure: the job finishes, polled again.
+    m = mixed_manifest(8, tmp_path)
+    out = tmp_path / "out"
+    async with Simulator(quick(Faults(seed=3, poll_stall=0.3, stall_s=3600))) as sim:
+        s = fast_settings(out, sim.base_url, poll_timeout_s=0.3)
+        assert s.request_timeout_s == 60  # what a hung poll waited for until now
+        with anyio.fail_after(30):
+            report = await run(m, s)
+        stalled, answered = sim.stats.stalled_polls, sim.stats.polls
+    assert stalled > 0  # the fault did strike
+    assert report.exit_code == 0 and report.counts == {"done": 8}, report
+    assert report.polls == answered + stalled  # each hung poll was given up, none answered

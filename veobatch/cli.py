@@ -365,6 +365,12 @@ def main() -> None:
     help="Seconds the usage logs may lag behind a request (default 60).",
 )
 @click.option(
+    "--poll-timeout",
+    "poll_timeout_s",
+    type=click.FloatRange(min=0, min_open=True),  # as settings.poll_timeout_s takes
+    help="Seconds a poll may take before it is asked again at its next poll time (default 10).",
+)
+@click.option(
     "--retry-failed",
     is_flag=True,
     default=None,
@@ -413,6 +419,7 @@ def run_cmd(
     sim_gen_time_s: float,
     verify: bool,
     logs_grace_s: float | None,
+    poll_timeout_s: float | None,
     retry_failed: bool | None,
     resubmit_uncertain: bool | None,
     max_cost_usd: float | None,
@@ -445,6 +452,7 @@ def run_cmd(
         "job_timeout_s": job_timeout_s,
         "retry_failed": retry_failed or None,
         "logs_grace_s": logs_grace_s,
+        "poll_timeout_s": poll_timeout_s,
         "resubmit_uncertain": resubmit_uncertain or None,
         "max_cost_usd": max_cost_usd,
     }

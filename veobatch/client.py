@@ -351,6 +351,7 @@ class HttpApiClient:
         *,
         timeout_s: float = 60.0,
         connect_timeout_s: float = 15.0,
+        poll_timeout_s: float = 10.0,
     ) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
@@ -361,6 +362,10 @@ class HttpApiClient:
         # No sock_read: an API answer is small, so the total bounds it already, and a read
         # timeout would re-arm a timer on every chunk that arrives.
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
+        # A poll is a small GET, safe to send again: one that hangs is cut short and asked
+        # again at its next poll, rather than hold a poll worker for the full request timeout.
+        # (A create keeps the long one: a POST cut short leaves its outcome unknown.)
+        self._poll_timeout = aiohttp.ClientTimeout(total=poll_timeout_s, connect=connect_timeout_s)
 
     async def create(self, body: Mapping[str, Any], *, client_request_id: str) -> Created:
         _, text, headers = await self._call(
@@ -376,7 +381,9 @@ class HttpApiClient:
 
     async def fetch(self, generation_id: str) -> Generation:
         url = URL(self._fetch_prefix + quote(generation_id, safe=""), encoded=True)
-        _, text, headers = await self._call("GET", GENERATIONS_PATH, url=url)
+        _, text, headers = await self._call(
+            "GET", GENERATIONS_PATH, url=url, timeouts=self._poll_timeout
+        )
         return self._scrubbed(parse_generation(text, generation_id, headers))
 
     def _scrubbed(self, view: _View) -> _View:
@@ -412,6 +419,7 @@ class HttpApiClient:
         params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         extra: Mapping[str, str] | None = None,
         url: URL | None = None,
+        timeouts: aiohttp.ClientTimeout | None = None,
     ) -> tuple[int, str, Mapping[str, str]]:
         """Send one request; the single place where aiohttp's failures become ours."""
         headers = {"Authorization": f"Bearer {self._key.reveal()}", **(extra or {})}
@@ -425,7 +433,7 @@ class HttpApiClient:
                 params=params,
                 data=data,
                 headers=headers,
-                timeout=self._timeout,
+                timeout=timeouts or self._timeout,
                 allow_redirects=False,  # a redirect could carry the key to another host
             ) as resp:
                 try:

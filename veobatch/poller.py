@@ -21,7 +21,7 @@ from typing import Protocol
 import anyio
 
 from .client import ApiClient, Generation
-from .errors import ApiError, AuthError, BadRequestError, NotFoundError
+from .errors import ApiError, AuthError, BadRequestError, NoAnswerError, NotFoundError
 from .outage import OutageLog
 from .schedule import PLAN_SLACK_S, DurationModel, fit
 from .settings import PollSettings
@@ -271,6 +271,9 @@ class Poller:
             gen = await self._api.fetch(t.generation_id)
         except AuthError:
             raise  # the key no longer works: nothing else will, the run must stop
+        except NoAnswerError as exc:
+            await self._unanswered(t, exc)
+            return
         except ApiError as exc:
             await self._on_error(t, exc)
             return
@@ -305,6 +308,20 @@ class Poller:
     async def _time_out(self, t: Tracked) -> None:
         if self._tracked.pop(t.job_id, None) is not None:
             await self._sink.generation_timed_out(t)
+
+    async def _unanswered(self, t: Tracked, exc: NoAnswerError) -> None:
+        """A poll with no answer (it hung past the poll timeout, its connection dropped) is no
+        news, and a GET is safe to send again: the generation is polled at its next poll time,
+        as if this one had not been sent, with no backoff and no error counted."""
+        now = self._clock()
+        if now >= t.deadline:
+            await self._time_out(t)
+            return
+        delay = self.durations.next_delay_s(t.model, now - t.started, scout=t.scout)
+        # Counted with the failures: an API gone quiet must not write a line per poll either.
+        what = "poll unanswered job=%s: polled again in %.1fs: %s"
+        self.failures.failed(exc, what, t.job_id, delay, exc, level=logging.INFO)
+        self._reschedule(t, now + delay)
 
     async def _on_error(self, t: Tracked, exc: ApiError) -> None:
         if isinstance(exc, NotFoundError):

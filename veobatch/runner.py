@@ -8,25 +8,24 @@ reports back here, and every state change goes through the ledger before the nex
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import anyio
 import anyio.to_thread
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ._entry import EXIT_INTERRUPTED
 from .client import ApiClient, Created, Generation
 from .costs import Budget
-from .downloader import download, drop_part, final_name, sha256_file
+from .download_queue import DownloadQueue, Fetch
+from .downloader import Downloaded, download, drop_part, final_name, sha256_file
 from .errors import (
     ApiError,
     AuthError,
@@ -179,11 +178,7 @@ class Runner:
         self.download_failures = OutageLog(
             log, "download", "downloads succeed again", "downloads continue", clock=self.clock
         )
-        self.to_download: MemoryObjectSendStream[tuple[str, str]]
-        self.downloads: MemoryObjectReceiveStream[tuple[str, str]]
-        self.to_download, self.downloads = anyio.create_memory_object_stream[tuple[str, str]](
-            math.inf
-        )
+        self.fetches = DownloadQueue(self.clock)
         self.submitter = Submitter(
             api=self.api,
             ledger=self.ledger,
@@ -219,13 +214,12 @@ class Runner:
         # the manifest now holds is made, in this run (the first video is kept beside it).
         self.remake = {p.job.id for p in plans if will_remake(p)}
         self.open = {p.job.id for p in plans if p.action not in _IDLE}
-        with self.to_download, self.downloads:
-            try:
-                if self.open:
-                    await self._execute(plans)
-            finally:  # what the logs have not told of the failures counted in silence
-                for failures in self._failure_logs():
-                    failures.flush()
+        try:
+            if self.open:
+                await self._execute(plans)
+        finally:  # what the logs have not told of the failures counted in silence
+            for failures in self._failure_logs():
+                failures.flush()
 
     def _failure_logs(self) -> tuple[OutageLog, ...]:
         return (
@@ -241,7 +235,7 @@ class Runner:
             tg.start_soon(self._poll_loop)
             tg.start_soon(self._reconcile_loop)
             for _ in range(self.settings.download_concurrency):
-                tg.start_soon(self._download_worker, self.downloads.clone())
+                tg.start_soon(self._download_worker)
             tg.start_soon(self._results_loop)
             if self.observer is not None:
                 tg.start_soon(self._observe_loop, self.observer)
@@ -333,7 +327,9 @@ class Runner:
             self._lookup(p.job, cause)
         for p in plans:
             if p.action is Action.DOWNLOAD and p.state.video_url:
-                self.to_download.send_nowait((p.job.id, p.state.video_url))
+                # Handed out when its completion was recorded: the oldest go first.
+                age = max(0.0, now - (p.state.completed_at or now))
+                self.fetches.put(Fetch(p.job.id, p.state.video_url, self.clock() - age))
 
     # -- submission ----------------------------------------------------------------------
 
@@ -615,7 +611,10 @@ class Runner:
                 "completed", tracked.job_id, durable=False, url=generation.video_url, **extra
             )
             log.info("completed job=%s polls=%d", tracked.job_id, tracked.polls)
-            self.to_download.send_nowait((tracked.job_id, generation.video_url))
+            # A URL that replaces a refused one goes before the backlog, or it expires too.
+            refreshed = tracked.job_id in self.refreshes
+            fetch = Fetch(tracked.job_id, generation.video_url, self.clock(), refreshed)
+            self.fetches.put(fetch)
             return
         await self._generation_failed(
             tracked.job_id, generation.error_name, generation.error_message
@@ -672,69 +671,75 @@ class Runner:
 
     # -- downloads -----------------------------------------------------------------------
 
-    async def _download_worker(self, stream: MemoryObjectReceiveStream[tuple[str, str]]) -> None:
-        async with stream:
-            async for job_id, url in stream:
-                await self._download(job_id, url)
+    async def _download_worker(self) -> None:
+        while True:
+            await self._download(await self.fetches.get())
 
-    async def _download(self, job_id: str, url: str) -> None:
-        s = self.settings
-        for attempt in range(s.download_retries + 1):
-            try:
-                got = await download(
-                    self.cdn,
-                    url,
-                    s.out_dir,
-                    job_id,
-                    api_base_url=s.base_url,
-                    max_bytes=s.max_video_bytes,
-                    chunk_bytes=s.download_chunk_bytes,
-                    client_timeout=self.download_timeout,
-                    sync_dir=False,  # the ledger batch that carries "done" syncs it
-                    probe=True,
-                    offload=self.ledger.offload,
-                )
-            except UrlRejectedError as exc:
-                return await self._fail(job_id, "url_rejected", exc.message)
-            except DownloadError as exc:
-                if exc.url_expired:
-                    return await self._refresh_url(job_id, exc, "video URL refused")
-                if exc.retryable and attempt == s.download_retries and exc.unreachable:
-                    return await self._refresh_url(job_id, exc, "video host unreachable")
-                if not exc.retryable or attempt == s.download_retries:
-                    return await self._fail(job_id, "download", exc.message)
-                delay = backoff_delay_s(attempt, s.backoff_base_s, s.backoff_max_s, self.rng)
-                delay = max(delay, exc.retry_after_s or 0.0)  # the host said how long
-                what = "download retry job=%s in %.1fs: %s"
-                self.download_failures.failed(exc, what, job_id, delay, exc.message)
-                await anyio.sleep(delay)
-                continue
-            self.download_failures.succeeded()
-            job = self.jobs[job_id]
-            assert got.probe is not None
-            checked = check(got.probe, job.model, job.request)
-            # Not waited for (the file is already on disk): lost in a crash, the next run
-            # finds the job completed and fetches the video again, at no charge.
-            self.ledger.dir_changed()
-            await self.ledger.record(
-                "done",
+    async def _download(self, fetch: Fetch) -> None:
+        """One attempt; a retry goes back to the queue for its wait, leaving the worker free."""
+        s, job_id = self.settings, fetch.job_id
+        try:
+            got = await download(
+                self.cdn,
+                fetch.url,
+                s.out_dir,
                 job_id,
-                durable=False,
-                file=got.file,
-                bytes=got.bytes,
-                sha256=got.sha256,
-                mtime_ns=got.mtime_ns,
-                **checked.record_fields(),
+                api_base_url=s.base_url,
+                max_bytes=s.max_video_bytes,
+                chunk_bytes=s.download_chunk_bytes,
+                client_timeout=self.download_timeout,
+                sync_dir=False,  # the ledger batch that carries "done" syncs it
+                probe=True,
+                offload=self.ledger.offload,
             )
-            log.info("done job=%s file=%s bytes=%d", job_id, got.file, got.bytes)
-            if checked.flags:
-                log.warning("video differs job=%s: %s", job_id, "; ".join(checked.flags))
-            if job_id in self.remake:
-                self.remake.discard(job_id)
-                self.tg.start_soon(self._make_current_request, job)
-                return
-            self._close(job_id)
+        except UrlRejectedError as exc:
+            await self._fail(job_id, "url_rejected", exc.message)
+        except DownloadError as exc:
+            await self._download_failed(fetch, exc)
+        else:
+            await self._downloaded(job_id, got)
+
+    async def _download_failed(self, fetch: Fetch, exc: DownloadError) -> None:
+        s, job_id = self.settings, fetch.job_id
+        last = fetch.attempt == s.download_retries
+        if exc.url_expired:
+            return await self._refresh_url(job_id, exc, "video URL refused")
+        if exc.retryable and last and exc.unreachable:
+            return await self._refresh_url(job_id, exc, "video host unreachable")
+        if not exc.retryable or last:
+            return await self._fail(job_id, "download", exc.message)
+        delay = backoff_delay_s(fetch.attempt, s.backoff_base_s, s.backoff_max_s, self.rng)
+        delay = max(delay, exc.retry_after_s or 0.0)  # the host said how long
+        what = "download retry job=%s in %.1fs: %s"
+        self.download_failures.failed(exc, what, job_id, delay, exc.message)
+        self.fetches.put(replace(fetch, attempt=fetch.attempt + 1), delay_s=delay)
+
+    async def _downloaded(self, job_id: str, got: Downloaded) -> None:
+        self.download_failures.succeeded()
+        job = self.jobs[job_id]
+        assert got.probe is not None
+        checked = check(got.probe, job.model, job.request)
+        # Not waited for (the file is already on disk): lost in a crash, the next run
+        # finds the job completed and fetches the video again, at no charge.
+        self.ledger.dir_changed()
+        await self.ledger.record(
+            "done",
+            job_id,
+            durable=False,
+            file=got.file,
+            bytes=got.bytes,
+            sha256=got.sha256,
+            mtime_ns=got.mtime_ns,
+            **checked.record_fields(),
+        )
+        log.info("done job=%s file=%s bytes=%d", job_id, got.file, got.bytes)
+        if checked.flags:
+            log.warning("video differs job=%s: %s", job_id, "; ".join(checked.flags))
+        if job_id in self.remake:
+            self.remake.discard(job_id)
+            self.tg.start_soon(self._make_current_request, job)
             return
+        self._close(job_id)
 
     async def _make_current_request(self, job: Job) -> None:
         log.info(

@@ -105,6 +105,7 @@ async def _http(
                     settings.api_key,
                     timeout_s=settings.request_timeout_s,
                     connect_timeout_s=settings.connect_timeout_s,
+                    poll_timeout_s=settings.poll_timeout_s,
                 ),
                 cdn,
             )

@@ -123,6 +123,7 @@ class RunSettings:
     download_concurrency: int = 4
     job_timeout_s: float = 1800.0  # from submission to completion
     request_timeout_s: float = 60.0  # one API call
+    poll_timeout_s: float = 10.0  # one poll (a small GET): a hung one is asked again later
     connect_timeout_s: float = 15.0
     download_chunk_bytes: int = 1 << 20
     max_video_bytes: int = 4 << 30  # a runaway body is cut off here
@@ -150,6 +151,7 @@ class RunSettings:
         for name, value in (
             ("job timeout", self.job_timeout_s),
             ("request timeout", self.request_timeout_s),
+            ("poll timeout", self.poll_timeout_s),
             ("connect timeout", self.connect_timeout_s),
         ):
             if not value > 0:

@@ -28,6 +28,8 @@ class Faults:
     create_drop_after: float = 0.0  # the generation is created, then the connection drops
     poll_5xx: float = 0.0
     poll_429: float = 0.0
+    poll_stall: float = 0.0  # a poll is answered only after stall_s: a hung request
+    stall_s: float = 120.0  # how long a stalled poll is held (or until the simulator stops)
     # a running generation is reported as waiting, active, an unknown status, or completed
     # without a video URL (never once it has really finished)
     odd_statuses: float = 0.0

@@ -122,6 +122,7 @@ class Simulator:
         )
         self._dice = Dice(self.config.faults)
         self._runners: list[web.AppRunner] = []
+        self._stopping: anyio.Event | None = None  # set by stop(): stalled answers go then
         self._tmp: Path | None = None
         self._cache: VideoCache | None = None
         self._cdn_port = 0
@@ -139,6 +140,7 @@ class Simulator:
         await self.stop()
 
     async def start(self) -> None:
+        self._stopping = anyio.Event()
         self._tmp = Path(tempfile.mkdtemp(prefix="veobatch-sim-"))
         self._cache = VideoCache(self._tmp)
         self._load_journal()
@@ -202,6 +204,8 @@ class Simulator:
         (self.config.state_dir / CDN_PORT).write_text(json.dumps(self._cdn_port), encoding="utf-8")
 
     async def stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -402,6 +406,11 @@ class Simulator:
         if gen is None or gen.api_key_sha != _digest(key):  # another account's is not yours
             return _error(request, 404, f"Generation {gen_id} not found")
         f = self.config.faults
+        if self._dice.roll(f.poll_stall):
+            self.stats.stalled_polls += 1
+            await self._stall(f.stall_s)
+            if request.transport is None:  # the client gave up waiting: it sees no answer
+                return web.Response(status=504)
         if self._dice.roll(f.poll_5xx):
             return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
         if self._dice.roll(f.poll_429):
@@ -409,6 +418,12 @@ class Simulator:
         now = self._clock()
         self.stats.record_poll(gen, now)
         return self._fetch_reply(gen, now)
+
+    async def _stall(self, seconds: float) -> None:
+        """Hold an answer back as a hung server does, but never past the simulator's stop."""
+        assert self._stopping is not None
+        with anyio.move_on_after(seconds):
+            await self._stopping.wait()
 
     def _fetch_reply(self, gen: Generation, now: float) -> web.Response:
         seconds = spec_for(gen.request, self.config).duration_s

@@ -141,6 +141,7 @@ class SimStats:
     odd_statuses: int = 0  # polls answered with an odd status (fault injection)
     expired_urls: int = 0  # CDN requests refused for an expired URL
     truncated_downloads: int = 0
+    stalled_polls: int = 0  # polls held back stall_s before their answer (fault injection)
     # the generations a poll saw finished, in the order they were first seen so
     detected: list[Generation] = field(default_factory=list)
 
@@ -171,6 +172,7 @@ class SimStats:
             "odd_statuses": self.odd_statuses,
             "expired_urls": self.expired_urls,
             "truncated_downloads": self.truncated_downloads,
+            "stalled_polls": self.stalled_polls,
             "generations_detected": len(lags),
             "mean_polls_per_completed": _mean(polls_done),
             "mean_detection_lag_s": _mean(lags),
