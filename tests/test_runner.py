@@ -1625,3 +1625,31 @@ async def test_a_removed_job_still_uncertain_is_warned_of_not_failing_every_nigh
     report = await run(Manifest(m.path, m.jobs[:1]), s, api=api)
     assert report.exit_code == 0 and report.uncertain == [] and len(api.created) == 1
     assert report.states["job1"].status == "uncertain"  # on record, never resubmitted
+
+
+async def test_a_429_is_measured_against_generations_running_not_videos_fetched_again(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Done jobs whose files are gone are polled for a fresh URL: tracked by the poller, but
+    # not in flight at the API and holding no slot. Counted, they set the floor of the limit
+    # after a 429 (a 429 at 3 running then read as 18 raised the limit to 18).
+    m = manifest(4, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(Manifest(m.path, m.jobs[:3]), settings(tmp_path), api=api)
+    for f in (tmp_path / "out").glob("job*.mp4"):
+        f.unlink()
+
+    class SlowRefetch(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            if generation_id in api.created:  # the three done earlier: still being polled
+                await anyio.sleep(0.5)
+            return await super().fetch(generation_id)
+
+    again = SlowRefetch(cdn, polls_to_finish=1)
+    again.polls.update(api.polls)
+    again.create_error, again.errors_left = RateLimitedError("HTTP 429", retry_after_s=0), 1
+    with caplog.at_level(logging.WARNING, logger="veobatch"):
+        report = await run(m, settings(tmp_path, concurrency=8), api=again)
+    assert report.exit_code == 0 and report.counts == {"done": 4}
+    lowered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("429 from")]
+    assert lowered and all("in_flight=0" in line for line in lowered), lowered

@@ -153,6 +153,9 @@ class Runner:
         self.slots = anyio.CapacityLimiter(self.settings.concurrency)
         self.limit = AdaptiveLimit(self.settings.concurrency)
         self.holding: set[str] = set()
+        # Of those, the jobs whose generation the API holds for us (accepted, not seen finished):
+        # what a 429 is measured against. Not a URL refresh or a re-poll, which hold no slot.
+        self.running: set[str] = set()
         # Jobs resubmitted after a look-up that could not rule out an earlier generation: one
         # of their POSTs may exist and be billed, whatever later look-ups say of the last one.
         self.maybe_billed: set[str] = set()
@@ -282,6 +285,7 @@ class Runner:
         return None
 
     def _release(self, job_id: str) -> None:
+        self.running.discard(job_id)
         if job_id in self.holding:
             self.holding.remove(job_id)
             self.slots.release_on_behalf_of(job_id)
@@ -304,6 +308,8 @@ class Runner:
         for p in in_flight:
             self.slots.acquire_on_behalf_of_nowait(p.job.id)
             self.holding.add(p.job.id)
+            if p.state.status == "submitted":
+                self.running.add(p.job.id)
         self.slots.total_tokens = self.settings.concurrency
         now = time.time()
         for p in polls:
@@ -458,7 +464,7 @@ class Runner:
     def _on_rate_limited(self) -> None:
         # The generations the API has accepted and we have not seen finish: what it evidently
         # holds for us, whatever else holds a slot (a create on its way, a look-up).
-        in_flight = len(self.poller)
+        in_flight = len(self.running)
         limit = self.limit.on_rate_limited(self.clock(), in_flight)
         if limit < self.slots.total_tokens:
             log.warning(
@@ -514,6 +520,8 @@ class Runner:
             self.adopted += 1
             log.info("adopted job=%s gen=%s (from the usage logs)", job.id, decision.generation_id)
             age = max(0.0, time.time() - lookup.settled_wall)
+            if job.id in self.holding:
+                self.running.add(job.id)
             self.poller.track(
                 job.id,
                 decision.generation_id,
@@ -583,11 +591,12 @@ class Runner:
 
     async def _on_submitted(self, job: Job, created: Created) -> None:
         self.submitted += 1
-        self._apply_limit(self.limit.on_success(len(self.poller)))  # before it is tracked
+        self._apply_limit(self.limit.on_success(len(self.running)))  # before it is counted
         log.info("submitted job=%s gen=%s", job.id, created.generation_id)
         if created.failed:  # refused at once (a content policy, say): nothing to poll for
             await self._generation_failed(job.id, created.error_name, created.error_message)
             return
+        self.running.add(job.id)
         self.poller.track(
             job.id,
             created.generation_id,
