@@ -116,7 +116,7 @@ class PagedLogs:
         if self.fail:
             self.calls.append(kw)
             raise ServerError("HTTP 503", status=503)
-        if kw["limit"] == 1 and not kw["models"]:
+        if kw["limit"] == 1 and kw.get("statuses") == ["succeeded"]:
             self.probes.append(kw)
             return LogPage([self.newest] if self.newest else [], False)
         self.calls.append(kw)
@@ -361,14 +361,22 @@ def test_absence_counts_only_once_the_logs_show_a_later_request(cause: Cause) ->
     assert at(61, later=True).verdict is Verdict.RESUBMIT
     assert at(61, later=False).verdict is Verdict.WAIT
     assert at(599, later=False).verdict is Verdict.WAIT
-    d = at(601, later=False)  # ten graces: a lag that long is past what the grace allows
-    assert d.verdict is Verdict.RESUBMIT and "ten times their grace" in d.reason
+    d = at(601, later=False)  # ten graces: left for a later run, its cause kept
+    assert d.verdict is Verdict.UNCERTAIN and "may lag behind" in d.reason and not d.seen
+    d = at(3600, later=False)  # an earlier night's: no usage log lags an hour
+    assert d.verdict is Verdict.RESUBMIT and "1.0 h after it was made" in d.reason
     assert decide(
         lk("no_answer"), None, waited_s=61, grace_s=60, searched_all=True, later_logged=True
     ).verdict is (Verdict.UNCERTAIN)
 
 
-async def test_logs_that_show_nothing_later_prove_absence_only_after_ten_graces() -> None:
+def test_with_no_grace_absence_counts_at_once() -> None:
+    # --logs-grace 0: the user says the logs show every request at once.
+    no_grace = {**READ, "grace_s": 0, "later_logged": False}
+    assert decide(lk(), None, waited_s=0, **no_grace).verdict is Verdict.RESUBMIT
+
+
+async def test_logs_that_show_nothing_later_leave_the_job_for_a_later_run() -> None:
     api = PagedLogs([], newest=None)  # nothing logged at all: the logs lag behind everything
     now = [1000.0]
     rec, got = _reconciler(api, lambda: now[0])
@@ -379,8 +387,8 @@ async def test_logs_that_show_nothing_later_prove_absence_only_after_ten_graces(
         assert got == []
     now[0] = 1601.0
     await rec.sweep()
-    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.RESUBMIT)]
-    assert api.probes and all(p["models"] == [] and p["limit"] == 1 for p in api.probes)
+    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.UNCERTAIN)]
+    assert api.probes and all(p["models"] == ["m"] and p["limit"] == 1 for p in api.probes)
 
 
 async def test_a_row_of_a_create_sent_after_the_look_up_proves_the_logs_caught_up() -> None:

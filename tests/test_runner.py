@@ -620,7 +620,7 @@ async def test_a_request_sent_with_another_key_is_never_taken_for_never_created(
     await seed_intents(tmp_path, [(m.jobs[0], "crid-job0")], key=old_key)
     await seed_intents(tmp_path, [(m.jobs[1], "crid-job1")], key=new_key)
     api = FakeApi(cdn, polls_to_finish=1)
-    s = settings(tmp_path, api_key=new_key, logs_grace_s=0.01)
+    s = settings(tmp_path, api_key=new_key, logs_grace_s=0)
     report = await run(m, s, api=api)
     assert report.uncertain == ["job0"] and len(api.created) == 1  # job1: this key's, absent
     error = report.states["job0"].error
@@ -628,7 +628,7 @@ async def test_a_request_sent_with_another_key_is_never_taken_for_never_created(
         error.message
     )
     # Back on the key it was sent with, absence from the logs is proof again.
-    back = await run(m, settings(tmp_path, api_key=old_key, logs_grace_s=0.01), api=api)
+    back = await run(m, settings(tmp_path, api_key=old_key, logs_grace_s=0), api=api)
     assert back.exit_code == 0 and len(api.created) == 2, (api.created, back.states["job0"])
 
 
@@ -1653,3 +1653,84 @@ async def test_a_429_is_measured_against_generations_running_not_videos_fetched_
     assert report.exit_code == 0 and report.counts == {"done": 4}
     lowered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("429 from")]
     assert lowered and all("in_flight=0" in line for line in lowered), lowered
+
+
+async def test_a_504_not_in_the_logs_is_uncertain_not_resubmitted(cdn: str, tmp_path: Path) -> None:
+    # "Generation timeout": a gateway gave up waiting, and the API may yet create it and log
+    # its row after later requests'. Its absence proves nothing, as for no answer at all.
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error, api.errors_left = ServerError("HTTP 504: Generation timeout", status=504), 1
+    api.hide_from_logs = True
+    report = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    assert report.uncertain == ["job0"] and api.created == []
+    error = report.states["job0"].error
+    assert error is not None and error.kind == "no_answer"
+
+
+async def test_a_5xx_the_logs_never_caught_up_past_is_left_for_a_later_run(
+    cdn: str, tmp_path: Path
+) -> None:
+    # The last create of a run met a 5xx and nothing later is ever logged: absence after ten
+    # graces proved nothing (logs ten graces late paid it twice). Left uncertain, its cause
+    # kept, so a later run's look-up (with its own creates logged) can still resubmit it.
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.create_error, api.errors_left = ServerError("HTTP 502", status=502), 1
+    api.hide_from_logs = True
+    s = settings(tmp_path, logs_grace_s=0.05, lookup_interval_s=0.01)
+    report = await run(manifest(1, tmp_path), s, api=api)
+    assert report.uncertain == ["job0"] and api.created == []
+    error = report.states["job0"].error
+    assert error is not None and error.kind == "server_error" and "may lag" in error.message
+
+
+async def test_after_a_403_open_look_ups_are_left_for_a_later_run_at_once(
+    cdn: str, tmp_path: Path
+) -> None:
+    # A 5xx's look-up waiting for the logs when a 403 stops submissions: it waited out ten
+    # graces (10 min by default) only to end in a resubmission never sent, its request id
+    # thrown away. One more read of the logs, then it is left as recorded for the next run.
+    class FiveHundredThen403(FakeApi):
+        async def create(self, body: Any, *, client_request_id: str) -> Created:
+            if body["prompt"] == "p0":
+                raise ServerError("HTTP 500", status=500)
+            raise AuthError("HTTP 403: Insufficient credits", status=403)
+
+    api = FiveHundredThen403(cdn)
+    api.hide_from_logs = True  # the logs lag: p0's row is not there yet
+    s = settings(tmp_path, concurrency=2, logs_grace_s=30.0, lookup_interval_s=0.05)
+    with anyio.fail_after(10):
+        report = await run(manifest(2, tmp_path), s, api=api)
+    assert report.exit_code == 3 and report.uncertain == ["job0"]
+    st = report.states["job0"]
+    assert st.error is not None and st.error.kind == "server_error" and st.client_request_id
+
+
+@pytest.mark.parametrize(
+    "then",
+    [AuthError("HTTP 403: Insufficient credits", status=403), RateLimitedError("HTTP 429")],
+)
+async def test_a_risked_resubmission_refused_keeps_the_earlier_post_on_record(
+    cdn: str, tmp_path: Path, then: Exception
+) -> None:
+    # --resubmit-uncertain sent a job again whose first POST was made (its answer lost, the
+    # logs behind), and the API refused the new one. It became never sent (or submit_failed):
+    # the next run paid again and the first video was never fetched.
+    class FirstLostThenRefused(FakeApi):
+        async def create(self, body: Any, *, client_request_id: str) -> Created:
+            if not self.created:
+                await super().create(body, client_request_id=client_request_id)
+                raise NoAnswerError("read timeout")  # made, and billed
+            raise then
+
+    api = FirstLostThenRefused(cdn, polls_to_finish=1)
+    api.hide_from_logs = True
+    s = settings(tmp_path, resubmit_uncertain=True, job_timeout_s=0.3)
+    report = await run(manifest(1, tmp_path), s, api=api)
+    st = report.states["job0"]
+    assert report.uncertain == ["job0"] and report.risked_duplicates == 0
+    assert st.client_request_id == api.log[0].client_request_id  # the POST that was made
+    assert st.error is not None and "earlier POST" in st.error.message
+    # Next night the logs show it: adopted and fetched, nothing paid again.
+    api.hide_from_logs = False
+    again = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    assert again.exit_code == 0 and again.adopted == 1 and len(api.created) == 1

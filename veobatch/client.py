@@ -108,7 +108,14 @@ class ApiClient(Protocol):
     async def fetch(self, generation_id: str) -> Generation: ...
 
     async def logs(
-        self, *, start: datetime, end: datetime, models: Sequence[str], offset: int, limit: int
+        self,
+        *,
+        start: datetime,
+        end: datetime,
+        models: Sequence[str],
+        offset: int,
+        limit: int,
+        statuses: Sequence[str] = (),
     ) -> LogPage: ...
 
 
@@ -401,11 +408,19 @@ class HttpApiClient:
         )
 
     async def logs(
-        self, *, start: datetime, end: datetime, models: Sequence[str], offset: int, limit: int
+        self,
+        *,
+        start: datetime,
+        end: datetime,
+        models: Sequence[str],
+        offset: int,
+        limit: int,
+        statuses: Sequence[str] = (),
     ) -> LogPage:
-        # Repeated `model` parameters (a comma-separated value would match nothing).
+        # Repeated `model` and `status` parameters (a comma-separated value would match nothing).
         params: list[tuple[str, str]] = [("start", iso_utc(start)), ("end", iso_utc(end))]
         params += [("model", m) for m in models[:50]]
+        params += [("status", s) for s in statuses]
         params += [("limit", str(limit)), ("offset", str(offset))]
         _, text, _ = await self._call("GET", LOGS_PATH, params=params)
         return parse_log_page(text)

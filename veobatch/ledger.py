@@ -181,6 +181,11 @@ def _on_failed(s: JobState, r: Mapping[str, Any]) -> None:
 def _on_uncertain(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "uncertain"
     s.error = ErrorInfo(str(r.get("kind", "no_answer")), str(r.get("message", "")))
+    if "crid" in r:  # a resubmission refused: back to the earlier POST that may exist
+        s.client_request_id = r["crid"]
+        s.intent_at = r.get("at")
+        s.model = r.get("model", s.model)
+        s.account = r.get("acct")
 
 
 _APPLY: dict[str, Callable[[JobState, Mapping[str, Any]], None]] = {

@@ -8,15 +8,16 @@ within the endpoint's own rate limit, and decides:
 
 - logged as succeeded → adopt its generation id and poll it (nothing is paid twice);
 - logged as failed → nothing was created: submit again;
-- not logged after a grace period, in logs that already show a request made after it, or after
-  ten graces → after a 5xx or a crash, submit again (the API's advice); after a request that
-  went unanswered, the job is ``uncertain``. Logs that show nothing later may lag behind more
-  than the grace: absence from them proves nothing until ten graces have passed.
+- not logged after a grace period, in logs that already show a request made after it, or an
+  hour after it was made → after a 5xx or a crash, submit again (the API's advice); after a
+  request that went unanswered, the job is ``uncertain``. Logs that show nothing later may lag
+  behind more than the grace: after ten graces the job is left ``uncertain`` for a later run.
 
 The logs list requests newest first, and a row shows up once the request is logged. A row of a
 request made after ours (one this process sent after ours was answered, or one stamped later
 than ours by more than any clock skew) shows the logs have caught up past ours: that is the
-evidence absence needs. One ``limit=1`` read per sweep asks for the newest row.
+evidence absence needs. One ``limit=1`` read per sweep asks for the newest succeeded row of
+the look-ups' models.
 
 Pure core: :func:`decide`, :class:`RateBudget`. Shell: :class:`Reconciler`.
 """
@@ -75,6 +76,7 @@ class Verdict(enum.Enum):
     RESUBMIT = "resubmit"
     UNCERTAIN = "uncertain"
     WAIT = "wait"
+    LEAVE = "leave"  # not settled, and the run submits nothing more: left as recorded
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,9 @@ class Decision:
 
 
 UNREADABLE_PATIENCE_S = 60.0
+# Absent from the logs this long after it was made, a request was never made, later requests
+# logged or not: no usage log lags an hour.
+NO_LAG_THAT_LONG_S = 3600.0
 
 
 def decide(
@@ -135,13 +140,23 @@ def decide(
             f"not in the usage logs after {waited_s:.0f}s, though they show later requests:"
             " it was never created",
         )
+    if grace_s == 0:  # --logs-grace 0: the user says the logs show every request at once
+        return Decision(Verdict.RESUBMIT, "not in the usage logs: it was never created")
+    if waited_s >= NO_LAG_THAT_LONG_S:  # an earlier night's crash or 5xx
+        return Decision(
+            Verdict.RESUBMIT,
+            f"not in the usage logs {waited_s / 3600:.1f} h after it was made: it was never"
+            " created",
+        )
     # Logs lagging more than the grace made each such 5xx a second payment: with nothing later
-    # logged, absence counts only after ten graces (a crash of an earlier night is long past).
+    # logged, absence proves nothing tonight. Left uncertain with its cause, a later run (its
+    # own creates logged, or an hour gone by) settles it without paying twice.
     if waited_s < 10 * grace_s:
         return Decision(Verdict.WAIT, "the usage logs show no request made after it yet")
     return Decision(
-        Verdict.RESUBMIT,
-        f"not in the usage logs after {waited_s:.0f}s, ten times their grace: it was never created",
+        Verdict.UNCERTAIN,
+        f"not in the usage logs after {waited_s:.0f}s, but they show no request made after it"
+        " either, so they may lag behind; a later run looks it up again",
     )
 
 
@@ -224,10 +239,18 @@ class Reconciler:
         self._pruned_to = 0
         # Per open look-up: when the logs were first seen holding a request made after it.
         self._later_seen_at: dict[str, float] = {}
+        self._closing = False
         # Logs down for an hour would fail a sweep every few seconds: counted, not a line each.
         self.failures = OutageLog(
             log, "usage-logs read", "usage-logs reads succeed again", "look-ups wait", clock=clock
         )
+
+    def close(self) -> None:
+        """The run submits nothing more: what one more read of the logs does not settle is left
+        as recorded for a later run (waiting out graces now could only end in a resubmission
+        that will not be sent, or keep the run alive for nothing)."""
+        self._closing = True
+        self._wake.set()
 
     def note_sent(self, client_request_id: str) -> None:
         """A create is about to leave: its row, once logged, vouches for every look-up opened
@@ -282,6 +305,9 @@ class Reconciler:
                 # it has already read.
                 later_logged=self._later_seen_at.get(crid, math.inf) <= started,
             )
+            if d.verdict is Verdict.WAIT and self._closing:
+                why = "submissions stopped before the usage logs settled it"
+                d = Decision(Verdict.LEAVE, why, seen=d.seen)
             if d.verdict is Verdict.WAIT:
                 continue
             del self._open[crid]
@@ -351,9 +377,9 @@ class Reconciler:
         return found, False, started
 
     async def _probe(self, lookups: dict[str, Lookup]) -> bool:
-        """Read the newest row of the logs (any model), and note which of these look-ups it
-        shows the logs have caught up past. Only for look-ups whose absence would be acted on,
-        once their grace is over. False when the logs refused."""
+        """Read the newest row of the logs (a create of these models that went through), and
+        note which of these look-ups it shows the logs have caught up past. Only for look-ups
+        whose absence would be acted on, once their grace is over. False when the logs refused."""
         now = self._clock()
         waiting = [
             lk
@@ -374,9 +400,12 @@ class Reconciler:
             page = await self._api.logs(
                 start=datetime.fromtimestamp(start, UTC),
                 end=datetime.fromtimestamp(max(wall, start) + CLOCK_MARGIN_S, UTC),
-                models=[],
+                # Creates like ours that went through: the rows most surely logged the way
+                # ours would be (a refusal's row may be written by another path, sooner).
+                models=sorted({lk.model for lk in waiting}),
                 offset=0,
                 limit=1,
+                statuses=["succeeded"],
             )
         except AuthError as exc:
             exc.message = f"{exc.message} (to the usage-logs look-up, GET {LOGS_PATH})"

@@ -271,6 +271,7 @@ class Runner:
             message = f"the API refused {whose}: {message}"
         self.auth_error = message
         self.stop_submitting = True
+        self.reconciler.close()
         log.error("%s; no new submissions", message)
 
     def _close(self, job_id: str) -> None:
@@ -391,14 +392,17 @@ class Runner:
                 self._over_budget(job)
                 await self._settle_unsent(job, risked, "held back by the cost limit")
                 return
-            if risked:
-                self.risked_duplicates += 1
+            may_exist = risked or job.id in self.maybe_billed
+            earlier = replace(self.ledger.state(job.id)) if may_exist else None
             await self._prepare_new_generation(job)
-            outcome = await self.submitter.submit(job)
+            outcome = await self.submitter.submit(job, earlier=earlier)
+            if risked and outcome in (SubmitOutcome.SUBMITTED, SubmitOutcome.UNCERTAIN):
+                self.risked_duplicates += 1  # a POST that may have made a second one
             if outcome is SubmitOutcome.STOPPED:  # stopped before its POST: as above
                 await self._settle_unsent(job, risked, "submissions stopped before it was resent")
             if self.submitter.gave_up is not None:
                 self.stop_submitting = True  # the slots waiting must not send one more
+                self.reconciler.close()
         except AuthError as exc:
             self._stop_on_auth(exc)
             outcome = SubmitOutcome.AUTH
@@ -511,6 +515,11 @@ class Runner:
 
     async def _on_lookup(self, lookup: Lookup, decision: Decision) -> None:
         job = self.jobs[lookup.job_id]
+        if decision.verdict is Verdict.LEAVE:  # the next run's look-up settles it
+            log.info("lookup job=%s left for a later run: %s", job.id, decision.reason)
+            self._release(job.id)
+            self._close(job.id)
+            return
         if decision.verdict is Verdict.ADOPT and decision.generation_id:
             # Edited since its POST: made again as it now reads, once this one is fetched (not
             # a job no longer listed, whose request here is the ledger's copy, not the manifest's).

@@ -467,6 +467,7 @@ class Submitter:
     # Told each create's client request id as it leaves, after its intent is on disk: the
     # usage-logs look-ups take a logged row of a later create as proof the logs caught up.
     on_sent: Callable[[str], None] = lambda crid: None
+    _earlier: dict[str, JobState] = field(default_factory=dict, init=False)
     # A create outage fails every submission in flight, again and again: counted, not a line each.
     failures: OutageLog = field(init=False)
 
@@ -475,8 +476,22 @@ class Submitter:
             log, "submission", "submissions succeed again", "submitting continues", clock=self.clock
         )
 
-    async def submit(self, job: Job) -> SubmitOutcome:
-        """Submit until the outcome is known; waits between tries can be cancelled."""
+    async def submit(self, job: Job, *, earlier: JobState | None = None) -> SubmitOutcome:
+        """Submit until the outcome is known; waits between tries can be cancelled.
+
+        ``earlier``: the job as recorded before this submission when an earlier POST of it may
+        have created a generation (a resubmission the user risked). A try that certainly
+        created nothing then puts that POST back on record, never "never sent": a later
+        look-up must still find it, and a later run must not pay for the job again."""
+        if earlier is None:
+            return await self._submit(job)
+        self._earlier[job.id] = earlier
+        try:
+            return await self._submit(job)
+        finally:
+            del self._earlier[job.id]
+
+    async def _submit(self, job: Job) -> SubmitOutcome:
         attempt = limited = 0
         limited_since: float | None = None
         while True:
@@ -505,9 +520,9 @@ class Submitter:
                 attempt += 1
                 if attempt > self.retries:  # nothing was created: safe to fail outright
                     why = f"gave up after {attempt} tries: {retry}"
-                    await self._fail(job, "submit_failed", why)
+                    await self._not_created(job, why, fail_as="submit_failed")
                     return SubmitOutcome.REJECTED
-            await self.ledger.record("unsent", job.id)
+            await self._not_created(job, f"sent again, refused: {retry}")
             await self._wait(retry, limited if limited_by_api else attempt, job)
             if limited_by_api and self.yield_slot is not None:
                 await self.yield_slot(job)
@@ -523,10 +538,11 @@ class Submitter:
             self._give_up_run(now - self.refused_since, retry)
         if (waited := now - limited_since) > self.rate_limit_patience_s:
             refused = f"refused by the API's limits for {_minutes(waited)}: {retry}"
-            await self._fail(job, "submit_failed", refused)  # nothing was created: unpaid
+            # Nothing was created: unpaid.
+            await self._not_created(job, refused, fail_as="submit_failed")
             return SubmitOutcome.REJECTED
         if self.gave_up is not None:
-            await self.ledger.record("unsent", job.id)
+            await self._not_created(job, f"sent again, refused: {retry}")
             return SubmitOutcome.STOPPED
         return None
 
@@ -565,7 +581,7 @@ class Submitter:
         except NotFoundError as exc:
             # "Unknown resource" for the create endpoint itself: nothing was created, and with
             # this base URL nothing will be (a wrong path prefix, say). Stop, as for a 3xx.
-            await self.ledger.record("unsent", job.id)
+            await self._not_created(job, f"sent again, refused: {exc.message}")
             message = (
                 f"{exc.message}: nothing answers POST {GENERATIONS_PATH} at this base URL;"
                 f" set {ENV_BASE_URL} to the API's address"
@@ -576,14 +592,18 @@ class Submitter:
             if exc.status == 303:  # "see other": the POST may have been acted on
                 await self.ledger.record("uncertain", job.id, kind="no_answer", message=exc.message)
             else:
-                await self.ledger.record("unsent", job.id)
+                await self._not_created(job, f"sent again, refused: {exc.message}")
             log.error("submission refused job=%s: %s", job.id, exc.message)
             raise
         except BadRequestError as exc:
             await self._fail(job, "invalid_request", exc.message)
             return SubmitOutcome.REJECTED, None
         except ApiError as exc:  # 5xx, no answer, unreadable 2xx: it may exist
-            kind = "server_error" if isinstance(exc, ServerError) else "no_answer"
+            # A 504 ("Generation timeout") is a gateway that gave up waiting while the API may
+            # go on and create it, its row logged only then, after later requests': absence
+            # from the logs cannot prove it was never made, as for a POST left unanswered.
+            gave_up = isinstance(exc, ServerError) and exc.status == 504
+            kind = "server_error" if isinstance(exc, ServerError) and not gave_up else "no_answer"
             self._rest(exc)
             await self.ledger.record("uncertain", job.id, kind=kind, message=exc.message)
             self.failures.failed(exc, "submission outcome unknown job=%s: %s", job.id, exc.message)
@@ -606,6 +626,24 @@ class Submitter:
                 exc.status,
             )
         self.paused_until = until
+
+    async def _not_created(self, job: Job, message: str, *, fail_as: str | None = None) -> None:
+        """This POST certainly created nothing: back to never sent, or failed as ``fail_as``;
+        but when an earlier POST of the job may have (``submit(earlier=)``), that one is put
+        back on record, uncertain, for a look-up to settle."""
+        earlier = self._earlier.get(job.id)
+        if earlier is None or not earlier.client_request_id:
+            if fail_as is None:
+                await self.ledger.record("unsent", job.id)
+            else:
+                await self._fail(job, fail_as, message)
+            return
+        was = earlier.error.kind if earlier.status == "uncertain" and earlier.error else "crash"
+        back: dict[str, Any] = {"crid": earlier.client_request_id, "at": earlier.intent_at}
+        back |= {"model": earlier.model} if earlier.model else {}
+        back |= {"acct": earlier.account} if earlier.account else {}
+        why = f"{message}; an earlier POST of it may have created a generation"
+        await self.ledger.record("uncertain", job.id, kind=was, message=why, **back)
 
     async def _fail(self, job: Job, kind: str, message: str) -> None:
         await self.ledger.record("failed", job.id, kind=kind, message=message)
