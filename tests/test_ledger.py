@@ -23,6 +23,7 @@ from veobatch.ledger import (
     build_results,
     current_results,
     encode_results,
+    load_states,
     parse_journal,
     replay,
 )
@@ -502,3 +503,19 @@ async def test_half_a_surrogate_pair_from_any_host_is_written_not_fatal(tmp_path
     assert Ledger.open(tmp_path).state("a").error.message == "https://x/v?.mp4"  # type: ignore[union-attr]
     doc = {"version": 1, "jobs": [{"id": "a", "error": "https://x/v\udcff.mp4"}]}
     assert json.loads(encode_results(doc))["jobs"][0]["error"] == "https://x/v?.mp4"
+
+
+async def test_an_uncertain_record_can_put_an_earlier_post_back(tmp_path: Path) -> None:
+    # A resubmission refused: the job is back to the POST that may exist, with what it asked
+    # (an edited job must not take that video for its new request, nor lose its crid).
+    ledger = Ledger.open(tmp_path)
+    await ledger.record("intent", "a", crid="c1", key="k1", model="m1", req={"prompt": "old"})
+    await ledger.record("uncertain", "a", kind="no_answer", message="read timeout")
+    first = ledger.state("a").intent_at
+    await ledger.record("intent", "a", crid="c2", key="k2", model="m2", req={"prompt": "new"})
+    back = {"crid": "c1", "at": first, "model": "m1", "key": "k1", "req": {"prompt": "old"}}
+    await ledger.record("uncertain", "a", kind="no_answer", message="refused", **back)
+    ledger.close()
+    st = load_states(tmp_path)["a"]
+    assert (st.status, st.client_request_id, st.intent_at) == ("uncertain", "c1", first)
+    assert (st.model, st.key, st.request) == ("m1", "k1", {"prompt": "old"})

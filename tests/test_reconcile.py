@@ -470,3 +470,30 @@ async def test_logs_down_for_a_while_are_a_few_lines_not_one_per_sweep(
     )
     assert len(said) == 1 + 16 + 1
     assert said[-1] == "usage-logs reads succeed again after=500s failed=100: HTTP 503 ×100"
+
+
+async def test_an_earlier_runs_look_up_gets_this_runs_patience() -> None:
+    # A 5xx of 15 minutes ago (past ten graces, short of an hour): its first sweep tonight
+    # made it uncertain at once, before tonight's own creates could be logged to prove it.
+    now = [10_000.0]
+    api = PagedLogs([], newest=None)
+    rec, got = _reconciler(api, lambda: now[0])
+    rec.add(Lookup("job", "c", "m", 10_000.0 - 900, "server_error", recorded_wall=9_100.0))
+    await rec.sweep()
+    assert got == []  # waits: tonight has not had ten graces to show a later request
+    rec.note_sent("tonight")
+    api.newest = LogEntry("tonight", "g", "succeeded", created=10_001.0)
+    now[0] += 61
+    await rec.sweep()
+    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.RESUBMIT)]
+
+
+async def test_logs_unreadable_at_the_start_of_a_run_get_a_minute_for_old_look_ups() -> None:
+    now = [10_000.0]
+    rec, got = _reconciler(PagedLogs([], fail=True), lambda: now[0])
+    rec.add(Lookup("job", "c", "m", 1000.0, "server_error", recorded_wall=1000.0))
+    await rec.sweep()
+    assert got == []  # a 503 at a restart is not "the logs cannot be read"
+    now[0] += 601
+    await rec.sweep()
+    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.UNCERTAIN)]

@@ -578,9 +578,12 @@ async def test_an_uncertain_job_says_the_latest_look_ups_verdict(cdn: str, tmp_p
     assert error is not None and "usage logs" in error.message and "303" not in error.message
 
 
-async def test_a_later_verdict_keeps_what_the_post_met(cdn: str, tmp_path: Path) -> None:
+async def test_a_later_verdict_keeps_what_the_post_met(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # A 5xx answered the POST; one night the logs cannot be read. Its words may change, but
     # not its kind: the night the logs are read and it is absent, it is submitted again.
+    monkeypatch.setattr("veobatch.reconcile.UNREADABLE_PATIENCE_S", 0.2)  # a minute, at least
     m = manifest(1, tmp_path)
     seed_uncertain(tmp_path, m.jobs[0], "server_error", "HTTP 502", now=time.time())
 
@@ -1707,7 +1710,11 @@ async def test_after_a_403_open_look_ups_are_left_for_a_later_run_at_once(
 
 @pytest.mark.parametrize(
     "then",
-    [AuthError("HTTP 403: Insufficient credits", status=403), RateLimitedError("HTTP 429")],
+    [
+        AuthError("HTTP 403: Insufficient credits", status=403),
+        RateLimitedError("HTTP 429"),
+        BadRequestError("HTTP 400: Body validation error", status=400),
+    ],
 )
 async def test_a_risked_resubmission_refused_keeps_the_earlier_post_on_record(
     cdn: str, tmp_path: Path, then: Exception
@@ -1728,9 +1735,37 @@ async def test_a_risked_resubmission_refused_keeps_the_earlier_post_on_record(
     report = await run(manifest(1, tmp_path), s, api=api)
     st = report.states["job0"]
     assert report.uncertain == ["job0"] and report.risked_duplicates == 0
+    assert report.estimated_jobs == 1  # the refused resend's estimate given back
     assert st.client_request_id == api.log[0].client_request_id  # the POST that was made
     assert st.error is not None and "earlier POST" in st.error.message
     # Next night the logs show it: adopted and fetched, nothing paid again.
     api.hide_from_logs = False
     again = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
     assert again.exit_code == 0 and again.adopted == 1 and len(api.created) == 1
+
+
+async def test_a_generation_polled_again_after_a_timeout_counts_as_running(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Timed out last night, still made by the API tonight: it holds a slot on resume, and a
+    # 429 must be measured against it too (in_flight=0 set the limit's floor too low).
+    m = manifest(2, tmp_path)
+    await seed_intents(tmp_path, [(m.jobs[0], "crid-0")], gen="g-late")
+    ledger = Ledger.open(tmp_path / "out")
+    await ledger.record("failed", "job0", kind="timeout", message="still generating")
+    ledger.close()
+
+    class SlowLate(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            if generation_id == "g-late":
+                await anyio.sleep(0.5)
+                return Generation(generation_id, "completed", video_url=f"{self.cdn}/v/g0-p0.mp4")
+            return await super().fetch(generation_id)
+
+    api = SlowLate(cdn, polls_to_finish=1)
+    api.create_error, api.errors_left = RateLimitedError("HTTP 429", retry_after_s=0), 1
+    with caplog.at_level(logging.WARNING, logger="veobatch"):
+        report = await run(m, settings(tmp_path, concurrency=8), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 2}
+    lowered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("429 from")]
+    assert lowered and all("in_flight=1" in line for line in lowered), lowered

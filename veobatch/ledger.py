@@ -186,6 +186,9 @@ def _on_uncertain(s: JobState, r: Mapping[str, Any]) -> None:
         s.intent_at = r.get("at")
         s.model = r.get("model", s.model)
         s.account = r.get("acct")
+        s.key = r.get("key", s.key)
+        s.request = r.get("req", s.request)
+        s.usd_estimate = r.get("est", s.usd_estimate)
 
 
 _APPLY: dict[str, Callable[[JobState, Mapping[str, Any]], None]] = {

@@ -103,10 +103,14 @@ def decide(
     grace_s: float,
     searched_all: bool,
     later_logged: bool,
+    watched_s: float | None = None,
 ) -> Decision:
     """What the logs say about one attempt, ``waited_s`` after its last record. Absence counts
     only once the logs had time to catch up, the whole window was read, and the logs were seen
-    holding a request made after this one (``later_logged``) before that read began."""
+    holding a request made after this one (``later_logged``) before that read began.
+    ``watched_s``: how long this run has been looking (the patience with logs that cannot be
+    read, or show nothing later, runs from there: an earlier run's look-up gets it too)."""
+    watched = waited_s if watched_s is None else watched_s
     if entry is not None and entry.status == "succeeded" and entry.inference_id:
         return Decision(Verdict.ADOPT, "found in the usage logs", entry.inference_id)
     if entry is not None and entry.status == "failed":
@@ -121,7 +125,7 @@ def decide(
     if not searched_all:
         # Logs that refuse a while (a 429 at a restart, a brief outage) get a minute at least,
         # even with no grace for their lag: unread is not absent.
-        if waited_s < max(10 * grace_s, UNREADABLE_PATIENCE_S):
+        if watched < max(10 * grace_s, UNREADABLE_PATIENCE_S):
             return Decision(Verdict.WAIT, "the usage logs could not be read in full yet")
         return Decision(Verdict.UNCERTAIN, "the usage logs could not be read")
     if lookup.other_key is not None:
@@ -151,7 +155,7 @@ def decide(
     # Logs lagging more than the grace made each such 5xx a second payment: with nothing later
     # logged, absence proves nothing tonight. Left uncertain with its cause, a later run (its
     # own creates logged, or an hour gone by) settles it without paying twice.
-    if waited_s < 10 * grace_s:
+    if watched < 10 * grace_s:
         return Decision(Verdict.WAIT, "the usage logs show no request made after it yet")
     return Decision(
         Verdict.UNCERTAIN,
@@ -239,6 +243,7 @@ class Reconciler:
         self._pruned_to = 0
         # Per open look-up: when the logs were first seen holding a request made after it.
         self._later_seen_at: dict[str, float] = {}
+        self._opened_at: dict[str, float] = {}  # per open look-up, on ``clock``
         self._closing = False
         # Logs down for an hour would fail a sweep every few seconds: counted, not a line each.
         self.failures = OutageLog(
@@ -263,6 +268,7 @@ class Reconciler:
         age = max(0.0, self._wall() - lookup.settled_wall)
         self._settled_at[lookup.client_request_id] = self._clock() - age
         self._open[lookup.client_request_id] = lookup
+        self._opened_at[lookup.client_request_id] = self._clock()
         self._after[lookup.client_request_id] = self._sends
         self._wake.set()
 
@@ -304,6 +310,7 @@ class Reconciler:
                 # Seen before this pass began: a row logged during a pass may land among rows
                 # it has already read.
                 later_logged=self._later_seen_at.get(crid, math.inf) <= started,
+                watched_s=now - self._opened_at[crid],
             )
             if d.verdict is Verdict.WAIT and self._closing:
                 why = "submissions stopped before the usage logs settled it"
@@ -313,6 +320,7 @@ class Reconciler:
             del self._open[crid]
             del self._settled_at[crid]
             del self._after[crid]
+            del self._opened_at[crid]
             self._later_seen_at.pop(crid, None)
             log.info("lookup job=%s verdict=%s: %s", lookup.job_id, d.verdict.value, d.reason)
             await self._on_decision(lookup, d)

@@ -309,7 +309,7 @@ class Runner:
         for p in in_flight:
             self.slots.acquire_on_behalf_of_nowait(p.job.id)
             self.holding.add(p.job.id)
-            if p.state.status == "submitted":
+            if p.action is not Action.LOOKUP:  # a generation the API may still be making
                 self.running.add(p.job.id)
         self.slots.total_tokens = self.settings.concurrency
         now = time.time()
@@ -384,6 +384,7 @@ class Runner:
         """Submit ``job``; ``risked``: an earlier POST of it may exist, so this one may be
         billed on top of it and reserves a fresh estimate."""
         outcome = SubmitOutcome.STOPPED
+        reserved = False
         try:
             if self.stop_submitting:  # a resubmission that waited out a stop: nothing to reserve
                 await self._settle_unsent(job, risked, "submissions stopped before it was resent")
@@ -392,6 +393,7 @@ class Runner:
                 self._over_budget(job)
                 await self._settle_unsent(job, risked, "held back by the cost limit")
                 return
+            reserved = True
             may_exist = risked or job.id in self.maybe_billed
             earlier = replace(self.ledger.state(job.id)) if may_exist else None
             await self._prepare_new_generation(job)
@@ -412,6 +414,8 @@ class Runner:
             elif outcome is not SubmitOutcome.SUBMITTED:
                 if self.ledger.state(job.id).status in ("pending", "failed"):
                     self.budget.release(job.id)  # certainly created nothing: not billed
+                elif risked and reserved:  # this POST made nothing; the earlier one may have
+                    self.budget.release(job.id)
                 self._release(job.id)
                 self._close(job.id)
 

@@ -596,7 +596,7 @@ class Submitter:
             log.error("submission refused job=%s: %s", job.id, exc.message)
             raise
         except BadRequestError as exc:
-            await self._fail(job, "invalid_request", exc.message)
+            await self._not_created(job, exc.message, fail_as="invalid_request")
             return SubmitOutcome.REJECTED, None
         except ApiError as exc:  # 5xx, no answer, unreadable 2xx: it may exist
             # A 504 ("Generation timeout") is a gateway that gave up waiting while the API may
@@ -640,8 +640,12 @@ class Submitter:
             return
         was = earlier.error.kind if earlier.status == "uncertain" and earlier.error else "crash"
         back: dict[str, Any] = {"crid": earlier.client_request_id, "at": earlier.intent_at}
+        # What that POST asked (a job edited since must not take its video for the new request).
         back |= {"model": earlier.model} if earlier.model else {}
         back |= {"acct": earlier.account} if earlier.account else {}
+        back |= {"key": earlier.key} if earlier.key else {}
+        back |= {"req": earlier.request} if earlier.request is not None else {}
+        back |= {"est": earlier.usd_estimate} if earlier.usd_estimate is not None else {}
         why = f"{message}; an earlier POST of it may have created a generation"
         await self.ledger.record("uncertain", job.id, kind=was, message=why, **back)
 

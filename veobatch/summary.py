@@ -291,7 +291,10 @@ def rerun_action(
     reason = plan.reason
     if plan.action is Action.LOOKUP and state.status == "uncertain":
         if lookup_cause(state) != "no_answer":  # absence from the logs is proof for these
-            reason += "; if absent from its key's usage logs: submitted again"
+            reason += (
+                "; if absent from its key's usage logs once they show a later request (or an"
+                " hour after it was made): submitted again"
+            )
         else:
             reason += (
                 "; if still absent: resubmit (may pay twice)"
