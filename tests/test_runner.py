@@ -36,7 +36,7 @@ from veobatch.errors import (
 )
 from veobatch.fsutil import DirLock, ensure_dir
 from veobatch.jobs import Job, Manifest
-from veobatch.ledger import Ledger, load_states, parse_journal
+from veobatch.ledger import Ledger, load_states, parse_journal, restore_fields
 from veobatch.runner import MAX_URL_REFRESHES, RunReport
 from veobatch.session import run
 from veobatch.settings import PollSettings, RunSettings, Secret
@@ -1737,6 +1737,10 @@ async def test_a_risked_resubmission_refused_keeps_the_earlier_post_on_record(
     assert report.uncertain == ["job0"] and report.risked_duplicates == 0
     assert report.estimated_jobs == 1  # the refused resend's estimate given back
     assert st.client_request_id == api.log[0].client_request_id  # the POST that was made
+    raw = (tmp_path / "out" / "ledger.jsonl").read_bytes()
+    intents = [r for r in parse_journal(raw).records if r["ev"] == "intent"]
+    # Each resend's intent names the earlier POST, should the run die before its answer.
+    assert all(r["prev"]["crid"] == st.client_request_id for r in intents[1:]) and intents[1:]
     assert st.error is not None and "earlier POST" in st.error.message
     # Next night the logs show it: adopted and fetched, nothing paid again.
     api.hide_from_logs = False
@@ -1769,3 +1773,26 @@ async def test_a_generation_polled_again_after_a_timeout_counts_as_running(
     assert report.exit_code == 0 and report.counts == {"done": 2}
     lowered = [r.getMessage() for r in caplog.records if r.getMessage().startswith("429 from")]
     assert lowered and all("in_flight=1" in line for line in lowered), lowered
+
+
+async def test_a_crash_during_a_risked_resend_keeps_the_earlier_post(
+    cdn: str, tmp_path: Path
+) -> None:
+    # --resubmit-uncertain sent a job again (its first POST unanswered), and the run died
+    # before the resend's answer. The rerun looked up only the resend, found it absent, paid
+    # a third time, and never fetched the video the first POST made.
+    m = manifest(1, tmp_path)
+    job = m.jobs[0]
+    api = FakeApi(cdn, polls_to_finish=1)
+    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+    await ledger.record("intent", job.id, crid="crid-first", key=job.key, model=job.model)
+    await ledger.record("uncertain", job.id, kind="no_answer", message="read timeout")
+    prev = restore_fields(replace(ledger.state(job.id)))
+    await ledger.record(
+        "intent", job.id, crid="crid-resend", key=job.key, model=job.model, prev=prev
+    )
+    ledger.close()  # killed mid-POST: the resend never arrived
+    await api.create(job.request, client_request_id="crid-first")  # the first one was made
+    report = await run(m, settings(tmp_path), api=api)
+    assert len(api.created) == 1 and report.adopted == 1, api.created
+    assert report.exit_code == 0 and report.counts == {"done": 1}

@@ -90,6 +90,9 @@ class JobState:
     request: dict[str, Any] | None = None  # compact request (jobview.compact_request), for views
     video: dict[str, Any] | None = None  # the finished file's figures (verify.Probe.to_json)
     flags: list[str] | None = None  # how that file differs from the request, if it does
+    # A resend of a POST that may have created a generation (--resubmit-uncertain): that
+    # earlier POST as the "uncertain" record that puts it back takes it (restore_fields).
+    prev: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
@@ -122,6 +125,7 @@ def _on_intent(s: JobState, r: Mapping[str, Any]) -> None:
     s.usd_estimate = r.get("est", s.usd_estimate)
     s.usd_spent = None
     s.request = r.get("req", s.request)
+    s.prev = r.get("prev")
     s.generation_id = s.video_url = s.file = s.sha256 = None
     s.video = s.flags = None
     s.bytes = None
@@ -135,6 +139,7 @@ def _on_unsent(s: JobState, r: Mapping[str, Any]) -> None:
 
 def _on_submitted(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "submitted"
+    s.prev = None
     s.generation_id = r["gen"]
     s.submitted_at = r.get("t")
     s.usd_spent = r.get("usd", s.usd_spent)
@@ -178,6 +183,20 @@ def _on_failed(s: JobState, r: Mapping[str, Any]) -> None:
     s.error = ErrorInfo(str(r.get("kind", "unknown")), str(r.get("message", "")))
 
 
+def restore_fields(earlier: JobState) -> dict[str, Any]:
+    """An "uncertain" record's fields that put ``earlier``'s POST back on record: its crid,
+    intent time, and what it asked (an edited job must not take its video for the new request)."""
+    back: dict[str, Any] = {"crid": earlier.client_request_id, "at": earlier.intent_at}
+    uncertain = earlier.status == "uncertain" and earlier.error is not None
+    back["kind"] = earlier.error.kind if uncertain and earlier.error else "crash"
+    back |= {"model": earlier.model} if earlier.model else {}
+    back |= {"acct": earlier.account} if earlier.account else {}
+    back |= {"key": earlier.key} if earlier.key else {}
+    back |= {"req": earlier.request} if earlier.request is not None else {}
+    back |= {"est": earlier.usd_estimate} if earlier.usd_estimate is not None else {}
+    return back
+
+
 def _on_uncertain(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "uncertain"
     s.error = ErrorInfo(str(r.get("kind", "no_answer")), str(r.get("message", "")))
@@ -189,6 +208,7 @@ def _on_uncertain(s: JobState, r: Mapping[str, Any]) -> None:
         s.key = r.get("key", s.key)
         s.request = r.get("req", s.request)
         s.usd_estimate = r.get("est", s.usd_estimate)
+        s.prev = None
 
 
 _APPLY: dict[str, Callable[[JobState, Mapping[str, Any]], None]] = {

@@ -544,6 +544,17 @@ class Runner:
                 first=False,
             )
             return
+        prev = self.ledger.state(job.id).prev
+        if decision.verdict is Verdict.RESUBMIT and prev is not None:
+            # The lost POST was a resend (--resubmit-uncertain) that never got through: the
+            # earlier POST it was sent after is what may exist. Back on record, looked up.
+            why = f"{decision.reason}; an earlier POST of it may have created a generation"
+            await self.ledger.record("uncertain", job.id, message=why, **prev)
+            log.info(
+                "lookup job=%s: the resend was never created; looking up its earlier POST", job.id
+            )
+            self._lookup(job, lookup_cause(self.ledger.state(job.id)))  # keeps its slot
+            return
         if job.id in self.removed:  # nothing is ever submitted for a job no longer listed
             await self._settle_removed(job, lookup, decision)
             return

@@ -38,7 +38,7 @@ from .errors import (
 )
 from .jobs import Job
 from .jobview import compact_request
-from .ledger import JobState, Ledger
+from .ledger import JobState, Ledger, restore_fields
 from .outage import OutageLog
 from .settings import ENV_BASE_URL
 
@@ -560,6 +560,9 @@ class Submitter:
         crid = client_request_id(job.id, self.ledger.state(job.id).attempts + 1)
         est = round(self.estimate(job), 4)
         account: dict[str, Any] = {"acct": self.account} if self.account else {}
+        earlier = self._earlier.get(job.id)
+        if earlier is not None and earlier.client_request_id:  # found again if this one is lost
+            account["prev"] = restore_fields(earlier)
         await self.ledger.record(
             "intent",
             job.id,
@@ -638,16 +641,8 @@ class Submitter:
             else:
                 await self._fail(job, fail_as, message)
             return
-        was = earlier.error.kind if earlier.status == "uncertain" and earlier.error else "crash"
-        back: dict[str, Any] = {"crid": earlier.client_request_id, "at": earlier.intent_at}
-        # What that POST asked (a job edited since must not take its video for the new request).
-        back |= {"model": earlier.model} if earlier.model else {}
-        back |= {"acct": earlier.account} if earlier.account else {}
-        back |= {"key": earlier.key} if earlier.key else {}
-        back |= {"req": earlier.request} if earlier.request is not None else {}
-        back |= {"est": earlier.usd_estimate} if earlier.usd_estimate is not None else {}
         why = f"{message}; an earlier POST of it may have created a generation"
-        await self.ledger.record("uncertain", job.id, kind=was, message=why, **back)
+        await self.ledger.record("uncertain", job.id, message=why, **restore_fields(earlier))
 
     async def _fail(self, job: Job, kind: str, message: str) -> None:
         await self.ledger.record("failed", job.id, kind=kind, message=message)
