@@ -344,14 +344,11 @@ async def test_first_polls_finding_all_done_halve_and_move_up_the_rest() -> None
     assert poller._schedule.due("late") == 147.5
 
 
-async def test_a_poll_outage_is_a_few_lines_not_one_per_failed_poll(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # 200 generations in flight while the API answers 503 for 40 s (a round of polls a
-    # second): 8,000 failed polls were 8,000 warnings. Now the first, a summary, the end.
+async def _outage_of_40_s(failure: Exception, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """200 generations in flight, polled once a second, every poll meeting ``failure`` for
+    40 s, then all completed: the lines logged at INFO and above."""
     clock = FakeClock()
-    outage = [ServerError("HTTP 503: unavailable", status=503)] * 40
-    api = ScriptedApi({f"g-{i}": [*outage, "completed"] for i in range(200)})
+    api = ScriptedApi({f"g-{i}": [*[failure] * 40, "completed"] for i in range(200)})
     sink = Sink()
     poller = Poller(api, sink, FAST, clock=clock, rng=random.Random(0))
     for i in range(200):
@@ -362,7 +359,15 @@ async def test_a_poll_outage_is_a_few_lines_not_one_per_failed_poll(
             for i in range(200):
                 await poller._poll_one(poller._tracked[str(i)])
     assert len(sink.finished) == 200
-    said = [r.getMessage() for r in caplog.records]
+    return [r.getMessage() for r in caplog.records]
+
+
+async def test_a_poll_outage_is_a_few_lines_not_one_per_failed_poll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # 200 generations in flight while the API answers 503 for 40 s (a round of polls a
+    # second): 8,000 failed polls were 8,000 warnings. Now the first, a summary, the end.
+    said = await _outage_of_40_s(ServerError("HTTP 503: unavailable", status=503), caplog)
     assert len(said) == 3, said
     assert said[0].startswith("poll failed job=0 attempt=1 ") and said[0].endswith(
         "HTTP 503: unavailable"
@@ -378,17 +383,6 @@ async def test_polls_left_unanswered_by_the_thousand_are_a_few_lines_too(
 ) -> None:
     # An API that stops answering (every poll cut off at the poll timeout) is no failure of
     # any job, but a line per unanswered poll would bury the log all the same.
-    clock = FakeClock()
-    quiet = [NoAnswerError("no answer within the poll timeout")] * 40
-    api = ScriptedApi({f"g-{i}": [*quiet, "completed"] for i in range(200)})
-    poller = Poller(api, Sink(), FAST, clock=clock, rng=random.Random(0))
-    for i in range(200):
-        poller.track(str(i), f"g-{i}", model="m", age_s=0, remaining_s=600, first=False)
-    with caplog.at_level(logging.INFO, logger="veobatch"):
-        for second in range(41):
-            clock.now = float(second)
-            for i in range(200):
-                await poller._poll_one(poller._tracked[str(i)])
-    said = [r.getMessage() for r in caplog.records]
+    said = await _outage_of_40_s(NoAnswerError("no answer within the poll timeout"), caplog)
     assert len(said) <= 4, said
     assert said[0].startswith("poll unanswered job=0: ")

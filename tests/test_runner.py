@@ -846,8 +846,17 @@ async def test_retry_failed_resubmits_failed_jobs(cdn: str, tmp_path: Path) -> N
     assert retried.exit_code == 0 and len(api.created) == 3
 
 
-async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -> None:
-    served: list[str] = []
+class ExpiringOnce(FakeApi):
+    """Hands out a stale video URL (``?v=stale``) first, a fresh one on later polls."""
+
+    async def fetch(self, generation_id: str) -> Generation:
+        g = await super().fetch(generation_id)
+        fresh = "fresh" if self.polls[generation_id] > 1 else "stale"
+        return replace(g, video_url=f"{g.video_url}?v={fresh}") if g.video_url else g
+
+
+def refusing_stale_urls(served: list[str]) -> web.Application:
+    """A video host that answers a stale URL 410 and a fresh one with the video."""
 
     async def video(request: web.Request) -> web.Response:
         served.append(request.query.get("v", ""))
@@ -857,15 +866,13 @@ async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -
 
     app = web.Application()
     app.router.add_get("/v/{gen}.mp4", video)
+    return app
 
-    class Expiring(FakeApi):
-        async def fetch(self, generation_id: str) -> Generation:
-            g = await super().fetch(generation_id)
-            fresh = "fresh" if self.polls[generation_id] > 1 else "stale"
-            return replace(g, video_url=f"{g.video_url}?v={fresh}") if g.video_url else g
 
-    async with serve(app) as base:
-        report = await run(manifest(1, tmp_path), settings(tmp_path), api=Expiring(base, 1))
+async def test_expired_video_url_is_refreshed_by_polling_again(tmp_path: Path) -> None:
+    served: list[str] = []
+    async with serve(refusing_stale_urls(served)) as base:
+        report = await run(manifest(1, tmp_path), settings(tmp_path), api=ExpiringOnce(base, 1))
     assert report.exit_code == 0 and served == ["stale", "fresh"]
 
 
@@ -874,26 +881,10 @@ async def test_video_urls_expiring_by_the_thousand_are_not_a_warning_each(
 ) -> None:
     # Every URL handed out has expired by the time its download starts (downloads queue
     # behind a slow host): one warning a job was thousands. The first is said, the rest counted.
-    async def video(request: web.Request) -> web.Response:
-        return (
-            web.Response(status=410)
-            if request.query.get("v") == "stale"
-            else web.Response(body=MP4)
-        )
-
-    app = web.Application()
-    app.router.add_get("/v/{gen}.mp4", video)
-
-    class Expiring(FakeApi):
-        async def fetch(self, generation_id: str) -> Generation:
-            g = await super().fetch(generation_id)
-            fresh = "fresh" if self.polls[generation_id] > 1 else "stale"
-            return replace(g, video_url=f"{g.video_url}?v={fresh}") if g.video_url else g
-
-    async with serve(app) as base:
+    async with serve(refusing_stale_urls([])) as base:
         with caplog.at_level(logging.DEBUG, logger="veobatch"):
             s = settings(tmp_path, concurrency=20)
-            report = await run(manifest(20, tmp_path), s, api=Expiring(base, 1))
+            report = await run(manifest(20, tmp_path), s, api=ExpiringOnce(base, 1))
     assert report.exit_code == 0 and report.counts == {"done": 20}
     refused = [r for r in caplog.records if "fresh URL" in r.getMessage()]
     assert len(refused) == 20 and [r.levelno for r in refused].count(logging.WARNING) == 1

@@ -117,19 +117,25 @@ def apply_record(states: dict[str, JobState], rec: Mapping[str, Any]) -> JobStat
 def _on_intent(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "submitting"
     s.attempts += 1
-    s.intent_at = r.get("t")
-    s.client_request_id = r.get("crid")
-    s.key = r.get("key", s.key)
-    s.model = r.get("model", s.model)
-    s.account = r.get("acct")
-    s.usd_estimate = r.get("est", s.usd_estimate)
+    _take_post(s, r, at=r.get("t"))
     s.usd_spent = None
-    s.request = r.get("req", s.request)
     s.prev = r.get("prev")
     s.generation_id = s.video_url = s.file = s.sha256 = None
     s.video = s.flags = None
     s.bytes = None
     s.error = None
+
+
+def _take_post(s: JobState, r: Mapping[str, Any], *, at: float | None) -> None:
+    """The POST a record names (an intent's, or an earlier one put back): its request id, when
+    it left, and what it asked, with which key."""
+    s.intent_at = at
+    s.client_request_id = r.get("crid")
+    s.key = r.get("key", s.key)
+    s.model = r.get("model", s.model)
+    s.account = r.get("acct")
+    s.usd_estimate = r.get("est", s.usd_estimate)
+    s.request = r.get("req", s.request)
 
 
 def _on_unsent(s: JobState, r: Mapping[str, Any]) -> None:
@@ -187,8 +193,8 @@ def restore_fields(earlier: JobState) -> dict[str, Any]:
     """An "uncertain" record's fields that put ``earlier``'s POST back on record: its crid,
     intent time, and what it asked (an edited job must not take its video for the new request)."""
     back: dict[str, Any] = {"crid": earlier.client_request_id, "at": earlier.intent_at}
-    uncertain = earlier.status == "uncertain" and earlier.error is not None
-    back["kind"] = earlier.error.kind if uncertain and earlier.error else "crash"
+    met = earlier.error if earlier.status == "uncertain" else None  # else a crash mid-POST
+    back["kind"] = met.kind if met else "crash"
     back |= {"model": earlier.model} if earlier.model else {}
     back |= {"acct": earlier.account} if earlier.account else {}
     back |= {"key": earlier.key} if earlier.key else {}
@@ -197,17 +203,15 @@ def restore_fields(earlier: JobState) -> dict[str, Any]:
     return back
 
 
+# Said of a job put back on an earlier POST (restore_fields), whatever made the later one fail.
+EARLIER_POST = "an earlier POST of it may have created a generation"
+
+
 def _on_uncertain(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "uncertain"
     s.error = ErrorInfo(str(r.get("kind", "no_answer")), str(r.get("message", "")))
     if "crid" in r:  # a resubmission refused: back to the earlier POST that may exist
-        s.client_request_id = r["crid"]
-        s.intent_at = r.get("at")
-        s.model = r.get("model", s.model)
-        s.account = r.get("acct")
-        s.key = r.get("key", s.key)
-        s.request = r.get("req", s.request)
-        s.usd_estimate = r.get("est", s.usd_estimate)
+        _take_post(s, r, at=r.get("at"))
         s.prev = None
 
 

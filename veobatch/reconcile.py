@@ -29,14 +29,14 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
 
 import anyio
 
-from .client import LOGS_PATH, ApiClient, LogEntry
+from .client import LOGS_PATH, ApiClient, LogEntry, LogPage
 from .errors import ApiError, AuthError
 from .outage import OutageLog
 
@@ -227,10 +227,7 @@ class Reconciler:
         self._budget = budget
         self._wall = wall_clock  # where to search: the logs are stamped in wall time
         self._clock = clock  # how long was waited: a step of the wall clock must not count
-        self._open: dict[str, Lookup] = {}
-        # When each look-up's grace began, on ``clock``: its record's age on the wall clock
-        # when it was opened (an earlier run's: never below zero), then steady time.
-        self._settled_at: dict[str, float] = {}
+        self._open: dict[str, _Open] = {}
         self._wake = anyio.Event()
         # Where passes cut short by the page cap stopped, by window.
         self._cursors: dict[tuple[float, float, tuple[str, ...]], _Cursor] = {}
@@ -239,11 +236,7 @@ class Reconciler:
         # a row of one sent after a look-up was opened shows the logs caught up past it.
         self._sends = 0
         self._sent: dict[str, int] = {}
-        self._after: dict[str, int] = {}  # per open look-up: creates sent before it opened
         self._pruned_to = 0
-        # Per open look-up: when the logs were first seen holding a request made after it.
-        self._later_seen_at: dict[str, float] = {}
-        self._opened_at: dict[str, float] = {}  # per open look-up, on ``clock``
         self._closing = False
         # Logs down for an hour would fail a sweep every few seconds: counted, not a line each.
         self.failures = OutageLog(
@@ -265,11 +258,9 @@ class Reconciler:
             self._sent[client_request_id] = self._sends
 
     def add(self, lookup: Lookup) -> None:
+        now = self._clock()
         age = max(0.0, self._wall() - lookup.settled_wall)
-        self._settled_at[lookup.client_request_id] = self._clock() - age
-        self._open[lookup.client_request_id] = lookup
-        self._opened_at[lookup.client_request_id] = self._clock()
-        self._after[lookup.client_request_id] = self._sends
+        self._open[lookup.client_request_id] = _Open(lookup, now - age, now, self._sends)
         self._wake.set()
 
     async def run(self) -> None:
@@ -285,7 +276,7 @@ class Reconciler:
     async def sweep(self) -> None:
         """Read the logs once for every open lookup and act on what is settled."""
         self._prune()
-        for group in window_groups(list(self._open.values())):
+        for group in window_groups([o.lookup for o in self._open.values()]):
             await self._sweep(group)
         if not self._open:
             self._sent.clear()
@@ -297,20 +288,20 @@ class Reconciler:
             found, searched_all, started = {}, False, self._clock()
         now = self._clock()
         for crid, lookup in lookups.items():
-            settled = self._settled_at[crid]
+            o = self._open[crid]
             # Absence counts only in a pass begun once the logs had their grace to catch up:
             # a row logged late lands among rows an older pass has already read.
-            caught_up = started - settled >= self._grace_s
+            caught_up = started - o.settled_at >= self._grace_s
             d = decide(
                 lookup,
                 found.get(crid),
-                waited_s=now - settled,
+                waited_s=now - o.settled_at,
                 grace_s=self._grace_s,
                 searched_all=searched_all and caught_up,
                 # Seen before this pass began: a row logged during a pass may land among rows
                 # it has already read.
-                later_logged=self._later_seen_at.get(crid, math.inf) <= started,
-                watched_s=now - self._opened_at[crid],
+                later_logged=o.later_seen_at <= started,
+                watched_s=now - o.opened_at,
             )
             if d.verdict is Verdict.WAIT and self._closing:
                 why = "submissions stopped before the usage logs settled it"
@@ -318,10 +309,6 @@ class Reconciler:
             if d.verdict is Verdict.WAIT:
                 continue
             del self._open[crid]
-            del self._settled_at[crid]
-            del self._after[crid]
-            del self._opened_at[crid]
-            self._later_seen_at.pop(crid, None)
             log.info("lookup job=%s verdict=%s: %s", lookup.job_id, d.verdict.value, d.reason)
             await self._on_decision(lookup, d)
 
@@ -356,24 +343,13 @@ class Reconciler:
             await anyio.sleep(self.pause_s())
             if started is None:  # a pass begins when it reads, after any Retry-After wait:
                 started = self._clock()  # rows logged during the wait are in what it reads
-            self._budget.take()
-            try:
-                page = await self._api.logs(
-                    start=start, end=end, models=models, offset=offset, limit=PAGE_SIZE
-                )
-            except AuthError as exc:
-                # A refused key, no credits or a wrong base URL: the run stops, it does not
-                # wait. Said of the look-up, as the run may not have sent anything else yet.
-                exc.message = f"{exc.message} (to the usage-logs look-up, GET {LOGS_PATH})"
-                raise
-            except ApiError as exc:
-                self.failures.failed(exc, "usage logs unavailable: %s", exc.message)
-                if exc.retry_after_s:  # asked by the API itself: every later page waits too
-                    self._not_before = self._clock() + exc.retry_after_s
+            page = await self._read(
+                start=start, end=end, models=models, offset=offset, limit=PAGE_SIZE
+            )
+            if page is None:
                 if offset:  # a pass with nothing read yet begins again, when it reads
                     self._keep(_Cursor(window, crids, offset, found, started))
                 return found, False, started
-            self.failures.succeeded()
             for entry in page.entries:
                 if entry.client_request_id in lookups:
                     found.setdefault(entry.client_request_id, entry)
@@ -390,55 +366,81 @@ class Reconciler:
         whose absence would be acted on, once their grace is over. False when the logs refused."""
         now = self._clock()
         waiting = [
-            lk
-            for crid, lk in lookups.items()
-            if crid not in self._later_seen_at
-            and lk.cause != "no_answer"
-            and lk.other_key is None
-            and now - self._settled_at[crid] >= self._grace_s
+            o
+            for o in (self._open[crid] for crid in lookups)
+            if o.later_seen_at == math.inf
+            and o.lookup.cause != "no_answer"
+            and o.lookup.other_key is None
+            and now - o.settled_at >= self._grace_s
         ]
         if not waiting:
             return True
         wall = self._wall()
-        start = max(min(lk.since_wall for lk in waiting) - CLOCK_MARGIN_S, wall - MAX_WINDOW_S)
+        earliest = min(o.lookup.since_wall for o in waiting)
+        start = max(earliest - CLOCK_MARGIN_S, wall - MAX_WINDOW_S)
         await anyio.sleep(self.pause_s())
         probed = self._clock()
+        page = await self._read(
+            start=datetime.fromtimestamp(start, UTC),
+            end=datetime.fromtimestamp(max(wall, start) + CLOCK_MARGIN_S, UTC),
+            # Creates like ours that went through: the rows most surely logged the way ours
+            # would be (a refusal's row may be written by another path, sooner).
+            models=sorted({o.lookup.model for o in waiting}),
+            offset=0,
+            limit=1,
+            statuses=["succeeded"],
+        )
+        if page is None:
+            return False
+        if not page.entries:
+            return True
+        newest = page.entries[0]
+        order = self._sent.get(newest.client_request_id or "", 0)
+        for o in waiting:
+            if order > o.sends_before or made_after(newest, o.lookup):
+                o.later_seen_at = probed
+        return True
+
+    async def _read(
+        self,
+        *,
+        start: datetime,
+        end: datetime,
+        models: Sequence[str],
+        offset: int,
+        limit: int,
+        statuses: Sequence[str] = (),
+    ) -> LogPage | None:
+        """One page of the logs, within the rate budget; None when they refused (counted, and
+        a Retry-After the API asked for holds every later page)."""
         self._budget.take()
         try:
             page = await self._api.logs(
-                start=datetime.fromtimestamp(start, UTC),
-                end=datetime.fromtimestamp(max(wall, start) + CLOCK_MARGIN_S, UTC),
-                # Creates like ours that went through: the rows most surely logged the way
-                # ours would be (a refusal's row may be written by another path, sooner).
-                models=sorted({lk.model for lk in waiting}),
-                offset=0,
-                limit=1,
-                statuses=["succeeded"],
+                start=start,
+                end=end,
+                models=models,
+                offset=offset,
+                limit=limit,
+                statuses=statuses,
             )
         except AuthError as exc:
+            # A refused key, no credits or a wrong base URL: the run stops, it does not wait.
+            # Said of the look-up, as the run may not have sent anything else yet.
             exc.message = f"{exc.message} (to the usage-logs look-up, GET {LOGS_PATH})"
             raise
         except ApiError as exc:
             self.failures.failed(exc, "usage logs unavailable: %s", exc.message)
             if exc.retry_after_s:
                 self._not_before = self._clock() + exc.retry_after_s
-            return False
+            return None
         self.failures.succeeded()
-        if not page.entries:
-            return True
-        newest = page.entries[0]
-        order = self._sent.get(newest.client_request_id or "", 0)
-        for lk in waiting:
-            crid = lk.client_request_id
-            if order > self._after[crid] or made_after(newest, lk):
-                self._later_seen_at[crid] = probed
-        return True
+        return page
 
     def _prune(self) -> None:
         """Forget creates sent before every open look-up: they vouch for none of them."""
-        if not self._after:
+        if not self._open:
             return
-        floor = min(self._after.values())
+        floor = min(o.sends_before for o in self._open.values())
         if floor > self._pruned_to and len(self._sent) > 1024:
             self._sent = {c: n for c, n in self._sent.items() if n > floor}
             self._pruned_to = floor
@@ -451,6 +453,19 @@ class Reconciler:
         if len(self._cursors) >= MAX_CURSORS:  # windows of look-ups settled since
             self._cursors.pop(next(iter(self._cursors)))
         self._cursors[cursor.window] = cursor
+
+
+@dataclass
+class _Open:
+    """An open look-up and what the reconciler knows of it, on its steady clock."""
+
+    lookup: Lookup
+    # When its grace began: its record's age on the wall clock when it was opened (an earlier
+    # run's: never below zero), then steady time.
+    settled_at: float
+    opened_at: float  # the patience with unreadable or lagging logs runs from here
+    sends_before: int  # this process's creates sent before it opened (note_sent)
+    later_seen_at: float = math.inf  # when the logs were first seen holding a later request
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from .errors import (
 from .fsutil import fsync_dir, to_thread
 from .jobs import Job, Manifest
 from .ledger import (
+    EARLIER_POST,
     ErrorInfo,
     JobState,
     Ledger,
@@ -548,7 +549,7 @@ class Runner:
         if decision.verdict is Verdict.RESUBMIT and prev is not None:
             # The lost POST was a resend (--resubmit-uncertain) that never got through: the
             # earlier POST it was sent after is what may exist. Back on record, looked up.
-            why = f"{decision.reason}; an earlier POST of it may have created a generation"
+            why = f"{decision.reason}; {EARLIER_POST}"
             await self.ledger.record("uncertain", job.id, message=why, **prev)
             log.info(
                 "lookup job=%s: the resend was never created; looking up its earlier POST", job.id

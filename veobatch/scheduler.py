@@ -38,7 +38,7 @@ from .errors import (
 )
 from .jobs import Job
 from .jobview import compact_request
-from .ledger import JobState, Ledger, restore_fields
+from .ledger import EARLIER_POST, JobState, Ledger, restore_fields
 from .outage import OutageLog
 from .settings import ENV_BASE_URL
 
@@ -467,7 +467,6 @@ class Submitter:
     # Told each create's client request id as it leaves, after its intent is on disk: the
     # usage-logs look-ups take a logged row of a later create as proof the logs caught up.
     on_sent: Callable[[str], None] = lambda crid: None
-    _earlier: dict[str, JobState] = field(default_factory=dict, init=False)
     # A create outage fails every submission in flight, again and again: counted, not a line each.
     failures: OutageLog = field(init=False)
 
@@ -483,15 +482,8 @@ class Submitter:
         have created a generation (a resubmission the user risked). A try that certainly
         created nothing then puts that POST back on record, never "never sent": a later
         look-up must still find it, and a later run must not pay for the job again."""
-        if earlier is None:
-            return await self._submit(job)
-        self._earlier[job.id] = earlier
-        try:
-            return await self._submit(job)
-        finally:
-            del self._earlier[job.id]
-
-    async def _submit(self, job: Job) -> SubmitOutcome:
+        if earlier is not None and not earlier.client_request_id:
+            earlier = None  # nothing on record to put back
         attempt = limited = 0
         limited_since: float | None = None
         while True:
@@ -504,7 +496,7 @@ class Submitter:
             # Once the intent is on disk the POST and the record of its answer run to the end
             # even on shutdown: cutting them off would leave a generation with no id on record.
             with anyio.CancelScope(shield=True):
-                outcome, retry = await self._attempt(job)
+                outcome, retry = await self._attempt(job, earlier)
             limited_by_api = isinstance(retry, RateLimitedError)
             if not limited_by_api:  # any other answer ends "every create refused with 429"
                 self.refused_since = None
@@ -513,22 +505,22 @@ class Submitter:
             if limited_by_api:
                 limited += 1
                 limited_since = self.clock() if limited_since is None else limited_since
-                stop = await self._refused(job, retry, limited_since)
+                stop = await self._refused(job, earlier, retry, limited_since)
                 if stop is not None:
                     return stop
             else:
                 attempt += 1
                 if attempt > self.retries:  # nothing was created: safe to fail outright
                     why = f"gave up after {attempt} tries: {retry}"
-                    await self._not_created(job, why, fail_as="submit_failed")
+                    await self._not_created(job, earlier, why, fail_as="submit_failed")
                     return SubmitOutcome.REJECTED
-            await self._not_created(job, f"sent again, refused: {retry}")
+            await self._not_created(job, earlier, f"sent again, refused: {retry}")
             await self._wait(retry, limited if limited_by_api else attempt, job)
             if limited_by_api and self.yield_slot is not None:
                 await self.yield_slot(job)
 
     async def _refused(
-        self, job: Job, retry: ApiError, limited_since: float
+        self, job: Job, earlier: JobState | None, retry: ApiError, limited_since: float
     ) -> SubmitOutcome | None:
         """After a 429: the job fails past its own patience; the run's submissions stop once
         every create has been refused that long (the job then waits for a rerun, pending)."""
@@ -539,10 +531,10 @@ class Submitter:
         if (waited := now - limited_since) > self.rate_limit_patience_s:
             refused = f"refused by the API's limits for {_minutes(waited)}: {retry}"
             # Nothing was created: unpaid.
-            await self._not_created(job, refused, fail_as="submit_failed")
+            await self._not_created(job, earlier, refused, fail_as="submit_failed")
             return SubmitOutcome.REJECTED
         if self.gave_up is not None:
-            await self._not_created(job, f"sent again, refused: {retry}")
+            await self._not_created(job, earlier, f"sent again, refused: {retry}")
             return SubmitOutcome.STOPPED
         return None
 
@@ -555,14 +547,15 @@ class Submitter:
             )
             log.error("%s", self.gave_up)
 
-    async def _attempt(self, job: Job) -> tuple[SubmitOutcome, ApiError | None]:
+    async def _attempt(
+        self, job: Job, earlier: JobState | None = None
+    ) -> tuple[SubmitOutcome, ApiError | None]:
         """One POST. Returns the outcome, or the error when trying again is safe."""
         crid = client_request_id(job.id, self.ledger.state(job.id).attempts + 1)
         est = round(self.estimate(job), 4)
-        account: dict[str, Any] = {"acct": self.account} if self.account else {}
-        earlier = self._earlier.get(job.id)
-        if earlier is not None and earlier.client_request_id:  # found again if this one is lost
-            account["prev"] = restore_fields(earlier)
+        extra: dict[str, Any] = {"acct": self.account} if self.account else {}
+        if earlier is not None:  # found again if this one is lost in a crash
+            extra["prev"] = restore_fields(earlier)
         await self.ledger.record(
             "intent",
             job.id,
@@ -571,7 +564,7 @@ class Submitter:
             model=job.model,
             est=est,
             req=compact_request(job.request),
-            **account,
+            **extra,
         )
         self.on_sent(crid)
         try:
@@ -584,7 +577,7 @@ class Submitter:
         except NotFoundError as exc:
             # "Unknown resource" for the create endpoint itself: nothing was created, and with
             # this base URL nothing will be (a wrong path prefix, say). Stop, as for a 3xx.
-            await self._not_created(job, f"sent again, refused: {exc.message}")
+            await self._not_created(job, earlier, f"sent again, refused: {exc.message}")
             message = (
                 f"{exc.message}: nothing answers POST {GENERATIONS_PATH} at this base URL;"
                 f" set {ENV_BASE_URL} to the API's address"
@@ -595,11 +588,11 @@ class Submitter:
             if exc.status == 303:  # "see other": the POST may have been acted on
                 await self.ledger.record("uncertain", job.id, kind="no_answer", message=exc.message)
             else:
-                await self._not_created(job, f"sent again, refused: {exc.message}")
+                await self._not_created(job, earlier, f"sent again, refused: {exc.message}")
             log.error("submission refused job=%s: %s", job.id, exc.message)
             raise
         except BadRequestError as exc:
-            await self._not_created(job, exc.message, fail_as="invalid_request")
+            await self._not_created(job, earlier, exc.message, fail_as="invalid_request")
             return SubmitOutcome.REJECTED, None
         except ApiError as exc:  # 5xx, no answer, unreadable 2xx: it may exist
             # A 504 ("Generation timeout") is a gateway that gave up waiting while the API may
@@ -630,19 +623,19 @@ class Submitter:
             )
         self.paused_until = until
 
-    async def _not_created(self, job: Job, message: str, *, fail_as: str | None = None) -> None:
+    async def _not_created(
+        self, job: Job, earlier: JobState | None, message: str, *, fail_as: str | None = None
+    ) -> None:
         """This POST certainly created nothing: back to never sent, or failed as ``fail_as``;
         but when an earlier POST of the job may have (``submit(earlier=)``), that one is put
         back on record, uncertain, for a look-up to settle."""
-        earlier = self._earlier.get(job.id)
-        if earlier is None or not earlier.client_request_id:
-            if fail_as is None:
-                await self.ledger.record("unsent", job.id)
-            else:
-                await self._fail(job, fail_as, message)
-            return
-        why = f"{message}; an earlier POST of it may have created a generation"
-        await self.ledger.record("uncertain", job.id, message=why, **restore_fields(earlier))
+        if earlier is not None:
+            why = f"{message}; {EARLIER_POST}"
+            await self.ledger.record("uncertain", job.id, message=why, **restore_fields(earlier))
+        elif fail_as is None:
+            await self.ledger.record("unsent", job.id)
+        else:
+            await self._fail(job, fail_as, message)
 
     async def _fail(self, job: Job, kind: str, message: str) -> None:
         await self.ledger.record("failed", job.id, kind=kind, message=message)
