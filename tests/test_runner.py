@@ -1787,3 +1787,19 @@ async def test_a_crash_during_a_risked_resend_keeps_the_earlier_post(
     report = await run(m, settings(tmp_path), api=api)
     assert len(api.created) == 1 and report.adopted == 1, api.created
     assert report.exit_code == 0 and report.counts == {"done": 1}
+
+
+async def test_look_ups_holding_every_slot_do_not_keep_out_the_create_that_settles_them(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Killed between an intent and its POST, with concurrency 1: the rerun's look-up held the
+    # only slot while it waited for a later create to show the logs caught up, and no create
+    # could be sent for the slot it held. It waited ten graces, then stayed uncertain.
+    m = manifest(2, tmp_path)
+    await seed_intents(tmp_path, [(m.jobs[0], "crid-never-sent")])
+    api = FakeApi(cdn, polls_to_finish=1)
+    s = settings(tmp_path, concurrency=1, logs_grace_s=0.05, lookup_interval_s=0.01)
+    with anyio.fail_after(10):
+        report = await run(m, s, api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 2}, report.states
+    assert len(api.created) == 2  # job1, then job0 once job1's row proved it never sent

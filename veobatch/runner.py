@@ -157,6 +157,9 @@ class Runner:
         # Of those, the jobs whose generation the API holds for us (accepted, not seen finished):
         # what a 429 is measured against. Not a URL refresh or a re-poll, which hold no slot.
         self.running: set[str] = set()
+        # Look-ups open, each lending its job's slot to the run: a look-up may wait for a later
+        # create to be logged, and with every slot held by look-ups none could be sent.
+        self.lent = 0
         # Jobs resubmitted after a look-up that could not rule out an earlier generation: one
         # of their POSTs may exist and be billed, whatever later look-ups say of the last one.
         self.maybe_billed: set[str] = set()
@@ -474,8 +477,9 @@ class Runner:
         # The generations the API has accepted and we have not seen finish: what it evidently
         # holds for us, whatever else holds a slot (a create on its way, a look-up).
         in_flight = len(self.running)
+        before = self.limit.current
         limit = self.limit.on_rate_limited(self.clock(), in_flight)
-        if limit < self.slots.total_tokens:
+        if limit < before:
             log.warning(
                 "429 from the API in_flight=%d: concurrency lowered to %d%s",
                 in_flight,
@@ -485,13 +489,16 @@ class Runner:
         self._apply_limit(limit)
 
     def _apply_limit(self, limit: int) -> None:
-        """The adaptive limit becomes the slots' size, touched only when it moved."""
-        if limit != self.slots.total_tokens:
-            self.slots.total_tokens = limit
+        """The adaptive limit, plus the slots look-ups lend, becomes the slots' size, touched
+        only when it moved. Lowered under what is held, nothing new starts until enough end."""
+        if limit + self.lent != self.slots.total_tokens:
+            self.slots.total_tokens = limit + self.lent
 
     # -- ambiguous submissions -----------------------------------------------------------
 
     def _lookup(self, job: Job, cause: Cause) -> None:
+        self.lent += 1  # given back when it settles (_on_lookup)
+        self._apply_limit(self.limit.current)
         st = self.ledger.state(job.id)
         assert st.client_request_id is not None
         recorded = st.updated_at if st.updated_at is not None else time.time()
@@ -519,6 +526,8 @@ class Runner:
         )
 
     async def _on_lookup(self, lookup: Lookup, decision: Decision) -> None:
+        self.lent -= 1  # adopted, it runs over the limit until enough others finish
+        self._apply_limit(self.limit.current)
         job = self.jobs[lookup.job_id]
         if decision.verdict is Verdict.LEAVE:  # the next run's look-up settles it
             log.info("lookup job=%s left for a later run: %s", job.id, decision.reason)

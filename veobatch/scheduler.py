@@ -601,8 +601,9 @@ class Submitter:
             gave_up = isinstance(exc, ServerError) and exc.status == 504
             kind = "server_error" if isinstance(exc, ServerError) and not gave_up else "no_answer"
             self._rest(exc)
-            await self.ledger.record("uncertain", job.id, kind=kind, message=exc.message)
+            # Counted as it is answered, before the record's wait: in the order the API answered.
             self.failures.failed(exc, "submission outcome unknown job=%s: %s", job.id, exc.message)
+            await self.ledger.record("uncertain", job.id, kind=kind, message=exc.message)
             return SubmitOutcome.UNCERTAIN, None
         self.failures.succeeded()
         # Async video is charged on completion, so a create answer often reports 0 spent.
