@@ -162,6 +162,18 @@ async def test_invalid_json_is_a_body_validation_error(api: Api) -> None:
     assert issue["path"] == [] and "invalid JSON" in issue["message"]
 
 
+async def test_a_body_not_sent_as_json_is_a_body_validation_error(api: Api) -> None:
+    # The client must say what it sends: a JSON body under text/plain is not parsed as JSON.
+    headers = {"Content-Type": "text/plain"}
+    body = b'{"model": "google/veo-3.1-t2v", "prompt": "p"}'
+    url = api.sim.base_url + GENERATIONS
+    reply = await api.call("POST", url, f"Bearer {KEY}", headers, data=body)
+    assert_error_shape(reply, 400, GENERATIONS)
+    [issue] = reply.json["meta"]
+    assert issue["message"] == "Expected Content-Type application/json, received text/plain"
+    assert (api.sim.stats.creates_ok, api.sim.stats.creates_rejected) == (0, 1)
+
+
 async def test_bad_body_lists_every_issue_in_meta(api: Api) -> None:
     reply = await api.create(BAD)
     assert_error_shape(reply, 400, GENERATIONS)

@@ -230,6 +230,10 @@ class Simulator:
             return _error(request, 401, "Unauthorized: a valid Bearer key is required")
         crid = request.headers.get("X-Client-Request-Id")
         crid = crid if crid and CLIENT_REQUEST_ID.fullmatch(crid) else None
+        if request.content_type != "application/json":  # a JSON API parses nothing else
+            received = request.content_type or "none"
+            issues = [Issue((), f"Expected Content-Type application/json, received {received}")]
+            return self._reject(request, key, crid, None, BodyInvalid(BODY_INVALID, issues))
         try:
             body = json.loads(await request.read())
         except ValueError:
