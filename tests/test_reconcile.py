@@ -409,15 +409,42 @@ async def test_a_row_of_a_create_sent_after_the_look_up_proves_the_logs_caught_u
     assert rec._sent == {}  # nothing open: the order of creates is not kept
 
 
-async def test_a_row_stamped_within_the_clock_margin_proves_nothing() -> None:
+@pytest.mark.parametrize(("cause", "apart"), [("crash", 0), ("server_error", 60)])
+async def test_a_row_stamped_within_the_clock_margin_proves_nothing(
+    cause: Cause, apart: float
+) -> None:
+    # After a 5xx, within the margin and a grace: see the test below.
     now = [1000.0]
-    api = PagedLogs([], newest=LogEntry("someone", "g", "succeeded", created=1000.0 + 299))
+    api = PagedLogs([], newest=LogEntry("someone", "g", "succeeded", created=1299 + apart))
     rec, got = _reconciler(api, lambda: now[0])
-    rec.add(Lookup("job", "c", "m", 1000.0, "crash", recorded_wall=1000.0))
+    rec.add(Lookup("job", "c", "m", 1000.0, cause, recorded_wall=1000.0))
     now[0] = 1061.0
     await rec.sweep()
     assert got == []
-    api.newest = LogEntry("someone", "g2", "succeeded", created=1000.0 + 301)
+    api.newest = LogEntry("someone", "g2", "succeeded", created=1301 + apart)
+    await rec.sweep()
+    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.RESUBMIT)]
+
+
+async def test_a_create_sent_within_a_grace_of_a_5xx_proves_nothing() -> None:
+    # A create the API went on with after its gateway answered 502 is logged when it ends,
+    # after rows of creates sent just after it: a row only seconds later is no proof that
+    # ours would show by now. One sent a grace later is. (After a crash, any create the next
+    # run sends will do: the test above of a create sent after the look-up.)
+    now = [1000.0]
+    api = PagedLogs([], newest=None)
+    rec, got = _reconciler(api, lambda: now[0])
+    rec.add(Lookup("job", "c", "m", 1000.0, "server_error", recorded_wall=1000.0))
+    now[0] = 1030.0
+    rec.note_sent("soon")
+    api.newest = LogEntry("soon", "g1", "succeeded", created=1030.0)
+    for t in (1061.0, 1089.0):
+        now[0] = t
+        await rec.sweep()
+    assert got == []  # logged, but sent 30 s after the 502: ours may still be on its way
+    rec.note_sent("later")
+    api.newest = LogEntry("later", "g2", "succeeded", created=1089.0)
+    now[0] = 1095.0
     await rec.sweep()
     assert [(j, d.verdict) for j, d in got] == [("job", Verdict.RESUBMIT)]
 
@@ -497,3 +524,34 @@ async def test_logs_unreadable_at_the_start_of_a_run_get_a_minute_for_old_look_u
     now[0] += 601
     await rec.sweep()
     assert [(j, d.verdict) for j, d in got] == [("job", Verdict.UNCERTAIN)]
+
+
+async def test_an_unanswered_create_waits_for_later_rows_before_it_is_left_uncertain() -> None:
+    # Its row may be logged late: taken for absent after one grace, it stayed uncertain until
+    # the next night although the logs would have shown its generation minutes later.
+    now = [1000.0]
+    api = PagedLogs([], newest=None)
+    rec, got = _reconciler(api, lambda: now[0])
+    rec.add(Lookup("job", "c", "m", 1000.0, "no_answer", recorded_wall=1000.0))
+    for t in (1061.0, 1300.0):
+        now[0] = t
+        await rec.sweep()
+    assert got == [] and api.probes  # nothing later logged yet: absence proves nothing
+    api.entries = [LogEntry("c", "gen-late", "succeeded", created=1000.0)]
+    now[0] = 1310.0
+    await rec.sweep()
+    assert [(j, d.verdict, d.generation_id) for j, d in got] == [("job", Verdict.ADOPT, "gen-late")]
+
+
+async def test_an_unanswered_create_absent_from_logs_that_caught_up_is_uncertain() -> None:
+    now = [1000.0]
+    api = PagedLogs([], newest=None)
+    rec, got = _reconciler(api, lambda: now[0])
+    rec.add(Lookup("job", "c", "m", 1000.0, "no_answer", recorded_wall=1000.0))
+    now[0] = 1061.0
+    await rec.sweep()
+    assert got == []
+    api.newest = LogEntry("someone", "g", "succeeded", created=1000.0 + 361)
+    await rec.sweep()
+    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.UNCERTAIN)]
+    assert "unanswered" in got[0][1].reason

@@ -16,8 +16,10 @@ within the endpoint's own rate limit, and decides:
 The logs list requests newest first, and a row shows up once the request is logged. A row of a
 request made after ours (one this process sent after ours was answered, or one stamped later
 than ours by more than any clock skew) shows the logs have caught up past ours: that is the
-evidence absence needs. One ``limit=1`` read per sweep asks for the newest succeeded row of
-the look-ups' models.
+evidence absence needs. After a 5xx, a grace after ours: the API may have gone on with the
+create after its gateway gave up, and log it only when it ends, after requests that came
+later (a grace out of order is tolerated, more is not). One ``limit=1`` read per sweep asks
+for the newest succeeded row of the look-ups' models.
 
 Pure core: :func:`decide`, :class:`RateBudget`. Shell: :class:`Reconciler`.
 """
@@ -135,9 +137,14 @@ def decide(
             "key's usage logs do not show; a run with that key looks it up",
         )
     if lookup.cause == "no_answer":
-        return Decision(
-            Verdict.UNCERTAIN, f"sent, unanswered, and not in the usage logs after {waited_s:.0f}s"
-        )
+        # Never resubmitted on absence, but a row logged late is still worth the wait: adopted,
+        # its video is fetched tonight instead of after the next night's look-up.
+        if later_logged or watched >= 10 * grace_s:
+            return Decision(
+                Verdict.UNCERTAIN,
+                f"sent, unanswered, and not in the usage logs after {waited_s:.0f}s",
+            )
+        return Decision(Verdict.WAIT, "the usage logs show no request made after it yet")
     if later_logged:
         return Decision(
             Verdict.RESUBMIT,
@@ -164,9 +171,20 @@ def decide(
     )
 
 
-def made_after(entry: LogEntry, lookup: Lookup) -> bool:
-    """The row's request was made after the look-up's, whatever the two clocks' skew."""
-    return entry.created is not None and entry.created > lookup.settled_wall + CLOCK_MARGIN_S
+def apart_s(lookup: Lookup, grace_s: float) -> float:
+    """How long after the look-up's request a logged one must have been made to show the
+    logs caught up past it. A 5xx may have come from a gateway that gave up while the API went
+    on: that create is logged when it ends, maybe after the rows of creates sent in the seconds
+    after the 5xx; a request left unanswered likewise. A crashed run's POST, if it arrived, ran
+    at the API's usual pace."""
+    return 0.0 if lookup.cause == "crash" else grace_s
+
+
+def made_after(entry: LogEntry, lookup: Lookup, grace_s: float) -> bool:
+    """The row's request was made ``apart_s`` after the look-up's, whatever the clocks' skew."""
+    if entry.created is None:
+        return False
+    return entry.created > lookup.settled_wall + apart_s(lookup, grace_s) + CLOCK_MARGIN_S
 
 
 def window_groups(lookups: list[Lookup]) -> list[dict[str, Lookup]]:
@@ -232,11 +250,11 @@ class Reconciler:
         # Where passes cut short by the page cap stopped, by window.
         self._cursors: dict[tuple[float, float, tuple[str, ...]], _Cursor] = {}
         self._not_before = -math.inf  # a 429's or 503's Retry-After, on ``clock``
-        # The order of this process's creates (note_sent), kept only while a look-up is open:
-        # a row of one sent after a look-up was opened shows the logs caught up past it.
-        self._sends = 0
-        self._sent: dict[str, int] = {}
-        self._pruned_to = 0
+        # When this process's creates left (note_sent, steady clock), kept only while a
+        # look-up is open: a row of one sent after a look-up's request (``apart_s`` after)
+        # shows the logs caught up past it.
+        self._sent: dict[str, float] = {}
+        self._pruned_to = -math.inf
         self._closing = False
         # Logs down for an hour would fail a sweep every few seconds: counted, not a line each.
         self.failures = OutageLog(
@@ -251,16 +269,15 @@ class Reconciler:
         self._wake.set()
 
     def note_sent(self, client_request_id: str) -> None:
-        """A create is about to leave: its row, once logged, vouches for every look-up opened
-        before it."""
-        self._sends += 1
+        """A create is about to leave: its row, once logged, vouches for the look-ups whose
+        requests were made long enough before it (``apart_s``)."""
         if self._open:
-            self._sent[client_request_id] = self._sends
+            self._sent[client_request_id] = self._clock()
 
     def add(self, lookup: Lookup) -> None:
         now = self._clock()
         age = max(0.0, self._wall() - lookup.settled_wall)
-        self._open[lookup.client_request_id] = _Open(lookup, now - age, now, self._sends)
+        self._open[lookup.client_request_id] = _Open(lookup, now - age, now)
         self._wake.set()
 
     async def run(self) -> None:
@@ -363,13 +380,13 @@ class Reconciler:
     async def _probe(self, lookups: dict[str, Lookup]) -> bool:
         """Read the newest row of the logs (a create of these models that went through), and
         note which of these look-ups it shows the logs have caught up past. Only for look-ups
-        whose absence would be acted on, once their grace is over. False when the logs refused."""
+        whose absence would decide something (not another key's), once their grace is over.
+        False when the logs refused."""
         now = self._clock()
         waiting = [
             o
             for o in (self._open[crid] for crid in lookups)
             if o.later_seen_at == math.inf
-            and o.lookup.cause != "no_answer"
             and o.lookup.other_key is None
             and now - o.settled_at >= self._grace_s
         ]
@@ -395,9 +412,10 @@ class Reconciler:
         if not page.entries:
             return True
         newest = page.entries[0]
-        order = self._sent.get(newest.client_request_id or "", 0)
+        sent_at = self._sent.get(newest.client_request_id or "", -math.inf)
         for o in waiting:
-            if order > o.sends_before or made_after(newest, o.lookup):
+            apart = apart_s(o.lookup, self._grace_s)
+            if sent_at - o.settled_at >= apart or made_after(newest, o.lookup, self._grace_s):
                 o.later_seen_at = probed
         return True
 
@@ -437,12 +455,12 @@ class Reconciler:
         return page
 
     def _prune(self) -> None:
-        """Forget creates sent before every open look-up: they vouch for none of them."""
+        """Forget creates sent too soon after every open look-up: they vouch for none of them."""
         if not self._open:
             return
-        floor = min(o.sends_before for o in self._open.values())
+        floor = min(o.settled_at + apart_s(o.lookup, self._grace_s) for o in self._open.values())
         if floor > self._pruned_to and len(self._sent) > 1024:
-            self._sent = {c: n for c, n in self._sent.items() if n > floor}
+            self._sent = {c: t for c, t in self._sent.items() if t >= floor}
             self._pruned_to = floor
 
     def pause_s(self) -> float:
@@ -464,7 +482,6 @@ class _Open:
     # run's: never below zero), then steady time.
     settled_at: float
     opened_at: float  # the patience with unreadable or lagging logs runs from here
-    sends_before: int  # this process's creates sent before it opened (note_sent)
     later_seen_at: float = math.inf  # when the logs were first seen holding a later request
 
 
