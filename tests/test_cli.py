@@ -67,6 +67,32 @@ def test_invalid_manifest_exits_2_with_every_problem(runner: CliRunner, tmp_path
     assert not (tmp_path / "o").exists()  # nothing started, nothing sent
 
 
+@pytest.mark.parametrize(
+    "option", ["--poll-timeout", "--job-timeout", "--logs-grace", "--max-cost", "--sim-gen-time"]
+)
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_a_number_that_is_not_finite_is_refused_before_anything_starts(
+    runner: CliRunner, tmp_path: Path, option: str, value: str
+) -> None:
+    # --poll-timeout inf passed its range, the creates were sent and paid for, then a timer
+    # overflowed; --sim-gen-time nan never finished.
+    m = write(tmp_path, GOOD)
+    res = runner.invoke(
+        main, ["run", str(m), "--simulate", "--out", str(tmp_path / "o"), option, value]
+    )
+    assert res.exit_code == 2
+    assert "is not a finite number" in res.stderr or "is not in the range" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_settings_refuse_a_timeout_that_is_not_finite() -> None:
+    from veobatch.errors import ConfigError
+    from veobatch.settings import RunSettings
+
+    with pytest.raises(ConfigError, match="poll timeout must be a positive number, got inf"):
+        RunSettings(out_dir=Path("o"), poll_timeout_s=float("inf"))
+
+
 def test_a_bug_is_one_line_and_exit_3_not_a_traceback(
     runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

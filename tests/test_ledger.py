@@ -146,6 +146,17 @@ def test_damage_before_a_valid_record_refuses() -> None:
         parse_journal(data)
 
 
+@pytest.mark.parametrize("how", ["open", "load_states"])
+def test_a_damaged_ledger_is_named_by_its_whole_path(tmp_path: Path, how: str) -> None:
+    # Several nightly folders in one cron mail: "ledger.jsonl: ... damaged" does not say which.
+    out = tmp_path / "nightly"
+    out.mkdir()
+    (out / "ledger.jsonl").write_bytes(_lines(HAPPY[:2]) + b"{broken\n" + _lines(HAPPY[2:]))
+    with pytest.raises(LedgerCorruptError) as caught:
+        Ledger.open(out) if how == "open" else load_states(out)
+    assert caught.value.message.startswith(f"{out / 'ledger.jsonl'}: record at line 3")
+
+
 def test_failed_after_done_forgets_the_file_but_keeps_the_generation() -> None:
     states = replay([*HAPPY, rec("failed", kind="refetch_failed", message="gone")])
     s = states["a"]

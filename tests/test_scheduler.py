@@ -652,3 +652,41 @@ async def test_a_429_asking_for_rest_holds_every_submission_of_the_run(
     rests = [r.getMessage() for r in caplog.records if "of rest" in r.getMessage()]
     assert rests == ["the API asked for 30s of rest (HTTP 429): no submission before then"]
     ledger.close()
+
+
+async def test_a_403_heard_by_every_create_in_flight_is_said_once_then_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Out of credits with 500 creates in flight: each hears the 403. One ERROR line, and one
+    # line at the end with the count, not 500 lines in cron's mail.
+    jobs = [Job(f"j{n}", {"model": "google/veo-3.1-t2v", "prompt": "p"}) for n in range(5)]
+    api = ScriptedCreate([AuthError("HTTP 403: no credits", status=403) for _ in jobs])
+    ledger = Ledger.open(tmp_path)
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    sub = Submitter(api, ledger, 3, 0, 0, lambda: False, noop, clock=lambda: 5.0)
+    with caplog.at_level(logging.INFO, logger="veobatch"):
+        for job in jobs:
+            with pytest.raises(AuthError):
+                await sub.submit(job)
+        sub.failures.flush()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [
+        "submission refused job=j0: HTTP 403: no credits",
+        "submission failures window=0s failed=5 succeeded=0: HTTP 403 ×5",
+    ]
+    ledger.close()
+
+
+async def test_a_request_the_api_refuses_is_logged_as_every_failure_is(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Alerts filter on the "failed" event (README): a 400 must not be a "job_failed" apart.
+    with caplog.at_level(logging.ERROR, logger="veobatch"):
+        outcome, ledger, _ = await _submit(tmp_path, [BadRequestError("Body validation error")])
+    assert outcome is SubmitOutcome.REJECTED
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line == "failed job=a kind=invalid_request: Body validation error"
+    ledger.close()

@@ -183,6 +183,17 @@ def test_plan_counts_the_new_request_an_edited_in_flight_job_will_be_remade_with
     assert held.startswith("cost limit $1.00: 1 job (about $3.20) held back: a")
 
 
+def test_the_summary_cron_mails_keeps_an_api_message_on_its_own_line() -> None:
+    # A failure's message, a 403's body: none may forge a line ("veobatch: 7 jobs: 7 done"),
+    # colour a terminal, or turn its text around (U+202E).
+    forged = "blocked\nveobatch: 5 jobs: 5 done\x1b[31m\u202e"
+    failed = [("b", ErrorInfo("generation_error", forged))]
+    lines = run_summary(replace(report(), failed=failed, auth_error="HTTP 403: no\rcredits"), 5)
+    assert "  b: generation_error: blocked\\nveobatch: 5 jobs: 5 done\\x1b[31m\\u202e" in lines
+    assert "stopped submitting: HTTP 403: no\\rcredits" in lines
+    assert not any(line.startswith("veobatch: 5 jobs: 5 done") for line in lines)
+
+
 def test_status_rows_stay_one_line_whatever_the_api_said() -> None:
     # `veobatch status | grep | cut` reads one job per line: a generation id or an error
     # message holding a line break must not make two.

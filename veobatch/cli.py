@@ -12,6 +12,7 @@ import functools
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -317,6 +318,17 @@ def _table(title: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) ->
     console.print(table)
 
 
+class Finite(click.FloatRange):
+    """A float range without ``inf`` and ``nan``, which pass its bounds: ``--poll-timeout inf``
+    overflowed a timer once the creates were sent and paid for."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="veobatch")
 def main() -> None:
@@ -339,7 +351,7 @@ def main() -> None:
 @click.option(
     "--job-timeout",
     "job_timeout_s",
-    type=click.FloatRange(min=0, min_open=True),  # as settings.job_timeout_s takes
+    type=Finite(min=0, min_open=True),  # as settings.job_timeout_s takes
     help="Seconds from submission before a job is given up (default 1800).",
 )
 @click.option(
@@ -350,7 +362,7 @@ def main() -> None:
 @click.option(
     "--sim-gen-time",
     "sim_gen_time_s",
-    type=click.FloatRange(min=0),
+    type=Finite(min=0),
     default=3.0,
     show_default=True,
     help="With --simulate: mean generation time in seconds.",
@@ -361,13 +373,13 @@ def main() -> None:
 @click.option(
     "--logs-grace",
     "logs_grace_s",
-    type=click.FloatRange(min=0),
+    type=Finite(min=0),
     help="Seconds the usage logs may lag behind a request (default 60).",
 )
 @click.option(
     "--poll-timeout",
     "poll_timeout_s",
-    type=click.FloatRange(min=0, min_open=True),  # as settings.poll_timeout_s takes
+    type=Finite(min=0, min_open=True),  # as settings.poll_timeout_s takes
     help="Seconds a poll may take before it is asked again at its next poll time (default 10).",
 )
 @click.option(
@@ -385,7 +397,7 @@ def main() -> None:
 @click.option(
     "--max-cost",
     "max_cost_usd",
-    type=click.FloatRange(min=0),
+    type=Finite(min=0),
     help="Submit no more than USD of estimated cost this run (overrides settings.max_cost_usd).",
 )
 @click.option("-v", "--verbose", count=True, help="More log detail.")
@@ -589,7 +601,7 @@ async def _run_async(
 @click.option("--retry-failed", is_flag=True, help="Show failed jobs as to be submitted again.")
 @click.option(
     "--max-cost",
-    type=click.FloatRange(min=0),
+    type=Finite(min=0),
     help="Show what a cost limit of USD would hold back (overrides settings.max_cost_usd).",
 )
 def plan_cmd(
@@ -698,7 +710,7 @@ def report_cmd(directory: Path) -> None:
     "gen_time_s",
     default=3.0,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=Finite(min=0),
     help="Mean generation time in seconds.",
 )
 @click.option(
@@ -719,7 +731,7 @@ def report_cmd(directory: Path) -> None:
     "--gen-spread",
     default=0.3,
     show_default=True,
-    type=click.FloatRange(min=0),
+    type=Finite(min=0),
     help="Coefficient of variation of the generation time.",
 )
 @click.option("--tiny-videos", is_flag=True, help="Serve 160x90, 1 s videos (fast tests).")

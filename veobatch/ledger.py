@@ -291,13 +291,13 @@ def parse_journal(data: bytes, *, name: str = LEDGER_NAME) -> Journal:
     return Journal(records, good, data[good:])
 
 
-def replay(records: Iterable[Mapping[str, Any]]) -> dict[str, JobState]:
+def replay(records: Iterable[Mapping[str, Any]], *, name: str = LEDGER_NAME) -> dict[str, JobState]:
     states: dict[str, JobState] = {}
     for rec in records:
         try:
             apply_record(states, rec)
         except LedgerError as exc:
-            raise LedgerCorruptError(f"{LEDGER_NAME}: {exc.message}") from None
+            raise LedgerCorruptError(f"{name}: {exc.message}") from None
     return states
 
 
@@ -402,8 +402,9 @@ class Ledger:
     @classmethod
     def _open(cls, path: Path, clock: Callable[[], float], offload: Offload) -> Ledger:
         data = path.read_bytes() if path.exists() else b""
-        journal = parse_journal(data)
-        states = replay(journal.records)
+        # Named in full: cron's mail of a run of several nightly folders must say which.
+        journal = parse_journal(data, name=str(path))
+        states = replay(journal.records, name=str(path))
         kept: Path | None = None
         if journal.tail:
             kept = _cut_tail(path, journal, clock())
@@ -620,7 +621,7 @@ def load_states(directory: Path) -> dict[str, JobState]:
     path = directory / LEDGER_NAME
     if not path.exists():
         return {}
-    return replay(parse_journal(path.read_bytes()).records)
+    return replay(parse_journal(path.read_bytes(), name=str(path)).records, name=str(path))
 
 
 def result_rows(directory: Path) -> list[dict[str, Any]]:

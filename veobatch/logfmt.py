@@ -105,8 +105,9 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(json_record(record), ensure_ascii=False, default=str)
 
 
-# Control characters (line breaks, ESC) in a logged value: shown escaped, one line per event.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+# Control characters (line breaks, ESC) in a logged value: shown escaped, one line per event;
+# so are the bidirectional overrides and isolates, which show a line's text in another order.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 class TextFormatter(logging.Formatter):

@@ -589,7 +589,10 @@ class Submitter:
                 await self.ledger.record("uncertain", job.id, kind="no_answer", message=exc.message)
             else:
                 await self._not_created(job, earlier, f"sent again, refused: {exc.message}")
-            log.error("submission refused job=%s: %s", job.id, exc.message)
+            # Every create in flight hears the same 403 (hundreds at a high concurrency): the
+            # first is said in full, the rest counted into one line at the end.
+            msg = "submission refused job=%s: %s"
+            self.failures.failed(exc, msg, job.id, exc.message, level=logging.ERROR)
             raise
         except BadRequestError as exc:
             await self._not_created(job, earlier, exc.message, fail_as="invalid_request")
@@ -640,7 +643,7 @@ class Submitter:
 
     async def _fail(self, job: Job, kind: str, message: str) -> None:
         await self.ledger.record("failed", job.id, kind=kind, message=message)
-        log.error("job failed job=%s kind=%s: %s", job.id, kind, message)
+        log.error("failed job=%s kind=%s: %s", job.id, kind, message)  # as the runner words it
 
     async def _wait(self, exc: ApiError, attempt: int, job: Job) -> None:
         delay = backoff_delay_s(attempt, self.backoff_base_s, self.backoff_max_s, self.rng)

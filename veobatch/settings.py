@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -154,8 +155,8 @@ class RunSettings:
             ("poll timeout", self.poll_timeout_s),
             ("connect timeout", self.connect_timeout_s),
         ):
-            if not value > 0:
-                raise ConfigError(f"{name} must be positive, got {value}")
+            if not 0 < value < math.inf:
+                raise ConfigError(f"{name} must be a positive number, got {value}")
         for name, value in (
             ("logs grace", self.logs_grace_s),
             ("backoff base", self.backoff_base_s),
@@ -164,8 +165,8 @@ class RunSettings:
             ("observe interval", self.observe_interval_s),
             ("lookup interval", self.lookup_interval_s),
         ):
-            if not value >= 0:
-                raise ConfigError(f"{name} must be 0 or more, got {value}")
+            if not 0 <= value < math.inf:
+                raise ConfigError(f"{name} must be a number, 0 or more, got {value}")
         if self.max_cost_usd is not None and not self.max_cost_usd >= 0:
             raise ConfigError(f"the cost limit must be 0 or more, got {self.max_cost_usd}")
         for model, usd in self.prices.items():

@@ -66,7 +66,8 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
     lines.append(f"output: {report.out_dir} (results.json, ledger.jsonl)")
     if extras.report_file is not None:
         lines.append(f"report: {extras.report_file}")
-    return lines
+    # An API's words (an error message, a 403's body) must not forge a line of cron's mail.
+    return [one_line(line) for line in lines]
 
 
 WEBHOOK_LIST_LIMIT = 100
