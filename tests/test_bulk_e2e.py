@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +12,7 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner
+from PIL import Image
 from run_helpers import CANARY, fast_settings
 
 from veobatch.cli import main
@@ -21,6 +24,7 @@ from veobatch.simulator import SimConfig, Simulator
 
 ROOT = Path(__file__).resolve().parent.parent
 T2V = "google/veo-3.1-t2v"
+I2V = "google/veo-3.1-i2v-fast"
 
 
 @pytest.fixture
@@ -117,3 +121,35 @@ def test_examples_carry_the_schema_comment_validate_and_load(path: Path) -> None
 def test_the_schema_rejects_what_the_validator_rejects(job: dict[str, object]) -> None:
     validator = jsonschema.Draft202012Validator(manifest_schema())
     assert not validator.is_valid({"version": 1, "jobs": [job]})
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (1280, 720), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def test_local_images_are_sent_as_checked_and_one_edited_meanwhile_is_not(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    shots = {name: _png((i, 2, 3)) for i, name in enumerate("abc")}
+    for name, data in shots.items():
+        (tmp_path / f"{name}.png").write_bytes(data)
+    jobs = "".join(f"  - {{id: {n}, prompt: shot {n}, image_url: {n}.png}}\n" for n in shots)
+    path = tmp_path / "m.yaml"
+    path.write_text(f"version: 1\ndefaults: {{model: {I2V}, duration: 4}}\njobs:\n{jobs}")
+    m = load_manifest(path)
+    (tmp_path / "b.png").write_bytes(_png((7, 7, 7)))  # edited after the manifest was checked
+    out = tmp_path / "out"
+    report = await run(m, fast_settings(out, sim.base_url))
+    assert report.counts["done"] == 2 and [job for job, _ in report.failed] == ["b"]
+    assert report.failed[0][1].kind == "submit_failed" and report.exit_code == 1
+    assert "b.png changed since the manifest was checked" in report.failed[0][1].message
+    sent = {g.body["prompt"]: g.body["image_url"] for g in sim.generations.values()}
+    uri = "data:image/png;base64,{}".format
+    assert sent == {f"shot {n}": uri(base64.b64encode(shots[n]).decode()) for n in "ac"}
+
+    again = await run(load_manifest(path), fast_settings(out, sim.base_url))  # checked anew
+    assert again.exit_code == 0 and again.counts["done"] == 3 and sim.stats.creates_ok == 3
+    edited = [g.body["image_url"] for g in sim.generations.values() if g.body["prompt"] == "shot b"]
+    assert edited == [uri(base64.b64encode(_png((7, 7, 7))).decode())]

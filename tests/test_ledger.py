@@ -63,6 +63,7 @@ def test_happy_path_walks_every_state() -> None:
         ([], "submitted", False),  # an id without an intent: never
         ([], "done", False),
         ([], "intent", True),
+        ([], "failed", True),  # a local image changed before the job's first POST
         (HAPPY[:1], "submitted", True),
         (HAPPY[:1], "uncertain", True),
         (HAPPY[:1], "unsent", True),

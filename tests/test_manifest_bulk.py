@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from PIL import Image
 from test_catalogue import EMBEDDED, SHARED, request_schemas
 
 from veobatch.errors import ManifestError, Problem
+from veobatch.images import Inliner, LocalImage
 from veobatch.jobs import request_key
 from veobatch.jobview import compact_request
 from veobatch.manifest import load_manifest, parse_manifest, slug, variant_seed
@@ -46,7 +48,9 @@ def located(p: Problem) -> tuple[str, int | None, str | None, str | None]:
 # --- local images --------------------------------------------------------------------------
 
 
-def test_local_images_are_inlined_once_and_keyed_by_content(tmp_path: Path) -> None:
+async def test_local_images_are_checked_once_encoded_when_sent_and_keyed_by_content(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "ref.png").write_bytes(png())
     jobs = "\n".join(f"  - {{id: j{i}, prompt: p{i}}}" for i in range(200))
@@ -56,13 +60,33 @@ def test_local_images_are_inlined_once_and_keyed_by_content(tmp_path: Path) -> N
             f"version: 1\ndefaults:\n  model: {I2V}\n  image_url: img/ref.png\njobs:\n{jobs}\n",
         )
     )
-    uris = [j.request["image_url"] for j in m.jobs]
-    assert uris[0].startswith("data:image/png;base64,")
-    assert base64.b64decode(uris[0].split(",", 1)[1]) == png()
-    assert len({id(u) for u in uris}) == 1  # one encoded string shared by every job
+    held = [j.request["image_url"] for j in m.jobs]
+    assert isinstance(held[0], LocalImage) and held[0].path == tmp_path / "img" / "ref.png"
+    assert len({id(u) for u in held}) == 1  # one image shared by every job, never its bytes
+    inliner = Inliner()
+    body = await inliner.body(m.jobs[7].request)
+    uri = body["image_url"]
+    assert uri.startswith("data:image/png;base64,") and body["prompt"] == "p7"
+    assert base64.b64decode(uri.split(",", 1)[1]) == png()
     assert m.jobs[0].identity is not None
-    assert m.jobs[0].identity["image_url"].startswith("sha256:")
+    assert m.jobs[0].identity["image_url"] == "sha256:" + hashlib.sha256(png()).hexdigest()
+    # Records and keys read as they did when the request held the encoded string.
+    as_sent = {**m.jobs[0].request, "image_url": uri}
+    assert compact_request(m.jobs[0].request) == compact_request(as_sent)
     assert "KiB)" in compact_request(m.jobs[0].request)["image_url"]
+    assert m.jobs[0].key == request_key(m.jobs[0].identity)
+
+
+def test_a_tiny_local_image_is_held_as_its_data_uri_as_records_copy_it_whole(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "dot.png").write_bytes(png((1, 1)))
+    m = load_manifest(
+        write(tmp_path, f"version: 1\njobs:\n  - {{model: {I2V}, prompt: p, image_url: dot.png}}\n")
+    )
+    uri = "data:image/png;base64," + base64.b64encode(png((1, 1))).decode("ascii")
+    assert m.jobs[0].request["image_url"] == uri
+    assert compact_request(m.jobs[0].request)["image_url"] == uri
 
 
 def test_the_key_follows_image_content_not_its_path(tmp_path: Path) -> None:
@@ -87,7 +111,7 @@ def test_image_list_mixes_urls_and_files(tmp_path: Path) -> None:
         )
     )
     urls = m.jobs[0].request["image_urls"]
-    assert urls[0] == "https://x.example/a.png" and urls[1].startswith("data:image/png")
+    assert urls[0] == "https://x.example/a.png" and isinstance(urls[1], LocalImage)
 
 
 def test_image_problems_point_at_the_field_and_small_images_warn_once(tmp_path: Path) -> None:
@@ -428,7 +452,7 @@ def test_jobs_from_csv_mixes_with_inline_jobs_and_takes_defaults(tmp_path: Path)
     assert [j.id for j in m.jobs] == ["hero", "cat", "dog"]
     cat, dog = m.jobs[1], m.jobs[2]
     assert cat.request["duration"] == 4 and "duration" not in dog.request
-    assert cat.request["resolution"] == "720p" and cat.request["image_url"].startswith("data:")
+    assert cat.request["resolution"] == "720p" and isinstance(cat.request["image_url"], LocalImage)
     assert cat.source is not None and cat.source.endswith("prompts.csv") and cat.line == 2
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from veobatch.client import Created
 from veobatch.errors import (
@@ -22,8 +25,8 @@ from veobatch.errors import (
     ServerError,
 )
 from veobatch.jobs import Job
-from veobatch.ledger import ErrorInfo, JobState, Ledger, parse_journal
-from veobatch.manifest import slug
+from veobatch.ledger import ErrorInfo, JobState, Ledger, load_states, parse_journal
+from veobatch.manifest import load_manifest, slug
 from veobatch.scheduler import (
     Action,
     SubmitOutcome,
@@ -340,6 +343,93 @@ async def test_a_job_refused_by_the_limits_for_its_patience_fails_unpaid(tmp_pat
     assert "refused by the API's limits for 33 min" in st.error.message
     assert len(api.sent) == 6 and yielded == ["a"] * 5
     ledger.close()
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (1280, 720), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class CapturingCreate(ScriptedCreate):
+    def __init__(self, steps: list[str | ApiError]) -> None:
+        super().__init__(steps)
+        self.bodies: list[Any] = []
+
+    async def create(self, body: Any, *, client_request_id: str) -> Created:
+        self.bodies.append(body)
+        return await super().create(body, client_request_id=client_request_id)
+
+
+async def test_a_local_image_is_read_and_sent_as_it_was_checked(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(_png((1, 2, 3)))
+    m = load_manifest_text(tmp_path, "image_url: a.png")
+    job = m.jobs[0]
+    api = CapturingCreate(["g1"])
+    (tmp_path / "out").mkdir()
+    ledger = Ledger.open(tmp_path / "out")
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    sub = Submitter(api, ledger, 3, 0, 0, lambda: False, noop)
+    assert await sub.submit(job) is SubmitOutcome.SUBMITTED
+    ledger.close()
+    (body,) = api.bodies
+    uri = "data:image/png;base64," + base64.b64encode(_png((1, 2, 3))).decode("ascii")
+    assert body == {**job.request, "image_url": uri}
+    (intent, _) = parse_journal((tmp_path / "out" / "ledger.jsonl").read_bytes()).records
+    assert intent["req"]["image_url"] == f"data:image/png;base64,… ({len(uri) // 1024} KiB)"
+    assert intent["key"] == job.key
+
+
+def load_manifest_text(tmp: Path, image: str) -> Any:
+    text = f"version: 1\njobs:\n  - {{id: a, model: google/veo-3.1-i2v, prompt: p, {image}}}\n"
+    (tmp / "m.yaml").write_text(text)
+    return load_manifest(tmp / "m.yaml")
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+async def test_a_job_whose_image_changed_since_it_was_checked_is_not_sent(
+    tmp_path: Path, earlier: bool
+) -> None:
+    """Not sent, nothing paid: failed as submit_failed, which a rerun submits again once the
+    manifest is checked again (an invalid_request would be held back until --retry-failed)."""
+    image = tmp_path / "a.png"
+    image.write_bytes(_png((1, 2, 3)))
+    job = load_manifest_text(tmp_path, "image_url: a.png").jobs[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    ledger = Ledger.open(out)
+    before: JobState | None = None
+    if earlier:  # a resubmission risked after a POST that may have created one
+        await ledger.record("intent", job.id, crid="vb:a:1:x", key=job.key, model=job.model)
+        await ledger.record("uncertain", job.id, kind="no_answer", message="timeout")
+        before = ledger.state(job.id)
+    image.write_bytes(_png((9, 9, 9)))  # edited while the run went on
+    api = CapturingCreate(["g1"])
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    sub = Submitter(api, ledger, 3, 0, 0, lambda: False, noop)
+    assert await sub.submit(job, earlier=before) is SubmitOutcome.REJECTED
+    assert api.bodies == [] and api.sent == []
+    state = ledger.state(job.id)
+    ledger.close()
+    assert state.error is not None
+    assert f"the image file {image} changed since the manifest was checked" in state.error.message
+    if earlier:  # the earlier POST is put back on record, for a look-up to settle
+        assert (state.status, state.client_request_id) == ("uncertain", "vb:a:1:x")
+        assert _events(out) == ["intent", "uncertain", "uncertain"]
+        return
+    assert (state.status, state.error.kind) == ("failed", "submit_failed")
+    assert _events(out) == ["failed"]  # no intent: nothing was sent
+    state = load_states(out)[job.id]
+    for content in (_png((9, 9, 9)), _png((1, 2, 3))):  # left as edited, or put back
+        image.write_bytes(content)
+        again = load_manifest_text(tmp_path, "image_url: a.png").jobs[0]
+        assert plan_job(again, state, out).action is Action.SUBMIT
 
 
 def test_a_job_never_created_is_submitted_again_by_the_next_run(tmp_path: Path) -> None:

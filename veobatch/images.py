@@ -1,24 +1,34 @@
-"""Local image files named in a manifest: checked by their bytes and inlined as data: URIs.
+"""Local image files named in a manifest: checked by their bytes, sent as data: URIs.
 
-The API takes an https URL or a ``data:<mime>;base64,`` URI. Bulk manifests reuse a few
-reference images across hundreds of jobs, so each file is read, checked and encoded once per
-run (:class:`ImageStore`), and every job shares the one encoded string. A job's identity uses
-the file's content hash, never the megabytes of base64, so keys stay cheap to compute.
+The API takes an https URL or a ``data:<mime>;base64,`` URI. A manifest's files are read and
+checked once each when it is loaded (:class:`ImageStore`), however many jobs name them, and
+only what was found is kept (:class:`LocalImage`: path, content hash, type, size), never the
+bytes: 20,000 stills of half a megabyte would otherwise be 13 GB of base64 held for the run.
+A job's identity uses the content hash. The data: URI is built when the job's create is sent
+(:class:`Inliner`), from the file read again and held to the hash it was checked with.
 """
 
 from __future__ import annotations
 
 import base64
 import errno
+import functools
 import hashlib
 import io
 import os
 import re
+import stat
 import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
+
+from .fsutil import Offload, to_thread
+from .jobview import MAX_INLINE_CHARS, Inlined
 
 # The base64 form is 4/3 of the file. No limit is published; users report inline images
 # failing above a few MB, so warn above ~7 MB of URI and refuse above 20 MB (see manifest_checks).
@@ -52,21 +62,39 @@ def is_local_reference(value: str) -> bool:
 
 
 @dataclass(frozen=True)
-class LocalImage:
-    """One checked file, encoded once."""
+class LocalImage(Inlined):
+    """One checked file: what it holds, not its bytes (those are read again to be sent).
+
+    A job's request holds it where the data: URI goes; :class:`Inliner` makes the URI."""
 
     path: Path
-    data_uri: str
     sha256: str
     mime: str
     width: int
     height: int
     size: int
+    # The data: URI itself when a compact record would copy it whole (a file of at most 132
+    # bytes): the job then sends the bytes it was checked with, and records read as before.
+    inline: str | None = None
 
     @property
     def identity(self) -> str:
         """What stands for the image in a job's key: its content, not where it lives."""
         return f"sha256:{self.sha256}"
+
+    @property
+    def uri_head(self) -> str:
+        """Its data: URI up to the comma."""
+        return f"data:{self.mime};base64"
+
+    @property
+    def uri_chars(self) -> int:
+        """The length of its data: URI, known without encoding it."""
+        return len(self.uri_head) + 1 + 4 * ((self.size + 2) // 3)
+
+
+def data_uri(mime: str, data: bytes) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 @dataclass(frozen=True)
@@ -162,16 +190,16 @@ def inspect_image(data: bytes, shown: str) -> ImageCheck:
     picture, error, warning = read_picture(data, shown)
     if picture is None:
         return ImageCheck(None, error)
-    encoded = base64.b64encode(data).decode("ascii")
     image = LocalImage(
         path=Path(shown),
-        data_uri=f"data:{picture.mime};base64,{encoded}",
         sha256=hashlib.sha256(data).hexdigest(),
         mime=picture.mime,
         width=picture.width,
         height=picture.height,
         size=len(data),
     )
+    if image.uri_chars <= MAX_INLINE_CHARS:
+        image = replace(image, inline=data_uri(image.mime, data))
     return ImageCheck(image, None, warning)
 
 
@@ -187,8 +215,151 @@ def size_problem(size: int, shown: str) -> str | None:
     return None
 
 
+class FileProblem(Exception):
+    """A file not read as an image file: ``what`` it is instead (a folder, a named pipe)."""
+
+    def __init__(self, what: str, *, folder: bool = False, size: int | None = None) -> None:
+        super().__init__(what)
+        self.what = what
+        self.folder = folder
+        self.size = size  # too big to read: its size
+
+
+_SPECIAL = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file at ``path``, or :class:`FileProblem` (or OSError).
+
+    Judged by what was opened, not by a look at the name first: opened without blocking (a
+    named pipe would wait for a writer for ever, /dev/null reads as empty, a /proc file says
+    it holds 0 bytes), and not read at all when it is bigger than ``limit``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise FileProblem("a folder, not a file", folder=True)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _SPECIAL if test(st.st_mode)), "a special file")
+            raise FileProblem(f"not a regular file but {kind}")
+        if st.st_size > limit:
+            raise FileProblem(f"{st.st_size:,} bytes", size=st.st_size)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:  # takes the descriptor over: closed with it
+        data = f.read(st.st_size + 1)
+    if st.st_size == 0 and data:
+        raise FileProblem(
+            "not a regular file: its size reads as 0 bytes, yet it holds data (a /proc or /sys"
+            " file?)"
+        )
+    if len(data) > st.st_size:
+        raise FileProblem("a file being written: it grew while it was read")
+    return data
+
+
+class ImageChangedError(Exception):
+    """A checked image file no longer holds what was checked: the job is not sent."""
+
+
+def encode_for_sending(image: LocalImage) -> str:
+    """Blocking: the data: URI of ``image``'s file, read again and held to the hash it was
+    checked with; :class:`ImageChangedError` when it changed or went since."""
+    shown = str(image.path)
+    rerun = "not sent; a rerun checks it again and submits it"
+    changed = f"the image file {shown} changed since the manifest was checked"
+    try:
+        data = read_regular_file(image.path, image.size)
+    except FileNotFoundError:
+        raise ImageChangedError(
+            f"the image file {shown} was removed or renamed since the manifest was checked: {rerun}"
+        ) from None
+    except FileProblem as exc:
+        now = f"{exc.size:,} bytes, not {image.size:,}" if exc.size is not None else exc.what
+        raise ImageChangedError(f"{changed} (it is now {now}): {rerun}") from None
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        raise ImageChangedError(f"the image file {shown} cannot be read ({why}): {rerun}") from None
+    if len(data) != image.size:
+        raise ImageChangedError(
+            f"{changed} (it is now {len(data):,} bytes, not {image.size:,}): {rerun}"
+        )
+    if hashlib.sha256(data).hexdigest() != image.sha256:
+        raise ImageChangedError(f"{changed} (same size, other content): {rerun}")
+    return data_uri(image.mime, data)
+
+
+KEEP_URIS = 4  # encoded images kept for the next create that sends one of them
+KEEP_URI_CHARS = 32_000_000
+
+
+class Inliner:
+    """Makes a create's body from a job's request: each local image read again, held to the
+    hash it was checked with and encoded, in a worker thread, as the create is sent.
+
+    The memory images take is then what the creates in flight are sending, plus the few
+    encoded images kept here so that one image shared by many jobs is read once, not once
+    per create; never every image of the manifest."""
+
+    def __init__(
+        self,
+        offload: Offload = to_thread,
+        *,
+        keep: int = KEEP_URIS,
+        keep_chars: int = KEEP_URI_CHARS,
+    ) -> None:
+        self._offload = offload
+        self._keep, self._keep_chars = keep, keep_chars
+        self._kept: OrderedDict[tuple[Path, str], str] = OrderedDict()
+        self._kept_chars = 0
+        self.reads = 0  # files read, for tests and the curious
+
+    async def body(self, request: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``request`` with data: URIs for its local images (itself when it has none);
+        raises :class:`ImageChangedError`."""
+        if not any(_holds_image(v) for v in request.values()):
+            return request
+        body: dict[str, Any] = {}
+        for name, value in request.items():
+            if isinstance(value, LocalImage):
+                value = await self.uri(value)
+            elif _holds_image(value):
+                value = [await self.uri(v) if isinstance(v, LocalImage) else v for v in value]
+            body[name] = value
+        return body
+
+    async def uri(self, image: LocalImage) -> str:
+        key = (image.path, image.sha256)
+        found = self._kept.get(key)
+        if found is not None:
+            self._kept.move_to_end(key)
+            return found
+        uri = await self._offload(functools.partial(encode_for_sending, image))
+        self.reads += 1
+        if len(uri) <= self._keep_chars and key not in self._kept:
+            self._kept[key] = uri
+            self._kept_chars += len(uri)
+            while len(self._kept) > self._keep or self._kept_chars > self._keep_chars:
+                _, gone = self._kept.popitem(last=False)
+                self._kept_chars -= len(gone)
+        return uri
+
+
+def _holds_image(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(isinstance(v, LocalImage) for v in value)
+    return isinstance(value, LocalImage)
+
+
 class ImageStore:
-    """Reads each referenced file once per run, however many jobs name it."""
+    """Reads and checks each referenced file once per load, however many jobs name it; keeps
+    what it found, not the bytes."""
 
     def __init__(self, base_dir: Path) -> None:
         self.base_dir = base_dir
@@ -210,18 +381,18 @@ class ImageStore:
         shown = repr(reference if len(reference) <= 60 else reference[:50] + "…")
         if not reference.strip():
             return ImageCheck(None, "the image reference is empty")
+        where = (
+            f"(looked for {os.path.abspath(full)}; local paths are relative to the manifest's"
+            " folder; URLs must start with https://)"
+        )
         try:
-            if not full.is_file():
-                what = "a folder, not a file" if full.is_dir() else "no such file"
-                return ImageCheck(
-                    None,
-                    f"image file {shown}: {what} (looked for {os.path.abspath(full)}; local "
-                    "paths are relative to the manifest's folder; URLs must start with https://)",
-                )
-            problem = size_problem(full.stat().st_size, shown)
-            if problem is not None:  # refused before reading a huge file into memory
-                return ImageCheck(None, problem)
-            data = full.read_bytes()
+            data = read_regular_file(full, MAX_FILE_BYTES)
+        except FileProblem as exc:
+            if exc.size is not None:  # refused before reading a huge file into memory
+                return ImageCheck(None, size_problem(exc.size, shown))
+            if exc.folder:
+                return ImageCheck(None, f"image file {shown}: {exc.what} {where}")
+            return ImageCheck(None, f"image file {shown}: {exc.what} ({os.path.abspath(full)})")
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:  # not meant as a file at all
                 return ImageCheck(
@@ -229,6 +400,8 @@ class ImageStore:
                     f"{shown} is not an https:// URL, a data:image/...;base64,... URI or the "
                     "name of an image file",
                 )
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                return ImageCheck(None, f"image file {shown}: no such file {where}")
             return ImageCheck(None, f"cannot read image file {shown}: {exc.strerror or exc}")
         check = inspect_image(data, shown)
         if check.image is None:

@@ -87,7 +87,9 @@ class Job:
     """One generation to make: the exact API body plus where it came from."""
 
     id: str
-    request: Mapping[str, Any]  # the full POST body, "model" included; JSON-serialisable
+    # The POST body, "model" included; JSON-serialisable but for local images, held as
+    # images.LocalImage until the create is sent (images.Inliner makes them data: URIs).
+    request: Mapping[str, Any]
     index: int = 0  # 0-based position in the manifest's job list
     line: int | None = None  # 1-based line of the job in the manifest, when known
     # The request with each local image replaced by its content hash: what the key is made

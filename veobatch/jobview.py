@@ -19,10 +19,28 @@ SIZES = {"720p": (1280, 720), "1080p": (1920, 1080)}
 _SECONDS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*s?\s*$")
 
 
+class Inlined:
+    """A value sent as a data: URI made only when its create is sent (images.LocalImage):
+    records show it as they would that URI, from its head and length, without encoding it."""
+
+    __slots__ = ()
+
+    @property
+    def uri_head(self) -> str:
+        """``data:<mime>;base64``"""
+        raise NotImplementedError
+
+    @property
+    def uri_chars(self) -> int:
+        raise NotImplementedError
+
+
 def _compact_value(value: Any) -> Any:
     if isinstance(value, str) and value.startswith("data:") and len(value) > MAX_INLINE_CHARS:
         head = value.split(",", 1)[0]
         return f"{head},… ({len(value) // 1024} KiB)"
+    if isinstance(value, Inlined):  # summarised as its data: URI is, to the letter
+        return f"{value.uri_head},… ({value.uri_chars // 1024} KiB)"
     if isinstance(value, list):
         return [_compact_value(v) for v in value]
     return value

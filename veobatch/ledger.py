@@ -44,8 +44,11 @@ _ALLOWED_FROM: dict[str, frozenset[str]] = {
     # A later run may re-poll a timed-out job, or fetch a fresh URL for a lost file.
     "completed": frozenset({"submitted", "completed", "failed", "done"}),
     "done": frozenset({"completed"}),
-    # From "done": the file was lost and fetching it again failed (the video is gone).
-    "failed": frozenset({"submitting", "submitted", "completed", "uncertain", "failed", "done"}),
+    # From "done": the file was lost and fetching it again failed (the video is gone). From
+    # "pending" (or "done" with its request changed): a local image changed before it was sent.
+    "failed": frozenset(
+        {"pending", "submitting", "submitted", "completed", "uncertain", "failed", "done"}
+    ),
     "uncertain": frozenset({"submitting", "uncertain"}),  # a later look-up's own verdict
 }
 EVENTS = frozenset(_ALLOWED_FROM)

@@ -21,7 +21,7 @@ from typing import Any
 
 from .catalogue import ALL_FIELDS, CASE_INSENSITIVE, MODELS, ModelSpec
 from .errors import ManifestError, Problem
-from .images import ImageStore, is_local_reference
+from .images import ImageStore, LocalImage, is_local_reference
 from .jobs import Job, Manifest, ManifestSettings, canonical_json, request_key
 from .manifest_checks import (
     At,
@@ -377,7 +377,7 @@ class _Validator:
 
     def _job(self, built: _Built) -> Job:
         # YAML anchors and defaults share lists between jobs; each job gets its own copy
-        # (copying a string shares it, so a large inlined image is held once).
+        # (its scalars and local images are shared, not copied).
         identity = built.identity if built.identity != built.request else None
         source = None if built.report is self.report else built.report.file
         return Job(
@@ -867,7 +867,8 @@ class _Validator:
     def _inline_images(
         self, model: ModelSpec, fields: dict[str, Any]
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Local files become data: URIs in the body and content hashes in the identity."""
+        """Local files become :class:`LocalImage` values in the body (made data: URIs when the
+        create is sent) and content hashes in the identity."""
         body, identity = dict(fields), dict(fields)
         for name, value in fields.items():
             kind = model.fields[name].type if name in model.fields else None
@@ -879,10 +880,10 @@ class _Validator:
                 identity[name] = [i for _, i in pairs]
         return body, identity
 
-    def _local(self, reference: str) -> tuple[str, str]:
+    def _local(self, reference: str) -> tuple[LocalImage | str, str]:
         image = self.images.check(reference).image
         assert image is not None  # checked by Report.field before any job is built
-        return image.data_uri, image.identity
+        return image.inline or image, image.identity
 
     def _check_ids(self, built: list[_Built]) -> None:
         """Ids name output files, so they must differ even on case-insensitive file systems."""

@@ -36,6 +36,7 @@ from .errors import (
     RateLimitedError,
     ServerError,
 )
+from .images import ImageChangedError, Inliner
 from .jobs import Job
 from .jobview import compact_request
 from .ledger import EARLIER_POST, JobState, Ledger, restore_fields
@@ -467,6 +468,8 @@ class Submitter:
     # Told each create's client request id as it leaves, after its intent is on disk: the
     # usage-logs look-ups take a logged row of a later create as proof the logs caught up.
     on_sent: Callable[[str], None] = lambda crid: None
+    # Makes each create's body, its local images read and encoded only then (off the loop).
+    inliner: Inliner = field(default_factory=Inliner)
     # A create outage fails every submission in flight, again and again: counted, not a line each.
     failures: OutageLog = field(init=False)
 
@@ -551,6 +554,11 @@ class Submitter:
         self, job: Job, earlier: JobState | None = None
     ) -> tuple[SubmitOutcome, ApiError | None]:
         """One POST. Returns the outcome, or the error when trying again is safe."""
+        try:
+            body = await self.inliner.body(job.request)
+        except ImageChangedError as exc:  # never sent, nothing paid: a rerun submits it again
+            await self._not_created(job, earlier, str(exc), fail_as="submit_failed")
+            return SubmitOutcome.REJECTED, None
         crid = client_request_id(job.id, self.ledger.state(job.id).attempts + 1)
         est = round(self.estimate(job), 4)
         extra: dict[str, Any] = {"acct": self.account} if self.account else {}
@@ -568,7 +576,8 @@ class Submitter:
         )
         self.on_sent(crid)
         try:
-            created = await self.api.create(job.request, client_request_id=crid)
+            created = await self.api.create(body, client_request_id=crid)
+            del body  # the encoded images go as soon as the POST is answered
         except (NotSentError, RateLimitedError) as exc:
             if isinstance(exc, RateLimitedError):
                 self._rest(exc)
