@@ -1625,12 +1625,114 @@ def test_anchors_and_merge_keys_work_and_jobs_do_not_share_values() -> None:
     assert two.request["image_urls"] == [IMG]
 
 
-def test_alias_bombs_are_refused() -> None:
-    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+def bomb(prefix: str = "") -> list[str]:
+    """Nine anchors, each ten aliases of the one before: 10**9 values from 400 characters."""
+    lines = [f"{prefix}a: &a [x, x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 9):
-        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i > 1 else "*a"] * 10) + "]")
-    (problem,) = problems_of(doc(*lines))
-    assert "aliases expand to more than" in problem.message
+        alias = f"*a{i - 1}" if i > 1 else "*a"
+        lines.append(f"{prefix}a{i}: &a{i} [" + ", ".join([alias] * 10) + "]")
+    return lines
+
+
+def test_alias_bombs_are_refused_as_a_limit_before_anything_is_built() -> None:
+    (problem,) = problems_of(doc(*bomb()))
+    assert where(problem) == (9, 1, None, "a8.0")
+    assert problem.message == (
+        "this alias expands to 111,111,111 values, and the manifest's aliases to "
+        "1,234,567,900, past the limit of 100,000 for a manifest of this size (2 per "
+        "character, at least 100,000): its anchor holds aliases to anchors that hold "
+        "aliases, each repeating the next (a 'billion laughs'); write the values out instead"
+    )
+
+
+def test_an_alias_bomb_in_a_job_names_the_job_and_its_field() -> None:
+    text = doc(
+        "version: 1",
+        *bomb("x-"),
+        "jobs:",
+        "  - id: boom",
+        f"    model: {R2V}",
+        "    prompt: a",
+        "    image_urls: *a8",
+    )
+    (problem,) = problems_of(text)
+    assert where(problem) == (15, 5, "'boom'", "image_urls")
+    assert problem.message.startswith("this alias expands to 1,111,111,111 values")
+
+
+def test_a_large_manifest_does_not_let_a_bomb_through() -> None:
+    padding = "# " + "x" * 1_000_000  # raises the limit to 2 values a character
+    (problem,) = problems_of(doc(padding, *bomb()))
+    assert where(problem)[:2] == (10, 1)
+    assert "past the limit of 2,001,004 " in problem.message
+    assert "billion laughs" in problem.message
+
+
+def test_an_anchor_repeated_past_the_limit_says_to_split_the_manifest() -> None:
+    text = doc(
+        "version: 1",
+        "x-big: &big [" + ", ".join(["0"] * 1000) + "]",
+        "x-many: [" + ", ".join(["*big"] * 1000) + "]",
+        "jobs: []",
+    )
+    (problem,) = problems_of(text)
+    assert where(problem) == (3, 1, None, "x-many.0")
+    assert problem.message == (
+        "the aliases of this manifest expand it to 1,002,005 values, past the limit of "
+        "100,000 for a manifest of this size (2 per character, at least 100,000); each alias "
+        "repeats all its anchor's values (here, 1,001): split the manifest, or put fewer "
+        "values in the anchors"
+    )
+
+
+def test_many_jobs_merging_one_anchor_are_not_an_alias_bomb() -> None:
+    """The README's pattern, 10,000 jobs each merging an anchor of eight fields that merges
+    three more: 150,000 values, built from 350,000 characters."""
+    text = doc(
+        "version: 1",
+        "x-look: &look {aspect_ratio: '16:9', resolution: 720p, generate_audio: false}",
+        "x-base: &base",
+        "  <<: *look",
+        f"  model: {T2V_FAST}",
+        "  duration: 4",
+        "  enhance_prompt: false",
+        "  auto_fix: false",
+        "  provider: google",
+        "  negative_prompt: blurry, low quality",
+        "  seed: 7",
+        "jobs:",
+        *(f"  - {{<<: *base, prompt: shot {i}}}" for i in range(10_000)),
+    )
+    jobs = parse_manifest(text).jobs
+    assert len(jobs) == 10_000
+    assert jobs[-1].request["prompt"] == "shot 9999"
+    assert jobs[-1].request["aspect_ratio"] == "16:9"
+    assert jobs[-1].request["negative_prompt"] == "blurry, low quality"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column", "job", "field"),
+    [
+        (doc("version: 1", "x-a: &a [1, *a]", "jobs: []"), 2, 1, None, "x-a.1"),
+        (
+            doc("version: 1", "jobs:", "  - id: loop", "    matrix: &m {seed: [1, *m]}"),
+            4,
+            17,
+            "'loop'",
+            "matrix.seed.1",
+        ),
+    ],
+    ids=["top-level", "in-a-job"],
+)
+def test_an_alias_to_a_value_that_holds_it_is_refused(
+    text: str, line: int, column: int, job: str | None, field: str
+) -> None:
+    (problem,) = problems_of(text)
+    assert where(problem) == (line, column, job, field)
+    assert problem.message == (
+        "this alias refers to a value that holds it, which would repeat without end; "
+        "refer to another anchor"
+    )
 
 
 def test_source_map_finds_positions_by_path() -> None:

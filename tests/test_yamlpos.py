@@ -195,3 +195,16 @@ def test_syntax_errors_say_what_the_writer_most_likely_did(
     assert hint in caught.value.message
     if pos is not None:
         assert caught.value.pos == pos
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_both_composers_refuse_an_alias_bomb_alike(loader: type[_Loader]) -> None:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 7):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i > 1 else "*a"] * 10) + "]")
+    lines.append("b:\n  - c: *a6")
+    with pytest.raises(YamlSyntaxError) as caught:
+        _compose_with(loader, "\n".join(lines) + "\n")
+    assert caught.value.pos == Pos(9, 5)
+    assert caught.value.path == ("b", 0, "c")
+    assert "this alias expands to 11,111,111 values" in caught.value.message
