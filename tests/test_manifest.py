@@ -2137,6 +2137,60 @@ def test_a_prompt_starting_with_an_unused_anchor_is_refused_not_cut() -> None:
     assert parse_manifest(quoted).jobs[0].request["prompt"] == "&hero a cat"
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (
+            "prompt",
+            "! big bang",
+            "YAML reads the '!' as a tag, not as text, so the prompt would start at 'big bang'; "
+            "quote the whole prompt to keep the '!'",
+        ),
+        (
+            "negative_prompt",
+            "&n ! blur",
+            "YAML reads the '!' as a tag, not as text, so the negative_prompt would start at "
+            "'blur'; quote the whole negative_prompt to keep the '!'",
+        ),
+        (
+            "id",
+            "! x",
+            "YAML reads the '!' as a tag, not as text, so the id would start at 'x'; quote the "
+            "whole id to keep the '!'",
+        ),
+        (
+            "prompt",
+            "!wow a cat",
+            "unsupported YAML tag '!wow' (YAML reads a value that starts with '!' as a tag; "
+            "quote the whole prompt to keep it as text)",
+        ),
+        (
+            "prompt",
+            "!Boom",
+            "unsupported YAML tag '!Boom' (YAML reads a value that starts with '!' as a tag; "
+            "quote the whole prompt to keep it as text)",
+        ),
+        ("seed", "!foo 8", "unsupported YAML tag '!foo'"),  # quoting would not make it a seed
+    ],
+)
+def test_a_value_starting_with_a_non_standard_tag_is_refused_not_cut(
+    field: str, value: str, message: str
+) -> None:
+    # '! big bang' is YAML's non-specific tag before the text 'big bang': the '!' was dropped.
+    text = job_doc(f"model: {T2V}", "prompt: a cat", f"{field}: {value}")
+    if field == "prompt":
+        text = job_doc(f"model: {T2V}", f"prompt: {value}")
+    (problem,) = problems_of(text)
+    assert (problem.field, problem.message) == (field, message)
+
+
+def test_standard_tags_and_quoted_bangs_are_still_text() -> None:
+    text = job_doc(f"model: {T2V}", 'prompt: "! big bang"', "negative_prompt: !!str 8")
+    (job,) = parse_manifest(text).jobs
+    assert job.request["prompt"] == "! big bang"
+    assert job.request["negative_prompt"] == "8"
+
+
 def test_a_field_missing_its_colon_inside_a_prompt_is_refused() -> None:
     # Indented under a multi-line prompt, "duration 4" becomes prompt text and 8 s is billed.
     text = job_doc(f"model: {T2V}", "prompt: A cat walks", "  on the beach.", "  duration 4")

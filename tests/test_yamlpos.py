@@ -36,6 +36,8 @@ DOCS = [
     "a: 1\rb:\r  - x\r  - y\r",
     # An anchor no alias uses, on a plain, a quoted and a block scalar.
     "a: &x one two\nb: &y 'q'\nc: &z |\n  text\nd: &u used\ne: *u\n",
+    # Tags: a lone '!' (dropped from the text), a local one, YAML's own.
+    "a: ! big bang\nb: !wow great\nc: &q ! z\nd: !!str 8\ne: [! x, !y z]\n",
 ]
 
 
@@ -177,6 +179,8 @@ def test_two_merge_keys_in_one_mapping_are_refused() -> None:
     [
         ("prompt: *sparkles* everywhere", None, "starts with '*' must be quoted"),
         ("prompt: @brand", None, "starts with '@' must be quoted"),
+        ("prompt: !Boom! big bang", None, "starts with '!' must be quoted"),
+        ("prompt: !Boom!x bang", None, "starts with '!' must be quoted"),
         ("prompt: [Draft] a cat", None, "must be quoted whole"),
         ("\tseed: 3", None, "indent with spaces"),
         ("duration 4", Pos(3, 3), "a line with no ':' after its key"),

@@ -198,6 +198,19 @@ def _used_as_alias(name: str, text: str) -> bool:
     )
 
 
+# YAML's non-specific tag: '! big bang' is the text 'big bang'.
+_LONE_TAG = re.compile(r"(?:&[^\s,\[\]{}]+\s+)?!(?=\s)")
+
+
+def _name(path: Path) -> str:
+    """How a message names the value at ``path``: its key ('prompt'), else 'value' (an item)."""
+    return path[-1] if path and isinstance(path[-1], str) else "value"
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
 _ALIAS_ITEM = re.compile(r"(?:\s|#[^\r\n]*)*(-)(?:\s|#[^\r\n]*)+\*[^\s,\[\]{}]+")
 
 
@@ -439,6 +452,8 @@ def _syntax_hint(exc: yaml.MarkedYAMLError, lines: _Lines) -> str:
         if char == "\\t":
             return " (indent with spaces: YAML does not allow tabs there)"
         return f" (a value that starts with {char!r} must be quoted)"
+    if "a tag" in context or problem.startswith("found undefined tag handle"):
+        return " (a value that starts with '!' must be quoted)"
     if context in ("while scanning an alias", "while scanning an anchor"):
         sign = "*" if "alias" in context else "&"
         return f" (a value that starts with {sign!r} must be quoted)"
@@ -689,10 +704,18 @@ class _Builder:
 
     def _scalar(self, node: ScalarNode, path: Path) -> Any:
         text = self.loader.lines.text
-        if text.startswith("&", node.start_mark.index):  # a node's mark is at its anchor
-            anchor = _ANCHOR.match(text, node.start_mark.index)
+        start = node.start_mark.index
+        if text.startswith(("&", "!"), start):  # a node's mark is at its anchor or tag
+            anchor = _ANCHOR.match(text, start)
             if anchor is not None and not _used_as_alias(anchor[1], text):
                 self.source.unused_anchors.setdefault(path, anchor[0])
+            if node.tag == _STR_TAG and node.value and _LONE_TAG.match(text, start):
+                name = _name(path)
+                message = (
+                    f"YAML reads the '!' as a tag, not as text, so the {name} would start at "
+                    f"{_short(node.value)!r}; quote the whole {name} to keep the '!'"
+                )
+                self.issue(path, self._pos(node.start_mark), message)
         if not node.style:  # libyaml says "" where the pure-Python parser says None
             self.source.plain.setdefault(path, node.value)
             if node.end_mark.line != node.start_mark.line:
@@ -702,7 +725,13 @@ class _Builder:
         if node.tag == _STR_TAG:  # most values: what the constructor would return, directly
             return self._text(node, path) if self._escapes else node.value
         if node.tag not in type(self.loader).yaml_constructors:
-            self.issue(path, self._pos(node.start_mark), f"unsupported YAML tag {node.tag!r}")
+            message = f"unsupported YAML tag {node.tag!r}"
+            if node.tag.startswith("!") and self._reads_as_text(node):  # '!wow great' as text
+                message += (
+                    f" (YAML reads a value that starts with '!' as a tag; quote the whole "
+                    f"{_name(path)} to keep it as text)"
+                )
+            self.issue(path, self._pos(node.start_mark), message)
             return self._text(node, path)
         try:
             return self.loader.construct_object(node, deep=True)
@@ -713,6 +742,13 @@ class _Builder:
             message = f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {reason}"
             self.issue(path, self._pos(node.start_mark), message)
             return self._text(node, path)
+
+    def _reads_as_text(self, node: ScalarNode) -> bool:
+        """Would the scalar be text without its tag (not a number, a boolean...), or is the tag
+        all there is ('prompt: !Boom')?"""
+        if not node.value:
+            return True
+        return bool(self.loader.resolve(ScalarNode, node.value, (True, False)) == _STR_TAG)
 
     def _note_comment(self, end: int, path: Path) -> None:
         text = self.loader.lines.text
