@@ -1200,6 +1200,55 @@ ODD_NUMBERS = [
         "1:30.5 as the base-60 (sexagesimal) number 90.5; write 90.5)",
         id="price-sexagesimal-float",
     ),
+    pytest.param(
+        settings("max_cost_usd: 1e3"),
+        3,
+        17,
+        "settings.max_cost_usd",
+        "expected an amount in US dollars, 0 or more (e.g. 250), got 1e3 (YAML 1.1 reads 1e3 "
+        "as the string '1e3': it reads an exponent only after a '.' and with a sign "
+        "(1.0e+3); write 1000)",
+        id="budget-exponent-without-dot",
+    ),
+    pytest.param(
+        t2v("duration: 8e0"),
+        5,
+        15,
+        "duration",
+        "expected an integer (one of 4, 6, 8), got 8e0 (YAML 1.1 reads 8e0 as the string "
+        "'8e0': it reads an exponent only after a '.' and with a sign (8.0e+0); write 8)",
+        id="duration-exponent",
+    ),
+    pytest.param(
+        settings(f"prices: {{{T2V}: 4e-1}}"),
+        3,
+        32,
+        f"settings.prices.{T2V}",
+        "expected a price in USD per second of video (e.g. 0.40), got 4e-1 (YAML 1.1 reads "
+        "4e-1 as the string '4e-1': it reads an exponent only after a '.' and with a sign "
+        "(4.0e-1); write 0.4)",
+        id="price-exponent-without-dot",
+    ),
+    pytest.param(
+        settings("max_cost_usd: 1.5E12"),
+        3,
+        17,
+        "settings.max_cost_usd",
+        "expected an amount in US dollars, 0 or more (e.g. 250), got 1.5E12 (YAML 1.1 reads "
+        "1.5E12 as the string '1.5E12': it reads an exponent only after a '.' and with a sign "
+        "(1.5e+12); write 1500000000000)",
+        id="budget-exponent-without-sign",
+    ),
+    pytest.param(
+        settings("max_cost_usd: 1e30"),
+        3,
+        17,
+        "settings.max_cost_usd",
+        "expected an amount in US dollars, 0 or more (e.g. 250), got 1e30 (YAML 1.1 reads 1e30 "
+        "as the string '1e30': it reads an exponent only after a '.' and with a sign; write "
+        "1.0e+30)",
+        id="budget-exponent-too-long-in-decimal",
+    ),
 ]
 
 
