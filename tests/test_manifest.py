@@ -1200,6 +1200,55 @@ ODD_NUMBERS = [
         "1:30.5 as the base-60 (sexagesimal) number 90.5; write 90.5)",
         id="price-sexagesimal-float",
     ),
+    pytest.param(
+        settings("max_cost_usd: 1e3"),
+        3,
+        17,
+        "settings.max_cost_usd",
+        "expected an amount in US dollars, 0 or more (e.g. 250), got 1e3 (YAML 1.1 reads 1e3 "
+        "as the string '1e3': it reads an exponent only after a '.' and with a sign "
+        "(1.0e+3); write 1000)",
+        id="budget-exponent-without-dot",
+    ),
+    pytest.param(
+        t2v("duration: 8e0"),
+        5,
+        15,
+        "duration",
+        "expected an integer (one of 4, 6, 8), got 8e0 (YAML 1.1 reads 8e0 as the string "
+        "'8e0': it reads an exponent only after a '.' and with a sign (8.0e+0); write 8)",
+        id="duration-exponent",
+    ),
+    pytest.param(
+        settings(f"prices: {{{T2V}: 4e-1}}"),
+        3,
+        32,
+        f"settings.prices.{T2V}",
+        "expected a price in USD per second of video (e.g. 0.40), got 4e-1 (YAML 1.1 reads "
+        "4e-1 as the string '4e-1': it reads an exponent only after a '.' and with a sign "
+        "(4.0e-1); write 0.4)",
+        id="price-exponent-without-dot",
+    ),
+    pytest.param(
+        settings("max_cost_usd: 1.5E12"),
+        3,
+        17,
+        "settings.max_cost_usd",
+        "expected an amount in US dollars, 0 or more (e.g. 250), got 1.5E12 (YAML 1.1 reads "
+        "1.5E12 as the string '1.5E12': it reads an exponent only after a '.' and with a sign "
+        "(1.5e+12); write 1500000000000)",
+        id="budget-exponent-without-sign",
+    ),
+    pytest.param(
+        settings("max_cost_usd: 1e30"),
+        3,
+        17,
+        "settings.max_cost_usd",
+        "expected an amount in US dollars, 0 or more (e.g. 250), got 1e30 (YAML 1.1 reads 1e30 "
+        "as the string '1e30': it reads an exponent only after a '.' and with a sign; write "
+        "1.0e+30)",
+        id="budget-exponent-too-long-in-decimal",
+    ),
 ]
 
 
@@ -1625,12 +1674,114 @@ def test_anchors_and_merge_keys_work_and_jobs_do_not_share_values() -> None:
     assert two.request["image_urls"] == [IMG]
 
 
-def test_alias_bombs_are_refused() -> None:
-    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+def bomb(prefix: str = "") -> list[str]:
+    """Nine anchors, each ten aliases of the one before: 10**9 values from 400 characters."""
+    lines = [f"{prefix}a: &a [x, x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 9):
-        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i > 1 else "*a"] * 10) + "]")
-    (problem,) = problems_of(doc(*lines))
-    assert "aliases expand to more than" in problem.message
+        alias = f"*a{i - 1}" if i > 1 else "*a"
+        lines.append(f"{prefix}a{i}: &a{i} [" + ", ".join([alias] * 10) + "]")
+    return lines
+
+
+def test_alias_bombs_are_refused_as_a_limit_before_anything_is_built() -> None:
+    (problem,) = problems_of(doc(*bomb()))
+    assert where(problem) == (9, 1, None, "a8.0")
+    assert problem.message == (
+        "this alias expands to 111,111,111 values, and the manifest's aliases to "
+        "1,234,567,900, past the limit of 100,000 for a manifest of this size (2 per "
+        "character, at least 100,000): its anchor holds aliases to anchors that hold "
+        "aliases, each repeating the next (a 'billion laughs'); write the values out instead"
+    )
+
+
+def test_an_alias_bomb_in_a_job_names_the_job_and_its_field() -> None:
+    text = doc(
+        "version: 1",
+        *bomb("x-"),
+        "jobs:",
+        "  - id: boom",
+        f"    model: {R2V}",
+        "    prompt: a",
+        "    image_urls: *a8",
+    )
+    (problem,) = problems_of(text)
+    assert where(problem) == (15, 5, "'boom'", "image_urls")
+    assert problem.message.startswith("this alias expands to 1,111,111,111 values")
+
+
+def test_a_large_manifest_does_not_let_a_bomb_through() -> None:
+    padding = "# " + "x" * 1_000_000  # raises the limit to 2 values a character
+    (problem,) = problems_of(doc(padding, *bomb()))
+    assert where(problem)[:2] == (10, 1)
+    assert "past the limit of 2,001,004 " in problem.message
+    assert "billion laughs" in problem.message
+
+
+def test_an_anchor_repeated_past_the_limit_says_to_split_the_manifest() -> None:
+    text = doc(
+        "version: 1",
+        "x-big: &big [" + ", ".join(["0"] * 1000) + "]",
+        "x-many: [" + ", ".join(["*big"] * 1000) + "]",
+        "jobs: []",
+    )
+    (problem,) = problems_of(text)
+    assert where(problem) == (3, 1, None, "x-many.0")
+    assert problem.message == (
+        "the aliases of this manifest expand it to 1,002,005 values, past the limit of "
+        "100,000 for a manifest of this size (2 per character, at least 100,000); each alias "
+        "repeats all its anchor's values (here, 1,001): split the manifest, or put fewer "
+        "values in the anchors"
+    )
+
+
+def test_many_jobs_merging_one_anchor_are_not_an_alias_bomb() -> None:
+    """The README's pattern, 10,000 jobs each merging an anchor of eight fields that merges
+    three more: 150,000 values, built from 350,000 characters."""
+    text = doc(
+        "version: 1",
+        "x-look: &look {aspect_ratio: '16:9', resolution: 720p, generate_audio: false}",
+        "x-base: &base",
+        "  <<: *look",
+        f"  model: {T2V_FAST}",
+        "  duration: 4",
+        "  enhance_prompt: false",
+        "  auto_fix: false",
+        "  provider: google",
+        "  negative_prompt: blurry, low quality",
+        "  seed: 7",
+        "jobs:",
+        *(f"  - {{<<: *base, prompt: shot {i}}}" for i in range(10_000)),
+    )
+    jobs = parse_manifest(text).jobs
+    assert len(jobs) == 10_000
+    assert jobs[-1].request["prompt"] == "shot 9999"
+    assert jobs[-1].request["aspect_ratio"] == "16:9"
+    assert jobs[-1].request["negative_prompt"] == "blurry, low quality"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column", "job", "field"),
+    [
+        (doc("version: 1", "x-a: &a [1, *a]", "jobs: []"), 2, 1, None, "x-a.1"),
+        (
+            doc("version: 1", "jobs:", "  - id: loop", "    matrix: &m {seed: [1, *m]}"),
+            4,
+            17,
+            "'loop'",
+            "matrix.seed.1",
+        ),
+    ],
+    ids=["top-level", "in-a-job"],
+)
+def test_an_alias_to_a_value_that_holds_it_is_refused(
+    text: str, line: int, column: int, job: str | None, field: str
+) -> None:
+    (problem,) = problems_of(text)
+    assert where(problem) == (line, column, job, field)
+    assert problem.message == (
+        "this alias refers to a value that holds it, which would repeat without end; "
+        "refer to another anchor"
+    )
 
 
 def test_source_map_finds_positions_by_path() -> None:
@@ -2033,6 +2184,60 @@ def test_a_prompt_starting_with_an_unused_anchor_is_refused_not_cut() -> None:
     assert "as an anchor" in problems_of(lookalike)[0].message
     quoted = t2v("seed: 3").replace("prompt: a cat", 'prompt: "&hero a cat"')
     assert parse_manifest(quoted).jobs[0].request["prompt"] == "&hero a cat"
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        (
+            "prompt",
+            "! big bang",
+            "YAML reads the '!' as a tag, not as text, so the prompt would start at 'big bang'; "
+            "quote the whole prompt to keep the '!'",
+        ),
+        (
+            "negative_prompt",
+            "&n ! blur",
+            "YAML reads the '!' as a tag, not as text, so the negative_prompt would start at "
+            "'blur'; quote the whole negative_prompt to keep the '!'",
+        ),
+        (
+            "id",
+            "! x",
+            "YAML reads the '!' as a tag, not as text, so the id would start at 'x'; quote the "
+            "whole id to keep the '!'",
+        ),
+        (
+            "prompt",
+            "!wow a cat",
+            "unsupported YAML tag '!wow' (YAML reads a value that starts with '!' as a tag; "
+            "quote the whole prompt to keep it as text)",
+        ),
+        (
+            "prompt",
+            "!Boom",
+            "unsupported YAML tag '!Boom' (YAML reads a value that starts with '!' as a tag; "
+            "quote the whole prompt to keep it as text)",
+        ),
+        ("seed", "!foo 8", "unsupported YAML tag '!foo'"),  # quoting would not make it a seed
+    ],
+)
+def test_a_value_starting_with_a_non_standard_tag_is_refused_not_cut(
+    field: str, value: str, message: str
+) -> None:
+    # '! big bang' is YAML's non-specific tag before the text 'big bang': the '!' was dropped.
+    text = job_doc(f"model: {T2V}", "prompt: a cat", f"{field}: {value}")
+    if field == "prompt":
+        text = job_doc(f"model: {T2V}", f"prompt: {value}")
+    (problem,) = problems_of(text)
+    assert (problem.field, problem.message) == (field, message)
+
+
+def test_standard_tags_and_quoted_bangs_are_still_text() -> None:
+    text = job_doc(f"model: {T2V}", 'prompt: "! big bang"', "negative_prompt: !!str 8")
+    (job,) = parse_manifest(text).jobs
+    assert job.request["prompt"] == "! big bang"
+    assert job.request["negative_prompt"] == "8"
 
 
 def test_a_field_missing_its_colon_inside_a_prompt_is_refused() -> None:

@@ -36,6 +36,8 @@ DOCS = [
     "a: 1\rb:\r  - x\r  - y\r",
     # An anchor no alias uses, on a plain, a quoted and a block scalar.
     "a: &x one two\nb: &y 'q'\nc: &z |\n  text\nd: &u used\ne: *u\n",
+    # Tags: a lone '!' (dropped from the text), a local one, YAML's own.
+    "a: ! big bang\nb: !wow great\nc: &q ! z\nd: !!str 8\ne: [! x, !y z]\n",
 ]
 
 
@@ -177,6 +179,8 @@ def test_two_merge_keys_in_one_mapping_are_refused() -> None:
     [
         ("prompt: *sparkles* everywhere", None, "starts with '*' must be quoted"),
         ("prompt: @brand", None, "starts with '@' must be quoted"),
+        ("prompt: !Boom! big bang", None, "starts with '!' must be quoted"),
+        ("prompt: !Boom!x bang", None, "starts with '!' must be quoted"),
         ("prompt: [Draft] a cat", None, "must be quoted whole"),
         ("\tseed: 3", None, "indent with spaces"),
         ("duration 4", Pos(3, 3), "a line with no ':' after its key"),
@@ -195,3 +199,16 @@ def test_syntax_errors_say_what_the_writer_most_likely_did(
     assert hint in caught.value.message
     if pos is not None:
         assert caught.value.pos == pos
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_both_composers_refuse_an_alias_bomb_alike(loader: type[_Loader]) -> None:
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 7):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i > 1 else "*a"] * 10) + "]")
+    lines.append("b:\n  - c: *a6")
+    with pytest.raises(YamlSyntaxError) as caught:
+        _compose_with(loader, "\n".join(lines) + "\n")
+    assert caught.value.pos == Pos(9, 5)
+    assert caught.value.path == ("b", 0, "c")
+    assert "this alias expands to 11,111,111 values" in caught.value.message

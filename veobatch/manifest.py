@@ -114,8 +114,8 @@ def parse_manifest(text: str, *, file: str = "<manifest>", path: Path | None = N
         doc = compose(text)
     except YamlSyntaxError as exc:
         line, column = (exc.pos.line, exc.pos.column) if exc.pos else (None, None)
-        field = _key_on_line(text, line)
-        raise ManifestError([Problem(file, exc.message, line, column, None, field)]) from exc
+        job, field = _unbuilt_at(exc) if exc.path else (None, _key_on_line(text, line))
+        raise ManifestError([Problem(file, exc.message, line, column, job, field)]) from exc
     where = path if path is not None else Path(file)
     return _Validator(file, doc, where.parent).run(where)
 
@@ -145,6 +145,18 @@ def _same_value(value: Any, default: Any) -> bool:
     if isinstance(value, bool) or isinstance(default, bool):
         return value is default
     return str(value).lower() == str(default).lower()
+
+
+def _unbuilt_at(exc: YamlSyntaxError) -> tuple[str | None, str | None]:
+    """The job and field of a document refused before it was built (an alias past the
+    budget): the job by its id when it has a usable one, else by number."""
+    path = exc.path
+    if len(path) < 2 or path[0] != "jobs" or not isinstance(path[1], int):
+        return None, ".".join(str(p) for p in path)
+    written = exc.ids.get(path[:2])
+    ok = written is not None and id_problem(written, None) is None
+    job = f"'{written}'" if ok else f"#{path[1] + 1}"
+    return job, ".".join(str(p) for p in path[2:]) or None
 
 
 def _key_on_line(text: str, line: int | None) -> str | None:

@@ -8,6 +8,7 @@ is wrong in terms a user recognises), while the manifest module walks the docume
 from __future__ import annotations
 
 import base64
+import math
 import re
 from datetime import date
 from difflib import get_close_matches
@@ -108,11 +109,13 @@ def quote_hint(value: Any, plain: str | None) -> str:
 # Numbers every reader (YAML 1.1, YAML 1.2, a CSV cell) reads alike.
 _PLAIN_INT = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")
 _PLAIN_NUMBER = re.compile(
-    rf"{_PLAIN_INT.pattern}|[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?"
+    rf"{_PLAIN_INT.pattern}|[-+]?(?:[0-9]+\.[0-9]*|\.[0-9]+)(?:[eE][-+][0-9]+)?"
     r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)"
 )
 _NOT_OCTAL = re.compile(r"[-+]?0[0-9_]*[89][0-9_]*")  # YAML 1.1 leaves these as text
 _OCTAL_0O = re.compile(r"[-+]?0o[0-7_]+")  # YAML 1.2's octal; text to YAML 1.1
+# An exponent YAML 1.1 reads only after a '.' and with a sign: 1e3 and 1.0e3 are text to it.
+_EXPONENT = re.compile(r"([-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))[eE]([-+]?)([0-9]+)")
 
 
 def unquote_hint(kind: str, value: Any, plain: str | None) -> str:
@@ -163,7 +166,7 @@ def misread(value: Any, plain: str | None) -> str | None:
 
 
 def _unread_number(plain: str) -> str | None:
-    """Numbers YAML 1.1 leaves as text though they look like numbers: 08, 09, 0o17."""
+    """Numbers YAML 1.1 leaves as text though they look like numbers: 08, 09, 0o17, 1e3."""
     if _NOT_OCTAL.fullmatch(plain):
         decimal = int(plain.replace("_", ""), 10)
         return (
@@ -173,7 +176,23 @@ def _unread_number(plain: str) -> str | None:
     if _OCTAL_0O.fullmatch(plain):
         number = int(plain.replace("_", ""), 0)
         return f"YAML 1.1 reads {plain} as the string {plain!r}; write {number}"
+    if (exponent := _EXPONENT.fullmatch(plain)) is not None:
+        mantissa, sign, power = exponent.groups()
+        spelled = f"{mantissa if '.' in mantissa else mantissa + '.0'}e{sign or '+'}{power}"
+        short = _decimal(float(plain))
+        advice = f" ({spelled}); write {short}" if short else f"; write {spelled}"
+        return (
+            f"YAML 1.1 reads {plain} as the string {plain!r}: it reads an exponent only after "
+            f"a '.' and with a sign{advice}"
+        )
     return None
+
+
+def _decimal(number: float) -> str | None:
+    """``number`` in plain decimal (1000, 0.001), if that is short."""
+    if not math.isfinite(number) or "e" in repr(number):
+        return None
+    return str(int(number)) if number.is_integer() else repr(number)
 
 
 def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:

@@ -24,9 +24,19 @@ from yaml.tokens import BlockEntryToken
 
 Path = tuple[Hashable, ...]
 
-# Aliases may expand exponentially ("billion laughs"); values built beyond the document's own
-# nodes are capped so a hostile manifest cannot exhaust memory.
-MAX_ALIAS_EXPANSION = 100_000
+# Aliases may expand exponentially ("billion laughs": an anchor of ten aliases to an anchor of
+# ten aliases...), or a large anchor may be aliased many times. The values a document expands
+# to are counted on its composed nodes, before any is built, and refused past a budget that
+# grows with its text: max(MIN_ALIAS_BUDGET, ALIAS_VALUES_PER_CHAR * characters). Written out,
+# a value takes at least two characters ("x,"), so a manifest without aliases holds at most
+# half a value per character. Ordinary reuse stays well under one: a job that merges a shared
+# anchor ('- <<: *base' plus its own prompt, 30 characters or more) takes in at most the ~40
+# values a job can hold (its dozen fields, an image list, a matrix), and the README's pattern
+# (a 6-field base, an id and a prompt, ~85 characters a job) expands to 0.12 per character.
+# Two per character leaves realistic reuse room to spare, while an expanded document stays
+# within about four times what a manifest of the same size written out may hold.
+MIN_ALIAS_BUDGET = 100_000
+ALIAS_VALUES_PER_CHAR = 2
 # libyaml's composer recurses in C without a limit: tens of thousands of nested '[' overflow
 # the C stack and kill the process. Documents that could nest deeper than this are composed by
 # the pure-Python parser, whose RecursionError becomes a clean "nested too deeply" error.
@@ -119,12 +129,21 @@ class Issue:
 
 
 class YamlSyntaxError(Exception):
-    """The text is not one YAML document: nothing can be built from it."""
+    """The text is not one YAML document, or not one that may be built: nothing is built."""
 
-    def __init__(self, message: str, pos: Pos | None) -> None:
+    def __init__(
+        self,
+        message: str,
+        pos: Pos | None,
+        path: Path = (),
+        ids: dict[Path, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.pos = pos
+        self.path = path  # the value it is about, when known (an alias past the budget)
+        # How the mappings on the way to ``path`` name themselves with an 'id' key (a job's id).
+        self.ids = ids or {}
 
 
 @dataclass
@@ -177,6 +196,19 @@ def _used_as_alias(name: str, text: str) -> bool:
     return (
         re.search(rf"(?:^|[\s,\[{{:-])\*{re.escape(name)}(?=[\s,\]}}]|$)", text, re.M) is not None
     )
+
+
+# YAML's non-specific tag: '! big bang' is the text 'big bang'.
+_LONE_TAG = re.compile(r"(?:&[^\s,\[\]{}]+\s+)?!(?=\s)")
+
+
+def _name(path: Path) -> str:
+    """How a message names the value at ``path``: its key ('prompt'), else 'value' (an item)."""
+    return path[-1] if path and isinstance(path[-1], str) else "value"
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 40 else text[:39] + "…"
 
 
 _ALIAS_ITEM = re.compile(r"(?:\s|#[^\r\n]*)*(-)(?:\s|#[^\r\n]*)+\*[^\s,\[\]{}]+")
@@ -373,6 +405,8 @@ def _compose_with(
     lines = loader.lines
     try:
         root = loader.get_single_node()
+        if root is not None and "*" in text:  # no '*', no alias
+            _check_expansion(root, alias_budget(len(text)), lines)
         builder = _Builder(loader, back)
         data = builder.build(root, ()) if root is not None else None
     except yaml.MarkedYAMLError as exc:
@@ -418,6 +452,8 @@ def _syntax_hint(exc: yaml.MarkedYAMLError, lines: _Lines) -> str:
         if char == "\\t":
             return " (indent with spaces: YAML does not allow tabs there)"
         return f" (a value that starts with {char!r} must be quoted)"
+    if "a tag" in context or problem.startswith("found undefined tag handle"):
+        return " (a value that starts with '!' must be quoted)"
     if context in ("while scanning an alias", "while scanning an anchor"):
         sign = "*" if "alias" in context else "&"
         return f" (a value that starts with {sign!r} must be quoted)"
@@ -464,6 +500,177 @@ def _offset_pos(text: str, offset: int) -> Pos:
     return Pos(text.count("\n", 0, offset) + 1, offset - line_start + 1)
 
 
+def alias_budget(characters: int) -> int:
+    """How many values a document of this many characters may expand to, aliases repeated."""
+    return max(MIN_ALIAS_BUDGET, ALIAS_VALUES_PER_CHAR * characters)
+
+
+def _built(node: Node) -> list[Node]:
+    """The nodes :class:`_Builder` builds under ``node``: a mapping's values and the mappings
+    it merges, a sequence's items."""
+    if isinstance(node, SequenceNode):
+        return node.value  # type: ignore[no-any-return]
+    if not isinstance(node, MappingNode):
+        return []
+    return [n for _, _, n in _named(node)]
+
+
+def _named(node: Node) -> list[tuple[Hashable, Mark | None, Node]]:
+    """:func:`_built`, each with its key (or index) and the mark of that key."""
+    if isinstance(node, SequenceNode):
+        return [(index, None, item) for index, item in enumerate(node.value)]
+    if not isinstance(node, MappingNode):
+        return []
+    named: list[tuple[Hashable, Mark | None, Node]] = []
+    for key, value in node.value:
+        if key.tag != _MERGE_TAG:
+            named.append((key.value if isinstance(key, ScalarNode) else "?", key.start_mark, value))
+            continue
+        sources = value.value if isinstance(value, SequenceNode) else [value]
+        named += (("<<", key.start_mark, s) for s in sources if isinstance(s, MappingNode))
+    return named
+
+
+# A step down a document: from a collection, by a key (or index) written at a mark, to a value.
+_Step = tuple[Node, Hashable, Mark | None, Node]
+
+
+class _Expansion:
+    """How many values each collection of a composed document expands to, aliases repeated,
+    and how many places refer to it (more than one: an anchor that an alias repeats).
+
+    Each node is counted once, without recursion: a bomb has few nodes and countless paths.
+    An alias to a value that holds it (a cycle) stops the count: ``cycle`` is (the value the
+    alias is in, the value it refers to).
+    """
+
+    def __init__(self, root: Node) -> None:
+        sizes: dict[int, int] = {}
+        refs: dict[int, int] = {}
+        self.cycle: tuple[Node, Node] | None = None
+        open_: set[int] = set()  # the values holding the one counted
+        stack: list[tuple[Node, list[Node] | None]] = [(root, None)]
+        while stack and self.cycle is None:
+            node, children = stack.pop()
+            if children is not None:
+                open_.discard(id(node))
+                sizes[id(node)] = 1 + sum(sizes.get(id(c), 1) for c in children)
+            elif id(node) not in sizes:
+                open_.add(id(node))
+                children = _built(node)
+                stack.append((node, children))
+                for child in reversed(children):  # in the order written: the first cycle found
+                    if isinstance(child, ScalarNode):
+                        continue
+                    if id(child) in open_:
+                        self.cycle = (node, child)
+                    refs[id(child)] = refs.get(id(child), 0) + 1
+                    stack.append((child, None))
+        self._sizes, self._refs = sizes, refs
+
+    def size(self, node: Node) -> int:
+        return self._sizes.get(id(node), 1)
+
+    def largest_alias(self, root: Node) -> list[_Step]:
+        """The way down the largest values to the first one an alias repeats."""
+        steps: list[_Step] = []
+        node = root
+        while children := _named(node):
+            key, key_mark, child = max(children, key=lambda c: self.size(c[2]))
+            steps.append((node, key, key_mark, child))
+            if self._refs.get(id(child), 0) > 1:
+                break
+            node = child
+        return steps
+
+
+def _way_to(root: Node, parent: Node, child: Node) -> list[_Step]:
+    """The first way down from ``root`` (in the order written) to ``child`` in ``parent``."""
+    back: dict[int, _Step | None] = {}  # how each node was first reached
+    stack: list[tuple[Node, _Step | None]] = [(root, None)]
+    while stack and id(parent) not in back:
+        node, step = stack.pop()
+        if id(node) not in back:
+            back[id(node)] = step
+            stack += ((c, (node, k, m, c)) for k, m, c in reversed(_named(node)))
+    key, key_mark, _ = next(step for step in _named(parent) if step[2] is child)
+    steps: list[_Step] = [(parent, key, key_mark, child)]
+    while (up := back[id(steps[0][0])]) is not None:
+        steps.insert(0, up)
+    return steps
+
+
+def _where(root: Node, steps: list[_Step]) -> tuple[Path, Mark, dict[Path, str]]:
+    """The path of the last step's value, where to point at (the nearest key written, or the
+    item itself unless the last step is an alias: that node is where its anchor was) and the
+    'id' of each mapping on the way, which is how a job names itself."""
+    path: Path = ()
+    mark = root.start_mark
+    ids: dict[Path, str] = {}
+    for index, (node, key, key_mark, child) in enumerate(steps):
+        named = next((v for k, _, v in _named(node) if k == "id"), None)
+        if isinstance(named, ScalarNode):
+            ids[path] = named.value
+        path = (*path, key)
+        last = index == len(steps) - 1
+        mark = key_mark or (mark if last else child.start_mark)
+    return path, mark, ids
+
+
+def _check_expansion(root: Node, budget: int, lines: _Lines) -> None:
+    """Refuse a document with an alias cycle, or whose aliases expand past ``budget`` values,
+    before building any of it."""
+    expansion = _Expansion(root)
+    if expansion.cycle is not None:
+        path, mark, ids = _where(root, _way_to(root, *expansion.cycle))
+        message = (
+            "this alias refers to a value that holds it, which would repeat without end; "
+            "refer to another anchor"
+        )
+        raise YamlSyntaxError(message, lines.pos(mark), path, ids)
+    total = expansion.size(root)
+    if total <= budget:
+        return
+    steps = expansion.largest_alias(root)
+    path, mark, ids = _where(root, steps)
+    node = steps[-1][3] if steps else root
+    # Ten times its own values or more: aliases inside an anchor, repeated by aliases again.
+    multiplies = expansion.size(node) >= 10 * _distinct(node)
+    message = _limit_message(total, budget, expansion.size(node), multiplies=multiplies)
+    raise YamlSyntaxError(message, lines.pos(mark), path, ids)
+
+
+def _distinct(node: Node) -> int:
+    """How many nodes there are under ``node``, each counted once however often repeated."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        top = stack.pop()
+        if id(top) not in seen:
+            seen.add(id(top))
+            stack += _built(top)
+    return len(seen)
+
+
+def _limit_message(total: int, budget: int, largest: int, *, multiplies: bool) -> str:
+    """Say it is a limit, what the alias it names does, and what to do."""
+    limit = (
+        f"{budget:,} for a manifest of this size ({ALIAS_VALUES_PER_CHAR} per character, at "
+        f"least {MIN_ALIAS_BUDGET:,})"
+    )
+    if multiplies:
+        return (
+            f"this alias expands to {largest:,} values, and the manifest's aliases to {total:,}, "
+            f"past the limit of {limit}: its anchor holds aliases to anchors that hold aliases, "
+            "each repeating the next (a 'billion laughs'); write the values out instead"
+        )
+    return (
+        f"the aliases of this manifest expand it to {total:,} values, past the limit of {limit}; "
+        f"each alias repeats all its anchor's values (here, {largest:,}): split the manifest, or "
+        "put fewer values in the anchors"
+    )
+
+
 class _Builder:
     """Walks composed nodes into dicts, lists and scalars, recording positions on the way."""
 
@@ -475,9 +682,6 @@ class _Builder:
         self._comments = "#" in loader.lines.text  # else no value can be followed by one
         self.source = SourceMap()
         self.issues: list[Issue] = []
-        self._seen: set[int] = set()
-        self._active: set[int] = set()
-        self._expanded = 0
 
     def issue(self, path: Path, pos: Pos, message: str, *, bad: bool = True) -> None:
         """Record an issue; ``bad`` marks the value so later checks do not report it again."""
@@ -486,38 +690,32 @@ class _Builder:
             self.source.bad.add(path)
 
     def build(self, node: Node, path: Path) -> Any:
+        """The value of ``node``; an alias builds its anchor's value again (a copy of its own:
+        jobs merging one anchor must not share a list), counted beforehand by _check_expansion
+        so this never loops or runs away."""
         self.source.values.setdefault(path, self._pos(node.start_mark))
-        if id(node) in self._active:
-            self.issue(
-                path, self._pos(node.start_mark), "an alias refers to its own enclosing value"
-            )
-            return None
-        if id(node) in self._seen:
-            self._expanded += 1
-            if self._expanded > MAX_ALIAS_EXPANSION:
-                raise YamlSyntaxError(
-                    f"invalid YAML: aliases expand to more than {MAX_ALIAS_EXPANSION} values",
-                    self._pos(node.start_mark),
-                )
-        self._seen.add(id(node))
         if isinstance(node, ScalarNode):
             return self._scalar(node, path)
-        self._active.add(id(node))
-        try:
-            if isinstance(node, SequenceNode):
-                return self._sequence(node, path)
-            if isinstance(node, MappingNode):
-                return self._mapping(node, path)
-            return None
-        finally:
-            self._active.discard(id(node))
+        if isinstance(node, SequenceNode):
+            return self._sequence(node, path)
+        if isinstance(node, MappingNode):
+            return self._mapping(node, path)
+        return None
 
     def _scalar(self, node: ScalarNode, path: Path) -> Any:
         text = self.loader.lines.text
-        if text.startswith("&", node.start_mark.index):  # a node's mark is at its anchor
-            anchor = _ANCHOR.match(text, node.start_mark.index)
+        start = node.start_mark.index
+        if text.startswith(("&", "!"), start):  # a node's mark is at its anchor or tag
+            anchor = _ANCHOR.match(text, start)
             if anchor is not None and not _used_as_alias(anchor[1], text):
                 self.source.unused_anchors.setdefault(path, anchor[0])
+            if node.tag == _STR_TAG and node.value and _LONE_TAG.match(text, start):
+                name = _name(path)
+                message = (
+                    f"YAML reads the '!' as a tag, not as text, so the {name} would start at "
+                    f"{_short(node.value)!r}; quote the whole {name} to keep the '!'"
+                )
+                self.issue(path, self._pos(node.start_mark), message)
         if not node.style:  # libyaml says "" where the pure-Python parser says None
             self.source.plain.setdefault(path, node.value)
             if node.end_mark.line != node.start_mark.line:
@@ -527,7 +725,13 @@ class _Builder:
         if node.tag == _STR_TAG:  # most values: what the constructor would return, directly
             return self._text(node, path) if self._escapes else node.value
         if node.tag not in type(self.loader).yaml_constructors:
-            self.issue(path, self._pos(node.start_mark), f"unsupported YAML tag {node.tag!r}")
+            message = f"unsupported YAML tag {node.tag!r}"
+            if node.tag.startswith("!") and self._reads_as_text(node):  # '!wow great' as text
+                message += (
+                    f" (YAML reads a value that starts with '!' as a tag; quote the whole "
+                    f"{_name(path)} to keep it as text)"
+                )
+            self.issue(path, self._pos(node.start_mark), message)
             return self._text(node, path)
         try:
             return self.loader.construct_object(node, deep=True)
@@ -538,6 +742,13 @@ class _Builder:
             message = f"cannot read {node.value!r} as {node.tag.rsplit(':', 1)[-1]}: {reason}"
             self.issue(path, self._pos(node.start_mark), message)
             return self._text(node, path)
+
+    def _reads_as_text(self, node: ScalarNode) -> bool:
+        """Would the scalar be text without its tag (not a number, a boolean...), or is the tag
+        all there is ('prompt: !Boom')?"""
+        if not node.value:
+            return True
+        return bool(self.loader.resolve(ScalarNode, node.value, (True, False)) == _STR_TAG)
 
     def _note_comment(self, end: int, path: Path) -> None:
         text = self.loader.lines.text
