@@ -30,6 +30,7 @@ import resource
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -294,10 +295,13 @@ def bench_download(size_mb: int, work: Path) -> dict[str, Any]:
     blob = blobs / "big.mp4"
     rng = random.Random(5)
     with open(blob, "wb") as f:
+        # A whole MP4 as the downloader checks one: ftyp, the media data, then a moov box.
         f.write(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom")
+        f.write(struct.pack(">I4sQ", 1, b"mdat", 16 + (size_mb << 20)))
         chunk = rng.randbytes(1 << 20)
         for _ in range(size_mb):
             f.write(chunk)
+        f.write(struct.pack(">I4s", 8, b"moov"))
     size = blob.stat().st_size
     port, cdn_port = free_port(), free_port()
     sim = start_simulator(

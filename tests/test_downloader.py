@@ -19,6 +19,7 @@ import anyio
 import pytest
 from aiohttp import web
 from local_server import serve, serve_raw
+from mp4s import FTYP, box, mp4
 
 import veobatch.downloader as dl
 from veobatch.downloader import (
@@ -42,7 +43,7 @@ from veobatch.transfer import (
     plan_body,
 )
 
-MP4 = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4000  # ~1 MB, starts like an MP4
+MP4 = mp4(bytes(range(256)) * 4000)  # ~1 MB
 
 
 @pytest.mark.parametrize(
@@ -286,7 +287,10 @@ async def test_failures(
         await _get(cdn, tmp_path)
     assert info.value.url_expired is expired
     assert info.value.retryable is retryable
+    # An error page with a 200 (an expired signature, say): the runner asks for a fresh URL.
+    assert info.value.not_video is (mode == "html")
     assert not (tmp_path / "job1.mp4").exists()
+    assert not (tmp_path / "job1.mp4.part").exists()
 
 
 async def test_redirects_are_followed_and_rechecked(cdn: Cdn, tmp_path: Path) -> None:
@@ -400,11 +404,23 @@ async def test_the_finished_file_is_probed_in_the_same_hop(
     assert (await _get(cdn, out)).probe is None  # only when asked
 
 
-async def test_a_body_that_is_not_a_readable_video_probes_as_an_error(
-    cdn: Cdn, tmp_path: Path
+@pytest.mark.parametrize("flush_bytes", [None, 1000])
+async def test_a_whole_body_that_is_not_a_readable_video_is_a_failed_download(
+    cdn: Cdn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flush_bytes: int | None
 ) -> None:
-    got = await _get(cdn, tmp_path, probe=True)  # starts like an MP4, then noise
-    assert got.probe is not None and got.probe.error
+    # Its boxes add up, but its moov holds no video track: neither the box reader nor PyAV
+    # can read it. Recorded done, a rerun would skip a video nobody can play.
+    if flush_bytes:
+        monkeypatch.setattr(dl, "FLUSH_BYTES", flush_bytes)
+    cdn.body = FTYP + box(b"mdat", bytes(range(256)) * 20) + box(b"moov", box(b"mvhd", bytes(100)))
+    with pytest.raises(DownloadError) as info:
+        await _get(cdn, tmp_path, probe=True)
+    assert info.value.message.startswith("unreadable video: ")
+    # all the host has: nothing to resume, and the same URL brings it again
+    assert info.value.damaged and info.value.retryable and info.value.not_video
+    assert not (tmp_path / "job1.mp4").exists()
+    assert not (tmp_path / "job1.mp4.part").exists()
+    assert not (tmp_path / "job1.mp4.part.meta").exists()
 
 
 async def test_a_flush_cut_off_by_cancellation_is_not_written_twice(tmp_path: Path) -> None:
@@ -474,33 +490,33 @@ CR = "Content-Range"
 @pytest.mark.parametrize(
     ("status", "headers", "have", "part", "want"),
     [
-        (200, {"Content-Length": "100"}, 0, None, Body(0, 100, False, False)),
-        (200, {"Content-Length": "100"}, 50, None, Body(0, 100, False, False)),  # Range ignored
-        (200, {"Transfer-Encoding": "chunked"}, 0, None, Body(0, None, False, False)),
-        (200, {}, 0, None, Body(0, None, True, False)),  # it ends when the connection closes
+        (200, {"Content-Length": "100"}, 0, None, Body(0, 100, False)),
+        (200, {"Content-Length": "100"}, 50, None, Body(0, 100, False)),  # Range ignored
+        (200, {"Transfer-Encoding": "chunked"}, 0, None, Body(0, None, False)),
+        (200, {}, 0, None, Body(0, None, False)),  # it ends when the connection closes
         (
             200,
             {"Content-Encoding": "gzip", "Content-Length": "40"},
             0,
             None,
-            Body(0, None, True, True),
+            Body(0, None, True),
         ),
         (
             200,
             {"Content-Encoding": "identity", "Content-Length": "9"},
             0,
             None,
-            Body(0, 9, False, False),
+            Body(0, 9, False),
         ),
         (
             206,
             {CR: "bytes 50-99/100", "Content-Length": "50"},
             50,
             None,
-            Body(50, 100, False, False),
+            Body(50, 100, False),
         ),
-        (206, {CR: "bytes 50-99/100"}, 50, PartInfo('"e"', 100), Body(50, 100, False, False)),
-        (206, {CR: "bytes 0-99/100"}, 0, None, Body(0, 100, False, False)),
+        (206, {CR: "bytes 50-99/100"}, 50, PartInfo('"e"', 100), Body(50, 100, False)),
+        (206, {CR: "bytes 0-99/100"}, 0, None, Body(0, 100, False)),
         (206, {CR: "bytes 0-99/100"}, 50, None, None),  # not from where the .part ends
         (206, {CR: "bytes 50-59/100"}, 50, None, None),  # not up to the end
         (206, {CR: "bytes 50-99/100", "Content-Length": "10"}, 50, None, None),
@@ -514,7 +530,7 @@ CR = "Content-Range"
             {CR: "bytes 50-99/100", "ETag": '"e"'},
             50,
             PartInfo('"e"', 100),
-            Body(50, 100, False, False),
+            Body(50, 100, False),
         ),
         (
             206,
@@ -793,6 +809,84 @@ async def test_a_body_without_a_length_is_whole_only_if_its_boxes_add_up(
     async with serve_raw(_answer(b"Connection: close\r\n", real_mp4)) as base:
         await _get(base, tmp_path)
     assert (tmp_path / "job1.mp4").read_bytes() == real_mp4
+
+
+def _chunked(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+@pytest.mark.parametrize("flush_bytes", [None, 1000])
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_body_cut_short_that_ends_where_it_said_is_not_a_video(
+    real_mp4: bytes,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    framing: str,
+    flush_bytes: int | None,
+) -> None:
+    # A cached or half-uploaded object: the host sends half the file, its Content-Length (or
+    # its last chunk) where that half ends. Nothing but the MP4's boxes shows it is cut.
+    if flush_bytes:
+        monkeypatch.setattr(dl, "FLUSH_BYTES", flush_bytes)
+    half = real_mp4[: len(real_mp4) // 2]
+    if framing == "length":
+        answer = _answer(b"Content-Length: %d\r\n" % len(half), half)
+    else:
+        answer = _answer(b"Transfer-Encoding: chunked\r\n", _chunked(half))
+    async with serve_raw(answer) as base:
+        with pytest.raises(DownloadError) as info:
+            await _get(base, tmp_path, probe=True)
+    assert info.value.retryable and info.value.damaged
+    # Cut where it said it would end: the host's whole copy, which the same URL brings again.
+    assert info.value.not_video is (framing == "length")
+    assert info.value.message.startswith("incomplete MP4: ")
+    assert not (tmp_path / "job1.mp4").exists()
+    # The whole of what a length announced is all the host has: a Range from its end could
+    # only be refused. A chunked body said no length: it may be resumed.
+    assert (tmp_path / "job1.mp4.part").exists() is (framing == "chunked")
+    whole = _answer(b"Content-Length: %d\r\n" % len(real_mp4), real_mp4)
+    async with serve_raw(whole) as base:
+        got = await _get(base, tmp_path, probe=True)
+    assert (tmp_path / "job1.mp4").read_bytes() == real_mp4 and got.bytes == len(real_mp4)
+
+
+@pytest.mark.parametrize(
+    ("body", "resumable"),
+    [
+        (Body(0, None, encoded=False), True),  # no length: the connection may have closed early
+        (Body(0, 100, encoded=False), False),  # all the length announced came
+        (Body(50, 100, encoded=False), False),  # a resume that reached the end
+        (Body(0, None, encoded=True), False),  # decoded bytes: no Range can continue them
+    ],
+)
+def test_which_cut_parts_are_kept_for_a_resume(body: Body, resumable: bool) -> None:
+    assert body.resumable_when_cut is resumable
+
+
+def test_a_finished_files_boxes_are_checked_without_reading_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    f = tmp_path / "a.mp4"
+    f.write_bytes(MP4)
+    reads: list[int] = []
+    real_open = open
+
+    class Counting(io.FileIO):
+        def read(self, size: int = -1) -> bytes:
+            data = super().read(size)
+            reads.append(len(data))
+            return data
+
+    def counting_open(path: Any, mode: str = "r", *a: Any, **kw: Any) -> Any:
+        return Counting(path, "r") if mode == "rb" else real_open(path, mode, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    assert dl.mp4_file_complete(f)
+    assert sum(reads) < 1000 < len(MP4)  # box headers and the moov, never the media data
+    monkeypatch.undo()
+    f.write_bytes(MP4[:-1])
+    assert not dl.mp4_file_complete(f)
+    assert not dl.mp4_file_complete(tmp_path / "gone.mp4")
 
 
 # -- the URL is sent as the API gave it ------------------------------------------------------

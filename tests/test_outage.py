@@ -174,6 +174,10 @@ def test_the_summary_is_at_the_level_of_the_lines_it_stands_for() -> None:
         (DownloadError("truncated: got 10 of 200 bytes"), "truncated"),
         (DownloadError("video host too slow: 100 bytes in the last 30 s"), "video host too slow"),
         (
+            DownloadError("incomplete MP4: the video host sent the 36748 bytes it announced, but"),
+            "incomplete MP4",
+        ),
+        (
             DownloadError("cannot fetch video: ClientConnectorError: Cannot connect to host c:1"),
             "cannot fetch video: ClientConnectorError",
         ),

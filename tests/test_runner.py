@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import json
 import logging
@@ -11,7 +12,7 @@ import re
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import anyio
 import pytest
 from aiohttp import web
 from local_server import serve
+from mp4s import FTYP, box, mp4
 
 from veobatch.client import Created, Generation, LogEntry, LogPage
 from veobatch.errors import (
@@ -42,7 +44,7 @@ from veobatch.session import run
 from veobatch.settings import PollSettings, RunSettings, Secret
 from veobatch.summary import run_summary
 
-MP4 = b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 5000
+MP4 = mp4(b"\x01" * 5000)
 
 
 @pytest.fixture
@@ -894,6 +896,119 @@ async def test_video_urls_expiring_by_the_thousand_are_not_a_warning_each(
     told = " ".join(warned)  # what the lines after the first add up to: all 20
     counts = [int(n) for n in re.findall(r"failed=(\d+)", told)]
     assert sum(counts) == 20 and "video host answered 410: the URL has expired ×" in told
+
+
+ERROR_PAGE = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>"
+# A whole MP4 whose moov has no video track: its boxes add up, nothing can read it.
+UNREADABLE = FTYP + box(b"mdat", b"\x01" * 5000) + box(b"moov", box(b"mvhd", bytes(100)))
+
+
+def serving_stale_urls_as(stale: Callable[[], web.Response], served: list[str]) -> web.Application:
+    """A video host that answers a stale URL with ``stale()`` and a fresh one with the video."""
+
+    async def video(request: web.Request) -> web.Response:
+        served.append(request.query.get("v", ""))
+        return stale() if request.query.get("v") == "stale" else web.Response(body=MP4)
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("stale", "tries"),
+    [
+        # An error page sent with a 200, as a CDN may for a signature it no longer takes: the
+        # same URL brings it again, so a fresh one is asked for at once.
+        (lambda: web.Response(body=ERROR_PAGE, content_type="application/xml"), 1),
+        # Half the file, its Content-Length that half's (a cached or half-uploaded object):
+        # the host's whole copy, so the same: a fresh URL at once (a 1 GB video is not
+        # fetched cut six times over). It was renamed into place and recorded done.
+        (lambda: web.Response(body=MP4[: len(MP4) // 2], content_type="video/mp4"), 1),
+        # A whole MP4 no reader can open: the same.
+        (lambda: web.Response(body=UNREADABLE, content_type="video/mp4"), 1),
+    ],
+    ids=["error-page", "cut-short", "unreadable"],
+)
+async def test_a_url_that_brings_no_whole_video_is_asked_for_again(
+    tmp_path: Path, stale: Callable[[], web.Response], tries: int
+) -> None:
+    served: list[str] = []
+    api = ExpiringOnce("", 1)
+    async with serve(serving_stale_urls_as(stale, served)) as api.cdn:
+        report = await run(manifest(1, tmp_path), settings(tmp_path, download_retries=2), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1}
+    assert served == ["stale"] * tries + ["fresh"]
+    assert api.created == ["g0-p0"] and api.polls == {"g0-p0": 2}  # polled again, not paid
+    out = tmp_path / "out"
+    assert (out / "job0.mp4").read_bytes() == MP4 and not list(out.glob("*.part*"))
+
+
+class StaleWhileSet(FakeApi):
+    """Hands out ``?v=stale`` video URLs while ``stale`` is set, ``?v=fresh`` ones after."""
+
+    stale = True
+
+    async def fetch(self, generation_id: str) -> Generation:
+        g = await super().fetch(generation_id)
+        v = "stale" if self.stale else "fresh"
+        return replace(g, video_url=f"{g.video_url}?v={v}") if g.video_url else g
+
+
+@pytest.mark.parametrize("body", [MP4[: len(MP4) // 2], UNREADABLE], ids=["cut", "unreadable"])
+async def test_a_video_every_url_brings_damaged_fails_the_download_and_is_polled_next_run(
+    tmp_path: Path, body: bytes
+) -> None:
+    served: list[str] = []
+    m, s = manifest(1, tmp_path), settings(tmp_path, download_retries=1)
+    api = StaleWhileSet("", polls_to_finish=1)
+    async with serve(serving_stale_urls_as(lambda: web.Response(body=body), served)) as api.cdn:
+        report = await run(m, s, api=api)
+        assert report.exit_code == 1 and report.counts == {"failed": 1}
+        [(job_id, error)] = report.failed
+        assert (job_id, error.kind) == ("job0", "download")
+        assert error.message.endswith(f" (after {MAX_URL_REFRESHES} fresh URLs)")
+        assert served == ["stale"] * (1 + MAX_URL_REFRESHES)  # each URL once: a whole answer
+        out = tmp_path / "out"
+        assert not (out / "job0.mp4").exists() and not list(out.glob("*.part*"))
+        # Never done: the next run polls the generation again, at no charge.
+        api.stale = False
+        again = await run(m, s, api=api)
+    assert again.exit_code == 0 and api.created == ["g0-p0"]
+    assert (out / "job0.mp4").read_bytes() == MP4
+
+
+async def test_a_done_video_an_earlier_version_recorded_unreadable_is_fetched_again(
+    cdn: str, tmp_path: Path
+) -> None:
+    m = manifest(1, tmp_path)
+    out = ensure_dir(tmp_path / "out")
+    cut = MP4[: len(MP4) // 2]
+    (out / "job0.mp4").write_bytes(cut)
+    ledger = Ledger.open(out)
+    job = m.jobs[0]
+    await ledger.record("intent", job.id, crid="c", key=job.key, model=job.model)
+    await ledger.record("submitted", job.id, gen="g0-p0")
+    await ledger.record("completed", job.id, url=f"{cdn}/v/g0-p0.mp4")
+    digest = hashlib.sha256(cut).hexdigest()
+    mtime = (out / "job0.mp4").stat().st_mtime_ns
+    await ledger.record(
+        "done",
+        job.id,
+        file="job0.mp4",
+        bytes=len(cut),
+        sha256=digest,
+        mtime_ns=mtime,
+        video={"error": "Invalid data found when processing input"},
+        flags=["unreadable: Invalid data found when processing input"],
+    )
+    ledger.close()
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.created, api.polls = ["g0-p0"], {"g0-p0": 0}
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1}
+    assert api.polls == {"g0-p0": 1} and api.created == ["g0-p0"]  # fetched again, not paid
+    assert (out / "job0.mp4").read_bytes() == MP4
 
 
 def dead_host() -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mp4s import mp4
 from PIL import Image
 
 from veobatch.client import Created
@@ -96,6 +97,24 @@ def test_done_with_altered_file_is_fetched_again(tmp_path: Path) -> None:
     state = _done_file(tmp_path)
     (tmp_path / "a.mp4").write_bytes(b"\x00\x00\x00\x18ftypXXXX")  # same size, other bytes
     assert plan_job(JOB, state, tmp_path).action is Action.REFETCH
+
+
+def test_done_but_recorded_unreadable_is_fetched_again(tmp_path: Path) -> None:
+    # A cut video an earlier version renamed into place and recorded done, its probe's error
+    # in the record: skipped, it stayed lost. Fetched again, at no charge.
+    state = _done_file(tmp_path, mp4(b"\x01" * 100))
+    state.video = {"error": "Invalid data found when processing input"}
+    plan = plan_job(JOB, state, tmp_path)
+    assert plan.action is Action.REFETCH and "unreadable" in plan.reason
+
+
+def test_verify_fetches_again_a_done_file_whose_boxes_do_not_add_up(tmp_path: Path) -> None:
+    whole = mp4(b"\x01" * 100)
+    assert plan_job(JOB, _done_file(tmp_path, whole), tmp_path, verify=True).action is Action.SKIP
+    cut = _done_file(tmp_path, whole[:-10])  # recorded as it is: its own size and hash
+    assert plan_job(JOB, cut, tmp_path).action is Action.SKIP  # size and hash are all it trusts
+    plan = plan_job(JOB, cut, tmp_path, verify=True)
+    assert plan.action is Action.REFETCH and "boxes do not add up" in plan.reason
 
 
 def test_done_but_request_changed_is_submitted(tmp_path: Path) -> None:

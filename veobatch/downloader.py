@@ -1,8 +1,10 @@
 """The downloader: stream a finished video to ``<id>.mp4.part``, hash it, fsync, rename.
 
-A video is never visible under its final name until every byte is on disk and it looks like
-an MP4, so a crash leaves at worst a ``.part`` that the next run resumes or replaces.
-Pure core: :func:`check_video_url`, :func:`looks_like_mp4`, :func:`file_matches`.
+A video is never visible under its final name until every byte is on disk and it is a whole
+MP4 (its boxes add up, its figures can be read), so a crash leaves at worst a ``.part`` that
+the next run resumes or replaces.
+Pure core: :func:`check_video_url`, :func:`looks_like_mp4`; :func:`file_matches` and
+:func:`mp4_file_complete` look at a finished file.
 Shell: :func:`download`, which uses a session that never carries the API key.
 """
 
@@ -49,9 +51,9 @@ DROP_BEHIND_BYTES = 32 << 20
 # A body slower than this holds a download worker for nothing: give up and resume later.
 MIN_RATE_WINDOW_S = 60.0
 MIN_RATE_BYTES = 64 << 10
-INCOMPLETE = (
-    "the video host closed the connection without saying the length, and the file is incomplete"
-)
+# A body whose MP4 boxes do not add up; the first words name the cause in the outage tally.
+INCOMPLETE = "incomplete MP4: the video host's answer ended with no length to check it by"
+NOT_MP4 = "the downloaded file is not an MP4"
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,16 @@ def file_matches(
     if not deep and mtime_ns is not None and st.st_mtime_ns == mtime_ns:
         return True
     return sha256 is not None and sha256_file(path) == sha256
+
+
+def mp4_file_complete(path: Path) -> bool:
+    """Do the file's MP4 boxes add up (:func:`transfer.mp4_boxes_complete`)? False when it
+    cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return mp4_boxes_complete(f, os.fstat(f.fileno()).st_size)
+    except OSError:
+        return False
 
 
 def final_name(job_id: str) -> str:
@@ -551,24 +563,42 @@ def _finish(
     body: Body | None = None,
     sidecar: bool = True,
 ) -> Downloaded:
-    """Check, rename and probe in one worker-thread hop: the type, and for a body that nothing
-    delimited, that its MP4 boxes add up (else the .part stays for a Range resume).
+    """Check, probe and rename in one worker-thread hop. A file is renamed into place only if
+    it is an MP4, its boxes add up (a length kept proves only that the host sent what it meant
+    to: a cached or half-uploaded object comes whole and short) and, with ``probe``, its
+    figures can be read; else it is a failed download, never a video.
     ``sidecar`` says whether a .meta may sit beside the part: most videos have none to remove."""
-    boxes = body is not None and body.check_boxes
     with io.BytesIO(whole) if whole is not None else open(part, "rb") as f:
         head = f.read(16)
-        complete = not boxes or mp4_boxes_complete(f, size)
+        complete = looks_like_mp4(head) and mp4_boxes_complete(f, size)
     if not looks_like_mp4(head):
         _drop(part)
-        raise DownloadError("the downloaded file is not an MP4", job_id=job_id)
+        raise DownloadError(NOT_MP4, job_id=job_id, not_video=True)
     if not complete:
-        if body is not None and body.encoded:  # its bytes cannot be resumed with Range
-            part.unlink(missing_ok=True)
-        raise DownloadError(INCOMPLETE, job_id=job_id)
+        # Cut where nothing said the length: resumed with Range. Cut at the length announced:
+        # that is the host's whole copy, and the same URL brings it again: another URL.
+        resumable = body is not None and body.resumable_when_cut
+        if not resumable:
+            _drop(part)
+        reason = _cut_reason(body, size)
+        raise DownloadError(reason, job_id=job_id, damaged=True, not_video=not resumable)
+    figures = probe_video(part, whole) if probe else None
+    if figures is not None and figures.error:
+        _drop(part)  # its boxes added up: what came is all the host has, nothing to resume
+        reason = f"unreadable video: {figures.error}"
+        raise DownloadError(reason, job_id=job_id, damaged=True, not_video=True)
     os.replace(part, final)
     if sidecar:
         _info_path(part).unlink(missing_ok=True)
     if sync_dir:
         fsync_dir(final.parent)
-    figures = probe_video(final, whole) if probe else None
     return Downloaded(final.name, size, sha, final.stat().st_mtime_ns, figures)
+
+
+def _cut_reason(body: Body | None, size: int) -> str:
+    if body is None or body.total is None:
+        return INCOMPLETE
+    return (
+        f"incomplete MP4: the video host sent the {size} bytes it announced, but its boxes do"
+        " not add up (a cut or half-uploaded file)"
+    )

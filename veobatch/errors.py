@@ -200,6 +200,8 @@ class DownloadError(VeobatchError):
         url_expired: bool = False,
         retry_after_s: float | None = None,
         unreachable: bool = False,
+        not_video: bool = False,
+        damaged: bool = False,
     ) -> None:
         super().__init__(message, job_id=job_id)
         self.retryable = retryable
@@ -209,6 +211,13 @@ class DownloadError(VeobatchError):
         # No connection at all (refused, no route, no such name): the host may have gone for
         # good, as one in a URL from an earlier run may; a fresh URL may name another.
         self.unreachable = unreachable
+        # A 200 whose body is no whole video: an error page, as a CDN may send for a signature
+        # it no longer accepts, or a cut copy sent to its announced end. The same URL brings
+        # the same body; a fresh one may not.
+        self.not_video = not_video
+        # The body came to its end but holds no whole, readable video (a cached or
+        # half-uploaded object sent whole and short): retried, then asked for anew.
+        self.damaged = damaged
 
 
 class UrlRejectedError(DownloadError):

@@ -178,6 +178,7 @@ _DOWNLOAD_CAUSES = (
     re.compile(r"^(cannot fetch video: \w+)"),
     re.compile(r"^(truncated):"),
     re.compile(r"^(video host too slow):"),
+    re.compile(r"^(incomplete MP4):"),
 )
 MAX_CAUSE_CHARS = 100
 

@@ -705,8 +705,8 @@ class Runner:
             kind = REFETCH_FAILED
         elif st.status == "done":  # a timeout or a failed download: the generation may deliver
             message = (
-                f"the video file is gone and fetching it again failed ({message}); the next run "
-                f"polls generation {st.generation_id} again, at no charge"
+                f"the video file is gone or damaged and fetching it again failed ({message});"
+                f" the next run polls generation {st.generation_id} again, at no charge"
             )
         await self.ledger.record("failed", job_id, kind=kind, message=message)
         log.error("failed job=%s kind=%s: %s", job_id, kind, message)
@@ -747,8 +747,12 @@ class Runner:
         last = fetch.attempt == s.download_retries
         if exc.url_expired:
             return await self._refresh_url(job_id, exc, "video URL refused")
+        if exc.not_video:  # an error page or a cut copy: the same URL brings it again
+            return await self._refresh_url(job_id, exc, "video host sent no whole video")
         if exc.retryable and last and exc.unreachable:
             return await self._refresh_url(job_id, exc, "video host unreachable")
+        if exc.retryable and last and exc.damaged:  # the host's copy may stay cut: another URL
+            return await self._refresh_url(job_id, exc, "video damaged")
         if not exc.retryable or last:
             return await self._fail(job_id, "download", exc.message)
         delay = backoff_delay_s(fetch.attempt, s.backoff_base_s, s.backoff_max_s, self.rng)
@@ -802,8 +806,9 @@ class Runner:
         await self._submit_one(job)
 
     async def _refresh_url(self, job_id: str, exc: DownloadError, why: str) -> None:
-        """The video host refused an old URL, or could not be reached at all (a URL of an
-        earlier run whose host has gone): ask the API for the generation again."""
+        """The video host refused an old URL, sent an error page for it, could not be reached
+        at all (a URL of an earlier run whose host has gone), or sent a damaged video every
+        time: ask the API for the generation again."""
         n = self.refreshes[job_id] = self.refreshes.get(job_id, 0) + 1
         gen = self.ledger.state(job_id).generation_id
         if n > MAX_URL_REFRESHES or gen is None:

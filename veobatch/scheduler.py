@@ -25,7 +25,7 @@ import anyio
 
 from .client import GENERATIONS_PATH, ApiClient, Created
 from .costs import estimate_usd
-from .downloader import file_matches
+from .downloader import file_matches, mp4_file_complete
 from .errors import (
     ApiError,
     AuthError,
@@ -53,7 +53,7 @@ class Action(enum.Enum):
     SUBMIT = "submit"  # never submitted (or its request changed after it finished)
     POLL = "poll"  # has a generation id: follow it, never submit again
     DOWNLOAD = "download"  # completed with a URL not yet fetched
-    REFETCH = "refetch"  # done, but the file is gone or altered: poll for a fresh URL
+    REFETCH = "refetch"  # done, but the file is gone, altered or damaged: poll for a fresh URL
     HOLD_FAILED = "failed"  # failed earlier; left alone (see --retry-failed)
     LOOKUP = "lookup"  # may have been created: ask the usage logs before anything else
 
@@ -95,11 +95,16 @@ def plan_job(
     if st == "done":
         if changed:
             return p(Action.SUBMIT, "request changed since it was made")
-        if file_matches(
-            out_dir / (state.file or ""), state.bytes, state.sha256, state.mtime_ns, deep=verify
-        ):
-            return p(Action.SKIP, "done")
-        return p(Action.REFETCH, "file missing or altered: fetching it again")
+        path = out_dir / (state.file or "")
+        if not file_matches(path, state.bytes, state.sha256, state.mtime_ns, deep=verify):
+            return p(Action.REFETCH, "file missing or altered: fetching it again")
+        if (state.video or {}).get("error"):  # recorded done by a version that let it pass
+            return p(Action.REFETCH, "file recorded as unreadable: fetching it again")
+        if verify and not mp4_file_complete(path):
+            return p(
+                Action.REFETCH, "file incomplete (its MP4 boxes do not add up): fetching it again"
+            )
+        return p(Action.SKIP, "done")
     if st in ("submitted", "completed"):
         suffix = (
             " (request changed: finishing the one paid for, then the new one)" if changed else ""

@@ -1,10 +1,11 @@
 """The pure rules of one video transfer, for the downloader's shell to ask.
 
 What a host's answer promises about its body (which bytes, how many, encoded or not), whether
-the bytes kept that promise when nothing else can tell (the MP4's own top-level boxes), what a
+the bytes make a whole video (the MP4's own top-level boxes: a length kept only says the host
+sent what it meant to, and a cached or half-uploaded object is sent whole and short), what a
 kept ``.part`` remembers about the answer that started it, and how slow is too slow. A resumed
-body that does not continue the ``.part``, or a body cut short with no length to check it
-against, must never be renamed into place as a video.
+body that does not continue the ``.part``, or a body cut short, must never be renamed into
+place as a video.
 """
 
 from __future__ import annotations
@@ -82,8 +83,15 @@ class Body:
 
     offset: int  # bytes of the .part this body continues; 0 starts the file over
     total: int | None  # the size the file must reach, when the answer says it
-    check_boxes: bool  # nothing marks where the body ends: the MP4's boxes must add up
     encoded: bool  # decoded on the way in: no length to compare, nothing to resume with Range
+
+    @property
+    def resumable_when_cut(self) -> bool:
+        """Whether a ``.part`` whose MP4 does not add up may be resumed with Range: only when
+        no length said where the body ends (the connection may have closed early). One that
+        reached its stated length is all the host has: a Range from its end can only be
+        refused, and the next attempt must start over."""
+        return self.total is None and not self.encoded
 
 
 def plan_body(
@@ -100,9 +108,7 @@ def plan_body(
     encoded = encoding not in ("", "identity")
     length = _length(headers.get("Content-Length"))
     if status != 206:
-        delimited = length is not None or "chunked" in headers.get("Transfer-Encoding", "").lower()
-        total = None if encoded else length
-        return Body(0, total, check_boxes=encoded or not delimited, encoded=encoded)
+        return Body(0, None if encoded else length, encoded=encoded)
     got = parse_content_range(headers.get("Content-Range"))
     if encoded or got is None or got.total is None or got.start != have:
         return None
@@ -115,7 +121,7 @@ def plan_body(
         now = validator_of(headers)
         if now is not None and now != part.validator:
             return None
-    return Body(have, got.total, check_boxes=False, encoded=False)
+    return Body(have, got.total, encoded=False)
 
 
 def _length(value: str | None) -> int | None:
@@ -128,10 +134,11 @@ def mp4_boxes_complete(f: BinaryIO, size: int) -> bool:
     """Do the top-level boxes of the ``size`` bytes in ``f`` add up to exactly ``size``, with a
     ``moov`` and media data among them, and the ``moov``'s chunks inside the file?
 
-    For a body nothing else delimits: a file cut short ends inside its last box, or, cut
-    exactly between boxes, lacks the ``moov`` that a player needs (it often comes last, after
-    the media data) or, with the ``moov`` first (faststart), the media data it indexes. The
-    boxes are read as :func:`verify.box_header` reads them.
+    Asked of every body, whatever its length said: a file cut short ends inside its last box,
+    or, cut exactly between boxes, lacks the ``moov`` that a player needs (it often comes last,
+    after the media data) or, with the ``moov`` first (faststart), the media data it indexes.
+    Only the box headers and the ``moov`` are read, never the media data: a large file costs a
+    few seeks. The boxes are read as :func:`verify.box_header` reads them.
     """
     pos, moov, mdat = 0, None, False
     try:
