@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,3 +44,10 @@ def fast_settings(out: Path, base_url: str, key: str = CANARY, **kw: object) -> 
         backoff_max_s=0.05,
     )
     return replace(s, **kw)  # type: ignore[arg-type]
+
+
+def dead_host() -> str:
+    """The base URL of a loopback port nobody listens on: connections are refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"

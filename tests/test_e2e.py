@@ -20,7 +20,7 @@ import av
 import pytest
 from cli_process import start_cli
 from local_server import webhook_receiver
-from run_helpers import CANARY, fast_settings, mixed_manifest
+from run_helpers import CANARY, dead_host, fast_settings, mixed_manifest
 
 from veobatch.ledger import load_states
 from veobatch.manifest import load_manifest
@@ -101,6 +101,26 @@ async def test_wrong_key_exits_3_and_leaves_jobs_pending(sim: Simulator, tmp_pat
     assert report.exit_code == 3
     assert report.counts == {"pending": 5}
     assert sim.stats.creates_ok == 0
+
+
+async def test_an_api_nobody_answers_at_stops_submitting_then_the_next_run_submits_all(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # Nothing listens at the API's address (DNS or network down): 20 jobs at concurrency 4 took
+    # 632 s, each failing submit_failed after its 9 tries; 10,000 would take days.
+    m = mixed_manifest(20, tmp_path)
+    out = tmp_path / "out"
+    started = time.monotonic()
+    report = await run(m, fast_settings(out, dead_host(), job_timeout_s=1.0))
+    assert time.monotonic() - started < 10
+    assert report.exit_code == 1 and report.counts == {"pending": 20}
+    assert report.gave_up is not None and report.gave_up.startswith(
+        "the API could not be reached for 1 s: no create could be sent (POST /v2/video/generations:"
+        " could not connect: "
+    )
+    again = await run(m, fast_settings(out, sim.base_url))
+    assert again.exit_code == 0 and again.counts == {"done": 20}
+    assert sim.stats.creates_ok == 20
 
 
 @pytest.mark.slow

@@ -56,6 +56,22 @@ def test_throughput_over_a_sliding_window_and_eta() -> None:
     assert t.per_min() == 0.0 and t.eta_s(10) is None
 
 
+def test_throughput_and_eta_are_never_negative() -> None:
+    # A job counted finished may be taken up again (a done one remade): "rate=-4.0/min eta=-60s"
+    t = Throughput(window_s=60.0, min_span_s=5.0)
+    t.add(0.0, 16)
+    t.add(60.0, 12)
+    assert t.per_min() == 0.0 and t.eta_s(8) is None
+    line = progress_line(progress_view(snap(60.0), t))
+    assert "rate=0.0/min eta=? " in line
+
+
+def test_jobs_taken_up_again_are_not_counted_finished() -> None:
+    # 4 failed in an earlier run, submitted again by this one: not finished yet.
+    s = replace(snap(counts={"done": 16, "failed": 4}), reopened=4)
+    assert s.finished == 16
+
+
 @pytest.mark.parametrize(
     ("seconds", "text"), [(None, "?"), (4.4, "4s"), (65, "1m05s"), (3725, "1h02m")]
 )

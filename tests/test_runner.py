@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -22,6 +21,7 @@ import pytest
 from aiohttp import web
 from local_server import serve
 from mp4s import FTYP, box, mp4
+from run_helpers import dead_host
 
 from veobatch.client import Created, Generation, LogEntry, LogPage
 from veobatch.errors import (
@@ -39,7 +39,8 @@ from veobatch.errors import (
 from veobatch.fsutil import DirLock, ensure_dir
 from veobatch.jobs import Job, Manifest
 from veobatch.ledger import Ledger, load_states, parse_journal, restore_fields
-from veobatch.runner import MAX_URL_REFRESHES, RunReport
+from veobatch.poller import Tracked
+from veobatch.runner import MAX_URL_REFRESHES, RunReport, timed_out_reason
 from veobatch.session import run
 from veobatch.settings import PollSettings, RunSettings, Secret
 from veobatch.summary import run_summary
@@ -703,6 +704,114 @@ async def test_429s_without_end_stop_the_submissions_and_leave_the_rest_pending(
     assert all(e.kind == "submit_failed" for _, e in report.failed)
 
 
+class GoesDown(FakeApi):
+    """Takes ``up_for`` creates, then nothing can reach it: creates, polls, usage logs."""
+
+    def __init__(self, cdn: str, up_for: int) -> None:
+        super().__init__(cdn, polls_to_finish=10**9)
+        self.up_for = up_for
+
+    def _reach(self) -> None:
+        if len(self.created) >= self.up_for:
+            raise NotSentError("could not connect: ClientConnectorError: Connection refused")
+
+    async def create(self, body: Any, *, client_request_id: str) -> Created:
+        self._reach()
+        return await super().create(body, client_request_id=client_request_id)
+
+    async def fetch(self, generation_id: str) -> Generation:
+        self._reach()
+        return await super().fetch(generation_id)
+
+    async def logs(self, **kw: Any) -> LogPage:
+        self._reach()
+        return await super().logs(**kw)
+
+
+async def test_an_api_gone_stops_the_submissions_and_leaves_the_jobs_pending(
+    cdn: str, tmp_path: Path
+) -> None:
+    # The API could not be reached: each job used its tries and failed submit_failed, one
+    # after another, the run going on for days at scale. The generations in flight are
+    # followed until the job timeout, as far as polls that fail can.
+    api = GoesDown(cdn, up_for=2)
+    s = settings(tmp_path, concurrency=2, job_timeout_s=0.5, submit_retries=2)
+    started = time.monotonic()
+    report = await run(manifest(10, tmp_path), s, api=api)
+    assert time.monotonic() - started < 5
+    assert report.exit_code == 1 and report.submitted == 2
+    assert report.gave_up is not None
+    assert report.gave_up.startswith("the API could not be reached for 1 s: no create could")
+    assert sorted(report.pending) == [f"job{i}" for i in range(2, 10)]
+    assert [(j, e.kind) for j, e in report.failed] == [("job0", "timeout"), ("job1", "timeout")]
+    for _, error in report.failed:  # kept, and said what its polls met
+        assert "its last poll failed: could not connect" in error.message
+    lines = run_summary(report, report.total)
+    assert any(
+        line.startswith("stopped submitting: the API could not be reached") for line in lines
+    )
+    # Back the next night: the two in flight are polled (not paid again), the rest submitted.
+    back = FakeApi(cdn, polls_to_finish=1)
+    back.polls = dict.fromkeys(api.created, 0)
+    again = await run(manifest(10, tmp_path), settings(tmp_path), api=back)
+    assert again.exit_code == 0 and len(back.created) == 8
+
+
+async def test_a_generation_the_api_answers_404_for_until_the_timeout_says_so(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Too soon for the 404 rule (five, a minute after submission): it timed out, and said
+    # only "not finished after 0s", as if the API had reported it running.
+    class Unknown(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            raise NotFoundError("HTTP 404: Generation not found", status=404)
+
+    api = Unknown(cdn)
+    report = await run(manifest(1, tmp_path), settings(tmp_path, job_timeout_s=0.2), api=api)
+    ((_, error),) = report.failed
+    assert error.kind == "timeout"  # polled again by the next run: the API may know it then
+    assert re.match(
+        r"the API answered 404 \(unknown generation\) to \d+ polls until the job", error.message
+    )
+    assert "HTTP 404: Generation not found; generation g0-p0 is kept" in error.message
+
+
+def test_a_timeout_says_what_the_last_polls_met() -> None:
+    t = Tracked("a", "g1", "m", started=0.0, deadline=20.0)
+    assert timed_out_reason(t, 20.0) == (
+        "not finished after 20s; generation g1 is kept and will be polled again on the next run"
+    )
+    t.not_found, t.last_error = 8, NotFoundError("HTTP 404: not found", status=404)
+    assert timed_out_reason(t, 20.0).startswith(
+        "the API answered 404 (unknown generation) to 8 polls until the job timeout (20s), too"
+        " few or too soon to take it for lost (that takes 5 of them, the generation 60s old):"
+        " HTTP 404: not found; generation g1 is kept"
+    )
+    t.last_error = ServerError("HTTP 503: busy", status=503)  # the 404s were not the last word
+    assert timed_out_reason(t, 20.0).startswith(
+        "not finished after 20s; its last poll failed: HTTP 503: busy; generation g1 is kept"
+    )
+
+
+async def test_jobs_taken_up_again_are_not_finished_until_this_run_ends_them(
+    cdn: str, tmp_path: Path
+) -> None:
+    # An earlier run's submit_failed jobs were counted finished, then dropped out as they were
+    # submitted: "finished=16/20 ... rate=-4.0/min eta=-60s".
+    m = manifest(4, tmp_path)
+    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+    for job in m.jobs:
+        await ledger.record("intent", job.id, crid=f"vb:{job.id}:1:x", key=job.key, model=job.model)
+        await ledger.record("failed", job.id, kind="submit_failed", message="could not connect")
+    ledger.close()
+    seen: list[int] = []
+    api = FakeApi(cdn, polls_to_finish=5)
+    s = settings(tmp_path, observe_interval_s=0.001)
+    report = await run(m, s, api=api, observer=lambda snap: seen.append(snap.finished))
+    assert report.exit_code == 0 and len(api.created) == 4
+    assert seen[0] == 0 and seen[-1] == 4 and seen == sorted(seen)
+
+
 async def test_job_timeout_keeps_generation_id(cdn: str, tmp_path: Path) -> None:
     api = FakeApi(cdn, polls_to_finish=10**9)
     report = await run(manifest(1, tmp_path), settings(tmp_path, job_timeout_s=0.05), api=api)
@@ -1009,13 +1118,6 @@ async def test_a_done_video_an_earlier_version_recorded_unreadable_is_fetched_ag
     assert report.exit_code == 0 and report.counts == {"done": 1}
     assert api.polls == {"g0-p0": 1} and api.created == ["g0-p0"]  # fetched again, not paid
     assert (out / "job0.mp4").read_bytes() == MP4
-
-
-def dead_host() -> str:
-    """The base URL of a loopback port nobody listens on: connections are refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 class MovedHost(FakeApi):

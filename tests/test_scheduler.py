@@ -6,10 +6,12 @@ import base64
 import hashlib
 import io
 import logging
+import random
 import re
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from mp4s import mp4
 from PIL import Image
@@ -289,12 +291,6 @@ async def test_a_long_job_id_is_sent_and_recorded_with_the_same_valid_id(
             SubmitOutcome.SUBMITTED,
             ["intent", "unsent"] * 6 + ["intent", "submitted"],
             "submitted",
-        ),
-        (
-            [NotSentError("x")] * 4,
-            SubmitOutcome.REJECTED,
-            ["intent", "unsent"] * 3 + ["intent", "failed"],
-            "failed",
         ),
         (
             [BadRequestError("Body validation error")],
@@ -717,6 +713,167 @@ async def test_a_streak_of_429s_ends_with_any_other_answer(tmp_path: Path) -> No
     second = Job("b", {"model": "google/veo-3.1-t2v", "prompt": "b"})
     assert await sub.submit(second) is SubmitOutcome.SUBMITTED
     assert sub.gave_up is None
+    ledger.close()
+
+
+class Clocked(ScriptedCreate):
+    """Each create takes ``step_s`` of the fake clock ``now``."""
+
+    def __init__(self, steps: list[str | ApiError], now: list[float], step_s: float) -> None:
+        super().__init__(steps)
+        self.now, self.step_s = now, step_s
+
+    async def create(self, body: Any, *, client_request_id: str) -> Created:
+        self.now[0] += self.step_s
+        return await super().create(body, client_request_id=client_request_id)
+
+
+class Longest(random.Random):
+    """Backoff at its longest: a wait of a known length."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def _unreachable() -> NotSentError:
+    return NotSentError("POST /v2/video/generations: could not connect: ClientConnectorError")
+
+
+async def test_an_unreachable_api_stops_the_runs_submissions_and_leaves_the_jobs_pending(
+    tmp_path: Path,
+) -> None:
+    # Nothing listens at the API's address: each job used its 9 tries (two minutes) and failed,
+    # one after another: 10,000 jobs would have run for days, each night's run locked out.
+    now = [0.0]
+    api = Clocked([_unreachable()] * 50, now, 100.0)
+    ledger = Ledger.open(tmp_path)
+
+    async def on_submitted(job: Job, created: Created) -> None:
+        raise AssertionError("nothing is created")
+
+    sub = Submitter(
+        api, ledger, 3, 0, 0, lambda: False, on_submitted,
+        rate_limit_patience_s=1800.0, clock=lambda: now[0],
+    )  # fmt: skip
+    # Its tries ran out while no create of the run got through: the run's patience decides.
+    assert await sub.submit(JOB) is SubmitOutcome.STOPPED
+    assert len(api.sent) == 20 and now[0] == 2000.0  # past 1,800 s of no create sent
+    st = ledger.state(JOB.id)
+    assert st.status == "pending" and st.error is None  # never sent: the next run submits it
+    assert sub.gave_up is not None
+    assert sub.gave_up.startswith("the API could not be reached for 32 min: no create could be")
+    assert "could not connect: ClientConnectorError" in sub.gave_up
+    second = Job("b", {"model": "google/veo-3.1-t2v", "prompt": "b"})
+    assert await sub.submit(second) is SubmitOutcome.STOPPED
+    assert len(api.sent) == 20 and ledger.state("b").status == "pending"
+    ledger.close()
+
+
+async def test_a_job_not_sent_while_other_creates_get_through_fails_after_its_tries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the API gone, but this job's tries: they still end in submit_failed (never created).
+    other = Job("b", {"model": "google/veo-3.1-t2v", "prompt": "q"})
+    outcomes: list[SubmitOutcome] = []
+
+    async def sleep(seconds: float) -> None:
+        if seconds == 30.0 and not outcomes:  # while it waits to try again, another gets through
+            outcomes.append(await sub.submit(other))
+
+    monkeypatch.setattr("veobatch.scheduler.anyio.sleep", sleep)
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    api = ScriptedCreate([_unreachable(), "g-b"] + [_unreachable()] * 3)  # type: ignore[list-item]
+    ledger = Ledger.open(tmp_path)
+    sub = Submitter(api, ledger, 3, 30.0, 30.0, lambda: False, noop, rng=Longest())
+    assert await sub.submit(JOB) is SubmitOutcome.REJECTED
+    assert outcomes == [SubmitOutcome.SUBMITTED] and sub.gave_up is None
+    st = ledger.state(JOB.id)
+    assert st.status == "failed" and st.error is not None and st.error.kind == "submit_failed"
+    assert st.error.message.startswith("gave up after 4 tries: ")
+    ledger.close()
+
+
+async def test_an_api_back_within_the_patience_takes_the_jobs_that_waited(
+    tmp_path: Path,
+) -> None:
+    # An outage shorter than the patience: the job that used its tries in it is sent after all.
+    now = [0.0]
+    api = Clocked([_unreachable()] * 12 + ["g1"], now, 60.0)  # type: ignore[operator]
+    ledger = Ledger.open(tmp_path)
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    sub = Submitter(
+        api, ledger, 3, 0, 0, lambda: False, noop, rate_limit_patience_s=1800.0,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    assert await sub.submit(JOB) is SubmitOutcome.SUBMITTED
+    assert ledger.state(JOB.id).generation_id == "g1" and sub.gave_up is None
+    assert sub.refused_since is None
+    ledger.close()
+
+
+async def test_429s_then_an_unreachable_api_are_one_streak(tmp_path: Path) -> None:
+    # The API overloaded, then gone: no create got through all along, whatever each met.
+    now = [0.0]
+    refused = RateLimitedError("HTTP 429", retry_after_s=0)
+    api = Clocked([refused] * 10 + [_unreachable()] * 30, now, 100.0)  # type: ignore[operator]
+    ledger = Ledger.open(tmp_path)
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    sub = Submitter(
+        api, ledger, 3, 0, 0, lambda: False, noop, rate_limit_patience_s=1800.0,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    assert await sub.submit(JOB) is SubmitOutcome.STOPPED
+    assert sub.gave_up is not None
+    assert sub.gave_up.startswith("no create has got through for 32 min: refused with 429, or")
+    assert ledger.state(JOB.id).status == "pending"
+    ledger.close()
+
+
+async def test_a_job_waiting_to_try_again_stops_at_once_when_the_run_gives_up(
+    tmp_path: Path,
+) -> None:
+    # Its wait (up to a minute) would hold the run for nothing: none of its jobs will be sent.
+    now = [0.0]
+
+    api = ScriptedCreate([_unreachable()] * 2)  # type: ignore[list-item]
+    ledger = Ledger.open(tmp_path)
+    waiting = anyio.Event()
+
+    class Told(Longest):
+        def uniform(self, a: float, b: float) -> float:
+            waiting.set()  # its wait is drawn: it sleeps next, with no await in between
+            return super().uniform(a, b)
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    sub = Submitter(
+        api, ledger, 3, 1000.0, 1000.0, lambda: False, noop, rng=Told(),
+        rate_limit_patience_s=1800.0, clock=lambda: now[0],
+    )  # fmt: skip
+    outcomes: list[SubmitOutcome] = []
+
+    async def first() -> None:
+        outcomes.append(await sub.submit(JOB))
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first)
+            await waiting.wait()  # it waits 1,000 s to try again
+            now[0] = 2000.0
+            second = Job("b", {"model": "google/veo-3.1-t2v", "prompt": "b"})
+            assert await sub.submit(second) is SubmitOutcome.STOPPED
+    assert outcomes == [SubmitOutcome.STOPPED] and sub.gave_up is not None
+    assert ledger.state(JOB.id).status == "pending"
     ledger.close()
 
 

@@ -114,6 +114,9 @@ class Tracked:
     plan: int = 0  # the version of the plan that set its first poll (0: none, or not counted)
     scout: bool = False  # polled on the cold schedule while the plan rests on earlier runs
     api_status: str = "queued"  # as the last poll saw it, for progress displays
+    # What the last poll met when it got no status (an error, no answer); None after a status.
+    # A job timeout that comes after failed polls says so, not merely "not finished".
+    last_error: ApiError | None = None
 
 
 class PollSink(Protocol):
@@ -279,6 +282,7 @@ class Poller:
             return
         self.failures.succeeded()
         t.errors = t.not_found = 0  # only 404s in a row count towards "lost"
+        t.last_error = None
         if t.polls == 1 and t.plan and not gen.failed:
             # Was the plan's first poll too late for tonight? Then polls waiting for it move up.
             if self.durations.first_polled(t.model, t.plan, gen.completed):
@@ -313,6 +317,7 @@ class Poller:
         """A poll with no answer (it hung past the poll timeout, its connection dropped) is no
         news, and a GET is safe to send again: the generation is polled at its next poll time,
         as if this one had not been sent, with no backoff and no error counted."""
+        t.last_error = exc
         now = self._clock()
         if now >= t.deadline:
             await self._time_out(t)
@@ -324,6 +329,7 @@ class Poller:
         self._reschedule(t, now + delay)
 
     async def _on_error(self, t: Tracked, exc: ApiError) -> None:
+        t.last_error = exc
         if isinstance(exc, NotFoundError):
             t.not_found += 1
             old = self._clock() - t.started >= NOT_FOUND_GRACE_S

@@ -76,7 +76,8 @@ class Throughput:
         (t0, f0), (t1, f1) = self._samples[0], self._samples[-1]
         if t1 - t0 < self._min_span_s:
             return None
-        return 60.0 * (f1 - f0) / (t1 - t0)
+        # Never below nothing: a job counted finished may be taken up again (a remade request).
+        return max(0.0, 60.0 * (f1 - f0) / (t1 - t0))
 
     def eta_s(self, remaining: int) -> float | None:
         if remaining <= 0:

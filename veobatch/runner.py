@@ -44,7 +44,7 @@ from .ledger import (
     ResultsWriter,
 )
 from .outage import OutageLog
-from .poller import Poller, Tracked
+from .poller import MAX_NOT_FOUND, NOT_FOUND_GRACE_S, Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .schedule import DurationModel
 from .scheduler import (
@@ -82,7 +82,7 @@ class RunReport:
     pending: list[str]
     interrupted: bool = False
     auth_error: str | None = None
-    gave_up: str | None = None  # why submitting stopped before the end (429s without end)
+    gave_up: str | None = None  # why submitting stopped before the end (no create got through)
     submitted: int = 0
     polls: int = 0
     elapsed_s: float = 0.0
@@ -125,10 +125,13 @@ class Snapshot:
     polls: int
     generating: int = 0  # of the "submitted" jobs, those the API reports as generating
     final: bool = False  # the last snapshot of the run, taken when it has ended
+    # Of the done and failed jobs, those this run works on again (a failed one submitted or
+    # polled again, a done one fetched again or remade): not finished until the run ends them.
+    reopened: int = 0
 
     @property
     def finished(self) -> int:
-        return self.counts.get("done", 0) + self.counts.get("failed", 0)
+        return self.counts.get("done", 0) + self.counts.get("failed", 0) - self.reopened
 
 
 @dataclass
@@ -669,12 +672,8 @@ class Runner:
         await self._fail(job_id, "generation_error", why)
 
     async def generation_timed_out(self, tracked: Tracked) -> None:
-        await self._fail(
-            tracked.job_id,
-            "timeout",
-            f"not finished after {self.settings.job_timeout_s:.0f}s; generation "
-            f"{tracked.generation_id} is kept and will be polled again on the next run",
-        )
+        why = timed_out_reason(tracked, self.settings.job_timeout_s)
+        await self._fail(tracked.job_id, "timeout", why)
 
     async def generation_lost(self, tracked: Tracked, error: ApiError) -> None:
         if isinstance(error, NotFoundError):
@@ -874,6 +873,7 @@ class Runner:
 
     def snapshot(self, elapsed_s: float) -> Snapshot:
         counts: dict[str, int] = dict(Counter(st.status for st in self._states()))
+        ended = ("done", "failed")
         return Snapshot(
             len(self.jobs),
             counts,
@@ -881,6 +881,7 @@ class Runner:
             self.submitted,
             self.poller.polls_sent,
             generating=self.poller.generating(),
+            reopened=sum(self.ledger.state(job_id).status in ended for job_id in self.open),
         )
 
     def report(self, elapsed_s: float, *, interrupted: bool = False) -> RunReport:
@@ -932,6 +933,24 @@ class Runner:
 
 
 _IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED})
+
+
+def timed_out_reason(tracked: Tracked, timeout_s: float) -> str:
+    """Why the job timeout ended a job, as its last polls saw it: still running, refused with
+    404 (too soon or too few to take the generation for lost), or failing."""
+    error = tracked.last_error
+    kept = f"generation {tracked.generation_id} is kept and will be polled again on the next run"
+    if isinstance(error, NotFoundError) and tracked.not_found:
+        polls = "1 poll" if tracked.not_found == 1 else f"{tracked.not_found} polls"
+        return (
+            f"the API answered 404 (unknown generation) to {polls} until the job timeout"
+            f" ({timeout_s:.0f}s), too few or too soon to take it for lost (that takes"
+            f" {MAX_NOT_FOUND} of them, the generation {NOT_FOUND_GRACE_S:.0f}s old):"
+            f" {error.message}; {kept}"
+        )
+    if error is not None:
+        return f"not finished after {timeout_s:.0f}s; its last poll failed: {error.message}; {kept}"
+    return f"not finished after {timeout_s:.0f}s; {kept}"
 
 
 def history_samples(

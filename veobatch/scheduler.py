@@ -389,6 +389,15 @@ def rest_until(paused_until: float, now: float, retry_after_s: float | None) -> 
     return until, paused_until <= now or until - paused_until >= REST_SAID_AGAIN_S
 
 
+def _streak(met: Set[str], minutes: str) -> str:
+    """What a run's creates met while none got through, for the line that stops it."""
+    if met == {"429"}:
+        return f"the API has refused every create for {minutes}"
+    if met == {"unsent"}:
+        return f"the API could not be reached for {minutes}: no create could be sent"
+    return f"no create has got through for {minutes}: refused with 429, or not sent at all"
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
@@ -455,6 +464,7 @@ class Submitter:
     # A 429 is the API's rate or concurrency limit: nothing was created and waiting is the cure,
     # so 429s do not use up the tries meant for requests that never arrived; a job gives up
     # after this long refused. ``yield_slot`` lets the limit a 429 lowered apply to this job.
+    # Also how long the run goes on with no create getting through (``refused_since``).
     rate_limit_patience_s: float = 1800.0
     yield_slot: Callable[[Job], Awaitable[None]] | None = None
     clock: Callable[[], float] = time.monotonic
@@ -464,10 +474,13 @@ class Submitter:
     # (a new one, a refused one, or one the usage logs proved safe to send again) goes before
     # then. A wait, not an answer: it neither ends nor extends a streak of refusals by itself.
     paused_until: float = float("-inf")
-    # Since when every create, of any job, has been refused with a 429 (None: one went through
-    # since). Past the patience the run submits nothing more: one job after another waiting out
-    # its own patience would stretch a night's run to days, then lock out the next night's.
+    # Since when no create, of any job, has got through: each refused with a 429 or not sent
+    # at all (connection refused, DNS: the API cannot be reached). None: one was answered
+    # otherwise since. Past the patience the run submits nothing more: one job after another
+    # waiting out its own patience (or its tries, two minutes each) would stretch a night's run
+    # to days, then lock out the next night's.
     refused_since: float | None = None
+    refused_by: set[str] = field(default_factory=set)  # what the streak met: "429", "unsent"
     gave_up: str | None = None  # why this run submits nothing more
     account: str | None = None  # the API key's fingerprint, recorded with each intent
     # Told each create's client request id as it leaves, after its intent is on disk: the
@@ -479,6 +492,7 @@ class Submitter:
     failures: OutageLog = field(init=False)
 
     def __post_init__(self) -> None:
+        self._waits: set[anyio.CancelScope] = set()  # jobs waiting to try again
         self.failures = OutageLog(
             log, "submission", "submissions succeed again", "submitting continues", clock=self.clock
         )
@@ -494,6 +508,7 @@ class Submitter:
             earlier = None  # nothing on record to put back
         attempt = limited = 0
         limited_since: float | None = None
+        unsent_since: float | None = None  # this job's first try that was not sent
         while True:
             if self.should_stop() or self.gave_up is not None:
                 return SubmitOutcome.STOPPED
@@ -506,19 +521,31 @@ class Submitter:
             with anyio.CancelScope(shield=True):
                 outcome, retry = await self._attempt(job, earlier)
             limited_by_api = isinstance(retry, RateLimitedError)
-            if not limited_by_api:  # any other answer ends "every create refused with 429"
+            if retry is None or not (limited_by_api or isinstance(retry, NotSentError)):
+                # Any other answer ends "no create got through"
                 self.refused_since = None
+                self.refused_by.clear()
             if retry is None:
                 return outcome
+            now = self.clock()
+            self._blocked(now, retry)
             if limited_by_api:
                 limited += 1
-                limited_since = self.clock() if limited_since is None else limited_since
+                limited_since = now if limited_since is None else limited_since
                 stop = await self._refused(job, earlier, retry, limited_since)
                 if stop is not None:
                     return stop
             else:
                 attempt += 1
-                if attempt > self.retries:  # nothing was created: safe to fail outright
+                unsent_since = now if unsent_since is None else unsent_since
+                if self.gave_up is not None:
+                    await self._not_created(job, earlier, f"sent again, refused: {retry}")
+                    return SubmitOutcome.STOPPED
+                # While no create of the run has got through since this job's first try, the
+                # API is unreachable, not this job: the run's patience decides, not its tries
+                # (an outage shorter than it costs nothing; a longer one leaves it pending).
+                outage = self.refused_since is not None and self.refused_since <= unsent_since
+                if attempt > self.retries and not outage:  # nothing was created: safe to fail
                     why = f"gave up after {attempt} tries: {retry}"
                     await self._not_created(job, earlier, why, fail_as="submit_failed")
                     return SubmitOutcome.REJECTED
@@ -531,11 +558,8 @@ class Submitter:
         self, job: Job, earlier: JobState | None, retry: ApiError, limited_since: float
     ) -> SubmitOutcome | None:
         """After a 429: the job fails past its own patience; the run's submissions stop once
-        every create has been refused that long (the job then waits for a rerun, pending)."""
+        no create has got through that long (the job then waits for a rerun, pending)."""
         now = self.clock()
-        self.refused_since = now if self.refused_since is None else self.refused_since
-        if now - self.refused_since > self.rate_limit_patience_s:
-            self._give_up_run(now - self.refused_since, retry)
         if (waited := now - limited_since) > self.rate_limit_patience_s:
             refused = f"refused by the API's limits for {_minutes(waited)}: {retry}"
             # Nothing was created: unpaid.
@@ -546,14 +570,24 @@ class Submitter:
             return SubmitOutcome.STOPPED
         return None
 
+    def _blocked(self, now: float, retry: ApiError) -> None:
+        """A create refused with a 429 or not sent at all: the run's streak of creates that got
+        nothing through goes on, and past the patience the run gives up submitting."""
+        self.refused_since = now if self.refused_since is None else self.refused_since
+        self.refused_by.add("429" if isinstance(retry, RateLimitedError) else "unsent")
+        if now - self.refused_since > self.rate_limit_patience_s:
+            self._give_up_run(now - self.refused_since, retry)
+
     def _give_up_run(self, refused_s: float, retry: ApiError) -> None:
         if self.gave_up is None:
             self.gave_up = (
-                f"the API has refused every create for {_minutes(refused_s)} ({retry.message});"
+                f"{_streak(self.refused_by, _minutes(refused_s))} ({retry.message});"
                 " no more submissions this run: the jobs not yet submitted stay pending for"
                 " the next run"
             )
             log.error("%s", self.gave_up)
+            for scope in self._waits:
+                scope.cancel()
 
     async def _attempt(
         self, job: Job, earlier: JobState | None = None
@@ -665,4 +699,12 @@ class Submitter:
             delay = max(delay, exc.retry_after_s)
         what = "submit retry job=%s attempt=%d in %.1fs: %s"
         self.failures.failed(exc, what, job.id, attempt, delay, exc.message, level=logging.INFO)
-        await anyio.sleep(delay)
+        # Cut short when the run gives up submitting: a wait of up to a minute would hold the
+        # run for nothing once none of these jobs will be sent.
+        with anyio.CancelScope() as scope:
+            self._waits.add(scope)
+            try:
+                if self.gave_up is None:  # not while its record of this try was written
+                    await anyio.sleep(delay)
+            finally:
+                self._waits.discard(scope)
