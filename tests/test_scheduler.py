@@ -735,6 +735,22 @@ class Longest(random.Random):
         return b
 
 
+async def _nothing_created(job: Job, created: Created) -> None:
+    raise AssertionError("nothing is created")
+
+
+def _clocked(api: Clocked, ledger: Ledger, on_submitted: Any = None) -> Submitter:
+    """A submitter on the API's fake clock, with no backoff and the 30-minute patience."""
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    return Submitter(
+        api, ledger, 3, 0, 0, lambda: False, on_submitted or noop,
+        rate_limit_patience_s=1800.0, clock=lambda: api.now[0],
+    )  # fmt: skip
+
+
 def _unreachable() -> NotSentError:
     return NotSentError("POST /v2/video/generations: could not connect: ClientConnectorError")
 
@@ -747,14 +763,7 @@ async def test_an_unreachable_api_stops_the_runs_submissions_and_leaves_the_jobs
     now = [0.0]
     api = Clocked([_unreachable()] * 50, now, 100.0)
     ledger = Ledger.open(tmp_path)
-
-    async def on_submitted(job: Job, created: Created) -> None:
-        raise AssertionError("nothing is created")
-
-    sub = Submitter(
-        api, ledger, 3, 0, 0, lambda: False, on_submitted,
-        rate_limit_patience_s=1800.0, clock=lambda: now[0],
-    )  # fmt: skip
+    sub = _clocked(api, ledger, _nothing_created)
     # Its tries ran out while no create of the run got through: the run's patience decides.
     assert await sub.submit(JOB) is SubmitOutcome.STOPPED
     assert len(api.sent) == 20 and now[0] == 2000.0  # past 1,800 s of no create sent
@@ -803,14 +812,7 @@ async def test_an_api_back_within_the_patience_takes_the_jobs_that_waited(
     now = [0.0]
     api = Clocked([_unreachable()] * 12 + ["g1"], now, 60.0)  # type: ignore[operator]
     ledger = Ledger.open(tmp_path)
-
-    async def noop(job: Job, created: Created) -> None:
-        pass
-
-    sub = Submitter(
-        api, ledger, 3, 0, 0, lambda: False, noop, rate_limit_patience_s=1800.0,
-        clock=lambda: now[0],
-    )  # fmt: skip
+    sub = _clocked(api, ledger)
     assert await sub.submit(JOB) is SubmitOutcome.SUBMITTED
     assert ledger.state(JOB.id).generation_id == "g1" and sub.gave_up is None
     assert sub.refused_since is None
@@ -823,14 +825,7 @@ async def test_429s_then_an_unreachable_api_are_one_streak(tmp_path: Path) -> No
     refused = RateLimitedError("HTTP 429", retry_after_s=0)
     api = Clocked([refused] * 10 + [_unreachable()] * 30, now, 100.0)  # type: ignore[operator]
     ledger = Ledger.open(tmp_path)
-
-    async def noop(job: Job, created: Created) -> None:
-        pass
-
-    sub = Submitter(
-        api, ledger, 3, 0, 0, lambda: False, noop, rate_limit_patience_s=1800.0,
-        clock=lambda: now[0],
-    )  # fmt: skip
+    sub = _clocked(api, ledger)
     assert await sub.submit(JOB) is SubmitOutcome.STOPPED
     assert sub.gave_up is not None
     assert sub.gave_up.startswith("no create has got through for 32 min: refused with 429, or")
