@@ -140,6 +140,15 @@ def _reconciler(
     return rec, got
 
 
+def _one_open(api: Any, cause: Cause) -> tuple[Reconciler, list[tuple[str, Decision]], list[float]]:
+    """A reconciler at wall time 1000 with one look-up of a request recorded then; moves
+    with ``now[0]``."""
+    now = [1000.0]
+    rec, got = _reconciler(api, lambda: now[0])
+    rec.add(Lookup("job", "c", "m", 1000.0, cause, recorded_wall=1000.0))
+    return rec, got, now
+
+
 async def _sweep(api: Any, lookups: list[Lookup], now: float) -> list[tuple[str, Decision]]:
     rec, got = _reconciler(api, lambda: now)
     for lookup in lookups:
@@ -414,10 +423,8 @@ async def test_a_row_stamped_within_the_clock_margin_proves_nothing(
     cause: Cause, apart: float
 ) -> None:
     # After a 5xx, within the margin and a grace: see the test below.
-    now = [1000.0]
     api = PagedLogs([], newest=LogEntry("someone", "g", "succeeded", created=1299 + apart))
-    rec, got = _reconciler(api, lambda: now[0])
-    rec.add(Lookup("job", "c", "m", 1000.0, cause, recorded_wall=1000.0))
+    rec, got, now = _one_open(api, cause)
     now[0] = 1061.0
     await rec.sweep()
     assert got == []
@@ -431,10 +438,8 @@ async def test_a_create_sent_within_a_grace_of_a_5xx_proves_nothing() -> None:
     # after rows of creates sent just after it: a row only seconds later is no proof that
     # ours would show by now. One sent a grace later is. (After a crash, any create the next
     # run sends will do: the test above of a create sent after the look-up.)
-    now = [1000.0]
     api = PagedLogs([], newest=None)
-    rec, got = _reconciler(api, lambda: now[0])
-    rec.add(Lookup("job", "c", "m", 1000.0, "server_error", recorded_wall=1000.0))
+    rec, got, now = _one_open(api, "server_error")
     now[0] = 1030.0
     rec.note_sent("soon")
     api.newest = LogEntry("soon", "g1", "succeeded", created=1030.0)
@@ -529,10 +534,8 @@ async def test_logs_unreadable_at_the_start_of_a_run_get_a_minute_for_old_look_u
 async def test_an_unanswered_create_waits_for_later_rows_before_it_is_left_uncertain() -> None:
     # Its row may be logged late: taken for absent after one grace, it stayed uncertain until
     # the next night although the logs would have shown its generation minutes later.
-    now = [1000.0]
     api = PagedLogs([], newest=None)
-    rec, got = _reconciler(api, lambda: now[0])
-    rec.add(Lookup("job", "c", "m", 1000.0, "no_answer", recorded_wall=1000.0))
+    rec, got, now = _one_open(api, "no_answer")
     for t in (1061.0, 1300.0):
         now[0] = t
         await rec.sweep()
@@ -544,10 +547,8 @@ async def test_an_unanswered_create_waits_for_later_rows_before_it_is_left_uncer
 
 
 async def test_an_unanswered_create_absent_from_logs_that_caught_up_is_uncertain() -> None:
-    now = [1000.0]
     api = PagedLogs([], newest=None)
-    rec, got = _reconciler(api, lambda: now[0])
-    rec.add(Lookup("job", "c", "m", 1000.0, "no_answer", recorded_wall=1000.0))
+    rec, got, now = _one_open(api, "no_answer")
     now[0] = 1061.0
     await rec.sweep()
     assert got == []
