@@ -78,6 +78,28 @@ async def test_a_create_refused_with_429_is_a_failed_row_in_the_logs(
         assert rows[0]["cost"] == {"usd": 0.0, "credits": 0} and not api.sim.generations
 
 
+async def test_a_fractional_retry_after_is_sent_as_whole_seconds() -> None:
+    # RFC 9110's delay-seconds is an integer: a client must cope with what real servers send.
+    async with running(with_faults(create_429=1.0, retry_after_s=0.2), FakeClock()) as api:
+        assert (await api.create()).headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("fault", ["create_5xx_before", "create_5xx_after", "poll_5xx"])
+async def test_server_errors_include_the_documented_504_generation_timeout(fault: str) -> None:
+    statuses: dict[int, str] = {}
+    async with running(with_faults(**{fault: 1.0}), FakeClock()) as api:
+        if fault == "poll_5xx":
+            gen_id = (await api.create()).json["id"]
+        for i in range(40):
+            if fault == "poll_5xx":
+                reply = await api.fetch(gen_id)
+            else:
+                reply = await api.create(crid=f"vb:j{i}:1:x")
+            statuses[reply.status] = reply.json["message"]
+    assert sorted(statuses) == [500, 502, 503, 504]
+    assert statuses[504] == "Generation timeout"
+
+
 async def test_credits_used_survive_a_restart_until_topped_up(tmp_path: Path) -> None:
     journaled = replace(with_faults(credits_for=1), state_dir=tmp_path / "state")
     clock = FakeClock()

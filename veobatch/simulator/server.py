@@ -250,7 +250,7 @@ class Simulator:
         gen = self._new_generation(body, video, key, crid)
         f = self.config.faults
         if self._dice.roll(f.create_5xx_after):
-            return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
+            return self._server_error(request)
         if self._dice.roll(f.create_drop_after):
             return _drop(request)
         # Async video is charged when it completes: the create answer reports nothing spent.
@@ -282,10 +282,16 @@ class Simulator:
             return self._too_many(request, refusal[0], retry_after_s=refusal[1])
         if self._dice.roll(f.create_5xx_before):
             self._log_failed(key, crid, model)
-            return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
+            return self._server_error(request)
         if self._dice.roll(f.create_drop_before):
             return _drop(request)
         return None
+
+    def _server_error(self, request: web.Request) -> web.Response:
+        """One of the 5xx answers the API documents, 504 its gateway's "Generation timeout"."""
+        status = self._dice.choice((500, 502, 503, 504))
+        message = "Generation timeout" if status == 504 else "Internal server error"
+        return _error(request, status, message)
 
     def _too_many(
         self, request: web.Request, message: str, *, retry_after_s: float | None
@@ -293,7 +299,8 @@ class Simulator:
         self.stats.rate_limited += 1
         response = _error(request, 429, message)
         if retry_after_s is not None:
-            response.headers["Retry-After"] = f"{retry_after_s:g}"
+            # RFC 9110 allows only whole seconds (or a date); a client must not see fractions.
+            response.headers["Retry-After"] = str(math.ceil(retry_after_s))
         return response
 
     def _in_flight(self, key: str) -> int:
@@ -416,7 +423,7 @@ class Simulator:
             if request.transport is None:  # the client gave up waiting: it sees no answer
                 return web.Response(status=504)
         if self._dice.roll(f.poll_5xx):
-            return _error(request, self._dice.choice((500, 502, 503)), "Internal server error")
+            return self._server_error(request)
         if self._dice.roll(f.poll_429):
             return self._too_many(request, "Too many requests", retry_after_s=f.retry_after_s)
         now = self._clock()
