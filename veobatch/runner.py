@@ -31,6 +31,7 @@ from .errors import (
     AuthError,
     BaseUrlError,
     DownloadError,
+    LedgerError,
     NotFoundError,
     UrlRejectedError,
 )
@@ -738,6 +739,12 @@ class Runner:
             await self._fail(job_id, "url_rejected", exc.message)
         except DownloadError as exc:
             await self._download_failed(fetch, exc)
+        except LedgerError:  # never one job's failure: the run stops (exit 3)
+            raise
+        except Exception as exc:  # a bug met by one video: that job fails, not the whole run
+            log.error("download crashed job=%s (a bug: please report it)", job_id, exc_info=exc)
+            why = f"unexpected error fetching the video: {type(exc).__name__}: {exc}"[:300]
+            await self._fail(job_id, "download", why)
         else:
             await self._downloaded(job_id, got)
 
