@@ -38,6 +38,7 @@ from veobatch.errors import (
 )
 from veobatch.fsutil import DirLock, ensure_dir
 from veobatch.jobs import Job, Manifest
+from veobatch.jobview import compact_request
 from veobatch.ledger import Ledger, load_states, parse_journal, restore_fields
 from veobatch.poller import Tracked
 from veobatch.runner import MAX_URL_REFRESHES, RunReport, timed_out_reason
@@ -295,6 +296,32 @@ async def test_a_job_edited_mid_flight_is_finished_then_made_as_it_now_reads(
     api3 = FakeApi(cdn)
     again = await run(replace(m, jobs=(edited, m.jobs[1])), settings(tmp_path), api=api3)
     assert again.exit_code == 0 and api3.created == []
+
+
+async def test_a_video_made_before_its_job_was_edited_is_checked_against_what_it_was_made_for(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The host's video is 1920x1080, 8 s: what the job asked when it was sent. The job now asks
+    # 720p; its old video is still what was paid for, not one that "differs from its request".
+    old = manifest(1, tmp_path).jobs[0]
+    edited = Job("job0", {**old.request, "resolution": "720p"}, 0)
+    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+    req = compact_request(old.request)
+    await ledger.record("intent", "job0", crid="c0", key=old.key, model=old.model, req=req)
+    await ledger.record("submitted", "job0", gen="g0-p0")
+    ledger.close()
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.created, api.polls = ["g0-p0"], {"g0-p0": 0}
+    with caplog.at_level(logging.WARNING, logger="veobatch"):
+        report = await run(Manifest(tmp_path / "m.yaml", (edited,)), settings(tmp_path), api=api)
+    assert report.exit_code == 0 and api.created == ["g0-p0", "g1-p0"]  # then made anew
+    journal = (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()
+    first, remade = [r for r in map(json.loads, journal) if r["ev"] == "done"]
+    assert first["video"]["height"] == 1080 and not first.get("flags")
+    # The remake is checked against the request it was made for: the host's video is not it.
+    assert remade["flags"] == ["resolution: 1920×1080, requested 1280×720"]
+    differs = [r.getMessage() for r in caplog.records if "video differs" in r.getMessage()]
+    assert differs == ["video differs job=job0: resolution: 1920×1080, requested 1280×720"]
 
 
 async def test_generation_error_fails_the_job_and_exit_1(cdn: str, tmp_path: Path) -> None:

@@ -771,7 +771,11 @@ class Runner:
         self.download_failures.succeeded()
         job = self.jobs[job_id]
         assert got.probe is not None
-        checked = check(got.probe, job.model, job.request)
+        # Against what this generation was asked for, as its intent recorded it: a job edited
+        # since (finished, then remade) has its video checked against the old request.
+        st = self.ledger.state(job_id)
+        asked = st.request if st.request is not None else job.request  # None: an old ledger
+        checked = check(got.probe, st.model or job.model, asked)
         # Not waited for (the file is already on disk): lost in a crash, the next run
         # finds the job completed and fetches the video again, at no charge.
         self.ledger.dir_changed()
