@@ -105,6 +105,68 @@ def test_url_errors_do_not_show_credentials() -> None:
     assert "PASSWORD" not in str(info.value) and "http://cdn/x.mp4" in str(info.value)
 
 
+PORT = "malformed URL: its port is not a number from 1 to 65535"
+HOST = "malformed URL: its host cannot be read (look at its [ ] and its characters)"
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:99999/x.mp4", PORT),
+        ("http://cdn:abc/x.mp4", PORT),
+        ("http://cdn:+80/x.mp4", PORT),  # yarl would read 80, urllib nothing: refused
+        ("http://cdn:0/x.mp4", PORT),  # nothing listens on port 0
+        ("http://[::1/x.mp4", HOST),
+        ("http://[zz]/x.mp4", HOST),
+        ("http://user:PASSWORD@[::1/x.mp4", HOST),
+        # Hosts DNS cannot be asked for, by IDNA's rules: an empty label, one over 63 characters.
+        ("http://a..example/x.mp4", "it cannot be sent as written (encoding with 'idna' codec"),
+        (f"http://{'a' * 64}.example/x.mp4", "it cannot be sent as written (encoding with 'idna'"),
+        ("http://\u2603\ufe0f.example/x.mp4", "it cannot be sent as written (Host '"),
+        ("http://cdn/\udcff.mp4", "it cannot be sent as written ('utf-8' codec can't encode"),
+    ],
+)
+def test_a_malformed_url_is_refused_never_raised_as_a_bug(url: str, reason: str) -> None:
+    # A ValueError here stopped the whole run, and every rerun (the job stays completed).
+    with pytest.raises(UrlRejectedError) as info:
+        check_video_url(url + "?sig=SECRET", "http://api:8080")
+    assert str(info.value).startswith("refusing to fetch video from http://")
+    assert reason in str(info.value)
+    assert "SECRET" not in str(info.value) and "PASSWORD" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "sent"),
+    [
+        ("https://[::1]:8443/x%2C.mp4?s=%2C", "https://[::1]:8443/x%2C.mp4?s=%2C"),
+        ("https://cdn:65535/x.mp4", "https://cdn:65535/x.mp4"),
+        ("https://b\u00fccher.example/x.mp4", "https://xn--bcher-kva.example/x.mp4"),
+    ],
+)
+def test_a_url_that_passes_comes_back_as_it_is_sent(url: str, sent: str) -> None:
+    assert str(check_video_url(url, "https://api")) == sent
+
+
+@pytest.mark.parametrize(
+    ("location", "reason"),
+    [
+        (b"http://cdn2.example:8o80/v.mp4", f"{PORT} (the video host redirected there from"),
+        (b"http://[::1/v.mp4", "its Location is a malformed URL (look at its [ ])"),
+    ],
+)
+async def test_a_redirect_to_a_malformed_url_is_refused(
+    tmp_path: Path, location: bytes, reason: str
+) -> None:
+    async def redirect(request: bytes, w: asyncio.StreamWriter) -> None:
+        w.write(b"HTTP/1.1 302 Found\r\nLocation: " + location + b"\r\nContent-Length: 0\r\n\r\n")
+
+    async with serve_raw(redirect) as base:
+        with pytest.raises(UrlRejectedError) as info:
+            await _get(base, tmp_path)
+    assert reason in str(info.value) and f"{base}/v.mp4" in str(info.value)
+    assert not info.value.retryable and sorted(os.listdir(tmp_path)) == []
+
+
 @pytest.mark.parametrize(
     ("head", "ok"),
     [(MP4[:16], True), (b"\x00\x00\x00\x10styp", True), (b"<html>", False), (b"", False)],

@@ -38,6 +38,7 @@ from veobatch.errors import (
 )
 from veobatch.fsutil import DirLock, ensure_dir
 from veobatch.jobs import Job, Manifest
+from veobatch.jobview import compact_request
 from veobatch.ledger import Ledger, load_states, parse_journal, restore_fields
 from veobatch.poller import Tracked
 from veobatch.runner import MAX_URL_REFRESHES, RunReport, timed_out_reason
@@ -295,6 +296,32 @@ async def test_a_job_edited_mid_flight_is_finished_then_made_as_it_now_reads(
     api3 = FakeApi(cdn)
     again = await run(replace(m, jobs=(edited, m.jobs[1])), settings(tmp_path), api=api3)
     assert again.exit_code == 0 and api3.created == []
+
+
+async def test_a_video_made_before_its_job_was_edited_is_checked_against_what_it_was_made_for(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The host's video is 1920x1080, 8 s: what the job asked when it was sent. The job now asks
+    # 720p; its old video is still what was paid for, not one that "differs from its request".
+    old = manifest(1, tmp_path).jobs[0]
+    edited = Job("job0", {**old.request, "resolution": "720p"}, 0)
+    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+    req = compact_request(old.request)
+    await ledger.record("intent", "job0", crid="c0", key=old.key, model=old.model, req=req)
+    await ledger.record("submitted", "job0", gen="g0-p0")
+    ledger.close()
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.created, api.polls = ["g0-p0"], {"g0-p0": 0}
+    with caplog.at_level(logging.WARNING, logger="veobatch"):
+        report = await run(Manifest(tmp_path / "m.yaml", (edited,)), settings(tmp_path), api=api)
+    assert report.exit_code == 0 and api.created == ["g0-p0", "g1-p0"]  # then made anew
+    journal = (tmp_path / "out" / "ledger.jsonl").read_text().splitlines()
+    first, remade = [r for r in map(json.loads, journal) if r["ev"] == "done"]
+    assert first["video"]["height"] == 1080 and not first.get("flags")
+    # The remake is checked against the request it was made for: the host's video is not it.
+    assert remade["flags"] == ["resolution: 1920×1080, requested 1280×720"]
+    differs = [r.getMessage() for r in caplog.records if "video differs" in r.getMessage()]
+    assert differs == ["video differs job=job0: resolution: 1920×1080, requested 1280×720"]
 
 
 async def test_generation_error_fails_the_job_and_exit_1(cdn: str, tmp_path: Path) -> None:
@@ -1180,6 +1207,109 @@ async def test_a_video_host_that_stays_unreachable_fails_after_the_fresh_urls(
     )
     assert error.message.endswith(f" (after {MAX_URL_REFRESHES} fresh URLs)")
     assert api.polls == {"g0-p0": 1 + MAX_URL_REFRESHES} and api.created == ["g0-p0"]
+
+
+class MalformedUrl(FakeApi):
+    """Hands out ``url`` for job1's generation (prompt p1) while ``bad`` is set."""
+
+    def __init__(self, cdn: str, url: str) -> None:
+        super().__init__(cdn, polls_to_finish=1)
+        self.url = url
+        self.bad = True
+
+    async def fetch(self, generation_id: str) -> Generation:
+        g = await super().fetch(generation_id)
+        if g.video_url and self.bad and generation_id.endswith("-p1"):
+            return replace(g, video_url=self.url)
+        return g
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("http://127.0.0.1:99999/v.mp4", "its port is not a number from 1 to 65535"),
+        ("http://cdn:abc/v.mp4", "its port is not a number from 1 to 65535"),
+        ("http://[::1/v.mp4", "its host cannot be read"),
+        ("http://a..example/v.mp4", "it cannot be sent as written (encoding with 'idna'"),
+    ],
+)
+async def test_a_malformed_video_url_fails_its_job_not_the_run(
+    cdn: str, tmp_path: Path, url: str, reason: str
+) -> None:
+    # A ValueError from the URL checks stopped the run (exit 3) with the job left completed,
+    # so every rerun stopped too, before the other paid videos were fetched.
+    m, api = manifest(3, tmp_path), MalformedUrl(cdn, url)
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 1 and report.counts == {"done": 2, "failed": 1}
+    [(job_id, error)] = report.failed
+    assert (job_id, error.kind) == ("job1", "url_rejected") and reason in error.message
+    again = await run(m, settings(tmp_path), api=api)  # polled again for another URL: the same
+    assert again.exit_code == 1 and again.counts == {"done": 2, "failed": 1}
+    assert api.polls["g1-p1"] == 2 and len(api.created) == 3
+    api.bad = False  # the API mends its URL: fetched, never paid for again
+    mended = await run(m, settings(tmp_path), api=api)
+    assert mended.exit_code == 0 and mended.counts == {"done": 3} and len(api.created) == 3
+
+
+async def test_a_completed_job_whose_url_is_malformed_resumes_without_stopping_the_run(
+    cdn: str, tmp_path: Path
+) -> None:
+    # The ledger the bug left: the job completed with a URL no request can be made of.
+    m = manifest(2, tmp_path)
+    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+    for job in m.jobs:
+        await ledger.record("intent", job.id, crid=f"c{job.id}", key=job.key, model=job.model)
+    await ledger.record("submitted", "job0", gen="g0-p0")
+    await ledger.record("completed", "job0", url="http://127.0.0.1:99999/v/g0-p0.mp4")
+    await ledger.record("submitted", "job1", gen="g1-p1")
+    ledger.close()
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.created, api.polls = ["g0-p0", "g1-p1"], {"g0-p0": 0, "g1-p1": 0}
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 1 and report.counts == {"done": 1, "failed": 1}
+    assert [(j, e.kind) for j, e in report.failed] == [("job0", "url_rejected")]
+    again = await run(m, settings(tmp_path), api=api)  # a poll brings a URL that works
+    assert again.exit_code == 0 and again.counts == {"done": 2}
+    assert api.polls == {"g0-p0": 1, "g1-p1": 1} and len(api.created) == 2
+
+
+async def test_an_unexpected_error_in_one_download_fails_that_job_not_the_run(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import veobatch.runner as runner_module
+
+    real = runner_module.download
+
+    async def buggy(session: Any, url: str, out: Path, job_id: str, **kw: Any) -> Any:
+        if job_id == "job1":
+            raise RuntimeError("boom")
+        return await real(session, url, out, job_id, **kw)
+
+    m, api = manifest(3, tmp_path), FakeApi(cdn, polls_to_finish=1)
+    with monkeypatch.context() as patch, caplog.at_level(logging.ERROR, logger="veobatch"):
+        patch.setattr(runner_module, "download", buggy)
+        report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 1 and report.counts == {"done": 2, "failed": 1}
+    [(job_id, error)] = report.failed
+    assert (job_id, error.kind) == ("job1", "download")
+    assert error.message == "unexpected error fetching the video: RuntimeError: boom"
+    [crash] = [r for r in caplog.records if r.getMessage().startswith("download crashed job=job1")]
+    assert crash.levelname == "ERROR" and crash.exc_info and crash.exc_info[0] is RuntimeError
+    again = await run(m, settings(tmp_path), api=api)  # polled again, at no charge
+    assert again.exit_code == 0 and again.counts == {"done": 3} and len(api.created) == 3
+
+
+async def test_a_ledger_error_met_in_a_download_still_stops_the_run(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import veobatch.runner as runner_module
+
+    async def broken(*a: Any, **kw: Any) -> Any:
+        raise LedgerError("cannot write ledger.jsonl: No space left on device")
+
+    monkeypatch.setattr(runner_module, "download", broken)
+    with pytest.raises(LedgerError, match="No space left on device"):
+        await run(manifest(2, tmp_path), settings(tmp_path), api=FakeApi(cdn, polls_to_finish=1))
 
 
 async def test_fresh_urls_after_the_first_come_after_a_growing_pause(

@@ -296,11 +296,23 @@ def _generation_of(
         generation_id=generation_id,
         status=status,
         video_url=url if isinstance(url, str) and url else None,
-        duration_s=float(duration) if isinstance(duration, int | float) else None,
+        duration_s=_seconds(duration),
         error_name=str(name) if name else None,
         error_message=str(message) if message else None,
         usd_spent=usd_spent(headers) if headers is not None else None,
     )
+
+
+def _seconds(value: Any) -> float | None:
+    """A finite number of seconds, or None: JSON's integers have no bound (``1e400`` written
+    out in digits is no float) and Python's parser reads NaN and Infinity too."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def parse_log_page(text: str) -> LogPage:

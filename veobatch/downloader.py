@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import aiofiles
 import aiohttp
@@ -65,32 +65,68 @@ class Downloaded:
     probe: Probe | None = None  # the container's figures, read in the same worker-thread hop
 
 
-def check_video_url(url: str, api_base_url: str) -> None:
-    """Only https, or plain http when the API base itself is plain http; always with a host.
+def check_video_url(url: str, api_base_url: str) -> URL:
+    """Only https, or plain http when the API base itself is plain http; always with a host
+    that can be looked up and a port from 1 to 65535. Returns the URL to send.
 
     An https API answering with an http video URL would be a downgrade, so that is refused; a
     plain-http API (the simulator, a mock API in a container network) has nothing to lose.
+    Raises only :class:`UrlRejectedError`: a malformed URL from the API (a port out of range,
+    an unbalanced ``[``, a host IDNA cannot encode) fails its job, never the run.
     """
-    reason = _url_problem(urlsplit(url), http_ok=urlsplit(api_base_url).scheme == "http")
-    if reason:
-        raise UrlRejectedError(f"refusing to fetch video from {_safe_url(url)}: {reason}")
+    reason = _url_problem(url, http_ok=urlsplit(api_base_url).scheme == "http")
+    if reason is None:
+        try:
+            return _sendable(url)
+        except ValueError as exc:  # UnicodeError too: yarl's and the resolver's checks
+            reason = f"it cannot be sent as written ({exc})"[:200]
+    raise UrlRejectedError(f"refusing to fetch video from {_safe_url(url)}: {reason}")
 
 
-def _url_problem(parts: SplitResult, *, http_ok: bool) -> str | None:
+def _url_problem(url: str, *, http_ok: bool) -> str | None:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced [ or ], a host NFKC would change
+        return "malformed URL: its host cannot be read (look at its [ ] and its characters)"
     if parts.scheme == "http" and not http_ok:
         return "plain http while the API base is https (a downgrade)"
     if parts.scheme not in ("https", "http"):
         return "not an https URL"
+    try:
+        port = parts.port  # read lazily: only here does a bad one raise
+    except ValueError:
+        port = 0
+    if port == 0:
+        return "malformed URL: its port is not a number from 1 to 65535"
     if not parts.hostname:
         return "the URL has no host"
     return None
 
 
+def _sendable(url: str) -> URL:
+    """The URL as it is sent, with what yarl and the resolver would refuse at request time
+    asked for now (ValueError), where it can fail the job alone."""
+    target = request_target(url)
+    host, _ = target.raw_host, target.port  # yarl checks both only when they are read
+    if not host:
+        raise ValueError("no host")
+    if not host.startswith("[") and ":" not in host:  # an IP literal is not looked up
+        host.encode("idna")  # as getaddrinfo will: an empty label, or one over 63 characters
+    return target
+
+
 def _safe_url(url: str) -> str:
     """A URL without its query string, which may hold a signature, nor any user:password@."""
-    p = urlsplit(url)
-    host = p.netloc.rpartition("@")[2]
-    return f"{p.scheme}://{host}{p.path}"[:200]
+    try:
+        p = urlsplit(url)
+        scheme, netloc, path = p.scheme, p.netloc, p.path
+    except ValueError:  # a malformed host: cut by hand
+        head = re.split(r"[?#]", url, maxsplit=1)[0]
+        scheme, _, rest = head.partition("://")
+        netloc, slash, path = rest.partition("/")
+        path = slash + path
+    host = netloc.rpartition("@")[2]
+    return f"{scheme}://{host}{path}"[:200]
 
 
 def looks_like_mp4(head: bytes) -> bool:
@@ -363,23 +399,54 @@ async def _open(
         headers["Range"] = f"bytes={have}-"
         if validator:
             headers["If-Range"] = validator  # the file changed: the host sends all of it
+    came_from: str | None = None  # the URL that redirected here, if one did
     for _ in range(MAX_REDIRECTS + 1):
-        check_video_url(url, api_base_url)
+        target = _checked(url, api_base_url, came_from)
         try:
             resp = await session.get(
-                request_target(url), headers=headers, allow_redirects=False, timeout=client_timeout
+                target, headers=headers, allow_redirects=False, timeout=client_timeout
             )
+        except ValueError as exc:  # aiohttp's InvalidURL: a URL the checks let through
+            why = f"aiohttp cannot request it ({type(exc).__name__})"
+            raise _rejected(url, why, came_from) from None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise _fetch_error(exc, job_id) from None
         if resp.status in (301, 302, 303, 307, 308) and "Location" in resp.headers:
-            url = urljoin(url, resp.headers["Location"])
+            location = resp.headers["Location"]
             resp.release()
+            try:
+                url, came_from = urljoin(url, location), url
+            except ValueError:  # an unbalanced [ or ] in the Location
+                raise UrlRejectedError(
+                    f"refusing to follow the video host's redirect from {_safe_url(url)}: its"
+                    " Location is a malformed URL (look at its [ ])"
+                ) from None
             continue
         if resp.status in (200, 206):
             return resp
         resp.release()
         raise _status_error(resp.status, job_id, resp.headers.get("Retry-After"))
     raise DownloadError("too many redirects", job_id=job_id, retryable=False)
+
+
+def _checked(url: str, api_base_url: str, came_from: str | None) -> URL:
+    """:func:`check_video_url`, its refusal naming the URL that redirected here, if one did."""
+    try:
+        return check_video_url(url, api_base_url)
+    except UrlRejectedError as exc:
+        if came_from is None:
+            raise
+        raise UrlRejectedError(exc.message + _redirected(came_from)) from None
+
+
+def _rejected(url: str, why: str, came_from: str | None) -> UrlRejectedError:
+    return UrlRejectedError(
+        f"refusing to fetch video from {_safe_url(url)}: {why}{_redirected(came_from)}"
+    )
+
+
+def _redirected(came_from: str | None) -> str:
+    return f" (the video host redirected there from {_safe_url(came_from)})" if came_from else ""
 
 
 def _fetch_error(exc: BaseException, job_id: str) -> DownloadError:

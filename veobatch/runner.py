@@ -31,6 +31,7 @@ from .errors import (
     AuthError,
     BaseUrlError,
     DownloadError,
+    LedgerError,
     NotFoundError,
     UrlRejectedError,
 )
@@ -738,6 +739,12 @@ class Runner:
             await self._fail(job_id, "url_rejected", exc.message)
         except DownloadError as exc:
             await self._download_failed(fetch, exc)
+        except LedgerError:  # never one job's failure: the run stops (exit 3)
+            raise
+        except Exception as exc:  # a bug met by one video: that job fails, not the whole run
+            log.error("download crashed job=%s (a bug: please report it)", job_id, exc_info=exc)
+            why = f"unexpected error fetching the video: {type(exc).__name__}: {exc}"[:300]
+            await self._fail(job_id, "download", why)
         else:
             await self._downloaded(job_id, got)
 
@@ -764,7 +771,11 @@ class Runner:
         self.download_failures.succeeded()
         job = self.jobs[job_id]
         assert got.probe is not None
-        checked = check(got.probe, job.model, job.request)
+        # Against what this generation was asked for, as its intent recorded it: a job edited
+        # since (finished, then remade) has its video checked against the old request.
+        st = self.ledger.state(job_id)
+        asked = st.request if st.request is not None else job.request  # None: an old ledger
+        checked = check(got.probe, st.model or job.model, asked)
         # Not waited for (the file is already on disk): lost in a crash, the next run
         # finds the job completed and fetches the video again, at no charge.
         self.ledger.dir_changed()
