@@ -324,6 +324,89 @@ async def test_a_video_made_before_its_job_was_edited_is_checked_against_what_it
     assert differs == ["video differs job=job0: resolution: 1920×1080, requested 1280×720"]
 
 
+class OldGenerationFails(FakeApi):
+    """The generation ``g-old`` never delivers, as ``how`` says; any other finishes."""
+
+    def __init__(self, cdn: str, how: str, after_s: float = 0.0) -> None:
+        super().__init__(cdn, polls_to_finish=1)
+        self.how = how
+        self.after_s = after_s  # each poll of it answered that late
+
+    async def fetch(self, generation_id: str) -> Generation:
+        if generation_id != "g-old":
+            return await super().fetch(generation_id)
+        self.polls[generation_id] = self.polls.get(generation_id, 0) + 1
+        await anyio.sleep(self.after_s)
+        if self.how == "lost":
+            raise BadRequestError("HTTP 400: no such generation", status=400)
+        if self.how == "url_rejected":  # a video URL veobatch refuses to fetch
+            return Generation(generation_id, "completed", video_url="ftp://cdn.example/old.mp4")
+        return Generation(generation_id, "queued")  # lost in the API's queue: never finishes
+
+
+async def seed_old_generation(tmp: Path, old: Job, failed: str | None) -> None:
+    """An earlier run's ledger: ``old`` submitted as ``g-old``, and failed as ``failed``."""
+    await seed_intents(tmp, [(old, "vb:job0:1:old")], gen="g-old")
+    if failed is not None:
+        ledger = Ledger.open(tmp / "out")
+        await ledger.record("failed", old.id, kind=failed, message="an earlier night's")
+        ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("earlier", "how"),
+    [(None, "timeout"), ("timeout", "url_rejected"), ("url_rejected", "lost"), ("lost", "timeout")],
+)
+async def test_an_edited_job_whose_earlier_generation_fails_is_made_as_it_now_reads(
+    cdn: str, tmp_path: Path, earlier: str | None, how: str
+) -> None:
+    # Re-polled for the old request and failed again: the edit was never made, in that run or
+    # any later one (each night polled the old generation, failed it, and exited 1).
+    old = manifest(1, tmp_path).jobs[0]
+    edited = Job("job0", {"model": "google/veo-3.1-t2v", "prompt": "p0 at dusk"}, 0)
+    await seed_old_generation(tmp_path, old, earlier)
+    m = Manifest(tmp_path / "m.yaml", (edited,))
+    api = OldGenerationFails(cdn, how)
+    report = await run(m, settings(tmp_path, job_timeout_s=0.2), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1}
+    assert api.polls["g-old"] >= 1 and api.created == ["g0-p0 at dusk"]
+    st = report.states["job0"]
+    assert st.key == edited.key and st.generation_id == "g0-p0 at dusk"
+    recs = parse_journal((tmp_path / "out" / "ledger.jsonl").read_bytes()).records
+    # The old one's failure is on disk before the new intent: a crash between the two polls
+    # the old one again, then makes the new one; after the intent, the new one is followed.
+    fail_at = max(i for i, r in enumerate(recs) if r["ev"] == "failed")
+    assert recs[fail_at]["kind"] == how and recs[fail_at + 1]["ev"] == "intent"
+    assert recs[fail_at + 1]["key"] == edited.key
+    again = await run(m, settings(tmp_path), api=api)
+    assert again.exit_code == 0 and api.created == ["g0-p0 at dusk"]
+
+
+@pytest.mark.parametrize("held", ["cost limit", "401"])
+async def test_an_edited_job_whose_remake_is_held_back_pays_nothing(
+    cdn: str, tmp_path: Path, held: str
+) -> None:
+    old, other = manifest(2, tmp_path).jobs
+    edited = Job("job0", {"model": "google/veo-3.1-t2v", "prompt": "p0 at dusk"}, 0)
+    await seed_old_generation(tmp_path, old, "timeout")
+    m = Manifest(tmp_path / "m.yaml", (edited, other))
+    api = OldGenerationFails(cdn, "url_rejected", after_s=0.2)
+    s = settings(tmp_path)
+    if held == "401":  # the other job's create meets it first: no more submissions
+        api.create_error, api.errors_left = AuthError("HTTP 401: bad key", status=401), 1
+    else:
+        s = replace(s, max_cost_usd=0.0)
+    report = await run(m, s, api=api)
+    assert api.created == [] and api.polls["g-old"] == 1
+    if held == "401":
+        assert report.exit_code == 3 and report.failed[0][0] == "job0"
+    else:
+        assert report.over_budget == ["job0", "job1"] and report.exit_code == 1
+    st = report.states["job0"]  # the old one is still on record, for a later run to poll
+    assert st.error is not None and (st.status, st.error.kind) == ("failed", "url_rejected")
+    assert st.generation_id == "g-old" and st.key == old.key
+
+
 async def test_generation_error_fails_the_job_and_exit_1(cdn: str, tmp_path: Path) -> None:
     report = await run(manifest(3, tmp_path), settings(tmp_path), api=FakeApi(cdn, fail={"p1"}))
     assert report.exit_code == 1
@@ -498,6 +581,41 @@ async def test_5xx_before_creation_is_resubmitted_once_logs_show_failure(
     assert report.exit_code == 0 and report.counts == {"done": 2}
     assert len(api.created) == 2  # each job paid for exactly once
     assert report.adopted == 0
+
+
+class Scripted(FakeApi):
+    """Each create meets the next of ``errors`` (logged as failed), then goes through."""
+
+    def __init__(self, cdn: str, errors: list[Exception]) -> None:
+        super().__init__(cdn, polls_to_finish=1)
+        self.errors = errors
+
+    async def create(self, body: Any, *, client_request_id: str) -> Created:
+        if self.errors:
+            self.create_error, self.errors_left = self.errors.pop(0), 1
+        return await super().create(body, client_request_id=client_request_id)
+
+
+@pytest.mark.parametrize("before", ["429s", "earlier nights"])
+async def test_a_5xx_the_logs_show_failed_is_resubmitted_whatever_tries_came_before(
+    cdn: str, tmp_path: Path, before: str
+) -> None:
+    # Nine POSTs refused with 429 (each an intent of its own), or nine tries of earlier nights,
+    # then a 500 the logs showed created nothing: failed submit_failed "10 attempts" at once.
+    m = manifest(1, tmp_path)
+    errors: list[Exception] = [ServerError("HTTP 500: oops", status=500)]
+    if before == "429s":
+        errors[:0] = [RateLimitedError("HTTP 429: busy", retry_after_s=None)] * 9
+    else:
+        ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+        for n in range(1, 10):
+            await ledger.record("intent", "job0", crid=f"vb:job0:{n}:x", key=m.jobs[0].key)
+            await ledger.record("unsent", "job0")
+        ledger.close()
+    api = Scripted(cdn, errors)
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1}, report.failed
+    assert len(api.created) == 1 and report.states["job0"].attempts == 11
 
 
 @pytest.mark.parametrize("error", [ServerError("HTTP 500", status=500), NoAnswerError("reset")])
@@ -865,6 +983,30 @@ async def test_a_timed_out_job_removed_from_the_manifest_is_still_polled_and_fet
     assert report.exit_code == 0 and report.counts == {"done": 2}
     assert len(api2.created) == 2 and all(n == 1 for n in api2.polls.values())
     assert (tmp_path / "out" / "job0.mp4").read_bytes() == MP4
+
+
+async def test_a_removed_job_whose_generation_fails_again_is_warned_of_not_failing_the_run(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Taken out of the manifest, its old generation timed out again, then was lost: each
+    # night exited 1, and a lost one was polled (and failed) again every night after.
+    m = manifest(2, tmp_path)
+    await seed_old_generation(tmp_path, m.jobs[0], "timeout")
+    kept = Manifest(m.path, m.jobs[1:])
+    for how in ("timeout", "lost"):
+        api = OldGenerationFails(cdn, how)
+        with caplog.at_level(logging.WARNING, logger="veobatch"):
+            report = await run(kept, settings(tmp_path, job_timeout_s=0.2), api=api)
+        assert report.exit_code == 0 and report.failed == [], report.failed
+        assert report.counts == {"done": 1} and api.polls["g-old"] >= 1
+        error = load_states(tmp_path / "out")["job0"].error
+        assert error is not None and error.kind == how  # on record, for `status`
+        warned = [r for r in caplog.records if r.getMessage().startswith("failed job=job0")]
+        assert warned and all(r.levelno == logging.WARNING for r in warned)
+        assert "not in the manifest: left as recorded" in warned[-1].getMessage()
+    api = OldGenerationFails(cdn, "lost")
+    report = await run(kept, settings(tmp_path), api=api)  # the API said it is gone
+    assert report.exit_code == 0 and "g-old" not in api.polls and api.created == []
 
 
 async def test_missing_file_is_fetched_again_without_paying(cdn: str, tmp_path: Path) -> None:

@@ -641,6 +641,44 @@ def test_a_timed_out_generation_is_followed_again_even_when_removed_or_edited(
     assert will_remake(plans[0]) and not will_remake(plans[1])
 
 
+def test_a_removed_job_whose_generation_the_api_no_longer_knows_is_left_as_recorded(
+    tmp_path: Path,
+) -> None:
+    # Polled again every night, failed 'lost' again, and the run exited 1 for a job the user
+    # deleted (never remade: nothing is submitted for a job no longer listed).
+    t2v = "google/veo-3.1-t2v"
+    lost, refused = ErrorInfo("lost", "HTTP 404"), ErrorInfo("other_key", "HTTP 403")
+    states = {
+        "gone": JobState("gone", "failed", model=t2v, generation_id="g1", error=lost),
+        "theirs": JobState("theirs", "failed", model=t2v, generation_id="g2", error=refused),
+    }
+    for retry_failed in (False, True):
+        plans, _ = plan_run([], states, tmp_path, retry_failed=retry_failed)
+        # another key's generation may still be fetched by a run with that key
+        assert [(p.job.id, p.action, p.removed) for p in plans] == [("theirs", Action.POLL, True)]
+
+
+async def test_the_tries_that_use_up_the_retries_are_this_runs_and_never_429s(
+    tmp_path: Path,
+) -> None:
+    # The runner gives up on a 5xx the logs showed absent by these, not the ledger's attempts,
+    # which count every POST: each 429 (a POST of its own) and every earlier night's too.
+    ledger = Ledger.open(tmp_path)
+    for n in range(1, 10):  # an earlier night's
+        await ledger.record("intent", JOB.id, crid=f"vb:a:{n}:x", key=JOB.key)
+        await ledger.record("unsent", JOB.id)
+
+    async def noop(job: Job, created: Created) -> None:
+        pass
+
+    busy = [RateLimitedError("429", retry_after_s=0)] * 5
+    api = ScriptedCreate([*busy, NotSentError("refused"), ServerError("502", status=502)])
+    sub = Submitter(api, ledger, 3, 0, 0, lambda: False, noop)
+    assert await sub.submit(JOB) is SubmitOutcome.UNCERTAIN
+    assert sub.tries == {JOB.id: 2} and ledger.state(JOB.id).attempts == 16
+    ledger.close()
+
+
 async def test_429s_without_end_stop_the_runs_submissions_not_one_job_after_another(
     tmp_path: Path,
 ) -> None:

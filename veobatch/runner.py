@@ -578,9 +578,11 @@ class Runner:
             return
         if risked:
             self.maybe_billed.add(job.id)
-        attempts = self.ledger.state(job.id).attempts
-        if attempts > self.settings.submit_retries:
-            why = f"{attempts} attempts: {decision.reason}"
+        # This run's tries that created nothing, not the ledger's attempts: those count 429s
+        # too (each a POST of its own) and every earlier night's.
+        tries = self.submitter.tries[job.id]
+        if tries > self.settings.submit_retries:
+            why = f"gave up after {tries} tries: {decision.reason}"
             if job.id in self.maybe_billed:  # failed would let --retry-failed pay again
                 await self._leave_uncertain(job, why, _kept_cause(lookup, decision))
             else:
@@ -592,7 +594,7 @@ class Runner:
             0.0
             if lookup.cause == "crash" or self.stop_submitting  # a stop settles it at once
             else backoff_delay_s(
-                attempts, self.settings.backoff_base_s, self.settings.backoff_max_s, self.rng
+                tries, self.settings.backoff_base_s, self.settings.backoff_max_s, self.rng
             )
         )
         self.tg.start_soon(self._resubmit, job, delay, risked)
@@ -693,7 +695,8 @@ class Runner:
         await self._fail(tracked.job_id, "lost", why)
 
     async def _fail(self, job_id: str, kind: str, message: str) -> None:
-        """Record the failure, free the job's slot if it holds one, and close it."""
+        """Record the failure, free the job's slot if it holds one, and close it (unless an
+        edited job's request is made again now: :meth:`_failed_aside`)."""
         self._release(job_id)
         st = self.ledger.state(job_id)
         if st.status == "done" and kind in ("lost", "generation_error"):
@@ -708,9 +711,38 @@ class Runner:
                 f"the video file is gone or damaged and fetching it again failed ({message});"
                 f" the next run polls generation {st.generation_id} again, at no charge"
             )
+        # On disk before a remake's intent: a crash between the two polls the old one again.
         await self.ledger.record("failed", job_id, kind=kind, message=message)
-        log.error("failed job=%s kind=%s: %s", job_id, kind, message)
-        self._close(job_id)
+        if not self._failed_aside(job_id, kind, message):
+            log.error("failed job=%s kind=%s: %s", job_id, kind, message)
+            self._close(job_id)
+
+    def _failed_aside(self, job_id: str, kind: str, message: str) -> bool:
+        """A failure that does not fail the run, said as a warning; False for any other.
+
+        An edited job's earlier generation: the request as it now reads is made in this run all
+        the same (the user's edit must not wait, night after night, on a generation that may
+        never deliver). A job no longer listed: left as recorded (a later run polls it again if
+        its kind says so), out of this run's accounts, or it would fail every night's run."""
+        if job_id in self.remake:
+            self.remake.discard(job_id)
+            log.warning("failed job=%s kind=%s: %s", job_id, kind, message)
+            gen = self.ledger.state(job_id).generation_id
+            why = f"generation {gen} of its earlier request failed ({kind})"
+            self.tg.start_soon(self._make_current_request, self.jobs[job_id], why)
+            return True
+        if job_id in self.removed:
+            log.warning(
+                "failed job=%s kind=%s: %s; not in the manifest: left as recorded, not failing"
+                " the run",
+                job_id,
+                kind,
+                message,
+            )
+            self.jobs.pop(job_id, None)
+            self._close(job_id)
+            return True
+        return False
 
     # -- downloads -----------------------------------------------------------------------
 
@@ -798,12 +830,16 @@ class Runner:
             return
         self._close(job_id)
 
-    async def _make_current_request(self, job: Job) -> None:
+    async def _make_current_request(
+        self, job: Job, why: str = "the generation paid for is done"
+    ) -> None:
         log.info(
-            "request changed while in flight job=%s: the generation paid for is done;"
-            " submitting the request the manifest now holds",
+            "request changed while in flight job=%s: %s; submitting the request the manifest"
+            " now holds",
             job.id,
+            why,
         )
+        self.refreshes.pop(job.id, None)  # the fresh URLs the earlier generation used up
         if self.stop_submitting:
             self._close(job.id)
             return

@@ -16,6 +16,7 @@ import random
 import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,7 +108,9 @@ def plan_job(
         return p(Action.SKIP, "done")
     if st in ("submitted", "completed"):
         suffix = (
-            " (request changed: finishing the one paid for, then the new one)" if changed else ""
+            " (request changed: finishing the one paid for, then, delivered or not, the new one)"
+            if changed
+            else ""
         )
         if st == "completed" and state.video_url:
             return p(Action.DOWNLOAD, "completed, not yet downloaded" + suffix)
@@ -115,8 +118,13 @@ def plan_job(
     if st == "failed":
         kind = state.error.kind if state.error else ""
         if _repollable(state) and not (retry_failed and kind == "lost"):
-            # Paid for: followed again even when the request changed since (then remade).
-            suffix = " (request changed: then making it as it now reads)" if changed else ""
+            # Paid for: followed again even when the request changed since; then remade in the
+            # same run, whether it delivers or fails again (or the edit would wait on it forever).
+            suffix = (
+                " (request changed: then making it as it now reads, even if it fails again)"
+                if changed
+                else ""
+            )
             return p(Action.POLL, f"failed ({kind}) earlier: polling its generation again{suffix}")
         if changed:
             return p(Action.SUBMIT, "request changed since it failed")
@@ -185,7 +193,9 @@ def removed_plans(states: Mapping[str, JobState], listed: Set[str]) -> list[JobP
     Taking a job out of the manifest must not throw away a video already bought: its
     generation is followed and downloaded as if it were still listed (in flight, or failed in
     a way a later poll may mend), and nothing new is ever submitted for it. Whatever else such
-    a job holds (done, failed for good, a look-up) stays as recorded.
+    a job holds (done, failed for good, a look-up) stays as recorded; so does one failed
+    ``lost``: the API answered that it no longer knows the generation, and asking again every
+    night would only fail it again (a job no longer listed is never remade instead).
     """
     plans = []
     why = "not in the manifest any more: fetching the generation already paid for"
@@ -198,7 +208,8 @@ def removed_plans(states: Mapping[str, JobState], listed: Set[str]) -> list[JobP
             plans.append(JobPlan(job, Action.LOOKUP, looked_up, st, removed=True))
             continue
         in_flight = st.status in ("submitted", "completed") and bool(st.generation_id)
-        if not (in_flight or _repollable(st)):
+        gone = st.error is not None and st.error.kind == "lost"
+        if not (in_flight or (_repollable(st) and not gone)):
             continue
         action = Action.DOWNLOAD if st.status == "completed" and st.video_url else Action.POLL
         plans.append(JobPlan(job, action, why, st, removed=True))
@@ -488,6 +499,10 @@ class Submitter:
     on_sent: Callable[[str], None] = lambda crid: None
     # Makes each create's body, its local images read and encoded only then (off the loop).
     inliner: Inliner = field(default_factory=Inliner)
+    # This run's tries of each job that use up ``retries``: not sent, or answered with a 5xx or
+    # not at all (the usage logs then decide). Not a 429 (the API's limits: patience decides),
+    # nor an earlier night's (the ledger's ``attempts`` counts every POST ever sent).
+    tries: Counter[str] = field(default_factory=Counter)
     # A create outage fails every submission in flight, again and again: counted, not a line each.
     failures: OutageLog = field(init=False)
 
@@ -506,7 +521,7 @@ class Submitter:
         look-up must still find it, and a later run must not pay for the job again."""
         if earlier is not None and not earlier.client_request_id:
             earlier = None  # nothing on record to put back
-        attempt = limited = 0
+        limited = 0
         limited_since: float | None = None
         unsent_since: float | None = None  # this job's first try that was not sent
         while True:
@@ -526,6 +541,8 @@ class Submitter:
                 self.refused_since = None
                 self.refused_by.clear()
             if retry is None:
+                if outcome is SubmitOutcome.UNCERTAIN:
+                    self.tries[job.id] += 1
                 return outcome
             now = self.clock()
             self._blocked(now, retry)
@@ -536,7 +553,8 @@ class Submitter:
                 if stop is not None:
                     return stop
             else:
-                attempt += 1
+                self.tries[job.id] += 1
+                attempt = self.tries[job.id]
                 unsent_since = now if unsent_since is None else unsent_since
                 if self.gave_up is not None:
                     await self._not_created(job, earlier, f"sent again, refused: {retry}")
@@ -550,7 +568,7 @@ class Submitter:
                     await self._not_created(job, earlier, why, fail_as="submit_failed")
                     return SubmitOutcome.REJECTED
             await self._not_created(job, earlier, f"sent again, refused: {retry}")
-            await self._wait(retry, limited if limited_by_api else attempt, job)
+            await self._wait(retry, limited if limited_by_api else self.tries[job.id], job)
             if limited_by_api and self.yield_slot is not None:
                 await self.yield_slot(job)
 
