@@ -1004,7 +1004,8 @@ async def test_video_urls_expiring_by_the_thousand_are_not_a_warning_each(
     assert len(warned) <= 3, warned
     told = " ".join(warned)  # what the lines after the first add up to: all 20
     counts = [int(n) for n in re.findall(r"failed=(\d+)", told)]
-    assert sum(counts) == 20 and "video host answered 410: the URL has expired ×" in told
+    assert sum(counts) == 20
+    assert "video host answered 410: the URL has expired or is refused ×" in told
 
 
 ERROR_PAGE = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>"
@@ -1051,6 +1052,70 @@ async def test_a_url_that_brings_no_whole_video_is_asked_for_again(
     assert api.created == ["g0-p0"] and api.polls == {"g0-p0": 2}  # polled again, not paid
     out = tmp_path / "out"
     assert (out / "job0.mp4").read_bytes() == MP4 and not list(out.glob("*.part*"))
+
+
+# Google Cloud Storage's answer to a signed URL past its time (Azure says 401 likewise).
+EXPIRED_TOKEN = (
+    b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ExpiredToken</Code>"
+    b"<Message>The provided token has expired.</Message></Error>"
+)
+
+
+def expired_with(status: int) -> Callable[[], web.Response]:
+    return lambda: web.Response(status=status, body=EXPIRED_TOKEN, content_type="application/xml")
+
+
+@pytest.mark.parametrize("status", [400, 401, 403], ids=["gcs-400", "azure-401", "s3-403"])
+async def test_an_expired_url_refused_with_any_4xx_is_asked_for_again(
+    tmp_path: Path, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    served: list[str] = []
+    api = ExpiringOnce("", 1)
+    async with serve(serving_stale_urls_as(expired_with(status), served)) as api.cdn:
+        report = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1}
+    assert served == ["stale", "fresh"] and api.created == ["g0-p0"]
+    [told] = [r.getMessage() for r in caplog.records if "fresh URL" in r.getMessage()]
+    assert told.endswith(
+        f"video host answered {status}: the URL has expired or is refused"
+        " (ExpiredToken: The provided token has expired.)"
+    )
+
+
+async def test_a_url_of_a_stopped_run_refused_with_400_on_resume_gets_a_fresh_one(
+    tmp_path: Path,
+) -> None:
+    # A run stopped mid-download (SIGTERM): the rerun resumes from the stored URL, which GCS
+    # now refuses with 400. It used to fail the job, the video left for the next night.
+    m = manifest(1, tmp_path)
+    job = m.jobs[0]
+    served: list[str] = []
+    api = StaleWhileSet("", polls_to_finish=1)
+    api.stale = False
+    api.created, api.polls = ["g0-p0"], {"g0-p0": 1}
+    async with serve(serving_stale_urls_as(expired_with(400), served)) as api.cdn:
+        ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+        await ledger.record("intent", job.id, crid="c", key=job.key, model=job.model)
+        await ledger.record("submitted", job.id, gen="g0-p0")
+        await ledger.record("completed", job.id, url=f"{api.cdn}/v/g0-p0.mp4?v=stale")
+        ledger.close()
+        report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1}
+    assert served == ["stale", "fresh"] and api.created == ["g0-p0"]
+
+
+async def test_a_url_refused_every_time_fails_with_what_the_host_said(tmp_path: Path) -> None:
+    served: list[str] = []
+    api = StaleWhileSet("", polls_to_finish=1)
+    async with serve(serving_stale_urls_as(expired_with(400), served)) as api.cdn:
+        report = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    [(job_id, error)] = report.failed
+    assert (job_id, error.kind) == ("job0", "download")
+    assert error.message == (
+        "video host answered 400: the URL has expired or is refused (ExpiredToken: The"
+        f" provided token has expired.) (after {MAX_URL_REFRESHES} fresh URLs)"
+    )
+    assert served == ["stale"] * (1 + MAX_URL_REFRESHES) and api.created == ["g0-p0"]
 
 
 class StaleWhileSet(FakeApi):
