@@ -793,6 +793,46 @@ def test_a_timeout_says_what_the_last_polls_met() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [
+        ("generating", ""),
+        ("waiting", ""),  # the API's own examples treat it as running
+        ("completed", "; the API last reported 'completed' with no usable video URL"),
+        ("processing", "; its last status was 'processing' (not one the API documents)"),
+        (
+            "a\nb" + "x" * 50,
+            "; its last status was 'a\\nb" + "x" * 34 + "...' (not one the API documents)",
+        ),
+    ],
+)
+def test_a_timeout_names_a_last_status_that_is_no_plain_running(status: str, said: str) -> None:
+    t = Tracked("a", "g1", "m", started=0.0, deadline=20.0, api_status=status)
+    assert timed_out_reason(t, 20.0).startswith(f"not finished after 20s{said}")
+    assert timed_out_reason(t, 20.0).endswith(
+        "; generation g1 is kept and will be polled again on the next run"
+    )
+    t.last_error = ServerError("HTTP 503: busy", status=503)
+    assert timed_out_reason(t, 20.0).startswith(f"not finished after 20s{said}; its last poll")
+
+
+async def test_a_generation_completed_with_no_video_times_out_saying_so(
+    cdn: str, tmp_path: Path
+) -> None:
+    class NoVideo(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            return Generation(generation_id, "completed", video_url=None)
+
+    api = NoVideo(cdn)
+    report = await run(manifest(1, tmp_path), settings(tmp_path, job_timeout_s=0.2), api=api)
+    ((_, error),) = report.failed
+    assert error.kind == "timeout"  # taken for running, as the contract asks: polled again
+    assert error.message == (
+        "not finished after 0s; the API last reported 'completed' with no usable video URL;"
+        " generation g0-p0 is kept and will be polled again on the next run"
+    )
+
+
 async def test_jobs_taken_up_again_are_not_finished_until_this_run_ends_them(
     cdn: str, tmp_path: Path
 ) -> None:

@@ -948,9 +948,28 @@ def timed_out_reason(tracked: Tracked, timeout_s: float) -> str:
             f" {MAX_NOT_FOUND} of them, the generation {NOT_FOUND_GRACE_S:.0f}s old):"
             f" {error.message}; {kept}"
         )
+    said = last_status_note(tracked.api_status)
     if error is not None:
-        return f"not finished after {timeout_s:.0f}s; its last poll failed: {error.message}; {kept}"
-    return f"not finished after {timeout_s:.0f}s; {kept}"
+        failed = f"its last poll failed: {error.message}"
+        return f"not finished after {timeout_s:.0f}s{said}; {failed}; {kept}"
+    return f"not finished after {timeout_s:.0f}s{said}; {kept}"
+
+
+# What the API documents for a generation still running, and what its own examples treat so.
+RUNNING_STATUSES = frozenset({"queued", "generating", "waiting", "active"})
+MAX_STATUS_CHARS = 40
+
+
+def last_status_note(status: str) -> str:
+    """What a timed-out job's last status was, when it was no plain "still running": the API
+    said ``completed`` with no usable video URL, or a status it does not document (both are
+    taken for running, as the contract asks, but a user must not read "still running")."""
+    if status in RUNNING_STATUSES:
+        return ""
+    shown = status if len(status) <= MAX_STATUS_CHARS else status[: MAX_STATUS_CHARS - 3] + "..."
+    if status == "completed":
+        return "; the API last reported 'completed' with no usable video URL"
+    return f"; its last status was {shown!r} (not one the API documents)"
 
 
 def history_samples(
