@@ -38,9 +38,16 @@ from veobatch.errors import (
 )
 from veobatch.fsutil import DirLock, ensure_dir
 from veobatch.jobs import Job, Manifest
-from veobatch.ledger import Ledger, load_states, parse_journal, restore_fields
+from veobatch.ledger import (
+    ErrorInfo,
+    JobState,
+    Ledger,
+    load_states,
+    parse_journal,
+    restore_fields,
+)
 from veobatch.poller import Tracked
-from veobatch.runner import MAX_URL_REFRESHES, RunReport, timed_out_reason
+from veobatch.runner import MAX_URL_REFRESHES, RunReport, generation_owners, timed_out_reason
 from veobatch.session import run
 from veobatch.settings import PollSettings, RunSettings, Secret
 from veobatch.summary import run_summary
@@ -553,6 +560,111 @@ async def test_a_model_edited_after_a_crash_is_looked_up_under_the_model_sent(
     # ...and then, as the manifest now reads, made once with the new model (not twice).
     assert len(api.created) == 2 and report.exit_code == 0
     assert api.polls[api.created[0]] == 1 and api.created[1].endswith("-p0")
+
+
+class OneGeneration(FakeApi):
+    """Answers every create with the same generation id, whatever was asked (an API bug)."""
+
+    async def create(self, body: Any, *, client_request_id: str) -> Created:
+        created = await super().create(body, client_request_id=client_request_id)
+        self.polls.pop(created.generation_id, None)
+        self.created[-1] = "g-same"
+        self.log[-1] = replace(self.log[-1], inference_id="g-same")
+        self.polls.setdefault("g-same", 0)
+        return replace(created, generation_id="g-same")
+
+
+async def test_one_generation_id_for_two_creates_fails_the_later_job(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both jobs were "done" with the same file, and nothing said so.
+    m = manifest(2, tmp_path)
+    api = OneGeneration(cdn, polls_to_finish=1)
+    report = await run(m, settings(tmp_path, concurrency=1), api=api)
+    assert report.exit_code == 1 and report.counts == {"done": 1, "failed": 1}
+    [(job_id, error)] = report.failed
+    assert (job_id, error.kind) == ("job1", "duplicate_generation")
+    assert error.message == (
+        "the API gave this job generation g-same, the id it had given job job0: one generation"
+        " cannot be both videos, so only job0 fetches it; --retry-failed submits this job"
+        " again (a new charge)"
+    )
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["job0.mp4"]
+    assert api.polls == {"g-same": 1}  # followed for job0 only
+    [warned] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned.startswith("duplicate generation job=job1 gen=g-same: the API gave job job0")
+    # Never sent again on a guess: the next run leaves it failed, --retry-failed sends it.
+    again = await run(m, settings(tmp_path), api=FakeApi(cdn, polls_to_finish=1))
+    assert again.exit_code == 1 and again.submitted == 0
+    retried_api = FakeApi(cdn, polls_to_finish=1)
+    retried = await run(m, settings(tmp_path, retry_failed=True), api=retried_api)
+    assert retried.exit_code == 0 and retried_api.created == ["g0-p1"]
+    assert (out / "job1.mp4").exists()
+
+
+async def test_a_generation_id_of_an_earlier_run_given_again_is_a_duplicate(
+    cdn: str, tmp_path: Path
+) -> None:
+    # The index of generation ids is rebuilt from the ledger: job0 got g-same last night.
+    m = manifest(2, tmp_path)
+    api = OneGeneration(cdn, polls_to_finish=1)
+    first = await run(Manifest(m.path, m.jobs[:1]), settings(tmp_path), api=api)
+    assert first.exit_code == 0
+    report = await run(m, settings(tmp_path), api=api)
+    assert [(j, e.kind) for j, e in report.failed] == [("job1", "duplicate_generation")]
+    assert report.counts == {"done": 1, "failed": 1} and api.polls == {"g-same": 1}
+
+
+async def test_a_duplicate_recorded_before_a_crash_is_failed_on_resume(
+    cdn: str, tmp_path: Path
+) -> None:
+    # A crash right after job1's "submitted" record: the rerun finds two jobs with one id.
+    m = manifest(2, tmp_path)
+    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+    for job in m.jobs:
+        await ledger.record("intent", job.id, crid=f"c-{job.id}", key=job.key, model=job.model)
+    for job in m.jobs:
+        await ledger.record("submitted", job.id, gen="g-same")
+    ledger.close()
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.polls = {"g-same": 0}
+    report = await run(m, settings(tmp_path), api=api)
+    assert [(j, e.kind) for j, e in report.failed] == [("job1", "duplicate_generation")]
+    assert report.counts == {"done": 1, "failed": 1}
+    assert api.polls == {"g-same": 1} and api.created == []
+
+
+async def test_a_generation_adopted_from_the_logs_that_is_another_jobs_is_a_duplicate(
+    cdn: str, tmp_path: Path
+) -> None:
+    m = manifest(2, tmp_path)
+    api = OneGeneration(cdn, polls_to_finish=1)
+    first = await run(Manifest(m.path, m.jobs[:1]), settings(tmp_path), api=api)
+    assert first.exit_code == 0
+    await seed_intents(tmp_path, [(m.jobs[1], "crid-job1")])
+    await api.create(m.jobs[1].request, client_request_id="crid-job1")  # logged as g-same
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.adopted == 1
+    assert [(j, e.kind) for j, e in report.failed] == [("job1", "duplicate_generation")]
+    assert api.polls == {"g-same": 1}
+
+
+def test_generation_owners_are_the_first_given_each_id() -> None:
+    def st(job_id: str, gen: str | None, at: float | None, kind: str | None = None) -> JobState:
+        error = ErrorInfo(kind, "x") if kind else None
+        return JobState(job_id, "submitted", generation_id=gen, submitted_at=at, error=error)
+
+    states = [
+        st("late", "g1", 20.0),
+        st("early", "g1", 10.0),
+        st("undated", "g2", None),
+        st("dated", "g2", 5.0),
+        st("failed-dup", "g3", 1.0, "duplicate_generation"),
+        st("owner", "g3", 2.0),
+        st("none", None, 1.0),
+    ]
+    assert generation_owners(states) == {"g1": "early", "g2": "dated", "g3": "owner"}
 
 
 async def test_unanswered_and_not_logged_stays_uncertain(cdn: str, tmp_path: Path) -> None:

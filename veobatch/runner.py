@@ -8,6 +8,7 @@ reports back here, and every state change goes through the ledger before the nex
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -68,6 +69,8 @@ HELD_BACK_LOGGED = 20  # jobs held back by the cost limit, one log line each; th
 # Failed jobs whose generation may still be running.
 SLOT_KINDS = frozenset({"timeout", "lost", "other_key"})
 REFETCH_FAILED = "refetch_failed"  # a done job's file is missing and cannot be fetched again
+# The API gave a job the generation id it had given another job: never fetched for both.
+DUPLICATE_GENERATION = "duplicate_generation"
 RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its last rewrite
 
 
@@ -176,6 +179,9 @@ class Runner:
         key = self.settings.api_key
         self.account = key.fingerprint() if key is not None else None
         self.removed: set[str] = set()  # jobs the manifest no longer lists (execute)
+        # Each generation id on record and the job it was first given to (execute): one the
+        # API gives a second job is that job's failure, never its video (_claim).
+        self.owners: dict[str, str] = {}
         # No total: a large video may take long; a stalled read or connect still times out.
         self.download_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -224,6 +230,7 @@ class Runner:
         # the manifest now holds is made, in this run (the first video is kept beside it).
         self.remake = {p.job.id for p in plans if will_remake(p)}
         self.open = {p.job.id for p in plans if p.action not in _IDLE}
+        self.owners = generation_owners(self.ledger.states.values())
         try:
             if self.open:
                 await self._execute(plans)
@@ -307,6 +314,7 @@ class Runner:
     def _resume(self, plans: list[JobPlan]) -> None:
         """Pick up where an earlier run stopped: poll what is in flight, fetch what is finished."""
         self._learn_from_history()
+        plans = self._drop_duplicates(plans)
         polls = [p for p in plans if p.action in (Action.POLL, Action.REFETCH)]
         lookups = [p for p in plans if p.action is Action.LOOKUP]
         in_flight = [p for p in polls if _holds_slot(p)] + lookups
@@ -545,6 +553,9 @@ class Runner:
             await self.ledger.record("submitted", job.id, gen=decision.generation_id)
             self.adopted += 1
             log.info("adopted job=%s gen=%s (from the usage logs)", job.id, decision.generation_id)
+            if (owner := self._claim(job.id, decision.generation_id)) is not None:
+                await self._duplicate(job.id, decision.generation_id, owner)
+                return
             age = max(0.0, time.time() - lookup.settled_wall)
             if job.id in self.holding:
                 self.running.add(job.id)
@@ -633,6 +644,9 @@ class Runner:
         if created.failed:  # refused at once (a content policy, say): nothing to poll for
             await self._generation_failed(job.id, created.error_name, created.error_message)
             return
+        if (owner := self._claim(job.id, created.generation_id)) is not None:
+            await self._duplicate(job.id, created.generation_id, owner)
+            return
         self.running.add(job.id)
         self.poller.track(
             job.id,
@@ -670,6 +684,49 @@ class Runner:
         self.budget.release(job_id)  # generations that end in error are not billed
         why = f"{name or 'error'}: {message or 'the generation ended in error'}"
         await self._fail(job_id, "generation_error", why)
+
+    def _claim(self, job_id: str, generation_id: str) -> str | None:
+        """Take ``generation_id`` for ``job_id``; the job that has it already, if another."""
+        owner = self.owners.setdefault(generation_id, job_id)
+        return owner if owner != job_id else None
+
+    def _drop_duplicates(self, plans: list[JobPlan]) -> list[JobPlan]:
+        """The plans less those of jobs recorded with another job's generation (a crash came
+        before the run that got it could say so): failed, neither polled nor fetched."""
+        kept = []
+        for p in plans:
+            gen, st = p.state.generation_id, p.state
+            owner = self.owners.get(gen, p.job.id) if gen else p.job.id
+            if (
+                p.action in (Action.POLL, Action.DOWNLOAD)
+                and st.status != "done"
+                and owner != p.job.id
+            ):
+                assert gen is not None
+                self.tg.start_soon(self._duplicate, p.job.id, gen, owner)
+            else:
+                kept.append(p)
+        return kept
+
+    async def _duplicate(self, job_id: str, generation_id: str, owner: str) -> None:
+        """The API gave this job the generation id it gave ``owner``: one generation is not two
+        requests' video. The first job keeps it; this one fails rather than be done with the
+        other's video, and is sent again only on request (--retry-failed: a new charge)."""
+        log.warning(
+            "duplicate generation job=%s gen=%s: the API gave job %s the same id for another"
+            " create; %s keeps it (check its video: it may be either request's), %s fails",
+            job_id,
+            generation_id,
+            owner,
+            owner,
+            job_id,
+        )
+        why = (
+            f"the API gave this job generation {generation_id}, the id it had given job"
+            f" {owner}: one generation cannot be both videos, so only {owner} fetches it;"
+            " --retry-failed submits this job again (a new charge)"
+        )
+        await self._fail(job_id, DUPLICATE_GENERATION, why)
 
     async def generation_timed_out(self, tracked: Tracked) -> None:
         why = timed_out_reason(tracked, self.settings.job_timeout_s)
@@ -933,6 +990,21 @@ class Runner:
 
 
 _IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED})
+
+
+def generation_owners(states: Iterable[JobState]) -> dict[str, str]:
+    """Each generation id on record and the job it was given to first (by submission time):
+    a later job recorded with the same id was given another's (failed as a duplicate, or
+    about to be)."""
+    owners: dict[str, str] = {}
+    given = [
+        st
+        for st in states
+        if st.generation_id and not (st.error and st.error.kind == DUPLICATE_GENERATION)
+    ]
+    for st in sorted(given, key=lambda st: st.submitted_at or math.inf):
+        owners.setdefault(st.generation_id or "", st.id)
+    return owners
 
 
 def timed_out_reason(tracked: Tracked, timeout_s: float) -> str:
