@@ -1776,6 +1776,82 @@ async def test_a_job_waiting_for_a_slot_when_a_poll_meets_401_is_not_counted_as_
     assert report.estimated_usd == pytest.approx(0.8) and report.estimated_jobs == 1
 
 
+async def test_a_403_to_a_poll_lets_the_videos_already_found_download(tmp_path: Path) -> None:
+    # One 403 to a poll stopped the whole run, the download of a finished, paid video with it.
+    started, refused = anyio.Event(), anyio.Event()
+
+    async def video(request: web.Request) -> web.Response:
+        started.set()
+        await refused.wait()  # still downloading when the poll is refused
+        return web.Response(body=MP4)
+
+    class RefusesJob1(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            if generation_id.endswith("-p1"):
+                await started.wait()
+                refused.set()
+                raise AuthError("HTTP 403: Forbidden resource", status=403)
+            return await super().fetch(generation_id)
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+    async with serve(app) as base:
+        api = RefusesJob1(base, polls_to_finish=1)
+        report = await run(manifest(3, tmp_path), settings(tmp_path, concurrency=2), api=api)
+    assert report.exit_code == 3 and report.auth_error is not None
+    assert report.auth_error.startswith("the API refused the request: HTTP 403")
+    assert report.counts == {"done": 1, "submitted": 1, "pending": 1}
+    assert (tmp_path / "out" / "job0.mp4").read_bytes() == MP4
+    assert len(api.created) == 2  # job2 never sent
+
+
+class _Said(logging.Handler):
+    """Sets ``event`` once a log line holding ``words`` is written."""
+
+    def __init__(self, words: str, event: anyio.Event) -> None:
+        super().__init__()
+        self.words, self.event = words, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.event.set()
+
+
+async def test_a_url_refused_after_a_poll_401_is_left_for_the_next_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No poll can ask for a fresh URL once the key is refused: the job stays completed, for
+    # the next run to download (or poll for a fresh URL), and the run ends.
+    started, stopped = anyio.Event(), anyio.Event()
+
+    async def video(request: web.Request) -> web.Response:
+        started.set()
+        await stopped.wait()
+        return web.Response(status=400, body=EXPIRED_TOKEN)
+
+    class RefusesJob1(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            if generation_id.endswith("-p1"):
+                await started.wait()
+                raise AuthError("HTTP 401: invalid key", status=401)
+            return await super().fetch(generation_id)
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+    said = _Said("no new submissions", stopped)
+    logging.getLogger("veobatch.runner").addHandler(said)
+    try:
+        async with serve(app) as base:
+            api = RefusesJob1(base, polls_to_finish=1)
+            s = settings(tmp_path, concurrency=2)
+            report = await run(manifest(2, tmp_path), s, api=api)
+    finally:
+        logging.getLogger("veobatch.runner").removeHandler(said)
+    assert report.exit_code == 3 and report.counts == {"completed": 1, "submitted": 1}
+    assert api.polls == {"g0-p0": 1, "g1-p1": 0}  # no poll for a fresh URL
+    assert any("no fresh URL this run" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_stop_gives_back_the_reservation_of_a_job_never_sent(
     cdn: str, tmp_path: Path
 ) -> None:

@@ -34,6 +34,7 @@ from .errors import (
     DownloadError,
     NotFoundError,
     UrlRejectedError,
+    first_leaf,
 )
 from .fsutil import fsync_dir, to_thread
 from .jobs import Job, Manifest
@@ -172,6 +173,10 @@ class Runner:
         self.open: set[str] = set()
         self.settled = anyio.Event()
         self.stop_submitting = False
+        # A 401/403 to a poll or a usage-logs read stopped both: the run ends once the
+        # downloads under way and queued (the video host needs no key) are over.
+        self.api_stopped = False
+        self.downloading = 0  # downloads a worker has in hand
         self.refreshes: dict[str, int] = {}
         self.remake: set[str] = set()  # see execute
         self.results_warned = False
@@ -249,8 +254,7 @@ class Runner:
     async def _execute(self, plans: list[JobPlan]) -> None:
         async with anyio.create_task_group() as tg:
             self.tg = tg
-            tg.start_soon(self._poll_loop)
-            tg.start_soon(self._reconcile_loop)
+            tg.start_soon(self._api_loop)
             for _ in range(self.settings.download_concurrency):
                 tg.start_soon(self._download_worker)
             tg.start_soon(self._results_loop)
@@ -261,19 +265,23 @@ class Runner:
             await self.settled.wait()
             tg.cancel_scope.cancel()
 
-    async def _poll_loop(self) -> None:
+    async def _api_loop(self) -> None:
+        """Polls and usage-log look-ups. A 401 or 403 to either stops both, and submissions:
+        the jobs in flight and the open look-ups stay as recorded for a rerun, while the
+        videos already found still download (their host needs no key), then the run ends."""
         try:
-            await self.poller.run()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.poller.run)
+                tg.start_soon(self.reconciler.run)
         except* AuthError as group:
-            self._stop_on_auth(group.exceptions[0])
-            self.settled.set()  # with no key that works, the in-flight jobs wait for a rerun
+            self._stop_on_auth(first_leaf(group))
+        self.api_stopped = True
+        self._settle_when_drained()
 
-    async def _reconcile_loop(self) -> None:
-        try:
-            await self.reconciler.run()
-        except* AuthError as group:
-            self._stop_on_auth(group.exceptions[0])
-            self.settled.set()  # open look-ups stay as recorded, for a rerun to settle
+    def _settle_when_drained(self) -> None:
+        """After the API refused the key, the run is over once no download is left."""
+        if self.api_stopped and not self.downloading and not len(self.fetches):
+            self.settled.set()
 
     def _stop_on_auth(self, exc: BaseException) -> None:
         if self.stop_submitting and self.auth_error is not None:
@@ -772,7 +780,13 @@ class Runner:
 
     async def _download_worker(self) -> None:
         while True:
-            await self._download(await self.fetches.get())
+            fetch = await self.fetches.get()
+            self.downloading += 1
+            try:
+                await self._download(fetch)
+            finally:
+                self.downloading -= 1
+            self._settle_when_drained()
 
     async def _download(self, fetch: Fetch) -> None:
         """One attempt; a retry goes back to the queue for its wait, leaving the worker free."""
@@ -865,6 +879,10 @@ class Runner:
         """The video host refused an old URL, sent an error page for it, could not be reached
         at all (a URL of an earlier run whose host has gone), or sent a damaged video every
         time: ask the API for the generation again."""
+        if self.api_stopped:  # no poll can be sent: the rerun downloads it, or asks anew
+            log.warning("%s job=%s: no fresh URL this run (the API refused the key)", why, job_id)
+            self._close(job_id)
+            return
         n = self.refreshes[job_id] = self.refreshes.get(job_id, 0) + 1
         gen = self.ledger.state(job_id).generation_id
         if n > MAX_URL_REFRESHES or gen is None:
