@@ -33,6 +33,7 @@ from veobatch.errors import (
     NoAnswerError,
     NotFoundError,
     NotSentError,
+    ProtocolError,
     RateLimitedError,
     ServerError,
 )
@@ -814,6 +815,21 @@ async def test_429s_without_end_stop_the_submissions_and_leave_the_rest_pending(
     assert report.gave_up is not None and "refused every create" in report.gave_up
     assert len(report.pending) + len(report.failed) == 20 and len(report.pending) >= 17
     assert all(e.kind == "submit_failed" for _, e in report.failed)
+
+
+async def test_a_create_that_keeps_failing_as_the_logs_show_fails_with_the_apis_words(
+    cdn: str, tmp_path: Path
+) -> None:
+    # A 200 with {"error": ...} and no id, its row "failed" in the logs: sent again, then
+    # submit_failed saying only "the usage logs show it failed", the API's message dropped.
+    api = FakeApi(cdn, polls_to_finish=1)
+    said = """create: answer has no generation id: '{"error": {"message": "could not queue"}}'"""
+    api.create_error = ProtocolError(said)
+    report = await run(manifest(1, tmp_path), settings(tmp_path, submit_retries=2), api=api)
+    [(job_id, error)] = report.failed
+    assert (job_id, error.kind) == ("job0", "submit_failed")
+    assert error.message.startswith("3 attempts: the usage logs show it failed")
+    assert error.message.endswith(f"; the API's last answer: {said}")
 
 
 class GoesDown(FakeApi):

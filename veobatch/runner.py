@@ -602,6 +602,7 @@ class Runner:
             if job.id in self.maybe_billed:  # failed would let --retry-failed pay again
                 await self._leave_uncertain(job, why, _kept_cause(lookup, decision))
             else:
+                why += last_answer(self.ledger.state(job.id))  # the API's words, not only ours
                 await self._fail(job.id, "submit_failed", why)
             return
         if risked and not self.stop_submitting:
@@ -1106,6 +1107,14 @@ def _kept_cause(lookup: Lookup, decision: Decision) -> Cause:
     """What an uncertain job's record keeps: a request the logs showed was made is never
     taken for absent again, whatever its POST met (a row may age out of the logs)."""
     return "no_answer" if decision.seen else lookup.cause
+
+
+def last_answer(state: JobState) -> str:
+    """What the API said to the job's last POST, as its "uncertain" record keeps it (a 5xx, a
+    2xx with an error and no id): the words a give-up reason must not drop."""
+    if state.status != "uncertain" or state.error is None or not state.error.message:
+        return ""
+    return f"; the API's last answer: {state.error.message}"
 
 
 def lookup_cause(state: JobState) -> Cause:
