@@ -189,6 +189,25 @@ def test_file_matches(tmp_path: Path) -> None:
     assert not file_matches(tmp_path / "missing.mp4", 3, sha, None)
 
 
+# How hosts refuse a signed URL past its time: Google Cloud Storage, Azure, S3.
+GCS_EXPIRED = (
+    b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ExpiredToken</Code><Message>The"
+    b" provided token has expired.</Message><Details>Request signature expired at:"
+    b" 2025-01-01T00:00:00+00:00</Details></Error>"
+)
+AZURE_EXPIRED = (
+    b"<Error><Code>AuthenticationFailed</Code><Message>Signature not valid in the specified"
+    b" time frame\nRequestId:5c2f</Message></Error>"
+)
+S3_EXPIRED = b"<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>"
+HOST_ERRORS = {
+    "gcs-400": (400, GCS_EXPIRED),
+    "azure-401": (401, AZURE_EXPIRED),
+    "s3-403": (403, S3_EXPIRED),
+    "huge-400": (400, b"<html><body><h1>Bad \x1b[31mRequest</h1>" + b"x" * (1 << 20)),
+}
+
+
 class Cdn:
     """A video host with switchable misbehaviour."""
 
@@ -235,8 +254,11 @@ class Cdn:
             raise web.HTTPFound(self.base + "/loop.mp4")
         if self.mode == "redirect-ftp":
             raise web.HTTPFound("ftp://example.com/v.mp4")
-        if self.mode in ("403", "410", "500"):
+        if self.mode in ("403", "410", "500", "408"):
             return web.Response(status=int(self.mode))
+        if self.mode in HOST_ERRORS:
+            status, body = HOST_ERRORS[self.mode]
+            return web.Response(status=status, body=body, content_type="application/xml")
         if self.mode == "html":
             return web.Response(body=b"<html>oops</html>", content_type="text/html")
         body = self.body
@@ -336,7 +358,11 @@ async def test_server_ignoring_range_restarts_cleanly(cdn: Cdn, tmp_path: Path) 
     [
         ("403", True, True),
         ("410", True, True),
+        # Google Cloud Storage and Azure refuse an expired signed URL with 400 and 401.
+        ("gcs-400", True, True),
+        ("azure-401", True, True),
         ("500", False, True),
+        ("408", False, True),
         ("html", False, True),
         ("redirect-loop", False, False),
     ],
@@ -353,6 +379,62 @@ async def test_failures(
     assert info.value.not_video is (mode == "html")
     assert not (tmp_path / "job1.mp4").exists()
     assert not (tmp_path / "job1.mp4.part").exists()
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        (
+            "gcs-400",
+            "video host answered 400: the URL has expired or is refused"
+            " (ExpiredToken: The provided token has expired.)",
+        ),
+        (
+            "azure-401",
+            "video host answered 401: the URL has expired or is refused (AuthenticationFailed:"
+            " Signature not valid in the specified time frame RequestId:5c2f)",
+        ),
+        (
+            "s3-403",
+            "video host answered 403: the URL has expired or is refused"
+            " (AccessDenied: Request has expired)",
+        ),
+    ],
+)
+async def test_a_refused_url_names_what_the_host_said(
+    cdn: Cdn, tmp_path: Path, mode: str, message: str
+) -> None:
+    cdn.mode = mode
+    with pytest.raises(DownloadError) as info:
+        await _get(cdn, tmp_path)
+    assert info.value.message == message
+
+
+async def test_a_large_error_body_is_read_only_in_part_and_shown_escaped(
+    cdn: Cdn, tmp_path: Path
+) -> None:
+    cdn.mode = "huge-400"
+    with pytest.raises(DownloadError) as info:
+        await _get(cdn, tmp_path)
+    said = info.value.message.partition(" (")[2]
+    assert said.startswith("Bad \\x1b[31mRequest xxx") and said.endswith("...)")
+    assert len(said) <= dl.EXCERPT_CHARS + 1 and "\x1b" not in said
+
+
+@pytest.mark.parametrize(
+    ("body", "said"),
+    [
+        (b"", ""),
+        (b"Gone", "Gone"),
+        (b"<Error><Code>NoSuchKey</Code></Error>", "NoSuchKey"),
+        (b"<Error><Message>a &amp; b</Message><Code>X</Code></Error>", "X: a & b"),
+        (b'{"error": {"code": 401, "message": "token expired"}}', "token expired"),
+        (b"<html><title>403</title>\n<p>Forbidden\r\n\xff</p></html>", "403 Forbidden \ufffd"),
+        (b"line1\nline2\x07", "line1 line2\\x07"),
+    ],
+)
+def test_host_error_excerpts(body: bytes, said: str) -> None:
+    assert dl.host_error_excerpt(body) == said
 
 
 async def test_redirects_are_followed_and_rechecked(cdn: Cdn, tmp_path: Path) -> None:

@@ -182,10 +182,18 @@ def test_the_summary_is_at_the_level_of_the_lines_it_stands_for() -> None:
             "cannot fetch video: ClientConnectorError",
         ),
         (
-            DownloadError("video host answered 403: the URL has expired"),
-            "video host answered 403: the URL has expired",
+            DownloadError("video host answered 403: the URL has expired or is refused"),
+            "video host answered 403: the URL has expired or is refused",
+        ),
+        (
+            DownloadError(
+                "video host answered 400: the URL has expired or is refused (ExpiredToken:"
+                " Request 5c2f expired)"
+            ),
+            "video host answered 400: the URL has expired or is refused",
         ),
         (DownloadError("video host answered 503"), "video host answered 503"),
+        (DownloadError("video host answered 503 (busy: request 5c2f)"), "video host answered 503"),
     ],
 )
 def test_failure_causes_name_the_kind_never_the_instance(

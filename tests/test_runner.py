@@ -33,15 +33,23 @@ from veobatch.errors import (
     NoAnswerError,
     NotFoundError,
     NotSentError,
+    ProtocolError,
     RateLimitedError,
     ServerError,
 )
 from veobatch.fsutil import DirLock, ensure_dir
 from veobatch.jobs import Job, Manifest
 from veobatch.jobview import compact_request
-from veobatch.ledger import Ledger, load_states, parse_journal, restore_fields
+from veobatch.ledger import (
+    ErrorInfo,
+    JobState,
+    Ledger,
+    load_states,
+    parse_journal,
+    restore_fields,
+)
 from veobatch.poller import Tracked
-from veobatch.runner import MAX_URL_REFRESHES, RunReport, timed_out_reason
+from veobatch.runner import MAX_URL_REFRESHES, RunReport, generation_owners, timed_out_reason
 from veobatch.session import run
 from veobatch.settings import PollSettings, RunSettings, Secret
 from veobatch.summary import run_summary
@@ -700,6 +708,111 @@ async def test_a_model_edited_after_a_crash_is_looked_up_under_the_model_sent(
     assert api.polls[api.created[0]] == 1 and api.created[1].endswith("-p0")
 
 
+class OneGeneration(FakeApi):
+    """Answers every create with the same generation id, whatever was asked (an API bug)."""
+
+    async def create(self, body: Any, *, client_request_id: str) -> Created:
+        created = await super().create(body, client_request_id=client_request_id)
+        self.polls.pop(created.generation_id, None)
+        self.created[-1] = "g-same"
+        self.log[-1] = replace(self.log[-1], inference_id="g-same")
+        self.polls.setdefault("g-same", 0)
+        return replace(created, generation_id="g-same")
+
+
+async def test_one_generation_id_for_two_creates_fails_the_later_job(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Both jobs were "done" with the same file, and nothing said so.
+    m = manifest(2, tmp_path)
+    api = OneGeneration(cdn, polls_to_finish=1)
+    report = await run(m, settings(tmp_path, concurrency=1), api=api)
+    assert report.exit_code == 1 and report.counts == {"done": 1, "failed": 1}
+    [(job_id, error)] = report.failed
+    assert (job_id, error.kind) == ("job1", "duplicate_generation")
+    assert error.message == (
+        "the API gave this job generation g-same, the id it had given job job0: one generation"
+        " cannot be both videos, so only job0 fetches it; --retry-failed submits this job"
+        " again (a new charge)"
+    )
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["job0.mp4"]
+    assert api.polls == {"g-same": 1}  # followed for job0 only
+    [warned] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned.startswith("duplicate generation job=job1 gen=g-same: the API gave job job0")
+    # Never sent again on a guess: the next run leaves it failed, --retry-failed sends it.
+    again = await run(m, settings(tmp_path), api=FakeApi(cdn, polls_to_finish=1))
+    assert again.exit_code == 1 and again.submitted == 0
+    retried_api = FakeApi(cdn, polls_to_finish=1)
+    retried = await run(m, settings(tmp_path, retry_failed=True), api=retried_api)
+    assert retried.exit_code == 0 and retried_api.created == ["g0-p1"]
+    assert (out / "job1.mp4").exists()
+
+
+async def test_a_generation_id_of_an_earlier_run_given_again_is_a_duplicate(
+    cdn: str, tmp_path: Path
+) -> None:
+    # The index of generation ids is rebuilt from the ledger: job0 got g-same last night.
+    m = manifest(2, tmp_path)
+    api = OneGeneration(cdn, polls_to_finish=1)
+    first = await run(Manifest(m.path, m.jobs[:1]), settings(tmp_path), api=api)
+    assert first.exit_code == 0
+    report = await run(m, settings(tmp_path), api=api)
+    assert [(j, e.kind) for j, e in report.failed] == [("job1", "duplicate_generation")]
+    assert report.counts == {"done": 1, "failed": 1} and api.polls == {"g-same": 1}
+
+
+async def test_a_duplicate_recorded_before_a_crash_is_failed_on_resume(
+    cdn: str, tmp_path: Path
+) -> None:
+    # A crash right after job1's "submitted" record: the rerun finds two jobs with one id.
+    m = manifest(2, tmp_path)
+    ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+    for job in m.jobs:
+        await ledger.record("intent", job.id, crid=f"c-{job.id}", key=job.key, model=job.model)
+    for job in m.jobs:
+        await ledger.record("submitted", job.id, gen="g-same")
+    ledger.close()
+    api = FakeApi(cdn, polls_to_finish=1)
+    api.polls = {"g-same": 0}
+    report = await run(m, settings(tmp_path), api=api)
+    assert [(j, e.kind) for j, e in report.failed] == [("job1", "duplicate_generation")]
+    assert report.counts == {"done": 1, "failed": 1}
+    assert api.polls == {"g-same": 1} and api.created == []
+
+
+async def test_a_generation_adopted_from_the_logs_that_is_another_jobs_is_a_duplicate(
+    cdn: str, tmp_path: Path
+) -> None:
+    m = manifest(2, tmp_path)
+    api = OneGeneration(cdn, polls_to_finish=1)
+    first = await run(Manifest(m.path, m.jobs[:1]), settings(tmp_path), api=api)
+    assert first.exit_code == 0
+    await seed_intents(tmp_path, [(m.jobs[1], "crid-job1")])
+    await api.create(m.jobs[1].request, client_request_id="crid-job1")  # logged as g-same
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.adopted == 1
+    assert [(j, e.kind) for j, e in report.failed] == [("job1", "duplicate_generation")]
+    assert api.polls == {"g-same": 1}
+
+
+def test_generation_owners_are_the_first_given_each_id() -> None:
+    def st(job_id: str, gen: str | None, at: float | None, kind: str | None = None) -> JobState:
+        error = ErrorInfo(kind, "x") if kind else None
+        return JobState(job_id, "submitted", generation_id=gen, submitted_at=at, error=error)
+
+    states = [
+        st("late", "g1", 20.0),
+        st("early", "g1", 10.0),
+        st("undated", "g2", None),
+        st("dated", "g2", 5.0),
+        st("failed-dup", "g3", 1.0, "duplicate_generation"),
+        st("owner", "g3", 2.0),
+        st("none", None, 1.0),
+    ]
+    assert generation_owners(states) == {"g1": "early", "g2": "dated", "g3": "owner"}
+
+
 async def test_unanswered_and_not_logged_stays_uncertain(cdn: str, tmp_path: Path) -> None:
     api = FakeApi(cdn, polls_to_finish=1)
     api.create_error, api.errors_left = NoAnswerError("read timeout"), 1
@@ -849,6 +962,21 @@ async def test_429s_without_end_stop_the_submissions_and_leave_the_rest_pending(
     assert all(e.kind == "submit_failed" for _, e in report.failed)
 
 
+async def test_a_create_that_keeps_failing_as_the_logs_show_fails_with_the_apis_words(
+    cdn: str, tmp_path: Path
+) -> None:
+    # A 200 with {"error": ...} and no id, its row "failed" in the logs: sent again, then
+    # submit_failed saying only "the usage logs show it failed", the API's message dropped.
+    api = FakeApi(cdn, polls_to_finish=1)
+    said = """create: answer has no generation id: '{"error": {"message": "could not queue"}}'"""
+    api.create_error = ProtocolError(said)
+    report = await run(manifest(1, tmp_path), settings(tmp_path, submit_retries=2), api=api)
+    [(job_id, error)] = report.failed
+    assert (job_id, error.kind) == ("job0", "submit_failed")
+    assert error.message.startswith("gave up after 3 tries: the usage logs show it failed")
+    assert error.message.endswith(f"; the API's last answer: {said}")
+
+
 class GoesDown(FakeApi):
     """Takes ``up_for`` creates, then nothing can reach it: creates, polls, usage logs."""
 
@@ -935,6 +1063,46 @@ def test_a_timeout_says_what_the_last_polls_met() -> None:
     t.last_error = ServerError("HTTP 503: busy", status=503)  # the 404s were not the last word
     assert timed_out_reason(t, 20.0).startswith(
         "not finished after 20s; its last poll failed: HTTP 503: busy; generation g1 is kept"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "said"),
+    [
+        ("generating", ""),
+        ("waiting", ""),  # the API's own examples treat it as running
+        ("completed", "; the API last reported 'completed' with no usable video URL"),
+        ("processing", "; its last status was 'processing' (not one the API documents)"),
+        (
+            "a\nb" + "x" * 50,
+            "; its last status was 'a\\nb" + "x" * 34 + "...' (not one the API documents)",
+        ),
+    ],
+)
+def test_a_timeout_names_a_last_status_that_is_no_plain_running(status: str, said: str) -> None:
+    t = Tracked("a", "g1", "m", started=0.0, deadline=20.0, api_status=status)
+    assert timed_out_reason(t, 20.0).startswith(f"not finished after 20s{said}")
+    assert timed_out_reason(t, 20.0).endswith(
+        "; generation g1 is kept and will be polled again on the next run"
+    )
+    t.last_error = ServerError("HTTP 503: busy", status=503)
+    assert timed_out_reason(t, 20.0).startswith(f"not finished after 20s{said}; its last poll")
+
+
+async def test_a_generation_completed_with_no_video_times_out_saying_so(
+    cdn: str, tmp_path: Path
+) -> None:
+    class NoVideo(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            return Generation(generation_id, "completed", video_url=None)
+
+    api = NoVideo(cdn)
+    report = await run(manifest(1, tmp_path), settings(tmp_path, job_timeout_s=0.2), api=api)
+    ((_, error),) = report.failed
+    assert error.kind == "timeout"  # taken for running, as the contract asks: polled again
+    assert error.message == (
+        "not finished after 0s; the API last reported 'completed' with no usable video URL;"
+        " generation g0-p0 is kept and will be polled again on the next run"
     )
 
 
@@ -1173,7 +1341,8 @@ async def test_video_urls_expiring_by_the_thousand_are_not_a_warning_each(
     assert len(warned) <= 3, warned
     told = " ".join(warned)  # what the lines after the first add up to: all 20
     counts = [int(n) for n in re.findall(r"failed=(\d+)", told)]
-    assert sum(counts) == 20 and "video host answered 410: the URL has expired ×" in told
+    assert sum(counts) == 20
+    assert "video host answered 410: the URL has expired or is refused ×" in told
 
 
 ERROR_PAGE = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code></Error>"
@@ -1220,6 +1389,70 @@ async def test_a_url_that_brings_no_whole_video_is_asked_for_again(
     assert api.created == ["g0-p0"] and api.polls == {"g0-p0": 2}  # polled again, not paid
     out = tmp_path / "out"
     assert (out / "job0.mp4").read_bytes() == MP4 and not list(out.glob("*.part*"))
+
+
+# Google Cloud Storage's answer to a signed URL past its time (Azure says 401 likewise).
+EXPIRED_TOKEN = (
+    b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ExpiredToken</Code>"
+    b"<Message>The provided token has expired.</Message></Error>"
+)
+
+
+def expired_with(status: int) -> Callable[[], web.Response]:
+    return lambda: web.Response(status=status, body=EXPIRED_TOKEN, content_type="application/xml")
+
+
+@pytest.mark.parametrize("status", [400, 401, 403], ids=["gcs-400", "azure-401", "s3-403"])
+async def test_an_expired_url_refused_with_any_4xx_is_asked_for_again(
+    tmp_path: Path, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    served: list[str] = []
+    api = ExpiringOnce("", 1)
+    async with serve(serving_stale_urls_as(expired_with(status), served)) as api.cdn:
+        report = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1}
+    assert served == ["stale", "fresh"] and api.created == ["g0-p0"]
+    [told] = [r.getMessage() for r in caplog.records if "fresh URL" in r.getMessage()]
+    assert told.endswith(
+        f"video host answered {status}: the URL has expired or is refused"
+        " (ExpiredToken: The provided token has expired.)"
+    )
+
+
+async def test_a_url_of_a_stopped_run_refused_with_400_on_resume_gets_a_fresh_one(
+    tmp_path: Path,
+) -> None:
+    # A run stopped mid-download (SIGTERM): the rerun resumes from the stored URL, which GCS
+    # now refuses with 400. It used to fail the job, the video left for the next night.
+    m = manifest(1, tmp_path)
+    job = m.jobs[0]
+    served: list[str] = []
+    api = StaleWhileSet("", polls_to_finish=1)
+    api.stale = False
+    api.created, api.polls = ["g0-p0"], {"g0-p0": 1}
+    async with serve(serving_stale_urls_as(expired_with(400), served)) as api.cdn:
+        ledger = Ledger.open(ensure_dir(tmp_path / "out"))
+        await ledger.record("intent", job.id, crid="c", key=job.key, model=job.model)
+        await ledger.record("submitted", job.id, gen="g0-p0")
+        await ledger.record("completed", job.id, url=f"{api.cdn}/v/g0-p0.mp4?v=stale")
+        ledger.close()
+        report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 1}
+    assert served == ["stale", "fresh"] and api.created == ["g0-p0"]
+
+
+async def test_a_url_refused_every_time_fails_with_what_the_host_said(tmp_path: Path) -> None:
+    served: list[str] = []
+    api = StaleWhileSet("", polls_to_finish=1)
+    async with serve(serving_stale_urls_as(expired_with(400), served)) as api.cdn:
+        report = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    [(job_id, error)] = report.failed
+    assert (job_id, error.kind) == ("job0", "download")
+    assert error.message == (
+        "video host answered 400: the URL has expired or is refused (ExpiredToken: The"
+        f" provided token has expired.) (after {MAX_URL_REFRESHES} fresh URLs)"
+    )
+    assert served == ["stale"] * (1 + MAX_URL_REFRESHES) and api.created == ["g0-p0"]
 
 
 class StaleWhileSet(FakeApi):
@@ -1829,6 +2062,82 @@ async def test_a_job_waiting_for_a_slot_when_a_poll_meets_401_is_not_counted_as_
     report = await run(manifest(2, tmp_path), s, api=api)
     assert report.exit_code == 3 and len(api.created) == 1  # job1 waited for job0's slot
     assert report.estimated_usd == pytest.approx(0.8) and report.estimated_jobs == 1
+
+
+async def test_a_403_to_a_poll_lets_the_videos_already_found_download(tmp_path: Path) -> None:
+    # One 403 to a poll stopped the whole run, the download of a finished, paid video with it.
+    started, refused = anyio.Event(), anyio.Event()
+
+    async def video(request: web.Request) -> web.Response:
+        started.set()
+        await refused.wait()  # still downloading when the poll is refused
+        return web.Response(body=MP4)
+
+    class RefusesJob1(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            if generation_id.endswith("-p1"):
+                await started.wait()
+                refused.set()
+                raise AuthError("HTTP 403: Forbidden resource", status=403)
+            return await super().fetch(generation_id)
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+    async with serve(app) as base:
+        api = RefusesJob1(base, polls_to_finish=1)
+        report = await run(manifest(3, tmp_path), settings(tmp_path, concurrency=2), api=api)
+    assert report.exit_code == 3 and report.auth_error is not None
+    assert report.auth_error.startswith("the API refused the request: HTTP 403")
+    assert report.counts == {"done": 1, "submitted": 1, "pending": 1}
+    assert (tmp_path / "out" / "job0.mp4").read_bytes() == MP4
+    assert len(api.created) == 2  # job2 never sent
+
+
+class _Said(logging.Handler):
+    """Sets ``event`` once a log line holding ``words`` is written."""
+
+    def __init__(self, words: str, event: anyio.Event) -> None:
+        super().__init__()
+        self.words, self.event = words, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.event.set()
+
+
+async def test_a_url_refused_after_a_poll_401_is_left_for_the_next_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No poll can ask for a fresh URL once the key is refused: the job stays completed, for
+    # the next run to download (or poll for a fresh URL), and the run ends.
+    started, stopped = anyio.Event(), anyio.Event()
+
+    async def video(request: web.Request) -> web.Response:
+        started.set()
+        await stopped.wait()
+        return web.Response(status=400, body=EXPIRED_TOKEN)
+
+    class RefusesJob1(FakeApi):
+        async def fetch(self, generation_id: str) -> Generation:
+            if generation_id.endswith("-p1"):
+                await started.wait()
+                raise AuthError("HTTP 401: invalid key", status=401)
+            return await super().fetch(generation_id)
+
+    app = web.Application()
+    app.router.add_get("/v/{gen}.mp4", video)
+    said = _Said("no new submissions", stopped)
+    logging.getLogger("veobatch.runner").addHandler(said)
+    try:
+        async with serve(app) as base:
+            api = RefusesJob1(base, polls_to_finish=1)
+            s = settings(tmp_path, concurrency=2)
+            report = await run(manifest(2, tmp_path), s, api=api)
+    finally:
+        logging.getLogger("veobatch.runner").removeHandler(said)
+    assert report.exit_code == 3 and report.counts == {"completed": 1, "submitted": 1}
+    assert api.polls == {"g0-p0": 1, "g1-p1": 0}  # no poll for a fresh URL
+    assert any("no fresh URL this run" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_stop_gives_back_the_reservation_of_a_job_never_sent(

@@ -245,6 +245,32 @@ async def test_intent_is_on_disk_before_the_post(tmp_path: Path) -> None:
     assert seen_on_disk == [["intent"]]
 
 
+async def test_a_stop_while_the_intent_is_written_sends_nothing(tmp_path: Path) -> None:
+    # A 401 to a poll came while this create's intent waited for its group commit: its POST
+    # left ~13 ms after the "no new submissions" line.
+    ledger = Ledger.open(tmp_path)
+    stop = False
+    record = ledger.record
+
+    async def record_then_stop(ev: str, job_id: str, **kw: Any) -> JobState:
+        nonlocal stop
+        state = await record(ev, job_id, **kw)
+        stop = stop or ev == "intent"
+        return state
+
+    ledger.record = record_then_stop  # type: ignore[method-assign]
+
+    async def never(job: Job, created: Created) -> None:
+        raise AssertionError("nothing was sent")
+
+    api = ScriptedCreate(["g1"])
+    sub = Submitter(api, ledger, 3, 0, 0, lambda: stop, never)
+    assert await sub.submit(JOB) is SubmitOutcome.STOPPED
+    ledger.close()
+    assert api.sent == [] and _events(tmp_path) == ["intent", "unsent"]
+    assert Ledger.open(tmp_path).state(JOB.id).status == "pending"
+
+
 async def test_a_long_job_id_is_sent_and_recorded_with_the_same_valid_id(
     tmp_path: Path,
 ) -> None:

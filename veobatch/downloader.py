@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import html
 import io
 import logging
 import os
@@ -28,9 +29,10 @@ import aiohttp
 import anyio
 from yarl import URL
 
-from .client import parse_retry_after
+from .client import describe_error_body, parse_retry_after
 from .errors import DownloadError, UrlRejectedError
 from .fsutil import Offload, fsync_dir, to_thread
+from .logfmt import one_line
 from .transfer import Body, MinimumRate, PartInfo, mp4_boxes_complete, plan_body, validator_of
 from .verify import Probe, probe_video
 
@@ -54,6 +56,14 @@ MIN_RATE_BYTES = 64 << 10
 # A body whose MP4 boxes do not add up; the first words name the cause in the outage tally.
 INCOMPLETE = "incomplete MP4: the video host's answer ended with no length to check it by"
 NOT_MP4 = "the downloaded file is not an MP4"
+# An error answer's body is read this far, this long at most, for the reason it gives: an
+# error page may be large, or never end.
+ERROR_BODY_BYTES = 4096
+ERROR_BODY_WAIT_S = 5.0
+EXCERPT_CHARS = 200
+# Statuses that say nothing against the URL itself: a read the host gave up waiting for (408),
+# a rate limit (429), a resume range that does not fit (416).
+NOT_THE_URL = frozenset({408, 416, 429})
 
 
 @dataclass(frozen=True)
@@ -424,8 +434,9 @@ async def _open(
             continue
         if resp.status in (200, 206):
             return resp
+        said = "" if resp.status == 416 else await _error_body(resp)
         resp.release()
-        raise _status_error(resp.status, job_id, resp.headers.get("Retry-After"))
+        raise _status_error(resp.status, job_id, resp.headers.get("Retry-After"), said)
     raise DownloadError("too many redirects", job_id=job_id, retryable=False)
 
 
@@ -462,19 +473,72 @@ class _RangeRefused(DownloadError):
     """416: the bytes we have do not fit what the host serves."""
 
 
-def _status_error(status: int, job_id: str, retry_after: str | None = None) -> DownloadError:
-    if status in (403, 404, 410):
-        return DownloadError(
-            f"video host answered {status}: the URL has expired", job_id=job_id, url_expired=True
-        )
+def _status_error(
+    status: int, job_id: str, retry_after: str | None = None, said: str = ""
+) -> DownloadError:
+    """What an error answer from the video host means for the download, with what it said.
+
+    A signed URL past its time is refused with a 4xx that differs by host: 403 from S3 and
+    CloudFront, 400 (``ExpiredToken``) from Google Cloud Storage, 401 (``AuthenticationFailed``)
+    from Azure, 404 or 410 from others. No key goes to the video host, so any 4xx refusing the
+    URL is taken for that: the API is asked for a fresh URL (at most MAX_URL_REFRESHES)."""
+    told = f" ({said})" if said else ""
     if status == 416:
         return _RangeRefused("video host refused the resume range", job_id=job_id)
-    retryable = status >= 500 or status == 429
+    if 400 <= status < 500 and status not in NOT_THE_URL:
+        return DownloadError(
+            f"video host answered {status}: the URL has expired or is refused{told}",
+            job_id=job_id,
+            url_expired=True,
+        )
+    retryable = status >= 500 or status in NOT_THE_URL
     # A host that says how long to wait is obeyed: hammering it sooner only prolongs the 429.
     wait_s = parse_retry_after(retry_after) if status in (429, 503) else None
     return DownloadError(
-        f"video host answered {status}", job_id=job_id, retryable=retryable, retry_after_s=wait_s
+        f"video host answered {status}{told}",
+        job_id=job_id,
+        retryable=retryable,
+        retry_after_s=wait_s,
     )
+
+
+async def _error_body(resp: aiohttp.ClientResponse) -> str:
+    """What an error answer's body says (:func:`host_error_excerpt`), from its first
+    ERROR_BODY_BYTES at most, read for ERROR_BODY_WAIT_S at most: never the whole body."""
+    data = b""
+    with anyio.move_on_after(ERROR_BODY_WAIT_S):
+        try:
+            while len(data) < ERROR_BODY_BYTES:
+                chunk = await resp.content.read(ERROR_BODY_BYTES - len(data))
+                if not chunk:
+                    break
+                data += chunk
+        except (TimeoutError, aiohttp.ClientError):
+            pass  # what arrived says what it can; the status says the rest
+    return host_error_excerpt(data)
+
+
+# The fields of an S3, Google Cloud Storage or Azure error document that say what went wrong;
+# the rest (a request id, the string signed, the signature) says nothing a user can act on.
+_XML_FIELD = re.compile(r"<(Code|Message)>([^<]{0,500})</\1>")
+_TAG = re.compile(r"<[^>]{0,500}>")
+
+
+def host_error_excerpt(body: bytes) -> str:
+    """A video host's error body in a few words, on one line: an XML error's Code and Message,
+    a JSON error's message, else the start of its text (tags dropped); "" when empty."""
+    text = body.decode("utf-8", "replace")
+    fields: dict[str, str] = {}
+    for m in _XML_FIELD.finditer(text):
+        fields.setdefault(m[1], " ".join(html.unescape(m[2]).split()))
+    if fields.get("Code") or fields.get("Message"):
+        text = ": ".join(v for k in ("Code", "Message") if (v := fields.get(k)))
+    elif text.lstrip().startswith("{"):
+        text = describe_error_body(text)
+    else:
+        text = " ".join(html.unescape(_TAG.sub(" ", text)).split())
+    text = one_line(text)
+    return text if len(text) <= EXCERPT_CHARS else text[: EXCERPT_CHARS - 3] + "..."
 
 
 def _hash_prefix(part: Path, have: int) -> hashlib._Hash:

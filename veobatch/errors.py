@@ -206,7 +206,8 @@ class DownloadError(VeobatchError):
         super().__init__(message, job_id=job_id)
         self.retryable = retryable
         self.retry_after_s = retry_after_s  # a 429's or 503's Retry-After, capped
-        # The video host refused the URL (403/404/410): a fresh one from the API may work.
+        # The video host refused the URL (any 4xx but 408, 416 and 429: an expired signature is
+        # 400, 401, 403, 404 or 410 by host): a fresh one from the API may work.
         self.url_expired = url_expired
         # No connection at all (refused, no route, no such name): the host may have gone for
         # good, as one in a URL from an earlier run may; a fresh URL may name another.

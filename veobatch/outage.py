@@ -179,6 +179,8 @@ _DOWNLOAD_CAUSES = (
     re.compile(r"^(truncated):"),
     re.compile(r"^(video host too slow):"),
     re.compile(r"^(incomplete MP4):"),
+    # Not the words of the host's error body that follow: a request id would make each a cause.
+    re.compile(r"^(video host answered \d+)(: the URL has expired or is refused)?"),
 )
 MAX_CAUSE_CHARS = 100
 

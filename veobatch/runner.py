@@ -8,6 +8,7 @@ reports back here, and every state change goes through the ledger before the nex
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import time
@@ -34,6 +35,7 @@ from .errors import (
     LedgerError,
     NotFoundError,
     UrlRejectedError,
+    first_leaf,
 )
 from .fsutil import fsync_dir, to_thread
 from .jobs import Job, Manifest
@@ -69,6 +71,8 @@ HELD_BACK_LOGGED = 20  # jobs held back by the cost limit, one log line each; th
 # Failed jobs whose generation may still be running.
 SLOT_KINDS = frozenset({"timeout", "lost", "other_key"})
 REFETCH_FAILED = "refetch_failed"  # a done job's file is missing and cannot be fetched again
+# The API gave a job the generation id it had given another job: never fetched for both.
+DUPLICATE_GENERATION = "duplicate_generation"
 RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its last rewrite
 
 
@@ -170,6 +174,10 @@ class Runner:
         self.open: set[str] = set()
         self.settled = anyio.Event()
         self.stop_submitting = False
+        # A 401/403 to a poll or a usage-logs read stopped both: the run ends once the
+        # downloads under way and queued (the video host needs no key) are over.
+        self.api_stopped = False
+        self.downloading = 0  # downloads a worker has in hand
         self.refreshes: dict[str, int] = {}
         self.remake: set[str] = set()  # see execute
         self.results_warned = False
@@ -177,6 +185,9 @@ class Runner:
         key = self.settings.api_key
         self.account = key.fingerprint() if key is not None else None
         self.removed: set[str] = set()  # jobs the manifest no longer lists (execute)
+        # Each generation id on record and the job it was first given to (execute): one the
+        # API gives a second job is that job's failure, never its video (_claim).
+        self.owners: dict[str, str] = {}
         # No total: a large video may take long; a stalled read or connect still times out.
         self.download_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -225,6 +236,7 @@ class Runner:
         # the manifest now holds is made, in this run (the first video is kept beside it).
         self.remake = {p.job.id for p in plans if will_remake(p)}
         self.open = {p.job.id for p in plans if p.action not in _IDLE}
+        self.owners = generation_owners(self.ledger.states.values())
         try:
             if self.open:
                 await self._execute(plans)
@@ -243,8 +255,7 @@ class Runner:
     async def _execute(self, plans: list[JobPlan]) -> None:
         async with anyio.create_task_group() as tg:
             self.tg = tg
-            tg.start_soon(self._poll_loop)
-            tg.start_soon(self._reconcile_loop)
+            tg.start_soon(self._api_loop)
             for _ in range(self.settings.download_concurrency):
                 tg.start_soon(self._download_worker)
             tg.start_soon(self._results_loop)
@@ -255,19 +266,23 @@ class Runner:
             await self.settled.wait()
             tg.cancel_scope.cancel()
 
-    async def _poll_loop(self) -> None:
+    async def _api_loop(self) -> None:
+        """Polls and usage-log look-ups. A 401 or 403 to either stops both, and submissions:
+        the jobs in flight and the open look-ups stay as recorded for a rerun, while the
+        videos already found still download (their host needs no key), then the run ends."""
         try:
-            await self.poller.run()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.poller.run)
+                tg.start_soon(self.reconciler.run)
         except* AuthError as group:
-            self._stop_on_auth(group.exceptions[0])
-            self.settled.set()  # with no key that works, the in-flight jobs wait for a rerun
+            self._stop_on_auth(first_leaf(group))
+        self.api_stopped = True
+        self._settle_when_drained()
 
-    async def _reconcile_loop(self) -> None:
-        try:
-            await self.reconciler.run()
-        except* AuthError as group:
-            self._stop_on_auth(group.exceptions[0])
-            self.settled.set()  # open look-ups stay as recorded, for a rerun to settle
+    def _settle_when_drained(self) -> None:
+        """After the API refused the key, the run is over once no download is left."""
+        if self.api_stopped and not self.downloading and not len(self.fetches):
+            self.settled.set()
 
     def _stop_on_auth(self, exc: BaseException) -> None:
         if self.stop_submitting and self.auth_error is not None:
@@ -308,6 +323,7 @@ class Runner:
     def _resume(self, plans: list[JobPlan]) -> None:
         """Pick up where an earlier run stopped: poll what is in flight, fetch what is finished."""
         self._learn_from_history()
+        plans = self._drop_duplicates(plans)
         polls = [p for p in plans if p.action in (Action.POLL, Action.REFETCH)]
         lookups = [p for p in plans if p.action is Action.LOOKUP]
         in_flight = [p for p in polls if _holds_slot(p)] + lookups
@@ -546,6 +562,9 @@ class Runner:
             await self.ledger.record("submitted", job.id, gen=decision.generation_id)
             self.adopted += 1
             log.info("adopted job=%s gen=%s (from the usage logs)", job.id, decision.generation_id)
+            if (owner := self._claim(job.id, decision.generation_id)) is not None:
+                await self._duplicate(job.id, decision.generation_id, owner)
+                return
             age = max(0.0, time.time() - lookup.settled_wall)
             if job.id in self.holding:
                 self.running.add(job.id)
@@ -586,6 +605,7 @@ class Runner:
             if job.id in self.maybe_billed:  # failed would let --retry-failed pay again
                 await self._leave_uncertain(job, why, _kept_cause(lookup, decision))
             else:
+                why += last_answer(self.ledger.state(job.id))  # the API's words, not only ours
                 await self._fail(job.id, "submit_failed", why)
             return
         if risked and not self.stop_submitting:
@@ -636,6 +656,9 @@ class Runner:
         if created.failed:  # refused at once (a content policy, say): nothing to poll for
             await self._generation_failed(job.id, created.error_name, created.error_message)
             return
+        if (owner := self._claim(job.id, created.generation_id)) is not None:
+            await self._duplicate(job.id, created.generation_id, owner)
+            return
         self.running.add(job.id)
         self.poller.track(
             job.id,
@@ -673,6 +696,49 @@ class Runner:
         self.budget.release(job_id)  # generations that end in error are not billed
         why = f"{name or 'error'}: {message or 'the generation ended in error'}"
         await self._fail(job_id, "generation_error", why)
+
+    def _claim(self, job_id: str, generation_id: str) -> str | None:
+        """Take ``generation_id`` for ``job_id``; the job that has it already, if another."""
+        owner = self.owners.setdefault(generation_id, job_id)
+        return owner if owner != job_id else None
+
+    def _drop_duplicates(self, plans: list[JobPlan]) -> list[JobPlan]:
+        """The plans less those of jobs recorded with another job's generation (a crash came
+        before the run that got it could say so): failed, neither polled nor fetched."""
+        kept = []
+        for p in plans:
+            gen, st = p.state.generation_id, p.state
+            owner = self.owners.get(gen, p.job.id) if gen else p.job.id
+            if (
+                p.action in (Action.POLL, Action.DOWNLOAD)
+                and st.status != "done"
+                and owner != p.job.id
+            ):
+                assert gen is not None
+                self.tg.start_soon(self._duplicate, p.job.id, gen, owner)
+            else:
+                kept.append(p)
+        return kept
+
+    async def _duplicate(self, job_id: str, generation_id: str, owner: str) -> None:
+        """The API gave this job the generation id it gave ``owner``: one generation is not two
+        requests' video. The first job keeps it; this one fails rather than be done with the
+        other's video, and is sent again only on request (--retry-failed: a new charge)."""
+        log.warning(
+            "duplicate generation job=%s gen=%s: the API gave job %s the same id for another"
+            " create; %s keeps it (check its video: it may be either request's), %s fails",
+            job_id,
+            generation_id,
+            owner,
+            owner,
+            job_id,
+        )
+        why = (
+            f"the API gave this job generation {generation_id}, the id it had given job"
+            f" {owner}: one generation cannot be both videos, so only {owner} fetches it;"
+            " --retry-failed submits this job again (a new charge)"
+        )
+        await self._fail(job_id, DUPLICATE_GENERATION, why)
 
     async def generation_timed_out(self, tracked: Tracked) -> None:
         why = timed_out_reason(tracked, self.settings.job_timeout_s)
@@ -748,7 +814,13 @@ class Runner:
 
     async def _download_worker(self) -> None:
         while True:
-            await self._download(await self.fetches.get())
+            fetch = await self.fetches.get()
+            self.downloading += 1
+            try:
+                await self._download(fetch)
+            finally:
+                self.downloading -= 1
+            self._settle_when_drained()
 
     async def _download(self, fetch: Fetch) -> None:
         """One attempt; a retry goes back to the queue for its wait, leaving the worker free."""
@@ -855,6 +927,10 @@ class Runner:
         """The video host refused an old URL, sent an error page for it, could not be reached
         at all (a URL of an earlier run whose host has gone), or sent a damaged video every
         time: ask the API for the generation again."""
+        if self.api_stopped:  # no poll can be sent: the rerun downloads it, or asks anew
+            log.warning("%s job=%s: no fresh URL this run (the API refused the key)", why, job_id)
+            self._close(job_id)
+            return
         n = self.refreshes[job_id] = self.refreshes.get(job_id, 0) + 1
         gen = self.ledger.state(job_id).generation_id
         if n > MAX_URL_REFRESHES or gen is None:
@@ -982,6 +1058,21 @@ class Runner:
 _IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED})
 
 
+def generation_owners(states: Iterable[JobState]) -> dict[str, str]:
+    """Each generation id on record and the job it was given to first (by submission time):
+    a later job recorded with the same id was given another's (failed as a duplicate, or
+    about to be)."""
+    owners: dict[str, str] = {}
+    given = [
+        st
+        for st in states
+        if st.generation_id and not (st.error and st.error.kind == DUPLICATE_GENERATION)
+    ]
+    for st in sorted(given, key=lambda st: st.submitted_at or math.inf):
+        owners.setdefault(st.generation_id or "", st.id)
+    return owners
+
+
 def timed_out_reason(tracked: Tracked, timeout_s: float) -> str:
     """Why the job timeout ended a job, as its last polls saw it: still running, refused with
     404 (too soon or too few to take the generation for lost), or failing."""
@@ -995,9 +1086,28 @@ def timed_out_reason(tracked: Tracked, timeout_s: float) -> str:
             f" {MAX_NOT_FOUND} of them, the generation {NOT_FOUND_GRACE_S:.0f}s old):"
             f" {error.message}; {kept}"
         )
+    said = last_status_note(tracked.api_status)
     if error is not None:
-        return f"not finished after {timeout_s:.0f}s; its last poll failed: {error.message}; {kept}"
-    return f"not finished after {timeout_s:.0f}s; {kept}"
+        failed = f"its last poll failed: {error.message}"
+        return f"not finished after {timeout_s:.0f}s{said}; {failed}; {kept}"
+    return f"not finished after {timeout_s:.0f}s{said}; {kept}"
+
+
+# What the API documents for a generation still running, and what its own examples treat so.
+RUNNING_STATUSES = frozenset({"queued", "generating", "waiting", "active"})
+MAX_STATUS_CHARS = 40
+
+
+def last_status_note(status: str) -> str:
+    """What a timed-out job's last status was, when it was no plain "still running": the API
+    said ``completed`` with no usable video URL, or a status it does not document (both are
+    taken for running, as the contract asks, but a user must not read "still running")."""
+    if status in RUNNING_STATUSES:
+        return ""
+    shown = status if len(status) <= MAX_STATUS_CHARS else status[: MAX_STATUS_CHARS - 3] + "..."
+    if status == "completed":
+        return "; the API last reported 'completed' with no usable video URL"
+    return f"; its last status was {shown!r} (not one the API documents)"
 
 
 def history_samples(
@@ -1044,6 +1154,14 @@ def _kept_cause(lookup: Lookup, decision: Decision) -> Cause:
     """What an uncertain job's record keeps: a request the logs showed was made is never
     taken for absent again, whatever its POST met (a row may age out of the logs)."""
     return "no_answer" if decision.seen else lookup.cause
+
+
+def last_answer(state: JobState) -> str:
+    """What the API said to the job's last POST, as its "uncertain" record keeps it (a 5xx, a
+    2xx with an error and no id): the words a give-up reason must not drop."""
+    if state.status != "uncertain" or state.error is None or not state.error.message:
+        return ""
+    return f"; the API's last answer: {state.error.message}"
 
 
 def lookup_cause(state: JobState) -> Cause:

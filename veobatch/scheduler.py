@@ -535,6 +535,8 @@ class Submitter:
             # even on shutdown: cutting them off would leave a generation with no id on record.
             with anyio.CancelScope(shield=True):
                 outcome, retry = await self._attempt(job, earlier)
+            if outcome is SubmitOutcome.STOPPED:  # never sent: no answer to learn from
+                return outcome
             limited_by_api = isinstance(retry, RateLimitedError)
             if retry is None or not (limited_by_api or isinstance(retry, NotSentError)):
                 # Any other answer ends "no create got through"
@@ -631,6 +633,11 @@ class Submitter:
             req=compact_request(job.request),
             **extra,
         )
+        if self.should_stop() or self.gave_up is not None:
+            # The stop came while the intent was being written (a 401 to a poll, say): the
+            # POST must not leave after the run said "no new submissions". Never sent.
+            await self._not_created(job, earlier, "submissions stopped before it was sent")
+            return SubmitOutcome.STOPPED, None
         self.on_sent(crid)
         try:
             created = await self.api.create(body, client_request_id=crid)
