@@ -1224,3 +1224,74 @@ async def test_a_host_that_says_when_to_come_back_is_heard(
         with pytest.raises(DownloadError) as info:
             await _get(base, tmp_path)
     assert info.value.retryable and info.value.retry_after_s == wait_s
+
+
+# -- a shared output folder: nothing there is written or read through a link -----------------
+
+
+@pytest.mark.parametrize("flush_bytes", [None, 100_000], ids=["in one go", "streamed"])
+async def test_a_part_that_is_a_link_is_replaced_never_written_through(
+    cdn: Cdn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flush_bytes: int | None
+) -> None:
+    # --out may be shared: "wb" followed a planted <id>.mp4.part link and wrote the video over
+    # the file it pointed to, then renamed the link into place as the job's video.
+    if flush_bytes is not None:
+        monkeypatch.setattr(dl, "FLUSH_BYTES", flush_bytes)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious data")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "job1.mp4.part").symlink_to(victim)
+    got = await _get(cdn, out)
+    assert victim.read_bytes() == b"precious data"
+    final = out / "job1.mp4"
+    assert not final.is_symlink() and final.read_bytes() == MP4
+    assert got.sha256 == hashlib.sha256(MP4).hexdigest()
+
+
+async def test_a_linked_part_with_a_planted_sidecar_is_not_resumed_into_its_target(
+    cdn: Cdn, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious data")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "job1.mp4.part").symlink_to(victim)
+    (out / "job1.mp4.part.meta").write_bytes(PartInfo(None, TOTAL).to_json())
+    await _get(cdn, out)
+    assert victim.read_bytes() == b"precious data"  # not cut back to a prefix, not appended to
+    assert [h.get("Range") for h in cdn.requests] == [None]
+    assert (out / "job1.mp4").read_bytes() == MP4
+
+
+async def test_a_sidecar_that_is_a_link_is_replaced_never_written_through(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(dl, "FLUSH_BYTES", 1024)  # a large download notes its sidecar first
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious data")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "job1.mp4.part.meta").symlink_to(victim)
+    async with serve(_range_host(lambda off: (MP4[off:], None), [])) as base:
+        await _get(base, out)
+    assert victim.read_bytes() == b"precious data"
+    assert (out / "job1.mp4").read_bytes() == MP4
+
+
+def test_a_finished_file_that_is_a_link_or_a_fifo_is_not_the_video(tmp_path: Path) -> None:
+    from fifos import fifo_at
+
+    from veobatch.fsutil import NotRegularFileError
+
+    copy = tmp_path / "copy.mp4"
+    copy.write_bytes(b"abc")
+    sha = hashlib.sha256(b"abc").hexdigest()
+    (tmp_path / "a.mp4").symlink_to(copy)  # the same bytes, elsewhere
+    assert not file_matches(tmp_path / "a.mp4", 3, sha, None)
+    assert not file_matches(tmp_path / "a.mp4", 3, sha, copy.stat().st_mtime_ns)
+    with fifo_at(tmp_path / "b.mp4") as freed:
+        with pytest.raises(NotRegularFileError):
+            dl.sha256_file(tmp_path / "b.mp4")
+        assert not dl.mp4_file_complete(tmp_path / "b.mp4")
+    assert not freed  # never opened: a read of it would have waited for ever

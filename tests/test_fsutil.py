@@ -225,3 +225,69 @@ def test_stale_temporary_files_of_interrupted_writes_are_removed(tmp_path: Path)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([*keep, "fresh", ".results.json.fresh000.tmp"])  # a write may be going on
     assert remove_stale_temps(tmp_path / "missing", time.time()) == 0
+
+
+# -- a shared output folder: its entries are never followed, FIFOs never opened -------------
+
+
+def test_only_a_regular_file_is_opened_and_what_else_stands_there_is_said(tmp_path: Path) -> None:
+    import os
+
+    from fifos import fifo_at
+
+    from veobatch.fsutil import NotRegularFileError, entry_problem, open_regular
+
+    regular = tmp_path / "a.mp4"
+    regular.write_bytes(b"video")
+    os.close(open_regular(regular))
+    (tmp_path / "link.mp4").symlink_to(regular)
+    (tmp_path / "dir.mp4").mkdir()
+    assert entry_problem(regular) is None and entry_problem(tmp_path / "none.mp4") is None
+    assert entry_problem(tmp_path / "link.mp4") == f"a symbolic link (to {regular})"
+    assert entry_problem(tmp_path / "dir.mp4") == "a directory"
+    with fifo_at(tmp_path / "fifo.mp4") as freed:
+        with pytest.raises(NotRegularFileError, match="not a regular file but a FIFO"):
+            open_regular(tmp_path / "fifo.mp4")
+        assert entry_problem(tmp_path / "fifo.mp4") == "a FIFO (named pipe)"
+    assert not freed
+
+
+@pytest.mark.parametrize("what", ["link", "dangling link", "fifo", "directory"])
+def test_a_lock_that_is_not_a_file_is_refused_never_followed(tmp_path: Path, what: str) -> None:
+    # --out may be a shared folder: a lock planted as a link truncated the file it pointed to
+    # (and a dangling one created it), outside the folder.
+    import os
+
+    from veobatch.errors import ConfigError
+    from veobatch.fsutil import LOCK_NAME, DirLock
+
+    victim = tmp_path / "victim.conf"
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / LOCK_NAME
+    if what == "link":
+        victim.write_text("precious config")
+        lock.symlink_to(victim)
+    elif what == "dangling link":
+        lock.symlink_to(victim)
+    elif what == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    kind = {"fifo": "a FIFO", "directory": "a directory"}.get(what, "a symbolic link")
+    with pytest.raises(ConfigError, match=f"is {kind}.*not veobatch's lock file"):
+        DirLock(out).acquire()
+    if what == "link":
+        assert victim.read_text() == "precious config"
+    else:
+        assert not victim.exists()
+
+
+def test_an_output_folder_reached_through_a_link_is_locked_as_usual(tmp_path: Path) -> None:
+    from veobatch.fsutil import DirLock
+
+    real = tmp_path / "data" / "videos"
+    real.mkdir(parents=True)
+    (tmp_path / "out").symlink_to(real)  # --out /data/videos, /data a link: legitimate
+    with DirLock(tmp_path / "out") as lock:
+        assert lock.held and (real / ".veobatch.lock").is_file()

@@ -388,7 +388,7 @@ async def test_waiters_on_a_failed_batch_are_not_told_it_is_durable(
 
 def test_an_unreadable_ledger_is_a_ledger_error(tmp_path: Path) -> None:
     (tmp_path / LEDGER_NAME).mkdir()  # a directory where the file should be
-    with pytest.raises(LedgerError, match="cannot open"):
+    with pytest.raises(LedgerError, match="is a directory, not a ledger file"):
         Ledger.open(tmp_path)
 
 
@@ -531,3 +531,36 @@ async def test_an_uncertain_record_can_put_an_earlier_post_back(tmp_path: Path) 
     st = load_states(tmp_path)["a"]
     assert (st.status, st.client_request_id, st.intent_at) == ("uncertain", "c1", first)
     assert (st.model, st.key, st.request) == ("m1", "k1", {"prompt": "old"})
+
+
+# -- a shared output folder: the ledger is never read or written through a link -------------
+
+
+@pytest.mark.parametrize("dangling", [False, True], ids=["link", "dangling link"])
+def test_a_ledger_that_is_a_link_is_refused_never_followed(tmp_path: Path, dangling: bool) -> None:
+    # A link planted in place of the ledger: its target was cut back as a "torn tail" and then
+    # appended to (a dangling one was created), outside the output folder.
+    victim = tmp_path / "victim.txt"
+    if not dangling:
+        victim.write_bytes(b"precious notes\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / LEDGER_NAME).symlink_to(victim)
+    with pytest.raises(LedgerError, match=r"is a symbolic link .*, not a ledger file"):
+        Ledger.open(out)
+    with pytest.raises(LedgerError, match=r"is a symbolic link .*, not a ledger file"):
+        load_states(out)
+    if dangling:
+        assert not victim.exists()
+    else:
+        assert victim.read_bytes() == b"precious notes\n"
+    assert sorted(p.name for p in out.iterdir()) == [LEDGER_NAME]  # no torn tail kept either
+
+
+def test_a_ledger_that_is_a_fifo_is_refused_without_waiting_on_it(tmp_path: Path) -> None:
+    from fifos import fifo_at
+
+    with fifo_at(tmp_path / LEDGER_NAME) as freed:
+        with pytest.raises(LedgerError, match="is a FIFO \\(named pipe\\), not a ledger file"):
+            load_states(tmp_path)  # `status` and `plan`: they hung for ever
+    assert not freed

@@ -110,6 +110,28 @@ async def test_build_cards_from_a_directory(tmp_path: Path) -> None:
     assert again["sunrise"].file is None and again["sunrise"].thumb is None
 
 
+async def test_the_report_opens_no_link_or_fifo_and_writes_no_thumbnail_through_a_link(
+    tmp_path: Path,
+) -> None:
+    # --out may be shared: a video that is a link is not the job's video (nor read through),
+    # a FIFO is never opened (the report hung), and thumbnails are not cached through a link.
+    from fifos import fifo_at
+
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    await make_output_dir(out, with_probes=False)
+    elsewhere.mkdir()
+    (out / "sunrise.mp4").rename(elsewhere / "sunrise.mp4")
+    (out / "sunrise.mp4").symlink_to(elsewhere / "sunrise.mp4")
+    (out / "short.mp4").unlink()
+    (out / THUMBS_DIR).symlink_to(elsewhere, target_is_directory=True)
+    with fifo_at(out / "short.mp4") as freed:
+        cards = {c.id: c for c in build_cards(out)}
+    assert not freed
+    assert cards["sunrise"].file is None and cards["short"].file is None
+    assert cards["portrait"].thumb is not None  # the regular one is shown as ever
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["sunrise.mp4"]
+
+
 async def test_ledgers_without_probes_are_probed_for_the_report(tmp_path: Path) -> None:
     await make_output_dir(tmp_path, with_probes=False)
     cards = {c.id: c for c in build_cards(tmp_path)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import logging
@@ -122,6 +123,63 @@ def test_verify_fetches_again_a_done_file_whose_boxes_do_not_add_up(tmp_path: Pa
 def test_done_but_request_changed_is_submitted(tmp_path: Path) -> None:
     state = _done_file(tmp_path)
     state.key = "another"
+    assert plan_job(JOB, state, tmp_path).action is Action.SUBMIT
+
+
+def test_a_done_file_that_is_now_a_link_to_its_copy_is_fetched_again(tmp_path: Path) -> None:
+    # Followed, a link to the same bytes elsewhere passed for the video (and a refetch would
+    # have written through it): the job's own file is the regular file at its name, or none.
+    state = _done_file(tmp_path)
+    (tmp_path / "a.mp4").rename(tmp_path / "copy.mp4")
+    (tmp_path / "a.mp4").symlink_to(tmp_path / "copy.mp4")
+    assert plan_job(JOB, state, tmp_path).action is Action.REFETCH
+    assert plan_job(JOB, state, tmp_path, verify=True).action is Action.REFETCH
+
+
+@pytest.mark.parametrize("what", ["directory", "fifo", "link", "dangling link"])
+@pytest.mark.parametrize(
+    ("state", "standing"),
+    [
+        (JobState("a"), "new"),
+        (st("failed", error=ErrorInfo("invalid_request", "x"), key="old"), "changed"),
+        (st("failed", error=ErrorInfo("output_blocked", "x")), "failed"),
+    ],
+    ids=["new", "changed", "blocked before"],
+)
+def test_a_job_to_submit_whose_video_name_is_taken_by_what_cannot_be_kept_is_blocked(
+    tmp_path: Path, what: str, state: JobState, standing: str
+) -> None:
+    import os
+
+    from fifos import fifo_at
+
+    from veobatch.summary import rerun_action
+
+    spot = tmp_path / "a.mp4"
+    with contextlib.ExitStack() as stack:
+        if what == "directory":
+            spot.mkdir()
+        elif what == "fifo":
+            freed = stack.enter_context(fifo_at(spot))
+        else:
+            (tmp_path / "elsewhere").write_bytes(b"x")
+            spot.symlink_to(tmp_path / ("nowhere" if what == "dangling link" else "elsewhere"))
+        plan = plan_job(JOB, state, tmp_path)
+        assert plan.action is Action.BLOCKED
+        assert plan.reason.startswith(f"{spot} is a ") and "nothing is sent" in plan.reason
+        assert category(plan) == standing
+        if standing != "changed":  # `status` has no manifest to tell a change by
+            assert rerun_action(state, tmp_path)[0] == "blocked"  # it says it too
+        if what == "fifo":
+            assert not freed
+        assert os.path.lexists(spot)  # looked at, never moved or followed
+
+
+def test_a_job_once_blocked_is_submitted_when_the_way_is_clear(tmp_path: Path) -> None:
+    state = st("failed", error=ErrorInfo("output_blocked", "a directory was there"))
+    plan = plan_job(JOB, state, tmp_path)
+    assert plan.action is Action.SUBMIT and "never sent" in plan.reason
+    (tmp_path / "a.mp4").write_bytes(b"someone's own video")  # a readable file: kept aside
     assert plan_job(JOB, state, tmp_path).action is Action.SUBMIT
 
 

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from yarl import URL
 
 from .client import describe_error_body, parse_retry_after
 from .errors import DownloadError, UrlRejectedError
-from .fsutil import Offload, fsync_dir, to_thread
+from .fsutil import Offload, create_new, fsync_dir, open_regular, to_thread
 from .logfmt import one_line
 from .transfer import Body, MinimumRate, PartInfo, mp4_boxes_complete, plan_body, validator_of
 from .verify import Probe, probe_video
@@ -42,6 +43,7 @@ MAX_REDIRECTS = 5
 MP4_BOXES = (b"ftyp", b"styp")
 PART_SUFFIX = ".part"
 INFO_SUFFIX = ".meta"  # <id>.mp4.part.meta: the sidecar that says what the .part is part of
+MAX_INFO_BYTES = 64 << 10  # a sidecar is a line of JSON: more than this is not one
 FLUSH_BYTES = 4 << 20  # below this a video is written in one go
 # aiohttp's read buffer for the video host (its default is 64 KiB): while a block is hashed and
 # written in worker threads, the loop keeps reading up to twice this before the socket waits.
@@ -145,8 +147,9 @@ def looks_like_mp4(head: bytes) -> bool:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The file's sha256; only ever of a regular file (:func:`fsutil.open_regular`)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -157,21 +160,24 @@ def file_matches(
 ) -> bool:
     """Is the finished file still what was recorded? Re-hash only if it may have changed."""
     try:
-        st = path.stat()
+        st = path.lstat()  # a link to a file of the right size is not the video
     except OSError:
         return False
-    if size is None or st.st_size != size:
+    if not stat.S_ISREG(st.st_mode) or size is None or st.st_size != size:
         return False
     if not deep and mtime_ns is not None and st.st_mtime_ns == mtime_ns:
         return True
-    return sha256 is not None and sha256_file(path) == sha256
+    try:
+        return sha256 is not None and sha256_file(path) == sha256
+    except OSError:  # gone, swapped or unreadable since the look: not the recorded video
+        return False
 
 
 def mp4_file_complete(path: Path) -> bool:
     """Do the file's MP4 boxes add up (:func:`transfer.mp4_boxes_complete`)? False when it
     cannot be read."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(open_regular(path), "rb") as f:
             return mp4_boxes_complete(f, os.fstat(f.fileno()).st_size)
     except OSError:
         return False
@@ -337,15 +343,18 @@ def _drop(part: Path) -> None:
 
 
 def _write_info(part: Path, info: PartInfo) -> None:
-    _info_path(part).write_bytes(info.to_json())
+    with os.fdopen(create_new(_info_path(part)), "wb") as f:
+        f.write(info.to_json())
 
 
 def _size_or_zero(path: Path) -> int:
-    """One stat, where ``exists()`` then ``stat()`` would be two."""
+    """One stat, where ``exists()`` then ``stat()`` would be two. Anything but a regular file
+    (a link planted in a shared folder, say) counts as nothing to resume: it is replaced."""
     try:
-        return path.stat().st_size
+        st = path.lstat()
     except FileNotFoundError:
         return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
 
 
 def _info_path(part: Path) -> Path:
@@ -354,7 +363,8 @@ def _info_path(part: Path) -> Path:
 
 def _read_info(part: Path) -> PartInfo | None:
     try:
-        return PartInfo.from_json(_info_path(part).read_bytes())
+        with os.fdopen(open_regular(_info_path(part)), "rb") as f:
+            return PartInfo.from_json(f.read(MAX_INFO_BYTES))
     except OSError:
         return None
 
@@ -544,12 +554,11 @@ def host_error_excerpt(body: bytes) -> str:
 def _hash_prefix(part: Path, have: int) -> hashlib._Hash:
     """Seed the hash with the bytes a previous attempt already wrote (and drop any excess)."""
     h = hashlib.sha256()
-    with open(part, "rb") as f:
+    with os.fdopen(open_regular(part, os.O_RDWR), "r+b") as f:
         remaining = have
         while remaining and (block := f.read(min(1 << 20, remaining))):
             h.update(block)
             remaining -= len(block)
-    with open(part, "r+b") as f:
         f.truncate(have)
     return h
 
@@ -601,7 +610,9 @@ class _PartWriter:
                     # can be resumed: one small file per large video, none for small ones.
                     await self.offload(functools.partial(_write_info, self.part, self.note))
                     self._sidecar = True
-                self._file = await aiofiles.open(self.part, "ab" if self._append else "wb")
+                self._file = await aiofiles.open(
+                    self.part, "ab" if self._append else "wb", opener=self._opener
+                )
             # Emptied before the write: a write cut off by cancellation may finish in its
             # thread all the same, and close() must not write those bytes a second time.
             data, self._buf = self._buf, bytearray()
@@ -632,8 +643,16 @@ class _PartWriter:
         self._file = None
         self._append = True
 
+    def _opener(self, path: str, flags: int) -> int:
+        """The ``.part``'s descriptor: a new one made afresh (never through a link planted in
+        a shared folder, which "wb" would follow and truncate), one resumed appended to only if
+        it is a regular file."""
+        if self._append:
+            return open_regular(Path(path), os.O_WRONLY | os.O_APPEND)
+        return create_new(Path(path))
+
     def _write_all(self, data: bytes, sync: bool) -> None:
-        with open(self.part, "ab" if self._append else "wb") as f:
+        with open(self.part, "ab" if self._append else "wb", opener=self._opener) as f:
             f.write(data)
             if sync:
                 f.flush()
@@ -699,7 +718,7 @@ def _finish(
     to: a cached or half-uploaded object comes whole and short) and, with ``probe``, its
     figures can be read; else it is a failed download, never a video.
     ``sidecar`` says whether a .meta may sit beside the part: most videos have none to remove."""
-    with io.BytesIO(whole) if whole is not None else open(part, "rb") as f:
+    with io.BytesIO(whole) if whole is not None else os.fdopen(open_regular(part), "rb") as f:
         head = f.read(16)
         complete = looks_like_mp4(head) and mp4_boxes_complete(f, size)
     if not looks_like_mp4(head):

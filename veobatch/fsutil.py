@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import re
+import stat
 import tempfile
 import threading
 from collections.abc import Awaitable, Callable
@@ -182,6 +184,85 @@ def _deliver(done: list[_Done]) -> None:
                 fut.set_exception(RuntimeError(f"disk work result undeliverable: {err!r}"))
 
 
+_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def _what(path: Path, mode: int) -> str:
+    """What a directory entry that is not a regular file is, in words."""
+    if stat.S_ISLNK(mode):
+        try:
+            return f"a symbolic link (to {os.readlink(path)})"
+        except OSError:
+            return "a symbolic link"
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+class NotRegularFileError(OSError):
+    """Something else than a regular file where veobatch expects one of its files (a video, a
+    ``.part``, the ledger): never opened, read or followed. ``what`` says what it is."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        super().__init__(errno.EINVAL, f"not a regular file but {what}", str(path))
+        self.what = what
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of the regular file at ``path``, or :class:`NotRegularFileError`.
+
+    The output folder may be shared: a symbolic link there is never followed (a write would
+    land outside the folder), and a FIFO or device is never opened by name (a FIFO blocks its
+    reader for ever, in a thread no signal can end). Looked at first, then opened without
+    following or blocking and checked again, for an entry swapped in between."""
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotRegularFileError(path, _what(path, st.st_mode))
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFileError(path, _what(path, st.st_mode))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def is_regular(path: Path) -> bool:
+    """Is there a regular file at ``path`` itself (not a link to one)?"""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def entry_problem(path: Path) -> str | None:
+    """What stands at ``path`` if it is anything but nothing or a regular file this process
+    can read, in words (``a directory``); None otherwise. Opens nothing but a regular file."""
+    try:
+        os.close(open_regular(path))
+    except FileNotFoundError:
+        return None
+    except NotRegularFileError as exc:
+        return exc.what
+    except OSError as exc:
+        return f"a file veobatch cannot read ({exc.strerror or exc})"
+    return None
+
+
+def create_new(path: Path, mode: int = 0o666) -> int:
+    """A write descriptor of a new, empty file at ``path``: what stood there (a stale file, a
+    symbolic link planted in a shared folder) is unlinked, never followed or truncated."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -270,7 +351,7 @@ class DirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -284,6 +365,31 @@ class DirLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def _open(self) -> int:
+        """The lock file, made if missing; never through a link or into a FIFO (the folder
+        may be shared: a lock that is a link would truncate the file it points to)."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError:
+            try:
+                mode = os.lstat(self.path).st_mode
+            except OSError:
+                mode = stat.S_IFREG
+            if stat.S_ISREG(mode):
+                raise  # a file it may not write, say: the system's own words
+            raise self._refused(_what(self.path, mode)) from None
+        if not stat.S_ISREG(mode := os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._refused(_what(self.path, mode))
+        return fd
+
+    def _refused(self, what: str) -> ConfigError:
+        return ConfigError(
+            f"{self.path} is {what}, not veobatch's lock file: refusing to use it (nothing was"
+            " sent); remove it and run again"
+        )
 
     @property
     def held(self) -> bool:

@@ -23,7 +23,14 @@ from typing import Any, Literal, get_args
 import anyio
 
 from .errors import LedgerCorruptError, LedgerError
-from .fsutil import Offload, atomic_write_bytes, fsync_dir, to_thread
+from .fsutil import (
+    NotRegularFileError,
+    Offload,
+    atomic_write_bytes,
+    fsync_dir,
+    open_regular,
+    to_thread,
+)
 from .jobs import Job
 
 LEDGER_NAME = "ledger.jsonl"
@@ -373,7 +380,7 @@ class Ledger:
         self.path = directory / LEDGER_NAME
         self.states = states
         self._clock = clock
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = os.open(self.path, _APPEND | os.O_CREAT, 0o644)
         # Where a failed batch is cut back to: known here once, not asked of the disk per batch
         # (the output lock makes this the only writer).
         self._end = os.fstat(self._fd).st_size
@@ -404,7 +411,7 @@ class Ledger:
 
     @classmethod
     def _open(cls, path: Path, clock: Callable[[], float], offload: Offload) -> Ledger:
-        data = path.read_bytes() if path.exists() else b""
+        data = _read_ledger(path)
         # Named in full: cron's mail of a run of several nightly folders must say which.
         journal = parse_journal(data, name=str(path))
         states = replay(journal.records, name=str(path))
@@ -412,9 +419,12 @@ class Ledger:
         if journal.tail:
             kept = _cut_tail(path, journal, clock())
         elif data and not data.endswith(b"\n"):
-            with open(path, "ab") as f:  # a whole last record whose newline was lost
-                f.write(b"\n")
-                os.fsync(f.fileno())
+            fd = os.open(path, _APPEND)  # a whole last record whose newline was lost
+            try:
+                os.write(fd, b"\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         ledger = cls(path.parent, states, clock=clock, offload=offload)
         ledger.recovered_tail = kept
         if not data:
@@ -608,13 +618,16 @@ def _cut_tail(path: Path, journal: Journal, now: float) -> Path:
     """Keep the torn bytes beside the ledger, then cut the ledger back to its good prefix."""
     kept = path.with_name(f"{path.name}.torn-{int(now)}")
     n = 1
-    while kept.exists():
+    while os.path.lexists(kept):
         kept = path.with_name(f"{path.name}.torn-{int(now)}-{n}")
         n += 1
     atomic_write_bytes(kept, journal.tail)
-    with open(path, "r+b") as f:
-        f.truncate(journal.good_bytes)
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, journal.good_bytes)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     fsync_dir(path.parent)
     return kept
 
@@ -622,9 +635,27 @@ def _cut_tail(path: Path, journal: Journal, now: float) -> Path:
 def load_states(directory: Path) -> dict[str, JobState]:
     """Read-only replay, for `status` and `plan`: never cuts or writes anything."""
     path = directory / LEDGER_NAME
-    if not path.exists():
-        return {}
-    return replay(parse_journal(path.read_bytes(), name=str(path)).records, name=str(path))
+    return replay(parse_journal(_read_ledger(path), name=str(path)).records, name=str(path))
+
+
+# The ledger is opened by name in a folder that may be shared: a link there is never followed.
+_APPEND = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _read_ledger(path: Path) -> bytes:
+    """The journal's bytes (none when there is no file); a link, a FIFO or a directory in its
+    place is refused, never followed or opened: a run would append to what it points at."""
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        return b""
+    except NotRegularFileError as exc:
+        raise LedgerError(
+            f"{path} is {exc.what}, not a ledger file: refusing to read or write through it;"
+            " put the ledger itself there, or use another --out"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 def result_rows(directory: Path) -> list[dict[str, Any]]:

@@ -10,10 +10,12 @@ Pure core: :class:`Card`, :func:`card_for`, :func:`render_html`. Shell: :func:`w
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import html
 import json
 import os
+import stat
 import tempfile
 import time
 from collections import Counter
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_write_bytes, is_regular, open_regular
 from .jobs import Job
 from .jobview import compact_request, expected_video, list_price_usd, parameters
 from .ledger import JobState, current_results, load_states
@@ -293,11 +295,10 @@ def _thumb(directory: Path, card: Card, sha256: str | None) -> bytes | None:
     if len(name) > THUMB_ID_MAX_LEN:  # a made id may be 236 characters: too long with the tag
         name = f"{name[: THUMB_ID_MAX_LEN - 17]}-{hashlib.sha256(name.encode()).hexdigest()[:16]}"
     cached = directory / THUMBS_DIR / f"{name}-{tag}.jpg"
-    if cached.exists():
-        return cached.read_bytes()
+    with contextlib.suppress(OSError), os.fdopen(open_regular(cached), "rb") as f:
+        return f.read()
     data = thumbnail_jpeg(directory / card.file)
-    if data is not None:
-        cached.parent.mkdir(exist_ok=True)
+    if data is not None and _own_dir(cached.parent):  # not written through a planted link
         fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=cached.parent)  # a short name, always
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -305,12 +306,19 @@ def _thumb(directory: Path, card: Card, sha256: str | None) -> bytes | None:
     return data
 
 
+def _own_dir(path: Path) -> bool:
+    """The folder, made if missing, when it is one in the output folder itself, not a link."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir()
+    return stat.S_ISDIR(path.lstat().st_mode)
+
+
 def _complete(directory: Path, card: Card, state: JobState | None, req: Mapping[str, Any]) -> Card:
     """Add what needs the disk: the file's presence, a probe for ledgers older than verification,
     the thumbnail."""
     if card.file is None:
         return card
-    if not (directory / card.file).is_file():
+    if not is_regular(directory / card.file):  # a link, a FIFO: not a video to show or open
         return replace(card, file=None)
     if card.video is None:
         probe = probe_video(directory / card.file)

@@ -26,7 +26,7 @@ from ._entry import EXIT_INTERRUPTED
 from .client import ApiClient, Created, Generation
 from .costs import Budget
 from .download_queue import DownloadQueue, Fetch
-from .downloader import Downloaded, download, drop_part, final_name, sha256_file
+from .downloader import Downloaded, download, drop_part, sha256_file
 from .errors import (
     ApiError,
     AuthError,
@@ -51,13 +51,16 @@ from .poller import MAX_NOT_FOUND, NOT_FOUND_GRACE_S, Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .schedule import DurationModel
 from .scheduler import (
+    OUTPUT_BLOCKED,
     Action,
     AdaptiveLimit,
     JobPlan,
     SubmitOutcome,
     Submitter,
     backoff_delay_s,
+    blocked_by,
     request_changed,
+    video_in_the_way,
     will_remake,
 )
 from .settings import RunSettings
@@ -262,6 +265,7 @@ class Runner:
             if self.observer is not None:
                 tg.start_soon(self._observe_loop, self.observer)
             self._resume(plans)
+            tg.start_soon(self._refuse_blocked, [p for p in plans if p.action is Action.BLOCKED])
             tg.start_soon(self._submit_all, [p.job for p in plans if p.action is Action.SUBMIT])
             await self.settled.wait()
             tg.cancel_scope.cancel()
@@ -420,7 +424,10 @@ class Runner:
             reserved = True
             may_exist = risked or job.id in self.maybe_billed
             earlier = replace(self.ledger.state(job.id)) if may_exist else None
-            await self._prepare_new_generation(job)
+            if (blocked := await self._prepare_new_generation(job)) is not None:
+                await self.submitter.not_sent(job, earlier, OUTPUT_BLOCKED, blocked)
+                outcome = SubmitOutcome.REJECTED  # sent nothing: settled below, as a refusal
+                return
             outcome = await self.submitter.submit(job, earlier=earlier)
             if risked and outcome in (SubmitOutcome.SUBMITTED, SubmitOutcome.UNCERTAIN):
                 self.risked_duplicates += 1  # a POST that may have made a second one
@@ -455,11 +462,14 @@ class Runner:
         else:  # the look-up proved nothing was created: back to never sent
             await self.ledger.record("unsent", job.id)
 
-    async def _prepare_new_generation(self, job: Job) -> None:
-        """Clear the way for a new generation without losing or mixing up an earlier one.
+    async def _prepare_new_generation(self, job: Job) -> str | None:
+        """Clear the way for a new generation without losing or mixing up an earlier one;
+        why it cannot be sent, if it cannot.
 
         A ``.part`` left by an earlier generation must not be resumed into this one, and a
         finished video of an earlier version of the request is kept under a versioned name.
+        What cannot be kept aside there (a directory, a FIFO, a link, a file that cannot be
+        read or moved) is never opened or followed, and keeps this job alone from being sent.
         """
         out = self.settings.out_dir
         st = self.ledger.state(job.id)
@@ -467,21 +477,41 @@ class Runner:
             # Only an earlier attempt can have left a .part (one copied in has no sidecar and
             # is never resumed), so a first submission skips the two unlinks.
             drop_part(out, job.id)
-        if st.status == "done" and st.file and st.key:  # submitted again: its request changed
-            old, tag, why = out / st.file, st.key[:8], "request changed"
-        else:  # a video this ledger does not vouch for (restored, copied in, altered): keep it
-            old, tag, why = out / final_name(job.id), None, "video not made by this ledger"
-        if not old.exists():
-            return
+        old, tag, why = video_in_the_way(out, job.id, st)
+        try:
+            old.lstat()  # on the loop: nothing there is by far the most common answer
+        except FileNotFoundError:
+            return None
 
-        def keep() -> Path:  # a foreign video may be large: hash it off the event loop
-            kept = kept_name(out, job.id, tag or sha256_file(old)[:8])
-            os.replace(old, kept)
-            fsync_dir(out)
+        def keep() -> Path | str:  # a foreign video may be large: hash it off the event loop
+            if (blocked := blocked_by(old)) is not None:
+                return blocked
+            try:
+                kept = kept_name(out, job.id, tag or sha256_file(old)[:8])
+                os.replace(old, kept)
+                fsync_dir(out)
+            except OSError as exc:
+                return (
+                    f"{old} cannot be kept aside ({exc.strerror or exc}): nothing is sent for"
+                    " this job until it is moved away (the next run then submits it)"
+                )
             return kept
 
         kept = await to_thread(keep)
+        if isinstance(kept, str):
+            return kept
         log.info("%s job=%s: previous video kept as %s", why, job.id, kept.name)
+        return None
+
+    async def _refuse_blocked(self, plans: list[JobPlan]) -> None:
+        """Jobs the plan found blocked (:func:`scheduler.blocked_by`): failed, never sent, one
+        by one; the other jobs go on."""
+        for p in plans:
+            error = p.state.error
+            if p.state.status != "failed" or error != ErrorInfo(OUTPUT_BLOCKED, p.reason):
+                await self.ledger.record("failed", p.job.id, kind=OUTPUT_BLOCKED, message=p.reason)
+            log.error("failed job=%s kind=%s: %s", p.job.id, OUTPUT_BLOCKED, p.reason)
+            self._close(p.job.id)
 
     async def _yield_slot(self, job: Job) -> None:
         """After a 429 that lowered the limit, a job over it waits for a slot again rather
@@ -1144,7 +1174,7 @@ def kept_name(out: Path, job_id: str, tag: str) -> Path:
     """``<id>@<tag>.mp4``, numbered if taken: a kept video never replaces another one.
     ('@' cannot appear in a job id, so it never collides with a job's own file.)"""
     kept, n = out / f"{job_id}@{tag}.mp4", 1
-    while kept.exists():
+    while os.path.lexists(kept):  # a link there too, dangling or not, is someone's
         n += 1
         kept = out / f"{job_id}@{tag}-{n}.mp4"
     return kept

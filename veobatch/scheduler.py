@@ -26,7 +26,7 @@ import anyio
 
 from .client import GENERATIONS_PATH, ApiClient, Created
 from .costs import estimate_usd
-from .downloader import file_matches, mp4_file_complete
+from .downloader import file_matches, final_name, mp4_file_complete
 from .errors import (
     ApiError,
     AuthError,
@@ -37,6 +37,7 @@ from .errors import (
     RateLimitedError,
     ServerError,
 )
+from .fsutil import entry_problem
 from .images import ImageChangedError, Inliner
 from .jobs import Job
 from .jobview import compact_request
@@ -57,6 +58,7 @@ class Action(enum.Enum):
     REFETCH = "refetch"  # done, but the file is gone, altered or damaged: poll for a fresh URL
     HOLD_FAILED = "failed"  # failed earlier; left alone (see --retry-failed)
     LOOKUP = "lookup"  # may have been created: ask the usage logs before anything else
+    BLOCKED = "blocked"  # to submit, but its video's name is taken by what cannot be kept aside
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,31 @@ class JobPlan:
 # other_key: the API does not show it to this run's key; a run with the key that created it
 # can (never remade by --retry-failed: that would pay for one that exists).
 REPOLL_KINDS = frozenset({"timeout", "download", "lost", "url_rejected", "other_key"})
+# Never sent: where its video goes stands something that cannot be kept aside (see blocked_by).
+OUTPUT_BLOCKED = "output_blocked"
+
+
+def video_in_the_way(out_dir: Path, job_id: str, state: JobState) -> tuple[Path, str | None, str]:
+    """The file a new generation of the job would replace, and how it is kept aside: (path,
+    tag, why). A finished video of an earlier request under its request's hash (tag); anything
+    else under its own content's hash (tag None): a video this ledger does not vouch for
+    (restored, copied in, altered) is never overwritten."""
+    if state.status == "done" and state.file and state.key:  # submitted again: request changed
+        return out_dir / state.file, state.key[:8], "request changed"
+    return out_dir / final_name(job_id), None, "video not made by this ledger"
+
+
+def blocked_by(path: Path) -> str | None:
+    """Why a new generation cannot be made while ``path`` holds what it holds (a directory,
+    a FIFO, a symbolic link, a file veobatch cannot read), or None. Only a regular file can
+    be kept aside: anything else is never opened, followed or moved, and the job is not sent."""
+    what = entry_problem(path)
+    if what is None:
+        return None
+    return (
+        f"{path} is {what}: only a regular file veobatch can read is kept aside there, so"
+        " nothing is sent for this job until that is moved away (the next run then submits it)"
+    )
 
 
 def request_changed(job: Job, state: JobState) -> bool:
@@ -84,7 +111,18 @@ def request_changed(job: Job, state: JobState) -> bool:
 def plan_job(
     job: Job, state: JobState, out_dir: Path, *, verify: bool = False, retry_failed: bool = False
 ) -> JobPlan:
-    """One job's action: the whole resume policy lives in this function."""
+    """One job's action: the whole resume policy lives in this function and the next."""
+    plan = _plan_job(job, state, out_dir, verify=verify, retry_failed=retry_failed)
+    if plan.action is Action.SUBMIT:
+        why = blocked_by(video_in_the_way(out_dir, job.id, state)[0])
+        if why is not None:
+            return JobPlan(job, Action.BLOCKED, why, state)
+    return plan
+
+
+def _plan_job(
+    job: Job, state: JobState, out_dir: Path, *, verify: bool, retry_failed: bool
+) -> JobPlan:
     changed = request_changed(job, state)
 
     def p(action: Action, reason: str) -> JobPlan:
@@ -132,6 +170,8 @@ def plan_job(
             return p(Action.SUBMIT, f"failed ({kind}) earlier: --retry-failed")
         if kind == "submit_failed":  # never reached the API, or refused by its limits: unpaid
             return p(Action.SUBMIT, "never created earlier (submit_failed): submitting again")
+        if kind == OUTPUT_BLOCKED:  # never sent: what was in its video's way, if it has gone
+            return p(Action.SUBMIT, f"never sent earlier ({kind}): submitting")
         return p(Action.HOLD_FAILED, f"failed: {state.error.message if state.error else kind}")
     # "submitting" (a crash between intent and answer) or "uncertain": the POST may have
     # created a billed generation that we cannot see. Never resubmit blindly: ask the logs.
@@ -280,11 +320,11 @@ def category(plan: JobPlan) -> str:
         return "removed"
     if st.status == "pending":
         return "new"
-    if action is Action.SUBMIT and request_changed(plan.job, st):
+    if action in (Action.SUBMIT, Action.BLOCKED) and request_changed(plan.job, st):
         return "changed"
     if action is Action.SKIP:
         return "unchanged"
-    if st.status == "failed" and action in (Action.SUBMIT, Action.HOLD_FAILED):
+    if st.status == "failed" and action in (Action.SUBMIT, Action.HOLD_FAILED, Action.BLOCKED):
         return "failed"
     return "resumable"  # in flight, completed, a file to fetch again, or a lookup
 
@@ -713,6 +753,15 @@ class Submitter:
             await self.ledger.record("unsent", job.id)
         else:
             await self._fail(job, fail_as, message)
+
+    async def not_sent(self, job: Job, earlier: JobState | None, kind: str, message: str) -> None:
+        """Not sent after all, for a reason of the caller's (``kind``): failed as that, or,
+        when an earlier POST of it may exist, that POST back on record (see :meth:`submit`)."""
+        if earlier is not None and not earlier.client_request_id:
+            earlier = None
+        await self._not_created(job, earlier, message, fail_as=kind)
+        if earlier is not None:
+            log.warning("not sent again job=%s: %s; %s", job.id, message, EARLIER_POST)
 
     async def _fail(self, job: Job, kind: str, message: str) -> None:
         await self.ledger.record("failed", job.id, kind=kind, message=message)

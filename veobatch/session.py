@@ -211,7 +211,8 @@ async def _run(
     with contextlib.nullcontext() if held_lock is not None else DirLock(out):
         # What a kill -9 mid-write left, long ago.
         remove_stale_temps(out, time.time())
-        remove_stale_temps(out / THUMBS_DIR, time.time(), ANY_TEMP)
+        if not (out / THUMBS_DIR).is_symlink():  # then its temporary files are not ours
+            remove_stale_temps(out / THUMBS_DIR, time.time(), ANY_TEMP)
         control = _Control(Ledger.open(out, offload=disk), last_words=last_words)
         try:
             _refuse_unrecorded(out, manifest, control.ledger)

@@ -275,6 +275,7 @@ _RERUN_WORD = {
     Action.REFETCH: "refetch",
     Action.HOLD_FAILED: "hold",
     Action.LOOKUP: "lookup",
+    Action.BLOCKED: "blocked",
 }
 
 

@@ -12,12 +12,14 @@ both in the ledger's ``done`` record. The file functions block: call them in a w
 from __future__ import annotations
 
 import fractions
+import os
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .fsutil import open_regular
 from .jobview import Expected, expected_video
 
 DURATION_TOLERANCE_S = 0.5
@@ -183,7 +185,7 @@ def probe_mp4(data: bytes) -> Probe:
 
 def _read_moov(path: Path) -> bytes:
     """Walk the top-level boxes with seeks (past the media data) and read the moov box."""
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:  # never a link, a FIFO or a device
         file_size = f.seek(0, 2)
         pos = 0
         while pos + 8 <= file_size:
