@@ -306,6 +306,38 @@ def test_an_os_error_is_one_line_and_exit_3(
     assert caplog.records[0].exc_info is not None
 
 
+async def test_a_report_that_cannot_be_written_names_its_file(
+    runner: CliRunner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A full disk said "report failed: OSError: [Errno 28] No space left on device".
+    import errno
+    import logging
+
+    from veobatch import report
+    from veobatch.cli import _final_report
+    from veobatch.manifest import Manifest
+    from veobatch.runner import RunReport
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "o"
+    out.mkdir()
+    Ledger.open(out).close()
+    monkeypatch.setattr(report, "atomic_write_bytes", full)
+    caplog.set_level(logging.ERROR, "veobatch")
+    done = RunReport(out, {}, [], [], [])
+    assert _final_report(Manifest(tmp_path / "m.yaml", ()), done) is None
+    page = out / "report.html"
+    assert caplog.messages == [f"report failed: cannot write {page}: No space left on device"]
+    res = runner.invoke(main, ["report", str(out)])
+    assert res.exit_code == 3
+    assert res.stderr == f"veobatch: system error: {page}: No space left on device\n"
+
+
 def test_plan_warns_when_videos_sit_beside_an_empty_ledger(
     runner: CliRunner, tmp_path: Path
 ) -> None:

@@ -225,3 +225,28 @@ def test_stale_temporary_files_of_interrupted_writes_are_removed(tmp_path: Path)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([*keep, "fresh", ".results.json.fresh000.tmp"])  # a write may be going on
     assert remove_stale_temps(tmp_path / "missing", time.time()) == 0
+
+
+def test_a_lock_whose_pid_cannot_be_written_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk said only "system error: No space left on device", naming no file.
+    import errno
+    import os
+
+    from veobatch import fsutil
+    from veobatch.errors import ConfigError
+    from veobatch.fsutil import DirLock
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    lock = DirLock(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(fsutil.os, "write", full)
+        with pytest.raises(ConfigError) as raised:
+            lock.acquire()
+    assert str(raised.value) == f"cannot write {lock.path}: No space left on device"
+    assert not lock.held
+    with DirLock(tmp_path):  # the failed attempt let go of the file
+        assert (tmp_path / ".veobatch.lock").read_text() == f"{os.getpid()}\n"

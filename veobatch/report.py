@@ -10,11 +10,14 @@ Pure core: :class:`Card`, :func:`card_for`, :func:`render_html`. Shell: :func:`w
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import html
 import json
+import logging
 import os
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,6 +32,8 @@ from .jobs import Job
 from .jobview import compact_request, expected_video, list_price_usd, parameters
 from .ledger import JobState, current_results, load_states
 from .verify import Probe, compare, probe_video, thumbnail_jpeg
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 THUMBS_DIR = ".thumbs"  # cached thumbnails, so a second report does not decode again
@@ -285,7 +290,9 @@ def render_html(cards: Sequence[Card], *, title: str, generated_at: float) -> st
 # -- the shell -------------------------------------------------------------------------------
 
 
-def _thumb(directory: Path, card: Card, sha256: str | None) -> bytes | None:
+def _thumb(
+    directory: Path, card: Card, sha256: str | None, cache: _ThumbCache | None = None
+) -> bytes | None:
     """A cached thumbnail, keyed by the file's hash so a new video gets a new one."""
     assert card.file is not None
     tag = (sha256 or f"{card.file_bytes}")[:12]
@@ -296,16 +303,56 @@ def _thumb(directory: Path, card: Card, sha256: str | None) -> bytes | None:
     if cached.exists():
         return cached.read_bytes()
     data = thumbnail_jpeg(directory / card.file)
-    if data is not None:
-        cached.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=cached.parent)  # a short name, always
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, cached)
+    cache = cache or _ThumbCache()
+    if data is not None and cache.usable:
+        try:
+            _cache_thumb(cached, data)
+        except OSError as exc:  # a cache: the page shows the picture all the same
+            cache.failed(cached, exc)
     return data
 
 
-def _complete(directory: Path, card: Card, state: JobState | None, req: Mapping[str, Any]) -> Card:
+def _cache_thumb(cached: Path, data: bytes) -> None:
+    cached.parent.mkdir(exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=cached.parent)  # a short name, always
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, cached)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _ThumbCache:
+    """Whether thumbnails are still written to ``.thumbs``: a disk that refused one (full,
+    read-only) refuses the next, so the first failure is said once and caching stops for
+    this report; the report's worker threads share one."""
+
+    def __init__(self) -> None:
+        self.usable = True
+        self._lock = threading.Lock()
+
+    def failed(self, path: Path, exc: OSError) -> None:
+        with self._lock:
+            if not self.usable:
+                return
+            self.usable = False
+        log.warning(
+            "thumbnails not cached: cannot write %s: %s (the report shows them all the same)",
+            path,
+            exc.strerror or exc,
+        )
+
+
+def _complete(
+    directory: Path,
+    cache: _ThumbCache,
+    card: Card,
+    state: JobState | None,
+    req: Mapping[str, Any],
+) -> Card:
     """Add what needs the disk: the file's presence, a probe for ledgers older than verification,
     the thumbnail."""
     if card.file is None:
@@ -316,7 +363,7 @@ def _complete(directory: Path, card: Card, state: JobState | None, req: Mapping[
         probe = probe_video(directory / card.file)
         flags = compare(expected_video(card.model, req), probe) if req else []
         card = replace(card, video=probe, flags=tuple(flags))
-    return replace(card, thumb=_thumb(directory, card, state.sha256 if state else None))
+    return replace(card, thumb=_thumb(directory, card, state.sha256 if state else None, cache))
 
 
 def build_cards(
@@ -336,8 +383,9 @@ def build_cards(
         req = from_manifest.get(jid) or (state.request if state else None) or {}
         plans.append((card_for(row, state, req), state, req))
     workers = max(1, min(4, os.cpu_count() or 1))
+    cache = _ThumbCache()
     with ThreadPoolExecutor(workers, thread_name_prefix="veobatch-report") as pool:
-        return list(pool.map(lambda p: _complete(directory, *p), plans))
+        return list(pool.map(lambda p: _complete(directory, cache, *p), plans))
 
 
 def write_report(
@@ -352,6 +400,12 @@ def write_report(
     name = title or f"veobatch report: {directory.resolve().name}"
     page = render_html(cards, title=name, generated_at=time.time())
     path = directory / REPORT_NAME
-    atomic_write_bytes(path, page.encode("utf-8", "replace"))
-    path.chmod(0o644)  # a page to share or serve, unlike the ledger
+    try:
+        # Readable as the umask says, like the videos and results.json: it holds the prompts
+        # and a frame of every video.
+        atomic_write_bytes(path, page.encode("utf-8", "replace"))
+    except OSError as exc:
+        if exc.filename is None:  # a failed write or fsync names no file: say which
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     return path
