@@ -1636,6 +1636,41 @@ async def test_a_ledger_that_cannot_be_written_stops_the_run_before_any_post(
     assert again.exit_code == 0 and len(api.created) == 3
 
 
+async def test_generation_ids_a_full_ledger_could_not_record_are_logged_and_recovered(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The disk filled after the intents: the ids the API answered were in no file and no log
+    # line, and the next night called them "answers lost in transit".
+    api = FakeApi(cdn, polls_to_finish=1)
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        if b'"ev":"submitted"' in bytes(data) and os.readlink(f"/proc/self/fd/{fd}").endswith(
+            "ledger.jsonl"
+        ):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(LedgerError, match="No space left on device"):
+        await run(manifest(3, tmp_path), settings(tmp_path), api=api)
+    monkeypatch.undo()
+    assert api.created  # made and billed
+    unrecorded = [r for r in caplog.records if r.getMessage().startswith("unrecorded job=")]
+    assert {r.levelname for r in unrecorded} == {"ERROR"}
+    said = {r.getMessage().split(" ")[2].removeprefix("gen=").rstrip(":") for r in unrecorded}
+    assert said == set(api.created)
+    again = await run(manifest(3, tmp_path), settings(tmp_path), api=api)  # room again
+    assert again.exit_code == 0 and again.counts == {"done": 3}
+    n = len(api.created) - (3 - again.adopted)  # the rest were never sent: submitted now
+    assert again.adopted == again.adopted_unrecorded == n > 0
+    lines = run_summary(again, 3)
+    assert f"recovered {n} generations from the usage logs (their ids not on record:" in "\n".join(
+        lines
+    )
+    assert not any("lost in transit" in line for line in lines)
+
+
 @pytest.mark.parametrize("how", ["emptied", "deleted", "results_only"])
 async def test_a_lost_ledger_beside_finished_work_refuses_to_pay_again(
     cdn: str, tmp_path: Path, how: str

@@ -89,6 +89,9 @@ class RunReport:
     elapsed_s: float = 0.0
     recovered_tail: Path | None = None
     adopted: int = 0  # generations found in the usage logs instead of paid for again
+    # Of those, the ones whose POST's outcome no record held (a crash, a failed ledger write
+    # after the answer), not an answer lost in transit.
+    adopted_unrecorded: int = 0
     risked_duplicates: int = 0  # uncertain jobs resubmitted on request
     cost_limit_usd: float | None = None
     over_budget: list[str] = field(default_factory=list)  # left pending by the cost limit
@@ -149,6 +152,7 @@ class Runner:
     auth_error: str | None = None
     submitted: int = 0
     adopted: int = 0
+    adopted_unrecorded: int = 0
     risked_duplicates: int = 0
     held_back: int = 0  # jobs the cost limit kept from being submitted
     observer: Callable[[Snapshot], None] | None = None
@@ -545,6 +549,7 @@ class Runner:
                 self.remake.add(job.id)
             await self.ledger.record("submitted", job.id, gen=decision.generation_id)
             self.adopted += 1
+            self.adopted_unrecorded += lookup.cause == "crash"
             log.info("adopted job=%s gen=%s (from the usage logs)", job.id, decision.generation_id)
             age = max(0.0, time.time() - lookup.settled_wall)
             if job.id in self.holding:
@@ -965,6 +970,7 @@ class Runner:
             gave_up=self.submitter.gave_up,
             submitted=self.submitted,
             adopted=self.adopted,
+            adopted_unrecorded=self.adopted_unrecorded,
             risked_duplicates=self.risked_duplicates,
             polls=self.poller.polls_sent,
             elapsed_s=elapsed_s,

@@ -32,6 +32,7 @@ from .errors import (
     AuthError,
     BadRequestError,
     BaseUrlError,
+    LedgerError,
     NotFoundError,
     NotSentError,
     RateLimitedError,
@@ -677,7 +678,18 @@ class Submitter:
         self.failures.succeeded()
         # Async video is charged on completion, so a create answer often reports 0 spent.
         usd: dict[str, Any] = {"usd": created.usd_spent} if created.usd_spent else {}
-        await self.ledger.record("submitted", job.id, gen=created.generation_id, **usd)
+        try:
+            await self.ledger.record("submitted", job.id, gen=created.generation_id, **usd)
+        except LedgerError:
+            # Made and billed, its id in no file: said where cron's mail sees it before the
+            # run stops (the next run finds it in the usage logs, if they can be read).
+            log.error(
+                "unrecorded job=%s gen=%s: created, but the ledger could not record it; the"
+                " next run looks it up in the usage logs",
+                job.id,
+                created.generation_id,
+            )
+            raise
         await self.on_submitted(job, created)
         return SubmitOutcome.SUBMITTED, None
 
