@@ -55,7 +55,7 @@ class Action(enum.Enum):
     SUBMIT = "submit"  # never submitted (or its request changed after it finished)
     POLL = "poll"  # has a generation id: follow it, never submit again
     DOWNLOAD = "download"  # completed with a URL not yet fetched
-    REFETCH = "refetch"  # done, but the file is gone, altered or damaged: poll for a fresh URL
+    REFETCH = "refetch"  # done, but the file is missing, altered or damaged: poll for a fresh URL
     HOLD_FAILED = "failed"  # failed earlier; left alone (see --retry-failed)
     LOOKUP = "lookup"  # may have been created: ask the usage logs before anything else
 
@@ -68,6 +68,10 @@ class JobPlan:
     state: JobState
     removed: bool = False  # in the ledger, no longer in the manifest (see removed_plans)
 
+
+# The flag of a finished video altered in place whose generation could not deliver it again:
+# the file as found is the job's video on record, never fetched again, even when unreadable.
+KEPT_AS_FOUND = "altered after it was fetched, and its generation is gone: kept as found"
 
 # Failures whose generation may still deliver: a later run polls instead of paying again.
 # A refused video URL too: the generation is finished and paid for, and a new poll may give
@@ -99,7 +103,15 @@ def plan_job(
             return p(Action.SUBMIT, "request changed since it was made")
         path = out_dir / (state.file or "")
         if not file_matches(path, state.bytes, state.sha256, state.mtime_ns, deep=verify):
-            return p(Action.REFETCH, "file missing or altered: fetching it again")
+            if not (state.file and path.is_file()):
+                return p(Action.REFETCH, "file missing: fetching it again")
+            return p(
+                Action.REFETCH,
+                "file altered since it was fetched: fetching it again (the altered file is"
+                f" then kept as {job.id}@<first 8 hex of its sha256>.mp4)",
+            )
+        if KEPT_AS_FOUND in (state.flags or ()):  # the user's edit, the original gone for good
+            return p(Action.SKIP, "done (altered after it was fetched, kept as found)")
         if (state.video or {}).get("error"):  # recorded done by a version that let it pass
             return p(Action.REFETCH, "file recorded as unreadable: fetching it again")
         if verify and not mp4_file_complete(path):
