@@ -211,6 +211,37 @@ async def test_status_table_and_json(runner: CliRunner, tmp_path: Path) -> None:
     assert json.loads(res.stdout)["jobs"][1]["rerun"]["action"] == "submit"
 
 
+async def test_a_hand_edited_results_json_neither_breaks_status_nor_adds_jobs(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    # results.json is a copy anyone may edit: a note in its list made status and report exit
+    # 3 ("internal error"), and a made-up row was listed as a job.
+    out = tmp_path / "o"
+    out.mkdir()
+    ledger = Ledger.open(out)
+    await ledger.record("intent", "one", crid="c", key="k", model="google/veo-3.1-t2v")
+    await ledger.record("submitted", "one", gen="gen-1")
+    ledger.write_results([])
+    ledger.close()
+    doc = json.loads((out / "results.json").read_text())
+    doc["jobs"] += [
+        "note: re-check one tomorrow",
+        {"id": "ghost", "status": "done", "file": "ghost.mp4", "generation_id": "g"},
+        {"id": "later", "status": "pending", "model": "google/veo-3.1-t2v"},  # not yet sent
+        {"id": ["one"], "status": "pending"},
+    ]
+    (out / "results.json").write_text(json.dumps(doc))
+    res = runner.invoke(main, ["status", str(out)])
+    assert res.exit_code == 0, res.output
+    ids = [line.split("\t")[0] for line in res.stdout.splitlines() if "\t" in line]
+    assert ids == ["one", "later"]
+    assert "2 jobs: 1 pending, 1 submitted" in res.stdout
+    res = runner.invoke(main, ["report", str(out)])
+    assert res.exit_code == 0, res.output
+    page = (out / "report.html").read_text()
+    assert page.count('<article class="card') == 2 and "ghost" not in page
+
+
 async def test_report_command_writes_the_page(runner: CliRunner, tmp_path: Path) -> None:
     from report_fixture import make_output_dir
 
@@ -273,6 +304,38 @@ def test_an_os_error_is_one_line_and_exit_3(
     with pytest.raises(SystemExit):
         _guard(full)
     assert caplog.records[0].exc_info is not None
+
+
+async def test_a_report_that_cannot_be_written_names_its_file(
+    runner: CliRunner,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A full disk said "report failed: OSError: [Errno 28] No space left on device".
+    import errno
+    import logging
+
+    from veobatch import report
+    from veobatch.cli import _final_report
+    from veobatch.manifest import Manifest
+    from veobatch.runner import RunReport
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out = tmp_path / "o"
+    out.mkdir()
+    Ledger.open(out).close()
+    monkeypatch.setattr(report, "atomic_write_bytes", full)
+    caplog.set_level(logging.ERROR, "veobatch")
+    done = RunReport(out, {}, [], [], [])
+    assert _final_report(Manifest(tmp_path / "m.yaml", ()), done) is None
+    page = out / "report.html"
+    assert caplog.messages == [f"report failed: cannot write {page}: No space left on device"]
+    res = runner.invoke(main, ["report", str(out)])
+    assert res.exit_code == 3
+    assert res.stderr == f"veobatch: system error: {page}: No space left on device\n"
 
 
 def test_plan_warns_when_videos_sit_beside_an_empty_ledger(

@@ -291,3 +291,28 @@ def test_an_output_folder_reached_through_a_link_is_locked_as_usual(tmp_path: Pa
     (tmp_path / "out").symlink_to(real)  # --out /data/videos, /data a link: legitimate
     with DirLock(tmp_path / "out") as lock:
         assert lock.held and (real / ".veobatch.lock").is_file()
+
+
+def test_a_lock_whose_pid_cannot_be_written_names_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full disk said only "system error: No space left on device", naming no file.
+    import errno
+    import os
+
+    from veobatch import fsutil
+    from veobatch.errors import ConfigError
+    from veobatch.fsutil import DirLock
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    lock = DirLock(tmp_path)
+    with monkeypatch.context() as m:
+        m.setattr(fsutil.os, "write", full)
+        with pytest.raises(ConfigError) as raised:
+            lock.acquire()
+    assert str(raised.value) == f"cannot write {lock.path}: No space left on device"
+    assert not lock.held
+    with DirLock(tmp_path):  # the failed attempt let go of the file
+        assert (tmp_path / ".veobatch.lock").read_text() == f"{os.getpid()}\n"

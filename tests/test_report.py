@@ -154,6 +154,83 @@ def test_a_thumbnail_of_the_longest_made_id_fits_a_file_name(tmp_path: Path) -> 
     assert len(list((tmp_path / THUMBS_DIR).iterdir())) == 2  # ids alike in their start
 
 
+async def test_a_thumbnail_that_cannot_be_cached_is_shown_all_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A full disk failed the whole report and left an empty temporary file in .thumbs/.
+    import errno
+    import logging
+
+    from veobatch import report
+
+    await make_output_dir(tmp_path)
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fd: int) -> None:
+            self.f = real_fdopen(fd, "wb")
+
+        def __enter__(self) -> Full:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    caplog.set_level(logging.WARNING, "veobatch")
+    with monkeypatch.context() as m:
+        # os is shared: only the thumbnail's write fails, the ledger and videos still read
+        m.setattr(
+            report.os,
+            "fdopen",
+            lambda fd, mode, *a, **k: Full(fd) if mode == "wb" else real_fdopen(fd, mode, *a, **k),
+        )
+        cards = build_cards(tmp_path)
+    assert os.listdir(tmp_path / THUMBS_DIR) == []  # no temporary file left behind
+    assert sum(1 for c in cards if c.thumb) == 3  # the pictures, all the same
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned  # once, not once per video
+    assert warned[0].startswith(f"thumbnails not cached: cannot write {tmp_path / THUMBS_DIR}/")
+    assert warned[0].endswith(": No space left on device (the report shows them all the same)")
+    write_report(tmp_path)  # the next report caches them
+    assert len(os.listdir(tmp_path / THUMBS_DIR)) == 3
+
+
+async def test_the_report_page_is_readable_as_the_umask_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It holds the prompts and a frame of every video: under umask 077 it was made 0644.
+    import stat
+
+    from veobatch import fsutil
+
+    await make_output_dir(tmp_path)
+    monkeypatch.setattr(fsutil, "_UMASK", 0o077)
+    assert stat.S_IMODE(write_report(tmp_path).stat().st_mode) == 0o600
+    monkeypatch.setattr(fsutil, "_UMASK", 0o022)
+    assert stat.S_IMODE(write_report(tmp_path).stat().st_mode) == 0o644
+
+
+async def test_a_report_that_cannot_be_written_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from veobatch import report
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a failed write has it
+
+    await make_output_dir(tmp_path)
+    monkeypatch.setattr(report, "atomic_write_bytes", full)
+    with pytest.raises(OSError) as raised:
+        write_report(tmp_path)
+    assert raised.value.filename == str(tmp_path / "report.html")
+    assert raised.value.errno == errno.ENOSPC
+
+
 # -- in a real browser ---------------------------------------------------------------------
 
 CHROMIUM_FLAGS = (

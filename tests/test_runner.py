@@ -52,6 +52,7 @@ from veobatch.ledger import (
 )
 from veobatch.poller import Tracked
 from veobatch.runner import MAX_URL_REFRESHES, RunReport, generation_owners, timed_out_reason
+from veobatch.scheduler import KEPT_AS_FOUND
 from veobatch.session import run
 from veobatch.settings import PollSettings, RunSettings, Secret
 from veobatch.summary import run_summary
@@ -1240,6 +1241,7 @@ async def test_a_lost_file_whose_generation_is_gone_fails_the_job_not_every_run(
     assert report.exit_code == 1 and len(api.created) == 2
     assert [(j, e.kind) for j, e in report.failed] == [("job0", "refetch_failed")]
     assert "--retry-failed" in report.failed[0][1].message
+    assert report.failed[0][1].message.startswith("the video file is missing and generation")
     row = json.loads((out / "results.json").read_text())["jobs"][0]
     assert (row["status"], row["file"], row["generation_id"]) == ("failed", None, api.created[0])
     api.fail, api.polls_to_finish = set(), 1
@@ -1248,6 +1250,100 @@ async def test_a_lost_file_whose_generation_is_gone_fails_the_job_not_every_run(
     retried = await run(m, settings(tmp_path, retry_failed=True), api=api)
     assert retried.exit_code == 0 and len(api.created) == 3
     assert (out / "job0.mp4").read_bytes() == MP4
+
+
+async def test_a_video_altered_in_place_is_kept_aside_when_the_original_is_fetched_again(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An operator's edit (a tag appended, a trim) was replaced by the original with no copy.
+    m = manifest(2, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    out = tmp_path / "out"
+    edited = MP4 + b"operator edit"
+    (out / "job0.mp4").write_bytes(edited)
+    tag = hashlib.sha256(edited).hexdigest()[:8]
+    (out / f"job0@{tag}.mp4").write_bytes(b"kept by an earlier night")  # the name is taken
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 2} and len(api.created) == 2
+    assert (out / "job0.mp4").read_bytes() == MP4  # the original, fetched again at no charge
+    assert (out / f"job0@{tag}-2.mp4").read_bytes() == edited  # the edit, never overwritten
+    assert (out / f"job0@{tag}.mp4").read_bytes() == b"kept by an earlier night"
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == [
+        f"video kept job=job0: job0.mp4 was not the video on record (altered or copied in):"
+        f" kept as job0@{tag}-2.mp4; the video fetched takes its place"
+    ]
+
+
+@pytest.mark.parametrize(("how", "edited"), [("lost", MP4 + b"tag"), ("generation_error", b"x")])
+async def test_a_video_altered_in_place_whose_generation_is_gone_stays_done_as_found(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str, edited: bytes
+) -> None:
+    # It failed "refetch_failed: the video file is gone", its file facts wiped, though the
+    # edited file was on disk; every later night exited 1, and --retry-failed paid again.
+    m = manifest(2, tmp_path)
+    api = Forgetful(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    out = tmp_path / "out"
+    (out / "job0.mp4").write_bytes(edited)
+    if how == "lost":
+        api.forget()
+    else:
+        api.fail = {"p0"}
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 2} and report.failed == []
+    assert (out / "job0.mp4").read_bytes() == edited and not list(out.glob("job0@*"))
+    st = report.states["job0"]
+    assert (st.status, st.file, st.bytes) == ("done", "job0.mp4", len(edited))
+    assert st.sha256 == hashlib.sha256(edited).hexdigest() and st.generation_id == api.created[0]
+    assert st.flags and st.flags[-1] == KEPT_AS_FOUND
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"altered video kept job=job0: generation {api.created[0]} can no longer be fetched"
+    )
+    assert warned[0].endswith("job0.mp4 stays as it is, on record as the job's video from now on")
+    row = json.loads((out / "results.json").read_text())["jobs"][0]
+    assert (row["status"], row["file"], row["bytes"]) == ("done", "job0.mp4", len(edited))
+    polls = dict(api.polls)
+    for later in (settings(tmp_path), settings(tmp_path, retry_failed=True)):
+        again = await run(m, later, api=api, verify=True)  # even when it is no whole MP4
+        assert again.exit_code == 0 and again.counts == {"done": 2}
+        assert api.polls == polls and len(api.created) == 2  # left be: not polled, not paid
+    assert (out / "job0.mp4").read_bytes() == edited
+
+
+async def test_a_video_altered_in_place_whose_refetch_times_out_stays_and_is_retried(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = manifest(2, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    out = tmp_path / "out"
+    recorded = load_states(out)["job0"]
+    edited = MP4 + b"operator edit"
+    (out / "job0.mp4").write_bytes(edited)
+    api.polls_to_finish = 10**9
+    report = await run(m, settings(tmp_path, job_timeout_s=0.05), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 2} and report.failed == []
+    assert (out / "job0.mp4").read_bytes() == edited
+    st = report.states["job0"]  # still the original's facts: the next run tries again
+    assert (st.status, st.sha256, st.bytes) == ("done", recorded.sha256, recorded.bytes)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        w.startswith("refetch failed job=job0 kind=timeout:")
+        and w.endswith(
+            "job0.mp4, altered since it was fetched, stays as it is, and the next run"
+            " fetches the original again"
+        )
+        for w in warned
+    ), warned
+    api.polls_to_finish = 1
+    again = await run(m, settings(tmp_path), api=api)
+    assert again.exit_code == 0 and len(api.created) == 2
+    assert (out / "job0.mp4").read_bytes() == MP4
+    tag = hashlib.sha256(edited).hexdigest()[:8]
+    assert (out / f"job0@{tag}.mp4").read_bytes() == edited
 
 
 async def test_second_run_on_same_directory_is_locked(tmp_path: Path) -> None:
@@ -1869,6 +1965,41 @@ async def test_a_ledger_that_cannot_be_written_stops_the_run_before_any_post(
     assert not (tmp_path / "out" / "results.json").exists()  # it would claim more than the ledger
     again = await run(manifest(3, tmp_path), settings(tmp_path), api=api)  # room again
     assert again.exit_code == 0 and len(api.created) == 3
+
+
+async def test_generation_ids_a_full_ledger_could_not_record_are_logged_and_recovered(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The disk filled after the intents: the ids the API answered were in no file and no log
+    # line, and the next night called them "answers lost in transit".
+    api = FakeApi(cdn, polls_to_finish=1)
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        if b'"ev":"submitted"' in bytes(data) and os.readlink(f"/proc/self/fd/{fd}").endswith(
+            "ledger.jsonl"
+        ):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(LedgerError, match="No space left on device"):
+        await run(manifest(3, tmp_path), settings(tmp_path), api=api)
+    monkeypatch.undo()
+    assert api.created  # made and billed
+    unrecorded = [r for r in caplog.records if r.getMessage().startswith("unrecorded job=")]
+    assert {r.levelname for r in unrecorded} == {"ERROR"}
+    said = {r.getMessage().split(" ")[2].removeprefix("gen=").rstrip(":") for r in unrecorded}
+    assert said == set(api.created)
+    again = await run(manifest(3, tmp_path), settings(tmp_path), api=api)  # room again
+    assert again.exit_code == 0 and again.counts == {"done": 3}
+    n = len(api.created) - (3 - again.adopted)  # the rest were never sent: submitted now
+    assert again.adopted == again.adopted_unrecorded == n > 0
+    lines = run_summary(again, 3)
+    assert f"recovered {n} generations from the usage logs (their ids not on record:" in "\n".join(
+        lines
+    )
+    assert not any("lost in transit" in line for line in lines)
 
 
 @pytest.mark.parametrize("how", ["emptied", "deleted", "results_only"])

@@ -32,6 +32,7 @@ from veobatch.jobs import Job
 from veobatch.ledger import ErrorInfo, JobState, Ledger, load_states, parse_journal
 from veobatch.manifest import load_manifest, slug
 from veobatch.scheduler import (
+    KEPT_AS_FOUND,
     Action,
     SubmitOutcome,
     Submitter,
@@ -99,6 +100,28 @@ def test_done_with_intact_file_is_skipped(tmp_path: Path) -> None:
 def test_done_with_altered_file_is_fetched_again(tmp_path: Path) -> None:
     state = _done_file(tmp_path)
     (tmp_path / "a.mp4").write_bytes(b"\x00\x00\x00\x18ftypXXXX")  # same size, other bytes
+    plan = plan_job(JOB, state, tmp_path)
+    assert plan.action is Action.REFETCH
+    # Said as it is: "missing or altered" left the user to guess, and hid that it is kept.
+    assert plan.reason == (
+        "file altered since it was fetched: fetching it again (the altered file is then kept"
+        " as a@<first 8 hex of its sha256>.mp4)"
+    )
+    (tmp_path / "a.mp4").unlink()
+    assert plan_job(JOB, state, tmp_path).reason == "file missing: fetching it again"
+
+
+def test_an_altered_video_kept_as_found_is_left_be(tmp_path: Path) -> None:
+    # Its generation was gone when it was found altered: fetching it again can only fail,
+    # and the file as found, a whole MP4 or not, is the job's video on record.
+    state = _done_file(tmp_path, b"an edit, no MP4")
+    state.video, state.flags = {"error": "not an MP4"}, ["duration: x", KEPT_AS_FOUND]
+    plan = plan_job(JOB, state, tmp_path, verify=True)
+    assert (plan.action, plan.reason) == (
+        Action.SKIP,
+        "done (altered after it was fetched, kept as found)",
+    )
+    (tmp_path / "a.mp4").write_bytes(b"edited again!!!")  # altered again: tried again
     assert plan_job(JOB, state, tmp_path).action is Action.REFETCH
 
 

@@ -15,6 +15,7 @@ from veobatch.runner import RunReport
 from veobatch.summary import (
     WEBHOOK_LIST_LIMIT,
     abort_doc,
+    recovered_line,
     rerun_action,
     rerun_summary,
     run_summary,
@@ -89,6 +90,35 @@ def test_abort_doc_says_why_and_nothing_else() -> None:
     assert abort_doc("n.yaml", OUT, 75, "veobatch: interrupted by SIGTERM", interrupted=True)[
         "interrupted"
     ]
+
+
+@pytest.mark.parametrize(
+    ("adopted", "unrecorded", "why"),
+    [
+        (2, 0, "answers lost in transit"),
+        (
+            4,
+            4,
+            "their ids not on record: the run that sent them stopped before recording the"
+            " answers, in a crash or on a failed ledger write",
+        ),
+        (
+            3,
+            2,
+            "1 answer lost in transit; 2 ids not on record: the run that sent them stopped"
+            " before recording the answers, in a crash or on a failed ledger write",
+        ),
+    ],
+)
+def test_recovered_generations_say_why_they_were_not_on_record(
+    adopted: int, unrecorded: int, why: str
+) -> None:
+    # A run stopped by a full disk after its POSTs were answered lost no answer in transit.
+    line = f"recovered {adopted} generations from the usage logs ({why})"
+    assert recovered_line(adopted, unrecorded) == line
+    done = replace(report(), adopted=adopted, adopted_unrecorded=unrecorded)
+    assert line in run_summary(done, 5)
+    assert summary_doc(done, 5)["adopted_unrecorded"] == unrecorded
 
 
 def test_summary_doc_is_the_same_facts_as_json() -> None:

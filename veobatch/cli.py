@@ -51,7 +51,7 @@ from .manifest import load_manifest
 from .notify import check_url, payload, send
 from .outcome import run_extras
 from .progress import LiveProgress, LogProgress
-from .report import write_report
+from .report import REPORT_NAME, write_report
 from .runner import EXIT_CONFIG, EXIT_USAGE, RunReport, Snapshot
 from .scheduler import plan_run
 from .session import NO_KEY, run, unrecorded_results
@@ -551,7 +551,11 @@ def _final_report(m: Manifest, report: RunReport) -> Path | None:
     """The morning report; a run never fails because of it."""
     try:
         return write_report(report.out_dir, m.jobs, states=report.states)
-    except Exception as exc:  # a view of the results, not a result: log it and go on
+    except OSError as exc:  # a view of the results, not a result: log it and go on
+        where = exc.filename or report.out_dir / REPORT_NAME
+        log.error("report failed: cannot write %s: %s", where, exc.strerror or exc)
+        return None
+    except Exception as exc:
         log.error("report failed: %s: %s", type(exc).__name__, exc)
         return None
 
@@ -692,6 +696,7 @@ def status_cmd(
 def report_cmd(directory: Path) -> None:
     """Write DIRECTORY/report.html: a card per job with a thumbnail, filters, inline videos."""
     _need_dir(directory)
+    _setup_logging(-1)  # warnings only (a thumbnail cache that cannot be written)
     path = _guard(lambda: write_report(directory))
     click.echo(str(path))
 

@@ -68,6 +68,10 @@ EXCERPT_CHARS = 200
 NOT_THE_URL = frozenset({408, 416, 429})
 
 
+# Called with the final path and the new video's sha256 just before the rename (see download).
+BeforeReplace = Callable[[Path, str], None]
+
+
 @dataclass(frozen=True)
 class Downloaded:
     file: str  # relative to the output directory
@@ -201,12 +205,15 @@ async def download(
     probe: bool = False,
     offload: Offload = to_thread,
     clock: Callable[[], float] = anyio.current_time,
+    before_replace: BeforeReplace | None = None,
 ) -> Downloaded:
     """One attempt: fetch ``url`` into ``<id>.mp4``, resuming a ``.part`` with Range if allowed.
 
     Without ``sync_dir`` the rename is not yet durable: the caller fsyncs the directory before
     it records the file (the ledger does, for many files at once). With ``probe``, the
     finished file's figures come back too, read while the worker thread has it in hand.
+    ``before_replace(final, sha256)`` runs in that thread just before the whole video is
+    renamed to ``final``: the caller's chance to keep aside a file it finds there.
     ``offload`` runs the final write, fsync and rename (a :class:`DiskThreads` batches them).
     A full, read-only or forbidden disk fails the job with its reason, not the run; what
     arrived stays in the ``.part``.
@@ -235,7 +242,15 @@ async def download(
             note = None if body.encoded else PartInfo(validator_of(resp.headers), body.total)
             writer = _PartWriter(part, digest, append=body.offset > 0, offload=offload, note=note)
             size = await _take(resp, body, writer, max_bytes, chunk_bytes, job_id, clock)
-        return await writer.finish(final, size, job_id, sync_dir=sync_dir, probe=probe, body=body)
+        return await writer.finish(
+            final,
+            size,
+            job_id,
+            sync_dir=sync_dir,
+            probe=probe,
+            body=body,
+            before_replace=before_replace,
+        )
 
 
 @contextlib.contextmanager
@@ -667,6 +682,7 @@ class _PartWriter:
         sync_dir: bool = True,
         probe: bool = False,
         body: Body | None = None,
+        before_replace: BeforeReplace | None = None,
     ) -> Downloaded:
         if self._file is not None:
             await self.close(sync=True)
@@ -683,6 +699,7 @@ class _PartWriter:
                     probe,
                     body,
                     self._sidecar,
+                    before_replace,
                 )
             )
         data, append, sidecar = bytes(self._buf), self._append, self._sidecar
@@ -695,7 +712,17 @@ class _PartWriter:
             # The whole file is in hand: no re-read for the type check or the probe.
             whole = None if append else data
             return _finish(
-                self.part, final, size, sha, job_id, whole, sync_dir, probe, body, sidecar
+                self.part,
+                final,
+                size,
+                sha,
+                job_id,
+                whole,
+                sync_dir,
+                probe,
+                body,
+                sidecar,
+                before_replace,
             )
 
         return await self.offload(write_and_finish)
@@ -712,6 +739,7 @@ def _finish(
     probe: bool = False,
     body: Body | None = None,
     sidecar: bool = True,
+    before_replace: BeforeReplace | None = None,
 ) -> Downloaded:
     """Check, probe and rename in one worker-thread hop. A file is renamed into place only if
     it is an MP4, its boxes add up (a length kept proves only that the host sent what it meant
@@ -737,6 +765,8 @@ def _finish(
         _drop(part)  # its boxes added up: what came is all the host has, nothing to resume
         reason = f"unreadable video: {figures.error}"
         raise DownloadError(reason, job_id=job_id, damaged=True, not_video=True)
+    if before_replace is not None:
+        before_replace(final, sha)
     os.replace(part, final)
     if sidecar:
         _info_path(part).unlink(missing_ok=True)

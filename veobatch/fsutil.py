@@ -362,8 +362,12 @@ class DirLock:
                 f"another veobatch run{who} is working on {self.path.parent}; "
                 "wait for it to finish or use another --out directory"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:  # a full disk: "No space left on device" alone names no file
+            os.close(fd)
+            raise ConfigError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         self._fd = fd
 
     def _open(self) -> int:

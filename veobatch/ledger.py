@@ -671,19 +671,28 @@ def current_results(
     directory: Path, states: Mapping[str, JobState] | None = None
 ) -> dict[str, Any]:
     """results.json brought up to date with the journal (which may be newer after a crash);
-    pass ``states`` when the journal has been replayed already."""
+    pass ``states`` when the journal has been replayed already.
+
+    Only the order of the rows, the manifest's model names and the jobs a run had yet to
+    submit come from results.json, a copy anyone may edit: every job's facts are the
+    journal's, and a row the journal does not know of is kept only as a job never sent (a
+    hand-made "done" row is not a job; a row that is not an object is skipped)."""
     states = load_states(directory) if states is None else states
-    path = directory / RESULTS_NAME
-    rows: list[dict[str, Any]] = []
-    if path.exists():
-        try:
-            rows = list(json.loads(path.read_text(encoding="utf-8")).get("jobs", []))
-        except (ValueError, AttributeError):
-            rows = []
-    known = {str(r.get("id")) for r in rows}
+    seen: set[str] = set()
     merged = []
-    for row in rows:
-        st = states.get(str(row.get("id")))
-        merged.append({**row, **job_result(st, None), "model": row.get("model")} if st else row)
-    merged.extend(job_result(s, None) for jid, s in states.items() if jid not in known)
+    for row in result_rows(directory):
+        jid, model = row.get("id"), row.get("model")
+        if not isinstance(jid, str) or jid in seen:
+            continue
+        st = states.get(jid)
+        if st is None and row.get("status") != "pending":
+            continue
+        seen.add(jid)
+        merged.append(_merged_row(st or JobState(jid), model if isinstance(model, str) else None))
+    merged.extend(job_result(s, None) for jid, s in states.items() if jid not in seen)
     return results_document(merged)
+
+
+def _merged_row(state: JobState, model: str | None) -> dict[str, Any]:
+    row = job_result(state, None)
+    return {**row, "model": model or row["model"]}

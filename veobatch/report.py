@@ -14,9 +14,11 @@ import contextlib
 import hashlib
 import html
 import json
+import logging
 import os
 import stat
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +33,8 @@ from .jobs import Job
 from .jobview import compact_request, expected_video, list_price_usd, parameters
 from .ledger import JobState, current_results, load_states
 from .verify import Probe, compare, probe_video, thumbnail_jpeg
+
+log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
 THUMBS_DIR = ".thumbs"  # cached thumbnails, so a second report does not decode again
@@ -287,7 +291,9 @@ def render_html(cards: Sequence[Card], *, title: str, generated_at: float) -> st
 # -- the shell -------------------------------------------------------------------------------
 
 
-def _thumb(directory: Path, card: Card, sha256: str | None) -> bytes | None:
+def _thumb(
+    directory: Path, card: Card, sha256: str | None, cache: _ThumbCache | None = None
+) -> bytes | None:
     """A cached thumbnail, keyed by the file's hash so a new video gets a new one."""
     assert card.file is not None
     tag = (sha256 or f"{card.file_bytes}")[:12]
@@ -298,12 +304,27 @@ def _thumb(directory: Path, card: Card, sha256: str | None) -> bytes | None:
     with contextlib.suppress(OSError), os.fdopen(open_regular(cached), "rb") as f:
         return f.read()
     data = thumbnail_jpeg(directory / card.file)
-    if data is not None and _own_dir(cached.parent):  # not written through a planted link
-        fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=cached.parent)  # a short name, always
+    cache = cache or _ThumbCache()
+    if data is not None and cache.usable:
+        try:
+            _cache_thumb(cached, data)
+        except OSError as exc:  # a cache: the page shows the picture all the same
+            cache.failed(cached, exc)
+    return data
+
+
+def _cache_thumb(cached: Path, data: bytes) -> None:
+    if not _own_dir(cached.parent):  # never written through a planted link
+        return
+    fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=cached.parent)  # a short name, always
+    try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, cached)
-    return data
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _own_dir(path: Path) -> bool:
@@ -313,7 +334,34 @@ def _own_dir(path: Path) -> bool:
     return stat.S_ISDIR(path.lstat().st_mode)
 
 
-def _complete(directory: Path, card: Card, state: JobState | None, req: Mapping[str, Any]) -> Card:
+class _ThumbCache:
+    """Whether thumbnails are still written to ``.thumbs``: a disk that refused one (full,
+    read-only) refuses the next, so the first failure is said once and caching stops for
+    this report; the report's worker threads share one."""
+
+    def __init__(self) -> None:
+        self.usable = True
+        self._lock = threading.Lock()
+
+    def failed(self, path: Path, exc: OSError) -> None:
+        with self._lock:
+            if not self.usable:
+                return
+            self.usable = False
+        log.warning(
+            "thumbnails not cached: cannot write %s: %s (the report shows them all the same)",
+            path,
+            exc.strerror or exc,
+        )
+
+
+def _complete(
+    directory: Path,
+    cache: _ThumbCache,
+    card: Card,
+    state: JobState | None,
+    req: Mapping[str, Any],
+) -> Card:
     """Add what needs the disk: the file's presence, a probe for ledgers older than verification,
     the thumbnail."""
     if card.file is None:
@@ -324,7 +372,7 @@ def _complete(directory: Path, card: Card, state: JobState | None, req: Mapping[
         probe = probe_video(directory / card.file)
         flags = compare(expected_video(card.model, req), probe) if req else []
         card = replace(card, video=probe, flags=tuple(flags))
-    return replace(card, thumb=_thumb(directory, card, state.sha256 if state else None))
+    return replace(card, thumb=_thumb(directory, card, state.sha256 if state else None, cache))
 
 
 def build_cards(
@@ -344,8 +392,9 @@ def build_cards(
         req = from_manifest.get(jid) or (state.request if state else None) or {}
         plans.append((card_for(row, state, req), state, req))
     workers = max(1, min(4, os.cpu_count() or 1))
+    cache = _ThumbCache()
     with ThreadPoolExecutor(workers, thread_name_prefix="veobatch-report") as pool:
-        return list(pool.map(lambda p: _complete(directory, *p), plans))
+        return list(pool.map(lambda p: _complete(directory, cache, *p), plans))
 
 
 def write_report(
@@ -360,6 +409,12 @@ def write_report(
     name = title or f"veobatch report: {directory.resolve().name}"
     page = render_html(cards, title=name, generated_at=time.time())
     path = directory / REPORT_NAME
-    atomic_write_bytes(path, page.encode("utf-8", "replace"))
-    path.chmod(0o644)  # a page to share or serve, unlike the ledger
+    try:
+        # Readable as the umask says, like the videos and results.json: it holds the prompts
+        # and a frame of every video.
+        atomic_write_bytes(path, page.encode("utf-8", "replace"))
+    except OSError as exc:
+        if exc.filename is None:  # a failed write or fsync names no file: say which
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     return path

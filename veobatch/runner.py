@@ -7,16 +7,19 @@ reports back here, and every state change goes through the ledger before the nex
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
 import random
+import stat
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import anyio
@@ -26,7 +29,14 @@ from ._entry import EXIT_INTERRUPTED
 from .client import ApiClient, Created, Generation
 from .costs import Budget
 from .download_queue import DownloadQueue, Fetch
-from .downloader import Downloaded, download, drop_part, sha256_file
+from .downloader import (
+    Downloaded,
+    download,
+    drop_part,
+    file_matches,
+    final_name,
+    sha256_file,
+)
 from .errors import (
     ApiError,
     AuthError,
@@ -51,6 +61,7 @@ from .poller import MAX_NOT_FOUND, NOT_FOUND_GRACE_S, Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .schedule import DurationModel
 from .scheduler import (
+    KEPT_AS_FOUND,
     OUTPUT_BLOCKED,
     Action,
     AdaptiveLimit,
@@ -64,7 +75,7 @@ from .scheduler import (
     will_remake,
 )
 from .settings import RunSettings
-from .verify import check
+from .verify import Probe, check, probe_video
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +84,7 @@ MAX_URL_REFRESHES = 3
 HELD_BACK_LOGGED = 20  # jobs held back by the cost limit, one log line each; the rest counted
 # Failed jobs whose generation may still be running.
 SLOT_KINDS = frozenset({"timeout", "lost", "other_key"})
-REFETCH_FAILED = "refetch_failed"  # a done job's file is missing and cannot be fetched again
+REFETCH_FAILED = "refetch_failed"  # a done job's file is missing or damaged, its generation gone
 # The API gave a job the generation id it had given another job: never fetched for both.
 DUPLICATE_GENERATION = "duplicate_generation"
 RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its last rewrite
@@ -96,6 +107,9 @@ class RunReport:
     elapsed_s: float = 0.0
     recovered_tail: Path | None = None
     adopted: int = 0  # generations found in the usage logs instead of paid for again
+    # Of those, the ones whose POST's outcome no record held (a crash, a failed ledger write
+    # after the answer), not an answer lost in transit.
+    adopted_unrecorded: int = 0
     risked_duplicates: int = 0  # uncertain jobs resubmitted on request
     cost_limit_usd: float | None = None
     over_budget: list[str] = field(default_factory=list)  # left pending by the cost limit
@@ -156,6 +170,7 @@ class Runner:
     auth_error: str | None = None
     submitted: int = 0
     adopted: int = 0
+    adopted_unrecorded: int = 0
     risked_duplicates: int = 0
     held_back: int = 0  # jobs the cost limit kept from being submitted
     observer: Callable[[Snapshot], None] | None = None
@@ -591,6 +606,7 @@ class Runner:
                 self.remake.add(job.id)
             await self.ledger.record("submitted", job.id, gen=decision.generation_id)
             self.adopted += 1
+            self.adopted_unrecorded += lookup.cause == "crash"
             log.info("adopted job=%s gen=%s (from the usage logs)", job.id, decision.generation_id)
             if (owner := self._claim(job.id, decision.generation_id)) is not None:
                 await self._duplicate(job.id, decision.generation_id, owner)
@@ -795,23 +811,76 @@ class Runner:
         edited job's request is made again now: :meth:`_failed_aside`)."""
         self._release(job_id)
         st = self.ledger.state(job_id)
-        if st.status == "done" and kind in ("lost", "generation_error"):
-            # Re-polled for a lost file, and the generation is gone too.
-            message = (
-                f"the video file is gone and generation {st.generation_id} cannot be fetched "
-                f"again ({kind}: {message}); --retry-failed generates it anew (a new charge)"
-            )
-            kind = REFETCH_FAILED
-        elif st.status == "done":  # a timeout or a failed download: the generation may deliver
-            message = (
-                f"the video file is gone or damaged and fetching it again failed ({message});"
-                f" the next run polls generation {st.generation_id} again, at no charge"
-            )
+        if st.file and st.status in ("done", "completed"):  # a finished video fetched again
+            path = self.settings.out_dir / st.file
+            found = await self.ledger.offload(lambda: recorded_file(path, st))
+            if found == "altered":  # the user's file, on disk: never a failure, never wiped
+                await self._altered_kept(job_id, kind, message)
+                return
+            if st.status == "done":
+                kind, message = refetch_failure(found, st.generation_id, kind, message)
         # On disk before a remake's intent: a crash between the two polls the old one again.
         await self.ledger.record("failed", job_id, kind=kind, message=message)
         if not self._failed_aside(job_id, kind, message):
             log.error("failed job=%s kind=%s: %s", job_id, kind, message)
             self._close(job_id)
+
+    async def _altered_kept(self, job_id: str, kind: str, message: str) -> None:
+        """A finished video altered in place (trimmed, tagged, appended to) whose original
+        could not be fetched again: the altered file stays where it is and the job stays done.
+        With its generation gone for good, the file as it now is becomes the job's video on
+        record (flagged), so later runs leave it be; otherwise the record keeps the original's
+        facts, and the next run tries again."""
+        st = self.ledger.state(job_id)
+        assert st.file is not None
+        name, gen, path = st.file, st.generation_id, self.settings.out_dir / st.file
+        got = None
+        if kind in GONE_KINDS:
+            with contextlib.suppress(OSError):  # gone meanwhile: the next run finds it missing
+                got = await self.ledger.offload(lambda: _file_facts(path))
+        if got is None:
+            if st.status == "completed":  # polled this run: done again, as it was
+                await self.ledger.record("done", job_id, durable=False, **_done_fields(st))
+            log.warning(
+                "refetch failed job=%s kind=%s: %s; %s, altered since it was fetched, stays as"
+                " it is, and the next run fetches the original again",
+                job_id,
+                kind,
+                message,
+                name,
+            )
+            self._finished(job_id)
+            return
+        await self._record_as_found(job_id, got)
+        log.warning(
+            "altered video kept job=%s: generation %s can no longer be fetched (%s: %s); %s"
+            " stays as it is, on record as the job's video from now on",
+            job_id,
+            gen,
+            kind,
+            message,
+            name,
+        )
+        self._finished(job_id)
+
+    async def _record_as_found(self, job_id: str, got: _Facts) -> None:
+        """The file at a finished job's path, as it now is, on record as its video, flagged."""
+        st, job = self.ledger.state(job_id), self.jobs[job_id]
+        asked = st.request if st.request is not None else job.request  # None: an old ledger
+        checked = check(got.probe, st.model or job.model, asked)
+        if st.status == "done":  # "done" follows only "completed"
+            await self.ledger.record("completed", job_id, durable=False)
+        await self.ledger.record(
+            "done",
+            job_id,
+            durable=False,
+            file=st.file,
+            bytes=got.bytes,
+            sha256=got.sha256,
+            mtime_ns=got.mtime_ns,
+            video=checked.probe.to_json(),
+            flags=[*checked.flags, KEPT_AS_FOUND],
+        )
 
     def _failed_aside(self, job_id: str, kind: str, message: str) -> bool:
         """A failure that does not fail the run, said as a warning; False for any other.
@@ -868,6 +937,7 @@ class Runner:
                 sync_dir=False,  # the ledger batch that carries "done" syncs it
                 probe=True,
                 offload=self.ledger.offload,
+                before_replace=functools.partial(keep_unrecorded, job_id, self._vouched(job_id)),
             )
         except UrlRejectedError as exc:
             await self._fail(job_id, "url_rejected", exc.message)
@@ -881,6 +951,11 @@ class Runner:
             await self._fail(job_id, "download", why)
         else:
             await self._downloaded(job_id, got)
+
+    def _vouched(self, job_id: str) -> str | None:
+        """The sha256 of the video the ledger records at ``<id>.mp4``, if it records one."""
+        st = self.ledger.state(job_id)
+        return st.sha256 if st.file == final_name(job_id) else None
 
     async def _download_failed(self, fetch: Fetch, exc: DownloadError) -> None:
         s, job_id = self.settings, fetch.job_id
@@ -926,9 +1001,13 @@ class Runner:
         log.info("done job=%s file=%s bytes=%d", job_id, got.file, got.bytes)
         if checked.flags:
             log.warning("video differs job=%s: %s", job_id, "; ".join(checked.flags))
+        self._finished(job_id)
+
+    def _finished(self, job_id: str) -> None:
+        """A job's generation is done with: close it, or make its edited request now."""
         if job_id in self.remake:
             self.remake.discard(job_id)
-            self.tg.start_soon(self._make_current_request, job)
+            self.tg.start_soon(self._make_current_request, self.jobs[job_id])
             return
         self._close(job_id)
 
@@ -1071,6 +1150,7 @@ class Runner:
             gave_up=self.submitter.gave_up,
             submitted=self.submitted,
             adopted=self.adopted,
+            adopted_unrecorded=self.adopted_unrecorded,
             risked_duplicates=self.risked_duplicates,
             polls=self.poller.polls_sent,
             elapsed_s=elapsed_s,
@@ -1168,6 +1248,79 @@ def learn_history(durations: DurationModel, states: Iterable[JobState], longest_
         durations.observe(model, after, by, earlier=True)
         n += 1
     return n
+
+
+GONE_KINDS = frozenset({"lost", "generation_error"})  # the generation cannot deliver again
+
+
+def recorded_file(path: Path, st: JobState) -> Literal["missing", "recorded", "altered"]:
+    """What is at a finished job's recorded path: "missing", "recorded" (the file the ledger
+    records: fetched again because it is unreadable or incomplete) or "altered"."""
+    if not path.is_file():
+        return "missing"
+    return "recorded" if file_matches(path, st.bytes, st.sha256, st.mtime_ns) else "altered"
+
+
+def refetch_failure(found: str, gen: str | None, kind: str, message: str) -> tuple[str, str]:
+    """The kind and words of a finished job's failed refetch, its file missing or damaged."""
+    what = "missing" if found == "missing" else "damaged (unreadable or incomplete)"
+    if kind in GONE_KINDS:
+        return REFETCH_FAILED, (
+            f"the video file is {what} and generation {gen} cannot be fetched again ({kind}:"
+            f" {message}); --retry-failed generates it anew (a new charge)"
+        )
+    return kind, (
+        f"the video file is {what} and fetching it again failed ({message}); the next run"
+        f" polls generation {gen} again, at no charge"
+    )
+
+
+def keep_unrecorded(job_id: str, vouched: str | None, final: Path, sha: str) -> None:
+    """Before a video is renamed to ``final``: a different file there that the ledger does
+    not record (altered in place, copied in) is kept as ``<id>@<its sha8>.mp4``, never
+    overwritten. Runs in the download's worker thread."""
+    try:
+        if not stat.S_ISREG(os.lstat(final).st_mode):
+            return
+        have = sha256_file(final)
+    except FileNotFoundError:
+        return
+    if have in (sha, vouched):  # the same video, or the one on record (damaged): replaced
+        return
+    kept = kept_name(final.parent, job_id, have[:8])
+    os.replace(final, kept)
+    log.warning(
+        "video kept job=%s: %s was not the video on record (altered or copied in): kept as %s;"
+        " the video fetched takes its place",
+        job_id,
+        final.name,
+        kept.name,
+    )
+
+
+@dataclass(frozen=True)
+class _Facts:
+    bytes: int
+    sha256: str
+    mtime_ns: int
+    probe: Probe
+
+
+def _file_facts(path: Path) -> _Facts:
+    st = path.stat()
+    return _Facts(st.st_size, sha256_file(path), st.st_mtime_ns, probe_video(path))
+
+
+def _done_fields(st: JobState) -> dict[str, Any]:
+    """A done record's fields as the state holds them: to put a finished job back."""
+    fields: dict[str, Any] = {"file": st.file, "bytes": st.bytes, "sha256": st.sha256}
+    if st.mtime_ns is not None:
+        fields["mtime_ns"] = st.mtime_ns
+    if st.video is not None:
+        fields["video"] = st.video
+    if st.flags is not None:
+        fields["flags"] = st.flags
+    return fields
 
 
 def kept_name(out: Path, job_id: str, tag: str) -> Path:

@@ -32,6 +32,7 @@ from .errors import (
     AuthError,
     BadRequestError,
     BaseUrlError,
+    LedgerError,
     NotFoundError,
     NotSentError,
     RateLimitedError,
@@ -55,7 +56,7 @@ class Action(enum.Enum):
     SUBMIT = "submit"  # never submitted (or its request changed after it finished)
     POLL = "poll"  # has a generation id: follow it, never submit again
     DOWNLOAD = "download"  # completed with a URL not yet fetched
-    REFETCH = "refetch"  # done, but the file is gone, altered or damaged: poll for a fresh URL
+    REFETCH = "refetch"  # done, but the file is missing, altered or damaged: poll for a fresh URL
     HOLD_FAILED = "failed"  # failed earlier; left alone (see --retry-failed)
     LOOKUP = "lookup"  # may have been created: ask the usage logs before anything else
     BLOCKED = "blocked"  # to submit, but its video's name is taken by what cannot be kept aside
@@ -69,6 +70,10 @@ class JobPlan:
     state: JobState
     removed: bool = False  # in the ledger, no longer in the manifest (see removed_plans)
 
+
+# The flag of a finished video altered in place whose generation could not deliver it again:
+# the file as found is the job's video on record, never fetched again, even when unreadable.
+KEPT_AS_FOUND = "altered after it was fetched, and its generation is gone: kept as found"
 
 # Failures whose generation may still deliver: a later run polls instead of paying again.
 # A refused video URL too: the generation is finished and paid for, and a new poll may give
@@ -136,7 +141,15 @@ def _plan_job(
             return p(Action.SUBMIT, "request changed since it was made")
         path = out_dir / (state.file or "")
         if not file_matches(path, state.bytes, state.sha256, state.mtime_ns, deep=verify):
-            return p(Action.REFETCH, "file missing or altered: fetching it again")
+            if not (state.file and path.is_file()):
+                return p(Action.REFETCH, "file missing: fetching it again")
+            return p(
+                Action.REFETCH,
+                "file altered since it was fetched: fetching it again (the altered file is"
+                f" then kept as {job.id}@<first 8 hex of its sha256>.mp4)",
+            )
+        if KEPT_AS_FOUND in (state.flags or ()):  # the user's edit, the original gone for good
+            return p(Action.SKIP, "done (altered after it was fetched, kept as found)")
         if (state.video or {}).get("error"):  # recorded done by a version that let it pass
             return p(Action.REFETCH, "file recorded as unreadable: fetching it again")
         if verify and not mp4_file_complete(path):
@@ -724,7 +737,18 @@ class Submitter:
         self.failures.succeeded()
         # Async video is charged on completion, so a create answer often reports 0 spent.
         usd: dict[str, Any] = {"usd": created.usd_spent} if created.usd_spent else {}
-        await self.ledger.record("submitted", job.id, gen=created.generation_id, **usd)
+        try:
+            await self.ledger.record("submitted", job.id, gen=created.generation_id, **usd)
+        except LedgerError:
+            # Made and billed, its id in no file: said where cron's mail sees it before the
+            # run stops (the next run finds it in the usage logs, if they can be read).
+            log.error(
+                "unrecorded job=%s gen=%s: created, but the ledger could not record it; the"
+                " next run looks it up in the usage logs",
+                job.id,
+                created.generation_id,
+            )
+            raise
         await self.on_submitted(job, created)
         return SubmitOutcome.SUBMITTED, None
 

@@ -35,9 +35,7 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
     if report.interrupted:
         lines.append("interrupted: run the same command again to resume")
     if report.adopted:
-        lines.append(
-            f"recovered {report.adopted} generations from the usage logs (answers lost in transit)"
-        )
+        lines.append(recovered_line(report.adopted, report.adopted_unrecorded))
     if report.risked_duplicates:
         lines.append(
             f"resubmitted {report.risked_duplicates} uncertain jobs: up to "
@@ -68,6 +66,24 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
         lines.append(f"report: {extras.report_file}")
     # An API's words (an error message, a 403's body) must not forge a line of cron's mail.
     return [one_line(line) for line in lines]
+
+
+def recovered_line(adopted: int, unrecorded: int) -> str:
+    """Generations the usage logs gave back, and why their ids were not on record: an answer
+    lost in transit, or a POST whose outcome no record holds (the run that sent it stopped
+    before writing its answer down: a crash, a full disk), which is no loss in transit."""
+    lost = adopted - unrecorded
+    unsaid = (
+        "ids not on record: the run that sent them stopped before recording the answers,"
+        " in a crash or on a failed ledger write"
+    )
+    if not unrecorded:
+        why = "answers lost in transit"
+    elif not lost:
+        why = f"their {unsaid}"
+    else:
+        why = f"{lost} answer{'s' * (lost != 1)} lost in transit; {unrecorded} {unsaid}"
+    return f"recovered {adopted} generations from the usage logs ({why})"
 
 
 WEBHOOK_LIST_LIMIT = 100
@@ -111,6 +127,7 @@ def summary_doc(
         doc[f"{name}_count"] = len(items)
     doc.update(
         adopted=report.adopted,
+        adopted_unrecorded=report.adopted_unrecorded,
         risked_duplicates=report.risked_duplicates,
         auth_error=report.auth_error,
         gave_up=report.gave_up,
