@@ -39,6 +39,7 @@ from veobatch.scheduler import (
     backoff_delay_s,
     category,
     client_request_id,
+    pays_for_request,
     plan_job,
     plan_run,
     will_remake,
@@ -155,6 +156,7 @@ def test_a_done_job_whose_request_is_only_written_otherwise_is_kept(
     plan = plan_job(respelled, state, tmp_path)
     assert (plan.action, category(plan)) == (Action.SKIP, "unchanged")
     assert plan.reason == "done (its request is written otherwise, same video)"
+    assert not pays_for_request(plan)
     # The other way round too: written out then, left to the default now.
     state = _recorded(_done_file(tmp_path), respelled, old=old)
     assert plan_job(JOB, state, tmp_path).action is Action.SKIP
@@ -203,9 +205,21 @@ def test_a_job_in_flight_whose_request_is_only_written_otherwise_is_not_made_aga
     ):
         plan = plan_job(respelled, _recorded(state, JOB, old=True), tmp_path)
         assert plan.action is Action.POLL and "request changed" not in plan.reason
-        assert not will_remake(plan)
+        assert not will_remake(plan) and not pays_for_request(plan)
     held = st("failed", error=ErrorInfo("invalid_request", "x"))
     assert plan_job(respelled, _recorded(held, JOB), tmp_path).action is Action.HOLD_FAILED
+
+
+def test_plan_counts_the_edited_request_of_a_job_being_looked_up(tmp_path: Path) -> None:
+    # Found, the generation is fetched and the edit made after it; never created, the edit is
+    # sent: either way the run pays for the new request, and plan said "would submit nothing".
+    looked_up = _recorded(st("uncertain", client_request_id="vb:a:1:x"), JOB)
+    edited = plan_job(Job("a", {**JOB.request, "prompt": "edited"}), looked_up, tmp_path)
+    assert edited.action is Action.LOOKUP and pays_for_request(edited)
+    assert not will_remake(edited)  # the runner remakes it only once the look-up finds it
+    respelled = plan_job(Job("a", {**JOB.request, "provider": "auto"}), looked_up, tmp_path)
+    assert respelled.action is Action.LOOKUP and not pays_for_request(respelled)
+    assert not pays_for_request(plan_job(JOB, looked_up, tmp_path))
 
 
 def test_a_done_file_that_is_now_a_link_to_its_copy_is_fetched_again(tmp_path: Path) -> None:

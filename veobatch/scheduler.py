@@ -297,6 +297,18 @@ def will_remake(plan: JobPlan) -> bool:
     return followed and not plan.removed and request_changed(plan.job, plan.state)
 
 
+def pays_for_request(plan: JobPlan) -> bool:
+    """The run submits the job's request as the manifest now reads: what `plan` prices. A job
+    to submit; an edited one whose paid generation is followed first (:func:`will_remake`), or
+    whose POST is looked up: found, it is remade after it; never created, it is sent as edited.
+    """
+    if plan.action is Action.SUBMIT:
+        return True
+    return will_remake(plan) or (
+        plan.action is Action.LOOKUP and not plan.removed and request_changed(plan.job, plan.state)
+    )
+
+
 def _repollable(st: JobState) -> bool:
     """Failed, but its paid generation may still deliver: a later run polls it again."""
     kind = st.error.kind if st.error else ""
