@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from veobatch.cli import main
 from veobatch.fsutil import ensure_dir
 from veobatch.ledger import Ledger
+from veobatch.manifest import load_manifest
 
 GOOD = """\
 version: 1
@@ -175,7 +176,8 @@ async def test_plan_reads_the_ledger_and_sends_nothing(runner: CliRunner, tmp_pa
     out = tmp_path / "o"
     out.mkdir()
     ledger = Ledger.open(out)
-    await ledger.record("intent", "one", crid="c", key="k", model="google/veo-3.1-t2v")
+    one = load_manifest(m).jobs[0]  # as sent, not edited since: its look-up pays for nothing
+    await ledger.record("intent", "one", crid="c", key=one.key, model="google/veo-3.1-t2v")
     ledger.close()
     res = runner.invoke(main, ["plan", str(m), "--out", str(out)])
     assert res.exit_code == 0, res.output

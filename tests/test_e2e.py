@@ -86,6 +86,45 @@ async def test_rerun_sends_no_post(sim: Simulator, tmp_path: Path) -> None:
     assert sim.stats.creates_ok == creates
 
 
+MANIFEST = """\
+version: 1
+{defaults}
+jobs:
+  - {{id: fox, model: google/veo-3.1-t2v-fast, prompt: a fox, provider: {provider}}}
+  - {{id: owl, model: google/veo-3.1-i2v-fast, prompt: an owl, image_url: {image}}}
+"""
+
+
+async def test_a_manifest_that_writes_out_the_apis_defaults_pays_for_nothing(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # Adding the API's own defaults (or writing a provider in capitals) marked every done job
+    # changed: each paid for again and its video kept aside, night after night in cron.
+    def manifest(defaults: str = "", provider: str = "google") -> Any:
+        path = tmp_path / "m.yaml"
+        image = "https://example.com/frame.png"
+        path.write_text(MANIFEST.format(defaults=defaults, provider=provider, image=image))
+        return load_manifest(path)
+
+    out = tmp_path / "out"
+    first = await run(manifest(), fast_settings(out, sim.base_url))
+    assert first.exit_code == 0 and first.submitted == 2
+    written_out = "defaults: {provider: auto, resolution: 1080p, generate_audio: true}"
+    again = await run(manifest(written_out, "Google"), fast_settings(out, sim.base_url))
+    assert again.exit_code == 0 and again.submitted == 0
+    # A ledger written before the video key was recorded: told from the request recorded.
+    ledger = out / "ledger.jsonl"
+    records = [json.loads(line) for line in ledger.read_text().splitlines()]
+    assert all("vkey" in r for r in records if r["ev"] == "intent")
+    older = "".join(json.dumps({k: v for k, v in r.items() if k != "vkey"}) + "\n" for r in records)
+    ledger.write_text(older)
+    shouted = manifest("defaults: {provider: AUTO, duration: 8}", "GOOGLE")
+    assert (await run(shouted, fast_settings(out, sim.base_url))).submitted == 0
+    assert sim.stats.creates_ok == 2 and not list(out.glob("*@*"))
+    edited = await run(manifest("defaults: {duration: 6}"), fast_settings(out, sim.base_url))
+    assert edited.submitted == 2 and len(list(out.glob("*@*.mp4"))) == 2  # a change is one
+
+
 async def test_requests_match_the_published_schemas(sim: Simulator, tmp_path: Path) -> None:
     """The example manifests' requests pass the simulator's own schema validation."""
     for name in ("example.yaml", "demo.yaml"):

@@ -35,3 +35,63 @@ def test_a_big_string_shared_by_many_requests_is_encoded_once() -> None:
     for i in range(50):
         request_key({"model": "m", "prompt": f"p{i}", "image_url": BIG})
     assert list(jobs._encoded_big) == [BIG]
+
+
+T2V = {"model": "google/veo-3.1-t2v", "prompt": "a fox"}
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        {"provider": "auto"},  # the API's own default, written out
+        {"provider": "AUTO"},
+        {"resolution": "1080p", "duration": 8, "generate_audio": True},
+        {"auto_fix": True, "enhance_prompt": True},
+    ],
+)
+def test_a_request_with_its_defaults_written_out_asks_for_the_same_video(
+    written: dict[str, Any],
+) -> None:
+    # A manifest that writes out a default must not make every done job "changed" (paid again).
+    spelled = {**T2V, **written}
+    assert request_key(spelled) != request_key(T2V)  # the key stays the request's own
+    assert jobs.video_key(spelled) == jobs.video_key(T2V) == request_key(T2V)
+    assert jobs.Job("a", spelled).vkey == jobs.Job("a", T2V).vkey
+
+
+def test_the_provider_is_the_same_video_in_any_case() -> None:
+    lower, upper = {**T2V, "provider": "google"}, {**T2V, "provider": "Google"}
+    assert jobs.video_key(lower) == jobs.video_key(upper) == request_key(lower)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        {"provider": "google"},  # not the default: another route
+        {"provider": "fal"},
+        {"resolution": "720p"},
+        {"resolution": "1080P"},  # resolution's case is not the API's to ignore
+        {"duration": 6},
+        {"duration": "8"},  # not the default's type: never guessed the same
+        {"duration": 8.0},
+        {"generate_audio": False},
+        {"generate_audio": 1},
+        {"aspect_ratio": "16:9"},  # no default published: the model may pick from the image
+        {"seed": 1},
+        {"prompt": "A fox"},  # the prompt's case is the video's
+    ],
+)
+def test_only_defaults_and_case_the_api_ignores_are_set_aside(written: dict[str, Any]) -> None:
+    assert jobs.video_key({**T2V, **written}) != jobs.video_key(T2V)
+
+
+def test_a_model_the_catalogue_does_not_know_is_keyed_as_written() -> None:
+    odd = {"model": "google/veo-9", "prompt": "a fox", "provider": "AUTO"}
+    assert jobs.video_key(odd) == request_key(odd)
+
+
+def test_the_video_key_is_made_of_the_identity_local_images_hashed() -> None:
+    identity = {**T2V, "model": "google/veo-3.1-i2v", "image_url": "sha256:ab", "provider": "auto"}
+    body = {**identity, "image_url": "data:image/png;base64,QUJD"}
+    job = jobs.Job("a", body, identity=identity)
+    assert job.vkey == request_key({k: v for k, v in identity.items() if k != "provider"})

@@ -26,6 +26,7 @@ from veobatch.ledger import (
     load_states,
     parse_journal,
     replay,
+    restore_fields,
 )
 
 
@@ -99,6 +100,19 @@ def test_failed_keeps_generation_id() -> None:
     assert states["a"].status == "failed"
     assert states["a"].generation_id == "g1"
     assert states["a"].error is not None and states["a"].error.kind == "timeout"
+
+
+def test_the_video_key_goes_with_the_key_it_was_recorded_with() -> None:
+    # A later intent without one (an older veobatch wrote it) must not keep an earlier
+    # request's video key beside its own key: that would tell an edit from a respelling wrongly.
+    states = replay([rec("intent", crid="c1", key="k1", vkey="v1", model="m")])
+    assert (states["a"].key, states["a"].vkey) == ("k1", "v1")
+    assert restore_fields(states["a"])["vkey"] == "v1"  # an earlier POST put back: its own
+    apply_record(states, rec("uncertain", kind="no_answer", message="x"))
+    apply_record(states, rec("intent", crid="c2", key="k2", model="m"))
+    assert (states["a"].key, states["a"].vkey) == ("k2", None)
+    apply_record(states, rec("uncertain", message="x", **restore_fields(states["a"])))
+    assert (states["a"].key, states["a"].vkey) == ("k2", None)
 
 
 def _lines(records: list[dict[str, Any]]) -> bytes:

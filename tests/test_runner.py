@@ -309,6 +309,20 @@ async def test_a_job_edited_mid_flight_is_finished_then_made_as_it_now_reads(
     assert again.exit_code == 0 and api3.created == []
 
 
+async def test_a_job_in_flight_whose_request_is_only_written_otherwise_is_made_once(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Its provider default written out while it was in flight: the same video, so it is
+    # finished and kept as it is, never made a second time nor its video put aside.
+    m = manifest(2, tmp_path)
+    first, api2 = await stopped_mid_flight(m, tmp_path, cdn)
+    assert len(first) == 2
+    respelled = Job("job0", {**m.jobs[0].request, "provider": "AUTO", "duration": 8}, 0)
+    report = await run(replace(m, jobs=(respelled, m.jobs[1])), settings(tmp_path), api=api2)
+    assert report.exit_code == 0 and report.counts == {"done": 2}
+    assert api2.created == first and not list((tmp_path / "out").glob("job0@*"))
+
+
 async def test_a_video_made_before_its_job_was_edited_is_checked_against_what_it_was_made_for(
     cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -29,6 +29,7 @@ from veobatch.errors import (
     ServerError,
 )
 from veobatch.jobs import Job
+from veobatch.jobview import compact_request
 from veobatch.ledger import ErrorInfo, JobState, Ledger, load_states, parse_journal
 from veobatch.manifest import load_manifest, slug
 from veobatch.scheduler import (
@@ -39,6 +40,7 @@ from veobatch.scheduler import (
     backoff_delay_s,
     category,
     client_request_id,
+    pays_for_request,
     plan_job,
     plan_run,
     will_remake,
@@ -147,6 +149,100 @@ def test_done_but_request_changed_is_submitted(tmp_path: Path) -> None:
     state = _done_file(tmp_path)
     state.key = "another"
     assert plan_job(JOB, state, tmp_path).action is Action.SUBMIT
+
+
+RESPELLED = [
+    {"provider": "auto"},  # the API's own default, written out in the manifest's defaults
+    {"resolution": "1080p", "duration": 8, "generate_audio": True},
+    {"provider": "AUTO"},
+]
+
+
+def _recorded(state: JobState, job: Job, *, old: bool = False) -> JobState:
+    """``state`` with ``job``'s request as an intent records it (by an earlier version:
+    ``old``, with no video key)."""
+    state.key, state.model = job.key, job.model
+    state.vkey = None if old else job.vkey
+    state.request = compact_request(job.request)
+    return state
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["recorded", "older ledger"])
+@pytest.mark.parametrize("written", RESPELLED)
+def test_a_done_job_whose_request_is_only_written_otherwise_is_kept(
+    tmp_path: Path, written: dict[str, Any], old: bool
+) -> None:
+    # `defaults: {provider: auto}` added to a manifest made every done job "changed": 20
+    # submissions, the whole back catalogue paid for again, each video kept aside.
+    state = _recorded(_done_file(tmp_path), JOB, old=old)
+    respelled = Job("a", {**JOB.request, **written})
+    plan = plan_job(respelled, state, tmp_path)
+    assert (plan.action, category(plan)) == (Action.SKIP, "unchanged")
+    assert plan.reason == "done (its request is written otherwise, same video)"
+    assert not pays_for_request(plan)
+    # The other way round too: written out then, left to the default now.
+    state = _recorded(_done_file(tmp_path), respelled, old=old)
+    assert plan_job(JOB, state, tmp_path).action is Action.SKIP
+
+
+def test_a_provider_written_in_other_letters_is_the_same_video(tmp_path: Path) -> None:
+    google = Job("a", {**JOB.request, "provider": "google"})
+    state = _recorded(_done_file(tmp_path), google, old=True)
+    assert plan_job(Job("a", {**JOB.request, "provider": "Google"}), state, tmp_path).action is (
+        Action.SKIP
+    )
+    fal = plan_job(Job("a", {**JOB.request, "provider": "fal"}), state, tmp_path)
+    assert (fal.action, category(fal)) == (Action.SUBMIT, "changed")
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["recorded", "older ledger"])
+def test_a_default_changed_for_another_value_is_a_change(tmp_path: Path, old: bool) -> None:
+    state = _recorded(_done_file(tmp_path), Job("a", {**JOB.request, "duration": 8}), old=old)
+    for other in ({"duration": 6}, {"resolution": "720p"}, {"provider": "fal"}):
+        assert plan_job(Job("a", {**JOB.request, **other}), state, tmp_path).action is (
+            Action.SUBMIT
+        )
+
+
+def test_an_older_record_whose_request_was_summarised_is_told_by_its_key(tmp_path: Path) -> None:
+    # An inline image is recorded summarised: the request cannot be made again from the
+    # record, so an older ledger's job is compared as before, by its key alone.
+    image = "data:image/png;base64," + "QUJD" * 100
+    i2v = Job("a", {"model": "google/veo-3.1-i2v", "prompt": "p", "image_url": image})
+    state = _recorded(_done_file(tmp_path), i2v, old=True)
+    assert "KiB" in str(state.request)
+    assert plan_job(i2v, state, tmp_path).action is Action.SKIP
+    respelled = Job("a", {**i2v.request, "provider": "auto"})
+    assert plan_job(respelled, state, tmp_path).action is Action.SUBMIT
+    state.vkey = i2v.vkey  # recorded by this version: told apart by the video it asks for
+    assert plan_job(respelled, state, tmp_path).action is Action.SKIP
+
+
+def test_a_job_in_flight_whose_request_is_only_written_otherwise_is_not_made_again(
+    tmp_path: Path,
+) -> None:
+    respelled = Job("a", {**JOB.request, "provider": "auto"})
+    for state in (
+        st("submitted", generation_id="g"),
+        st("failed", generation_id="g", error=ErrorInfo("timeout", "slow")),
+    ):
+        plan = plan_job(respelled, _recorded(state, JOB, old=True), tmp_path)
+        assert plan.action is Action.POLL and "request changed" not in plan.reason
+        assert not will_remake(plan) and not pays_for_request(plan)
+    held = st("failed", error=ErrorInfo("invalid_request", "x"))
+    assert plan_job(respelled, _recorded(held, JOB), tmp_path).action is Action.HOLD_FAILED
+
+
+def test_plan_counts_the_edited_request_of_a_job_being_looked_up(tmp_path: Path) -> None:
+    # Found, the generation is fetched and the edit made after it; never created, the edit is
+    # sent: either way the run pays for the new request, and plan said "would submit nothing".
+    looked_up = _recorded(st("uncertain", client_request_id="vb:a:1:x"), JOB)
+    edited = plan_job(Job("a", {**JOB.request, "prompt": "edited"}), looked_up, tmp_path)
+    assert edited.action is Action.LOOKUP and pays_for_request(edited)
+    assert not will_remake(edited)  # the runner remakes it only once the look-up finds it
+    respelled = plan_job(Job("a", {**JOB.request, "provider": "auto"}), looked_up, tmp_path)
+    assert respelled.action is Action.LOOKUP and not pays_for_request(respelled)
+    assert not pays_for_request(plan_job(JOB, looked_up, tmp_path))
 
 
 def test_a_done_file_that_is_now_a_link_to_its_copy_is_fetched_again(tmp_path: Path) -> None:
@@ -640,6 +736,19 @@ def test_a_new_job_asking_what_a_removed_one_got_is_said_to_be_paid_again(
     ]
     states["beta-2"] = JobState("beta-2", "done", key=renamed.key)  # both listed: no rename
     assert plan_run([renamed, other, Job("beta", renamed.request)], states, tmp_path)[1] == []
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["recorded", "older ledger"])
+def test_a_new_job_asking_what_a_removed_one_got_in_other_words_is_said_too(
+    tmp_path: Path, old: bool
+) -> None:
+    got = Job("beta", {"model": "google/veo-3.1-t2v", "prompt": "b", "provider": "google"})
+    state = _recorded(JobState("beta", "done", generation_id="g1", file="beta.mp4"), got, old=old)
+    renamed = Job("beta-2", {**got.request, "provider": "Google", "duration": 8})
+    _, warnings = plan_run([renamed], {"beta": state}, tmp_path)
+    assert warnings and warnings[-1].startswith("job 'beta-2' asks exactly what 'beta'")
+    other = Job("beta-2", {**got.request, "provider": "fal"})
+    assert plan_run([other], {"beta": state}, tmp_path)[1] == []
 
 
 @pytest.mark.parametrize("status", ["uncertain", "submitting"])

@@ -213,6 +213,21 @@ def test_plan_counts_the_new_request_an_edited_in_flight_job_will_be_remade_with
     assert held.startswith("cost limit $1.00: 1 job (about $3.20) held back: a")
 
 
+def test_plan_counts_the_new_request_of_an_edited_job_whose_post_is_looked_up() -> None:
+    # Found by the look-up, the generation is fetched and the edit made after it; never
+    # created, the edit is sent: plan said "would submit nothing" and the run paid for it.
+    from veobatch.scheduler import Action, JobPlan
+    from veobatch.summary import plan_summary
+
+    old = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "dawn", "duration": 8})
+    edited = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "dusk", "duration": 8})
+    unknown = JobState("a", "uncertain", key=old.key, client_request_id="vb:a:1:x")
+    plans = [JobPlan(edited, Action.LOOKUP, "submission outcome unknown", unknown)]
+    assert plan_summary(plans)[2] == "would submit 1 generation, about $3.20 (estimated; see below)"
+    plans = [JobPlan(old, Action.LOOKUP, "submission outcome unknown", unknown)]
+    assert plan_summary(plans)[2] == "would submit nothing: no cost"
+
+
 def test_the_summary_cron_mails_keeps_an_api_message_on_its_own_line() -> None:
     # A failure's message, a 403's body: none may forge a line ("veobatch: 7 jobs: 7 done"),
     # colour a terminal, or turn its text around (U+202E).

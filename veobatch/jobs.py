@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .catalogue import CASE_INSENSITIVE, get_model
 from .errors import Problem
 from .jobview import requested_duration_s
 
@@ -29,6 +30,41 @@ def request_key(request: Mapping[str, Any]) -> str:
     for part in _canonical_parts(dict(request)):
         digest.update(part)
     return digest.hexdigest()
+
+
+def video_key(request: Mapping[str, Any], key: str | None = None) -> str:
+    """The identity of the video a request asks for: its key once the fields that say what the
+    model does anyway (its defaults written out) are dropped and the fields the API reads in
+    any case (provider) are lowercased. Two requests the API would make differently never
+    share it; nothing else is set aside. ``key``: the request's own key, when known."""
+    same = _same_video(request)
+    if same is None:
+        return key if key is not None else request_key(request)
+    return request_key(same)
+
+
+def _same_video(request: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``request`` written as :func:`video_key` hashes it; None when that is as it is."""
+    spec = get_model(str(request.get("model")))
+    if spec is None:
+        return None
+    out: dict[str, Any] | None = None
+    for name, spec_field in spec.fields.items():
+        if name not in request:
+            continue
+        value = request[name]
+        if isinstance(value, str) and name in CASE_INSENSITIVE and value != value.lower():
+            out = dict(request) if out is None else out
+            value = out[name] = value.lower()
+        if spec_field.default is not None and _is_default(value, spec_field.default):
+            out = dict(request) if out is None else out
+            del out[name]
+    return out
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """Exactly the default: 8 is, 8.0 or "8" is not (the case of provider is lowered first)."""
+    return type(value) is type(default) and value == default
 
 
 # A data: URI of a few MB, shared by thousands of jobs through defaults, was JSON-encoded
@@ -105,6 +141,12 @@ class Job:
     def key(self) -> str:
         """Computed once: the plan, the intent record and the file check all ask for it."""
         return request_key(self.identity if self.identity is not None else self.request)
+
+    @functools.cached_property
+    def vkey(self) -> str:
+        """The video it asks for (:func:`video_key`): a rerun tells "changed" by this, so a
+        default written out or a provider's case costs nothing."""
+        return video_key(self.identity if self.identity is not None else self.request, self.key)
 
     @property
     def duration_s(self) -> int:

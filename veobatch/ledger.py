@@ -77,6 +77,9 @@ class JobState:
     id: str
     status: Status = "pending"
     key: str | None = None
+    # The video that key's request asks for (jobs.video_key), recorded since requests spelled
+    # differently count as one; None in intents written before.
+    vkey: str | None = None
     model: str | None = None
     account: str | None = None  # the last intent's API key fingerprint (Secret.fingerprint)
     attempts: int = 0
@@ -141,7 +144,8 @@ def _take_post(s: JobState, r: Mapping[str, Any], *, at: float | None) -> None:
     it left, and what it asked, with which key."""
     s.intent_at = at
     s.client_request_id = r.get("crid")
-    s.key = r.get("key", s.key)
+    if "key" in r:  # never an earlier request's video key beside this one's key
+        s.key, s.vkey = r["key"], r.get("vkey")
     s.model = r.get("model", s.model)
     s.account = r.get("acct")
     s.usd_estimate = r.get("est", s.usd_estimate)
@@ -208,6 +212,7 @@ def restore_fields(earlier: JobState) -> dict[str, Any]:
     back |= {"model": earlier.model} if earlier.model else {}
     back |= {"acct": earlier.account} if earlier.account else {}
     back |= {"key": earlier.key} if earlier.key else {}
+    back |= {"vkey": earlier.vkey} if earlier.key and earlier.vkey else {}
     back |= {"req": earlier.request} if earlier.request is not None else {}
     back |= {"est": earlier.usd_estimate} if earlier.usd_estimate is not None else {}
     return back

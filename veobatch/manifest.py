@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .catalogue import ALL_FIELDS, CASE_INSENSITIVE, MODELS, ModelSpec
+from .catalogue import ALL_FIELDS, MODELS, ModelSpec
 from .errors import ManifestError, Problem
 from .images import ImageStore, LocalImage, is_local_reference
-from .jobs import Job, Manifest, ManifestSettings, canonical_json, request_key
+from .jobs import Job, Manifest, ManifestSettings, canonical_json
 from .manifest_checks import (
     At,
     Defaults,
@@ -121,30 +121,6 @@ def parse_manifest(text: str, *, file: str = "<manifest>", path: Path | None = N
 
 
 _KEY_AT_START = re.compile(r"\s*(?:-\s+)*([A-Za-z_][\w.-]*)\s*:(?:\s|$)")
-
-
-def _same_video_key(job: Job) -> str:
-    """What tells two requests apart for the API: the job's identity without the fields that
-    say what the model does anyway (its defaults written out) and with case the API ignores
-    (provider). Only for spotting one video asked for twice; a job's key stays as it was."""
-    spec = MODELS.get(job.model)
-    identity = dict(job.identity if job.identity is not None else job.request)
-    changed = False
-    for name, field in spec.fields.items() if spec else ():
-        value = identity.get(name)
-        if isinstance(value, str) and name in CASE_INSENSITIVE and value != value.lower():
-            value = identity[name] = value.lower()
-            changed = True
-        if name in identity and field.default is not None and _same_value(value, field.default):
-            del identity[name]
-            changed = True
-    return request_key(identity) if changed else job.key  # computed once for the job anyway
-
-
-def _same_value(value: Any, default: Any) -> bool:
-    if isinstance(value, bool) or isinstance(default, bool):
-        return value is default
-    return str(value).lower() == str(default).lower()
 
 
 def _unbuilt_at(exc: YamlSyntaxError) -> tuple[str | None, str | None]:
@@ -914,7 +890,7 @@ class _Validator:
         """
         seen: dict[str, _Built] = {}
         for b, job in jobs:
-            first = seen.setdefault(_same_video_key(job), b)
+            first = seen.setdefault(job.vkey, b)
             one, two = first.origin, b.origin
             if one is two or one is None or two is None or first.id.lower() == b.id.lower():
                 continue

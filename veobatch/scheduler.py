@@ -40,7 +40,7 @@ from .errors import (
 )
 from .fsutil import entry_problem
 from .images import ImageChangedError, Inliner
-from .jobs import Job
+from .jobs import Job, request_key, video_key
 from .jobview import compact_request
 from .ledger import EARLIER_POST, JobState, Ledger, restore_fields
 from .outage import OutageLog
@@ -109,8 +109,32 @@ def blocked_by(path: Path) -> str | None:
 
 
 def request_changed(job: Job, state: JobState) -> bool:
-    """The ledger knows this job by another request than the manifest's."""
-    return state.key is not None and state.key != job.key
+    """The ledger knows this job by a request the API would make another video of than the
+    manifest's. Written differently is not changed (a default written out, a provider's
+    case: :func:`jobs.video_key`): nothing is paid for it, nor any video kept aside."""
+    if state.key is None or state.key == job.key:
+        return False
+    recorded = recorded_video_key(state)
+    return recorded is None or recorded != job.vkey
+
+
+def respelled(job: Job, state: JobState) -> bool:
+    """The manifest writes the job's request otherwise than the ledger's, same video."""
+    return state.key is not None and state.key != job.key and not request_changed(job, state)
+
+
+def recorded_video_key(state: JobState) -> str | None:
+    """The video the ledger's request for the job asks for; None when that cannot be told.
+
+    Intents record it (``vkey``); for one written before, it is made from the request the
+    intent recorded, when that is the request itself: its key is the recorded one (no image
+    summarised or hashed). Otherwise None: the keys alone say whether it changed."""
+    if state.vkey is not None:
+        return state.vkey
+    if state.key is None or state.request is None or not state.model:
+        return None
+    request = {"model": state.model, **state.request}
+    return video_key(request, state.key) if request_key(request) == state.key else None
 
 
 def plan_job(
@@ -156,6 +180,8 @@ def _plan_job(
             return p(
                 Action.REFETCH, "file incomplete (its MP4 boxes do not add up): fetching it again"
             )
+        if respelled(job, state):  # a default written out, say: the same video, kept
+            return p(Action.SKIP, "done (its request is written otherwise, same video)")
         return p(Action.SKIP, "done")
     if st in ("submitted", "completed"):
         suffix = (
@@ -221,12 +247,15 @@ def renamed_notes(
     """A new job asking exactly what a job no longer listed got (or is getting): most likely
     the same job under a new id, about to be paid for again. Said, not refused: a second take
     of a request may be wanted."""
+    new = [p for p in plans if p.state.status == "pending"]
     earlier: dict[str, JobState] = {}
-    for st in states.values():
+    for st in states.values() if new else ():
         if st.id not in listed and st.key and st.status in _PAID_OR_MAYBE:
             earlier.setdefault(st.key, st)
-    for p in plans:
-        if p.state.status == "pending" and (was := earlier.get(p.job.key)) is not None:
+            if (vkey := recorded_video_key(st)) is not None:  # the same video, spelled otherwise
+                earlier.setdefault(vkey, st)
+    for p in new:
+        if (was := earlier.get(p.job.key) or earlier.get(p.job.vkey)) is not None:
             if was.status in _MAY_EXIST:  # its POST's outcome is unknown: it may have been made
                 got = f"asked ({was.status}: its POST may have created a generation)"
                 keep = "to have it looked up instead"
@@ -279,6 +308,18 @@ def will_remake(plan: JobPlan) -> bool:
     the run finishes that one, then submits the request as the manifest now reads."""
     followed = plan.action in (Action.POLL, Action.DOWNLOAD)
     return followed and not plan.removed and request_changed(plan.job, plan.state)
+
+
+def pays_for_request(plan: JobPlan) -> bool:
+    """The run submits the job's request as the manifest now reads: what `plan` prices. A job
+    to submit; an edited one whose paid generation is followed first (:func:`will_remake`), or
+    whose POST is looked up: found, it is remade after it; never created, it is sent as edited.
+    """
+    if plan.action is Action.SUBMIT:
+        return True
+    return will_remake(plan) or (
+        plan.action is Action.LOOKUP and not plan.removed and request_changed(plan.job, plan.state)
+    )
 
 
 def _repollable(st: JobState) -> bool:
@@ -681,6 +722,7 @@ class Submitter:
             job.id,
             crid=crid,
             key=job.key,
+            vkey=job.vkey,
             model=job.model,
             est=est,
             req=compact_request(job.request),

@@ -17,7 +17,7 @@ from .ledger import STATUSES, JobState
 from .logfmt import one_line
 from .outcome import RunExtras
 from .runner import RunReport, lookup_cause
-from .scheduler import CATEGORIES, Action, JobPlan, category, plan_job, will_remake
+from .scheduler import CATEGORIES, Action, JobPlan, category, pays_for_request, plan_job
 
 
 def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = None) -> list[str]:
@@ -189,7 +189,7 @@ def plan_summary(
     prices = prices or {}
     kinds = Counter(category(p) for p in plans)
     counts = Counter(p.action for p in plans)
-    to_pay = [p.job for p in plans if p.action is Action.SUBMIT or will_remake(p)]
+    to_pay = [p.job for p in plans if pays_for_request(p)]
     taken, held = within_budget(to_pay, prices, limit_usd)
     usd = sum(estimate_usd(j, prices) for j in taken)
     lines = [
