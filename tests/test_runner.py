@@ -1057,8 +1057,8 @@ def test_a_timeout_says_what_the_last_polls_met() -> None:
     t.not_found, t.last_error = 8, NotFoundError("HTTP 404: not found", status=404)
     assert timed_out_reason(t, 20.0).startswith(
         "the API answered 404 (unknown generation) to 8 polls until the job timeout (20s), too"
-        " few or too soon to take it for lost (that takes 5 of them, the generation 60s old):"
-        " HTTP 404: not found; generation g1 is kept"
+        " few or too soon to take it for lost (that takes 5 min of them, 5 at least, while the"
+        " API answers other generations' polls): HTTP 404: not found; generation g1 is kept"
     )
     t.last_error = ServerError("HTTP 503: busy", status=503)  # the 404s were not the last word
     assert timed_out_reason(t, 20.0).startswith(

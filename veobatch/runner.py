@@ -47,7 +47,7 @@ from .ledger import (
     ResultsWriter,
 )
 from .outage import OutageLog
-from .poller import MAX_NOT_FOUND, NOT_FOUND_GRACE_S, Poller, Tracked
+from .poller import MAX_NOT_FOUND, NOT_FOUND_STREAK_S, Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .schedule import DurationModel
 from .scheduler import (
@@ -746,7 +746,12 @@ class Runner:
 
     async def generation_lost(self, tracked: Tracked, error: ApiError) -> None:
         if isinstance(error, NotFoundError):
-            why = f"the API no longer knows it: {error.message}"
+            streak = self.clock() - (tracked.missing_since or self.clock())
+            why = (
+                f"the API no longer knows it: {tracked.not_found} polls answered 404 over"
+                f" {streak / 60:.0f} min while it answered other generations' polls:"
+                f" {error.message}"
+            )
         else:
             why = f"the API refuses to report on it: {error.message}"
         if sent_with := self._other_key(self.ledger.state(tracked.job_id)):
@@ -1083,8 +1088,8 @@ def timed_out_reason(tracked: Tracked, timeout_s: float) -> str:
         return (
             f"the API answered 404 (unknown generation) to {polls} until the job timeout"
             f" ({timeout_s:.0f}s), too few or too soon to take it for lost (that takes"
-            f" {MAX_NOT_FOUND} of them, the generation {NOT_FOUND_GRACE_S:.0f}s old):"
-            f" {error.message}; {kept}"
+            f" {NOT_FOUND_STREAK_S / 60:.0f} min of them, {MAX_NOT_FOUND} at least, while the"
+            f" API answers other generations' polls): {error.message}; {kept}"
         )
     said = last_status_note(tracked.api_status)
     if error is not None:
