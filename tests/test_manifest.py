@@ -302,6 +302,15 @@ BAD = [
         id="timeout-zero",
     ),
     pytest.param(
+        settings("abandon_after_s: 0"),
+        3,
+        20,
+        None,
+        "settings.abandon_after_s",
+        ("expected a number of seconds greater than 0, got 0",),
+        id="abandon-after-zero",
+    ),
+    pytest.param(
         settings("job_timeout_s: .inf"),
         3,
         18,
@@ -1264,12 +1273,13 @@ def test_numbers_yaml_11_reads_otherwise_are_refused_not_sent(
 def test_plain_decimal_numbers_are_sent_as_written() -> None:
     text = job_doc(f"model: {T2V}", "prompt: a", "seed: -0", "duration: +8").replace(
         "jobs:",
-        "settings:\n  job_timeout_s: 90.5\n  max_cost_usd: 010.50\n"
+        "settings:\n  job_timeout_s: 90.5\n  abandon_after_s: 86400\n  max_cost_usd: 010.50\n"
         f"  prices: {{{T2V}: .4, {T2V_FAST}: 1.5e-1}}\njobs:",
     )
     manifest = parse_manifest(text)
     assert dict(manifest.jobs[0].request) == {"model": T2V, "prompt": "a", "seed": 0, "duration": 8}
     assert manifest.settings.job_timeout_s == 90.5 and manifest.settings.max_cost_usd == 10.5
+    assert manifest.settings.abandon_after_s == 86400
     assert dict(manifest.settings.prices) == {T2V: 0.4, T2V_FAST: 0.15}
 
 

@@ -51,7 +51,13 @@ from veobatch.ledger import (
     restore_fields,
 )
 from veobatch.poller import Tracked
-from veobatch.runner import MAX_URL_REFRESHES, RunReport, generation_owners, timed_out_reason
+from veobatch.runner import (
+    MAX_URL_REFRESHES,
+    RunReport,
+    generation_owners,
+    resume_terms,
+    timed_out_reason,
+)
 from veobatch.scheduler import KEPT_AS_FOUND
 from veobatch.session import run
 from veobatch.settings import PollSettings, RunSettings, Secret
@@ -430,6 +436,118 @@ async def test_an_edited_job_whose_remake_is_held_back_pays_nothing(
     st = report.states["job0"]  # the old one is still on record, for a later run to poll
     assert st.error is not None and (st.status, st.error.kind) == ("failed", "url_rejected")
     assert st.generation_id == "g-old" and st.key == old.key
+
+
+class Stuck(FakeApi):
+    """Generations ``stuck`` never finish (or answer 404, ``gone``); any other finishes."""
+
+    def __init__(self, cdn: str, stuck: set[str], gone: bool = False) -> None:
+        super().__init__(cdn, polls_to_finish=1)
+        self.stuck = stuck
+        self.gone = gone
+
+    async def fetch(self, generation_id: str) -> Generation:
+        self.polls[generation_id] = self.polls.get(generation_id, 0) + 1
+        if generation_id not in self.stuck:
+            self.polls[generation_id] -= 1
+            return await super().fetch(generation_id)
+        if self.gone:
+            raise NotFoundError("HTTP 404: Generation not found", status=404)
+        return Generation(generation_id, "generating")
+
+
+async def seed_stuck(tmp: Path, jobs: tuple[Job, ...], s_ago: float, kind: str | None) -> None:
+    """An earlier night's ledger: each job submitted ``s_ago`` seconds ago as ``g-<id>``, then
+    failed as ``kind`` (None: still submitted, a crash)."""
+    then = time.time() - s_ago
+    ledger = Ledger.open(ensure_dir(tmp / "out"), clock=lambda: then)
+    for job in jobs:
+        await ledger.record("intent", job.id, crid=f"vb:{job.id}:1:x", key=job.key, model=job.model)
+        await ledger.record("submitted", job.id, gen=f"g-{job.id}")
+        if kind is not None:
+            await ledger.record("failed", job.id, kind=kind, message="an earlier night's")
+    ledger.close()
+
+
+@pytest.mark.parametrize("kind", ["timeout", "lost", None])
+async def test_generations_stuck_since_an_earlier_night_hold_no_slot(
+    cdn: str, tmp_path: Path, kind: str | None
+) -> None:
+    # Reviewer D3a: generations that never finish were re-polled each night with a whole new
+    # job timeout, holding every slot: the new jobs waited that long before the first create.
+    m = manifest(6, tmp_path)
+    old = m.jobs[:3]  # as many as the concurrency
+    await seed_stuck(tmp_path, old, s_ago=3600, kind=kind)
+    api = Stuck(cdn, stuck={f"g-{j.id}" for j in old})
+    report = await run(m, settings(tmp_path, job_timeout_s=1.0), api=api)
+    assert report.counts == {"done": 3, "failed": 3} and len(api.created) == 3
+    assert all(api.polls[f"g-{j.id}"] >= 1 for j in old)  # polled again all the same
+    recs = parse_journal((tmp_path / "out" / "ledger.jsonl").read_bytes()).records
+    tonight = [r for r in recs if r["t"] > time.time() - 600]
+    first_intent = next(i for i, r in enumerate(tonight) if r["ev"] == "intent")
+    first_failed = next(i for i, r in enumerate(tonight) if r["ev"] == "failed")
+    assert first_intent < first_failed  # the new jobs did not wait for them
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "age_s", "terms"),
+    [
+        ("submitted", None, 100, (True, 1700)),  # a crash tonight: in flight, the rest of its time
+        ("submitted", None, 1750, (True, 180)),  # nearly out of time: a few polls all the same
+        ("submitted", None, 7200, (False, 180)),  # a crash long ago
+        ("failed", "timeout", 600, (True, 1200)),
+        ("failed", "timeout", 26 * 3600, (False, 180)),  # an earlier night's: no slot, briefly
+        ("failed", "lost", 26 * 3600, (False, 180)),
+        ("failed", "other_key", 26 * 3600, (False, 180)),
+        ("failed", "download", 26 * 3600, (False, 1800)),  # finished: polled for a fresh URL
+        ("done", None, 26 * 3600, (False, 1800)),  # a refetch, as before
+    ],
+)
+def test_how_long_a_generation_followed_again_is_polled_and_whether_it_holds_a_slot(
+    status: str, kind: str | None, age_s: float, terms: tuple[bool, float]
+) -> None:
+    st = JobState("j", status=status, generation_id="g")
+    if kind is not None:
+        st.error = ErrorInfo(kind, "earlier")
+    assert resume_terms(st, age_s, RunSettings(out_dir=Path("out"))) == terms
+
+
+async def test_a_generation_stuck_past_the_limit_is_abandoned_and_remade_only_on_request(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Stuck for two days: polled once more (one that finished meanwhile is collected), then no
+    # more; it fails as needing a person, and --retry-failed makes it anew.
+    m = manifest(2, tmp_path)
+    await seed_stuck(tmp_path, m.jobs, s_ago=49 * 3600, kind="timeout")
+    api = Stuck(cdn, stuck={"g-job0"})
+    with caplog.at_level(logging.WARNING, logger="veobatch"):
+        report = await run(m, settings(tmp_path, job_timeout_s=0.2), api=api)
+    assert report.states["job1"].status == "done" and api.created == []
+    ((jid, error),) = report.failed
+    assert (jid, error.kind) == ("job0", "abandoned") and report.exit_code == 1
+    assert error.message.startswith("generation g-job0 not finished 49 h after submission")
+    assert "no longer polled: --retry-failed submits the job again (a new charge)" in error.message
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert said == [f"failed job=job0 kind=abandoned: {error.message}"]
+    assert "job0: abandoned: generation g-job0" in "\n".join(run_summary(report, 2))
+    polls = api.polls["g-job0"]
+    again = await run(m, settings(tmp_path), api=api)
+    assert again.exit_code == 1 and api.polls["g-job0"] == polls and api.created == []
+    retried = await run(m, settings(tmp_path, retry_failed=True), api=api)
+    assert retried.exit_code == 0 and api.created == ["g0-p0"]
+
+
+async def test_a_generation_still_unknown_when_polled_again_stays_lost(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Too few 404s tonight to judge it lost again: still lost, not a timeout, so
+    # --retry-failed still makes it anew.
+    m = manifest(1, tmp_path)
+    await seed_stuck(tmp_path, m.jobs, s_ago=3600, kind="lost")
+    api = Stuck(cdn, stuck={"g-job0"}, gone=True)
+    report = await run(m, settings(tmp_path, job_timeout_s=0.2), api=api)
+    ((_, error),) = report.failed
+    assert error.kind == "lost" and error.message.startswith("the API still does not know it")
 
 
 async def test_generation_error_fails_the_job_and_exit_1(cdn: str, tmp_path: Path) -> None:
@@ -1074,8 +1192,8 @@ def test_a_timeout_says_what_the_last_polls_met() -> None:
     t.not_found, t.last_error = 8, NotFoundError("HTTP 404: not found", status=404)
     assert timed_out_reason(t, 20.0).startswith(
         "the API answered 404 (unknown generation) to 8 polls until the job timeout (20s), too"
-        " few or too soon to take it for lost (that takes 5 of them, the generation 60s old):"
-        " HTTP 404: not found; generation g1 is kept"
+        " few or too soon to take it for lost (that takes 5 min of them, 5 at least, while the"
+        " API answers other generations' polls): HTTP 404: not found; generation g1 is kept"
     )
     t.last_error = ServerError("HTTP 503: busy", status=503)  # the 404s were not the last word
     assert timed_out_reason(t, 20.0).startswith(

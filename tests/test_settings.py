@@ -29,6 +29,9 @@ def test_precedence_cli_over_manifest_over_env() -> None:
     assert s.api_key is not None and s.api_key.reveal() == "k"
     s = resolve_settings(Path("o"), ManifestSettings(concurrency=7), {"concurrency": 2}, env)
     assert s.concurrency == 2
+    assert s.abandon_after_s == 48 * 3600  # a stuck generation is polled again for two days
+    s = resolve_settings(Path("o"), ManifestSettings(abandon_after_s=3600), {}, env)
+    assert s.abandon_after_s == 3600
 
 
 @pytest.mark.parametrize(
@@ -61,6 +64,7 @@ def test_key_is_not_in_the_settings_repr() -> None:
         # NaN fails every comparison: "x < 0" would let it through and disable the limit.
         {"max_cost_usd": float("nan")},
         {"job_timeout_s": float("nan")},
+        {"abandon_after_s": 0},
         {"request_timeout_s": float("nan")},
         {"poll_timeout_s": 0},
         {"poll_timeout_s": float("nan")},

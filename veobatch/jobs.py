@@ -166,6 +166,7 @@ class ManifestSettings:
     max_cost_usd: float | None = None
     prices: Mapping[str, float] = field(default_factory=dict)  # model -> USD per video second
     notify_url: str | None = None  # POST the run's summary here when it ends
+    abandon_after_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ BOOL_SETTINGS = ("resubmit_uncertain", "retry_failed")
 SETTING_KEYS = (
     "concurrency",
     "job_timeout_s",
+    "abandon_after_s",
     "download_concurrency",
     *BOOL_SETTINGS,
     "max_cost_usd",
@@ -432,7 +433,8 @@ class _Validator:
                 self.report.unknown(("settings", key), "setting", SETTING_KEYS, tail)
         return ManifestSettings(
             concurrency=self._int_setting(raw, "concurrency"),
-            job_timeout_s=self._timeout_setting(raw),
+            job_timeout_s=self._timeout_setting(raw, "job_timeout_s"),
+            abandon_after_s=self._timeout_setting(raw, "abandon_after_s"),
             download_concurrency=self._int_setting(raw, "download_concurrency"),
             resubmit_uncertain=self._bool_setting(raw, "resubmit_uncertain"),
             retry_failed=self._bool_setting(raw, "retry_failed"),
@@ -516,13 +518,11 @@ class _Validator:
         expected = f"an integer from {low} to {high}"
         return int_in_range(self.report, raw[name], ("settings", name), low, high, expected)
 
-    def _timeout_setting(self, raw: dict[Any, Any]) -> float | None:
-        if "job_timeout_s" not in raw:
+    def _timeout_setting(self, raw: dict[Any, Any], name: str) -> float | None:
+        if name not in raw:
             return None
         expected = "a number of seconds greater than 0"
-        return self._amount(
-            ("settings", "job_timeout_s"), raw["job_timeout_s"], expected, above_zero=True
-        )
+        return self._amount(("settings", name), raw[name], expected, above_zero=True)
 
     def _jobs(self, top: dict[Any, Any], defaults: Defaults) -> list[_Built]:
         built: list[_Built] = []

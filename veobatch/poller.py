@@ -13,7 +13,7 @@ import heapq
 import logging
 import math
 import random
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -28,10 +28,17 @@ from .settings import PollSettings
 
 log = logging.getLogger(__name__)
 
-# A fresh id can lag behind on a replica: a 404 is final only once it has been said this many
-# times and the generation is this old (an API slow to register ids must not lose paid work).
+# A 404 is final only after a streak of them this long, at least this many, each of which came
+# while the API answered other generations' polls: an API slow to register ids, or answering 404
+# for a while by mistake, must not lose paid work. (A generation's age says nothing: real ones
+# take minutes, so nearly every one polled is old.)
 MAX_NOT_FOUND = 5
-NOT_FOUND_GRACE_S = 60.0
+NOT_FOUND_STREAK_S = 300.0
+# 404s to many generations at once are the API's fault, not theirs: judged over this window,
+# "many" being more than a few generations and more than a share of those polled in it.
+NOT_FOUND_WINDOW_S = 60.0
+NOT_FOUND_FEW = 2
+NOT_FOUND_SHARE = 0.1
 POLL_BURST = 50  # polls that may go at once before pacing applies
 REFIT_CHECK_S = 0.25  # how often the poller looks for models due a new plan
 # Polls due this soon go with the current batch: one loop turn serves several, and the loop
@@ -49,6 +56,59 @@ def error_delay_s(
     cap = min(s.error_backoff_max_s, s.min_interval_s * (2 ** min(errors, 16)))
     jittered = (rng or random).uniform(s.min_interval_s, max(s.min_interval_s, cap))
     return max(jittered, retry_after_s or 0.0)
+
+
+class NotFoundWatch:
+    """The run's poll answers over the last minute, across generations: tells a generation the
+    API has lost (404s to it while others are answered) from an API answering 404 to many at
+    once, or to all (a fault: counted for none of them), as submit_failed counts only while
+    other creates get through."""
+
+    def __init__(self, recent_s: float, window_s: float = NOT_FOUND_WINDOW_S) -> None:
+        self._recent_s = recent_s
+        self._window_s = window_s
+        self._seen: deque[tuple[float, str, bool]] = deque()  # (when, job, a 404)
+        self._polled: Counter[str] = Counter()  # answers per generation within the window
+        self._missing: Counter[str] = Counter()  # of those, 404s
+        # The last status any generation's poll got, and the last one another generation's
+        # got: (when, job).
+        self._last: tuple[float, str] = (-math.inf, "")
+        self._other: tuple[float, str] = (-math.inf, "")
+
+    def answered(self, now: float, job_id: str) -> None:
+        self._note(now, job_id, False)
+        if job_id != self._last[1]:
+            self._other = self._last
+        self._last = (now, job_id)
+
+    def not_found(self, now: float, job_id: str) -> bool:
+        """Note a 404 to ``job_id``; True when it counts towards taking the generation for lost:
+        another generation's poll got a status within ``recent_s`` (the API is answering), and
+        404s are not hitting many generations at once."""
+        self._note(now, job_id, True)
+        answered = self._last if self._last[1] != job_id else self._other
+        if now - answered[0] > self._recent_s:
+            return False
+        return len(self._missing) <= max(NOT_FOUND_FEW, NOT_FOUND_SHARE * len(self._polled))
+
+    def _note(self, now: float, job_id: str, missing: bool) -> None:
+        seen = self._seen
+        while seen and seen[0][0] < now - self._window_s:
+            _, old, was_missing = seen.popleft()
+            _drop(self._polled, old)
+            if was_missing:
+                _drop(self._missing, old)
+        seen.append((now, job_id, missing))
+        self._polled[job_id] += 1
+        if missing:
+            self._missing[job_id] += 1
+
+
+def _drop(counts: Counter[str], key: str) -> None:
+    """One less of ``key``; gone at none, so ``len`` is the generations within the window."""
+    counts[key] -= 1
+    if counts[key] <= 0:
+        del counts[key]
 
 
 class PollSchedule:
@@ -109,7 +169,10 @@ class Tracked:
     # resuming or refreshing: a finish then says nothing of how long it took).
     last_running_age: float | None = 0.0
     errors: int = 0
-    not_found: int = 0
+    not_found: int = 0  # 404s in a row
+    # Of those, the ones that count towards "lost" (NotFoundWatch), and when the first came.
+    missing: int = 0
+    missing_since: float | None = None
     polls: int = 0
     plan: int = 0  # the version of the plan that set its first poll (0: none, or not counted)
     scout: bool = False  # polled on the cold schedule while the plan rests on earlier runs
@@ -152,6 +215,9 @@ class Poller:
         self._sleeping_until = -math.inf  # -inf while awake: nothing to interrupt
         self._next_slot = -math.inf  # pacing: when the next poll may go
         self.durations = DurationModel(settings)
+        # Every generation is polled at least once per max_interval_s: another one answered
+        # within two of them shows the API is answering.
+        self.not_found_watch = NotFoundWatch(recent_s=2 * settings.max_interval_s)
         self.polls_sent = 0
         # In an outage every generation in flight fails its polls: one line per poll would
         # bury the log (30,381 warnings in a 30 s outage with 10,000 in flight).
@@ -280,8 +346,10 @@ class Poller:
         except ApiError as exc:
             await self._on_error(t, exc)
             return
+        self.not_found_watch.answered(self._clock(), t.job_id)
         self.failures.succeeded()
-        t.errors = t.not_found = 0  # only 404s in a row count towards "lost"
+        t.errors = t.not_found = t.missing = 0  # only 404s in a row count towards "lost"
+        t.missing_since = None
         t.last_error = None
         if t.polls == 1 and t.plan and not gen.failed:
             # Was the plan's first poll too late for tonight? Then polls waiting for it move up.
@@ -330,10 +398,9 @@ class Poller:
 
     async def _on_error(self, t: Tracked, exc: ApiError) -> None:
         t.last_error = exc
+        now = self._clock()
         if isinstance(exc, NotFoundError):
-            t.not_found += 1
-            old = self._clock() - t.started >= NOT_FOUND_GRACE_S
-            lost = t.not_found >= MAX_NOT_FOUND and old
+            lost = self._not_found(t, now)
         else:
             # 400 and its kin: the API refuses this id, and asking again will not change that.
             lost = isinstance(exc, BadRequestError)
@@ -341,15 +408,33 @@ class Poller:
             self._tracked.pop(t.job_id, None)
             await self._sink.generation_lost(t, exc)
             return
-        if self._clock() >= t.deadline:
+        if now >= t.deadline:
             await self._time_out(t)
             return
         t.errors += 1
-        delay = error_delay_s(t.errors, self._s, exc.retry_after_s, self._rng)
+        if isinstance(exc, NotFoundError):
+            # No overload to back off from: asked again at its usual poll time, so the streak
+            # that makes it lost is one of minutes, never a few seconds of fast retries.
+            usual = self.durations.next_delay_s(t.model, now - t.started, scout=t.scout)
+            delay = max(usual, exc.retry_after_s or 0.0)
+        else:
+            delay = error_delay_s(t.errors, self._s, exc.retry_after_s, self._rng)
         self.failures.failed(
             exc, "poll failed job=%s attempt=%d retry_in=%.1fs: %s", t.job_id, t.errors, delay, exc
         )
-        self._reschedule(t, self._clock() + delay)
+        self._reschedule(t, now + delay)
+
+    def _not_found(self, t: Tracked, now: float) -> bool:
+        """Count a 404; True once the generation is taken for lost: this 404 and
+        :data:`MAX_NOT_FOUND` or more before it counted (NotFoundWatch), over
+        :data:`NOT_FOUND_STREAK_S` at least, with no status in between."""
+        t.not_found += 1
+        if not self.not_found_watch.not_found(now, t.job_id):
+            return False
+        t.missing += 1
+        if t.missing_since is None:
+            t.missing_since = now
+        return t.missing >= MAX_NOT_FOUND and now - t.missing_since >= NOT_FOUND_STREAK_S
 
     def _reschedule(self, t: Tracked, due: float) -> None:
         if t.job_id in self._tracked:

@@ -57,7 +57,7 @@ from .ledger import (
     ResultsWriter,
 )
 from .outage import OutageLog
-from .poller import MAX_NOT_FOUND, NOT_FOUND_GRACE_S, Poller, Tracked
+from .poller import MAX_NOT_FOUND, NOT_FOUND_STREAK_S, Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .schedule import DurationModel
 from .scheduler import (
@@ -83,7 +83,11 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3  # EXIT_INTERRUPTED: 
 MAX_URL_REFRESHES = 3
 HELD_BACK_LOGGED = 20  # jobs held back by the cost limit, one log line each; the rest counted
 # Failed jobs whose generation may still be running.
-SLOT_KINDS = frozenset({"timeout", "lost", "other_key"})
+STUCK_KINDS = frozenset({"timeout", "lost", "other_key"})
+# A generation re-polled long after its job timeout is polled this long (a few polls), not for
+# a whole job timeout again: stuck ones would take a night's slots and time every night.
+REPOLL_WINDOW_S = 180.0
+ABANDONED = "abandoned"  # stuck past settings.abandon_after_s: no longer polled
 REFETCH_FAILED = "refetch_failed"  # a done job's file is missing or damaged, its generation gone
 # The API gave a job the generation id it had given another job: never fetched for both.
 DUPLICATE_GENERATION = "duplicate_generation"
@@ -345,7 +349,10 @@ class Runner:
         plans = self._drop_duplicates(plans)
         polls = [p for p in plans if p.action in (Action.POLL, Action.REFETCH)]
         lookups = [p for p in plans if p.action is Action.LOOKUP]
-        in_flight = [p for p in polls if _holds_slot(p)] + lookups
+        now = time.time()
+        ages = {p.job.id: max(0.0, now - (p.state.submitted_at or now)) for p in polls}
+        terms = {p.job.id: resume_terms(p.state, ages[p.job.id], self.settings) for p in polls}
+        in_flight = [p for p in polls if terms[p.job.id][0]] + lookups
         # Slots taken over from an earlier run may exceed today's limit: take them all, then
         # lower the limit again so no new submission starts until enough have finished.
         self.slots.total_tokens = max(self.settings.concurrency, len(in_flight))
@@ -355,20 +362,15 @@ class Runner:
             if p.action is not Action.LOOKUP:  # a generation the API may still be making
                 self.running.add(p.job.id)
         self.slots.total_tokens = self.settings.concurrency
-        now = time.time()
         for p in polls:
             st = p.state
             assert st.generation_id is not None
-            age = max(0.0, now - (st.submitted_at or now))
-            remaining = self.settings.job_timeout_s
-            if st.status == "submitted":  # its deadline runs from submission, with a short grace
-                remaining = max(remaining - age, 3 * self.settings.poll.max_interval_s)
             self.poller.track(
                 p.job.id,
                 st.generation_id,
                 model=p.job.model,
-                age_s=age,
-                remaining_s=remaining,
+                age_s=ages[p.job.id],
+                remaining_s=terms[p.job.id][1],
                 first=False,
             )
             log.info("resume job=%s action=%s gen=%s", p.job.id, p.action.value, st.generation_id)
@@ -787,12 +789,29 @@ class Runner:
         await self._fail(job_id, DUPLICATE_GENERATION, why)
 
     async def generation_timed_out(self, tracked: Tracked) -> None:
+        st = self.ledger.state(tracked.job_id)
+        age = self.clock() - tracked.started
+        if may_abandon(st) and age >= self.settings.abandon_after_s:
+            await self._fail(
+                tracked.job_id, ABANDONED, abandoned_reason(tracked, age, self.settings)
+            )
+            return
+        if _still_lost(st, tracked):  # re-polled, and the API still does not know it
+            why = f"the API still does not know it ({tracked.not_found} polls answered 404)"
+            assert tracked.last_error is not None
+            await self._fail(tracked.job_id, "lost", f"{why}: {tracked.last_error.message}")
+            return
         why = timed_out_reason(tracked, self.settings.job_timeout_s)
         await self._fail(tracked.job_id, "timeout", why)
 
     async def generation_lost(self, tracked: Tracked, error: ApiError) -> None:
         if isinstance(error, NotFoundError):
-            why = f"the API no longer knows it: {error.message}"
+            streak = self.clock() - (tracked.missing_since or self.clock())
+            why = (
+                f"the API no longer knows it: {tracked.not_found} polls answered 404 over"
+                f" {streak / 60:.0f} min while it answered other generations' polls:"
+                f" {error.message}"
+            )
         else:
             why = f"the API refuses to report on it: {error.message}"
         if sent_with := self._other_key(self.ledger.state(tracked.job_id)):
@@ -1193,8 +1212,8 @@ def timed_out_reason(tracked: Tracked, timeout_s: float) -> str:
         return (
             f"the API answered 404 (unknown generation) to {polls} until the job timeout"
             f" ({timeout_s:.0f}s), too few or too soon to take it for lost (that takes"
-            f" {MAX_NOT_FOUND} of them, the generation {NOT_FOUND_GRACE_S:.0f}s old):"
-            f" {error.message}; {kept}"
+            f" {NOT_FOUND_STREAK_S / 60:.0f} min of them, {MAX_NOT_FOUND} at least, while the"
+            f" API answers other generations' polls): {error.message}; {kept}"
         )
     said = last_status_note(tracked.api_status)
     if error is not None:
@@ -1356,8 +1375,63 @@ def lookup_cause(state: JobState) -> Cause:
     return "crash" if kind == "crash" else "no_answer"
 
 
-def _holds_slot(p: JobPlan) -> bool:
-    st = p.state
+def may_be_running(st: JobState) -> bool:
+    """A generation on record that the API may still be making: in flight, or failed in a way
+    that leaves it so (timed out, lost, refused to this key)."""
     if st.status == "submitted":
         return True
-    return st.status == "failed" and st.error is not None and st.error.kind in SLOT_KINDS
+    return st.status == "failed" and st.error is not None and st.error.kind in STUCK_KINDS
+
+
+def may_abandon(st: JobState) -> bool:
+    """Stuck, as far as this run can tell: in flight, timed out or lost. (Not one another key
+    created: a run with that key can still collect it, and a remake would pay again.)"""
+    kind = st.error.kind if st.error is not None else ""
+    return may_be_running(st) and kind != "other_key"
+
+
+def _still_lost(st: JobState, tracked: Tracked) -> bool:
+    """Recorded lost, and every poll of this run's answered 404 (too few, or too soon, to
+    judge it lost again): it stays lost, rather than become a timeout that --retry-failed
+    would not remake."""
+    lost = st.status == "failed" and st.error is not None and st.error.kind == "lost"
+    return (
+        lost
+        and isinstance(tracked.last_error, NotFoundError)
+        and (0 < tracked.polls == tracked.not_found)
+    )
+
+
+def resume_terms(st: JobState, age_s: float, s: RunSettings) -> tuple[bool, float]:
+    """Whether a generation followed again on resuming holds a concurrency slot, and how long
+    it is polled, ``age_s`` after its submission.
+
+    Within its job timeout it is in flight like any other: a slot, and the rest of its time.
+    Past it (an earlier night's timeout, a crash long ago), it was paid for and counted long
+    ago: no slot, so new work never waits on it, and a few polls over a few minutes (never
+    longer than the job timeout), enough to collect one that has finished since. Any other
+    (a refetch, a download's fresh URL): no slot, a whole job timeout, as its video is ready."""
+    timeout = s.job_timeout_s
+    if not may_be_running(st):
+        return False, timeout
+    short = min(timeout, max(3 * s.poll.max_interval_s, REPOLL_WINDOW_S))
+    if age_s < timeout:
+        return True, max(timeout - age_s, short)
+    return False, short
+
+
+def abandoned_reason(tracked: Tracked, age_s: float, s: RunSettings) -> str:
+    """Why a generation stuck past ``abandon_after_s`` is no longer polled, as its last polls
+    saw it."""
+    error = tracked.last_error
+    if isinstance(error, NotFoundError):
+        last = f"the API answers 404 (unknown generation): {error.message}"
+    elif error is not None:
+        last = f"its last poll failed: {error.message}"
+    else:
+        last = "still running" + last_status_note(tracked.api_status)
+    return (
+        f"generation {tracked.generation_id} not finished {age_s / 3600:.0f} h after submission"
+        f" ({last}); stuck past the {s.abandon_after_s / 3600:g} h limit (abandon_after_s), it"
+        " is no longer polled: --retry-failed submits the job again (a new charge)"
+    )

@@ -138,6 +138,12 @@ class SettingsModel(BaseModel):
         None, ge=SETTING_LIMITS["concurrency"][0], le=SETTING_LIMITS["concurrency"][1]
     )
     job_timeout_s: float | None = Field(None, gt=0)
+    abandon_after_s: float | None = Field(
+        None,
+        gt=0,
+        description="Stop polling a generation not finished this long after submission"
+        " (default 172800: 48 h); --retry-failed submits it again.",
+    )
     download_concurrency: int | None = Field(
         None,
         ge=SETTING_LIMITS["download_concurrency"][0],

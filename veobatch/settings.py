@@ -123,6 +123,9 @@ class RunSettings:
     concurrency: int = 4  # generations submitted and not yet finished
     download_concurrency: int = 4
     job_timeout_s: float = 1800.0  # from submission to completion
+    # From submission: a generation still not finished then (polled again on later nights,
+    # briefly) is given up on for good, failed "abandoned".
+    abandon_after_s: float = 48 * 3600.0
     request_timeout_s: float = 60.0  # one API call
     poll_timeout_s: float = 10.0  # one poll (a small GET): a hung one is asked again later
     connect_timeout_s: float = 15.0
@@ -151,6 +154,7 @@ class RunSettings:
         # Written as "not (x > 0)" so that NaN, which fails every comparison, is refused too.
         for name, value in (
             ("job timeout", self.job_timeout_s),
+            ("abandon after", self.abandon_after_s),
             ("request timeout", self.request_timeout_s),
             ("poll timeout", self.poll_timeout_s),
             ("connect timeout", self.connect_timeout_s),
@@ -265,6 +269,7 @@ def resolve_settings(
         settings = settings.with_overrides(
             concurrency=manifest.concurrency,
             job_timeout_s=manifest.job_timeout_s,
+            abandon_after_s=manifest.abandon_after_s,
             download_concurrency=manifest.download_concurrency,
             resubmit_uncertain=manifest.resubmit_uncertain,
             retry_failed=manifest.retry_failed,
