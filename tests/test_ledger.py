@@ -179,6 +179,61 @@ def test_failed_after_done_forgets_the_file_but_keeps_the_generation() -> None:
     assert (s.status, s.generation_id) == ("failed", "g1")
     assert (s.file, s.bytes, s.sha256, s.mtime_ns, s.video, s.flags) == (None,) * 6
     assert build_results(states)["jobs"][0]["file"] is None
+    # Known still, so the file put back in place is taken for the job's own video.
+    assert s.delivered == {
+        "file": "a.mp4",
+        "bytes": 10,
+        "sha256": "ab",
+        "mtime_ns": 5,
+        "key": "k",
+        "gen": "g1",
+    }
+
+
+def test_a_done_video_kept_known_through_a_new_attempt_until_another_is_done() -> None:
+    states = replay([*HAPPY, rec("intent", crid="c2", key="k", model="m")])
+    assert states["a"].file is None and states["a"].delivered is not None
+    assert states["a"].delivered["sha256"] == "ab"
+    apply_record(states, rec("unsent"))
+    assert states["a"].status == "pending" and states["a"].delivered is not None
+    for r in HAPPY:
+        apply_record(states, {**r, "sha256": "cd"} if r["ev"] == "done" else r)
+    assert states["a"].delivered is None and states["a"].sha256 == "cd"
+
+
+def test_gone_keeps_the_job_done_with_its_facts_and_its_first_sighting() -> None:
+    states = replay([*HAPPY, {**rec("gone", kind="lost", message="404"), "t": 100.0}])
+    s = states["a"]
+    assert (s.status, s.file, s.sha256, s.bytes) == ("done", "a.mp4", "ab", 10)
+    assert s.gone is not None and (s.gone.since, s.gone.settled) == (100.0, False)
+    apply_record(states, {**rec("gone", kind="lost", message="404", settled=True), "t": 9e4})
+    assert s.gone is not None and (s.gone.since, s.gone.settled) == (100.0, True)
+    apply_record(states, rec("restored", file="a.mp4", bytes=10, sha256="ab", mtime_ns=7))
+    assert (s.status, s.gone, s.mtime_ns) == ("done", None, 7)
+    with pytest.raises(LedgerError, match="'gone' cannot follow 'failed'"):
+        replay([*HAPPY, rec("failed", kind="x"), rec("gone")])
+
+
+def test_restored_puts_the_delivered_video_back_with_its_request_and_generation() -> None:
+    states = replay(
+        [
+            *HAPPY,
+            rec("intent", crid="c2", key="k", model="m"),
+            rec("submitted", gen="g2"),
+            rec("failed", kind="generation_error", message="x"),
+        ]
+    )
+    s = states["a"]
+    assert s.delivered is not None
+    apply_record(states, rec("restored", **s.delivered))
+    assert (s.status, s.file, s.sha256, s.key, s.generation_id, s.error) == (
+        "done",
+        "a.mp4",
+        "ab",
+        "k",
+        "g1",
+        None,
+    )
 
 
 def test_replay_rejects_impossible_history() -> None:

@@ -1327,61 +1327,222 @@ class Forgetful(FakeApi):
 
     forgotten: frozenset[str] = frozenset()
 
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.asked: list[str] = []  # every poll, answered or not
+
     def forget(self) -> None:
         self.forgotten = frozenset(self.created)
 
     async def fetch(self, generation_id: str) -> Generation:
+        self.asked.append(generation_id)
         if generation_id in self.forgotten:
             raise BadRequestError("no such generation", status=400)
         return await super().fetch(generation_id)
 
 
-async def test_a_lost_file_whose_refetch_times_out_is_polled_again_not_paid_again(
-    cdn: str, tmp_path: Path
+async def test_a_lost_file_whose_refetch_times_out_stays_done_and_is_polled_again(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # An API outage while a deleted video is fetched again must not turn into a new charge.
+    # An API outage while a deleted video is fetched again must not turn into a new charge,
+    # nor a failure that wipes the record of the video (it exited 1, its file facts gone).
     m = manifest(2, tmp_path)
     api = FakeApi(cdn, polls_to_finish=1)
     await run(m, settings(tmp_path), api=api)
     out = tmp_path / "out"
+    recorded = load_states(out)["job0"]
     (out / "job0.mp4").unlink()
     api.polls_to_finish = 10**9
-    report = await run(m, settings(tmp_path, job_timeout_s=0.05), api=api)
-    assert [(j, e.kind) for j, e in report.failed] == [("job0", "timeout")]
-    assert "at no charge" in report.failed[0][1].message
+    with caplog.at_level(logging.WARNING, logger="veobatch"):
+        report = await run(m, settings(tmp_path, job_timeout_s=0.05), api=api)
+    assert report.exit_code == 0 and report.failed == [] and report.counts == {"done": 2}
+    st = report.states["job0"]
+    assert (st.status, st.file, st.sha256) == ("done", "job0.mp4", recorded.sha256)
+    assert [j for j, _ in report.not_refetched] == ["job0"]
+    assert "the next run tries again" in report.not_refetched[0][1]
+    assert any(r.getMessage().startswith("refetch failed job=job0:") for r in caplog.records)
+    lines = run_summary(report, 2)
+    assert any(line.startswith("videos delivered earlier whose file is missing") for line in lines)
     api.polls_to_finish = 1
-    again = await run(m, settings(tmp_path, retry_failed=True), api=api)
+    again = await run(m, settings(tmp_path), api=api)
     assert again.exit_code == 0 and len(api.created) == 2  # polled, not generated anew
     assert (out / "job0.mp4").read_bytes() == MP4
 
 
+def _age_gone_records(out: Path, by_s: float) -> None:
+    """Move the ledger's "gone" records ``by_s`` into the past: a later night, without waiting."""
+    lines = []
+    for line in (out / "ledger.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["ev"] == "gone":
+            rec["t"] -= by_s
+        lines.append(json.dumps(rec))
+    (out / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+
+
 @pytest.mark.parametrize("how", ["lost", "generation_error"])
-async def test_a_lost_file_whose_generation_is_gone_fails_the_job_not_every_run(
-    cdn: str, tmp_path: Path, how: str
+async def test_an_archived_video_whose_generation_is_gone_stays_done_and_is_settled_later(
+    cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str
 ) -> None:
+    # Reviewer D2: the operator archives the night's videos; polls answer 404 (a blip, or the
+    # API's retention is over). The job failed refetch_failed for good, its record wiped: every
+    # night exited 1, and --retry-failed paid again.
+    m = manifest(2, tmp_path)
+    api = Forgetful(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    out = tmp_path / "out"
+    recorded = load_states(out)["job0"]
+    (out / "job0.mp4").unlink()
+    if how == "lost":
+        api.forget()
+    else:
+        api.fail = {"p0"}
+    with caplog.at_level(logging.WARNING, logger="veobatch"):
+        first = await run(m, settings(tmp_path), api=api)
+    assert first.exit_code == 0 and first.failed == [] and len(api.created) == 2
+    assert first.counts == {"done": 2} and first.gone == []  # one night's answer: asked again
+    st = first.states["job0"]
+    assert (st.status, st.file, st.bytes, st.sha256) == (
+        "done",
+        "job0.mp4",
+        recorded.bytes,
+        recorded.sha256,
+    )
+    assert st.gone is not None and not st.gone.settled and st.gone.error.kind == how
+    assert "the next run asks again" in first.not_refetched[0][1]
+    row = json.loads((out / "results.json").read_text())["jobs"][0]
+    assert (row["status"], row["file"], row["sha256"]) == ("done", "job0.mp4", recorded.sha256)
+    asked = len(api.asked)
+    soon = await run(m, settings(tmp_path), api=api)  # the same night: asked, not settled
+    assert soon.exit_code == 0 and soon.gone == [] and len(api.asked) > asked
+    _age_gone_records(out, 13 * 3600)  # the next night
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="veobatch"):
+        settled = await run(m, settings(tmp_path), api=api)
+    assert settled.exit_code == 0 and settled.failed == [] and settled.gone == ["job0"]
+    assert [j for j, _ in settled.gone_now] == ["job0"]
+    assert any(r.getMessage().startswith("video gone job=job0:") for r in caplog.records)
+    lines = run_summary(settled, 2)
+    assert lines[0].startswith("veobatch: 2 jobs: 2 done (1 of them gone), 0 failed")
+    assert any(line.startswith("videos gone: delivered earlier") for line in lines)
+    asked = len(api.asked)
+    later = await run(m, settings(tmp_path), api=api)  # never polled again, never paid
+    assert later.exit_code == 0 and later.gone == ["job0"] and later.gone_now == []
+    assert len(api.asked) == asked and len(api.created) == 2
+    assert any(line.startswith("1 more video gone since") for line in run_summary(later, 2))
+    (out / "job0.mp4").write_bytes(MP4)  # put back from the archive: done, in place
+    back = await run(m, settings(tmp_path), api=api)
+    assert back.exit_code == 0 and back.gone == [] and len(api.asked) == asked
+    assert back.states["job0"].gone is None and back.states["job0"].sha256 == recorded.sha256
+    (out / "job0.mp4").unlink()  # archived again: asked again, as for the first time
+    api.fail, api.forgotten = set(), frozenset()
+    api.polls_to_finish = 1
+    fetched = await run(m, settings(tmp_path), api=api)
+    assert fetched.exit_code == 0 and len(api.created) == 2
+    assert (out / "job0.mp4").read_bytes() == MP4
+
+
+async def test_a_gone_video_is_made_anew_only_with_retry_failed(cdn: str, tmp_path: Path) -> None:
     m = manifest(2, tmp_path)
     api = Forgetful(cdn, polls_to_finish=1)
     await run(m, settings(tmp_path), api=api)
     out = tmp_path / "out"
     (out / "job0.mp4").unlink()
-    s = settings(tmp_path)
-    if how == "lost":
-        api.forget()
-    else:
-        api.fail = {"p0"}
-    report = await run(m, s, api=api)  # used to raise: 'failed' cannot follow 'done'
-    assert report.exit_code == 1 and len(api.created) == 2
-    assert [(j, e.kind) for j, e in report.failed] == [("job0", "refetch_failed")]
-    assert "--retry-failed" in report.failed[0][1].message
-    assert report.failed[0][1].message.startswith("the video file is missing and generation")
-    row = json.loads((out / "results.json").read_text())["jobs"][0]
-    assert (row["status"], row["file"], row["generation_id"]) == ("failed", None, api.created[0])
-    api.fail, api.polls_to_finish = set(), 1
-    held = await run(m, settings(tmp_path), api=api)  # later nights carry on: exit 1, not 3
-    assert held.exit_code == 1 and len(api.created) == 2
+    api.forget()
+    await run(m, settings(tmp_path), api=api)
+    _age_gone_records(out, 13 * 3600)
+    assert (await run(m, settings(tmp_path), api=api)).gone == ["job0"]
     retried = await run(m, settings(tmp_path, retry_failed=True), api=api)
-    assert retried.exit_code == 0 and len(api.created) == 3
+    assert retried.exit_code == 0 and retried.gone == [] and len(api.created) == 3
+    assert (out / "job0.mp4").read_bytes() == MP4 and not list(out.glob("job0@*"))
+    st = retried.states["job0"]
+    assert (st.status, st.generation_id, st.gone) == ("done", api.created[2], None)
+
+
+async def _earlier_version_failed_refetch(cdn: str, tmp_path: Path) -> tuple[Manifest, Forgetful]:
+    """A ledger as versions before the "gone" record left it: done, then a failed refetch of
+    the missing file recorded as refetch_failed, its file facts wiped."""
+    m = manifest(2, tmp_path)
+    api = Forgetful(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    out = tmp_path / "out"
+    old = {
+        "t": round(time.time(), 3),
+        "ev": "failed",
+        "job": "job0",
+        "kind": "refetch_failed",
+        "message": f"the video file is missing and generation {api.created[0]} cannot be"
+        " fetched again (lost: HTTP 404); --retry-failed generates it anew (a new charge)",
+    }
+    with (out / "ledger.jsonl").open("a") as f:
+        f.write(json.dumps(old) + "\n")
+    assert load_states(out)["job0"].status == "failed"
+    return m, api
+
+
+@pytest.mark.parametrize("retry_failed", [False, True])
+async def test_a_video_restored_after_an_earlier_versions_refetch_failed_is_done_again(
+    cdn: str, tmp_path: Path, retry_failed: bool
+) -> None:
+    # Reviewer D2: files copied back byte for byte, the API healthy: every night reported
+    # "10 failed", exit 1; --retry-failed paid for all again and kept the restored files aside
+    # as "video not made by this ledger".
+    m, api = await _earlier_version_failed_refetch(cdn, tmp_path)
+    out = tmp_path / "out"
+    os.utime(out / "job0.mp4", ns=(1, 1))  # copied back without its mtime: checked by its hash
+    asked = len(api.asked)
+    report = await run(m, settings(tmp_path, retry_failed=retry_failed), api=api)
+    assert report.exit_code == 0 and report.failed == [] and report.counts == {"done": 2}
+    assert len(api.created) == 2 and len(api.asked) == asked  # neither paid nor polled
+    assert not list(out.glob("job0@*")) and (out / "job0.mp4").read_bytes() == MP4
+    st = report.states["job0"]
+    assert (st.status, st.file, st.generation_id) == ("done", "job0.mp4", api.created[0])
+    assert st.mtime_ns == 1  # its mtime now on record: not hashed again every night
+    recs = [json.loads(x) for x in (out / "ledger.jsonl").read_text().splitlines()]
+    assert recs[-1]["ev"] == "restored" and recs[-1]["sha256"] == st.sha256
+
+
+async def test_a_missing_video_an_earlier_version_failed_is_fetched_again(
+    cdn: str, tmp_path: Path
+) -> None:
+    m, api = await _earlier_version_failed_refetch(cdn, tmp_path)
+    out = tmp_path / "out"
+    (out / "job0.mp4").unlink()
+    report = await run(m, settings(tmp_path), api=api)  # the API has it again: fetched
+    assert report.exit_code == 0 and report.failed == [] and len(api.created) == 2
     assert (out / "job0.mp4").read_bytes() == MP4
+    (out / "job0.mp4").unlink()
+    api.forget()  # now gone: no failure, asked again the next night
+    gone = await run(m, settings(tmp_path), api=api)
+    assert gone.exit_code == 0 and gone.failed == [] and gone.counts == {"done": 2}
+    st = gone.states["job0"]
+    assert st.gone is not None and not st.gone.settled and st.sha256 is not None
+
+
+async def test_a_video_put_back_before_its_resubmission_is_taken_not_kept_aside(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The keep-aside check before a submission moved the job's own video (its sha256 the one
+    # the ledger recorded done for the same request) aside as "not made by this ledger".
+    m, api = await _earlier_version_failed_refetch(cdn, tmp_path)
+    out = tmp_path / "out"
+    (out / "job0.mp4").unlink()
+    import veobatch.session as session_module
+
+    planned = session_module.plan_run
+
+    def plan_then_restore(*args: Any, **kw: Any) -> Any:
+        plans = planned(*args, **kw)
+        (out / "job0.mp4").write_bytes(MP4)  # copied back while the run starts
+        return plans
+
+    monkeypatch.setattr(session_module, "plan_run", plan_then_restore)
+    with caplog.at_level(logging.WARNING, logger="veobatch"):
+        report = await run(m, settings(tmp_path, retry_failed=True), api=api)
+    assert report.exit_code == 0 and report.counts == {"done": 2} and len(api.created) == 2
+    assert not list(out.glob("job0@*")) and (out / "job0.mp4").read_bytes() == MP4
+    assert report.estimated_usd == 0 and report.states["job0"].status == "done"
+    assert any(r.getMessage().startswith("not submitted job=job0:") for r in caplog.records)
 
 
 async def test_a_video_altered_in_place_is_kept_aside_when_the_original_is_fetched_again(
@@ -1408,7 +1569,9 @@ async def test_a_video_altered_in_place_is_kept_aside_when_the_original_is_fetch
     ]
 
 
-@pytest.mark.parametrize(("how", "edited"), [("lost", MP4 + b"tag"), ("generation_error", b"x")])
+@pytest.mark.parametrize(
+    ("how", "edited"), [("lost", MP4 + b"tag"), ("generation_error", MP4 + b"other tag")]
+)
 async def test_a_video_altered_in_place_whose_generation_is_gone_stays_done_as_found(
     cdn: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str, edited: bytes
 ) -> None:
@@ -1443,6 +1606,27 @@ async def test_a_video_altered_in_place_whose_generation_is_gone_stays_done_as_f
         assert again.exit_code == 0 and again.counts == {"done": 2}
         assert api.polls == polls and len(api.created) == 2  # left be: not polled, not paid
     assert (out / "job0.mp4").read_bytes() == edited
+
+
+async def test_a_done_file_turned_into_no_video_with_its_generation_gone_is_damaged(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Kept "as found", bytes no reader could open were recorded done (flagged unreadable):
+    # exit 0 every night, and --retry-failed could never make it again.
+    m = manifest(2, tmp_path)
+    api = Forgetful(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    out = tmp_path / "out"
+    (out / "job0.mp4").write_bytes(b"not a video at all")
+    api.forget()
+    report = await run(m, settings(tmp_path), api=api)
+    assert report.exit_code == 1 and [(j, e.kind) for j, e in report.failed] == [
+        ("job0", "refetch_failed")
+    ]
+    assert "damaged" in report.failed[0][1].message
+    assert (out / "job0.mp4").read_bytes() == b"not a video at all"  # never deleted
+    again = await run(m, settings(tmp_path, retry_failed=True), api=api)
+    assert again.exit_code == 0 and len(api.created) == 3  # made again, on request only
 
 
 async def test_a_video_altered_in_place_whose_refetch_times_out_stays_and_is_retried(

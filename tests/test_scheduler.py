@@ -30,9 +30,11 @@ from veobatch.errors import (
 )
 from veobatch.jobs import Job
 from veobatch.jobview import compact_request
-from veobatch.ledger import ErrorInfo, JobState, Ledger, load_states, parse_journal
+from veobatch.ledger import ErrorInfo, Gone, JobState, Ledger, load_states, parse_journal, replay
 from veobatch.manifest import load_manifest, slug
+from veobatch.runner import recorded_file
 from veobatch.scheduler import (
+    GONE_CONFIRM_S,
     KEPT_AS_FOUND,
     Action,
     SubmitOutcome,
@@ -253,6 +255,92 @@ def test_a_done_file_that_is_now_a_link_to_its_copy_is_fetched_again(tmp_path: P
     (tmp_path / "a.mp4").symlink_to(tmp_path / "copy.mp4")
     assert plan_job(JOB, state, tmp_path).action is Action.REFETCH
     assert plan_job(JOB, state, tmp_path, verify=True).action is Action.REFETCH
+    # Missing, not "altered": a link is never kept aside (nor hashed), and with the API's
+    # video gone an "altered" job warned and asked again every night, forever.
+    assert plan_job(JOB, state, tmp_path).reason == "file missing: fetching it again"
+    assert recorded_file(tmp_path / "a.mp4", state) == "missing"
+
+
+def _gone(settled: bool) -> Gone:
+    return Gone(1000.0, settled, ErrorInfo("lost", "HTTP 404"))
+
+
+def test_a_missing_video_the_api_said_gone_once_is_asked_again_then_left_as_gone(
+    tmp_path: Path,
+) -> None:
+    # One night's 404s (a blip) failed it for good; after the API's retention every archived
+    # video failed every night. Now: asked again, and once the answer is settled, left be.
+    from veobatch.summary import rerun_action
+
+    state = _done_file(tmp_path)
+    (tmp_path / "a.mp4").unlink()  # archived
+    state.gone = _gone(False)
+    plan = plan_job(JOB, state, tmp_path)
+    assert plan.action is Action.REFETCH and "asking again" in plan.reason
+    assert f"at least {GONE_CONFIRM_S / 3600:.0f} h after the first" in plan.reason
+    state.gone = _gone(True)
+    plan = plan_job(JOB, state, tmp_path)
+    assert (plan.action, plan.restore, category(plan)) == (Action.GONE, False, "unchanged")
+    assert "file since moved or deleted, and the API no longer has the video" in plan.reason
+    assert rerun_action(state, tmp_path)[0] == "gone"
+    assert plan_job(JOB, state, tmp_path, retry_failed=True).action is Action.SUBMIT  # asked
+    (tmp_path / "a.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")  # put back
+    plan = plan_job(JOB, state, tmp_path, retry_failed=True)
+    assert (plan.action, plan.restore) == (Action.SKIP, True)  # in place: "gone" no more
+
+
+def _refetch_failed_earlier(
+    tmp_path: Path, content: bytes = b"\x00\x00\x00\x18ftypmp42"
+) -> JobState:
+    """A done job whose refetch an earlier version failed, its facts taken off the record."""
+    digest = hashlib.sha256(content).hexdigest()
+    done = {"file": "a.mp4", "bytes": len(content), "sha256": digest, "mtime_ns": 5}
+    records = [
+        {"t": 1, "ev": "intent", "job": "a", "crid": "c", "key": JOB.key},
+        {"t": 2, "ev": "submitted", "job": "a", "gen": "g"},
+        {"t": 3, "ev": "completed", "job": "a", "url": "u"},
+        {"t": 4, "ev": "done", "job": "a", **done},
+        {"t": 5, "ev": "failed", "job": "a", "kind": "refetch_failed", "message": "missing"},
+    ]
+    return replay(records)["a"]
+
+
+@pytest.mark.parametrize("retry_failed", [False, True])
+def test_the_video_of_a_job_whose_refetch_failed_is_known_when_put_back(
+    tmp_path: Path, retry_failed: bool
+) -> None:
+    state = _refetch_failed_earlier(tmp_path)
+    assert (state.status, state.file) == ("failed", None)
+    (tmp_path / "a.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")  # copied back
+    plan = plan_job(JOB, state, tmp_path, retry_failed=retry_failed)
+    assert (plan.action, plan.restore) == (Action.SKIP, True)
+    assert "in place again" in plan.reason
+    (tmp_path / "a.mp4").write_bytes(b"\x00\x00\x00\x18ftypXXXX")  # another video there
+    plan = plan_job(JOB, state, tmp_path, retry_failed=retry_failed)
+    assert plan.action is (Action.SUBMIT if retry_failed else Action.HOLD_FAILED)
+    assert not plan.restore
+    (tmp_path / "a.mp4").unlink()  # missing: done again, and fetched again (paid only if asked)
+    plan = plan_job(JOB, state, tmp_path, retry_failed=retry_failed)
+    if retry_failed:
+        assert (plan.action, plan.restore) == (Action.SUBMIT, False)
+    else:
+        assert (plan.action, plan.restore) == (Action.REFETCH, True)
+
+
+def test_a_put_back_video_of_another_request_is_not_taken_for_the_jobs(tmp_path: Path) -> None:
+    state = _refetch_failed_earlier(tmp_path)
+    (tmp_path / "a.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    edited = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "another"})
+    plan = plan_job(edited, state, tmp_path)
+    assert (plan.action, plan.restore) == (Action.SUBMIT, False)
+
+
+def test_a_put_back_video_recorded_unreadable_is_not_taken_back(tmp_path: Path) -> None:
+    state = _refetch_failed_earlier(tmp_path)
+    assert state.delivered is not None
+    state.delivered["video"] = {"error": "Invalid data"}
+    (tmp_path / "a.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    assert plan_job(JOB, state, tmp_path).action is Action.HOLD_FAILED
 
 
 @pytest.mark.parametrize("what", ["directory", "fifo", "link", "dangling link"])

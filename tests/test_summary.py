@@ -131,6 +131,38 @@ def test_summary_doc_is_the_same_facts_as_json() -> None:
     assert doc["spend_usd_reported"] == 3.2 and doc["spend_reported_jobs"] == 3
 
 
+def test_videos_gone_and_not_fetched_again_are_said_and_fail_nothing() -> None:
+    # An archive emptied every night: the ids settled gone earlier are counted, not listed
+    # again each night; those found so tonight are listed with why.
+    gone = [f"j{i}" for i in range(500)]
+    r = replace(
+        report(),
+        failed=[],
+        uncertain=[],
+        gone=gone,
+        gone_now=[("j0", "the API no longer has it")],
+        not_refetched=[("k", "k.mp4 is missing and fetching it again failed")],
+    )
+    assert r.exit_code == 0
+    lines = run_summary(r, 600)
+    assert lines[0].startswith("veobatch: 600 jobs: 3 done (500 of them gone), 1 failed")
+    i = lines.index(
+        "videos delivered earlier whose file is missing, not fetched again (no failure; the next"
+        " run tries again, at no charge): 1"
+    )
+    assert lines[i + 1] == "  k: k.mp4 is missing and fetching it again failed"
+    assert lines[i + 2].startswith("videos gone: delivered earlier") and lines[i + 2].endswith(
+        ": 1"
+    )
+    assert lines[i + 3] == "  j0: the API no longer has it"
+    assert lines[i + 4].startswith("499 more videos gone since earlier runs")
+    doc = summary_doc(r, 600)
+    assert doc["gone_count"] == 500 and len(doc["gone"]) == WEBHOOK_LIST_LIMIT
+    assert doc["not_refetched"] == [
+        {"id": "k", "message": "k.mp4 is missing and fetching it again failed"}
+    ]
+
+
 def test_summary_doc_lists_at_most_a_hundred_of_each_with_whole_counts() -> None:
     held = [f"j{i}" for i in range(20_000)]
     big = replace(report(), over_budget=held, pending=held[:150], gave_up="429 for 30 min")

@@ -57,6 +57,11 @@ _ALLOWED_FROM: dict[str, frozenset[str]] = {
         {"pending", "submitting", "submitted", "completed", "uncertain", "failed", "done"}
     ),
     "uncertain": frozenset({"submitting", "uncertain"}),  # a later look-up's own verdict
+    # A done job's file is missing and the API could not deliver its video again: still done.
+    "gone": frozenset({"done"}),
+    # The video a job delivered is found in place again (put back from an archive): done
+    # again, nothing sent. From "done": the file a "gone" record said missing is back.
+    "restored": frozenset({"pending", "failed", "done"}),
 }
 EVENTS = frozenset(_ALLOWED_FROM)
 
@@ -68,6 +73,16 @@ class ErrorInfo:
 
     def to_json(self) -> dict[str, str]:
         return {"kind": self.kind, "message": self.message}
+
+
+@dataclass(frozen=True)
+class Gone:
+    """A done job's file missing, and its video no longer delivered by the API (its generation
+    unknown to it, or in error): the video was delivered; only the copy on disk went."""
+
+    since: float  # wall clock of the first run that found so since the job was last done
+    settled: bool  # found so again long enough after: left as it is (scheduler.GONE_CONFIRM_S)
+    error: ErrorInfo  # what the last run that found so met
 
 
 @dataclass(slots=True)
@@ -106,6 +121,12 @@ class JobState:
     # A resend of a POST that may have created a generation (--resubmit-uncertain): that
     # earlier POST as the "uncertain" record that puts it back takes it (restore_fields).
     prev: dict[str, Any] | None = None
+    # The done facts of the video the job last delivered (its file, size, hash, probe and
+    # flags, the request key and generation it was made for) once a later record took them off
+    # the state (a refetch that failed, a new attempt): a copy put back in place is then known
+    # for the job's own video, never kept aside and paid for again (scheduler.own_video).
+    delivered: dict[str, Any] | None = None
+    gone: Gone | None = None  # done, its file missing and its video gone from the API
 
     @property
     def finished(self) -> bool:
@@ -128,6 +149,9 @@ def apply_record(states: dict[str, JobState], rec: Mapping[str, Any]) -> JobStat
 
 
 def _on_intent(s: JobState, r: Mapping[str, Any]) -> None:
+    if s.status == "done":  # made anew (its request changed, or --retry-failed): kept known
+        s.delivered = _delivered(s)
+    s.gone = None
     s.status = "submitting"
     s.attempts += 1
     _take_post(s, r, at=r.get("t"))
@@ -189,18 +213,58 @@ def _charge(at_create: float | None, at_completion: float | None) -> float | Non
 
 def _on_done(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "done"
+    _take_file(s, r)
+    s.delivered = s.gone = None  # the video on record is this one
+
+
+def _take_file(s: JobState, r: Mapping[str, Any]) -> None:
     s.file, s.bytes, s.sha256 = r["file"], r["bytes"], r["sha256"]
     s.mtime_ns = r.get("mtime_ns")
     s.video, s.flags = r.get("video"), r.get("flags")  # absent in ledgers before verification
 
 
+def _delivered(s: JobState) -> dict[str, Any] | None:
+    """A done state's video, to keep once later records take it off the state."""
+    if not (s.file and s.sha256):
+        return s.delivered
+    facts = {
+        "file": s.file,
+        "bytes": s.bytes,
+        "sha256": s.sha256,
+        "mtime_ns": s.mtime_ns,
+        "video": s.video,
+        "flags": s.flags,
+        "key": s.key,
+        "gen": s.generation_id,
+    }
+    return {k: v for k, v in facts.items() if v is not None}
+
+
 def _on_failed(s: JobState, r: Mapping[str, Any]) -> None:
-    if s.status == "done":  # the ledger no longer vouches for a file it could not fetch again
+    if s.status == "done":  # no longer vouched for as in place, but known as its video
+        s.delivered = _delivered(s)
         s.file = s.sha256 = None
         s.bytes = s.mtime_ns = None
         s.video = s.flags = None
+        s.gone = None
     s.status = "failed"  # the generation id is kept: a later run may poll it instead of paying
     s.error = ErrorInfo(str(r.get("kind", "unknown")), str(r.get("message", "")))
+
+
+def _on_gone(s: JobState, r: Mapping[str, Any]) -> None:
+    since = s.gone.since if s.gone is not None else float(r.get("t") or 0.0)
+    error = ErrorInfo(str(r.get("kind", "lost")), str(r.get("message", "")))
+    s.gone = Gone(since, bool(r.get("settled")), error)
+
+
+def _on_restored(s: JobState, r: Mapping[str, Any]) -> None:
+    s.status = "done"
+    _take_file(s, r)
+    s.key = r.get("key", s.key)
+    s.generation_id = r.get("gen", s.generation_id)
+    s.video_url = None
+    s.error = None
+    s.delivered = s.gone = None
 
 
 def restore_fields(earlier: JobState) -> dict[str, Any]:
@@ -238,6 +302,8 @@ _APPLY: dict[str, Callable[[JobState, Mapping[str, Any]], None]] = {
     "done": _on_done,
     "failed": _on_failed,
     "uncertain": _on_uncertain,
+    "gone": _on_gone,
+    "restored": _on_restored,
 }
 
 

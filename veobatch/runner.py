@@ -47,7 +47,7 @@ from .errors import (
     UrlRejectedError,
     first_leaf,
 )
-from .fsutil import fsync_dir, to_thread
+from .fsutil import fsync_dir, is_regular, to_thread
 from .jobs import Job, Manifest
 from .ledger import (
     EARLIER_POST,
@@ -61,8 +61,11 @@ from .poller import MAX_NOT_FOUND, NOT_FOUND_STREAK_S, Poller, Tracked
 from .reconcile import Cause, Decision, Lookup, RateBudget, Reconciler, Verdict
 from .schedule import DurationModel
 from .scheduler import (
+    GONE_CONFIRM_S,
+    GONE_WORDS,
     KEPT_AS_FOUND,
     OUTPUT_BLOCKED,
+    REFETCH_FAILED,
     Action,
     AdaptiveLimit,
     JobPlan,
@@ -70,6 +73,9 @@ from .scheduler import (
     Submitter,
     backoff_delay_s,
     blocked_by,
+    done_facts,
+    own_video,
+    own_video_intact,
     request_changed,
     video_in_the_way,
     will_remake,
@@ -88,7 +94,6 @@ STUCK_KINDS = frozenset({"timeout", "lost", "other_key"})
 # a whole job timeout again: stuck ones would take a night's slots and time every night.
 REPOLL_WINDOW_S = 180.0
 ABANDONED = "abandoned"  # stuck past settings.abandon_after_s: no longer polled
-REFETCH_FAILED = "refetch_failed"  # a done job's file is missing or damaged, its generation gone
 # The API gave a job the generation id it had given another job: never fetched for both.
 DUPLICATE_GENERATION = "duplicate_generation"
 RESULTS_COST_FACTOR = 100  # results.json waits at least this many times its last rewrite
@@ -121,6 +126,13 @@ class RunReport:
     estimated_jobs: int = 0  # submissions behind that estimate
     reported_usd: float = 0.0  # what the API reported for those of them it reported on
     reported_jobs: int = 0
+    # Done jobs whose file is missing and whose video the API no longer has: delivered, so no
+    # failure; left as they are (gone), and of those the ones found so this run, with why.
+    gone: list[str] = field(default_factory=list)
+    gone_now: list[tuple[str, str]] = field(default_factory=list)
+    # Done jobs whose missing file could not be fetched again this run, and why: the next run
+    # tries again (no failure either: the video was delivered).
+    not_refetched: list[tuple[str, str]] = field(default_factory=list)
     # The ledger's view at the end, so the summary need not replay the journal again.
     states: Mapping[str, JobState] = field(default_factory=dict, repr=False, compare=False)
 
@@ -210,6 +222,9 @@ class Runner:
         # Each generation id on record and the job it was first given to (execute): one the
         # API gives a second job is that job's failure, never its video (_claim).
         self.owners: dict[str, str] = {}
+        self.gone: list[str] = []  # see RunReport
+        self.gone_now: list[tuple[str, str]] = []
+        self.not_refetched: list[tuple[str, str]] = []
         # No total: a large video may take long; a stalled read or connect still times out.
         self.download_timeout = aiohttp.ClientTimeout(
             total=None,
@@ -257,6 +272,8 @@ class Runner:
         # Edited while in flight: the generation paid for is finished first, then the request
         # the manifest now holds is made, in this run (the first video is kept beside it).
         self.remake = {p.job.id for p in plans if will_remake(p)}
+        await self._restore([p for p in plans if p.restore])
+        self.gone = [p.job.id for p in plans if p.action is Action.GONE]
         self.open = {p.job.id for p in plans if p.action not in _IDLE}
         self.owners = generation_owners(self.ledger.states.values())
         try:
@@ -273,6 +290,44 @@ class Runner:
             self.download_failures,
             self.reconciler.failures,
         )
+
+    async def _restore(self, plans: list[JobPlan]) -> None:
+        """Videos delivered earlier and in place again (copied back from an archive), or an
+        earlier version's failed refetch: back on record as done before anything else."""
+        out = self.settings.out_dir
+        for p in plans:
+            own = own_video(p.job, p.state)
+            if own is None:  # never planned so
+                continue
+            if p.action is Action.SKIP:
+                check = functools.partial(_in_place, out / str(own["file"]), own)
+                own = await self.ledger.offload(check) or own
+                log.info(
+                    "restored job=%s: %s, in place again, is its video on record",
+                    p.job.id,
+                    own["file"],
+                )
+            await self.ledger.record("restored", p.job.id, durable=False, **own)
+
+    async def _own_video_in_place(self, job: Job) -> bool:
+        """About to submit a job, its delivered video is at its file again (put back since
+        the plan): done again, nothing sent, never kept aside and paid for again."""
+        own = own_video(job, self.ledger.state(job.id))
+        if own is None:
+            return False
+        path = self.settings.out_dir / str(own["file"])
+        got = await self.ledger.offload(lambda: _in_place(path, own))
+        if got is None:
+            return False
+        await self.ledger.record("restored", job.id, durable=False, **got)
+        log.warning(
+            "not submitted job=%s: %s is in place again, the video it delivered (sha256 %s):"
+            " done, nothing sent",
+            job.id,
+            path.name,
+            str(own["sha256"])[:8],
+        )
+        return True
 
     async def _execute(self, plans: list[JobPlan]) -> None:
         async with anyio.create_task_group() as tg:
@@ -439,6 +494,9 @@ class Runner:
                 await self._settle_unsent(job, risked, "held back by the cost limit")
                 return
             reserved = True
+            if not risked and await self._own_video_in_place(job):
+                self.budget.release(job.id)  # done again, nothing sent
+                return
             may_exist = risked or job.id in self.maybe_billed
             earlier = replace(self.ledger.state(job.id)) if may_exist else None
             if (blocked := await self._prepare_new_generation(job)) is not None:
@@ -833,23 +891,26 @@ class Runner:
         if st.file and st.status in ("done", "completed"):  # a finished video fetched again
             path = self.settings.out_dir / st.file
             found = await self.ledger.offload(lambda: recorded_file(path, st))
-            if found == "altered":  # the user's file, on disk: never a failure, never wiped
-                await self._altered_kept(job_id, kind, message)
+            if found == "altered" and await self._altered_kept(job_id, kind, message):
+                return  # the user's file, on disk: never a failure, never wiped
+            if found == "missing":  # delivered once: never a failure, never wiped
+                await self._missing_kept(job_id, kind, message)
                 return
             if st.status == "done":
-                kind, message = refetch_failure(found, st.generation_id, kind, message)
+                kind, message = refetch_failure(st.generation_id, kind, message)
         # On disk before a remake's intent: a crash between the two polls the old one again.
         await self.ledger.record("failed", job_id, kind=kind, message=message)
         if not self._failed_aside(job_id, kind, message):
             log.error("failed job=%s kind=%s: %s", job_id, kind, message)
             self._close(job_id)
 
-    async def _altered_kept(self, job_id: str, kind: str, message: str) -> None:
+    async def _altered_kept(self, job_id: str, kind: str, message: str) -> bool:
         """A finished video altered in place (trimmed, tagged, appended to) whose original
         could not be fetched again: the altered file stays where it is and the job stays done.
         With its generation gone for good, the file as it now is becomes the job's video on
         record (flagged), so later runs leave it be; otherwise the record keeps the original's
-        facts, and the next run tries again."""
+        facts, and the next run tries again. False, nothing done: the file is no video at all
+        (a disk fault, a bad edit), never recorded done: the job fails as a damaged video."""
         st = self.ledger.state(job_id)
         assert st.file is not None
         name, gen, path = st.file, st.generation_id, self.settings.out_dir / st.file
@@ -859,7 +920,7 @@ class Runner:
                 got = await self.ledger.offload(lambda: _file_facts(path))
         if got is None:
             if st.status == "completed":  # polled this run: done again, as it was
-                await self.ledger.record("done", job_id, durable=False, **_done_fields(st))
+                await self.ledger.record("done", job_id, durable=False, **done_facts(st))
             log.warning(
                 "refetch failed job=%s kind=%s: %s; %s, altered since it was fetched, stays as"
                 " it is, and the next run fetches the original again",
@@ -869,7 +930,9 @@ class Runner:
                 name,
             )
             self._finished(job_id)
-            return
+            return True
+        if got.probe.error:
+            return False
         await self._record_as_found(job_id, got)
         log.warning(
             "altered video kept job=%s: generation %s can no longer be fetched (%s: %s); %s"
@@ -880,6 +943,49 @@ class Runner:
             message,
             name,
         )
+        self._finished(job_id)
+        return True
+
+    async def _missing_kept(self, job_id: str, kind: str, message: str) -> None:
+        """A finished video whose file is missing (moved to an archive, deleted) could not be
+        fetched again: the job stays done, its record as it was. Once the API has said, on
+        two runs far enough apart, that it no longer has the video, the job is left as gone;
+        until then, and after a timeout or a failed download, the next run asks again."""
+        st = self.ledger.state(job_id)
+        if st.status == "completed":  # polled this run: done again, as it was
+            await self.ledger.record("done", job_id, durable=False, **done_facts(st))
+            st = self.ledger.state(job_id)
+        name, gen = st.file, st.generation_id
+        if kind not in GONE_KINDS:
+            why = f"{name} is missing and fetching it again failed ({kind}: {message})"
+            self.not_refetched.append((job_id, f"{why}; the next run tries again"))
+            log.warning(
+                "refetch failed job=%s: %s; the next run tries again, at no charge", job_id, why
+            )
+            self._finished(job_id)
+            return
+        settled = gone_settles(st, time.time())
+        await self.ledger.record(
+            "gone", job_id, durable=False, kind=kind, message=message, settled=settled
+        )
+        if settled:
+            why = f"{GONE_WORDS} (generation {gen}: {kind}: {message})"
+            self.gone.append(job_id)
+            self.gone_now.append((job_id, why))
+            log.warning("video gone job=%s: %s; left as it is, done", job_id, why)
+        else:
+            why = (
+                f"{name} is missing and the API said it no longer has generation {gen}"
+                f" ({kind}: {message})"
+            )
+            self.not_refetched.append((job_id, f"{why}; the next run asks again"))
+            log.warning(
+                "refetch failed job=%s: %s; the next run asks again (a second answer so, at"
+                " least %.0f h after this one, leaves it as gone)",
+                job_id,
+                why,
+                GONE_CONFIRM_S / 3600,
+            )
         self._finished(job_id)
 
     async def _record_as_found(self, job_id: str, got: _Facts) -> None:
@@ -1180,11 +1286,14 @@ class Runner:
             estimated_jobs=self.budget.reservations,
             reported_usd=sum(charged),
             reported_jobs=len(charged),
+            gone=self.gone,
+            gone_now=self.gone_now,
+            not_refetched=self.not_refetched,
             states=self.ledger.states,
         )
 
 
-_IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED})
+_IDLE = frozenset({Action.SKIP, Action.HOLD_FAILED, Action.GONE})
 
 
 def generation_owners(states: Iterable[JobState]) -> dict[str, str]:
@@ -1275,14 +1384,15 @@ GONE_KINDS = frozenset({"lost", "generation_error"})  # the generation cannot de
 def recorded_file(path: Path, st: JobState) -> Literal["missing", "recorded", "altered"]:
     """What is at a finished job's recorded path: "missing", "recorded" (the file the ledger
     records: fetched again because it is unreadable or incomplete) or "altered"."""
-    if not path.is_file():
+    if not is_regular(path):  # a link there, even to the video, is not it: as if missing
         return "missing"
     return "recorded" if file_matches(path, st.bytes, st.sha256, st.mtime_ns) else "altered"
 
 
-def refetch_failure(found: str, gen: str | None, kind: str, message: str) -> tuple[str, str]:
-    """The kind and words of a finished job's failed refetch, its file missing or damaged."""
-    what = "missing" if found == "missing" else "damaged (unreadable or incomplete)"
+def refetch_failure(gen: str | None, kind: str, message: str) -> tuple[str, str]:
+    """The kind and words of a finished job's failed refetch, its file damaged (a missing one
+    is no failure: Runner._missing_kept)."""
+    what = "damaged (unreadable or incomplete)"
     if kind in GONE_KINDS:
         return REFETCH_FAILED, (
             f"the video file is {what} and generation {gen} cannot be fetched again ({kind}:"
@@ -1292,6 +1402,25 @@ def refetch_failure(found: str, gen: str | None, kind: str, message: str) -> tup
         f"the video file is {what} and fetching it again failed ({message}); the next run"
         f" polls generation {gen} again, at no charge"
     )
+
+
+def gone_settles(st: JobState, now: float) -> bool:
+    """Does the API's answer now that it no longer has a done job's video settle the job as
+    gone? Only when an earlier run's answer said so at least GONE_CONFIRM_S before: one
+    night's 404s (a blip, an API briefly forgetful) leave it to be asked again."""
+    return st.gone is not None and now - st.gone.since >= GONE_CONFIRM_S
+
+
+def _in_place(path: Path, own: dict[str, Any]) -> dict[str, Any] | None:
+    """The delivered video's facts, with its file's mtime now, when ``path`` holds it whole:
+    a copy put back without its mtime is hashed once, not on every later run."""
+    try:
+        before = path.lstat().st_mtime_ns
+    except OSError:
+        return None
+    if not own_video_intact(path, own, verify=False):
+        return None
+    return {**own, "mtime_ns": before}
 
 
 def keep_unrecorded(job_id: str, vouched: str | None, final: Path, sha: str) -> None:
@@ -1328,18 +1457,6 @@ class _Facts:
 def _file_facts(path: Path) -> _Facts:
     st = path.stat()
     return _Facts(st.st_size, sha256_file(path), st.st_mtime_ns, probe_video(path))
-
-
-def _done_fields(st: JobState) -> dict[str, Any]:
-    """A done record's fields as the state holds them: to put a finished job back."""
-    fields: dict[str, Any] = {"file": st.file, "bytes": st.bytes, "sha256": st.sha256}
-    if st.mtime_ns is not None:
-        fields["mtime_ns"] = st.mtime_ns
-    if st.video is not None:
-        fields["video"] = st.video
-    if st.flags is not None:
-        fields["flags"] = st.flags
-    return fields
 
 
 def kept_name(out: Path, job_id: str, tag: str) -> Path:

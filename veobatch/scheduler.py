@@ -38,7 +38,7 @@ from .errors import (
     RateLimitedError,
     ServerError,
 )
-from .fsutil import entry_problem
+from .fsutil import entry_problem, is_regular
 from .images import ImageChangedError, Inliner
 from .jobs import Job, request_key, video_key
 from .jobview import compact_request
@@ -60,6 +60,7 @@ class Action(enum.Enum):
     HOLD_FAILED = "failed"  # failed earlier; left alone (see --retry-failed)
     LOOKUP = "lookup"  # may have been created: ask the usage logs before anything else
     BLOCKED = "blocked"  # to submit, but its video's name is taken by what cannot be kept aside
+    GONE = "gone"  # delivered, its file since moved or deleted, and the API no longer has it
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class JobPlan:
     reason: str
     state: JobState
     removed: bool = False  # in the ledger, no longer in the manifest (see removed_plans)
+    # Put the job's delivered video back on record first (a "restored" record: done, as it
+    # was; see own_video), then act: it is in place again, or is fetched again.
+    restore: bool = False
 
 
 # The flag of a finished video altered in place whose generation could not deliver it again:
@@ -83,6 +87,18 @@ KEPT_AS_FOUND = "altered after it was fetched, and its generation is gone: kept 
 REPOLL_KINDS = frozenset({"timeout", "download", "lost", "url_rejected", "other_key"})
 # Never sent: where its video goes stands something that cannot be kept aside (see blocked_by).
 OUTPUT_BLOCKED = "output_blocked"
+# A done job's file is damaged and its generation cannot deliver it again (written, for a
+# missing file too, by versions before the "gone" record: see _own_video_back).
+REFETCH_FAILED = "refetch_failed"
+# A done job's missing file the API said it no longer has is left as gone only when a run at
+# least this long after the first that found so finds so again: a 404 blip, or an API that
+# briefly forgot, must not settle it on one night; the next night's run asks again.
+GONE_CONFIRM_S = 12 * 3600.0
+# How a refetch of a done job's video could fail before the "gone" record (then a failure).
+_REFETCH_KINDS = REPOLL_KINDS | {REFETCH_FAILED, "generation_error"}
+GONE_WORDS = (
+    "delivered earlier; its file since moved or deleted, and the API no longer has the video"
+)
 
 
 def video_in_the_way(out_dir: Path, job_id: str, state: JobState) -> tuple[Path, str | None, str]:
@@ -158,31 +174,16 @@ def _plan_job(
         return JobPlan(job, action, reason, state)
 
     st = state.status
+    if st in ("pending", "failed"):
+        back = _own_video_back(job, state, out_dir, verify=verify, retry_failed=retry_failed)
+        if back is not None:
+            return back
     if st == "pending":
         return p(Action.SUBMIT, "new")
     if st == "done":
         if changed:
             return p(Action.SUBMIT, "request changed since it was made")
-        path = out_dir / (state.file or "")
-        if not file_matches(path, state.bytes, state.sha256, state.mtime_ns, deep=verify):
-            if not (state.file and path.is_file()):
-                return p(Action.REFETCH, "file missing: fetching it again")
-            return p(
-                Action.REFETCH,
-                "file altered since it was fetched: fetching it again (the altered file is"
-                f" then kept as {job.id}@<first 8 hex of its sha256>.mp4)",
-            )
-        if KEPT_AS_FOUND in (state.flags or ()):  # the user's edit, the original gone for good
-            return p(Action.SKIP, "done (altered after it was fetched, kept as found)")
-        if (state.video or {}).get("error"):  # recorded done by a version that let it pass
-            return p(Action.REFETCH, "file recorded as unreadable: fetching it again")
-        if verify and not mp4_file_complete(path):
-            return p(
-                Action.REFETCH, "file incomplete (its MP4 boxes do not add up): fetching it again"
-            )
-        if respelled(job, state):  # a default written out, say: the same video, kept
-            return p(Action.SKIP, "done (its request is written otherwise, same video)")
-        return p(Action.SKIP, "done")
+        return _plan_done(job, state, out_dir, verify=verify, retry_failed=retry_failed)
     if st in ("submitted", "completed"):
         suffix = (
             " (request changed: finishing the one paid for, then, delivered or not, the new one)"
@@ -215,6 +216,132 @@ def _plan_job(
     # "submitting" (a crash between intent and answer) or "uncertain": the POST may have
     # created a billed generation that we cannot see. Never resubmit blindly: ask the logs.
     return p(Action.LOOKUP, "submission outcome unknown: checking the usage logs")
+
+
+def _plan_done(
+    job: Job, state: JobState, out_dir: Path, *, verify: bool, retry_failed: bool
+) -> JobPlan:
+    """A finished job's action, its request unchanged: skipped while its file is intact."""
+    path = out_dir / (state.file or "")
+    if not file_matches(path, state.bytes, state.sha256, state.mtime_ns, deep=verify):
+        if not (state.file and is_regular(path)):  # a link there is not the video
+            return _plan_missing(job, state, retry_failed=retry_failed)
+        return JobPlan(
+            job,
+            Action.REFETCH,
+            "file altered since it was fetched: fetching it again (the altered file is"
+            f" then kept as {job.id}@<first 8 hex of its sha256>.mp4)",
+            state,
+        )
+    # A file a run found missing, and the API gone, is in place again (put back from an
+    # archive): on record as in place, so that it is not left as gone if it goes again.
+    back = state.gone is not None
+
+    def p(action: Action, reason: str) -> JobPlan:
+        return JobPlan(
+            job, action, reason + (" (in place again)" if back else ""), state, restore=back
+        )
+
+    if KEPT_AS_FOUND in (state.flags or ()):  # the user's edit, the original gone for good
+        return p(Action.SKIP, "done (altered after it was fetched, kept as found)")
+    if (state.video or {}).get("error"):  # recorded done by a version that let it pass
+        return p(Action.REFETCH, "file recorded as unreadable: fetching it again")
+    if verify and not mp4_file_complete(path):
+        return p(Action.REFETCH, "file incomplete (its MP4 boxes do not add up): fetching it again")
+    if respelled(job, state):  # a default written out, say: the same video, kept
+        return p(Action.SKIP, "done (its request is written otherwise, same video)")
+    return p(Action.SKIP, "done")
+
+
+def _plan_missing(job: Job, state: JobState, *, retry_failed: bool) -> JobPlan:
+    """A finished job whose file is not there: fetched again while the API may have it; once
+    it has said twice, far enough apart (GONE_CONFIRM_S), that it has not, left as it is: the
+    video was delivered, and its file moved (archived) or deleted since."""
+    gone = state.gone
+    if gone is None:
+        return JobPlan(job, Action.REFETCH, "file missing: fetching it again", state)
+    if not gone.settled:
+        return JobPlan(
+            job,
+            Action.REFETCH,
+            f"file missing, and the API said it no longer has the video ({gone.error.kind}):"
+            " asking again (a second answer so, at least"
+            f" {GONE_CONFIRM_S / 3600:.0f} h after the first, leaves it as gone)",
+            state,
+        )
+    if retry_failed:
+        return JobPlan(
+            job,
+            Action.SUBMIT,
+            f"{GONE_WORDS}: --retry-failed generates it anew (a new charge)",
+            state,
+        )
+    return JobPlan(
+        job,
+        Action.GONE,
+        f"{GONE_WORDS}: left as it is, never polled again; put the file back to have it in"
+        " place, or --retry-failed generates it anew (a new charge)",
+        state,
+    )
+
+
+def own_video(job: Job, state: JobState) -> dict[str, Any] | None:
+    """The video this job delivered for the request it asks now, as a "restored" record puts
+    it back: a done job's own, or the one a later record (a refetch that failed, an attempt
+    since) took off the state (JobState.delivered). With no request on record (``status``
+    has no manifest), any is taken for the same request."""
+    if state.status == "done":
+        return None if request_changed(job, state) or not state.file else done_facts(state)
+    own = state.delivered
+    if own is None or state.status not in ("pending", "failed"):
+        return None
+    if state.key is not None and own.get("key") != job.key:
+        return None
+    return own
+
+
+def done_facts(st: JobState) -> dict[str, Any]:
+    """A done record's fields as the state holds them: to put a finished job back."""
+    facts: dict[str, Any] = {"file": st.file, "bytes": st.bytes, "sha256": st.sha256}
+    if st.mtime_ns is not None:
+        facts["mtime_ns"] = st.mtime_ns
+    if st.video is not None:
+        facts["video"] = st.video
+    if st.flags is not None:
+        facts["flags"] = st.flags
+    return facts
+
+
+def _own_video_back(
+    job: Job, state: JobState, out_dir: Path, *, verify: bool, retry_failed: bool
+) -> JobPlan | None:
+    """A job not done whose delivered video is in place again: done again, never paid for
+    again. And one that an earlier version failed when it could not fetch its missing file
+    again (its facts taken off the record): done again, and fetched again, as a done job."""
+    own = own_video(job, state)
+    if own is None:
+        return None
+    path = out_dir / str(own.get("file") or final_name(job.id))
+    if own_video_intact(path, own, verify=verify):
+        why = f"done: its video {path.name} is in place again (the one on record): nothing sent"
+        return JobPlan(job, Action.SKIP, why, state, restore=True)
+    kind = state.error.kind if state.error else ""
+    gen = state.generation_id
+    refetched = kind in _REFETCH_KINDS and gen is not None and own.get("gen") == gen
+    if not refetched or is_regular(path) or (retry_failed and kind in (REFETCH_FAILED, "lost")):
+        return None
+    why = f"done earlier, its file missing and fetching it again failed ({kind}): asking again"
+    return JobPlan(job, Action.REFETCH, why, state, restore=True)
+
+
+def own_video_intact(path: Path, own: Mapping[str, Any], *, verify: bool) -> bool:
+    """Is the file at ``path`` the delivered video ``own`` records, and whole?"""
+    sha, size = own.get("sha256"), own.get("bytes")
+    if not file_matches(path, size, sha, own.get("mtime_ns"), deep=verify):
+        return False
+    if (own.get("video") or {}).get("error"):  # recorded unreadable: not a video to keep
+        return False
+    return not verify or mp4_file_complete(path)
 
 
 def plan_run(
@@ -376,7 +503,7 @@ def category(plan: JobPlan) -> str:
         return "new"
     if action in (Action.SUBMIT, Action.BLOCKED) and request_changed(plan.job, st):
         return "changed"
-    if action is Action.SKIP:
+    if action in (Action.SKIP, Action.GONE):
         return "unchanged"
     if st.status == "failed" and action in (Action.SUBMIT, Action.HOLD_FAILED, Action.BLOCKED):
         return "failed"

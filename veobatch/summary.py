@@ -24,8 +24,10 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
     """What cron mails: counts, then only what needs attention, then where things are."""
     extras = extras or RunExtras()
     c = report.counts
+    gone = f" ({len(report.gone)} of them gone)" if report.gone else ""
     head = (
-        f"veobatch: {jobs(total_jobs)}: {c.get('done', 0)} done, {c.get('failed', 0)} failed, "
+        f"veobatch: {jobs(total_jobs)}: {c.get('done', 0)} done{gone}, "
+        f"{c.get('failed', 0)} failed, "
         f"{len(report.uncertain)} uncertain, {len(report.pending)} not finished"
         + (f", {len(report.over_budget)} held back" if report.over_budget else "")
         + f" ({report.submitted} submitted this run, {report.polls} polls, "
@@ -54,6 +56,7 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
         )
     )
     lines.extend(_listing("not finished", report.pending))
+    lines.extend(gone_lines(report))
     lines.extend(
         _listing(
             "videos that differ from their request",
@@ -66,6 +69,31 @@ def run_summary(report: RunReport, total_jobs: int, extras: RunExtras | None = N
         lines.append(f"report: {extras.report_file}")
     # An API's words (an error message, a 403's body) must not forge a line of cron's mail.
     return [one_line(line) for line in lines]
+
+
+def gone_lines(report: RunReport) -> list[str]:
+    """Done jobs whose file is missing: not fetched again this run (asked again next run),
+    and gone (left as they are): those found so this run listed, the others only counted, for
+    an archive emptied every night would otherwise fill cron's mail with the same ids."""
+    lines = _listing(
+        "videos delivered earlier whose file is missing, not fetched again (no failure;"
+        " the next run tries again, at no charge)",
+        [f"{jid}: {why}" for jid, why in report.not_refetched],
+    )
+    lines.extend(
+        _listing(
+            "videos gone: delivered earlier, their files since moved or deleted, and the API no"
+            " longer has them (no failure; left as they are, never polled again; --retry-failed"
+            " generates them anew, a new charge)",
+            [f"{jid}: {why}" for jid, why in report.gone_now],
+        )
+    )
+    if earlier := len(report.gone) - len(report.gone_now):
+        lines.append(
+            f"{earlier} more video{'s' * (earlier != 1)} gone since earlier runs (files moved or"
+            " deleted, no longer at the API): left as they are (`veobatch status` lists them)"
+        )
+    return lines
 
 
 def recovered_line(adopted: int, unrecorded: int) -> str:
@@ -104,6 +132,8 @@ def summary_doc(
         "uncertain": list(report.uncertain),
         "not_finished": list(report.pending),
         "flagged": [{"id": jid, "flags": flags} for jid, flags in extras.flagged],
+        "not_refetched": [{"id": jid, "message": why} for jid, why in report.not_refetched],
+        "gone": list(report.gone),
     }
     doc: dict[str, Any] = {
         "event": "veobatch.run.finished",
@@ -293,6 +323,7 @@ _RERUN_WORD = {
     Action.HOLD_FAILED: "hold",
     Action.LOOKUP: "lookup",
     Action.BLOCKED: "blocked",
+    Action.GONE: "gone",
 }
 
 
