@@ -81,7 +81,7 @@ from .scheduler import (
     will_remake,
 )
 from .settings import RunSettings
-from .verify import Probe, check, probe_video
+from .verify import Probe, Verified, check, probe_video
 
 log = logging.getLogger(__name__)
 
@@ -988,11 +988,17 @@ class Runner:
             )
         self._finished(job_id)
 
+    def _check_as_asked(self, st: JobState, probe: Probe) -> Verified:
+        """The video against the request its generation was made for, as its intent recorded
+        it (a job edited since asks otherwise); an old ledger's intent holds none."""
+        job = self.jobs[st.id]
+        asked = st.request if st.request is not None else job.request
+        return check(probe, st.model or job.model, asked)
+
     async def _record_as_found(self, job_id: str, got: _Facts) -> None:
         """The file at a finished job's path, as it now is, on record as its video, flagged."""
-        st, job = self.ledger.state(job_id), self.jobs[job_id]
-        asked = st.request if st.request is not None else job.request  # None: an old ledger
-        checked = check(got.probe, st.model or job.model, asked)
+        st = self.ledger.state(job_id)
+        checked = self._check_as_asked(st, got.probe)
         if st.status == "done":  # "done" follows only "completed"
             await self.ledger.record("completed", job_id, durable=False)
         await self.ledger.record(
@@ -1103,13 +1109,8 @@ class Runner:
 
     async def _downloaded(self, job_id: str, got: Downloaded) -> None:
         self.download_failures.succeeded()
-        job = self.jobs[job_id]
         assert got.probe is not None
-        # Against what this generation was asked for, as its intent recorded it: a job edited
-        # since (finished, then remade) has its video checked against the old request.
-        st = self.ledger.state(job_id)
-        asked = st.request if st.request is not None else job.request  # None: an old ledger
-        checked = check(got.probe, st.model or job.model, asked)
+        checked = self._check_as_asked(self.ledger.state(job_id), got.probe)
         # Not waited for (the file is already on disk): lost in a crash, the next run
         # finds the job completed and fetches the video again, at no charge.
         self.ledger.dir_changed()
