@@ -533,6 +533,23 @@ def test_a_folder_no_run_wrote_is_refused_with_the_runs_in_it(
     assert not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.parametrize("command", ["status", "report"])
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_ledger_that_is_no_file_is_named_with_exit_3(
+    runner: CliRunner, tmp_path: Path, command: str, kind: str
+) -> None:
+    # As plan and run do: the ledger is there, it is what it is that is wrong.
+    ledger = tmp_path / "ledger.jsonl"
+    if kind == "directory":
+        ledger.mkdir()
+    else:
+        os.mkfifo(ledger)
+    res = runner.invoke(main, [command, str(tmp_path)])
+    assert res.exit_code == 3, res.output
+    assert f"{ledger} is a" in res.stderr and "has no ledger.jsonl" not in res.stderr
+    assert not (tmp_path / "report.html").exists()
+
+
 def test_a_run_from_another_directory_does_not_start_a_second_ledger(
     runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -652,7 +652,7 @@ def _need_dir(directory: Path) -> None:
     if not directory.is_dir():
         click.echo(f"veobatch: {directory} is not a directory", err=True)
         sys.exit(EXIT_USAGE)
-    if (directory / LEDGER_NAME).is_file():
+    if os.path.lexists(directory / LEDGER_NAME):  # not a file: the ledger's reader names it
         return
     found = sorted(p.parent for p in directory.glob(f"*/{LEDGER_NAME}"))
     hint = f"; run output folders in it: {', '.join(map(str, found[:5]))}" if found else ""
