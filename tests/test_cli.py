@@ -550,6 +550,17 @@ def test_a_ledger_that_is_no_file_is_named_with_exit_3(
     assert not (tmp_path / "report.html").exists()
 
 
+def test_plan_beside_a_results_row_whose_id_is_a_list_plans(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    # A hand-edited results.json and no ledger: such a row names no job, never a traceback.
+    out = ensure_dir(tmp_path / "out")
+    (out / "results.json").write_text('{"jobs":[{"id":["one"],"generation_id":"g"}]}')
+    res = runner.invoke(main, ["plan", str(write(tmp_path, GOOD)), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "would submit 2 generations" in res.stdout and "no ledger records" not in res.stderr
+
+
 def test_a_run_from_another_directory_does_not_start_a_second_ledger(
     runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2162,6 +2162,25 @@ async def test_a_lost_ledger_beside_finished_work_refuses_to_pay_again(
         assert "4 videos (job0.mp4, job1.mp4, job2.mp4, ...)" in message
 
 
+async def test_a_hand_edited_results_row_whose_id_is_no_string_names_no_job(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Beside an empty ledger, rows are read to tell whether this directory held these jobs: a
+    # row whose id is a list (unhashable) or a number is no job of the manifest's.
+    out = ensure_dir(tmp_path / "out")
+    rows = [{"id": ["job0"], "generation_id": "g"}, {"id": 7, "generation_id": "g"}, "job0"]
+    (out / "results.json").write_text(json.dumps({"jobs": rows}))
+    api = FakeApi(cdn, polls_to_finish=1)
+    report = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 0 and len(api.created) == 1
+    # One row that does name a job still counts.
+    (out / "ledger.jsonl").write_bytes(b"")
+    rows.append({"id": "job0", "generation_id": "g"})
+    (out / "results.json").write_text(json.dumps({"jobs": rows}))
+    with pytest.raises(LedgerError, match=r"results\.json records 1 submitted job and"):
+        await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+
+
 async def test_a_fresh_out_holding_a_same_named_file_runs_and_keeps_it(
     cdn: str, tmp_path: Path
 ) -> None:

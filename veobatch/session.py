@@ -56,7 +56,10 @@ def unrecorded_results(out: Path, jobs: Iterable[Job], states: Mapping[str, JobS
     generations = [
         row
         for row in result_rows(out)
-        if row.get("id") in ids and (row.get("generation_id") or row.get("attempts"))
+        # A hand-edited row whose id is no string (a list: unhashable) names none of them.
+        if isinstance(row.get("id"), str)
+        and row["id"] in ids
+        and (row.get("generation_id") or row.get("attempts"))
     ]
     found = []
     if generations:
