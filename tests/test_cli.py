@@ -533,6 +533,34 @@ def test_a_folder_no_run_wrote_is_refused_with_the_runs_in_it(
     assert not (tmp_path / "report.html").exists()
 
 
+@pytest.mark.parametrize("command", ["status", "report"])
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+def test_a_ledger_that_is_no_file_is_named_with_exit_3(
+    runner: CliRunner, tmp_path: Path, command: str, kind: str
+) -> None:
+    # As plan and run do: the ledger is there, it is what it is that is wrong.
+    ledger = tmp_path / "ledger.jsonl"
+    if kind == "directory":
+        ledger.mkdir()
+    else:
+        os.mkfifo(ledger)
+    res = runner.invoke(main, [command, str(tmp_path)])
+    assert res.exit_code == 3, res.output
+    assert f"{ledger} is a" in res.stderr and "has no ledger.jsonl" not in res.stderr
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_plan_beside_a_results_row_whose_id_is_a_list_plans(
+    runner: CliRunner, tmp_path: Path
+) -> None:
+    # A hand-edited results.json and no ledger: such a row names no job, never a traceback.
+    out = ensure_dir(tmp_path / "out")
+    (out / "results.json").write_text('{"jobs":[{"id":["one"],"generation_id":"g"}]}')
+    res = runner.invoke(main, ["plan", str(write(tmp_path, GOOD)), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "would submit 2 generations" in res.stdout and "no ledger records" not in res.stderr
+
+
 def test_a_run_from_another_directory_does_not_start_a_second_ledger(
     runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -40,7 +40,7 @@ from veobatch.errors import (
     ServerError,
 )
 from veobatch.fsutil import DirLock, ensure_dir
-from veobatch.jobs import Job, Manifest
+from veobatch.jobs import Job, Manifest, request_key, variant_seed
 from veobatch.jobview import compact_request
 from veobatch.ledger import (
     ErrorInfo,
@@ -50,6 +50,7 @@ from veobatch.ledger import (
     parse_journal,
     restore_fields,
 )
+from veobatch.manifest import parse_manifest
 from veobatch.poller import Tracked
 from veobatch.runner import (
     MAX_URL_REFRESHES,
@@ -2345,6 +2346,25 @@ async def test_a_lost_ledger_beside_finished_work_refuses_to_pay_again(
         assert "4 videos (job0.mp4, job1.mp4, job2.mp4, ...)" in message
 
 
+async def test_a_hand_edited_results_row_whose_id_is_no_string_names_no_job(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Beside an empty ledger, rows are read to tell whether this directory held these jobs: a
+    # row whose id is a list (unhashable) or a number is no job of the manifest's.
+    out = ensure_dir(tmp_path / "out")
+    rows = [{"id": ["job0"], "generation_id": "g"}, {"id": 7, "generation_id": "g"}, "job0"]
+    (out / "results.json").write_text(json.dumps({"jobs": rows}))
+    api = FakeApi(cdn, polls_to_finish=1)
+    report = await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+    assert report.exit_code == 0 and len(api.created) == 1
+    # One row that does name a job still counts.
+    (out / "ledger.jsonl").write_bytes(b"")
+    rows.append({"id": "job0", "generation_id": "g"})
+    (out / "results.json").write_text(json.dumps({"jobs": rows}))
+    with pytest.raises(LedgerError, match=r"results\.json records 1 submitted job and"):
+        await run(manifest(1, tmp_path), settings(tmp_path), api=api)
+
+
 async def test_a_fresh_out_holding_a_same_named_file_runs_and_keeps_it(
     cdn: str, tmp_path: Path
 ) -> None:
@@ -3197,3 +3217,84 @@ async def test_look_ups_holding_every_slot_do_not_keep_out_the_create_that_settl
         report = await run(m, s, api=api)
     assert report.exit_code == 0 and report.counts == {"done": 2}, report.states
     assert len(api.created) == 2  # job1, then job0 once job1's row proved it never sent
+
+
+# --- derived ids: a default written out is the same video, under the same id ---------------
+
+_DERIVED_JOBS = """version: 1
+{defaults}jobs:
+  - {{model: google/veo-3.1-t2v-fast, prompt: a cat, duration: 4}}
+  - {{model: google/veo-3.1-t2v-fast, prompt: a dog, duration: 4, variants: 3}}
+  - model: google/veo-3.1-t2v-fast
+    prompt: a bird
+    duration: 4
+    matrix: {{aspect_ratio: ["16:9", "9:16"]}}
+"""
+
+
+def _derived_manifest(tmp: Path, defaults: str = "", prompt: str = "a cat") -> Manifest:
+    text = _DERIVED_JOBS.format(defaults=defaults).replace("a cat", prompt)
+    return parse_manifest(text, path=tmp / "m.yaml")
+
+
+def _as_named_before(m: Manifest) -> Manifest:
+    """``m`` as versions before named its id-less jobs: by their request as written (and each
+    take seeded by that id), a default written out giving other ids and seeds."""
+    jobs = []
+    for job in m.jobs:
+        if not job.seeded_take:
+            jobs.append(replace(job, id=f"t2v-fast-{request_key(job.request)[:10]}"))
+            continue
+        unseeded = {k: v for k, v in job.request.items() if k != "seed"}
+        base = f"t2v-fast-{request_key(unseeded)[:10]}"
+        seed = variant_seed(base, job.seeded_take)
+        jobs.append(
+            replace(job, id=f"{base}-{job.seeded_take}", request={**job.request, "seed": seed})
+        )
+    return replace(m, jobs=tuple(jobs))
+
+
+async def test_a_default_written_out_on_id_less_jobs_pays_for_nothing_again(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Derived ids were made from the request as written: adding `resolution: 1080p` (the
+    # model's default) gave every id-less job, take and combination a new id, and paid again.
+    plain = _derived_manifest(tmp_path)
+    assert len(plain.jobs) == 6 and all(j.derived for j in plain.jobs)
+    first = FakeApi(cdn, polls_to_finish=1)
+    assert (await run(plain, settings(tmp_path), api=first)).counts == {"done": 6}
+    assert len(first.created) == 6
+    for defaults in ("defaults: {resolution: 1080p}\n", "defaults: {provider: AUTO}\n", ""):
+        m = _derived_manifest(tmp_path, defaults)
+        assert [j.id for j in m.jobs] == [j.id for j in plain.jobs], defaults
+        api = FakeApi(cdn, polls_to_finish=1)
+        report = await run(m, settings(tmp_path), api=api)
+        assert report.counts == {"done": 6} and api.created == [], defaults
+    # A real change is a new video, under a new id.
+    api = FakeApi(cdn, polls_to_finish=1)
+    report = await run(_derived_manifest(tmp_path, prompt="a lion"), settings(tmp_path), api=api)
+    assert len(api.created) == 1 and report.counts == {"done": 6}
+
+
+async def test_a_ledger_that_named_id_less_jobs_by_a_default_written_out_pays_for_nothing(
+    cdn: str, tmp_path: Path
+) -> None:
+    # A ledger from before knows these jobs by ids made from the request with its default
+    # written out: after the upgrade the same manifest, or one without the default, takes
+    # those ids back (and each take its seed), never paying again.
+    with_default = _derived_manifest(tmp_path, "defaults: {resolution: 1080p}\n")
+    before = _as_named_before(with_default)
+    assert not {j.id for j in before.jobs} & {j.id for j in with_default.jobs}
+    first = FakeApi(cdn, polls_to_finish=1)
+    assert (await run(before, settings(tmp_path), api=first)).counts == {"done": 6}
+    for m in (with_default, _derived_manifest(tmp_path), with_default):
+        api = FakeApi(cdn, polls_to_finish=1)
+        report = await run(m, settings(tmp_path), api=api)
+        assert api.created == [] and report.counts == {"done": 6}
+        assert sorted(report.states) == sorted(j.id for j in before.jobs)
+        rows = json.loads((tmp_path / "out" / "results.json").read_text())["jobs"]
+        assert [r["id"] for r in rows] == [j.id for j in before.jobs]
+    api = FakeApi(cdn, polls_to_finish=1)
+    changed = _derived_manifest(tmp_path, "defaults: {resolution: 1080p}\n", prompt="a lion")
+    await run(changed, settings(tmp_path), api=api)
+    assert api.created == ["g0-a lion"]

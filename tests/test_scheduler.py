@@ -28,7 +28,7 @@ from veobatch.errors import (
     RedirectedError,
     ServerError,
 )
-from veobatch.jobs import Job
+from veobatch.jobs import Job, derived_id, request_key
 from veobatch.jobview import compact_request
 from veobatch.ledger import ErrorInfo, Gone, JobState, Ledger, load_states, parse_journal, replay
 from veobatch.manifest import load_manifest, slug
@@ -39,6 +39,7 @@ from veobatch.scheduler import (
     Action,
     SubmitOutcome,
     Submitter,
+    adopt_recorded_ids,
     backoff_delay_s,
     category,
     client_request_id,
@@ -1293,3 +1294,32 @@ async def test_a_request_the_api_refuses_is_logged_as_every_failure_is(
     [line] = [r.getMessage() for r in caplog.records]
     assert line == "failed job=a kind=invalid_request: Body validation error"
     ledger.close()
+
+
+def test_a_recorded_derived_id_is_taken_back_once_and_never_by_a_written_id() -> None:
+    # The ledger knows a video by the id its request with a default written out gave; the
+    # manifest now derives another id for it. The first derived job asking that video takes
+    # the recorded id back; a second, and a job whose id is written, keep their own.
+    written = {"model": "google/veo-3.1-t2v", "prompt": "p", "resolution": "1080p"}
+    old_id = f"t2v-{request_key(written)[:10]}"
+    job = Job(derived_id(written), {"model": "google/veo-3.1-t2v", "prompt": "p"}, derived=True)
+    assert job.id != old_id and job.vkey == Job("x", written).vkey
+    recorded = JobState(
+        old_id, "done", key=request_key(written), vkey=job.vkey, model=written["model"]
+    )
+    twin = Job("t2v-0123456789", job.request, derived=True)
+    mine = Job("mine", job.request)
+    states = {old_id: recorded}
+    assert [j.id for j in adopt_recorded_ids([mine, job, twin], states)] == [
+        "mine",
+        old_id,
+        twin.id,
+    ]
+    # Not when the manifest lists that id, nor for another model's or a non-derived id.
+    assert adopt_recorded_ids([job, Job(old_id, written)], states)[0] is job
+    other = JobState(
+        "t2v-fast-0123456789", "done", key=recorded.key, vkey=job.vkey, model=written["model"]
+    )
+    assert adopt_recorded_ids([job], {other.id: other}) == [job]
+    named = JobState("hero", "done", key=recorded.key, vkey=job.vkey, model=recorded.model)
+    assert adopt_recorded_ids([job], {"hero": named}) == [job]

@@ -53,7 +53,7 @@ from .outcome import run_extras
 from .progress import LiveProgress, LogProgress
 from .report import REPORT_NAME, write_report
 from .runner import EXIT_CONFIG, EXIT_USAGE, RunReport, Snapshot
-from .scheduler import plan_run
+from .scheduler import adopt_recorded_manifest, plan_run
 from .session import NO_KEY, run, unrecorded_results
 from .settings import RunSettings, Secret, resolve_settings
 from .summary import (
@@ -502,6 +502,7 @@ def run_cmd(
         )
         _leave_hung_up_terminal()
     report_file = None
+    m = adopt_recorded_manifest(m, report.states)  # as the run named its jobs
     try:
         if make_report and not report.interrupted:
             report_file = _final_report(m, report)
@@ -623,6 +624,7 @@ def plan_cmd(
             err=True,
         )
     states = _guard(lambda: load_states(out))
+    m = adopt_recorded_manifest(m, states)
     # The run's own precedence (command line over manifest); no environment: plan sends nothing.
     cli = {"retry_failed": retry_failed or None, "max_cost_usd": max_cost}
     s = _guard(lambda: resolve_settings(out, m.settings, cli, env={}))
@@ -650,7 +652,7 @@ def _need_dir(directory: Path) -> None:
     if not directory.is_dir():
         click.echo(f"veobatch: {directory} is not a directory", err=True)
         sys.exit(EXIT_USAGE)
-    if (directory / LEDGER_NAME).is_file():
+    if os.path.lexists(directory / LEDGER_NAME):  # not a file: the ledger's reader names it
         return
     found = sorted(p.parent for p in directory.glob(f"*/{LEDGER_NAME}"))
     hint = f"; run output folders in it: {', '.join(map(str, found[:5]))}" if found else ""

@@ -18,6 +18,8 @@ from .catalogue import CASE_INSENSITIVE, get_model
 from .errors import Problem
 from .jobview import requested_duration_s
 
+MODEL_PREFIX = "google/veo-3.1-"  # dropped from a derived id
+
 
 def canonical_json(value: Any) -> str:
     """One spelling per value, so equal requests hash equally across runs and machines."""
@@ -41,6 +43,19 @@ def video_key(request: Mapping[str, Any], key: str | None = None) -> str:
     if same is None:
         return key if key is not None else request_key(request)
     return request_key(same)
+
+
+def derived_id(request: Mapping[str, Any]) -> str:
+    """Stable across runs and machines: the same video asked for always gets the same id,
+    however it is written (a default written out, a provider's case: :func:`video_key`)."""
+    short = str(request["model"]).removeprefix(MODEL_PREFIX)
+    return f"{short}-{video_key(request)[:10]}"
+
+
+def variant_seed(base_id: str, n: int) -> int:
+    """Stable per (job, take): a rerun asks for the same takes, a new take for a new number."""
+    digest = hashlib.sha256(f"{base_id}#{n}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def _same_video(request: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -132,6 +147,11 @@ class Job:
     # of, so a 5 MB inlined image is never hashed once per job. None: the request itself.
     identity: Mapping[str, Any] | None = None
     source: str | None = None  # the file the job was written in, when not the manifest
+    # Its id is made from its request (:func:`derived_id`), none being written: a ledger from
+    # before may know it by the id its request's written spelling made (see scheduler).
+    derived: bool = False
+    # Take n of variants whose seed is made from the job's id (:func:`variant_seed`); 0: not.
+    seeded_take: int = 0
 
     @property
     def model(self) -> str:

@@ -22,12 +22,11 @@ from typing import Any
 from .catalogue import ALL_FIELDS, MODELS, ModelSpec
 from .errors import ManifestError, Problem
 from .images import ImageStore, LocalImage, is_local_reference
-from .jobs import Job, Manifest, ManifestSettings, canonical_json
+from .jobs import Job, Manifest, ManifestSettings, canonical_json, derived_id, variant_seed
 from .manifest_checks import (
     At,
     Defaults,
     Report,
-    derived_id,
     describe,
     id_problem,
     int_in_range,
@@ -172,6 +171,7 @@ class _Built:
     # Only its id is known (the job has an error): still checked against the others' ids, so
     # a duplicate is reported along with the job's other problems.
     origin: _Origin | None = None  # None for a placeholder
+    seeded_take: int = 0  # take n of variants given a seed made from the id; 0: not
 
     @property
     def placeholder(self) -> bool:
@@ -244,12 +244,6 @@ def fit_id(text: str) -> str:
         return text
     digest = hashlib.sha256(text.encode()).hexdigest()[:10]
     return f"{text[: MADE_ID_MAX_LEN - len(digest) - 1]}-{digest}"
-
-
-def variant_seed(base_id: str, n: int) -> int:
-    """Stable per (job, take): a rerun asks for the same takes, a new take for a new number."""
-    digest = hashlib.sha256(f"{base_id}#{n}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 def variant_ids(base_id: str, count: int) -> list[str]:
@@ -376,6 +370,8 @@ class _Validator:
             built.line,
             identity=_own_copy(identity),
             source=source,
+            derived=built.written_id is None,
+            seeded_take=built.seeded_take,
         )
 
     def _top(self) -> dict[Any, Any] | None:
@@ -638,9 +634,10 @@ class _Validator:
             base = self._combo_id(job_id, combo, identity)
             origin = _Origin(variants, "seed" in body, variants > 1 and "seed" in model.fields)
             takes = expand_variants(base, body, identity, model, variants)
+            seeded = origin.reseeded and not origin.seed_written
             built.extend(
-                _Built(index, line, i, job_id, id_pos, b, k, report, origin=origin)
-                for i, b, k in takes
+                _Built(index, line, i, job_id, id_pos, b, k, report, origin, n * seeded)
+                for n, (i, b, k) in enumerate(takes, start=1)
             )
         return built
 

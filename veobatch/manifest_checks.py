@@ -18,11 +18,9 @@ from urllib.parse import SplitResult, urlsplit
 from .catalogue import ALL_FIELDS, CASE_INSENSITIVE, MODELS, FieldSpec, ModelSpec
 from .errors import Problem
 from .images import ImageStore, is_local_reference, read_picture
-from .jobs import request_key
 from .yamlpos import Path as KeyPath
 from .yamlpos import Pos, SourceMap
 
-MODEL_PREFIX = "google/veo-3.1-"
 ID_MAX_LEN = 100
 MAX_VARIANTS = 100
 _ID_CHAR = re.compile(r"[A-Za-z0-9._-]")
@@ -531,12 +529,6 @@ def int_in_range(
 def variants_value(report: Report, value: Any, at: KeyPath) -> int | None:
     expected = f"a number of takes from 1 to {MAX_VARIANTS}"
     return int_in_range(report, value, at, 1, MAX_VARIANTS, expected)
-
-
-def derived_id(request: dict[str, Any]) -> str:
-    """Stable across runs and machines: the same request always gets the same id."""
-    short = str(request["model"]).removeprefix(MODEL_PREFIX)
-    return f"{short}-{request_key(request)[:10]}"
 
 
 # --- collecting problems -------------------------------------------------------------------

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence, Set
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from .errors import (
 )
 from .fsutil import entry_problem, is_regular
 from .images import ImageChangedError, Inliner
-from .jobs import Job, request_key, video_key
+from .jobs import MODEL_PREFIX, Job, Manifest, request_key, variant_seed, video_key
 from .jobview import compact_request
 from .ledger import EARLIER_POST, JobState, Ledger, restore_fields
 from .outage import OutageLog
@@ -151,6 +151,90 @@ def recorded_video_key(state: JobState) -> str | None:
         return None
     request = {"model": state.model, **state.request}
     return video_key(request, state.key) if request_key(request) == state.key else None
+
+
+# A derived id (jobs.derived_id), with its take's number when it is one of several.
+_DERIVED_ID = re.compile(r"(?P<base>(?P<short>.+)-[0-9a-f]{10})(?:-(?P<take>[1-9][0-9]*))?")
+
+
+def adopt_recorded_manifest(manifest: Manifest, states: Mapping[str, JobState]) -> Manifest:
+    """``manifest`` with its jobs' ids as :func:`adopt_recorded_ids` gives them."""
+    jobs = adopt_recorded_ids(manifest.jobs, states)
+    if all(a is b for a, b in zip(jobs, manifest.jobs, strict=True)):
+        return manifest
+    return replace(manifest, jobs=tuple(jobs))
+
+
+def adopt_recorded_ids(jobs: Sequence[Job], states: Mapping[str, JobState]) -> list[Job]:
+    """``jobs``, each one whose id is derived and unknown to the ledger under the id the ledger
+    knows its video by, when that is another derived id the manifest no longer lists.
+
+    Derived ids were once made from the request as written, so a default written out gave
+    another id than the same video without it; ledgers from then know those jobs by those ids.
+    Matched by model, take number and video (for takes whose seed was made from the id, by the
+    seed that id gave: the job takes that seed back). Each recorded id is taken once; an id
+    written in the manifest is never changed."""
+    listed = {job.id for job in jobs}
+    if not any(job.derived and job.id not in states for job in jobs):
+        return list(jobs)
+    found: dict[tuple[str, str | None, str], list[tuple[JobState, int | None]]] = {}
+    for st in states.values():
+        m = _DERIVED_ID.fullmatch(st.id)
+        if st.id in listed or m is None or st.key is None or not st.model:
+            continue
+        if m["short"] != st.model.removeprefix(MODEL_PREFIX):
+            continue
+        for key in dict.fromkeys((st.key, recorded_video_key(st))):
+            if key is not None:
+                found.setdefault((st.model, m["take"], key), []).append((st, None))
+        if m["take"] is not None and (unseeded := _unseeded_key(st, m["base"], int(m["take"]))):
+            seed = variant_seed(m["base"], int(m["take"]))
+            found.setdefault((st.model, "seeded" + m["take"], unseeded), []).append((st, seed))
+    taken: set[str] = set()
+    out = []
+    for job in jobs:
+        m = _DERIVED_ID.fullmatch(job.id)
+        if not job.derived or job.id in states or m is None:
+            out.append(job)
+            continue
+        out.append(_take_back(job, m["take"], found, taken))
+    return out
+
+
+def _take_back(
+    job: Job,
+    take: str | None,
+    found: Mapping[tuple[str, str | None, str], list[tuple[JobState, int | None]]],
+    taken: set[str],
+) -> Job:
+    """``job`` under the first recorded id not yet taken that made its video, else itself."""
+    wanted = [(take, job.vkey), (take, job.key)]
+    if job.seeded_take:
+        unseeded = dict(job.identity if job.identity is not None else job.request)
+        unseeded.pop("seed", None)
+        wanted.append(("seeded" + str(job.seeded_take), video_key(unseeded)))
+    for which, key in wanted:
+        for st, seed in found.get((job.model, which, key), ()):
+            if st.id in taken:
+                continue
+            taken.add(st.id)
+            if seed is None:
+                return replace(job, id=st.id)
+            identity = None if job.identity is None else {**job.identity, "seed": seed}
+            return replace(job, id=st.id, request={**job.request, "seed": seed}, identity=identity)
+    return job
+
+
+def _unseeded_key(st: JobState, base: str, take: int) -> str | None:
+    """The video key of the ledger's request without its seed, when that seed is the one
+    take ``take`` of derived id ``base`` was given (so a job may take it back); else None."""
+    if st.request is None or st.request.get("seed") != variant_seed(base, take):
+        return None
+    request = {"model": st.model, **st.request}
+    if request_key(request) != st.key:  # images summarised: not the request itself
+        return None
+    del request["seed"]
+    return video_key(request)
 
 
 def plan_job(

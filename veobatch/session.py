@@ -30,7 +30,7 @@ from .jobs import Job, Manifest
 from .ledger import LEDGER_NAME, RESULTS_NAME, JobState, Ledger, result_rows
 from .report import REPORT_NAME, THUMBS_DIR
 from .runner import Runner, RunReport, Snapshot
-from .scheduler import JobPlan, plan_run
+from .scheduler import JobPlan, adopt_recorded_manifest, plan_run
 from .settings import ENV_BASE_URL, ENV_KEY, RunSettings, sends_key_in_clear
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,10 @@ def unrecorded_results(out: Path, jobs: Iterable[Job], states: Mapping[str, JobS
     generations = [
         row
         for row in result_rows(out)
-        if row.get("id") in ids and (row.get("generation_id") or row.get("attempts"))
+        # A hand-edited row whose id is no string (a list: unhashable) names none of them.
+        if isinstance(row.get("id"), str)
+        and row["id"] in ids
+        and (row.get("generation_id") or row.get("attempts"))
     ]
     found = []
     if generations:
@@ -214,6 +217,7 @@ async def _run(
         if not (out / THUMBS_DIR).is_symlink():  # then its temporary files are not ours
             remove_stale_temps(out / THUMBS_DIR, time.time(), ANY_TEMP)
         control = _Control(Ledger.open(out, offload=disk), last_words=last_words)
+        manifest = adopt_recorded_manifest(manifest, control.ledger.states)
         try:
             _refuse_unrecorded(out, manifest, control.ledger)
         except LedgerError:
