@@ -1323,3 +1323,33 @@ def test_a_recorded_derived_id_is_taken_back_once_and_never_by_a_written_id() ->
     assert adopt_recorded_ids([job], {other.id: other}) == [job]
     named = JobState("hero", "done", key=recorded.key, vkey=job.vkey, model=recorded.model)
     assert adopt_recorded_ids([job], {"hero": named}) == [job]
+
+
+@pytest.mark.parametrize("order", ["failed first", "done first"])
+def test_of_two_recorded_ids_of_one_video_the_exact_and_delivered_one_is_taken_back(
+    order: str,
+) -> None:
+    # An old ledger held the same video under two ids (a default written out two ways); the
+    # first in ledger order had failed. Taken back, it held the job failed every night, and
+    # --retry-failed paid for a video the folder already had under the other id.
+    model = "google/veo-3.1-t2v"
+    r1 = {"model": model, "prompt": "p", "resolution": "1080p"}
+    r2 = {"model": model, "prompt": "p", "duration": 8}
+    id1, id2 = f"t2v-{request_key(r1)[:10]}", f"t2v-{request_key(r2)[:10]}"
+    job = Job(derived_id(r2), r2, derived=True)
+    failed = JobState(
+        id1,
+        "failed",
+        key=request_key(r1),
+        vkey=job.vkey,
+        model=model,
+        error=ErrorInfo("generation_error", "the API said error"),
+    )
+    done = JobState(id2, "done", key=request_key(r2), vkey=job.vkey, model=model)
+    pair = [failed, done] if order == "failed first" else [done, failed]
+    states = {st.id: st for st in pair}
+    assert [j.id for j in adopt_recorded_ids([job], states)] == [id2]
+    # Asking the same video in a third spelling: the delivered one, not the failed one.
+    plain = {"model": model, "prompt": "p"}
+    bare = Job(derived_id(plain), plain, derived=True)
+    assert [j.id for j in adopt_recorded_ids([bare], states)] == [id2]

@@ -207,14 +207,17 @@ def _take_back(
     found: Mapping[tuple[str, str | None, str], list[tuple[JobState, int | None]]],
     taken: set[str],
 ) -> Job:
-    """``job`` under the first recorded id not yet taken that made its video, else itself."""
-    wanted = [(take, job.vkey), (take, job.key)]
+    """``job`` under a recorded id not yet taken that made its video, else itself: the one of
+    its very request first, then of the same video written otherwise; among several, the one
+    that delivered it before one still making it, and a failed one last (its id would hold
+    the job failed, and --retry-failed pay for a video the folder already has)."""
+    wanted = [(take, job.key), (take, job.vkey)]
     if job.seeded_take:
         unseeded = dict(job.identity if job.identity is not None else job.request)
         unseeded.pop("seed", None)
         wanted.append(("seeded" + str(job.seeded_take), video_key(unseeded)))
     for which, key in wanted:
-        for st, seed in found.get((job.model, which, key), ()):
+        for st, seed in sorted(found.get((job.model, which, key), ()), key=_adoption_rank):
             if st.id in taken:
                 continue
             taken.add(st.id)
@@ -223,6 +226,11 @@ def _take_back(
             identity = None if job.identity is None else {**job.identity, "seed": seed}
             return replace(job, id=st.id, request={**job.request, "seed": seed}, identity=identity)
     return job
+
+
+def _adoption_rank(candidate: tuple[JobState, int | None]) -> int:
+    status = candidate[0].status
+    return 0 if status == "done" else 2 if status == "failed" else 1
 
 
 def _unseeded_key(st: JobState, base: str, take: int) -> str | None:
