@@ -52,6 +52,38 @@ from veobatch.scheduler import (
 JOB = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "p"})
 
 
+def test_a_video_put_back_is_known_when_its_request_is_written_otherwise_since(
+    tmp_path: Path,
+) -> None:
+    # Delivered for the request with its default written out, then archived, its refetch
+    # failed; the manifest since drops the default: the same video. Compared by the raw key
+    # alone, the file put back was not the job's, and --retry-failed paid for it again.
+    written = Job("a", {**JOB.request, "resolution": "1080p"})
+    assert written.key != JOB.key and written.vkey == JOB.vkey
+    content = b"\x00\x00\x00\x18ftypmp42"
+    done = {"file": "a.mp4", "bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    records = [
+        {"t": 1, "ev": "intent", "job": "a", "crid": "c", "key": written.key, "vkey": JOB.vkey},
+        {"t": 2, "ev": "submitted", "job": "a", "gen": "g"},
+        {"t": 3, "ev": "completed", "job": "a", "url": "u"},
+        {"t": 4, "ev": "done", "job": "a", **done},
+        {"t": 5, "ev": "failed", "job": "a", "kind": "refetch_failed", "message": "missing"},
+    ]
+    state = replay(records)["a"]
+    (tmp_path / "a.mp4").write_bytes(content)  # copied back
+    for retry_failed in (False, True):
+        plan = plan_job(JOB, state, tmp_path, retry_failed=retry_failed)
+        assert (plan.action, plan.restore) == (Action.SKIP, True)
+    other = Job("a", {**JOB.request, "resolution": "720p"})  # another video: not this file
+    assert plan_job(other, state, tmp_path, retry_failed=True).action is Action.SUBMIT
+    # Put back on record, it is done for the request as the manifest now writes it.
+    own = state.delivered
+    assert own is not None
+    restored = replay([*records, {"t": 6, "ev": "restored", "job": "a", **own}])["a"]
+    assert (restored.status, restored.key, restored.vkey) == ("done", written.key, JOB.vkey)
+    assert plan_job(JOB, restored, tmp_path).action is Action.SKIP
+
+
 def st(status: str, **kw: Any) -> JobState:
     s = JobState("a", status=status, key=kw.pop("key", JOB.key), **kw)  # type: ignore[arg-type]
     return s

@@ -235,6 +235,7 @@ def _delivered(s: JobState) -> dict[str, Any] | None:
         "video": s.video,
         "flags": s.flags,
         "key": s.key,
+        "vkey": s.vkey,  # the same video, written otherwise since, is still this one
         "gen": s.generation_id,
     }
     return {k: v for k, v in facts.items() if v is not None}
@@ -260,7 +261,8 @@ def _on_gone(s: JobState, r: Mapping[str, Any]) -> None:
 def _on_restored(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "done"
     _take_file(s, r)
-    s.key = r.get("key", s.key)
+    if "key" in r:  # set together: a video key belongs to its own key
+        s.key, s.vkey = r["key"], r.get("vkey")
     s.generation_id = r.get("gen", s.generation_id)
     s.video_url = None
     s.error = None

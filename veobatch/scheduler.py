@@ -387,8 +387,8 @@ def own_video(job: Job, state: JobState) -> dict[str, Any] | None:
     own = state.delivered
     if own is None or state.status not in ("pending", "failed"):
         return None
-    if state.key is not None and own.get("key") != job.key:
-        return None
+    if state.key is not None and own.get("key") != job.key and own.get("vkey") != job.vkey:
+        return None  # another request's (the same video written otherwise is this one's)
     return own
 
 
