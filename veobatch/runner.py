@@ -919,8 +919,7 @@ class Runner:
             with contextlib.suppress(OSError):  # gone meanwhile: the next run finds it missing
                 got = await self.ledger.offload(lambda: _file_facts(path))
         if got is None:
-            if st.status == "completed":  # polled this run: done again, as it was
-                await self.ledger.record("done", job_id, durable=False, **done_facts(st))
+            await self._done_as_it_was(st)
             log.warning(
                 "refetch failed job=%s kind=%s: %s; %s, altered since it was fetched, stays as"
                 " it is, and the next run fetches the original again",
@@ -946,15 +945,19 @@ class Runner:
         self._finished(job_id)
         return True
 
+    async def _done_as_it_was(self, st: JobState) -> JobState:
+        """A finished job polled again this run (its refetch failed): done again, as it was."""
+        if st.status != "completed":
+            return st
+        await self.ledger.record("done", st.id, durable=False, **done_facts(st))
+        return self.ledger.state(st.id)
+
     async def _missing_kept(self, job_id: str, kind: str, message: str) -> None:
         """A finished video whose file is missing (moved to an archive, deleted) could not be
         fetched again: the job stays done, its record as it was. Once the API has said, on
         two runs far enough apart, that it no longer has the video, the job is left as gone;
         until then, and after a timeout or a failed download, the next run asks again."""
-        st = self.ledger.state(job_id)
-        if st.status == "completed":  # polled this run: done again, as it was
-            await self.ledger.record("done", job_id, durable=False, **done_facts(st))
-            st = self.ledger.state(job_id)
+        st = await self._done_as_it_was(self.ledger.state(job_id))
         name, gen = st.file, st.generation_id
         if kind not in GONE_KINDS:
             why = f"{name} is missing and fetching it again failed ({kind}: {message})"
