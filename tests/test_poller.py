@@ -501,3 +501,31 @@ async def test_polls_left_unanswered_by_the_thousand_are_a_few_lines_too(
     said = await _outage_of_40_s(NoAnswerError("no answer within the poll timeout"), caplog)
     assert len(said) <= 4, said
     assert said[0].startswith("poll unanswered job=0: ")
+
+
+@pytest.mark.parametrize("n", [1, 3])
+async def test_a_delivered_video_asked_again_alone_is_lost_after_minutes_of_404s(n: int) -> None:
+    # An archive-only night: every poll is a refetch of a video delivered earlier and gone
+    # from the API. With nothing else answered, each was polled for the whole job timeout,
+    # every night, and never settled as gone. Its 404s count on their own: 5 minutes, not 30.
+    def answer(gen: str, now: float) -> str | ApiError:
+        return NotFoundError("HTTP 404", status=404)
+
+    clock = FakeClock()
+    api = ClockedApi(clock, answer)
+    sink = Sink()
+    poller = Poller(api, sink, PollSettings(), clock=clock, rng=random.Random(0))
+    for i in range(n):
+        poller.track(
+            f"j{i}", f"g{i}", model="m", age_s=86400, remaining_s=1800, first=False, delivered=True
+        )
+    ended: dict[str, float] = {}
+    while (due := poller._schedule.next_due()) is not None:
+        clock.now = max(clock.now, due)
+        for key in poller._schedule.pop_due(clock.now):
+            if (t := poller._tracked.get(key)) is not None:
+                await poller._poll_one(t)
+                if key not in poller._tracked:
+                    ended[key] = clock.now
+    assert sorted(sink.lost) == [f"j{i}" for i in range(n)] and sink.timed_out == []
+    assert all(NOT_FOUND_STREAK_S <= at <= NOT_FOUND_STREAK_S + 20 for at in ended.values())

@@ -25,6 +25,7 @@ from local_server import serve
 from mp4s import FTYP, box, mp4
 from run_helpers import dead_host
 
+import veobatch.poller as poller_module
 from veobatch.client import Created, Generation, LogEntry, LogPage
 from veobatch.errors import (
     AuthError,
@@ -1441,6 +1442,47 @@ async def test_an_archived_video_whose_generation_is_gone_stays_done_and_is_sett
     fetched = await run(m, settings(tmp_path), api=api)
     assert fetched.exit_code == 0 and len(api.created) == 2
     assert (out / "job0.mp4").read_bytes() == MP4
+
+
+class Unknowing(FakeApi):
+    """Answers 404 to polls of generations made before ``forget()``, as the API does for one
+    it no longer has (past its retention)."""
+
+    forgotten: frozenset[str] = frozenset()
+
+    def forget(self) -> None:
+        self.forgotten = frozenset(self.created)
+
+    async def fetch(self, generation_id: str) -> Generation:
+        if generation_id in self.forgotten:
+            raise NotFoundError("HTTP 404: Generation not found", status=404)
+        return await super().fetch(generation_id)
+
+
+async def test_an_archive_only_night_settles_gone_videos_without_polling_for_the_timeout(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every video moved to an archive, the API past its retention (404s), nothing else in the
+    # run: with no other generation answered, no 404 counted, so each was polled for the whole
+    # job timeout, every night, and never settled as gone. A delivered one's 404s count alone.
+    monkeypatch.setattr(poller_module, "NOT_FOUND_STREAK_S", 0.05)
+    m = manifest(2, tmp_path)
+    api = Unknowing(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    out = tmp_path / "out"
+    for f in out.glob("*.mp4"):
+        f.unlink()
+    api.forget()
+    first = await run(m, settings(tmp_path, job_timeout_s=2.0), api=api)
+    assert first.exit_code == 0 and first.failed == [] and len(api.created) == 2
+    for jid in ("job0", "job1"):
+        st = first.states[jid]
+        assert st.status == "done" and st.gone is not None and st.gone.error.kind == "lost"
+        assert "while it answered other" not in st.gone.error.message
+    _age_gone_records(out, 13 * 3600)
+    settled = await run(m, settings(tmp_path, job_timeout_s=2.0), api=api)
+    assert settled.exit_code == 0 and sorted(settled.gone) == ["job0", "job1"]
+    assert len(api.created) == 2
 
 
 async def test_a_gone_video_is_made_anew_only_with_retry_failed(cdn: str, tmp_path: Path) -> None:

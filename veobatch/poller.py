@@ -176,6 +176,9 @@ class Tracked:
     polls: int = 0
     plan: int = 0  # the version of the plan that set its first poll (0: none, or not counted)
     scout: bool = False  # polled on the cold schedule while the plan rests on earlier runs
+    # Its video was delivered and its file has since gone (a refetch): a 404 streak to it
+    # counts with no other generation answered (see Poller._not_found).
+    delivered: bool = False
     api_status: str = "queued"  # as the last poll saw it, for progress displays
     # What the last poll met when it got no status (an error, no answer); None after a status.
     # A job timeout that comes after failed polls says so, not merely "not finished".
@@ -242,11 +245,20 @@ class Poller:
         remaining_s: float,
         first: bool,
         after_s: float = 0.0,
+        delivered: bool = False,
     ) -> None:
         """Start following a generation. ``first`` waits for the first poll time; a resumed
-        or refreshed one is polled after ``after_s`` (at once by default)."""
+        or refreshed one is polled after ``after_s`` (at once by default). ``delivered``: its
+        video was delivered once, and is asked for again (a refetch)."""
         now = self._clock()
-        t = Tracked(job_id, generation_id, model, started=now - age_s, deadline=now + remaining_s)
+        t = Tracked(
+            job_id,
+            generation_id,
+            model,
+            started=now - age_s,
+            deadline=now + remaining_s,
+            delivered=delivered,
+        )
         if not first:
             t.last_running_age = None
         elif self.durations.scout(model):
@@ -427,9 +439,14 @@ class Poller:
     def _not_found(self, t: Tracked, now: float) -> bool:
         """Count a 404; True once the generation is taken for lost: this 404 and
         :data:`MAX_NOT_FOUND` or more before it counted (NotFoundWatch), over
-        :data:`NOT_FOUND_STREAK_S` at least, with no status in between."""
+        :data:`NOT_FOUND_STREAK_S` at least, with no status in between.
+
+        A delivered one's 404s count even with no other generation answered: a night that
+        only asks again for archived videos has nothing to compare with, and would poll each
+        for a whole job timeout, every night, never settling it as gone. Taking one for lost
+        costs nothing there: it stays done, and only two runs 12 h apart settle it."""
         t.not_found += 1
-        if not self.not_found_watch.not_found(now, t.job_id):
+        if not self.not_found_watch.not_found(now, t.job_id) and not t.delivered:
             return False
         t.missing += 1
         if t.missing_since is None:

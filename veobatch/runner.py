@@ -380,6 +380,11 @@ class Runner:
         if not self.open:
             self.settled.set()
 
+    def _file_gone(self, job_id: str, st: JobState) -> bool:
+        """Its delivered video is not in place (moved to an archive, deleted; a link there is
+        not it either): a refetch whose 404s may settle it as gone."""
+        return not is_regular(self.settings.out_dir / (st.file or final_name(job_id)))
+
     def _other_key(self, st: JobState) -> str | None:
         """The fingerprint of the key this job's last POST was sent with, when not this run's."""
         if st.account and self.account and st.account != self.account:
@@ -427,6 +432,7 @@ class Runner:
                 age_s=ages[p.job.id],
                 remaining_s=terms[p.job.id][1],
                 first=False,
+                delivered=p.action is Action.REFETCH and self._file_gone(p.job.id, st),
             )
             log.info("resume job=%s action=%s gen=%s", p.job.id, p.action.value, st.generation_id)
         for p in lookups:
@@ -865,10 +871,10 @@ class Runner:
     async def generation_lost(self, tracked: Tracked, error: ApiError) -> None:
         if isinstance(error, NotFoundError):
             streak = self.clock() - (tracked.missing_since or self.clock())
+            others = "" if tracked.delivered else " while it answered other generations' polls"
             why = (
                 f"the API no longer knows it: {tracked.not_found} polls answered 404 over"
-                f" {streak / 60:.0f} min while it answered other generations' polls:"
-                f" {error.message}"
+                f" {streak / 60:.0f} min{others}: {error.message}"
             )
         else:
             why = f"the API refuses to report on it: {error.message}"
