@@ -14,7 +14,9 @@ Reports, for one run of N jobs through `veobatch run`:
 - the adaptive schedule replayed over duration shapes that are not the simulator's lognormal
   (the real API's 1-3 minutes, bimodal, heavy-tailed), against a fixed interval of equal lag;
 - a 1 GB download against `curl -o` of the same URL, and RSS growth while streaming;
-- the time to resume from a ledger of 100,000 records.
+- the same run as cron runs it, with the morning report at the end (peak RSS, CPU), and
+  `veobatch report` alone over its folder (thumbnails made afresh);
+- the time to resume from a ledger of 100,000 records, and the peak RSS of `veobatch plan`.
 """
 
 from __future__ import annotations
@@ -107,7 +109,9 @@ def run_and_measure(
     return wall, usage, out
 
 
-def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
+def bench_run(jobs: int, concurrency: int, work: Path, *, report: bool = False) -> dict[str, Any]:
+    """One run of ``jobs`` through the CLI; ``report``: as a user runs it, the morning report
+    (thumbnails of every video) written at the end in the same process."""
     port = free_port()
     # Videos as the jobs ask for them (1080p, 4 s, no sound) at 1 frame a second, about 10 KB
     # each: the checks find nothing to flag, as on a good night, and the bytes stay few.
@@ -138,8 +142,9 @@ def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
             "--concurrency",
             str(concurrency),
             "-q",
-            "--no-report",  # the runner is measured, not the morning report
         ]
+        if not report:
+            cmd.append("--no-report")  # the runner is measured, not the morning report
         wall, usage, out = run_and_measure(cmd, env)
         cpu = usage.ru_utime + usage.ru_stime
         timeline = get_json(f"http://127.0.0.1:{port}/_sim/generations")["generations"]
@@ -182,6 +187,23 @@ def bench_run(jobs: int, concurrency: int, work: Path) -> dict[str, Any]:
         "runner_cpu_sys_s": round(usage.ru_stime, 2),
         "runner_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
         "durations": durations,
+    }
+
+
+def bench_report(out: Path) -> dict[str, Any]:
+    """`veobatch report DIR` alone, over a run's folder, its thumbnails made afresh."""
+    shutil.rmtree(out / ".thumbs", ignore_errors=True)
+    cmd = [sys.executable, "-m", "veobatch", "report", str(out)]
+    wall, usage, _ = run_and_measure(cmd, os.environ.copy())
+    jobs = sum(1 for _ in out.glob("*.mp4"))
+    cpu = usage.ru_utime + usage.ru_stime
+    return {
+        "jobs": jobs,
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "cpu_ms_per_job": round(1000 * cpu / max(1, jobs), 3),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        "html_mb": round((out / "report.html").stat().st_size / 1e6, 1),
     }
 
 
@@ -383,6 +405,11 @@ def main() -> None:
     ap.add_argument("--download-mb", type=int, default=1024)
     ap.add_argument("--resume-records", type=int, default=100_000)
     ap.add_argument("--skip-run", action="store_true")
+    ap.add_argument(
+        "--skip-default-run",
+        action="store_true",
+        help="skip the second run, with the morning report, and the report alone",
+    )
     ap.add_argument("--skip-download", action="store_true")
     ap.add_argument("--skip-resume", action="store_true")
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -403,6 +430,15 @@ def main() -> None:
             ppj = run["polls_per_generation"]
             report["http_floor"] = bench_http_floor(opts.jobs, opts.concurrency, ppj)
             print(json.dumps(report["http_floor"], indent=2), flush=True)
+            if not opts.skip_default_run:
+                # What cron runs: the same jobs with the morning report at the end.
+                default = bench_run(opts.jobs, opts.concurrency, work, report=True)
+                default.pop("durations")
+                report["default_run"] = default
+                print(json.dumps(default, indent=2), flush=True)
+                report["report"] = bench_report(work / "out")
+                print(json.dumps(report["report"], indent=2), flush=True)
+                shutil.rmtree(work / "out", ignore_errors=True)
         if not opts.skip_download:
             report["download"] = bench_download(opts.download_mb, work)
             print(json.dumps(report["download"], indent=2), flush=True)

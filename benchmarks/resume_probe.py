@@ -1,8 +1,10 @@
 """Time a resume from a ledger of N records in a fresh process.
 
 Writes a manifest of N/4 jobs and a ledger where each job went intent → submitted →
-completed → done (files present), then times what a rerun does before its first request:
-replaying the ledger, loading the manifest and planning every job.
+completed → done (files present), each record with every field this version writes (the
+compact request, the price, the video's verified figures), then times what a rerun does
+before its first request: replaying the ledger, loading the manifest and planning every job;
+and the peak RSS of `veobatch plan` over it, in its own process.
 
 Usage: resume_probe.py RECORDS WORK_DIR
 """
@@ -11,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,6 +27,8 @@ from veobatch.jobs import Job  # noqa: E402
 from veobatch.ledger import Ledger  # noqa: E402
 from veobatch.manifest import load_manifest  # noqa: E402
 from veobatch.scheduler import plan_run  # noqa: E402
+
+VIDEO = {"duration_s": 4.0, "width": 1920, "height": 1080, "audio": False, "codec": "h264"}
 
 
 def build(records: int, work: Path) -> Path:
@@ -36,8 +42,15 @@ def build(records: int, work: Path) -> Path:
     for i in range(jobs):
         jid = f"r{i:06d}"
         prompt = f"resume shot {i}"
-        lines += [f"  - id: {jid}", "    model: google/veo-3.1-t2v-fast", f"    prompt: {prompt}"]
-        key = Job(jid, {"model": "google/veo-3.1-t2v-fast", "prompt": prompt}).key
+        lines += [
+            f"  - id: {jid}",
+            "    model: google/veo-3.1-t2v-fast",
+            f"    prompt: {prompt}",
+            "    duration: 4",
+            "    generate_audio: false",
+        ]
+        req = {"prompt": prompt, "duration": 4, "generate_audio": False}
+        job = Job(jid, {"model": "google/veo-3.1-t2v-fast", **req})
         (out / f"{jid}.mp4").write_bytes(body)
         mtime = (out / f"{jid}.mp4").stat().st_mtime_ns
         t = 1_700_000_000.0 + i
@@ -46,12 +59,23 @@ def build(records: int, work: Path) -> Path:
                 "t": t,
                 "ev": "intent",
                 "job": jid,
-                "crid": f"vb:{jid}:1:x",
-                "key": key,
+                "crid": f"vb:{jid}:1:{i:016x}",
+                "key": job.key,
+                "vkey": job.vkey,
                 "model": "google/veo-3.1-t2v-fast",
+                "est": 0.6,
+                "req": req,
+                "acct": "f58c548b",
             },
-            {"t": t + 1, "ev": "submitted", "job": jid, "gen": f"g-{i}"},
-            {"t": t + 4, "ev": "completed", "job": jid, "url": f"https://cdn/{i}.mp4"},
+            {"t": t + 1, "ev": "submitted", "job": jid, "gen": f"{uuid.UUID(int=i)}"},
+            {
+                "t": t + 4,
+                "ev": "completed",
+                "job": jid,
+                "url": f"https://cdn.example.com/files/{uuid.UUID(int=i)}.mp4",
+                "took": [60.0, 62.5],
+                "usd": 0.6,
+            },
             {
                 "t": t + 5,
                 "ev": "done",
@@ -60,6 +84,8 @@ def build(records: int, work: Path) -> Path:
                 "bytes": len(body),
                 "sha256": sha,
                 "mtime_ns": mtime,
+                "video": VIDEO,
+                "flags": [],
             },
         ):
             ledger_lines.append(json.dumps(rec, separators=(",", ":")))
@@ -83,14 +109,19 @@ def main() -> None:
     ledger.close()
     assert all(p.action.value == "done" for p in plans)
     t4 = time.monotonic()
-    cli = subprocess.run(
+    cli = subprocess.Popen(
         [sys.executable, "-m", "veobatch", "plan", str(manifest), "--out", str(out)],
         cwd=ROOT,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
-        check=True,
     )
+    assert cli.stdout is not None
+    stdout = cli.stdout.read()
+    _, status, usage = os.wait4(cli.pid, 0)
     t5 = time.monotonic()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"veobatch plan failed: {stdout[-500:]}")
     print(
         json.dumps(
             {
@@ -102,7 +133,9 @@ def main() -> None:
                 "resume_total_s": round(t3 - t0, 3),
                 "ledger_and_plan_s": round((t1 - t0) + (t3 - t2), 3),
                 "cli_plan_wall_s": round(t5 - t4, 3),
-                "cli_last_line": cli.stdout.splitlines()[-2],
+                "cli_plan_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+                "cli_plan_peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+                "cli_last_line": stdout.splitlines()[-2],
             }
         )
     )
