@@ -315,6 +315,7 @@ async def test_a_report_that_cannot_be_written_names_its_file(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # A full disk said "report failed: OSError: [Errno 28] No space left on device".
+    import contextlib
     import errno
     import logging
 
@@ -323,13 +324,18 @@ async def test_a_report_that_cannot_be_written_names_its_file(
     from veobatch.manifest import Manifest
     from veobatch.runner import RunReport
 
-    def full(path: Path, data: bytes) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class Full:
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")  # names no file
+
+    @contextlib.contextmanager
+    def full(path: Path) -> Iterator[Full]:
+        yield Full()
 
     out = tmp_path / "o"
     out.mkdir()
     Ledger.open(out).close()
-    monkeypatch.setattr(report, "atomic_write_bytes", full)
+    monkeypatch.setattr(report, "atomic_writer", full)
     caplog.set_level(logging.ERROR, "veobatch")
     done = RunReport(out, {}, [], [], [])
     assert _final_report(Manifest(tmp_path / "m.yaml", ()), done) is None

@@ -205,6 +205,30 @@ def test_an_atomically_written_file_is_readable_as_the_umask_says(tmp_path: Path
     assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_UMASK
 
 
+def test_an_atomic_writer_replaces_the_file_only_when_its_block_ends_well(tmp_path: Path) -> None:
+    # The report is streamed into it card by card: a reader sees yesterday's page until the
+    # whole new one is there, and a failure midway leaves yesterday's and no temporary file.
+    import os
+
+    from veobatch.fsutil import _UMASK, OWN_TEMPS, atomic_writer
+
+    target = tmp_path / "report.html"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic_writer(target) as f:
+        f.write(b"new, half")
+        f.flush()
+        (tmp,) = [n for n in os.listdir(tmp_path) if n != "report.html"]
+        assert OWN_TEMPS.fullmatch(tmp)  # a name remove_stale_temps knows
+        assert target.read_bytes() == b"old"
+        raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["report.html"] and target.read_bytes() == b"old"
+    with atomic_writer(target) as f:
+        for part in (b"new, ", b"whole"):
+            f.write(part)
+    assert os.listdir(tmp_path) == ["report.html"] and target.read_bytes() == b"new, whole"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~_UMASK
+
+
 def test_stale_temporary_files_of_interrupted_writes_are_removed(tmp_path: Path) -> None:
     # A kill -9 mid-write left '.results.json.<8>.tmp' (512 KB at 2,000 jobs) for good.
     import os

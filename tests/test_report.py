@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -220,15 +222,139 @@ async def test_a_report_that_cannot_be_written_names_its_file(
 
     from veobatch import report
 
-    def full(path: Path, data: bytes) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")  # as a failed write has it
-
     await make_output_dir(tmp_path)
-    monkeypatch.setattr(report, "atomic_write_bytes", full)
+    (tmp_path / "report.html").write_bytes(b"yesterday's")
+    written = []
+    real_writer = report.atomic_writer
+
+    @contextlib.contextmanager
+    def full(path: Path) -> Iterator[object]:
+        with real_writer(path) as f:
+
+            class Full:
+                def write(self, data: bytes) -> int:
+                    if written:  # the disk fills up after the header
+                        raise OSError(errno.ENOSPC, "No space left on device")  # no file named
+                    written.append(data)
+                    return f.write(data)
+
+            yield Full()
+
+    monkeypatch.setattr(report, "atomic_writer", full)
     with pytest.raises(OSError) as raised:
         write_report(tmp_path)
     assert raised.value.filename == str(tmp_path / "report.html")
     assert raised.value.errno == errno.ENOSPC
+    assert (tmp_path / "report.html").read_bytes() == b"yesterday's"  # the old page, whole
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("with_probes", [True, False])
+async def test_the_streamed_page_is_the_whole_page_byte_for_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, with_probes: bool
+) -> None:
+    # The report is written card by card; the page must be what render_html makes of the
+    # same cards: counts in the header after the files are looked at (a link is no video,
+    # an old ledger's video is probed and flagged), thumbnails, failed and flagged cards.
+    import time
+    from types import SimpleNamespace
+
+    from veobatch import report
+
+    await make_output_dir(tmp_path, with_probes=with_probes)
+    (tmp_path / "portrait.mp4").rename(tmp_path / "elsewhere.mp4")
+    (tmp_path / "portrait.mp4").symlink_to(tmp_path / "elsewhere.mp4")
+    clock = SimpleNamespace(
+        time=lambda: 1_800_000_000.0, strftime=time.strftime, localtime=time.localtime
+    )
+    monkeypatch.setattr(report, "time", clock)
+    cards = build_cards(tmp_path)
+    assert [c.id for c in cards if c.thumb] == ["sunrise", "short"]  # thumbnails
+    flagged = ["sunrise", "portrait", "short"] if with_probes else ["sunrise", "short"]
+    assert [c.id for c in cards if c.flags] == flagged  # a link is not probed
+    assert [c.id for c in cards if c.file] == ["sunrise", "short"]  # not the link
+    assert [c.status for c in cards].count("failed") == 1
+    page = render_html(cards, title="t", generated_at=1_800_000_000.0)
+    assert write_report(tmp_path, title="t").read_bytes() == page.encode()
+    size = sum((tmp_path / f"{jid}.mp4").stat().st_size for jid in ("sunrise", "short"))
+    assert f">flagged {len(flagged)}<" in page and f"· {report._size(size)} of video ·" in page
+
+
+def test_a_report_holds_a_window_of_thumbnails_not_all_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # At 10,000 jobs the report took 280 MB on top of the run: every card with its thumbnail,
+    # then the page as one string, then its bytes. Written card by card, memory stays flat.
+    import tracemalloc
+
+    from veobatch import report
+
+    n, thumb = 2_000, 20_000
+    states = {}
+    for i in range(n):
+        jid = f"j{i:04d}"
+        (tmp_path / f"{jid}.mp4").write_bytes(b"")
+        states[jid] = JobState(
+            jid,
+            "done",
+            model=T2V,
+            file=f"{jid}.mp4",
+            bytes=1_000_000,
+            sha256=f"{i:064x}",
+            video=Probe(4.0, 1920, 1080, False).to_json(),
+            request={"prompt": f"shot {i}", "duration": 4},
+        )
+    made = []
+
+    def fake_thumb(directory: Path, card: Card, sha256: str | None, cache: object = None) -> bytes:
+        made.append(card.id)
+        return bytes(thumb)  # a new 20 KB picture each time, as a decoder makes them
+
+    monkeypatch.setattr(report, "_thumb", fake_thumb)
+    tracemalloc.start()
+    try:
+        path = write_report(tmp_path, states=states)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(made) == n and path.read_bytes().count(b'<img class="thumb"') == n
+    assert path.stat().st_size > n * thumb  # 53 MB of page: 40 MB of pictures, base64
+    assert peak < 12_000_000, peak  # 3 MB; 313 MB when every card was kept and joined
+
+
+def test_cards_come_in_order_with_a_window_in_flight() -> None:
+    # pool.map submitted every card at once and kept every result until the end.
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from veobatch.report import _in_order
+
+    third_done = threading.Event()
+    pulled = []
+
+    def items() -> Iterator[int]:
+        for i in range(100):
+            pulled.append(i)
+            yield i
+
+    def work(i: int) -> int:
+        if i == 0:  # the first finishes after the third: still handed back first
+            assert third_done.wait(10)
+        if i == 2:
+            third_done.set()
+        return i * i
+
+    with ThreadPoolExecutor(2) as pool:
+        got = []
+        for n, result in enumerate(_in_order(pool, work, items(), window=3)):
+            assert len(pulled) <= n + 4  # the one handed back, and three in flight
+            got.append(result)
+        assert got == [i * i for i in range(100)]
+        calls = []
+        cards = _in_order(pool, calls.append, range(100), window=5)
+        next(cards)
+        cards.close()  # the consumer stopped (a full disk): the rest is never started
+    assert len(calls) <= 5
 
 
 # -- in a real browser ---------------------------------------------------------------------

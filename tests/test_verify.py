@@ -150,6 +150,24 @@ def test_thumbnail_is_a_jpeg(portrait_clip: Path) -> None:
     assert data is not None and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
 
 
+def test_the_cheap_thumbnail_is_the_picture_a_plain_decode_gives(tmp_path: Path) -> None:
+    # The thumbnail skips the frames the stream probe used to decode on opening, and decoder
+    # threads: the same key frame, scaled and encoded the same, byte for byte.
+    from veobatch.verify import _encode_jpeg
+
+    clip = tmp_path / "clip.mp4"
+    encode_test_card(VideoSpec(640, 360, 3, 24, audio=True), clip)  # 72 frames, probed 7
+    with av.open(str(clip)) as container:
+        video = container.streams.video[0]
+        video.codec_context.skip_frame = "NONKEY"
+        assert container.duration is not None
+        container.seek(container.duration // 3)
+        frame = next(container.decode(video))
+        plain = _encode_jpeg(frame, 240)
+    assert thumbnail_jpeg(clip) == plain
+    assert (plain[:2], plain[-2:]) == (b"\xff\xd8", b"\xff\xd9")
+
+
 # -- the box reader ---------------------------------------------------------------------
 
 

@@ -16,10 +16,10 @@ import re
 import stat
 import tempfile
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -280,15 +280,18 @@ def _umask() -> int:
 _UMASK = _umask()  # once, at import, before any thread could create a file meanwhile
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never a mix."""
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that replaces ``path`` when the block ends without an error, so a reader
+    sees the old or the new file, never a mix; written as it comes, so a large file (the
+    report) is never held in memory whole. On an error ``path`` is left as it was."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        # mkstemp makes it 0600; the file is an ordinary result, readable as the umask says
-        # (a monitoring user reads results.json and report.html like the videos beside them).
-        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            # mkstemp makes it 0600; the file is an ordinary result, readable as the umask says
+            # (a monitoring user reads results.json and report.html like the videos beside them).
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -299,7 +302,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-# What a kill -9 in the middle of atomic_write_bytes leaves: mkstemp's eight random characters
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never a mix."""
+    with atomic_writer(path) as f:
+        f.write(data)
+
+
+# What a kill -9 in the middle of atomic_writer leaves: mkstemp's eight random characters
 # after the name it was writing. Only the names veobatch writes: --out may be a shared folder.
 OWN_TEMPS = re.compile(r"\.(?:results\.json|report\.html|ledger\.jsonl\S*)\.[a-z0-9_]{8}\.tmp")
 ANY_TEMP = re.compile(r"tmp[a-z0-9_]{8}\.tmp")  # in veobatch's own folders (.thumbs)

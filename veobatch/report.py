@@ -4,7 +4,9 @@ Everything comes from the output directory (the ledger, results.json and the vid
 ``veobatch report DIR`` works without the manifest. The page loads nothing from the network:
 styles and script are inline, thumbnails are ``data:`` JPEGs, videos play from their relative
 file, and a Content-Security-Policy forbids anything else even if a string slipped through.
-Pure core: :class:`Card`, :func:`card_for`, :func:`render_html`. Shell: :func:`write_report`.
+Pure core: :class:`Card`, :func:`card_for`, :func:`render_head`, :func:`render_card`,
+:func:`render_foot` (:func:`render_html` joins them). Shell: :func:`write_report`, which streams
+the page to disk card by card.
 """
 
 from __future__ import annotations
@@ -20,15 +22,16 @@ import stat
 import tempfile
 import threading
 import time
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
-from .fsutil import atomic_write_bytes, is_regular, open_regular
+from .fsutil import atomic_writer, is_regular, open_regular
 from .jobs import Job
 from .jobview import compact_request, expected_video, list_price_usd, parameters
 from .ledger import JobState, current_results, load_states
@@ -232,7 +235,8 @@ def _details(card: Card) -> str:
     return "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in rows)
 
 
-def _card_html(card: Card) -> str:
+def render_card(card: Card) -> str:
+    """One card's ``<article>``, its thumbnail inline."""
     flagged = " data-flagged" if card.flags else ""
     klass = "card flagged" if card.flags else "card"
     media = "media" if card.thumb and card.file else "media empty"
@@ -263,7 +267,9 @@ def _filters(cards: Sequence[Card]) -> str:
     )
 
 
-def render_html(cards: Sequence[Card], *, title: str, generated_at: float) -> str:
+def render_head(cards: Sequence[Card], *, title: str, generated_at: float) -> str:
+    """The page up to the first card: its counts and sizes need the cards' small fields only,
+    never their thumbnails, so the cards can be written one by one after it."""
     statuses = Counter(c.status for c in cards)
     spend = sum(c.cost_usd or 0.0 for c in cards)
     size = sum(c.file_bytes or 0 for c in cards if c.file)
@@ -282,10 +288,19 @@ def render_html(cards: Sequence[Card], *, title: str, generated_at: float) -> st
         f'<body data-filter="all"><header><h1>{_e(title)}</h1><p class="meta">{_e(meta)}</p>'
         f'<nav class="filters">{_filters(cards)}</nav><p class="meta">showing '
         f'<span id="shown">{len(cards)}</span> · click a picture to play the video</p>'
-        '<output id="selfcheck" hidden></output></header>'
-        f"<main>{''.join(_card_html(c) for c in cards)}</main><script>{_JS}</script>"
-        "</body></html>"
+        '<output id="selfcheck" hidden></output></header><main>'
     )
+
+
+def render_foot() -> str:
+    """The page after the last card."""
+    return f"</main><script>{_JS}</script></body></html>"
+
+
+def render_html(cards: Sequence[Card], *, title: str, generated_at: float) -> str:
+    """The whole page as one string (:func:`write_report` writes the same bytes piece by piece)."""
+    head = render_head(cards, title=title, generated_at=generated_at)
+    return head + "".join(render_card(c) for c in cards) + render_foot()
 
 
 # -- the shell -------------------------------------------------------------------------------
@@ -355,24 +370,71 @@ class _ThumbCache:
         )
 
 
-def _complete(
-    directory: Path,
-    cache: _ThumbCache,
-    card: Card,
-    state: JobState | None,
-    req: Mapping[str, Any],
-) -> Card:
-    """Add what needs the disk: the file's presence, a probe for ledgers older than verification,
-    the thumbnail."""
+_Plan = tuple[Card, JobState | None, Mapping[str, Any]]  # a card, its state and request
+WINDOW = 64  # cards in the thread pool at once: the thumbnails held do not grow with jobs
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _checked(directory: Path, plan: _Plan) -> _Plan:
+    """Add what needs the disk and the header counts: the file's presence, and for ledgers
+    older than verification a probe and its flags."""
+    card, state, req = plan
     if card.file is None:
-        return card
+        return plan
     if not is_regular(directory / card.file):  # a link, a FIFO: not a video to show or open
-        return replace(card, file=None)
+        return replace(card, file=None), state, req
     if card.video is None:
         probe = probe_video(directory / card.file)
         flags = compare(expected_video(card.model, req), probe) if req else []
         card = replace(card, video=probe, flags=tuple(flags))
+    return card, state, req
+
+
+def _with_thumb(directory: Path, cache: _ThumbCache, plan: _Plan) -> Card:
+    """The card with its picture: the decoding, done in the pool, a window at a time."""
+    card, state, _ = plan
+    if card.file is None:
+        return card
     return replace(card, thumb=_thumb(directory, card, state.sha256 if state else None, cache))
+
+
+def _in_order(
+    pool: ThreadPoolExecutor, fn: Callable[[_T], _R], items: Iterable[_T], window: int = WINDOW
+) -> Generator[_R, None, None]:
+    """``fn`` over ``items`` in the pool, the results in order, at most ``window`` of them
+    in flight (a plain ``pool.map`` submits every item at once and keeps every result)."""
+    pending: deque[Future[_R]] = deque()
+    try:
+        for item in items:
+            if len(pending) >= window:
+                yield pending.popleft().result()
+            pending.append(pool.submit(fn, item))
+        while pending:
+            yield pending.popleft().result()
+    finally:  # the consumer stopped (a failed write): start nothing more
+        for fut in pending:
+            fut.cancel()
+
+
+def _plans(
+    directory: Path, jobs: Iterable[Job], states: Mapping[str, JobState] | None
+) -> list[_Plan]:
+    """Every card from the ledger and results.json, in results.json order: no file opened."""
+    states = load_states(directory) if states is None else states
+    results = current_results(directory, states)
+    from_manifest = {j.id: compact_request(j.request) for j in jobs}
+    plans: list[_Plan] = []
+    for row in results.get("jobs", []):
+        jid = str(row.get("id"))
+        state = states.get(jid)
+        req = from_manifest.get(jid) or (state.request if state else None) or {}
+        plans.append((card_for(row, state, req), state, req))
+    return plans
+
+
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), "veobatch-report")
 
 
 def build_cards(
@@ -380,21 +442,13 @@ def build_cards(
     jobs: Iterable[Job] = (),
     states: Mapping[str, JobState] | None = None,
 ) -> list[Card]:
-    """The cards of an output directory, in results.json order; ``jobs`` (the manifest, when at
-    hand) supplies requests the ledger lacks; ``states``, when the journal was just replayed."""
-    states = load_states(directory) if states is None else states
-    results = current_results(directory, states)
-    from_manifest = {j.id: compact_request(j.request) for j in jobs}
-    plans = []
-    for row in results.get("jobs", []):
-        jid = str(row.get("id"))
-        state = states.get(jid)
-        req = from_manifest.get(jid) or (state.request if state else None) or {}
-        plans.append((card_for(row, state, req), state, req))
-    workers = max(1, min(4, os.cpu_count() or 1))
+    """The cards of an output directory, in results.json order, thumbnails and all; ``jobs``
+    (the manifest, when at hand) supplies requests the ledger lacks; ``states``, when the
+    journal was just replayed. Holds every thumbnail: the report itself streams them."""
     cache = _ThumbCache()
-    with ThreadPoolExecutor(workers, thread_name_prefix="veobatch-report") as pool:
-        return list(pool.map(lambda p: _complete(directory, cache, *p), plans))
+    with _pool() as pool:
+        plans = list(_in_order(pool, partial(_checked, directory), _plans(directory, jobs, states)))
+        return list(_in_order(pool, partial(_with_thumb, directory, cache), plans))
 
 
 def write_report(
@@ -404,17 +458,27 @@ def write_report(
     title: str | None = None,
     states: Mapping[str, JobState] | None = None,
 ) -> Path:
-    """Write ``DIR/report.html`` atomically and return its path (blocking: use a thread)."""
-    cards = build_cards(directory, jobs, states)
+    """Write ``DIR/report.html`` atomically and return its path (blocking: use a thread).
+
+    The header first (from the cards' small fields), then each card as soon as its thumbnail
+    is made, in order: only a window of thumbnails is ever in memory, whatever the jobs."""
+    cache = _ThumbCache()
     name = title or f"veobatch report: {directory.resolve().name}"
-    page = render_html(cards, title=name, generated_at=time.time())
     path = directory / REPORT_NAME
-    try:
-        # Readable as the umask says, like the videos and results.json: it holds the prompts
-        # and a frame of every video.
-        atomic_write_bytes(path, page.encode("utf-8", "replace"))
-    except OSError as exc:
-        if exc.filename is None:  # a failed write or fsync names no file: say which
-            raise OSError(exc.errno, exc.strerror, str(path)) from exc
-        raise
+    with _pool() as pool:
+        plans = list(_in_order(pool, partial(_checked, directory), _plans(directory, jobs, states)))
+        head = render_head([c for c, _, _ in plans], title=name, generated_at=time.time())
+        try:
+            # Readable as the umask says, like the videos and results.json: it holds the
+            # prompts and a frame of every video.
+            cards = _in_order(pool, partial(_with_thumb, directory, cache), plans)
+            with atomic_writer(path) as f, contextlib.closing(cards):
+                f.write(head.encode("utf-8", "replace"))
+                for card in cards:
+                    f.write(render_card(card).encode("utf-8", "replace"))
+                f.write(render_foot().encode("utf-8", "replace"))
+        except OSError as exc:
+            if exc.filename is None:  # a failed write or fsync names no file: say which
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            raise
     return path
