@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from veobatch.ledger import (
     load_states,
     parse_journal,
     replay,
+    replay_journal,
     restore_fields,
 )
 
@@ -633,3 +636,130 @@ def test_a_ledger_that_is_a_fifo_is_refused_without_waiting_on_it(tmp_path: Path
         with pytest.raises(LedgerError, match="is a FIFO \\(named pipe\\), not a ledger file"):
             load_states(tmp_path)  # `status` and `plan`: they hung for ever
     assert not freed
+
+
+# -- a folder rerun every night: what each earlier job costs a run ------------------------------
+
+
+def _night(jobs: int, prefix: str = "n") -> list[dict[str, Any]]:
+    """A night's records as a run writes them, ``jobs`` jobs of one model and account."""
+    video = {"duration_s": 4.0, "width": 1920, "height": 1080, "audio": False, "codec": "h264"}
+    records = []
+    for i in range(jobs):
+        job, key = f"{prefix}-{i:05d}", f"{i:064x}"
+        req = {"prompt": f"shot {i} of a lighthouse at dawn", "duration": 4}
+        records += [
+            {"t": 1.0, "ev": "intent", "job": job, "crid": f"vb:{job}:1", "key": key, "vkey": key}
+            | {"model": "google/veo-3.1-t2v-fast", "est": 0.6, "req": req, "acct": "f58c548b"},
+            {"t": 2.0, "ev": "submitted", "job": job, "gen": f"gen-{job}"},
+            {"t": 3.0, "ev": "completed", "job": job, "url": f"https://cdn/{job}.mp4"}
+            | {"took": [0.0, 2.0], "usd": 0.6},
+            {"t": 4.0, "ev": "done", "job": job, "file": f"{job}.mp4", "bytes": 9851}
+            | {"sha256": f"{i:064x}", "mtime_ns": 5, "video": video, "flags": []},
+        ]
+    return records
+
+
+@pytest.mark.parametrize("how", ["open", "load_states"])
+def test_a_long_ledger_is_replayed_as_it_is_read(tmp_path: Path, how: str) -> None:
+    # Every record of every earlier night was held in a list (and the file's bytes and lines
+    # beside it) before any was replayed: several times the memory the states themselves keep.
+    data = _lines(_night(1500))
+    (tmp_path / LEDGER_NAME).write_bytes(data)
+    tracemalloc.start()
+    try:
+        if how == "open":
+            ledger = Ledger.open(tmp_path)
+            states = ledger.states
+        else:
+            states = load_states(tmp_path)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    if how == "open":
+        ledger.close()
+    assert len(states) == 1500 and {s.status for s in states.values()} == {"done"}
+    assert peak - kept < len(data) // 10
+
+
+def test_what_repeats_from_job_to_job_is_held_once() -> None:
+    states = replay(parse_journal(_lines(_night(2))).records)  # strings as JSON decodes them
+    a, b = states["n-00000"], states["n-00001"]
+    assert a.vkey is a.key  # the same video key as the key: one string
+    assert a.model is b.model and a.account is b.account
+    assert a.video is not None and a.video is b.video  # the same figures: one dict
+    assert a.request is not None and b.request is not None
+    assert [id(k) for k in a.request] == [id(k) for k in b.request]
+    assert (a.video, a.request) == (_night(1)[3]["video"], _night(1)[0]["req"])
+
+
+def test_videos_figures_are_shared_only_when_written_alike() -> None:
+    # 4 and 4.0, 0.0 and -0.0, 1 and true compare equal: shared, results.json would change.
+    figures = [{"duration_s": 4.0}, {"duration_s": 4}, {"duration_s": -0.0}, {"duration_s": 0.0}]
+    figures += [{"audio": True}, {"audio": 1}, {"duration_s": 4.0}]
+    records = []
+    for i, video in enumerate(figures):
+        records += [{**r, "job": f"j{i}"} for r in HAPPY[:3]]
+        records.append(rec("done", job=f"j{i}", file="f", bytes=1, sha256="s", video=video))
+    states = replay(parse_journal(_lines(records)).records)
+    assert [json.dumps(states[f"j{i}"].video) for i in range(7)] == list(map(json.dumps, figures))
+    assert states["j6"].video is states["j0"].video
+
+
+def _streamed(data: bytes) -> tuple[Any, ...]:
+    try:
+        r = replay_journal(io.BytesIO(data))
+    except LedgerCorruptError as exc:
+        return ("refused", exc.message)
+    return (r.states, r.good_bytes, r.tail)
+
+
+def _in_two_steps(data: bytes) -> tuple[Any, ...]:
+    try:
+        j = parse_journal(data)
+        return (replay(j.records), j.good_bytes, j.tail)
+    except LedgerCorruptError as exc:
+        return ("refused", exc.message)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"\n\n  \n",
+        _lines(HAPPY),
+        _lines(HAPPY).rstrip(b"\n"),  # a whole last record without its newline
+        _lines(HAPPY).replace(b"\n", b"\r\n"),
+        _lines(HAPPY[:2]).replace(b"\n", b"\r", 1) + _lines(HAPPY[2:]),  # a lone CR ends a line
+        _lines(HAPPY[:2]) + b"\n \n" + _lines(HAPPY[2:]) + b"\n",
+        _lines(HAPPY[:3]) + _lines(HAPPY[3:])[:-9],  # torn
+        _lines(HAPPY) + b"\x00" * 64 + b"\n\n" + b'{"t":1,"ev":"done"\x00\n',
+        _lines(HAPPY[:2]) + b"{broken\r\n" + _lines(HAPPY[2:]),  # damage: refused
+        _lines(HAPPY[:1]) + b"junk\n" + b'{"t":1,"ev":"note","job":"a"}\n',  # a newer kind
+        _lines([HAPPY[0], HAPPY[3], HAPPY[1]]),  # a transition the machine forbids
+        _lines([HAPPY[0], HAPPY[3]]) + b"junk\n" + _lines(HAPPY[1:2]),  # damage is said first
+    ],
+)
+def test_replaying_as_read_is_parsing_then_replaying(data: bytes) -> None:
+    streamed, two_steps = _streamed(data), _in_two_steps(data)
+    assert streamed == two_steps
+    if streamed[0] != "refused":
+        assert streamed[1] + len(streamed[2]) == len(data)
+
+
+def test_results_json_is_written_without_every_row_held_beside_it(tmp_path: Path) -> None:
+    # The last write of a run built every row (every earlier job's too) as a dict, then as
+    # text, then joined and encoded it: five copies of the document at once.
+    (tmp_path / LEDGER_NAME).write_bytes(_lines(_night(1500)))
+    ledger = Ledger.open(tmp_path)
+    jobs = [Job("n-00007", {"model": "google/veo-3.1-t2v-fast"}), Job("new", {"model": "m"})]
+    tracemalloc.start()
+    try:
+        ledger.write_results(jobs)
+        kept, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    ledger.close()
+    written = (tmp_path / RESULTS_NAME).read_bytes()
+    assert written == encode_results(build_results(ledger.states, jobs))  # the same bytes
+    assert peak - kept < 1.5 * len(written)

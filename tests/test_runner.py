@@ -12,7 +12,8 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from veobatch.ledger import (
     ErrorInfo,
     JobState,
     Ledger,
+    ResultsWriter,
     load_states,
     parse_journal,
     restore_fields,
@@ -3340,3 +3342,34 @@ async def test_a_ledger_that_named_id_less_jobs_by_a_default_written_out_pays_fo
     changed = _derived_manifest(tmp_path, "defaults: {resolution: 1080p}\n", prompt="a lion")
     await run(changed, settings(tmp_path), api=api)
     assert api.created == ["g0-a lion"]
+
+
+async def test_the_rows_kept_for_results_json_are_let_go_before_the_last_write(
+    cdn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every job's encoded row, a folder's earlier nights' among them: the traceback of the
+    # periodic writer's cancellation kept its frame, and them, past the run's last write.
+    import veobatch.runner as runner_module
+    import veobatch.session as session_module
+
+    writers: list[weakref.ref[ResultsWriter]] = []
+
+    class Counted(ResultsWriter):
+        def __init__(self, ledger: Ledger, jobs: Iterable[Job]) -> None:
+            super().__init__(ledger, jobs)
+            writers.append(weakref.ref(self))
+
+    alive_at_the_end: list[ResultsWriter] = []
+    last_write = session_module._final_results
+
+    def final(ledger: Ledger, manifest: Manifest) -> None:
+        alive_at_the_end.extend(w for ref in writers if (w := ref()) is not None)
+        last_write(ledger, manifest)
+
+    monkeypatch.setattr(runner_module, "ResultsWriter", Counted)
+    monkeypatch.setattr(session_module, "_final_results", final)
+    s = settings(tmp_path, ledger_flush_interval_s=0.005)
+    report = await run(manifest(6, tmp_path), s, api=FakeApi(cdn, polls_to_finish=20), verify=False)
+    assert report.exit_code == 0 and len(writers) == 1
+    assert alive_at_the_end == []
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["done"] == 6

@@ -4,15 +4,18 @@
 it. Every record passes through :func:`apply_record` both when it is written and when it is
 replayed, so the journal can only ever contain transitions the state machine allows.
 
-Pure core: :class:`JobState`, :func:`apply_record`, :func:`parse_journal`, :func:`replay`,
-:func:`build_results`. Shell: :class:`Ledger` (recovery on open, group-committed appends).
+Pure core: :class:`JobState`, :func:`apply_record`, :func:`replay_journal` (or
+:func:`parse_journal` then :func:`replay`), :func:`build_results`. Shell: :class:`Ledger`
+(recovery on open, group-committed appends).
 """
 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -169,11 +172,54 @@ def _take_post(s: JobState, r: Mapping[str, Any], *, at: float | None) -> None:
     s.intent_at = at
     s.client_request_id = r.get("crid")
     if "key" in r:  # never an earlier request's video key beside this one's key
-        s.key, s.vkey = r["key"], r.get("vkey")
-    s.model = r.get("model", s.model)
-    s.account = r.get("acct")
+        _take_keys(s, r)
+    s.model = _shared(r.get("model", s.model))
+    s.account = _shared(r.get("acct"))
     s.usd_estimate = r.get("est", s.usd_estimate)
-    s.request = r.get("req", s.request)
+    if "req" in r:
+        s.request = _shared_keys(r["req"])
+
+
+def _take_keys(s: JobState, r: Mapping[str, Any]) -> None:
+    key, vkey = r["key"], r.get("vkey")
+    s.key, s.vkey = key, key if vkey == key else vkey  # one string, not two alike
+
+
+# A folder rerun every night keeps every earlier job's state (a month of nights, 300,000):
+# what repeats from job to job (a model, an account, the names of a request's fields and a
+# video's figures) is held once, not once per job as each record's JSON decodes it.
+def _shared(value: Any) -> Any:
+    return sys.intern(value) if type(value) is str else value
+
+
+def _shared_keys(doc: Any) -> Any:
+    """``doc`` with its field names (and its short texts, a codec's name) held once."""
+    if type(doc) is not dict:
+        return doc
+    return {
+        _shared(k): _shared(v) if type(v) is str and len(v) <= 16 else v for k, v in doc.items()
+    }
+
+
+# Videos' figures seen, each as one dict the states of every video alike share (so never
+# changed in place); a few kinds of video in practice, bounded all the same.
+_FIGURES: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def _shared_figures(doc: Any) -> Any:
+    if type(doc) is not dict:
+        return doc
+    # Typed, and floats exact: 4 and 4.0, or 0.0 and -0.0, are not written alike.
+    like = tuple((k, type(v), v.hex() if type(v) is float else v) for k, v in doc.items())
+    try:
+        shared = _FIGURES.get(like)
+    except TypeError:  # a figure that is a list or a dict
+        return _shared_keys(doc)
+    if shared is None:
+        if len(_FIGURES) >= 1024:
+            _FIGURES.clear()
+        shared = _FIGURES[like] = _shared_keys(doc)
+    return shared
 
 
 def _on_unsent(s: JobState, r: Mapping[str, Any]) -> None:
@@ -220,7 +266,8 @@ def _on_done(s: JobState, r: Mapping[str, Any]) -> None:
 def _take_file(s: JobState, r: Mapping[str, Any]) -> None:
     s.file, s.bytes, s.sha256 = r["file"], r["bytes"], r["sha256"]
     s.mtime_ns = r.get("mtime_ns")
-    s.video, s.flags = r.get("video"), r.get("flags")  # absent in ledgers before verification
+    # Absent in ledgers before verification.
+    s.video, s.flags = _shared_figures(r.get("video")), r.get("flags")
 
 
 def _delivered(s: JobState) -> dict[str, Any] | None:
@@ -249,12 +296,12 @@ def _on_failed(s: JobState, r: Mapping[str, Any]) -> None:
         s.video = s.flags = None
         s.gone = None
     s.status = "failed"  # the generation id is kept: a later run may poll it instead of paying
-    s.error = ErrorInfo(str(r.get("kind", "unknown")), str(r.get("message", "")))
+    s.error = ErrorInfo(_shared(str(r.get("kind", "unknown"))), str(r.get("message", "")))
 
 
 def _on_gone(s: JobState, r: Mapping[str, Any]) -> None:
     since = s.gone.since if s.gone is not None else float(r.get("t") or 0.0)
-    error = ErrorInfo(str(r.get("kind", "lost")), str(r.get("message", "")))
+    error = ErrorInfo(_shared(str(r.get("kind", "lost"))), str(r.get("message", "")))
     s.gone = Gone(since, bool(r.get("settled")), error)
 
 
@@ -262,7 +309,7 @@ def _on_restored(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "done"
     _take_file(s, r)
     if "key" in r:  # set together: a video key belongs to its own key
-        s.key, s.vkey = r["key"], r.get("vkey")
+        _take_keys(s, r)
     s.generation_id = r.get("gen", s.generation_id)
     s.video_url = None
     s.error = None
@@ -290,7 +337,7 @@ EARLIER_POST = "an earlier POST of it may have created a generation"
 
 def _on_uncertain(s: JobState, r: Mapping[str, Any]) -> None:
     s.status = "uncertain"
-    s.error = ErrorInfo(str(r.get("kind", "no_answer")), str(r.get("message", "")))
+    s.error = ErrorInfo(_shared(str(r.get("kind", "no_answer"))), str(r.get("message", "")))
     if "crid" in r:  # a resubmission refused: back to the earlier POST that may exist
         _take_post(s, r, at=r.get("at"))
         s.prev = None
@@ -318,6 +365,18 @@ class Journal:
     tail: bytes  # what follows it (empty when the file is clean)
 
 
+@dataclass(frozen=True)
+class Replayed:
+    """A ledger file replayed as it was read (:func:`replay_journal`): the jobs' states, and
+    the torn tail that follows the records they were made of."""
+
+    states: dict[str, JobState]
+    good_bytes: int  # length of the valid prefix
+    tail: bytes  # what follows it (empty when the file is clean)
+    size: int  # of the whole file
+    open_end: bool  # its last byte is not a newline (a whole last record whose newline was lost)
+
+
 def _parse_line(line: bytes) -> dict[str, Any] | None:
     if b"\x00" in line:
         return None
@@ -337,41 +396,88 @@ class _UnknownRecord(Exception):
     by a torn write (a crash leaves a prefix, and a prefix that parses is a known record)."""
 
 
-def parse_journal(data: bytes, *, name: str = LEDGER_NAME) -> Journal:
-    """Split a ledger into good records and a torn tail.
+@dataclass(frozen=True)
+class _Scanned:
+    good_bytes: int
+    tail: bytes
+    size: int
+    open_end: bool
 
+
+def _scan(lines: Iterable[bytes], take: Callable[[dict[str, Any]], None], name: str) -> _Scanned:
+    """Hand each good record of a ledger to ``take`` as it is read, and find the torn tail.
+
+    ``lines``: the file's bytes in pieces that each end at a newline (a binary file iterated),
+    so no list of every record, nor of every line, is ever held. Split further as
+    ``bytes.splitlines`` splits, so a lone CR ends a line as it always did.
     A bad record with only bad records after it is a torn write from a crash: it is cut.
     A bad record followed by a good one means damage we cannot explain: refuse.
     """
-    records: list[dict[str, Any]] = []
     pos = 0
+    newlines = 0  # before pos: the line number an error names
     bad_at: int | None = None
-    for raw in data.splitlines(keepends=True):
-        try:
-            rec = _parse_line(raw.rstrip(b"\r\n")) if raw.strip() else None
-        except _UnknownRecord as exc:
-            line_no = data[:pos].count(b"\n") + 1
-            raise LedgerCorruptError(
-                f"{name}: the record at line {line_no} is of a kind this veobatch does not know"
-                f" ({exc.args[0]!r}): was the ledger written by a newer version? Run that"
-                " version, or move the file aside; nothing is cut or sent."
-            ) from None
-        if rec is None and not raw.strip() and b"\x00" not in raw:
-            pos += len(raw)  # blank lines are harmless
-            continue
-        if rec is None:
-            bad_at = pos if bad_at is None else bad_at
-        elif bad_at is not None:
-            line_no = data[:bad_at].count(b"\n") + 1
-            raise LedgerCorruptError(
-                f"{name}: record at line {line_no} is damaged but later records are valid; "
-                "refusing to guess. Move the file aside or repair that line by hand."
-            )
-        else:
-            records.append(rec)
-        pos += len(raw)
-    good = len(data) if bad_at is None else bad_at
-    return Journal(records, good, data[good:])
+    bad_line = 0
+    tail: list[bytes] = []
+    last = b"\n"
+    for piece in lines:
+        if piece:
+            last = piece[-1:]
+        for raw in piece.splitlines(keepends=True) if b"\r" in piece else (piece,):
+            if bad_at is not None:
+                tail.append(raw)
+            try:
+                rec = _parse_line(raw.rstrip(b"\r\n")) if raw.strip() else None
+            except _UnknownRecord as exc:
+                raise LedgerCorruptError(
+                    f"{name}: the record at line {newlines + 1} is of a kind this veobatch does"
+                    f" not know ({exc.args[0]!r}): was the ledger written by a newer version?"
+                    " Run that version, or move the file aside; nothing is cut or sent."
+                ) from None
+            if rec is None and (raw.strip() or b"\x00" in raw):  # blank lines are harmless
+                if bad_at is None:
+                    bad_at, bad_line = pos, newlines + 1
+                    tail.append(raw)
+            elif rec is not None and bad_at is not None:
+                raise LedgerCorruptError(
+                    f"{name}: record at line {bad_line} is damaged but later records are valid;"
+                    " refusing to guess. Move the file aside or repair that line by hand."
+                )
+            elif rec is not None:
+                take(rec)
+            pos += len(raw)
+            newlines += raw.endswith(b"\n")
+    good = pos if bad_at is None else bad_at
+    return _Scanned(good, b"".join(tail), pos, pos > 0 and last != b"\n")
+
+
+def parse_journal(data: bytes, *, name: str = LEDGER_NAME) -> Journal:
+    """Split a ledger into good records and a torn tail (see :func:`_scan`)."""
+    records: list[dict[str, Any]] = []
+    scanned = _scan(io.BytesIO(data), records.append, name)
+    return Journal(records, scanned.good_bytes, scanned.tail)
+
+
+def replay_journal(lines: Iterable[bytes], *, name: str = LEDGER_NAME) -> Replayed:
+    """Replay a ledger while it is read: each record is folded into the states as it is
+    parsed, never held in a list of them all (a folder rerun every night keeps every earlier
+    job's records). As :func:`parse_journal` then :func:`replay`: damage is refused first,
+    then a transition the machine forbids."""
+    states: dict[str, JobState] = {}
+    failed: list[Exception] = []
+
+    def take(rec: dict[str, Any]) -> None:
+        if not failed:  # replay stops at its first error; the scan still looks for damage
+            try:
+                apply_record(states, rec)
+            except Exception as exc:  # raised below, once the scan is done
+                failed.append(exc)
+
+    scanned = _scan(lines, take, name)
+    if failed:
+        if isinstance(failed[0], LedgerError):
+            raise LedgerCorruptError(f"{name}: {failed[0].message}") from None
+        raise failed[0]
+    return Replayed(states, scanned.good_bytes, scanned.tail, scanned.size, scanned.open_end)
 
 
 def replay(records: Iterable[Mapping[str, Any]], *, name: str = LEDGER_NAME) -> dict[str, JobState]:
@@ -484,23 +590,20 @@ class Ledger:
 
     @classmethod
     def _open(cls, path: Path, clock: Callable[[], float], offload: Offload) -> Ledger:
-        data = _read_ledger(path)
-        # Named in full: cron's mail of a run of several nightly folders must say which.
-        journal = parse_journal(data, name=str(path))
-        states = replay(journal.records, name=str(path))
+        journal = _replay_file(path)
         kept: Path | None = None
         if journal.tail:
             kept = _cut_tail(path, journal, clock())
-        elif data and not data.endswith(b"\n"):
+        elif journal.open_end:
             fd = os.open(path, _APPEND)  # a whole last record whose newline was lost
             try:
                 os.write(fd, b"\n")
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        ledger = cls(path.parent, states, clock=clock, offload=offload)
+        ledger = cls(path.parent, journal.states, clock=clock, offload=offload)
         ledger.recovered_tail = kept
-        if not data:
+        if not journal.size:
             fsync_dir(path.parent)
         return ledger
 
@@ -629,7 +732,13 @@ class Ledger:
             self._synced = max(self._synced, self._drain())
 
     def write_results(self, jobs: Iterable[Job]) -> None:
-        write_results_doc(self.directory, build_results(self.states, jobs))
+        """results.json as :func:`build_results` makes it, each row put in the document as it
+        is made: never all the rows (every earlier job's among them) beside the document."""
+        by_id = {job.id: job for job in jobs}
+        ids = _row_order(self.states, by_id)
+        rows = (_encoded_row(_row(self.states, jid, by_id)) for jid in ids)
+        doc = _join_results(_rows_head(self.states, ids), rows)
+        atomic_write_bytes(self.directory / RESULTS_NAME, doc)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -648,46 +757,59 @@ class ResultsWriter:
     def __init__(self, ledger: Ledger, jobs: Iterable[Job]) -> None:
         self._ledger = ledger
         self._jobs = {job.id: job for job in jobs}
-        self._rows: dict[str, str] = {}  # encoded rows in document order
+        self._rows: dict[str, bytes] = {}  # encoded rows in document order
 
-    def encode_changed(self) -> tuple[dict[str, Any], list[str]]:
+    def encode_changed(self) -> tuple[dict[str, Any], list[bytes]]:
         """The head of the document and its encoded rows; cheap, for the event loop."""
         states = self._ledger.states
         ids = list(self._ledger.changed) if self._rows else _row_order(states, self._jobs)
         self._ledger.changed.clear()
         for jid in ids:
-            self._rows[jid] = _encode_row(_row(states, jid, self._jobs))
-        statuses = ((st.status if (st := states.get(jid)) else "pending") for jid in self._rows)
-        return _results_head(statuses), list(self._rows.values())
+            self._rows[jid] = _encoded_row(_row(states, jid, self._jobs))
+        return _rows_head(states, self._rows), list(self._rows.values())
 
-    def write(self, head: dict[str, Any], rows: list[str]) -> None:
+    def write(self, head: dict[str, Any], rows: list[bytes]) -> None:
         """Write what :meth:`encode_changed` gave; safe in a worker thread."""
         atomic_write_bytes(self._ledger.directory / RESULTS_NAME, _join_results(head, rows))
 
 
-def write_results_doc(directory: Path, doc: dict[str, Any]) -> None:
-    """Write a results document built earlier; safe in a worker thread (it owns ``doc``)."""
-    atomic_write_bytes(directory / RESULTS_NAME, encode_results(doc))
-
-
 _encode_row = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _encoded_row(row: dict[str, Any]) -> bytes:
+    # "replace": half a surrogate pair from an API's text is a "?", as in the ledger.
+    return _encode_row(row).encode("utf-8", "replace")
+
+
+def _rows_head(states: Mapping[str, JobState], ids: Iterable[str]) -> dict[str, Any]:
+    """The head of a results document whose rows are ``ids``' (one never sent is pending)."""
+    return _results_head((st.status if (st := states.get(jid)) else "pending") for jid in ids)
 
 
 def encode_results(doc: dict[str, Any]) -> bytes:
     """The document with one job per line: as easy to read and grep as indented JSON, and
     encoded by the C encoder (indentation is pure Python, 3x the cost at 10,000 jobs)."""
     head = {k: v for k, v in doc.items() if k != "jobs"}
-    return _join_results(head, list(map(_encode_row, doc.get("jobs", []))))
+    return _join_results(head, map(_encoded_row, doc.get("jobs", [])))
 
 
-def _join_results(head: dict[str, Any], rows: list[str]) -> bytes:
+def _join_results(head: dict[str, Any], rows: Iterable[bytes]) -> bytes:
+    """The document's bytes, each row copied into them once: a folder rerun every night holds
+    every earlier job's row, and the text of them all joined, then encoded, took three copies.
+    (BytesIO hands its buffer over, uncopied.)"""
     parts = [f"{_encode_row(k)}: {_encode_row(v)}" for k, v in head.items()]
-    joined = ",\n    ".join(rows)
-    parts.append(f'"jobs": [\n    {joined}\n  ]' if joined else '"jobs": []')
-    return ("{" + ", ".join(parts) + "}\n").encode("utf-8", "replace")
+    doc = io.BytesIO()
+    doc.write(("{" + ", ".join([*parts, '"jobs": ['])).encode("utf-8", "replace"))
+    first = True
+    for row in rows:
+        doc.write(b"\n    " if first else b",\n    ")
+        doc.write(row)
+        first = False
+    doc.write(b"]}\n" if first else b"\n  ]}\n")
+    return doc.getvalue()
 
 
-def _cut_tail(path: Path, journal: Journal, now: float) -> Path:
+def _cut_tail(path: Path, journal: Replayed, now: float) -> Path:
     """Keep the torn bytes beside the ledger, then cut the ledger back to its good prefix."""
     kept = path.with_name(f"{path.name}.torn-{int(now)}")
     n = 1
@@ -708,27 +830,29 @@ def _cut_tail(path: Path, journal: Journal, now: float) -> Path:
 def load_states(directory: Path) -> dict[str, JobState]:
     """Read-only replay, for `status` and `plan`: never cuts or writes anything."""
     path = directory / LEDGER_NAME
-    return replay(parse_journal(_read_ledger(path), name=str(path)).records, name=str(path))
+    return _replay_file(path).states
 
 
 # The ledger is opened by name in a folder that may be shared: a link there is never followed.
 _APPEND = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def _read_ledger(path: Path) -> bytes:
-    """The journal's bytes (none when there is no file); a link, a FIFO or a directory in its
-    place is refused, never followed or opened: a run would append to what it points at."""
+def _replay_file(path: Path) -> Replayed:
+    """The journal replayed as it is read, line by line (nothing when there is no file); a
+    link, a FIFO or a directory in its place is refused, never followed or opened: a run would
+    append to what it points at. Named in full in errors: cron's mail of a run of several
+    nightly folders must say which."""
     try:
         fd = open_regular(path)
     except FileNotFoundError:
-        return b""
+        return replay_journal((), name=str(path))
     except NotRegularFileError as exc:
         raise LedgerError(
             f"{path} is {exc.what}, not a ledger file: refusing to read or write through it;"
             " put the ledger itself there, or use another --out"
         ) from None
     with os.fdopen(fd, "rb") as f:
-        return f.read()
+        return replay_journal(f, name=str(path))
 
 
 def result_rows(directory: Path) -> list[dict[str, Any]]:

@@ -1202,21 +1202,26 @@ class Runner:
         """Keep results.json near-current during long runs; the final write is in run()."""
         pause_s = self.settings.ledger_flush_interval_s
         results = ResultsWriter(self.ledger, self.manifest.jobs)
-        while True:
-            await anyio.sleep(pause_s)
-            await self.ledger.sync()  # records nobody waited for are on disk within a period
-            if not self.ledger.changed:
-                continue  # nothing happened since the last write
-            started = time.monotonic()
-            # Rows encoded here, where the states live; joined and written in a worker thread.
-            head, rows = results.encode_changed()
-            try:
-                await anyio.to_thread.run_sync(results.write, head, rows)
-            except OSError as exc:  # a copy of the ledger: the run must not die for it
-                self._results_failed(exc)
-            # A rewrite costs time in proportion to the jobs: keep it near 1% of the run.
-            cost_s = time.monotonic() - started
-            pause_s = max(self.settings.ledger_flush_interval_s, RESULTS_COST_FACTOR * cost_s)
+        try:
+            while True:
+                await anyio.sleep(pause_s)
+                await self.ledger.sync()  # records nobody waited for are on disk within a period
+                if not self.ledger.changed:
+                    continue  # nothing happened since the last write
+                started = time.monotonic()
+                # Rows encoded here, where the states live; joined and written in a worker thread.
+                head, rows = results.encode_changed()
+                try:
+                    await anyio.to_thread.run_sync(results.write, head, rows)
+                except OSError as exc:  # a copy of the ledger: the run must not die for it
+                    self._results_failed(exc)
+                # A rewrite costs time in proportion to the jobs: keep it near 1% of the run.
+                cost_s = time.monotonic() - started
+                pause_s = max(self.settings.ledger_flush_interval_s, RESULTS_COST_FACTOR * cost_s)
+        finally:
+            # Every job's row, the ledger's history included: the traceback of this task's
+            # cancellation keeps its frame until the run ends, past the final write.
+            del results
 
     def _results_failed(self, exc: OSError) -> None:
         """Warn once: on a full disk every rewrite fails, and cron's log must not fill up too."""
