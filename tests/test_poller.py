@@ -243,16 +243,30 @@ class ClockedApi:
 
 
 async def _follow(
-    answer: Callable[[str, float], str | ApiError], n: int, until: float
+    answer: Callable[[str, float], str | ApiError],
+    n: int,
+    until: float,
+    *,
+    delivered: bool = False,
 ) -> tuple[Sink, ClockedApi, dict[str, float]]:
     """``n`` generations submitted at 0 with the default settings and a 30-minute job timeout,
-    polled as they fall due on a fake clock up to ``until``; returns when each ended."""
+    polled as they fall due on a fake clock up to ``until``; returns when each ended.
+    ``delivered``: refetches of videos delivered a day ago instead, polled at once."""
     clock = FakeClock()
     api = ClockedApi(clock, answer)
     sink = Sink()
     poller = Poller(api, sink, PollSettings(), clock=clock, rng=random.Random(0))
+    age_s = 86400 if delivered else 0
     for i in range(n):
-        poller.track(f"j{i}", f"g{i}", model="m", age_s=0, remaining_s=1800, first=True)
+        poller.track(
+            f"j{i}",
+            f"g{i}",
+            model="m",
+            age_s=age_s,
+            remaining_s=1800,
+            first=not delivered,
+            delivered=delivered,
+        )
     ended: dict[str, float] = {}
     while (due := poller._schedule.next_due()) is not None and due <= until:
         clock.now = max(clock.now, due)
@@ -511,21 +525,6 @@ async def test_a_delivered_video_asked_again_alone_is_lost_after_minutes_of_404s
     def answer(gen: str, now: float) -> str | ApiError:
         return NotFoundError("HTTP 404", status=404)
 
-    clock = FakeClock()
-    api = ClockedApi(clock, answer)
-    sink = Sink()
-    poller = Poller(api, sink, PollSettings(), clock=clock, rng=random.Random(0))
-    for i in range(n):
-        poller.track(
-            f"j{i}", f"g{i}", model="m", age_s=86400, remaining_s=1800, first=False, delivered=True
-        )
-    ended: dict[str, float] = {}
-    while (due := poller._schedule.next_due()) is not None:
-        clock.now = max(clock.now, due)
-        for key in poller._schedule.pop_due(clock.now):
-            if (t := poller._tracked.get(key)) is not None:
-                await poller._poll_one(t)
-                if key not in poller._tracked:
-                    ended[key] = clock.now
+    sink, _, ended = await _follow(answer, n, until=4000, delivered=True)
     assert sorted(sink.lost) == [f"j{i}" for i in range(n)] and sink.timed_out == []
     assert all(NOT_FOUND_STREAK_S <= at <= NOT_FOUND_STREAK_S + 20 for at in ended.values())

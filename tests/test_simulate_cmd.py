@@ -16,8 +16,11 @@ from cli_process import start_cli
 pytestmark = pytest.mark.slow
 
 
-def _serve(*args: str) -> tuple[subprocess.Popen[str], str]:
-    proc = start_cli("simulate", "--port", "0", "--tiny-videos", "--gen-time", "0.2", *args)
+def _serve(*args: str, tmp: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+    env = {"TMPDIR": str(tmp)} if tmp is not None else None
+    proc = start_cli(
+        "simulate", "--port", "0", "--tiny-videos", "--gen-time", "0.2", *args, env=env
+    )
     assert proc.stderr is not None
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -54,6 +57,21 @@ def test_a_stop_signal_ends_the_simulator_with_exit_0(sig: signal.Signals) -> No
     code, err = _stop(proc, sig)
     assert code == 0, err
     assert f"simulator stopped by {sig.name}" in err and "run again" not in err
+
+
+def test_a_stopped_simulator_leaves_no_temporary_folder(tmp_path: Path) -> None:
+    # Its video cache went with the listeners' cleanup, which a stop signal cancels: every
+    # benchmark or test run left a veobatch-sim-* folder behind in the temporary directory.
+    proc, base = _serve(tmp=tmp_path)
+    try:
+        created = _call(
+            f"{base}/v2/video/generations", {"model": "google/veo-3.1-t2v", "prompt": "x"}
+        )
+        assert created["id"] and list(tmp_path.iterdir())
+    finally:
+        code, err = _stop(proc, signal.SIGTERM)
+    assert code == 0, err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_simulator_restarted_with_its_state_dir_still_knows_its_generations(

@@ -206,12 +206,14 @@ class Simulator:
     async def stop(self) -> None:
         if self._stopping is not None:
             self._stopping.set()
-        for runner in self._runners:
-            await runner.cleanup()
-        self._runners.clear()
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
+        try:
+            for runner in self._runners:
+                await runner.cleanup()
+        finally:  # a stop signal cancels the cleanup: the video cache goes all the same
+            self._runners.clear()
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
 
     # -- the API listener ------------------------------------------------------------------
 
