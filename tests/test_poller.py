@@ -528,3 +528,32 @@ async def test_a_delivered_video_asked_again_alone_is_lost_after_minutes_of_404s
     sink, _, ended = await _follow(answer, n, until=4000, delivered=True)
     assert sorted(sink.lost) == [f"j{i}" for i in range(n)] and sink.timed_out == []
     assert all(NOT_FOUND_STREAK_S <= at <= NOT_FOUND_STREAK_S + 20 for at in ended.values())
+
+
+async def test_a_delivered_video_is_not_lost_while_a_generation_in_flight_gets_404s_too() -> None:
+    # Reviewer r11 D1: an API answering 404 to every poll on two nights 12 h apart settled
+    # archived videos as gone though a new job's generation, polled beside them, was answered
+    # 404 as well: the API's fault, which the normal rule counts for none.
+    def answer(gen: str, now: float) -> str | ApiError:
+        return NotFoundError("HTTP 404", status=404)
+
+    clock = FakeClock()
+    sink = Sink()
+    poller = Poller(ClockedApi(clock, answer), sink, PollSettings(), clock=clock)
+    for i in range(2):
+        poller.track(
+            f"old{i}",
+            f"g{i}",
+            model="m",
+            age_s=86400,
+            remaining_s=1800,
+            first=False,
+            delivered=True,
+        )
+    poller.track("new", "gn", model="m", age_s=0, remaining_s=1800, first=True)
+    while (due := poller._schedule.next_due()) is not None:
+        clock.now = max(clock.now, due)
+        for key in poller._schedule.pop_due(clock.now):
+            if (t := poller._tracked.get(key)) is not None:
+                await poller._poll_one(t)
+    assert sink.lost == [] and sorted(sink.timed_out) == ["new", "old0", "old1"]

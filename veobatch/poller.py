@@ -67,9 +67,11 @@ class NotFoundWatch:
     def __init__(self, recent_s: float, window_s: float = NOT_FOUND_WINDOW_S) -> None:
         self._recent_s = recent_s
         self._window_s = window_s
-        self._seen: deque[tuple[float, str, bool]] = deque()  # (when, job, a 404)
+        # (when, job, a 404, to a generation not delivered before: not a refetch)
+        self._seen: deque[tuple[float, str, bool, bool]] = deque()
         self._polled: Counter[str] = Counter()  # answers per generation within the window
         self._missing: Counter[str] = Counter()  # of those, 404s
+        self._missing_new: Counter[str] = Counter()  # of those, to generations not delivered
         # The last status any generation's poll got, and the last one another generation's
         # got: (when, job).
         self._last: tuple[float, str] = (-math.inf, "")
@@ -81,27 +83,36 @@ class NotFoundWatch:
             self._other = self._last
         self._last = (now, job_id)
 
-    def not_found(self, now: float, job_id: str) -> bool:
+    def not_found(self, now: float, job_id: str, *, delivered: bool = False) -> bool:
         """Note a 404 to ``job_id``; True when it counts towards taking the generation for lost:
         another generation's poll got a status within ``recent_s`` (the API is answering), and
-        404s are not hitting many generations at once."""
-        self._note(now, job_id, True)
+        404s are not hitting many generations at once. For a ``delivered`` one (a video asked
+        for again) also when no generation that is not such a refetch got a 404 within the
+        window: a night of refetches alone has nothing else to compare with, while a 404 to a
+        generation in flight beside it is the sign of an API answering 404 to all."""
+        self._note(now, job_id, True, delivered)
+        if delivered and not self._missing_new:
+            return True
         answered = self._last if self._last[1] != job_id else self._other
         if now - answered[0] > self._recent_s:
             return False
         return len(self._missing) <= max(NOT_FOUND_FEW, NOT_FOUND_SHARE * len(self._polled))
 
-    def _note(self, now: float, job_id: str, missing: bool) -> None:
+    def _note(self, now: float, job_id: str, missing: bool, delivered: bool = False) -> None:
         seen = self._seen
         while seen and seen[0][0] < now - self._window_s:
-            _, old, was_missing = seen.popleft()
+            _, old, was_missing, was_new = seen.popleft()
             _drop(self._polled, old)
             if was_missing:
                 _drop(self._missing, old)
-        seen.append((now, job_id, missing))
+                if was_new:
+                    _drop(self._missing_new, old)
+        seen.append((now, job_id, missing, not delivered))
         self._polled[job_id] += 1
         if missing:
             self._missing[job_id] += 1
+            if not delivered:
+                self._missing_new[job_id] += 1
 
 
 def _drop(counts: Counter[str], key: str) -> None:
@@ -441,12 +452,13 @@ class Poller:
         :data:`MAX_NOT_FOUND` or more before it counted (NotFoundWatch), over
         :data:`NOT_FOUND_STREAK_S` at least, with no status in between.
 
-        A delivered one's 404s count even with no other generation answered: a night that
-        only asks again for archived videos has nothing to compare with, and would poll each
-        for a whole job timeout, every night, never settling it as gone. Taking one for lost
-        costs nothing there: it stays done, and only two runs 12 h apart settle it."""
+        A delivered one's 404s count even with no other generation answered, unless one in
+        flight beside it is answered 404 too: a night that only asks again for archived videos
+        has nothing to compare with, and would poll each for a whole job timeout, every night,
+        never settling it as gone. Taking one for lost costs no charge there: it stays done,
+        and only two runs 12 h apart settle it."""
         t.not_found += 1
-        if not self.not_found_watch.not_found(now, t.job_id) and not t.delivered:
+        if not self.not_found_watch.not_found(now, t.job_id, delivered=t.delivered):
             return False
         t.missing += 1
         if t.missing_since is None:
