@@ -763,3 +763,42 @@ def test_results_json_is_written_without_every_row_held_beside_it(tmp_path: Path
     written = (tmp_path / RESULTS_NAME).read_bytes()
     assert written == encode_results(build_results(ledger.states, jobs))  # the same bytes
     assert peak - kept < 1.5 * len(written)
+
+
+class _AppendedWhileRead:
+    """A ledger another process is appending to, as ``status`` beside a run reads it: the end
+    of the file is met once in the middle of a record, and the rest of it shows up after."""
+
+    def __init__(self, data: bytes, at: int) -> None:
+        self._parts = [data[:at], b"", data[at:]]  # b"": the end, met mid-record
+
+    def read(self, n: int = -1) -> bytes:
+        return self._parts.pop(0) if self._parts else b""
+
+    def __iter__(self) -> Any:  # what iterating the file gave: the half, then the rest
+        head, _, tail = self._parts
+        yield from io.BytesIO(head)
+        yield from io.BytesIO(tail)
+
+    def __enter__(self) -> _AppendedWhileRead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_a_record_half_written_when_read_beside_a_run_is_a_torn_tail_not_damage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reviewer r11 D2: read line by line, a record met half appended came as two lines with
+    # whole records after it: "damaged but later records are valid", exit 3 from status.
+    lines = [json.dumps(r).encode() + b"\n" for r in HAPPY]
+    more = [rec("intent", "b", crid="c2", key="k2"), rec("intent", "c", crid="c3", key="k3")]
+    data = b"".join(lines) + b"".join(json.dumps(r).encode() + b"\n" for r in more)
+    (tmp_path / LEDGER_NAME).write_bytes(data)
+    at = len(b"".join(lines)) + 20
+    monkeypatch.setattr(
+        ledger_module.os, "fdopen", lambda fd, *a, **k: _AppendedWhileRead(data, at)
+    )
+    states = load_states(tmp_path)
+    assert set(states) == {"a"} and states["a"].status == "done"  # the rest: the next read

@@ -18,10 +18,10 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, BinaryIO, Literal, get_args
 
 import anyio
 
@@ -851,8 +851,30 @@ def _replay_file(path: Path) -> Replayed:
             f"{path} is {exc.what}, not a ledger file: refusing to read or write through it;"
             " put the ledger itself there, or use another --out"
         ) from None
-    with os.fdopen(fd, "rb") as f:
-        return replay_journal(f, name=str(path))
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        return replay_journal(_lines_until_eof(f), name=str(path))
+
+
+READ_CHUNK = 1 << 15
+
+
+def _lines_until_eof(f: BinaryIO) -> Iterator[bytes]:
+    """The file's whole lines, read a chunk at a time, then what follows the last newline when
+    a read first finds the end. A file iterated line by line may meet the end in the middle
+    of a record another process is appending (``status`` beside a run), hand out its first
+    half, then read the rest as a second line: damage "followed by valid records". Here a half
+    record is only ever the last piece, a torn tail, as a single read of the file made it."""
+    parts: list[bytes] = []  # of the line not yet ended (a long one spans many chunks)
+    while chunk := f.read(READ_CHUNK):
+        cut = chunk.rfind(b"\n") + 1
+        if not cut:
+            parts.append(chunk)
+            continue
+        parts.append(chunk[:cut])
+        yield from io.BytesIO(b"".join(parts))  # split at each newline, as a file is
+        parts = [chunk[cut:]]
+    if rest := b"".join(parts):
+        yield rest
 
 
 def result_rows(directory: Path) -> list[dict[str, Any]]:
