@@ -231,13 +231,18 @@ def test_a_done_job_with_its_file_is_skipped_even_with_a_recorded_key(tmp_path: 
     )
 
 
+def _dawn_then_dusk() -> tuple[Job, Job]:
+    """A job as it was sent, and as its manifest reads after an edit."""
+    old = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "dawn", "duration": 8})
+    return old, Job("a", {**old.request, "prompt": "dusk"})
+
+
 def test_plan_counts_the_new_request_an_edited_in_flight_job_will_be_remade_with() -> None:
     # "would submit nothing: no cost" while the run then paid for the edited request.
     from veobatch.scheduler import Action, JobPlan
     from veobatch.summary import plan_summary
 
-    old = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "dawn", "duration": 8})
-    edited = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "dusk", "duration": 8})
+    old, edited = _dawn_then_dusk()
     flying = JobState("a", "submitted", key=old.key, generation_id="g1")
     plans = [JobPlan(edited, Action.POLL, "in flight", flying)]
     assert plan_summary(plans)[2] == "would submit 1 generation, about $3.20 (estimated; see below)"
@@ -251,8 +256,7 @@ def test_plan_counts_the_new_request_of_an_edited_job_whose_post_is_looked_up() 
     from veobatch.scheduler import Action, JobPlan
     from veobatch.summary import plan_summary
 
-    old = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "dawn", "duration": 8})
-    edited = Job("a", {"model": "google/veo-3.1-t2v", "prompt": "dusk", "duration": 8})
+    old, edited = _dawn_then_dusk()
     unknown = JobState("a", "uncertain", key=old.key, client_request_id="vb:a:1:x")
     plans = [JobPlan(edited, Action.LOOKUP, "submission outcome unknown", unknown)]
     assert plan_summary(plans)[2] == "would submit 1 generation, about $3.20 (estimated; see below)"

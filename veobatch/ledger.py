@@ -838,7 +838,7 @@ _APPEND = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _replay_file(path: Path) -> Replayed:
-    """The journal replayed as it is read, line by line (nothing when there is no file); a
+    """The journal replayed as it is read, a chunk at a time (nothing when there is no file); a
     link, a FIFO or a directory in its place is refused, never followed or opened: a run would
     append to what it points at. Named in full in errors: cron's mail of a run of several
     nightly folders must say which."""

@@ -188,7 +188,7 @@ class Tracked:
     plan: int = 0  # the version of the plan that set its first poll (0: none, or not counted)
     scout: bool = False  # polled on the cold schedule while the plan rests on earlier runs
     # Its video was delivered and its file has since gone (a refetch): a 404 streak to it
-    # counts with no other generation answered (see Poller._not_found).
+    # counts on its own while no generation in flight beside it gets 404s (NotFoundWatch).
     delivered: bool = False
     api_status: str = "queued"  # as the last poll saw it, for progress displays
     # What the last poll met when it got no status (an error, no answer); None after a status.

@@ -433,6 +433,16 @@ def _plans(
     return plans
 
 
+def _checked_plans(
+    pool: ThreadPoolExecutor,
+    directory: Path,
+    jobs: Iterable[Job],
+    states: Mapping[str, JobState] | None,
+) -> list[_Plan]:
+    """Every card with what the header counts need from the disk (:func:`_checked`)."""
+    return list(_in_order(pool, partial(_checked, directory), _plans(directory, jobs, states)))
+
+
 def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), "veobatch-report")
 
@@ -447,7 +457,7 @@ def build_cards(
     journal was just replayed. Holds every thumbnail: the report itself streams them."""
     cache = _ThumbCache()
     with _pool() as pool:
-        plans = list(_in_order(pool, partial(_checked, directory), _plans(directory, jobs, states)))
+        plans = _checked_plans(pool, directory, jobs, states)
         return list(_in_order(pool, partial(_with_thumb, directory, cache), plans))
 
 
@@ -466,7 +476,7 @@ def write_report(
     name = title or f"veobatch report: {directory.resolve().name}"
     path = directory / REPORT_NAME
     with _pool() as pool:
-        plans = list(_in_order(pool, partial(_checked, directory), _plans(directory, jobs, states)))
+        plans = _checked_plans(pool, directory, jobs, states)
         head = render_head([c for c, _, _ in plans], title=name, generated_at=time.time())
         try:
             # Readable as the umask says, like the videos and results.json: it holds the

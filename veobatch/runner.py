@@ -1010,16 +1010,23 @@ class Runner:
         checked = self._check_as_asked(st, got.probe)
         if st.status == "done":  # "done" follows only "completed"
             await self.ledger.record("completed", job_id, durable=False)
+        flagged = Verified(checked.probe, [*checked.flags, KEPT_AS_FOUND])
+        await self._record_done(job_id, st.file, got, flagged)
+
+    async def _record_done(
+        self, job_id: str, file: str | None, got: _Facts | Downloaded, checked: Verified
+    ) -> None:
+        """The video's ``done`` record, not waited for: lost in a crash, the next run finds the
+        job completed and fetches or checks the video again, at no charge."""
         await self.ledger.record(
             "done",
             job_id,
             durable=False,
-            file=st.file,
+            file=file,
             bytes=got.bytes,
             sha256=got.sha256,
             mtime_ns=got.mtime_ns,
-            video=checked.probe.to_json(),
-            flags=[*checked.flags, KEPT_AS_FOUND],
+            **checked.record_fields(),
         )
 
     def _failed_aside(self, job_id: str, kind: str, message: str) -> bool:
@@ -1120,19 +1127,8 @@ class Runner:
         self.download_failures.succeeded()
         assert got.probe is not None
         checked = self._check_as_asked(self.ledger.state(job_id), got.probe)
-        # Not waited for (the file is already on disk): lost in a crash, the next run
-        # finds the job completed and fetches the video again, at no charge.
-        self.ledger.dir_changed()
-        await self.ledger.record(
-            "done",
-            job_id,
-            durable=False,
-            file=got.file,
-            bytes=got.bytes,
-            sha256=got.sha256,
-            mtime_ns=got.mtime_ns,
-            **checked.record_fields(),
-        )
+        self.ledger.dir_changed()  # the file is already on disk, under its name
+        await self._record_done(job_id, got.file, got, checked)
         log.info("done job=%s file=%s bytes=%d", job_id, got.file, got.bytes)
         if checked.flags:
             log.warning("video differs job=%s: %s", job_id, "; ".join(checked.flags))
