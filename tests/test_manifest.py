@@ -2243,6 +2243,22 @@ def test_a_value_starting_with_a_non_standard_tag_is_refused_not_cut(
     assert (problem.field, problem.message) == (field, message)
 
 
+@pytest.mark.parametrize("field", ["prompt", "negative_prompt"])
+def test_a_bare_equals_sign_is_refused_with_how_to_quote_it(field: str) -> None:
+    # YAML 1.1 resolves a lone '=' to its "value" tag: the message named only that tag.
+    text = job_doc(f"model: {T2V}", "prompt: a cat", f"{field}: =")
+    if field == "prompt":
+        text = job_doc(f"model: {T2V}", "prompt: =")
+    (problem,) = problems_of(text)
+    assert (problem.field, problem.message) == (
+        field,
+        f"YAML 1.1 reads a bare '=' as a special key, not as text; quote it (\"=\") to send "
+        f"'=' as the {field}",
+    )
+    quoted = job_doc(f"model: {T2V}", 'prompt: "="')
+    assert parse_manifest(quoted).jobs[0].request["prompt"] == "="
+
+
 def test_standard_tags_and_quoted_bangs_are_still_text() -> None:
     text = job_doc(f"model: {T2V}", 'prompt: "! big bang"', "negative_prompt: !!str 8")
     (job,) = parse_manifest(text).jobs

@@ -46,6 +46,7 @@ _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _STR_TAG = "tag:yaml.org,2002:str"
+_VALUE_TAG = "tag:yaml.org,2002:value"
 _SKIP = object()  # a mapping key that could not be used
 
 
@@ -726,7 +727,12 @@ class _Builder:
             return self._text(node, path) if self._escapes else node.value
         if node.tag not in type(self.loader).yaml_constructors:
             message = f"unsupported YAML tag {node.tag!r}"
-            if node.tag.startswith("!") and self._reads_as_text(node):  # '!wow great' as text
+            if node.tag == _VALUE_TAG:  # a bare '=': YAML 1.1's "value key", not text
+                message = (
+                    f"YAML 1.1 reads a bare '=' as a special key, not as text; quote it "
+                    f"(\"=\") to send '=' as the {_name(path)}"
+                )
+            elif node.tag.startswith("!") and self._reads_as_text(node):  # '!wow great' as text
                 message += (
                     f" (YAML reads a value that starts with '!' as a tag; quote the whole "
                     f"{_name(path)} to keep it as text)"
