@@ -2390,6 +2390,28 @@ async def test_a_lost_ledger_beside_finished_work_refuses_to_pay_again(
         assert "4 videos (job0.mp4, job1.mp4, job2.mp4, ...)" in message
 
 
+@pytest.mark.parametrize("left", [".thumbs", "ledger.jsonl.torn-1700000000"])
+async def test_a_tidied_folder_still_known_as_ours_refuses_to_pay_again(
+    cdn: str, tmp_path: Path, left: str
+) -> None:
+    # An operator deletes the ledger, results.json and report.html but keeps the videos: the
+    # report's thumbnail cache, or a torn ledger tail kept aside, still shows a run wrote here.
+    m = manifest(3, tmp_path)
+    api = FakeApi(cdn, polls_to_finish=1)
+    await run(m, settings(tmp_path), api=api)
+    out = tmp_path / "out"
+    for name in ("ledger.jsonl", "results.json", "report.html"):
+        (out / name).unlink(missing_ok=True)
+    if left == ".thumbs":
+        (out / left).mkdir(exist_ok=True)
+    else:
+        (out / left).write_bytes(b'{"ev":')
+    with pytest.raises(LedgerError, match="empty or missing") as refused:
+        await run(m, settings(tmp_path), api=api)
+    assert len(api.created) == 3  # nothing sent
+    assert "3 videos (job0.mp4, job1.mp4, job2.mp4)" in str(refused.value)
+
+
 async def test_a_hand_edited_results_row_whose_id_is_no_string_names_no_job(
     cdn: str, tmp_path: Path
 ) -> None:

@@ -51,7 +51,7 @@ def unrecorded_results(out: Path, jobs: Iterable[Job], states: Mapping[str, JobS
     ids = {job.id for job in jobs}
     # Same-named videos count only in what was a veobatch output directory: elsewhere they are
     # the user's own files, which a submission keeps aside (kept_name) rather than replaces.
-    ours = (out / RESULTS_NAME).exists() or (out / REPORT_NAME).exists()
+    ours = _was_veobatch_output(out)
     videos = sorted(jid for jid in ids if (out / final_name(jid)).exists()) if ours else []
     generations = [
         row
@@ -71,6 +71,22 @@ def unrecorded_results(out: Path, jobs: Iterable[Job], states: Mapping[str, JobS
     return " and ".join(found)
 
 
+def _was_veobatch_output(out: Path) -> bool:
+    """Did a veobatch run write here? Its results, its report, the report's thumbnail cache or
+    a torn ledger tail kept aside say so: an operator tidying up may delete the first two."""
+    if (out / RESULTS_NAME).exists() or (out / REPORT_NAME).exists():
+        return True
+    try:
+        with os.scandir(out) as entries:
+            return any(
+                (e.name == THUMBS_DIR and e.is_dir(follow_symlinks=False))
+                or e.name.startswith(f"{LEDGER_NAME}.torn-")
+                for e in entries
+            )
+    except OSError:  # no folder yet, or none to read: nothing in it is ours
+        return False
+
+
 def _refuse_unrecorded(out: Path, manifest: Manifest, ledger: Ledger) -> None:
     found = unrecorded_results(out, manifest.jobs, ledger.states)
     if found:
@@ -78,7 +94,7 @@ def _refuse_unrecorded(out: Path, manifest: Manifest, ledger: Ledger) -> None:
             f"{out / LEDGER_NAME} is empty or missing, but {out} holds results of this "
             f"manifest: {found}. A run would pay for those jobs again. Restore the ledger "
             "from a backup, or use another --out; to start over here on purpose, move "
-            "results.json and the videos out of the directory first."
+            "results.json, report.html, .thumbs and the videos out of the directory first."
         )
 
 
