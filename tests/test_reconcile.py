@@ -556,3 +556,67 @@ async def test_an_unanswered_create_absent_from_logs_that_caught_up_is_uncertain
     await rec.sweep()
     assert [(j, d.verdict) for j, d in got] == [("job", Verdict.UNCERTAIN)]
     assert "unanswered" in got[0][1].reason
+
+
+class WindowLogs(PagedLogs):
+    """Rows filtered by the window asked for, as the real endpoint does by their stamps."""
+
+    async def logs(self, **kw: Any) -> LogPage:
+        if kw["limit"] == 1 and kw.get("statuses") == ["succeeded"]:
+            return await super().logs(**kw)
+        self.calls.append(kw)
+        lo, hi = kw["start"].timestamp(), kw["end"].timestamp()
+        rows = [e for e in self.entries if e.created is not None and lo <= e.created <= hi]
+        off, lim = kw["offset"], kw["limit"]
+        return LogPage(rows[off : off + lim], off + lim < len(rows))
+
+
+@pytest.mark.parametrize("skew", [-330.0, 330.0])
+async def test_an_api_clock_off_by_more_than_the_margin_is_measured_and_searched_for(
+    skew: float,
+) -> None:
+    # The API's clock 5.5 min off ours: its row of the 5xx'd create (made, billed) is stamped
+    # outside a window of our clock ± 5 min, and a later create of ours proved the logs had
+    # caught up: "never created", sent again, paid twice. Our own row measures the skew.
+    row = LogEntry("c", "g-made", "succeeded", created=1000.0 + skew)
+    api = WindowLogs([row], newest=None)
+    rec, got, now = _one_open(api, "server_error")
+    now[0] = 1089.0
+    rec.note_sent("later")
+    api.newest = LogEntry("later", "g1", "succeeded", created=1089.0 + skew)
+    now[0] = 1095.0
+    await rec.sweep()
+    assert rec.skew_s == skew
+    assert [(j, d.verdict, d.generation_id) for j, d in got] == [("job", Verdict.ADOPT, "g-made")]
+
+
+async def test_absence_under_a_large_skew_leaves_the_request_uncertain(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api = WindowLogs([], newest=None)
+    rec, got, now = _one_open(api, "server_error")
+    now[0] = 1089.0
+    rec.note_sent("later")
+    api.newest = LogEntry("later", "g1", "succeeded", created=1089.0 - 330.0)
+    now[0] = 1095.0
+    with caplog.at_level(logging.WARNING, "veobatch"):
+        await rec.sweep()
+    ((job, d),) = got
+    assert (job, d.verdict) == ("job", Verdict.UNCERTAIN)
+    assert "the API's clock is 330s behind this machine's" in d.reason
+    assert "--resubmit-uncertain" in d.reason
+    assert any(
+        "clock skew: the API's usage logs are stamped 330s behind" in m for m in caplog.messages
+    )
+
+
+async def test_a_small_skew_still_lets_absence_count() -> None:
+    api = WindowLogs([], newest=None)
+    rec, got, now = _one_open(api, "server_error")
+    now[0] = 1089.0
+    rec.note_sent("later")
+    api.newest = LogEntry("later", "g1", "succeeded", created=1089.0 + 20.0)
+    now[0] = 1095.0
+    await rec.sweep()
+    assert rec.skew_s == 20.0
+    assert [(j, d.verdict) for j, d in got] == [("job", Verdict.RESUBMIT)]

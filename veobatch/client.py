@@ -488,7 +488,14 @@ class HttpApiClient:
             aiohttp.InvalidURL,  # refused before connecting
         ) as exc:
             raise NotSentError(f"{method} {path}: could not connect: {_brief(exc)}") from None
-        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except TimeoutError:
+            limits = timeouts or self._timeout
+            # Which limit, and where it is set: an API slower than it fails every job alike.
+            knob = " (--poll-timeout)" if timeouts is self._poll_timeout else ""
+            raise NoAnswerError(
+                f"{method} {path}: no answer within the {limits.total:g}s timeout{knob}"
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
             raise NoAnswerError(f"{method} {path}: no answer: {_brief(exc)}") from None
 
     def _error(self, status: int, text: str, headers: Mapping[str, str]) -> ApiError:

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 
 Cause = Literal["server_error", "no_answer", "crash"]
 CLOCK_MARGIN_S = 300.0  # the API's clock and ours may disagree; search a wider window
+# Skew measured past this (the API's clock against ours, from a row of one of our own creates)
+# leaves an unfound request uncertain rather than "never created": the windows move by the
+# skew, but a clock that far off may be stepped back any time, and absence would then cost a
+# second payment.
+MAX_SKEW_FOR_ABSENCE_S = CLOCK_MARGIN_S / 2
 PAGE_SIZE = 100
 MAX_PAGES_PER_SWEEP = 50
 # The logs refuse a window over 92 days: look-ups are searched in groups spanning less, with
@@ -180,11 +185,13 @@ def apart_s(lookup: Lookup, grace_s: float) -> float:
     return 0.0 if lookup.cause == "crash" else grace_s
 
 
-def made_after(entry: LogEntry, lookup: Lookup, grace_s: float) -> bool:
-    """The row's request was made ``apart_s`` after the look-up's, whatever the clocks' skew."""
+def made_after(entry: LogEntry, lookup: Lookup, grace_s: float, skew_s: float = 0.0) -> bool:
+    """The row's request was made ``apart_s`` after the look-up's, whatever the clocks' skew
+    (``skew_s``: the API's clock ahead of ours by that much, when measured)."""
     if entry.created is None:
         return False
-    return entry.created > lookup.settled_wall + apart_s(lookup, grace_s) + CLOCK_MARGIN_S
+    made = entry.created - skew_s
+    return made > lookup.settled_wall + apart_s(lookup, grace_s) + CLOCK_MARGIN_S
 
 
 def window_groups(lookups: list[Lookup]) -> list[dict[str, Lookup]]:
@@ -254,7 +261,11 @@ class Reconciler:
         # look-up is open: a row of one sent after a look-up's request (``apart_s`` after)
         # shows the logs caught up past it.
         self._sent: dict[str, float] = {}
+        self._sent_wall: dict[str, float] = {}  # and on the wall clock, to measure the skew
         self._pruned_to = -math.inf
+        # The API's clock ahead of ours (seconds; negative: behind), from the newest row of
+        # one of our own creates: the usage logs are stamped by the API's clock.
+        self.skew_s: float | None = None
         self._closing = False
         # Logs down for an hour would fail a sweep every few seconds: counted, not a line each.
         self.failures = OutageLog(
@@ -273,6 +284,7 @@ class Reconciler:
         requests were made long enough before it (``apart_s``)."""
         if self._open:
             self._sent[client_request_id] = self._clock()
+            self._sent_wall[client_request_id] = self._wall()
 
     def add(self, lookup: Lookup) -> None:
         now = self._clock()
@@ -297,6 +309,7 @@ class Reconciler:
             await self._sweep(group)
         if not self._open:
             self._sent.clear()
+            self._sent_wall.clear()
 
     async def _sweep(self, lookups: dict[str, Lookup]) -> None:
         if await self._probe(lookups):
@@ -320,6 +333,8 @@ class Reconciler:
                 later_logged=o.later_seen_at <= started,
                 watched_s=now - o.opened_at,
             )
+            if d.verdict is Verdict.RESUBMIT and crid not in found and self._skewed():
+                d = Decision(Verdict.UNCERTAIN, self._skew_reason(d.reason))
             if d.verdict is Verdict.WAIT and self._closing:
                 why = "submissions stopped before the usage logs settled it"
                 d = Decision(Verdict.LEAVE, why, seen=d.seen)
@@ -328,6 +343,35 @@ class Reconciler:
             del self._open[crid]
             log.info("lookup job=%s verdict=%s: %s", lookup.job_id, d.verdict.value, d.reason)
             await self._on_decision(lookup, d)
+
+    def _skewed(self) -> bool:
+        return self.skew_s is not None and abs(self.skew_s) > MAX_SKEW_FOR_ABSENCE_S
+
+    def _skew_reason(self, reason: str) -> str:
+        assert self.skew_s is not None
+        way = "ahead of" if self.skew_s > 0 else "behind"
+        return (
+            f"{reason.split(':')[0]}, but the API's clock is {abs(self.skew_s):.0f}s {way} this"
+            " machine's, so absence from its usage logs proves nothing (fix the clock, e.g."
+            " NTP; --resubmit-uncertain sends it again)"
+        )
+
+    def _note_skew(self, entry: LogEntry) -> None:
+        """Measure the skew from a row of one of our own creates: it was made just after we
+        sent it (within the request's latency, seconds against a margin of minutes)."""
+        sent_wall = self._sent_wall.get(entry.client_request_id or "")
+        if sent_wall is None or entry.created is None:
+            return
+        was_skewed = self._skewed()
+        self.skew_s = entry.created - sent_wall
+        if self._skewed() and not was_skewed:
+            way = "ahead of" if self.skew_s > 0 else "behind"
+            log.warning(
+                "clock skew: the API's usage logs are stamped %.0fs %s this machine's clock;"
+                " a request not found in them is left uncertain, never sent again",
+                abs(self.skew_s),
+                way,
+            )
 
     async def _search(self, lookups: dict[str, Lookup]) -> tuple[dict[str, LogEntry], bool, float]:
         """Page through the window that can hold these requests' rows: what was found,
@@ -341,10 +385,11 @@ class Reconciler:
         from there, so a window of any size is read in the end. Rows logged meanwhile may land
         among the rows already read: the pass's start says which rows it can vouch for.
         """
-        since = min(lk.since_wall for lk in lookups.values()) - CLOCK_MARGIN_S
+        shift = self.skew_s or 0.0  # the logs are stamped by the API's clock
+        since = min(lk.since_wall for lk in lookups.values()) + shift - CLOCK_MARGIN_S
         # Up to the last record, even if the wall clock now reads earlier (stepped back): a
         # window ending before the request would never find it, and absence would be wrong.
-        until = max(lk.settled_wall for lk in lookups.values())
+        until = max(lk.settled_wall for lk in lookups.values()) + shift
         models = sorted({lk.model for lk in lookups.values()})
         window = (since, until + CLOCK_MARGIN_S, tuple(models))
         start = datetime.fromtimestamp(window[0], UTC)
@@ -392,8 +437,9 @@ class Reconciler:
         ]
         if not waiting:
             return True
-        wall = self._wall()
-        earliest = min(o.lookup.since_wall for o in waiting)
+        shift = self.skew_s or 0.0
+        wall = self._wall() + shift
+        earliest = min(o.lookup.since_wall for o in waiting) + shift
         start = max(earliest - CLOCK_MARGIN_S, wall - MAX_WINDOW_S)
         await anyio.sleep(self.pause_s())
         probed = self._clock()
@@ -412,10 +458,12 @@ class Reconciler:
         if not page.entries:
             return True
         newest = page.entries[0]
+        self._note_skew(newest)
         sent_at = self._sent.get(newest.client_request_id or "", -math.inf)
+        skew = self.skew_s or 0.0
         for o in waiting:
             apart = apart_s(o.lookup, self._grace_s)
-            if sent_at - o.settled_at >= apart or made_after(newest, o.lookup, self._grace_s):
+            if sent_at - o.settled_at >= apart or made_after(newest, o.lookup, self._grace_s, skew):
                 o.later_seen_at = probed
         return True
 
@@ -461,6 +509,7 @@ class Reconciler:
         floor = min(o.settled_at + apart_s(o.lookup, self._grace_s) for o in self._open.values())
         if floor > self._pruned_to and len(self._sent) > 1024:
             self._sent = {c: t for c, t in self._sent.items() if t >= floor}
+            self._sent_wall = {c: t for c, t in self._sent_wall.items() if c in self._sent}
             self._pruned_to = floor
 
     def pause_s(self) -> float:
