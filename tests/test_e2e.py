@@ -19,9 +19,11 @@ import anyio.to_thread
 import av
 import pytest
 from cli_process import start_cli
+from click.testing import CliRunner
 from local_server import webhook_receiver
 from run_helpers import CANARY, dead_host, fast_settings, mixed_manifest
 
+from veobatch.cli import main
 from veobatch.ledger import load_states
 from veobatch.manifest import load_manifest
 from veobatch.session import run
@@ -123,6 +125,57 @@ async def test_a_manifest_that_writes_out_the_apis_defaults_pays_for_nothing(
     assert sim.stats.creates_ok == 2 and not list(out.glob("*@*"))
     edited = await run(manifest("defaults: {duration: 6}"), fast_settings(out, sim.base_url))
     assert edited.submitted == 2 and len(list(out.glob("*@*.mp4"))) == 2  # a change is one
+
+
+MATRIX = """\
+version: 1
+jobs:
+  - id: teaser
+    model: google/veo-3.1-t2v-fast
+    prompt: The product turns slowly
+    matrix:
+      {first}
+      {second}
+  - id: kite
+    model: google/veo-3.1-t2v-fast
+    prompt: A kite climbs
+    variants: 2
+    matrix:
+      {second}
+      {first}
+"""
+
+
+async def test_a_matrix_with_its_fields_in_another_order_pays_for_nothing(
+    sim: Simulator, tmp_path: Path
+) -> None:
+    # A YAML mapping has no order, yet writing a matrix's fields in another order renamed
+    # every combination (teaser-16x9-4 became teaser-4-16x9), and each was paid for again;
+    # the takes of variants too, whose seeds are made from their ids.
+    ratios, durations = 'aspect_ratio: ["16:9", "9:16"]', "duration: [4, 8]"
+
+    def manifest(first: str, second: str) -> Path:
+        path = tmp_path / "m.yaml"
+        path.write_text(MATRIX.format(first=first, second=second))
+        return path
+
+    out = tmp_path / "out"
+    m = load_manifest(manifest(ratios, durations))
+    first = await run(m, fast_settings(out, sim.base_url))
+    assert first.exit_code == 0 and first.submitted == 12
+    videos = sorted(p.name for p in out.glob("*.mp4"))
+    assert "teaser-16x9-4.mp4" in videos and "kite-4-16x9-2.mp4" in videos
+    reordered = manifest(durations, ratios)
+    plan = await anyio.to_thread.run_sync(
+        lambda: CliRunner().invoke(main, ["plan", str(reordered), "--out", str(out)])
+    )
+    assert plan.exit_code == 0, plan.output
+    assert "would submit nothing" in plan.output and "renamed?" not in plan.output
+    rows = [line.split("\t") for line in plan.output.splitlines() if "\tdone\t" in line]
+    assert sorted(r[0] + ".mp4" for r in rows) == videos
+    again = await run(load_manifest(reordered), fast_settings(out, sim.base_url))
+    assert again.exit_code == 0 and again.submitted == 0
+    assert sim.stats.creates_ok == 12 and sorted(p.name for p in out.glob("*.mp4")) == videos
 
 
 async def test_requests_match_the_published_schemas(sim: Simulator, tmp_path: Path) -> None:

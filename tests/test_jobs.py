@@ -95,3 +95,23 @@ def test_the_video_key_is_made_of_the_identity_local_images_hashed() -> None:
     body = {**identity, "image_url": "data:image/png;base64,QUJD"}
     job = jobs.Job("a", body, identity=identity)
     assert job.vkey == request_key({k: v for k, v in identity.items() if k != "provider"})
+
+
+def test_a_matrix_id_is_known_under_its_fields_in_any_other_order() -> None:
+    # A YAML mapping has no order: the same combination under another order of its matrix's
+    # fields is the same job, and the id that order gave it is told apart from any other.
+    combo = jobs.MatrixId("teaser", ("4", "16x9", "fast"))
+    assert combo.reordered_base("teaser-16x9-4-fast") == "teaser-16x9-4-fast"
+    assert combo.reordered_base("teaser-fast-16x9-4") == "teaser-fast-16x9-4"
+    for other in ("teaser-4-16x9-fast", "teaser-16x9-8-fast", "teaser-16x9-4", "hero-16x9-4-fast"):
+        assert combo.reordered_base(other) is None  # its own, another combination, another job
+    take = jobs.MatrixId("kite", ("a-b", "a"), take=2)  # suffixes may hold a dash
+    assert take.reordered_base("kite-a-a-b-2") == "kite-a-a-b"
+    assert take.reordered_base("kite-a-a-b") is None and take.reordered_base("kite-a-a-b-1") is None
+    # An id too long for a file name keeps its start and a hash of the whole.
+    long = jobs.MatrixId("x" * 200, ("y" * 24, "z" * 24), take=1)
+    fitted = jobs.fit_id("-".join(("x" * 200, "z" * 24, "y" * 24, "1")))
+    assert len(fitted) == jobs.MADE_ID_MAX_LEN
+    assert long.reordered_base(fitted) == "-".join(("x" * 200, "z" * 24, "y" * 24))
+    other_take = jobs.fit_id("-".join(("x" * 200, "z" * 24, "y" * 24, "2")))
+    assert len(other_take) == jobs.MADE_ID_MAX_LEN and long.reordered_base(other_take) is None

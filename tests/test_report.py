@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from report_fixture import EVIL, REQUESTS, T2V, VIDEOS, make_output_dir
 
+from veobatch.jobs import MADE_ID_MAX_LEN
 from veobatch.ledger import ErrorInfo, JobState
-from veobatch.manifest import MADE_ID_MAX_LEN
 from veobatch.report import (
     THUMBS_DIR,
     Card,

@@ -1357,6 +1357,66 @@ def test_a_recorded_derived_id_is_taken_back_once_and_never_by_a_written_id() ->
     assert adopt_recorded_ids([job], {"hero": named}) == [job]
 
 
+MATRIX_JOB = """\
+version: 1
+jobs:
+  - id: teaser
+    model: google/veo-3.1-t2v-fast
+    prompt: {prompt}
+    variants: {variants}
+    matrix:
+      {first}
+      {second}
+"""
+
+
+def test_a_matrix_with_its_fields_in_another_order_takes_its_recorded_ids_back(
+    tmp_path: Path,
+) -> None:
+    # A YAML mapping has no order, yet the matrix's fields written in another order renamed
+    # every combination (teaser-16x9-4 became teaser-4-16x9) and each was paid for again; its
+    # takes' seeds, made from their ids, changed with them.
+    ratios, durations = 'aspect_ratio: ["16:9", "9:16"]', "duration: [4, 8]"
+
+    def jobs(first: str, second: str, prompt: str = "p", variants: int = 2) -> list[Job]:
+        text = MATRIX_JOB.format(first=first, second=second, prompt=prompt, variants=variants)
+        (tmp_path / "m.yaml").write_text(text)
+        return list(load_manifest(tmp_path / "m.yaml").jobs)
+
+    before = jobs(ratios, durations)
+    states = {
+        j.id: JobState(j.id, "done", key=j.key, vkey=j.vkey, model=j.model, request=j.request)
+        for j in before
+    }
+    # Unchanged, every job is known by its own id: nothing is taken.
+    assert all(a is b for a, b in zip(adopt_recorded_ids(before, states), before, strict=True))
+    after = jobs(durations, ratios)
+    assert {j.id for j in after}.isdisjoint(states) and "teaser-4-16x9-2" in {j.id for j in after}
+    adopted = adopt_recorded_ids(after, states)
+    # Each combination under its recorded id, with the very request (its seed) made then.
+    assert {j.id: j.request for j in adopted} == {b.id: b.request for b in before}
+    plans, warnings = plan_run(adopted, states, tmp_path)
+    # Done (their files missing here: fetched again), none paid for again, no rename warned.
+    assert {p.action for p in plans} == {Action.REFETCH} and not warnings
+    assert not any(pays_for_request(p) for p in plans)
+    # Another video (a prompt edited), a recorded id the manifest lists for another job, or
+    # one another combination already took back: the job keeps its own id.
+    edited = jobs(durations, ratios, prompt="q")
+    assert all(a is b for a, b in zip(adopt_recorded_ids(edited, states), edited, strict=True))
+    hero = Job("teaser-16x9-4-1", {"model": "google/veo-3.1-t2v-fast", "prompt": "hero"})
+    taken = adopt_recorded_ids([hero, *after], states)[1:]
+    assert [j.id for j in taken if j.id in states] == [
+        j.id for j in adopted if j.id != "teaser-16x9-4-1"
+    ]
+    one = jobs(durations, ratios, variants=1)
+    one_states = {
+        j.id: JobState(j.id, "done", key=j.key, vkey=j.vkey, model=j.model)
+        for j in jobs(ratios, durations, variants=1)
+    }
+    twice = adopt_recorded_ids([one[0], one[0]], one_states)
+    assert [j.id for j in twice] == ["teaser-16x9-4", "teaser-4-16x9"]
+
+
 @pytest.mark.parametrize("order", ["failed first", "done first"])
 def test_of_two_recorded_ids_of_one_video_the_exact_and_delivered_one_is_taken_back(
     order: str,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,21 @@ def derived_id(request: Mapping[str, Any]) -> str:
     however it is written (a default written out, a provider's case: :func:`video_key`)."""
     short = str(request["model"]).removeprefix(MODEL_PREFIX)
     return f"{short}-{video_key(request)[:10]}"
+
+
+# A made id names files such as <id>.mp4.part.meta and <id>@<sha8>-2.mp4: past this many
+# characters it would not fit a file name (255 bytes). Ids up to here ran before, and their
+# ledgers know them by these ids, so they stay as they are.
+MADE_ID_MAX_LEN = 236
+
+
+def fit_id(text: str) -> str:
+    """A made id within MADE_ID_MAX_LEN: a longer one keeps its start and gains a hash of
+    the whole."""
+    if len(text) <= MADE_ID_MAX_LEN:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+    return f"{text[: MADE_ID_MAX_LEN - len(digest) - 1]}-{digest}"
 
 
 def variant_seed(base_id: str, n: int) -> int:
@@ -134,6 +149,43 @@ def _encode_into(value: Any, parts: list[bytes]) -> None:
 
 
 @dataclass(frozen=True)
+class MatrixId:
+    """How a matrix combination's written id is made: ``<id>-<suffix>-...[-<take>]``, one
+    suffix per field in the order the matrix writes its fields. A YAML mapping has no order,
+    so the same combination with the fields written in another order is the same job: a ledger
+    may know it by the id that order made (see scheduler.adopt_recorded_ids)."""
+
+    written: str  # the id written on the job
+    suffixes: tuple[str, ...]
+    take: int = 0  # its number among the job's variants; 0: the only take
+
+    def reordered_base(self, other: str) -> str | None:
+        """The id before any take number that gives ``other`` when this combination's fields
+        are in another order (``teaser-4-16x9`` for ``teaser-16x9-4``); None if no order does."""
+        tail = f"-{self.take}" if self.take else ""
+        own = "-".join((self.written, *self.suffixes))
+        # An id fitted to MADE_ID_MAX_LEN keeps only its start: orders are sought by that.
+        start = other[: MADE_ID_MAX_LEN - 11] if len(other) == MADE_ID_MAX_LEN else other
+        for base in _orders(self.written, self.suffixes, start):
+            if base != own and fit_id(base + tail) == other:
+                return base
+        return None
+
+
+def _orders(text: str, parts: tuple[str, ...], start: str) -> Iterator[str]:
+    """``text`` followed by every order of ``parts`` (each after a ``-``) that agrees with
+    ``start`` as far as both go: orders that cannot give it are cut off at their first part."""
+    if not parts:
+        yield text
+        return
+    for i, part in enumerate(parts):
+        longer = f"{text}-{part}"
+        n = min(len(longer), len(start))
+        if longer[:n] == start[:n]:
+            yield from _orders(longer, parts[:i] + parts[i + 1 :], start)
+
+
+@dataclass(frozen=True)
 class Job:
     """One generation to make: the exact API body plus where it came from."""
 
@@ -152,6 +204,8 @@ class Job:
     derived: bool = False
     # Take n of variants whose seed is made from the job's id (:func:`variant_seed`); 0: not.
     seeded_take: int = 0
+    # A combination of a matrix of two fields or more under a written id: how its id is made.
+    matrix_id: MatrixId | None = None
 
     @property
     def model(self) -> str:

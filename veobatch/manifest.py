@@ -22,7 +22,16 @@ from typing import Any
 from .catalogue import ALL_FIELDS, MODELS, ModelSpec
 from .errors import ManifestError, Problem
 from .images import ImageStore, LocalImage, is_local_reference
-from .jobs import Job, Manifest, ManifestSettings, canonical_json, derived_id, variant_seed
+from .jobs import (
+    Job,
+    Manifest,
+    ManifestSettings,
+    MatrixId,
+    canonical_json,
+    derived_id,
+    fit_id,
+    variant_seed,
+)
 from .manifest_checks import (
     At,
     Defaults,
@@ -172,6 +181,7 @@ class _Built:
     # a duplicate is reported along with the job's other problems.
     origin: _Origin | None = None  # None for a placeholder
     seeded_take: int = 0  # take n of variants given a seed made from the id; 0: not
+    matrix_id: MatrixId | None = None  # how a matrix combination's written id is made
 
     @property
     def placeholder(self) -> bool:
@@ -229,21 +239,6 @@ def axis_slugs(values: list[Any]) -> list[str]:
 
 def _written(value: Any) -> str:
     return show(value) if isinstance(value, bool) else str(value)
-
-
-# A made id names files such as <id>.mp4.part.meta and <id>@<sha8>-2.mp4: past this many
-# characters it would not fit a file name (255 bytes). Ids up to here ran before, and their
-# ledgers know them by these ids, so they stay as they are.
-MADE_ID_MAX_LEN = 236
-
-
-def fit_id(text: str) -> str:
-    """A made id within MADE_ID_MAX_LEN: a longer one keeps its start and gains a hash of
-    the whole."""
-    if len(text) <= MADE_ID_MAX_LEN:
-        return text
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    return f"{text[: MADE_ID_MAX_LEN - len(digest) - 1]}-{digest}"
 
 
 def variant_ids(base_id: str, count: int) -> list[str]:
@@ -305,6 +300,16 @@ def _covering(
     longest = max((len(axis) for axis in axes), default=0)
     covering = [_combo(axis[min(i, len(axis) - 1)] for axis in axes) for i in range(longest)]
     return covering or [{}]
+
+
+def _matrix_id(
+    job_id: str | None, combo: dict[str, tuple[Any, KeyPath, str]], take: int
+) -> MatrixId | None:
+    """How the id of take ``take`` (0: the only one) of a combination is made, when the
+    matrix's fields in another order would make another id of it: a written id, two fields."""
+    if job_id is None or len(combo) < 2:
+        return None
+    return MatrixId(job_id, tuple(suffix for _, _, suffix in combo.values()), take)
 
 
 def _combo(cells: Iterable[tuple[str, Any, KeyPath, str]]) -> dict[str, tuple[Any, KeyPath, str]]:
@@ -372,6 +377,7 @@ class _Validator:
             source=source,
             derived=built.written_id is None,
             seeded_take=built.seeded_take,
+            matrix_id=built.matrix_id,
         )
 
     def _top(self) -> dict[Any, Any] | None:
@@ -636,7 +642,19 @@ class _Validator:
             takes = expand_variants(base, body, identity, model, variants)
             seeded = origin.reseeded and not origin.seed_written
             built.extend(
-                _Built(index, line, i, job_id, id_pos, b, k, report, origin, n * seeded)
+                _Built(
+                    index,
+                    line,
+                    i,
+                    job_id,
+                    id_pos,
+                    b,
+                    k,
+                    report,
+                    origin,
+                    n * seeded,
+                    _matrix_id(job_id, combo, n * (len(takes) > 1)),
+                )
                 for n, (i, b, k) in enumerate(takes, start=1)
             )
         return built

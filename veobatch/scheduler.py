@@ -166,77 +166,96 @@ def adopt_recorded_manifest(manifest: Manifest, states: Mapping[str, JobState]) 
 
 
 def adopt_recorded_ids(jobs: Sequence[Job], states: Mapping[str, JobState]) -> list[Job]:
-    """``jobs``, each one whose id is derived and unknown to the ledger under the id the ledger
-    knows its video by, when that is another derived id the manifest no longer lists.
+    """``jobs``, each one whose id is unknown to the ledger under the id the ledger knows its
+    video by, when that id is one the same job had before and the manifest no longer lists it.
 
     Derived ids were once made from the request as written, so a default written out gave
     another id than the same video without it; ledgers from then know those jobs by those ids.
-    Matched by model, take number and video (for takes whose seed was made from the id, by the
-    seed that id gave: the job takes that seed back). Each recorded id is taken once; an id
-    written in the manifest is never changed."""
+    A matrix combination's id follows the order its matrix writes its fields in, which a YAML
+    mapping does not have: written in another order, the combination takes back the id that
+    order gave it. Matched by model, take number and video (for takes whose seed was made from
+    the id, by the seed that id gave: the job takes that seed back). Each recorded id is taken
+    once; an id written in the manifest is never changed otherwise."""
     listed = {job.id for job in jobs}
-    if not any(job.derived and job.id not in states for job in jobs):
+    if not any(_may_take_back(job) and job.id not in states for job in jobs):
         return list(jobs)
-    found: dict[tuple[str, str | None, str], list[tuple[JobState, int | None]]] = {}
+    by_video: dict[tuple[str, str], list[JobState]] = {}  # (model, key or video key)
+    by_unseeded: dict[tuple[str, str], list[JobState]] = {}  # (model, video key but its seed)
     for st in states.values():
-        m = _DERIVED_ID.fullmatch(st.id)
-        if st.id in listed or m is None or st.key is None or not st.model:
-            continue
-        if m["short"] != st.model.removeprefix(MODEL_PREFIX):
+        if st.id in listed or st.key is None or not st.model:
             continue
         for key in dict.fromkeys((st.key, recorded_video_key(st))):
             if key is not None:
-                found.setdefault((st.model, m["take"], key), []).append((st, None))
-        if m["take"] is not None and (unseeded := _unseeded_key(st, m["base"], int(m["take"]))):
-            seed = variant_seed(m["base"], int(m["take"]))
-            found.setdefault((st.model, "seeded" + m["take"], unseeded), []).append((st, seed))
+                by_video.setdefault((st.model, key), []).append(st)
+        if (unseeded := _unseeded_key(st)) is not None:
+            by_unseeded.setdefault((st.model, unseeded), []).append(st)
     taken: set[str] = set()
     out = []
     for job in jobs:
-        m = _DERIVED_ID.fullmatch(job.id)
-        if not job.derived or job.id in states or m is None:
+        if job.id in states or not _may_take_back(job):
             out.append(job)
             continue
-        out.append(_take_back(job, m["take"], found, taken))
+        out.append(_take_back(job, by_video, by_unseeded, taken))
     return out
+
+
+def _may_take_back(job: Job) -> bool:
+    return job.derived or job.matrix_id is not None
+
+
+def _recorded_base(job: Job, st: JobState) -> str | None:
+    """The id before any take number under which the ledger's ``st`` may be this job, or
+    None: another derived id of its model and take, or its matrix's fields in another order."""
+    if job.matrix_id is not None:
+        return job.matrix_id.reordered_base(st.id)
+    m, own = _DERIVED_ID.fullmatch(st.id), _DERIVED_ID.fullmatch(job.id)
+    if not job.derived or m is None or own is None or m["take"] != own["take"]:
+        return None
+    return m["base"] if m["short"] == job.model.removeprefix(MODEL_PREFIX) else None
 
 
 def _take_back(
     job: Job,
-    take: str | None,
-    found: Mapping[tuple[str, str | None, str], list[tuple[JobState, int | None]]],
+    by_video: Mapping[tuple[str, str], list[JobState]],
+    by_unseeded: Mapping[tuple[str, str], list[JobState]],
     taken: set[str],
 ) -> Job:
     """``job`` under a recorded id not yet taken that made its video, else itself: the one of
     its very request first, then of the same video written otherwise; among several, the one
     that delivered it before one still making it, and a failed one last (its id would hold
     the job failed, and --retry-failed pay for a video the folder already has)."""
-    wanted = [(take, job.key), (take, job.vkey)]
+    wanted = [(by_video, job.key), (by_video, job.vkey)]
     if job.seeded_take:
         unseeded = dict(job.identity if job.identity is not None else job.request)
         unseeded.pop("seed", None)
-        wanted.append(("seeded" + str(job.seeded_take), video_key(unseeded)))
-    for which, key in wanted:
-        for st, seed in sorted(found.get((job.model, which, key), ()), key=_adoption_rank):
-            if st.id in taken:
+        wanted.append((by_unseeded, video_key(unseeded)))
+    for found, key in wanted:
+        for st in sorted(found.get((job.model, key), ()), key=_adoption_rank):
+            base = None if st.id in taken else _recorded_base(job, st)
+            if base is None:
                 continue
-            taken.add(st.id)
-            if seed is None:
+            if found is by_video:
+                taken.add(st.id)
                 return replace(job, id=st.id)
+            seed = variant_seed(base, job.seeded_take)
+            if st.request is None or st.request.get("seed") != seed:
+                continue  # not the seed that id gave this take
+            taken.add(st.id)
             identity = None if job.identity is None else {**job.identity, "seed": seed}
             return replace(job, id=st.id, request={**job.request, "seed": seed}, identity=identity)
     return job
 
 
-def _adoption_rank(candidate: tuple[JobState, int | None]) -> int:
-    status = candidate[0].status
+def _adoption_rank(st: JobState) -> int:
+    status = st.status
     return 0 if status == "done" else 2 if status == "failed" else 1
 
 
-def _unseeded_key(st: JobState, base: str, take: int) -> str | None:
-    """The video key of the ledger's request without its seed, when that seed is the one
-    take ``take`` of derived id ``base`` was given (so a job may take it back); else None."""
-    if st.request is None or st.request.get("seed") != variant_seed(base, take):
+def _unseeded_key(st: JobState) -> str | None:
+    """The video key of the ledger's request without its seed, when it has one and is the
+    request itself (no image summarised): a take whose seed was made from its id is found by
+    it, and takes that seed back if it is the one the recorded id gave."""
+    if st.request is None or not isinstance(st.request.get("seed"), int):
         return None
     request = {"model": st.model, **st.request}
     if request_key(request) != st.key:  # images summarised: not the request itself
