@@ -26,6 +26,7 @@ from run_helpers import CANARY, dead_host, fast_settings, mixed_manifest
 from veobatch.cli import main
 from veobatch.ledger import load_states
 from veobatch.manifest import load_manifest
+from veobatch.poller import OTHER_KEY_NOT_FOUND
 from veobatch.session import run
 from veobatch.simulator import SimConfig, Simulator
 
@@ -95,6 +96,31 @@ jobs:
   - {{id: fox, model: google/veo-3.1-t2v-fast, prompt: a fox, provider: {provider}}}
   - {{id: owl, model: google/veo-3.1-i2v-fast, prompt: an owl, image_url: {image}}}
 """
+
+
+async def test_a_rotated_key_fails_the_old_keys_generations_at_once_and_pays_for_none(
+    tmp_path: Path,
+) -> None:
+    # Reviewer R12b: rotated while generations were in flight, the next night polled them
+    # (every poll a 404) for the whole job timeout, failed them `timeout` without a word of
+    # the key, and later nights abandoned them for --retry-failed to pay for again.
+    old, new = "key-AAAA-1111-old", "key-BBBB-2222-new"
+    config = SimConfig(
+        api_keys=frozenset({old, new}), gen_time_mean_s=2.0, gen_time_spread=0.0, video_mode="tiny"
+    )
+    m, out = mixed_manifest(3, tmp_path), tmp_path / "out"
+    async with Simulator(config) as sim:
+        first = await run(m, fast_settings(out, sim.base_url, old, job_timeout_s=0.3))
+        assert first.counts == {"failed": 3} and sim.stats.creates_ok == 3
+        rotated = await run(m, fast_settings(out, sim.base_url, new, job_timeout_s=20.0))
+        assert rotated.polls == 3 * OTHER_KEY_NOT_FOUND  # not polled to the job timeout
+        assert {e.kind for _, e in rotated.failed} == {"other_key"} and len(rotated.failed) == 3
+        assert all("the API key changed" in e.message for _, e in rotated.failed)
+        retried = await run(m, fast_settings(out, sim.base_url, new, retry_failed=True))
+        assert {e.kind for _, e in retried.failed} == {"other_key"}
+        assert sim.stats.creates_ok == 3  # none made again
+        back = await run(m, fast_settings(out, sim.base_url, old))
+        assert back.exit_code == 0 and back.counts == {"done": 3} and sim.stats.creates_ok == 3
 
 
 async def test_a_manifest_that_writes_out_the_apis_defaults_pays_for_nothing(

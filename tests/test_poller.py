@@ -23,6 +23,7 @@ from veobatch.poller import (
     MAX_NOT_FOUND,
     NOT_FOUND_FEW,
     NOT_FOUND_STREAK_S,
+    OTHER_KEY_NOT_FOUND,
     NotFoundWatch,
     Poller,
     PollSchedule,
@@ -248,10 +249,12 @@ async def _follow(
     until: float,
     *,
     delivered: bool = False,
+    other_keys: int = 0,
 ) -> tuple[Sink, ClockedApi, dict[str, float]]:
     """``n`` generations submitted at 0 with the default settings and a 30-minute job timeout,
     polled as they fall due on a fake clock up to ``until``; returns when each ended.
-    ``delivered``: refetches of videos delivered a day ago instead, polled at once."""
+    ``delivered``: refetches of videos delivered a day ago instead, polled at once.
+    ``other_keys``: the first this many were created with another API key."""
     clock = FakeClock()
     api = ClockedApi(clock, answer)
     sink = Sink()
@@ -266,6 +269,7 @@ async def _follow(
             remaining_s=1800,
             first=not delivered,
             delivered=delivered,
+            other_key=i < other_keys,
         )
     ended: dict[str, float] = {}
     while (due := poller._schedule.next_due()) is not None and due <= until:
@@ -557,3 +561,30 @@ async def test_a_delivered_video_is_not_lost_while_a_generation_in_flight_gets_4
             if (t := poller._tracked.get(key)) is not None:
                 await poller._poll_one(t)
     assert sink.lost == [] and sorted(sink.timed_out) == ["new", "old0", "old1"]
+
+
+async def test_another_keys_generation_ends_after_a_few_404s_in_a_row() -> None:
+    # Reviewer R12b: after a key rotation every poll of the old key's generations is a 404,
+    # and with nothing else answered the lost rule never applied: each was polled for the
+    # whole job timeout (5,080 polls of 40), then timed out. This key's own, all answered 404
+    # beside them, are still never taken for lost.
+    def answer(gen: str, now: float) -> str | ApiError:
+        return NotFoundError("HTTP 404", status=404)
+
+    sink, api, ended = await _follow(answer, 42, until=4000, other_keys=40)
+    assert sorted(sink.lost) == sorted(f"j{i}" for i in range(40))
+    assert sorted(sink.timed_out) == ["j40", "j41"]
+    assert all(ended[f"j{i}"] <= 60 for i in range(40))
+    assert all(sum(g == f"g{i}" for g, _ in api.calls) == OTHER_KEY_NOT_FOUND for i in range(40))
+    assert ended["j40"] == ended["j41"] == pytest.approx(1800)
+
+
+async def test_another_keys_generation_survives_a_stray_404() -> None:
+    # Only 404s in a row end it: one this key can see after all is followed to its end.
+    def answer(gen: str, now: float) -> str | ApiError:
+        if 100 <= now < 100 + 15 * (OTHER_KEY_NOT_FOUND - 1):
+            return NotFoundError("HTTP 404", status=404)
+        return "completed" if now >= 300 else "generating"
+
+    sink, _, _ = await _follow(answer, 1, until=4000, other_keys=1)
+    assert sink.lost == [] and sink.finished == [("j0", "completed")]

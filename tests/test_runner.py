@@ -54,7 +54,7 @@ from veobatch.ledger import (
     restore_fields,
 )
 from veobatch.manifest import parse_manifest
-from veobatch.poller import Tracked
+from veobatch.poller import OTHER_KEY_NOT_FOUND, Tracked
 from veobatch.runner import (
     MAX_URL_REFRESHES,
     RunReport,
@@ -460,13 +460,17 @@ class Stuck(FakeApi):
         return Generation(generation_id, "generating")
 
 
-async def seed_stuck(tmp: Path, jobs: tuple[Job, ...], s_ago: float, kind: str | None) -> None:
+async def seed_stuck(
+    tmp: Path, jobs: tuple[Job, ...], s_ago: float, kind: str | None, key: Secret | None = None
+) -> None:
     """An earlier night's ledger: each job submitted ``s_ago`` seconds ago as ``g-<id>``, then
-    failed as ``kind`` (None: still submitted, a crash)."""
+    failed as ``kind`` (None: still submitted, a crash); sent with ``key``, if given."""
     then = time.time() - s_ago
     ledger = Ledger.open(ensure_dir(tmp / "out"), clock=lambda: then)
+    acct = {"acct": key.fingerprint()} if key is not None else {}
     for job in jobs:
-        await ledger.record("intent", job.id, crid=f"vb:{job.id}:1:x", key=job.key, model=job.model)
+        crid = f"vb:{job.id}:1:x"
+        await ledger.record("intent", job.id, crid=crid, key=job.key, model=job.model, **acct)
         await ledger.record("submitted", job.id, gen=f"g-{job.id}")
         if kind is not None:
             await ledger.record("failed", job.id, kind=kind, message="an earlier night's")
@@ -539,6 +543,49 @@ async def test_a_generation_stuck_past_the_limit_is_abandoned_and_remade_only_on
     assert again.exit_code == 1 and api.polls["g-job0"] == polls and api.created == []
     retried = await run(m, settings(tmp_path, retry_failed=True), api=api)
     assert retried.exit_code == 0 and api.created == ["g0-p0"]
+
+
+KEY_A, KEY_B = Secret("key-AAAA-1111-old"), Secret("key-BBBB-2222-new")
+
+
+@pytest.mark.parametrize("kind", [None, "timeout"])
+async def test_a_generation_another_key_created_fails_other_key_after_a_few_404s(
+    cdn: str, tmp_path: Path, kind: str | None
+) -> None:
+    # Reviewer R12b: the key rotated while generations were in flight. Every poll of them is a
+    # 404, which never meets the lost rule: polled to the job timeout, failed `timeout` with
+    # no word of the key, then abandoned, and --retry-failed paid for them again.
+    m = manifest(1, tmp_path)
+    await seed_stuck(tmp_path, m.jobs, s_ago=49 * 3600, kind=kind, key=KEY_A)
+    api = Stuck(cdn, stuck={"g-job0"}, gone=True)
+    s = settings(tmp_path, api_key=KEY_B, job_timeout_s=2.0)
+    report = await run(m, s, api=api)
+    ((_, error),) = report.failed
+    assert error.kind == "other_key" and api.polls["g-job0"] == OTHER_KEY_NOT_FOUND
+    assert error.message.startswith(
+        "the API key changed: generation g-job0 was created with another API key"
+        f" (fingerprint {KEY_A.fingerprint()}; this run's is {KEY_B.fingerprint()}), and the"
+        " API answers 404 (unknown generation) to this key: 3 polls in a row: HTTP 404"
+    )
+    again = await run(m, replace(s, retry_failed=True), api=api)
+    assert api.created == [] and again.failed[0][1].kind == "other_key"
+    assert api.polls["g-job0"] == 2 * OTHER_KEY_NOT_FOUND  # polled again, never remade
+
+
+async def test_a_generation_another_key_created_is_never_abandoned(
+    cdn: str, tmp_path: Path
+) -> None:
+    # Recorded in flight, never failed `other_key` (its key's polls went unanswered, say):
+    # stuck past abandon_after_s, it was abandoned, and --retry-failed would pay again.
+    m = manifest(2, tmp_path)
+    await seed_stuck(tmp_path, m.jobs[:1], s_ago=49 * 3600, kind="timeout", key=KEY_A)
+    await seed_stuck(tmp_path, m.jobs[1:], s_ago=49 * 3600, kind="timeout", key=KEY_B)
+    api = Stuck(cdn, stuck={"g-job0", "g-job1"})
+    report = await run(m, settings(tmp_path, api_key=KEY_B, job_timeout_s=0.2), api=api)
+    assert sorted((j, e.kind) for j, e in report.failed) == [
+        ("job0", "timeout"),
+        ("job1", "abandoned"),  # this key's own: as before
+    ]
 
 
 async def test_a_generation_still_unknown_when_polled_again_stays_lost(

@@ -34,6 +34,13 @@ log = logging.getLogger(__name__)
 # take minutes, so nearly every one polled is old.)
 MAX_NOT_FOUND = 5
 NOT_FOUND_STREAK_S = 300.0
+# A generation whose intent another API key sent: the API shows a generation only to the key
+# that created it, so 404s are its expected answer, explained by the key change. This many in
+# a row (not one: a stray 404 must not end one this key can see after all) end it at once, at
+# the usual poll intervals (well under a minute), without the lost rule above, which a night of
+# nothing but such 404s never meets. Ending it costs nothing: it fails `other_key`, is polled
+# again by later runs, and is never remade.
+OTHER_KEY_NOT_FOUND = 3
 # 404s to many generations at once are the API's fault, not theirs: judged over this window,
 # "many" being more than a few generations and more than a share of those polled in it.
 NOT_FOUND_WINDOW_S = 60.0
@@ -190,6 +197,8 @@ class Tracked:
     # Its video was delivered and its file has since gone (a refetch): a 404 streak to it
     # counts on its own while no generation in flight beside it gets 404s (NotFoundWatch).
     delivered: bool = False
+    # Its intent was sent with another API key than this run's (OTHER_KEY_NOT_FOUND).
+    other_key: bool = False
     api_status: str = "queued"  # as the last poll saw it, for progress displays
     # What the last poll met when it got no status (an error, no answer); None after a status.
     # A job timeout that comes after failed polls says so, not merely "not finished".
@@ -257,10 +266,12 @@ class Poller:
         first: bool,
         after_s: float = 0.0,
         delivered: bool = False,
+        other_key: bool = False,
     ) -> None:
         """Start following a generation. ``first`` waits for the first poll time; a resumed
         or refreshed one is polled after ``after_s`` (at once by default). ``delivered``: its
-        video was delivered once, and is asked for again (a refetch)."""
+        video was delivered once, and is asked for again (a refetch). ``other_key``: another
+        API key created it (:data:`OTHER_KEY_NOT_FOUND`)."""
         now = self._clock()
         t = Tracked(
             job_id,
@@ -269,6 +280,7 @@ class Poller:
             started=now - age_s,
             deadline=now + remaining_s,
             delivered=delivered,
+            other_key=other_key,
         )
         if not first:
             t.last_running_age = None
@@ -456,8 +468,13 @@ class Poller:
         flight beside it is answered 404 too: a night that only asks again for archived videos
         has nothing to compare with, and would poll each for a whole job timeout, every night,
         never settling it as gone. Taking one for lost costs no charge there: it stays done,
-        and only two runs 12 h apart settle it."""
+        and only two runs 12 h apart settle it.
+
+        One another key created ends after :data:`OTHER_KEY_NOT_FOUND` in a row, its 404s left
+        out of the watch: the key change explains them, so they say nothing of the API."""
         t.not_found += 1
+        if t.other_key:
+            return t.not_found >= OTHER_KEY_NOT_FOUND
         if not self.not_found_watch.not_found(now, t.job_id, delivered=t.delivered):
             return False
         t.missing += 1

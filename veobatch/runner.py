@@ -89,7 +89,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3  # EXIT_INTERRUPTED: 
 MAX_URL_REFRESHES = 3
 HELD_BACK_LOGGED = 20  # jobs held back by the cost limit, one log line each; the rest counted
 # Failed jobs whose generation may still be running.
-STUCK_KINDS = frozenset({"timeout", "lost", "other_key"})
+OTHER_KEY = "other_key"  # another API key created it: the API shows it only to that key
+STUCK_KINDS = frozenset({"timeout", "lost", OTHER_KEY})
 # A generation re-polled long after its job timeout is polled this long (a few polls), not for
 # a whole job timeout again: stuck ones would take a night's slots and time every night.
 REPOLL_WINDOW_S = 180.0
@@ -387,9 +388,7 @@ class Runner:
 
     def _other_key(self, st: JobState) -> str | None:
         """The fingerprint of the key this job's last POST was sent with, when not this run's."""
-        if st.account and self.account and st.account != self.account:
-            return st.account
-        return None
+        return sent_with_other_key(st, self.account)
 
     def _release(self, job_id: str) -> None:
         self.running.discard(job_id)
@@ -433,6 +432,7 @@ class Runner:
                 remaining_s=terms[p.job.id][1],
                 first=False,
                 delivered=p.action is Action.REFETCH and self._file_gone(p.job.id, st),
+                other_key=self._other_key(st) is not None,
             )
             log.info("resume job=%s action=%s gen=%s", p.job.id, p.action.value, st.generation_id)
         for p in lookups:
@@ -855,7 +855,13 @@ class Runner:
     async def generation_timed_out(self, tracked: Tracked) -> None:
         st = self.ledger.state(tracked.job_id)
         age = self.clock() - tracked.started
-        if may_abandon(st) and age >= self.settings.abandon_after_s:
+        sent_with = self._other_key(st)
+        if sent_with and isinstance(tracked.last_error, NotFoundError) and tracked.not_found:
+            # Out of time before its few 404s in a row: the key change explains them all the same.
+            why = other_key_reason(tracked, tracked.last_error, sent_with, self.account)
+            await self._fail(tracked.job_id, OTHER_KEY, why)
+            return
+        if may_abandon(st, self.account) and age >= self.settings.abandon_after_s:
             await self._fail(
                 tracked.job_id, ABANDONED, abandoned_reason(tracked, age, self.settings)
             )
@@ -869,6 +875,12 @@ class Runner:
         await self._fail(tracked.job_id, "timeout", why)
 
     async def generation_lost(self, tracked: Tracked, error: ApiError) -> None:
+        if sent_with := self._other_key(self.ledger.state(tracked.job_id)):
+            # Not "lost": --retry-failed would pay for one that exists. Polled again by the
+            # next run, which finds it if its key is the one that created it.
+            why = other_key_reason(tracked, error, sent_with, self.account)
+            await self._fail(tracked.job_id, OTHER_KEY, why)
+            return
         if isinstance(error, NotFoundError):
             streak = self.clock() - (tracked.missing_since or self.clock())
             others = "" if tracked.delivered else " while it answered other generations' polls"
@@ -878,15 +890,6 @@ class Runner:
             )
         else:
             why = f"the API refuses to report on it: {error.message}"
-        if sent_with := self._other_key(self.ledger.state(tracked.job_id)):
-            # Not "lost": --retry-failed would pay for one that exists. Polled again by the
-            # next run, which finds it if its key is the one that created it.
-            why += (
-                f" (it was created with another API key, fingerprint {sent_with}: a run with"
-                " that key polls it again)"
-            )
-            await self._fail(tracked.job_id, "other_key", why)
-            return
         await self._fail(tracked.job_id, "lost", why)
 
     async def _fail(self, job_id: str, kind: str, message: str) -> None:
@@ -1190,6 +1193,7 @@ class Runner:
             remaining_s=self.settings.job_timeout_s,
             first=False,
             after_s=pause,
+            other_key=self._other_key(self.ledger.state(job_id)) is not None,
         )
 
     # -- housekeeping --------------------------------------------------------------------
@@ -1511,11 +1515,36 @@ def may_be_running(st: JobState) -> bool:
     return st.status == "failed" and st.error is not None and st.error.kind in STUCK_KINDS
 
 
-def may_abandon(st: JobState) -> bool:
+def sent_with_other_key(st: JobState, account: str | None) -> str | None:
+    """The fingerprint of the key the job's last POST was sent with, when not ``account``
+    (this run's key's); None when either is unknown (an intent older than fingerprints)."""
+    if st.account and account and st.account != account:
+        return st.account
+    return None
+
+
+def may_abandon(st: JobState, account: str | None) -> bool:
     """Stuck, as far as this run can tell: in flight, timed out or lost. (Not one another key
-    created: a run with that key can still collect it, and a remake would pay again.)"""
+    created, whatever it was recorded as: a run with that key can still collect it, and a
+    remake would pay again.)"""
     kind = st.error.kind if st.error is not None else ""
-    return may_be_running(st) and kind != "other_key"
+    return may_be_running(st) and kind != OTHER_KEY and not sent_with_other_key(st, account)
+
+
+def other_key_reason(tracked: Tracked, error: ApiError, sent_with: str, account: str | None) -> str:
+    """Why a generation another key created fails ``other_key``: the key changed since its
+    create, and the API shows a generation only to the key that created it."""
+    if isinstance(error, NotFoundError):
+        polls = "1 poll" if tracked.not_found == 1 else f"{tracked.not_found} polls"
+        answer = f"answers 404 (unknown generation) to this key: {polls} in a row"
+    else:
+        answer = "refuses to report on it to this key"
+    return (
+        f"the API key changed: generation {tracked.generation_id} was created with another API"
+        f" key (fingerprint {sent_with}; this run's is {account}), and the API {answer}:"
+        f" {error.message}; not lost: a run with the key that created it polls it again, and"
+        " --retry-failed never makes it anew (it exists, paid for)"
+    )
 
 
 def _still_lost(st: JobState, tracked: Tracked) -> bool:
