@@ -56,6 +56,7 @@ def derived_id(request: Mapping[str, Any]) -> str:
 # characters it would not fit a file name (255 bytes). Ids up to here ran before, and their
 # ledgers know them by these ids, so they stay as they are.
 MADE_ID_MAX_LEN = 236
+ID_HASH_CHARS = 10  # of the hash a longer one ends with, after a '-'
 
 
 def fit_id(text: str) -> str:
@@ -63,8 +64,8 @@ def fit_id(text: str) -> str:
     the whole."""
     if len(text) <= MADE_ID_MAX_LEN:
         return text
-    digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-    return f"{text[: MADE_ID_MAX_LEN - len(digest) - 1]}-{digest}"
+    digest = hashlib.sha256(text.encode()).hexdigest()[:ID_HASH_CHARS]
+    return f"{text[: MADE_ID_MAX_LEN - ID_HASH_CHARS - 1]}-{digest}"
 
 
 def variant_seed(base_id: str, n: int) -> int:
@@ -165,7 +166,8 @@ class MatrixId:
         tail = f"-{self.take}" if self.take else ""
         own = "-".join((self.written, *self.suffixes))
         # An id fitted to MADE_ID_MAX_LEN keeps only its start: orders are sought by that.
-        start = other[: MADE_ID_MAX_LEN - 11] if len(other) == MADE_ID_MAX_LEN else other
+        fitted = len(other) == MADE_ID_MAX_LEN
+        start = other[: MADE_ID_MAX_LEN - ID_HASH_CHARS - 1] if fitted else other
         for base in _orders(self.written, self.suffixes, start):
             if base != own and fit_id(base + tail) == other:
                 return base

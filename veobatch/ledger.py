@@ -366,15 +366,21 @@ class Journal:
 
 
 @dataclass(frozen=True)
-class Replayed:
-    """A ledger file replayed as it was read (:func:`replay_journal`): the jobs' states, and
-    the torn tail that follows the records they were made of."""
+class _Scanned:
+    """What reading a ledger file found besides its records (:func:`_scan`)."""
 
-    states: dict[str, JobState]
     good_bytes: int  # length of the valid prefix
     tail: bytes  # what follows it (empty when the file is clean)
     size: int  # of the whole file
     open_end: bool  # its last byte is not a newline (a whole last record whose newline was lost)
+
+
+@dataclass(frozen=True)
+class Replayed(_Scanned):
+    """A ledger file replayed as it was read (:func:`replay_journal`): the jobs' states, and
+    the torn tail that follows the records they were made of."""
+
+    states: dict[str, JobState]
 
 
 def _parse_line(line: bytes) -> dict[str, Any] | None:
@@ -394,14 +400,6 @@ def _parse_line(line: bytes) -> dict[str, Any] | None:
 class _UnknownRecord(Exception):
     """A whole record of a kind this version does not know: written by a newer one, never
     by a torn write (a crash leaves a prefix, and a prefix that parses is a known record)."""
-
-
-@dataclass(frozen=True)
-class _Scanned:
-    good_bytes: int
-    tail: bytes
-    size: int
-    open_end: bool
 
 
 def _scan(lines: Iterable[bytes], take: Callable[[dict[str, Any]], None], name: str) -> _Scanned:
@@ -477,7 +475,7 @@ def replay_journal(lines: Iterable[bytes], *, name: str = LEDGER_NAME) -> Replay
         if isinstance(failed[0], LedgerError):
             raise LedgerCorruptError(f"{name}: {failed[0].message}") from None
         raise failed[0]
-    return Replayed(states, scanned.good_bytes, scanned.tail, scanned.size, scanned.open_end)
+    return Replayed(**vars(scanned), states=states)
 
 
 def replay(records: Iterable[Mapping[str, Any]], *, name: str = LEDGER_NAME) -> dict[str, JobState]:

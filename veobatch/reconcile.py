@@ -257,11 +257,10 @@ class Reconciler:
         # Where passes cut short by the page cap stopped, by window.
         self._cursors: dict[tuple[float, float, tuple[str, ...]], _Cursor] = {}
         self._not_before = -math.inf  # a 429's or 503's Retry-After, on ``clock``
-        # When this process's creates left (note_sent, steady clock), kept only while a
-        # look-up is open: a row of one sent after a look-up's request (``apart_s`` after)
-        # shows the logs caught up past it.
-        self._sent: dict[str, float] = {}
-        self._sent_wall: dict[str, float] = {}  # and on the wall clock, to measure the skew
+        # When this process's creates left (note_sent: steady clock, wall clock), kept only
+        # while a look-up is open: a row of one sent after a look-up's request (``apart_s``
+        # after) shows the logs caught up past it, and its stamp measures the skew.
+        self._sent: dict[str, tuple[float, float]] = {}
         self._pruned_to = -math.inf
         # The API's clock ahead of ours (seconds; negative: behind), from the newest row of
         # one of our own creates: the usage logs are stamped by the API's clock.
@@ -283,8 +282,7 @@ class Reconciler:
         """A create is about to leave: its row, once logged, vouches for the look-ups whose
         requests were made long enough before it (``apart_s``)."""
         if self._open:
-            self._sent[client_request_id] = self._clock()
-            self._sent_wall[client_request_id] = self._wall()
+            self._sent[client_request_id] = (self._clock(), self._wall())
 
     def add(self, lookup: Lookup) -> None:
         now = self._clock()
@@ -309,7 +307,6 @@ class Reconciler:
             await self._sweep(group)
         if not self._open:
             self._sent.clear()
-            self._sent_wall.clear()
 
     async def _sweep(self, lookups: dict[str, Lookup]) -> None:
         if await self._probe(lookups):
@@ -344,14 +341,21 @@ class Reconciler:
             log.info("lookup job=%s verdict=%s: %s", lookup.job_id, d.verdict.value, d.reason)
             await self._on_decision(lookup, d)
 
+    @property
+    def _shift(self) -> float:
+        """Where the API's clock stamps what ours calls now, minus now: the skew, 0 unknown."""
+        return self.skew_s or 0.0
+
     def _skewed(self) -> bool:
         return self.skew_s is not None and abs(self.skew_s) > MAX_SKEW_FOR_ABSENCE_S
 
+    def _skew_words(self) -> str:
+        """``330s behind``: the skew as the messages say it."""
+        return f"{abs(self._shift):.0f}s {'ahead of' if self._shift > 0 else 'behind'}"
+
     def _skew_reason(self, reason: str) -> str:
-        assert self.skew_s is not None
-        way = "ahead of" if self.skew_s > 0 else "behind"
         return (
-            f"{reason.split(':')[0]}, but the API's clock is {abs(self.skew_s):.0f}s {way} this"
+            f"{reason.split(':')[0]}, but the API's clock is {self._skew_words()} this"
             " machine's, so absence from its usage logs proves nothing (fix the clock, e.g."
             " NTP; --resubmit-uncertain sends it again)"
         )
@@ -359,18 +363,16 @@ class Reconciler:
     def _note_skew(self, entry: LogEntry) -> None:
         """Measure the skew from a row of one of our own creates: it was made just after we
         sent it (within the request's latency, seconds against a margin of minutes)."""
-        sent_wall = self._sent_wall.get(entry.client_request_id or "")
-        if sent_wall is None or entry.created is None:
+        sent = self._sent.get(entry.client_request_id or "")
+        if sent is None or entry.created is None:
             return
         was_skewed = self._skewed()
-        self.skew_s = entry.created - sent_wall
+        self.skew_s = entry.created - sent[1]
         if self._skewed() and not was_skewed:
-            way = "ahead of" if self.skew_s > 0 else "behind"
             log.warning(
-                "clock skew: the API's usage logs are stamped %.0fs %s this machine's clock;"
+                "clock skew: the API's usage logs are stamped %s this machine's clock;"
                 " a request not found in them is left uncertain, never sent again",
-                abs(self.skew_s),
-                way,
+                self._skew_words(),
             )
 
     async def _search(self, lookups: dict[str, Lookup]) -> tuple[dict[str, LogEntry], bool, float]:
@@ -385,7 +387,7 @@ class Reconciler:
         from there, so a window of any size is read in the end. Rows logged meanwhile may land
         among the rows already read: the pass's start says which rows it can vouch for.
         """
-        shift = self.skew_s or 0.0  # the logs are stamped by the API's clock
+        shift = self._shift  # the logs are stamped by the API's clock
         since = min(lk.since_wall for lk in lookups.values()) + shift - CLOCK_MARGIN_S
         # Up to the last record, even if the wall clock now reads earlier (stepped back): a
         # window ending before the request would never find it, and absence would be wrong.
@@ -437,9 +439,8 @@ class Reconciler:
         ]
         if not waiting:
             return True
-        shift = self.skew_s or 0.0
-        wall = self._wall() + shift
-        earliest = min(o.lookup.since_wall for o in waiting) + shift
+        wall = self._wall() + self._shift
+        earliest = min(o.lookup.since_wall for o in waiting) + self._shift
         start = max(earliest - CLOCK_MARGIN_S, wall - MAX_WINDOW_S)
         await anyio.sleep(self.pause_s())
         probed = self._clock()
@@ -459,11 +460,12 @@ class Reconciler:
             return True
         newest = page.entries[0]
         self._note_skew(newest)
-        sent_at = self._sent.get(newest.client_request_id or "", -math.inf)
-        skew = self.skew_s or 0.0
+        sent_at = self._sent.get(newest.client_request_id or "", (-math.inf,))[0]
         for o in waiting:
             apart = apart_s(o.lookup, self._grace_s)
-            if sent_at - o.settled_at >= apart or made_after(newest, o.lookup, self._grace_s, skew):
+            if sent_at - o.settled_at >= apart or made_after(
+                newest, o.lookup, self._grace_s, self._shift
+            ):
                 o.later_seen_at = probed
         return True
 
@@ -508,8 +510,7 @@ class Reconciler:
             return
         floor = min(o.settled_at + apart_s(o.lookup, self._grace_s) for o in self._open.values())
         if floor > self._pruned_to and len(self._sent) > 1024:
-            self._sent = {c: t for c, t in self._sent.items() if t >= floor}
-            self._sent_wall = {c: t for c, t in self._sent_wall.items() if c in self._sent}
+            self._sent = {c: t for c, t in self._sent.items() if t[0] >= floor}
             self._pruned_to = floor
 
     def pause_s(self) -> float:

@@ -247,8 +247,7 @@ def _take_back(
 
 
 def _adoption_rank(st: JobState) -> int:
-    status = st.status
-    return 0 if status == "done" else 2 if status == "failed" else 1
+    return 0 if st.status == "done" else 2 if st.status == "failed" else 1
 
 
 def _unseeded_key(st: JobState) -> str | None:
