@@ -36,6 +36,7 @@ from veobatch.errors import (
     RedirectedError,
     ServerError,
 )
+from veobatch.outage import failure_cause
 from veobatch.settings import Secret
 
 BASE = "https://api.example.test"
@@ -255,7 +256,9 @@ async def test_lost_answers_are_no_answer(client: HttpApiClient, exc: Exception)
         with pytest.raises(NoAnswerError) as lost:
             await client.create({"model": "m"}, client_request_id="c")
     if isinstance(exc, TimeoutError):
-        assert lost.value.message == "POST /v2/video/generations: no answer within the 5s timeout"
+        assert lost.value.message == (
+            "POST /v2/video/generations: no answer: TimeoutError, none within the 5s timeout"
+        )
 
 
 @pytest.mark.parametrize(
@@ -479,8 +482,11 @@ async def test_a_hung_poll_is_cut_short_by_the_poll_timeout_a_create_is_not() ->
                     await api.fetch("g1")
                 # An API slower than the limit fails every job: the message names the knob.
                 assert hung.value.message == (
-                    "GET /v2/video/generations: no answer within the 0.3s timeout (--poll-timeout)"
+                    "GET /v2/video/generations: no answer: TimeoutError, none within the 0.3s"
+                    " timeout (--poll-timeout)"
                 )
+                # Counted in an outage under the cause it had before the limit was named.
+                assert failure_cause(hung.value) == "no answer: TimeoutError"
                 created = await api.create({"model": "m"}, client_request_id="vb:j:1:abc")
         finally:
             release.set()

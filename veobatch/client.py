@@ -492,8 +492,10 @@ class HttpApiClient:
             limits = timeouts or self._timeout
             # Which limit, and where it is set: an API slower than it fails every job alike.
             knob = " (--poll-timeout)" if timeouts is self._poll_timeout else ""
+            # "no answer: TimeoutError" first: the outage lines' cause (outage.failure_cause).
             raise NoAnswerError(
-                f"{method} {path}: no answer within the {limits.total:g}s timeout{knob}"
+                f"{method} {path}: no answer: TimeoutError, none within the {limits.total:g}s"
+                f" timeout{knob}"
             ) from None
         except (aiohttp.ClientError, OSError) as exc:
             raise NoAnswerError(f"{method} {path}: no answer: {_brief(exc)}") from None
